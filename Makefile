@@ -1,0 +1,30 @@
+# Everything a developer needs; only Python 3.11 has to be on the machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DEV_TOKEN ?= dev-auth-token
+
+.PHONY: install run simulate test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	@echo "Serving the webhook on http://127.0.0.1:5000/sms (embedded in-memory store)."
+	@echo "Talk to it from another terminal:"
+	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111"
+	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host 127.0.0.1 --port 5000
+
+simulate: install
+	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111}
+
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

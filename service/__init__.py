@@ -1,0 +1,42 @@
+"""SMS conversations on server-side sessions: the application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from . import callers, health, responses, settings, signature, store, webhook
+from .conversations import ConversationStore
+from .keys import Keys
+from .sessions import ConversationSessionInterface
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Builds the app from the environment; ``test_config`` overrides single settings."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config.from_mapping(settings.load())
+    if test_config:
+        app.config.from_mapping(test_config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
+    app.config["SESSION_COOKIE_NAME"] = "sms_session"
+
+    store.init_app(app)
+    client = app.extensions["redis"]
+    app.extensions["keys"] = Keys(app.config["REDIS_KEY_PREFIX"])
+    app.extensions["conversations"] = ConversationStore(
+        client,
+        ttl=app.config["CONVERSATION_TTL"],
+        lock_ttl=app.config["LOCK_TTL"],
+        lock_wait=app.config["LOCK_WAIT"],
+        replies_kept=app.config["REPLIES_KEPT"],
+    )
+    app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])
+
+    callers.init_app(app)
+    signature.init_app(app)
+    responses.init_app(app)
+    health.init_app(app)
+    webhook.init_app(app)
+    return app

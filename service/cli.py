@@ -1,0 +1,55 @@
+"""``sms-sessions``: the Flask CLI over ``create_app`` plus the Twilio simulator.
+
+``sms-sessions run`` serves the app like ``flask run``; commands that need the app register
+themselves on ``app.cli`` in their module's ``init_app``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from flask.cli import FlaskGroup
+
+from . import create_app
+from .simulator import TwilioSimulator
+
+cli = FlaskGroup(create_app=create_app, help="SMS conversations: serve, simulate and operate.")
+
+
+@cli.command("simulate", with_appcontext=False)
+@click.option("--from", "sender", required=True, help="The texting phone number (Twilio's From).")
+@click.option("--to", "recipient", required=True, help="Our Twilio number (Twilio's To).")
+@click.option("--url", default="http://127.0.0.1:5000/sms", show_default=True,
+              help="The webhook URL, exactly as Twilio would call it (it is signed).")
+@click.option("--auth-token", envvar="TWILIO_AUTH_TOKEN", show_envvar=True,
+              help="Token to sign with; without one requests go unsigned.")
+@click.option("--message", help="Send this text instead of reading lines from the terminal.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="With --message: how many times to send it.")
+def simulate(sender, recipient, url, auth_token, message, repeat):
+    """Hold a conversation with the webhook as Twilio would (signed, per-pair cookie)."""
+    twilio = TwilioSimulator(url, auth_token)
+    lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
+    failed = False
+    for line in lines:
+        delivery = twilio.send(sender, recipient, line)
+        if delivery.status == 200:
+            click.echo(delivery.reply if delivery.reply is not None else "(no reply)")
+        else:
+            failed = True
+            click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}", err=True)
+    sys.exit(1 if failed else 0)
+
+
+def _typed_lines(sender, recipient):
+    if sys.stdin.isatty():
+        click.echo(f"Texting from {sender} to {recipient}. Type a message, Ctrl-D to stop.")
+    for line in sys.stdin:
+        yield line.rstrip("\n")
+
+
+def main() -> None:
+    os.environ.setdefault("FLASK_APP", "service:create_app")
+    cli(prog_name="sms-sessions")

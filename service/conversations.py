@@ -1,0 +1,154 @@
+"""The conversation store: every Redis command the webhook sends, as two atomic Lua scripts.
+
+Why Lua: a message costs exactly two round trips. ``open`` takes the conversation's lock and
+returns its session (or the stored reply of a redelivered ``MessageSid``) in one; ``save``
+checks the lock is still ours, writes state, replay memory and index, and releases the lock in
+the other. A crashed holder's lock lapses after ``lock_ttl`` by itself.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+from .keys import ConversationKeys
+
+OPEN = """
+-- KEYS: state hash, lock. ARGV: token, lock ms, message sid.
+local raw = redis.call('HGET', KEYS[1], 'recent')
+if raw then
+  local ok, recent = pcall(cjson.decode, raw)
+  if ok and type(recent) == 'table' then
+    for _, item in ipairs(recent) do
+      if type(item) == 'table' and item[1] == ARGV[3] then return {'dup', tostring(item[2])} end
+    end
+  end
+end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then
+  return {'busy', tostring(redis.call('PTTL', KEYS[2]))}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'sid', 'state')
+return {'ok', h[1] or '', h[2] or ''}
+"""
+
+SAVE = """
+-- KEYS: state hash, lock, index shard.
+-- ARGV: token, sid, state json, ttl s, now ms, message sid, reply, replies kept, member, fresh.
+local recent = {}
+local raw = redis.call('HGET', KEYS[1], 'recent')
+if raw and ARGV[10] ~= '1' then
+  local ok, decoded = pcall(cjson.decode, raw)
+  if ok and type(decoded) == 'table' then recent = decoded end
+end
+for _, item in ipairs(recent) do
+  if type(item) == 'table' and item[1] == ARGV[6] then return 'saved' end
+end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'lost' end
+if ARGV[10] == '1' then redis.call('DEL', KEYS[1]) end
+table.insert(recent, {ARGV[6], ARGV[7]})
+while #recent > tonumber(ARGV[8]) do table.remove(recent, 1) end
+local ttl_ms = tonumber(ARGV[4]) * 1000
+local now = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'state', ARGV[3], 'recent', cjson.encode(recent),
+           'last_seen', ARGV[5])
+redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+redis.call('ZADD', KEYS[3], now + ttl_ms, ARGV[9])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 16)
+if #expired > 0 then redis.call('ZREM', KEYS[3], unpack(expired)) end
+if redis.call('PTTL', KEYS[3]) < ttl_ms then redis.call('PEXPIRE', KEYS[3], ttl_ms) end
+redis.call('DEL', KEYS[2])
+return 'saved'
+"""
+
+RELEASE = """
+-- KEYS: lock. ARGV: token. Deletes the lock only if it is still ours.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+END = """
+-- KEYS: state hash, lock, index shard. ARGV: member.
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return existed
+"""
+
+
+class ConversationBusy(Exception):
+    """Another request held the conversation for longer than the wait bound."""
+
+
+class LockLost(Exception):
+    """The lock lapsed (or the conversation was ended) before the state could be saved."""
+
+
+@dataclass
+class Opened:
+    """What ``open`` found: a stored reply for a redelivery, else the lock and the session."""
+
+    token: str
+    sid: str | None = None
+    state: str | None = None
+    duplicate_reply: str | None = None
+
+
+class ConversationStore:
+    """Runs the scripts for one conversation at a time; holds no per-request state."""
+
+    def __init__(self, client, ttl: int, lock_ttl: float, lock_wait: float, replies_kept: int):
+        self.client = client
+        self.ttl = ttl
+        self.lock_ms = int(lock_ttl * 1000)
+        self.lock_wait = lock_wait
+        self.replies_kept = replies_kept
+        self._open = client.register_script(OPEN)
+        self._save = client.register_script(SAVE)
+        self._release = client.register_script(RELEASE)
+        self._end = client.register_script(END)
+
+    def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
+        """Round trip 1. Waits (briefly polling) while another request holds the lock."""
+        token = secrets.token_hex(8)
+        deadline = time.monotonic() + self.lock_wait
+        pause = 0.002
+        while True:
+            result = self._open(keys=[keys.state, keys.lock], args=[token, self.lock_ms, message_sid])
+            status = result[0]
+            if status == "dup":
+                return Opened(token=token, duplicate_reply=result[1])
+            if status == "ok":
+                return Opened(token=token, sid=result[1] or None, state=result[2] or None)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConversationBusy(keys.member)
+            time.sleep(min(remaining, pause * (0.5 + random.random())))
+            pause = min(pause * 2, 0.05)
+
+    def save(self, keys: ConversationKeys, opened: Opened, sid: str, state: str, fresh: bool,
+             message_sid: str, reply: str) -> None:
+        """Round trip 2. Raises LockLost when the lock is no longer ours: nothing was written."""
+        result = self._save(
+            keys=[keys.state, keys.lock, keys.index],
+            args=[opened.token, sid, state, self.ttl, now_ms(), message_sid, reply,
+                  self.replies_kept, keys.member, "1" if fresh else "0"],
+        )
+        if result != "saved":
+            raise LockLost(keys.member)
+
+    def release(self, keys: ConversationKeys, opened: Opened) -> None:
+        """Gives the lock back without saving (the handler did not answer 200)."""
+        self._release(keys=[keys.lock], args=[opened.token])
+
+    def end(self, keys: ConversationKeys) -> bool:
+        """Ends a conversation now: state, lock and index entry go. True if it was live."""
+        return bool(self._end(keys=[keys.state, keys.lock, keys.index], args=[keys.member]))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

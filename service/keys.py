@@ -1,0 +1,66 @@
+"""Every Redis key name the service uses, and nothing else.
+
+A conversation is the pair (From, To). Its keys, and the index shard that lists it, carry the
+same hash tag: the last two digits of the sender's number (``{07}`` for +15551230007). One Lua
+script can therefore touch all of them, on a single Redis as on a Cluster, and an operator in
+redis-cli can work the tag out by eye. There are 100 tags, so the active-conversation index is
+100 sorted sets that count and list merge.
+
+    <prefix>conv:{07}:+15551230007|+15550001111   hash: sid, state, recent, first_seen, last_seen
+    <prefix>lock:{07}:+15551230007|+15550001111   string: lock token, short PX expiry
+    <prefix>active:{07}                          zset: member "<from>|<to>", score expiry in ms
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHARDS = 100
+SEPARATOR = "|"
+
+
+def shard_of(sender: str) -> str:
+    """The two-digit hash tag of a sender: the last two digits of its number."""
+    digits = "".join(ch for ch in sender if ch.isdigit())
+    return digits[-2:].rjust(2, "0")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds key names under one prefix (``REDIS_KEY_PREFIX``)."""
+
+    prefix: str = "sms:"
+
+    def conversation(self, sender: str, recipient: str) -> "ConversationKeys":
+        tag = "{" + shard_of(sender) + "}"
+        member = sender + SEPARATOR + recipient
+        return ConversationKeys(
+            sender=sender,
+            recipient=recipient,
+            member=member,
+            state=f"{self.prefix}conv:{tag}:{member}",
+            lock=f"{self.prefix}lock:{tag}:{member}",
+            index=f"{self.prefix}active:{tag}",
+        )
+
+    def index(self, shard: str) -> str:
+        return f"{self.prefix}active:{{{shard}}}"
+
+    def indexes(self) -> list[str]:
+        return [self.index(f"{n:02d}") for n in range(SHARDS)]
+
+    def from_member(self, member: str) -> "ConversationKeys":
+        sender, _, recipient = member.partition(SEPARATOR)
+        return self.conversation(sender, recipient)
+
+
+@dataclass(frozen=True)
+class ConversationKeys:
+    """The keys of one conversation; ``member`` is its entry in the index shard."""
+
+    sender: str
+    recipient: str
+    member: str
+    state: str
+    lock: str
+    index: str

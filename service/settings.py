@@ -1,0 +1,117 @@
+"""Configuration: every environment variable the service reads, its default and meaning.
+
+``load()`` turns the environment into Flask config keys; a bad value stops start-up with one
+line naming the variable (``ConfigError``), never a traceback at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _env_name(value: str) -> str:
+    if value not in {"development", "production"}:
+        raise ValueError("must be 'development' or 'production'")
+    return value
+
+
+def _text(value: str) -> str:
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: Any
+    parse: Callable[[str], Any]
+    meaning: str
+
+
+SETTINGS = [
+    Setting("APP_ENV", "development", _env_name,
+            "`production` refuses to start on unsafe settings; `development` only warns."),
+    Setting("REDIS_URL", None, _text,
+            "Redis to keep conversations in (`redis://`, `rediss://`, `unix://`). "
+            "Unset: the embedded in-memory store, with a warning."),
+    Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
+    Setting("REDIS_TIMEOUT", 0.5, _positive_float,
+            "Socket connect/read timeout in seconds; a slower Redis answers 503."),
+    Setting("TWILIO_AUTH_TOKEN", None, _text,
+            "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403)."),
+    Setting("TWILIO_VALIDATE_SIGNATURE", True, _bool,
+            "Set to 0 only for local development: skips signature validation (warns at start)."),
+    Setting("PUBLIC_BASE_URL", None, _text,
+            "The scheme and host Twilio calls (e.g. `https://sms.example.com`); the signed URL "
+            "is rebuilt from it. Use behind TLS proxies and tunnels."),
+    Setting("TRUSTED_PROXY_HOPS", 0, _non_negative_int,
+            "Number of proxies in front whose `X-Forwarded-*` headers are trusted (ProxyFix)."),
+    Setting("CONVERSATION_TTL", 14400, _positive_int,
+            "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h)."),
+    Setting("SESSION_COOKIE_SECURE", False, _bool,
+            "Mark the session cookie `Secure` (set it when Twilio calls over https)."),
+    Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
+            "JSON object mapping phone numbers to names for the replies."),
+    Setting("LOCK_TTL", 5.0, _positive_float,
+            "Seconds after which a conversation lock held by a crashed request lapses."),
+    Setting("LOCK_WAIT", 5.0, _positive_float,
+            "Seconds a message waits for its conversation's lock before answering 503."),
+    Setting("REPLIES_KEPT", 8, _positive_int,
+            "Recent `MessageSid`s (with replies) kept per conversation to answer redeliveries."),
+    Setting("MAX_BODY_BYTES", 65536, _positive_int,
+            "Largest webhook body accepted; larger answers 413."),
+]
+
+
+def load(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flask config from the environment: each setting under its variable's name."""
+    environ = os.environ if environ is None else environ
+    config: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is None or raw == "":
+            config[setting.env] = setting.default
+            continue
+        try:
+            config[setting.env] = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
+    return config

@@ -1,0 +1,109 @@
+"""A Twilio stand-in for developers and tests: it talks to the webhook the way Twilio does.
+
+Each message is a form POST with Twilio's parameters, signed with the auth token
+(``X-Twilio-Signature`` computed by twilio's own ``RequestValidator``). Like Twilio it keeps
+one cookie per (From, To) pair and forgets it four hours after it was set.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from http.cookiejar import DefaultCookiePolicy
+from dataclasses import dataclass
+from typing import Callable
+from xml.etree import ElementTree
+
+import requests
+from twilio.request_validator import RequestValidator
+
+COOKIE_LIFETIME = 4 * 3600
+
+
+def new_message_sid() -> str:
+    return "SM" + secrets.token_hex(16)
+
+
+@dataclass
+class Delivery:
+    """One webhook call: what was sent and what came back."""
+
+    message_sid: str
+    status: int
+    body: str
+    reply: str | None
+    cookie_sent: str | None
+
+
+def reply_text(twiml: str) -> str | None:
+    """The text of the first ``<Message>`` in a TwiML answer, or None."""
+    try:
+        root = ElementTree.fromstring(twiml)
+    except ElementTree.ParseError:
+        return None
+    message = root.find("Message")
+    if message is None:
+        return None
+    body = message.find("Body")
+    return (body.text if body is not None else message.text) or ""
+
+
+class TwilioSimulator:
+    def __init__(self, url: str, auth_token: str | None, *, cookie_name: str = "sms_session",
+                 clock: Callable[[], float] = time.time, timeout: float = 20.0):
+        self.url = url
+        self.validator = RequestValidator(auth_token) if auth_token else None
+        self.cookie_name = cookie_name
+        self.clock = clock
+        self.timeout = timeout
+        self.account_sid = "AC" + secrets.token_hex(16)
+        self.cookies: dict[tuple[str, str], tuple[str, float]] = {}
+        self.http = requests.Session()
+        # Twilio's jar is per pair (self.cookies), never requests' per-host jar.
+        self.http.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+
+    def params(self, sender: str, recipient: str, body: str, media: list[str],
+               message_sid: str) -> dict[str, str]:
+        params = {
+            "ToCountry": "US", "ToState": "CA", "SmsMessageSid": message_sid,
+            "NumMedia": str(len(media)), "ToCity": "", "FromZip": "", "SmsSid": message_sid,
+            "FromState": "CA", "SmsStatus": "received", "FromCity": "", "Body": body,
+            "FromCountry": "US", "To": recipient, "ToZip": "", "NumSegments": "1",
+            "MessageSid": message_sid, "AccountSid": self.account_sid, "From": sender,
+            "ApiVersion": "2010-04-01",
+        }
+        for index, url in enumerate(media):
+            params[f"MediaUrl{index}"] = url
+            params[f"MediaContentType{index}"] = "image/jpeg"
+        return params
+
+    def cookie_for(self, sender: str, recipient: str) -> str | None:
+        stored = self.cookies.get((sender, recipient))
+        if stored is None:
+            return None
+        value, stored_at = stored
+        if self.clock() - stored_at >= COOKIE_LIFETIME:
+            del self.cookies[(sender, recipient)]
+            return None
+        return value
+
+    def send(self, sender: str, recipient: str, body: str = "", *, media: list[str] | None = None,
+             message_sid: str | None = None, cookie: str | None = None) -> Delivery:
+        """Delivers one message; ``message_sid`` repeats an earlier one (a redelivery).
+
+        ``cookie`` overrides the jar for this call (tests of stale or forged cookies).
+        """
+        message_sid = message_sid or new_message_sid()
+        params = self.params(sender, recipient, body, media or [], message_sid)
+        headers = {}
+        if self.validator is not None:
+            headers["X-Twilio-Signature"] = self.validator.compute_signature(self.url, params)
+        sent = cookie if cookie is not None else self.cookie_for(sender, recipient)
+        if sent:
+            headers["Cookie"] = f"{self.cookie_name}={sent}"
+        response = self.http.post(self.url, data=params, headers=headers, timeout=self.timeout)
+        value = response.cookies.get(self.cookie_name)
+        if value:
+            self.cookies[(sender, recipient)] = (value, self.clock())
+        reply = reply_text(response.text) if response.status_code == 200 else None
+        return Delivery(message_sid, response.status_code, response.text, reply, sent)
