@@ -32,6 +32,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         lock_wait=app.config["LOCK_WAIT"],
         replies_kept=app.config["REPLIES_KEPT"],
     )
+    app.extensions["conversations"].preload()
     app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])
 
     callers.init_app(app)

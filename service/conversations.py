@@ -11,9 +11,14 @@ from __future__ import annotations
 import random
 import secrets
 import time
+import logging
 from dataclasses import dataclass
 
+from redis import RedisError
+
 from .keys import ConversationKeys
+
+log = logging.getLogger(__name__)
 
 OPEN = """
 -- KEYS: state hash, lock. ARGV: token, lock ms, message sid.
@@ -22,7 +27,9 @@ if raw then
   local ok, recent = pcall(cjson.decode, raw)
   if ok and type(recent) == 'table' then
     for _, item in ipairs(recent) do
-      if type(item) == 'table' and item[1] == ARGV[3] then return {'dup', tostring(item[2])} end
+      if type(item) == 'table' and item[1] == ARGV[3] then
+        return {'dup', redis.call('HGET', KEYS[1], 'sid') or '', '', tostring(item[2])}
+      end
     end
   end
 end
@@ -112,6 +119,19 @@ class ConversationStore:
         self._release = client.register_script(RELEASE)
         self._end = client.register_script(END)
 
+    def preload(self) -> None:
+        """Loads the scripts so that even the first message costs two round trips.
+
+        Best effort: with Redis down at start, redis-py loads them on first use instead.
+        """
+        for script in (self._open, self._save, self._release, self._end):
+            try:
+                script.sha = self.client.script_load(script.script)
+            except RedisError as error:
+                log.warning("could not preload Lua scripts (%s); they load on first use",
+                            type(error).__name__)
+                return
+
     def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
         """Round trip 1. Waits (briefly polling) while another request holds the lock."""
         token = secrets.token_hex(8)
@@ -120,10 +140,9 @@ class ConversationStore:
         while True:
             result = self._open(keys=[keys.state, keys.lock], args=[token, self.lock_ms, message_sid])
             status = result[0]
-            if status == "dup":
-                return Opened(token=token, duplicate_reply=result[1])
-            if status == "ok":
-                return Opened(token=token, sid=result[1] or None, state=result[2] or None)
+            if status in ("ok", "dup"):
+                return Opened(token, result[1] or None, result[2] or None,
+                              result[3] if status == "dup" else None)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ConversationBusy(keys.member)

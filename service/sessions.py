@@ -68,6 +68,7 @@ class ConversationSessionInterface(RedisSessionInterface):
         opened = self.store.open(keys, message_sid)
         session.keys, session.opened, session.message_sid = keys, opened, message_sid
         if opened.duplicate_reply is not None:
+            session.sid = opened.sid
             return opened.duplicate_reply
         state = self._decode(opened.state, keys) if opened.state else None
         if opened.sid and state is not None:

@@ -23,10 +23,11 @@ def connect(url: str | None, timeout: float):
 
         log.warning("REDIS_URL is not set: using the embedded in-memory store (state is lost "
                     "on exit and not shared between processes)")
-        return fakeredis.FakeRedis(decode_responses=True)
+        return fakeredis.FakeRedis(decode_responses=True, encoding_errors="replace")
     return redis.Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="replace",  # bytes planted by hand must not crash a decode
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),

@@ -1,0 +1,163 @@
+"""Fixtures: one real redis-server per test session (flushed per test), apps, clients, servers.
+
+Without ``redis-server`` the integration tests skip with a printed reason, unless
+``REQUIRE_REDIS=1`` (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from pytest_redis import factories
+from twilio.request_validator import RequestValidator
+from werkzeug.serving import make_server
+
+from service import create_app
+from service.settings import SETTINGS
+from service.simulator import TwilioSimulator
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-auth-token"
+REDIS_SERVER = shutil.which("redis-server")
+
+redis_server_proc = factories.redis_proc(executable=REDIS_SERVER or "redis-server", port=None)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Tests see only the settings they pass, never the developer's shell."""
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+
+
+def require_redis_server() -> None:
+    if REDIS_SERVER:
+        return
+    reason = "redis-server is not installed (apt-get install redis-server)"
+    if os.environ.get("REQUIRE_REDIS") == "1":
+        pytest.fail(reason + " and REQUIRE_REDIS=1")
+    pytest.skip(reason + ": integration test skipped")
+
+
+@pytest.fixture(scope="session")
+def redis_server(request):
+    """The session's redis-server (host, port), started by pytest-redis on a free port."""
+    require_redis_server()
+    return request.getfixturevalue("redis_server_proc")
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    url = f"redis://{redis_server.host}:{redis_server.port}/0"
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    client.script_flush()
+    client.close()
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def make_app(**overrides):
+    config = {"TWILIO_AUTH_TOKEN": TOKEN}
+    config.update(overrides)
+    return create_app(config)
+
+
+@pytest.fixture
+def app(redis_url):
+    """The app on the real Redis."""
+    return make_app(REDIS_URL=redis_url)
+
+
+@pytest.fixture
+def fake_app():
+    """The app on the embedded store (fakeredis): unit tests, no server."""
+    return make_app()
+
+
+def sign(url: str, params: dict, token: str = TOKEN) -> str:
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def webhook_params(sender="+15551230001", recipient="+15550001111", body="hi", message_sid=None, **extra):
+    params = {"From": sender, "To": recipient, "Body": body,
+              "MessageSid": message_sid or "SM" + os.urandom(16).hex(), "NumMedia": "0"}
+    params.update(extra)
+    return params
+
+
+def post_signed(client, params, url="http://localhost/sms", cookie=None, **kwargs):
+    """A signed webhook through Flask's test client (which calls http://localhost)."""
+    headers = {"X-Twilio-Signature": sign(url, params)}
+    if cookie:
+        headers["Cookie"] = f"sms_session={cookie}"
+    path = url.split("localhost", 1)[1]
+    return client.post(path, data=params, headers=headers, **kwargs)
+
+
+class LiveServer:
+    """The app on a threaded werkzeug server: real sockets, real concurrency."""
+
+    def __init__(self, app):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/sms"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.fixture
+def live_server(app):
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture
+def twilio(live_server):
+    return TwilioSimulator(live_server.url, TOKEN)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 30) -> None:
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {seconds}s")
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)

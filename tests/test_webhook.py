@@ -1,0 +1,272 @@
+"""The conversation webhook on a real Redis: replies, TTL, cookies, exactness, idempotency."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+import redis
+
+from conftest import TOKEN, LiveServer, make_app, post_signed, webhook_params
+from service.keys import Keys
+from service.simulator import TwilioSimulator
+
+REY, FRIEND, OURS = "+15551230001", "+15559870042", "+15550001111"
+KEYS = Keys()
+
+
+def count_in(reply: str) -> int:
+    """The message number a reply announces (1 for the thank-you)."""
+    if reply.startswith("Thanks for the message"):
+        return 1
+    return int(re.search(r"messaged \S+ (\d+) times", reply).group(1))
+
+
+def conversation(redis_client, sender=REY, recipient=OURS) -> dict:
+    return redis_client.hgetall(KEYS.conversation(sender, recipient).state)
+
+
+def test_first_message_is_thanked_by_name_then_counted(twilio):
+    first = twilio.send(REY, OURS, "hello")
+    second = twilio.send(REY, OURS, "again")
+    third = twilio.send(REY, OURS, "and again")
+    assert first.reply == "Thanks for the message, Rey!"
+    assert second.reply == "Rey has messaged +15550001111 2 times."
+    assert third.reply == "Rey has messaged +15550001111 3 times."
+
+
+def test_unknown_sender_is_friend_and_reply_is_twiml(twilio):
+    delivery = twilio.send(FRIEND, OURS, "hi")
+    assert delivery.reply == "Thanks for the message, Friend!"
+    response = twilio.http.post(twilio.url, data={})  # unsigned: just to read headers below
+    assert response.status_code == 403
+    ok = twilio.send(FRIEND, OURS, "hi again")
+    assert ok.body.startswith("<?xml") and "<Response><Message>" in ok.body
+
+
+def test_reply_content_type_is_text_xml(app):
+    response = post_signed(app.test_client(), webhook_params())
+    assert response.status_code == 200
+    assert response.mimetype == "text/xml"
+
+
+def test_callers_file_is_configurable(redis_url, tmp_path):
+    callers = tmp_path / "callers.json"
+    callers.write_text(json.dumps({FRIEND: "Zorii"}))
+    app = make_app(REDIS_URL=redis_url, CALLERS_FILE=str(callers))
+    response = post_signed(app.test_client(), webhook_params(sender=FRIEND))
+    assert b"Thanks for the message, Zorii!" in response.data
+
+
+def test_get_webhook_is_signed_over_the_query_and_counts(app):
+    client = app.test_client()
+    for expected in ("Thanks for the message, Rey!", "Rey has messaged +15550001111 2 times."):
+        params = webhook_params()
+        query = "&".join(f"{k}={v}".replace("+", "%2B") for k, v in params.items())
+        url = f"http://localhost/sms?{query}"
+        from conftest import sign
+
+        response = client.get(f"/sms?{query}", headers={"X-Twilio-Signature": sign(url, {})})
+        assert response.status_code == 200, response.data
+        assert expected.encode() in response.data
+
+
+def test_mms_with_empty_body_counts_like_any_message(twilio):
+    twilio.send(REY, OURS, "text")
+    mms = twilio.send(REY, OURS, "", media=["https://api.twilio.com/media/ME1"])
+    assert mms.reply == "Rey has messaged +15550001111 2 times."
+
+
+def test_state_is_json_text_and_cookie_holds_only_the_session_id(twilio, redis_client):
+    twilio.send(REY, OURS, "one")
+    delivery = twilio.send(REY, OURS, "two")
+    stored = conversation(redis_client)
+    assert json.loads(stored["state"]) == {"messages": 2}
+    cookie = twilio.cookie_for(REY, OURS)
+    assert cookie == stored["sid"] == delivery.cookie_sent
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", cookie)  # token_urlsafe(32): 256 random bits
+    assert "2" not in cookie.replace(stored["sid"], "")  # the cookie is the id, nothing else
+
+
+def test_cookie_attributes(app):
+    response = post_signed(app.test_client(), webhook_params())
+    header = response.headers["Set-Cookie"]
+    assert "HttpOnly" in header and "Max-Age=14400" in header and "Secure" not in header
+    secure = make_app(REDIS_URL=app.config["REDIS_URL"], SESSION_COOKIE_SECURE=True)
+    assert "Secure" in post_signed(secure.test_client(), webhook_params()).headers["Set-Cookie"]
+
+
+def test_ttl_is_four_hours_and_slides(twilio, redis_client):
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "one")
+    assert 14390 <= redis_client.ttl(keys.state) <= 14400
+    redis_client.expire(keys.state, 100)  # as if time had passed
+    twilio.send(REY, OURS, "two")
+    assert redis_client.ttl(keys.state) > 14000
+    assert redis_client.zscore(keys.index, keys.member) > (time.time() + 14000) * 1000
+
+
+def test_expired_conversation_starts_afresh(redis_url):
+    app = make_app(REDIS_URL=redis_url, CONVERSATION_TTL=1)
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        twilio.send(REY, OURS, "one")
+        assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+        time.sleep(1.2)
+        # Twilio still holds the cookie (4 h), but the conversation has lapsed on our side.
+        after = twilio.send(REY, OURS, "three")
+        assert after.cookie_sent is not None
+        assert after.reply == "Thanks for the message, Rey!"
+
+
+def test_lost_cookie_does_not_split_the_conversation(twilio):
+    twilio.send(REY, OURS, "one")
+    twilio.cookies.clear()
+    assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+
+
+def test_forged_cookie_is_ignored_and_replaced(twilio, redis_client):
+    twilio.send(REY, OURS, "one")
+    delivery = twilio.send(REY, OURS, "two", cookie="forged-session-id")
+    assert delivery.reply.endswith("2 times.")
+    assert twilio.cookie_for(REY, OURS) == conversation(redis_client)["sid"]
+
+
+def test_other_pairs_cookie_neither_leaks_nor_splits(twilio, redis_client):
+    for _ in range(3):
+        twilio.send(REY, OURS, "rey")
+    rey_cookie = twilio.cookie_for(REY, OURS)
+    other = twilio.send(FRIEND, OURS, "hi", cookie=rey_cookie)
+    assert other.reply == "Thanks for the message, Friend!"  # not Rey's 4th message
+    assert twilio.send(REY, OURS, "rey").reply.endswith("4 times.")
+    assert conversation(redis_client, FRIEND)["sid"] != rey_cookie
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 4}
+
+
+def _concurrently(count, send):
+    barrier = threading.Barrier(count)
+    results = [None] * count
+
+    def worker(index):
+        barrier.wait()
+        results[index] = send(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_burst_of_30_first_messages_is_counted_1_to_30(live_server):
+    sims = [TwilioSimulator(live_server.url, TOKEN) for _ in range(30)]  # none has a cookie
+    deliveries = _concurrently(30, lambda i: sims[i].send(REY, OURS, f"burst {i}"))
+    assert [d.status for d in deliveries] == [200] * 30
+    assert sorted(count_in(d.reply) for d in deliveries) == list(range(1, 31))
+    assert sims[0].send(REY, OURS, "next").reply.endswith("31 times.")
+
+
+def test_40_concurrent_messages_with_the_cookie_are_all_counted(live_server, redis_client):
+    twilio = TwilioSimulator(live_server.url, TOKEN)
+    twilio.send(REY, OURS, "first")
+    cookie = twilio.cookie_for(REY, OURS)
+    sims = [TwilioSimulator(live_server.url, TOKEN) for _ in range(40)]
+    deliveries = _concurrently(40, lambda i: sims[i].send(REY, OURS, f"m{i}", cookie=cookie))
+    assert sorted(count_in(d.reply) for d in deliveries) == list(range(2, 42))
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 41}
+
+
+def test_different_pairs_do_not_wait_for_each_other(live_server, redis_client):
+    senders = [f"+1555000{n:04d}" for n in range(20)]
+    sims = [TwilioSimulator(live_server.url, TOKEN) for _ in senders]
+    deliveries = _concurrently(20, lambda i: sims[i].send(senders[i], OURS, "hi"))
+    assert all(d.reply.startswith("Thanks for the message") for d in deliveries)
+    assert all(json.loads(conversation(redis_client, s)["state"]) == {"messages": 1} for s in senders)
+
+
+def test_redelivery_gets_the_same_reply_and_counts_once(twilio, redis_client):
+    first = twilio.send(REY, OURS, "one")
+    again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
+    assert again.status == 200 and again.reply == first.reply == "Thanks for the message, Rey!"
+    assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 2}
+
+
+def test_concurrent_redeliveries_count_once(live_server, redis_client):
+    sims = [TwilioSimulator(live_server.url, TOKEN) for _ in range(10)]
+    deliveries = _concurrently(10, lambda i: sims[i].send(REY, OURS, "x", message_sid="SMsame"))
+    assert {d.reply for d in deliveries} == {"Thanks for the message, Rey!"}
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 1}
+
+
+def test_replay_memory_is_bounded_per_conversation(redis_url, redis_client):
+    app = make_app(REDIS_URL=redis_url, REPLIES_KEPT=3)
+    client = app.test_client()
+    for _ in range(10):
+        assert post_signed(client, webhook_params()).status_code == 200
+    recent = json.loads(conversation(redis_client)["recent"])
+    assert len(recent) == 3
+    assert [count_in(reply) for _, reply in recent] == [8, 9, 10]
+    assert redis_client.dbsize() == 2  # the conversation and its index shard, nothing per message
+
+
+@pytest.mark.parametrize("missing", ["From", "To", "MessageSid"])
+def test_missing_field_is_400_with_reason(app, redis_client, missing):
+    params = webhook_params()
+    del params[missing]
+    response = post_signed(app.test_client(), params)
+    assert response.status_code == 400
+    assert missing.encode() in response.data
+    assert redis_client.dbsize() == 0
+
+
+def test_malformed_number_is_400(app, redis_client):
+    response = post_signed(app.test_client(), webhook_params(sender="+1555|evil"))
+    assert response.status_code == 400
+    assert redis_client.dbsize() == 0
+
+
+def test_oversized_body_is_413(app, redis_client):
+    response = post_signed(app.test_client(), webhook_params(body="x" * 70000))
+    assert response.status_code == 413
+    assert redis_client.dbsize() == 0
+
+
+def test_undecodable_body_is_400(app, redis_client):
+    response = app.test_client().post(
+        "/sms", data=b"From=%FF%FE&To=%2B15550001111&MessageSid=SM1",
+        content_type="application/x-www-form-urlencoded",
+        headers={"X-Twilio-Signature": "irrelevant"})
+    assert response.status_code == 400
+    assert b"UTF-8" in response.data
+    assert redis_client.dbsize() == 0
+
+
+def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    twilio.send(REY, OURS, "one")
+    keys = KEYS.conversation(REY, OURS)
+    redis.Redis.from_url(redis_url).hset(keys.state, "state", pickle.dumps(Exploit()))
+    delivery = twilio.send(REY, OURS, "two")
+    assert delivery.status == 200
+    assert not marker.exists()
+    assert delivery.reply == "Thanks for the message, Rey!"  # unreadable state starts afresh
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 1}
+
+
+def test_healthz_never_touches_redis(redis_url):
+    app = make_app(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 200
