@@ -161,3 +161,31 @@ def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 30) -> N
 
 def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+class Gunicorn:
+    """The app under gunicorn in a subprocess, the way it runs in production."""
+
+    def __init__(self, env: dict[str, str], workers: int = 2, config: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/sms"
+        args = [bin_path("gunicorn")]
+        if config:
+            args += ["-c", config]
+        args += ["-w", str(workers), "-b", f"127.0.0.1:{self.port}", *extra_args, "service:create_app()"]
+        self.env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, **env}
+        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def __enter__(self):
+        wait_for_http(self.url.replace("/sms", "/healthz"), self.process)
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.output = self.process.communicate(timeout=15)[0]
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.output = self.process.communicate()[0]
