@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
+HOST ?= 127.0.0.1
+PORT ?= 5000
 
 .PHONY: install run simulate test clean
 
@@ -15,13 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	@echo "Serving the webhook on http://127.0.0.1:5000/sms (embedded in-memory store)."
+	@echo "Serving the webhook on http://$(HOST):$(PORT)/sms (embedded in-memory store)."
 	@echo "Talk to it from another terminal:"
-	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111"
-	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host 127.0.0.1 --port 5000
+	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111 --url http://$(HOST):$(PORT)/sms"
+	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
 
 simulate: install
-	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111}
+	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111} --url http://$(HOST):$(PORT)/sms
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -90,7 +90,7 @@ SETTINGS = [
             "Mark the session cookie `Secure` (set it when Twilio calls over https)."),
     Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
             "JSON object mapping phone numbers to names for the replies."),
-    Setting("LOCK_TTL", 5.0, _positive_float,
+    Setting("LOCK_TTL", 3.0, _positive_float,
             "Seconds after which a conversation lock held by a crashed request lapses."),
     Setting("LOCK_WAIT", 5.0, _positive_float,
             "Seconds a message waits for its conversation's lock before answering 503."),

@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from conftest import TOKEN, LiveServer, make_app, post_signed, webhook_params
+from conftest import TOKEN, LiveServer, make_app, post_signed, sign, webhook_params
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 
@@ -67,8 +67,6 @@ def test_get_webhook_is_signed_over_the_query_and_counts(app):
         params = webhook_params()
         query = "&".join(f"{k}={v}".replace("+", "%2B") for k, v in params.items())
         url = f"http://localhost/sms?{query}"
-        from conftest import sign
-
         response = client.get(f"/sms?{query}", headers={"X-Twilio-Signature": sign(url, {})})
         assert response.status_code == 200, response.data
         assert expected.encode() in response.data

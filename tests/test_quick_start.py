@@ -1,0 +1,45 @@
+"""The README's quick start, as written, on a clean checkout of the committed tree."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+from conftest import ROOT, free_port, wait_for_http
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_the_two_commands_and_every_setting():
+    from service.settings import SETTINGS
+
+    assert "make run" in README and "make test" in README
+    table = README.split("## Configuration", 1)[1]
+    missing = [s.env for s in SETTINGS if f"| `{s.env}` |" not in table]
+    assert missing == []
+
+
+def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(checkout)], check=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TWILIO_AUTH_TOKEN")}
+    server = subprocess.Popen(["make", "run", f"PORT={port}"], cwd=checkout, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", server, seconds=300)
+        simulate = re.search(r"^(TWILIO_AUTH_TOKEN=\S+) (\.venv/bin/sms-sessions simulate .*)$",
+                             README, re.MULTILINE)
+        token, command = simulate.groups()
+        result = subprocess.run(
+            f"{token} {command} --url http://127.0.0.1:{port}/sms --message hello --repeat 2",
+            shell=True, cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Thanks for the message, Rey!",
+                                          "Rey has messaged +15550001111 2 times."]

@@ -1,0 +1,59 @@
+"""Redis round trips per message, counted at the client socket: at most two, none for refusals."""
+
+from __future__ import annotations
+
+import pytest
+from redis.connection import AbstractConnection
+
+from conftest import post_signed, webhook_params
+
+
+@pytest.fixture
+def round_trips(monkeypatch):
+    """Counts every packed command (a command or a whole pipeline) sent to Redis."""
+    sent = []
+    original = AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):
+        sent.append(command)
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return sent
+
+
+def trips(round_trips, send):
+    before = len(round_trips)
+    response = send()
+    return response, len(round_trips) - before
+
+
+def test_first_later_and_redelivered_message(app, round_trips):
+    client = app.test_client()
+    first_params = webhook_params()
+    first, first_trips = trips(round_trips, lambda: post_signed(client, first_params))
+    later, later_trips = trips(round_trips, lambda: post_signed(client, webhook_params()))
+    again, again_trips = trips(round_trips, lambda: post_signed(client, first_params))
+    assert [first.status_code, later.status_code, again.status_code] == [200, 200, 200]
+    assert b"Thanks" in first.data and b"2 times" in later.data and again.data == first.data
+    assert (first_trips, later_trips, again_trips) == (2, 2, 1)
+
+
+def test_message_with_a_stale_cookie_costs_two(app, round_trips):
+    client = app.test_client()
+    post_signed(client, webhook_params())
+    response, count = trips(round_trips, lambda: post_signed(client, webhook_params(), cookie="stale"))
+    assert b"2 times" in response.data and count == 2
+
+
+def test_refusals_and_health_cost_none(app, round_trips):
+    client = app.test_client()
+    params = webhook_params()
+    for send in (lambda: client.post("/sms", data=params),                      # unsigned
+                 lambda: client.post("/sms", data=params, headers={"X-Twilio-Signature": "forged"}),
+                 lambda: post_signed(client, {**params, "From": ""}),           # 400
+                 lambda: post_signed(client, {**params, "Body": "x" * 70000}),  # 413
+                 lambda: client.get("/healthz")):
+        response, count = trips(round_trips, send)
+        assert response.status_code in (200, 400, 403, 413)
+        assert count == 0, response.status_code

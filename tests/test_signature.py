@@ -1,0 +1,109 @@
+"""Twilio signatures: forged and unsigned requests are refused before any Redis work."""
+
+from __future__ import annotations
+
+import logging
+
+from twilio.request_validator import RequestValidator
+
+from conftest import TOKEN, make_app, post_signed, sign, webhook_params
+
+
+def test_twilios_documented_example_validates():
+    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234",
+              "From": "+14158675309", "To": "+18005551212"}
+    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
+    validator = RequestValidator("12345")
+    assert validator.compute_signature(url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
+    assert validator.validate(url, params, "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+
+
+def test_documented_example_through_the_app(redis_url):
+    """The app validates Twilio's own example request (with From/To it can act on)."""
+    app = make_app(REDIS_URL=redis_url, TWILIO_AUTH_TOKEN="12345",
+                   PUBLIC_BASE_URL="https://mycompany.com")
+    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234",
+              "From": "+14158675309", "To": "+18005551212"}
+    headers = {"X-Twilio-Signature": "RSOYDt4T1cUTdK1PDd93/VVr8B8="}
+    # Twilio's example URL and params, so its signature is valid. The example has no
+    # MessageSid: the 400 for it proves validation passed (the 403 check comes first).
+    app.add_url_rule("/myapp.php", view_func=app.view_functions["webhook.sms"], methods=["POST"])
+    response = app.test_client().post("/myapp.php?foo=1&bar=2", data=params, headers=headers)
+    assert response.status_code == 400 and b"MessageSid" in response.data
+    forged = app.test_client().post("/myapp.php?foo=1&bar=2", data={**params, "Digits": "9999"},
+                                    headers=headers)
+    assert forged.status_code == 403
+
+
+def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_client, caplog):
+    client = app.test_client()
+    params = webhook_params()
+    unsigned = client.post("/sms", data=params)
+    wrong = client.post("/sms", data=params, headers={"X-Twilio-Signature": sign("http://localhost/sms", params, "other")})
+    tampered = client.post("/sms", data={**params, "Body": "changed"},
+                           headers={"X-Twilio-Signature": sign("http://localhost/sms", params)})
+    assert [r.status_code for r in (unsigned, wrong, tampered)] == [403, 403, 403]
+    assert b"signature" in unsigned.data
+    assert redis_client.dbsize() == 0
+    assert post_signed(client, params).status_code == 200  # the same request, signed, works
+
+
+def test_without_auth_token_every_webhook_is_refused(redis_url, redis_client, caplog):
+    with caplog.at_level(logging.WARNING):
+        app = make_app(REDIS_URL=redis_url, TWILIO_AUTH_TOKEN=None)
+    assert "TWILIO_AUTH_TOKEN is not set" in caplog.text
+    assert post_signed(app.test_client(), webhook_params()).status_code == 403
+    assert redis_client.dbsize() == 0
+
+
+def test_validation_off_only_when_asked_and_warns(redis_url, caplog):
+    with caplog.at_level(logging.WARNING):
+        app = make_app(REDIS_URL=redis_url, TWILIO_VALIDATE_SIGNATURE=False)
+    assert "TWILIO_VALIDATE_SIGNATURE is off" in caplog.text
+    assert app.test_client().post("/sms", data=webhook_params()).status_code == 200
+
+
+def test_behind_a_tls_proxy_with_public_base_url(redis_url):
+    """Twilio signs https://sms.example.com/sms; the app sees http://10.0.0.5:8000/sms."""
+    app = make_app(REDIS_URL=redis_url, PUBLIC_BASE_URL="https://sms.example.com")
+    client = app.test_client()
+    params = webhook_params()
+    signature = sign("https://sms.example.com/sms", params)
+    response = client.post("/sms", data=params, base_url="http://10.0.0.5:8000",
+                           headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 200
+    as_seen = client.post("/sms", data=params, base_url="http://10.0.0.5:8000",
+                          headers={"X-Twilio-Signature": sign("http://10.0.0.5:8000/sms", params)})
+    assert as_seen.status_code == 403  # only the public URL is trusted
+
+
+def test_public_base_url_keeps_the_query_string(redis_url):
+    app = make_app(REDIS_URL=redis_url, PUBLIC_BASE_URL="https://sms.example.com/")
+    params = webhook_params()
+    signature = sign("https://sms.example.com/sms?tenant=a", params)
+    response = app.test_client().post("/sms?tenant=a", data=params,
+                                      headers={"X-Twilio-Signature": signature})
+    assert response.status_code == 200
+
+
+def test_behind_trusted_proxy_hops(redis_url):
+    params = webhook_params()
+    signature = sign("https://sms.example.com/sms", params)
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sms.example.com",
+                 "X-Forwarded-For": "54.1.2.3", "X-Twilio-Signature": signature}
+    trusting = make_app(REDIS_URL=redis_url, TRUSTED_PROXY_HOPS=1)
+    assert trusting.test_client().post("/sms", data=params, headers=forwarded).status_code == 200
+    untrusting = make_app(REDIS_URL=redis_url)
+    assert untrusting.test_client().post("/sms", data=params, headers=forwarded).status_code == 403
+
+
+def test_sha256_shared_key_variant(redis_url):
+    """Twilio's SharedKey signatures name HMAC_SHA256 in a settings header; twilio validates it."""
+    app = make_app(REDIS_URL=redis_url)
+    params = webhook_params()
+    signature = RequestValidator(TOKEN).compute_signature("http://localhost/sms", params, "HMAC_SHA256")
+    headers = {"X-Twilio-Signature": signature,
+               "X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"}
+    assert app.test_client().post("/sms", data=params, headers=headers).status_code == 200
+    del headers["X-Twilio-Webhooks-Signature-Settings"]
+    assert app.test_client().post("/sms", data=params, headers=headers).status_code == 403

@@ -1,0 +1,63 @@
+"""Redis down or too slow: a fast 503 with Retry-After, never a 500 or a hang; then recovery.
+
+These tests stop and pause their own redis-server, not the session's shared one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from pytest_redis import factories
+
+from conftest import REDIS_SERVER, TOKEN, LiveServer, make_app, require_redis_server
+from service.simulator import TwilioSimulator
+
+REY, OURS = "+15551230001", "+15550001111"
+
+own_redis_proc = factories.redis_proc(executable=REDIS_SERVER or "redis-server", port=None)
+
+
+@pytest.fixture
+def own_redis(request):
+    require_redis_server()
+    server = request.getfixturevalue("own_redis_proc")
+    redis.Redis(host=server.host, port=server.port).flushall()
+    return server
+
+
+@pytest.fixture
+def twilio(own_redis):
+    app = make_app(REDIS_URL=f"redis://{own_redis.host}:{own_redis.port}/0", LOCK_TTL=1.0)
+    with LiveServer(app) as server:
+        # A client timeout far above REDIS_TIMEOUT: a hung worker fails the test.
+        yield TwilioSimulator(server.url, TOKEN, timeout=10)
+
+
+def test_redis_stopped_answers_503_then_recovers(own_redis, twilio):
+    assert twilio.send(REY, OURS, "one").status == 200
+    own_redis.stop()
+    try:
+        down = [twilio.send(REY, OURS, "while down") for _ in range(3)]
+        health = twilio.http.get(twilio.url.replace("/sms", "/healthz"), timeout=10)
+    finally:
+        own_redis.start()
+    assert [d.status for d in down] == [503, 503, 503]
+    assert all("retry" in d.body.lower() for d in down)
+    assert health.status_code == 200
+    back = twilio.send(REY, OURS, "back")
+    assert back.status == 200 and back.reply is not None
+
+
+def test_redis_paused_answers_503_and_the_conversation_goes_on(own_redis, twilio):
+    client = redis.Redis(host=own_redis.host, port=own_redis.port)
+    assert twilio.send(REY, OURS, "one").status == 200
+    client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    slow = twilio.send(REY, OURS, "during pause")
+    assert slow.status == 503
+    response = twilio.http.post(twilio.url, data={})
+    assert response.status_code == 403  # workers stay free for other requests
+    client.ping()  # no timeout on this client: returns when the pause is over
+    # The timed-out OPEN may have run after the pause and left a lock; it lapses (LOCK_TTL).
+    later = twilio.send(REY, OURS, "after pause")
+    assert later.status == 200
+    assert later.reply == "Rey has messaged +15550001111 2 times."

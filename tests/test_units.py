@@ -1,0 +1,105 @@
+"""Fast unit tests on the embedded store (fakeredis): keys, settings, scripts, simulator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis.cluster import key_slot
+
+from conftest import post_signed, webhook_params
+from service.conversations import ConversationBusy, ConversationStore, LockLost
+from service.keys import Keys, shard_of
+from service.masking import mask
+from service.settings import ConfigError, load
+from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
+
+
+def test_all_keys_of_a_conversation_share_one_cluster_slot():
+    keys = Keys().conversation("+15551230007", "+15550001111")
+    assert shard_of("+15551230007") == "07" and "{07}" in keys.state
+    assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.index.encode())
+    assert Keys().from_member(keys.member) == keys
+    assert len(set(Keys().indexes())) == 100
+
+
+def test_shard_tag_is_digits_only():
+    assert shard_of("whatsapp:+447700900123") == "23"
+    assert shard_of("+1") == "01" and shard_of("") == "00"
+
+
+def test_settings_defaults_and_bad_values():
+    config = load({})
+    assert config["CONVERSATION_TTL"] == 14400 and config["TWILIO_VALIDATE_SIGNATURE"] is True
+    assert load({"CONVERSATION_TTL": "60", "TWILIO_VALIDATE_SIGNATURE": "off"})["CONVERSATION_TTL"] == 60
+    with pytest.raises(ConfigError, match="CONVERSATION_TTL"):
+        load({"CONVERSATION_TTL": "four hours"})
+    with pytest.raises(ConfigError, match="TWILIO_VALIDATE_SIGNATURE"):
+        load({"TWILIO_VALIDATE_SIGNATURE": "maybe"})
+    with pytest.raises(ConfigError, match="APP_ENV"):
+        load({"APP_ENV": "staging"})
+
+
+def test_missing_callers_file_stops_start_naming_the_variable(tmp_path):
+    from conftest import make_app
+
+    with pytest.raises(ConfigError, match="CALLERS_FILE"):
+        make_app(CALLERS_FILE=str(tmp_path / "nope.json"))
+
+
+def test_mask_hides_the_middle_of_numbers():
+    assert mask("+15551230001") == "+1555***0001"
+    assert "1230" not in mask("+15551230001") and mask("12") == "***"
+
+
+def test_embedded_store_serves_a_conversation(fake_app):
+    client = fake_app.test_client()
+    assert b"Thanks" in post_signed(client, webhook_params()).data
+    assert b"2 times" in post_signed(client, webhook_params()).data
+
+
+@pytest.fixture
+def store(fake_app):
+    return fake_app.extensions["conversations"]
+
+
+def test_lock_makes_a_second_opener_wait_then_give_up(fake_app, store):
+    keys = Keys().conversation("+15551230001", "+15550001111")
+    held = store.open(keys, "SM1")
+    impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05, replies_kept=4)
+    with pytest.raises(ConversationBusy):
+        impatient.open(keys, "SM2")
+    store.release(keys, held)
+    assert impatient.open(keys, "SM2").duplicate_reply is None
+
+
+def test_save_after_the_lock_was_lost_writes_nothing(store):
+    keys = Keys().conversation("+15551230001", "+15550001111")
+    opened = store.open(keys, "SM1")
+    store.client.delete(keys.lock)  # lapsed
+    with pytest.raises(LockLost):
+        store.save(keys, opened, "sid", json.dumps({"messages": 1}), True, "SM1", "hi")
+    assert store.client.exists(keys.state) == 0
+
+
+def test_ending_a_conversation_in_flight_wins(store):
+    keys = Keys().conversation("+15551230001", "+15550001111")
+    opened = store.open(keys, "SM1")
+    assert store.end(keys) is False  # nothing saved yet, but the lock goes
+    with pytest.raises(LockLost):
+        store.save(keys, opened, "sid", "{}", True, "SM1", "hi")
+
+
+def test_simulator_forgets_the_cookie_after_four_hours():
+    now = [1000.0]
+    twilio = TwilioSimulator("http://127.0.0.1:9/sms", "token", clock=lambda: now[0])
+    twilio.cookies[("+1", "+2")] = ("abc", now[0])
+    now[0] += COOKIE_LIFETIME - 1
+    assert twilio.cookie_for("+1", "+2") == "abc"
+    now[0] += 1
+    assert twilio.cookie_for("+1", "+2") is None
+
+
+def test_reply_text_reads_twiml():
+    assert reply_text('<?xml version="1.0"?><Response><Message>Hi</Message></Response>') == "Hi"
+    assert reply_text("<Response/>") is None and reply_text("not xml") is None
