@@ -1,5 +1,10 @@
 """The conversation store: every Redis command the webhook sends, as two atomic Lua scripts.
 
+A conversation is one hash (see ``keys``): ``sid``, ``state`` (JSON), ``seq`` (messages
+saved), ``first_seen``/``last_seen`` (epoch ms) and one field ``m:<MessageSid>`` =
+``"<seq> <reply>"`` for each of the last ``replies_kept`` messages, so a redelivery is found
+with one HGET and no per-message key exists.
+
 Why Lua: a message costs exactly two round trips. ``open`` takes the conversation's lock and
 returns its session (or the stored reply of a redelivered ``MessageSid``) in one; ``save``
 checks the lock is still ours, writes state, replay memory and index, and releases the lock in
@@ -22,16 +27,9 @@ log = logging.getLogger(__name__)
 
 OPEN = """
 -- KEYS: state hash, lock. ARGV: token, lock ms, message sid.
-local raw = redis.call('HGET', KEYS[1], 'recent')
-if raw then
-  local ok, recent = pcall(cjson.decode, raw)
-  if ok and type(recent) == 'table' then
-    for _, item in ipairs(recent) do
-      if type(item) == 'table' and item[1] == ARGV[3] then
-        return {'dup', redis.call('HGET', KEYS[1], 'sid') or '', '', tostring(item[2])}
-      end
-    end
-  end
+local answered = redis.call('HGET', KEYS[1], 'm:' .. ARGV[3])
+if answered then
+  return {'dup', redis.call('HGET', KEYS[1], 'sid') or '', '', (string.gsub(answered, '^%d+ ', '', 1))}
 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then
@@ -45,24 +43,27 @@ return {'ok', h[1] or '', h[2] or ''}
 SAVE = """
 -- KEYS: state hash, lock, index shard.
 -- ARGV: token, sid, state json, ttl s, now ms, message sid, reply, replies kept, member, fresh.
-local recent = {}
-local raw = redis.call('HGET', KEYS[1], 'recent')
-if raw and ARGV[10] ~= '1' then
-  local ok, decoded = pcall(cjson.decode, raw)
-  if ok and type(decoded) == 'table' then recent = decoded end
-end
-for _, item in ipairs(recent) do
-  if type(item) == 'table' and item[1] == ARGV[6] then return 'saved' end
-end
+-- Replies are fields 'm:<MessageSid>' = '<seq> <reply>'; fields under 64 bytes keep the hash
+-- in Redis's compact listpack encoding.
+local field = 'm:' .. ARGV[6]
+if redis.call('HEXISTS', KEYS[1], field) == 1 then return 'saved' end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'lost' end
 if ARGV[10] == '1' then redis.call('DEL', KEYS[1]) end
-table.insert(recent, {ARGV[6], ARGV[7]})
-while #recent > tonumber(ARGV[8]) do table.remove(recent, 1) end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local oldest = seq - tonumber(ARGV[8])
 local ttl_ms = tonumber(ARGV[4]) * 1000
 local now = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'state', ARGV[3], 'recent', cjson.encode(recent),
-           'last_seen', ARGV[5])
+redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'state', ARGV[3], 'last_seen', ARGV[5],
+           field, seq .. ' ' .. ARGV[7])
 redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[5])
+if oldest > 0 then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) == 'm:' and tonumber(string.match(all[i + 1], '^%d+')) <= oldest then
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+end
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
 redis.call('ZADD', KEYS[3], now + ttl_ms, ARGV[9])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 16)

@@ -206,9 +206,10 @@ def test_replay_memory_is_bounded_per_conversation(redis_url, redis_client):
     client = app.test_client()
     for _ in range(10):
         assert post_signed(client, webhook_params()).status_code == 200
-    recent = json.loads(conversation(redis_client)["recent"])
-    assert len(recent) == 3
-    assert [count_in(reply) for _, reply in recent] == [8, 9, 10]
+    stored = conversation(redis_client)
+    replies = sorted((v for f, v in stored.items() if f.startswith("m:")), key=lambda v: int(v.split()[0]))
+    assert [int(reply.split(" ", 1)[0]) for reply in replies] == [8, 9, 10]
+    assert [count_in(reply.split(" ", 1)[1]) for reply in replies] == [8, 9, 10]
     assert redis_client.dbsize() == 2  # the conversation and its index shard, nothing per message
 
 
