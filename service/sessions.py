@@ -6,7 +6,7 @@ Differences from the stock ``RedisSessionInterface``, each for a reason in DESIG
   routes never open a conversation.
 - The conversation, not the cookie, finds the session: state lives under the (From, To) pair,
   so a stale, forged or other-pair cookie can neither split nor leak a conversation.
-- State is JSON decoded with ``json.loads`` only; nothing read from Redis reaches pickle.
+- State is JSON (``JsonSerializer``); nothing read from Redis reaches pickle.
 - Load and save are the store's two atomic scripts, with the conversation locked in between;
   a Redis failure in ``save_session`` turns the response into a 503 instead of a 500.
 """
@@ -17,7 +17,7 @@ import json
 import logging
 
 from flask import Flask, Request, Response
-from flask_session.base import ServerSideSession
+from flask_session.base import Serializer, ServerSideSession
 from flask_session.redis import RedisSessionInterface
 from redis import RedisError
 
@@ -27,6 +27,19 @@ from .masking import mask
 from .responses import unavailable
 
 log = logging.getLogger(__name__)
+
+
+class JsonSerializer(Serializer):
+    """Flask-Session's serializer slot, JSON only: its stock one falls back to pickle."""
+
+    def encode(self, session: ServerSideSession) -> str:
+        return json.dumps(dict(session), separators=(",", ":"))
+
+    def decode(self, serialized_data: str) -> dict:
+        state = json.loads(serialized_data)
+        if not isinstance(state, dict):
+            raise ValueError("session state is not a JSON object")
+        return state
 
 
 class ConversationSession(ServerSideSession):
@@ -51,7 +64,8 @@ class ConversationSessionInterface(RedisSessionInterface):
     def __init__(self, app: Flask, client, store: ConversationStore):
         # Deliberately not RedisSessionInterface.__init__: it silently falls back to
         # localhost:6379 for a client it does not recognise. The client is ours, built by store.
-        super(RedisSessionInterface, self).__init__(app, serialization_format="json")
+        super(RedisSessionInterface, self).__init__(app)
+        self.serializer = JsonSerializer()
         self.client = client
         self.store = store
         self.ttl = app.config["CONVERSATION_TTL"]
@@ -91,7 +105,7 @@ class ConversationSessionInterface(RedisSessionInterface):
                 self._release(session)
                 return
             try:
-                self.store.save(session.keys, session.opened, session.sid, json.dumps(dict(session)),
+                self.store.save(session.keys, session.opened, session.sid, self.serializer.encode(session),
                                 session.fresh, session.message_sid, session.reply)
             except (RedisError, LockLost) as error:
                 log.warning("could not save conversation %s: %s", mask(session.keys.sender),
@@ -119,15 +133,11 @@ class ConversationSessionInterface(RedisSessionInterface):
             log.warning("could not release lock of %s (it lapses by itself): %s",
                         mask(session.keys.sender), type(error).__name__)
 
-    @staticmethod
-    def _decode(raw: str, keys: ConversationKeys) -> dict | None:
-        """JSON only. Undecodable state is reported and replaced by a fresh conversation."""
+    def _decode(self, raw: str, keys: ConversationKeys) -> dict | None:
+        """Undecodable state is reported and replaced by a fresh conversation."""
         try:
-            state = json.loads(raw)
+            return self.serializer.decode(raw)
         except ValueError:
-            state = None
-        if not isinstance(state, dict):
             log.error("state of conversation %s is not a JSON object; starting afresh", mask(keys.sender))
             return None
-        return state
 
