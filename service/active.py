@@ -16,15 +16,18 @@ import base64
 import binascii
 import heapq
 import json
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 from .callers import Callers
 from .conversations import ConversationStore, now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
+from .masking import mask
 
+log = logging.getLogger(__name__)
 FIELDS = ("state", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
 
@@ -154,7 +157,10 @@ class ActiveConversations:
 
     def end(self, sender: str, recipient: str) -> bool:
         """Ends the conversation now (state, lock, index entry); False if it was not live."""
-        return self.store.end(self.keys.conversation(sender, recipient))
+        ended = self.store.end(self.keys.conversation(sender, recipient))
+        if ended:
+            log.info("conversation of %s ended by an operator", mask(sender))
+        return ended
 
     def _entries_after(self, after: Entry | None, limit: int) -> tuple[list[Entry], bool]:
         """The next ``limit`` live entries after ``after`` across shards, and whether more exist.

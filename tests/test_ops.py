@@ -4,6 +4,7 @@ real console script) and the JSON API; paging, ties, pruning, hygiene and plain-
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def test_cli_with_redis_down_says_so_in_one_line():
 
 # --- JSON API --------------------------------------------------------------------------------
 
-def test_api_stats_list_show_delete(ops_app, redis_client):
+def test_api_stats_list_show_delete(ops_app, redis_client, caplog):
+    caplog.set_level(logging.INFO)
     text_messages(ops_app, REY, 2)
     converse_in_order(ops_app, POE)
     client = ops_app.test_client()
@@ -175,6 +177,7 @@ def test_api_stats_list_show_delete(ops_app, redis_client):
     assert ended.status_code == 200 and ended.get_json()["ended"] is True
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 1
     assert redis_client.exists(KEYS.conversation(REY, OURS).state) == 0
+    assert "+1555***0001 ended by an operator" in caplog.text and REY not in caplog.text
 
 
 def test_api_unknown_pair_is_404(ops_app):
