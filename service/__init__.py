@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from . import callers, health, responses, settings, signature, store, webhook
+from . import callers, health, ops, responses, settings, signature, store, webhook
 from .conversations import ConversationStore
 from .keys import Keys
 from .sessions import ConversationSessionInterface
@@ -40,4 +40,5 @@ def create_app(test_config: dict | None = None) -> Flask:
     responses.init_app(app)
     health.init_app(app)
     webhook.init_app(app)
+    ops.init_app(app)
     return app

@@ -98,6 +98,8 @@ SETTINGS = [
             "Recent `MessageSid`s (with replies) kept per conversation to answer redeliveries."),
     Setting("MAX_BODY_BYTES", 65536, _positive_int,
             "Largest webhook body accepted; larger answers 413."),
+    Setting("OPS_TOKEN", None, _text,
+            "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404)."),
 ]
 
 

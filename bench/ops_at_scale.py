@@ -1,0 +1,157 @@
+"""Operator queries at scale: count, first page and expire-one with 1,000,000 live conversations.
+
+Starts a throwaway redis-server on a free loopback port (never 6379), fills it through the key
+schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries spread over the
+conversation TTL like real traffic, then times the service's own ``ActiveConversations``
+functions (median of several runs) and prints one JSON object.
+
+    .venv/bin/python bench/ops_at_scale.py                      # 1,000,000 conversations
+    .venv/bin/python bench/ops_at_scale.py --conversations 1000 --runs 3 --output FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import redis
+
+from service import create_app
+from service.conversations import now_ms
+
+GOALS_MS = {"count": 5.0, "first_page_50": 20.0, "expire_one": 5.0}
+OUR_NUMBERS = ("+15550001111", "+15550002222", "+15550003333")
+BATCH = 5000
+
+
+@contextmanager
+def throwaway_redis():
+    """A redis-server without persistence on a free port; yields its URL, stops it after."""
+    executable = shutil.which("redis-server")
+    if not executable:
+        sys.exit("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as workdir:
+        process = subprocess.Popen(
+            [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, str]]:
+    """Writes ``count`` live conversations as the SAVE script would; returns their pairs.
+
+    Last messages are spread over the most recent 90 % of the TTL, so every conversation
+    stays live for at least a tenth of it while the benchmark runs.
+    """
+    rng = random.Random(seed)
+    now = now_ms()
+    ttl_ms = ttl * 1000
+    newest: dict[str, int] = {}
+    pairs = []
+    pipe = client.pipeline(transaction=False)
+    for number in range(count):
+        sender = f"+1555{number:07d}"
+        recipient = OUR_NUMBERS[number % len(OUR_NUMBERS)]
+        conversation = keys.conversation(sender, recipient)
+        last_seen = now - rng.randrange(int(ttl_ms * 0.9))
+        messages = rng.randrange(1, 20)
+        expiry = last_seen + ttl_ms
+        pipe.hset(conversation.state, mapping={
+            "sid": secrets.token_urlsafe(32),
+            "state": json.dumps({"messages": messages}),
+            "recent": json.dumps([["SM" + secrets.token_hex(16), f"Friend has messaged {recipient} "
+                                   f"{messages} times."]]),
+            "first_seen": last_seen - rng.randrange(ttl_ms), "last_seen": last_seen,
+        })
+        pipe.pexpireat(conversation.state, expiry)
+        pipe.zadd(conversation.index, {conversation.member: expiry})
+        newest[conversation.index] = max(newest.get(conversation.index, 0), expiry)
+        pairs.append((sender, recipient))
+        if len(pipe) >= 3 * BATCH:
+            pipe.execute()
+    for index, expiry in newest.items():
+        pipe.pexpireat(index, expiry)
+    pipe.execute()
+    return pairs
+
+
+def timed(call) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
+
+
+def median_ms(samples: list[float]) -> dict:
+    return {"median": round(statistics.median(samples), 3), "max": round(max(samples), 3),
+            "runs": len(samples)}
+
+
+def run(count: int, runs: int) -> dict:
+    with throwaway_redis() as url:
+        app = create_app({"REDIS_URL": url, "TWILIO_AUTH_TOKEN": "bench", "REDIS_TIMEOUT": 30})
+        client, keys = app.extensions["redis"], app.extensions["keys"]
+        active = app.extensions["active"]
+        started = time.perf_counter()
+        pairs = fill(client, keys, count, app.config["CONVERSATION_TTL"])
+        fill_seconds = time.perf_counter() - started
+        assert active.count() == count, "the fill did not make every conversation live"
+
+        first = active.page(50)
+        assert len(first.conversations) == min(50, count)
+        victims = random.Random(11).sample(pairs, runs)
+        results = {
+            "conversations": count,
+            "fill_seconds": round(fill_seconds, 1),
+            "redis_used_memory_mb": round(client.info("memory")["used_memory"] / 2**20),
+            "count_ms": median_ms([timed(active.count) for _ in range(runs)]),
+            "first_page_50_ms": median_ms([timed(lambda: active.page(50)) for _ in range(runs)]),
+            "next_page_50_ms": median_ms([timed(lambda: active.page(50, first.next_cursor))
+                                          for _ in range(runs)]),
+            "expire_one_ms": median_ms([timed(lambda pair=pair: active.end(*pair)) for pair in victims]),
+        }
+        assert active.count() == count - runs, "expire did not end exactly the chosen conversations"
+        results["goals_ms"] = GOALS_MS
+        results["goals_met"] = all(results[f"{name}_ms"]["median"] <= goal for name, goal in GOALS_MS.items())
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=21, help="timed runs per operation")
+    parser.add_argument("--output", help="also write the JSON to this file")
+    args = parser.parse_args()
+    report = json.dumps(run(args.conversations, args.runs), indent=2)
+    print(report)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Live conversations as operators see them: count, page, read and end, from the active index.
+
+The index is 100 sorted sets (one per hash tag) of ``<from>|<to>`` scored by expiry in epoch
+ms, so "live" means score > now. Every command here names a single key (or, for the prune
+script, keys of one hash tag), and the per-shard commands go in one pipeline: the same code
+runs on one Redis and on a Cluster, and never needs ``KEYS`` or ``SCAN``.
+
+Order is most recent first: expiry descending, then shard descending, then member descending
+(Redis' own order inside a shard). The cursor is the last entry returned, so paging is keyset
+paging: an entry that stays put is listed exactly once, whatever changes around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import heapq
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+from .callers import Callers
+from .conversations import ConversationStore, now_ms
+from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
+from .masking import mask
+
+log = logging.getLogger(__name__)
+FIELDS = ("state", "first_seen", "last_seen")
+MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
+
+PRUNE = """
+-- KEYS: state hash, index shard (same hash tag). ARGV: member.
+-- Drops the index entry of a conversation whose state is gone, unless it came back meanwhile.
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+
+class BadCursor(ValueError):
+    """A cursor that this service did not hand out."""
+
+
+class Entry(NamedTuple):
+    """One index entry. As a tuple it sorts in list order when reversed: expiry, shard, member
+    (str order is UTF-8 byte order, Redis' order inside a shard)."""
+
+    score: int
+    shard: int
+    member: str
+
+    @property
+    def tag(self) -> str:
+        return f"{self.shard:02d}"
+
+    def cursor(self) -> str:
+        raw = f"{self.score}{SEPARATOR}{self.member}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def from_cursor(cls, cursor: str) -> "Entry":
+        try:
+            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            score, sender, recipient = raw.split(SEPARATOR)
+            if not (sender and recipient):
+                raise ValueError(raw)
+            return cls(int(score), int(shard_of(sender)), sender + SEPARATOR + recipient)
+        except (ValueError, binascii.Error):
+            raise BadCursor(cursor) from None
+
+
+@dataclass
+class Conversation:
+    """What an operator sees of one live conversation."""
+
+    sender: str
+    recipient: str
+    name: str
+    messages: int
+    first_seen: int
+    last_seen: int
+    expires_in: int
+    state: dict = field(default_factory=dict)
+
+    def to_json(self, with_state: bool = False) -> dict:
+        """Times as ISO-8601 UTC with milliseconds; ``expires_in`` in whole seconds."""
+        data = {
+            "from": self.sender, "to": self.recipient, "name": self.name,
+            "messages": self.messages, "first_seen": iso(self.first_seen),
+            "last_seen": iso(self.last_seen), "expires_in": self.expires_in,
+        }
+        if with_state:
+            data["state"] = self.state
+        return data
+
+
+@dataclass
+class Page:
+    conversations: list[Conversation]
+    next_cursor: str | None
+
+
+class ActiveConversations:
+    """Queries over the active index; ending reuses the webhook store's END script."""
+
+    def __init__(self, client, keys: Keys, store: ConversationStore, callers: Callers):
+        self.client = client
+        self.keys = keys
+        self.store = store
+        self.callers = callers
+        self._prune = client.register_script(PRUNE)
+
+    def count(self) -> int:
+        """Live conversations: one ``ZCOUNT (now +inf`` per shard, O(log N) each, one pipeline."""
+        now = now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        for index in self.keys.indexes():
+            pipe.zcount(index, f"({now}", "+inf")
+        return sum(pipe.execute())
+
+    def indexed(self) -> int:
+        """Index entries including lapsed ones not yet pruned (``ZCARD``, O(1) per shard)."""
+        pipe = self.client.pipeline(transaction=False)
+        for index in self.keys.indexes():
+            pipe.zcard(index)
+        return sum(pipe.execute())
+
+    def page(self, limit: int, cursor: str | None = None) -> Page:
+        """Up to ``limit`` live conversations after ``cursor``, most recent first.
+
+        Entries whose state is gone are pruned and skipped; the page is refilled a bounded
+        number of times, so it may come back short but ``next_cursor`` still leads on.
+        """
+        after = Entry.from_cursor(cursor) if cursor else None
+        found: list[Conversation] = []
+        more = True
+        for _ in range(MAX_FILL_ROUNDS):
+            entries, more = self._entries_after(after, limit - len(found))
+            found += self._read_entries(entries)
+            if entries:
+                after = entries[-1]
+            if not more or len(found) == limit:
+                break
+        return Page(found, after.cursor() if more and after else None)
+
+    def get(self, sender: str, recipient: str) -> Conversation | None:
+        keys = self.keys.conversation(sender, recipient)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(keys.state, FIELDS)
+        pipe.pttl(keys.state)
+        values, pttl = pipe.execute()
+        if pttl == -2:
+            return None
+        return self._conversation(keys, values, math.ceil(pttl / 1000))
+
+    def end(self, sender: str, recipient: str) -> bool:
+        """Ends the conversation now (state, lock, index entry); False if it was not live."""
+        ended = self.store.end(self.keys.conversation(sender, recipient))
+        if ended:
+            log.info("conversation of %s ended by an operator", mask(sender))
+        return ended
+
+    def _entries_after(self, after: Entry | None, limit: int) -> tuple[list[Entry], bool]:
+        """The next ``limit`` live entries after ``after`` across shards, and whether more exist.
+
+        Round 1 asks every shard for a fair share of the page (a few entries, O(log N) each) in
+        one pipeline. Round 2, only when needed, asks for ``limit + 1`` the shards whose share
+        ran out above the page's cut, and the cursor's own shard for its entries tied with the
+        cursor's expiry, found by the cursor's rank (``ZREVRANK``) instead of being scanned.
+        """
+        now, want = now_ms(), limit + 1
+        share = min(want, 2 * want // SHARDS + 2)
+        bounds = [self._bound(after, shard) for shard in range(SHARDS)]
+        pipe = self.client.pipeline(transaction=False)
+        if after:
+            pipe.zrevrank(self.keys.index(after.tag), after.member)
+            pipe.zscore(self.keys.index(after.tag), after.member)
+        for index, bound in zip(self.keys.indexes(), bounds):
+            pipe.zrevrangebyscore(index, bound, f"({now}", start=0, num=share, withscores=True)
+        replies = pipe.execute()
+        cursor_rank, cursor_score = replies[:2] if after else (None, None)
+        shares = replies[2:] if after else replies
+        candidates = {Entry(int(score), shard, member)
+                      for shard, reply in enumerate(shares) for member, score in reply}
+        cut = heapq.nlargest(want, candidates)[-1] if len(candidates) >= want else None
+        again = [shard for shard, reply in enumerate(shares) if len(reply) == share < want
+                 and (cut is None or Entry(int(reply[-1][1]), shard, reply[-1][0]) > cut)]
+        if again or after:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in again:
+                pipe.zrevrangebyscore(self.keys.index(f"{shard:02d}"), bounds[shard], f"({now}",
+                                      start=0, num=want, withscores=True)
+            if after:
+                self._ask_ties(pipe, after, cursor_rank, cursor_score, want)
+            replies = pipe.execute()
+            for shard, reply in zip(again, replies):
+                candidates.update(Entry(int(score), shard, member) for member, score in reply)
+            if after:
+                candidates.update(self._ties(after, replies[-1], cursor_rank is not None
+                                             and cursor_score == after.score, want, now))
+        top = heapq.nlargest(want, candidates)
+        return top[:limit], len(top) > limit
+
+    @staticmethod
+    def _bound(after: Entry | None, shard: int):
+        """The highest expiry a shard may still list after the cursor (``(`` = exclusive)."""
+        if after is None:
+            return "+inf"
+        if shard < after.shard:
+            return after.score  # its entries tied with the cursor's expiry come after the cursor
+        return f"({after.score}"
+
+    def _ask_ties(self, pipe, after: Entry, rank, score, want: int) -> None:
+        index = self.keys.index(after.tag)
+        if rank is not None and score == after.score:
+            pipe.zrevrange(index, rank + 1, rank + want, withscores=True)
+        else:  # the cursor's entry moved or went: its expiry group is compared member by member
+            pipe.zrevrangebyscore(index, after.score, after.score, withscores=True)
+
+    @staticmethod
+    def _ties(after: Entry, reply, by_rank: bool, want: int, now: int) -> list[Entry]:
+        """Entries of the cursor's shard with the cursor's expiry that come after the cursor."""
+        tied = [Entry(int(score), after.shard, member) for member, score in reply
+                if int(score) == after.score > now and (by_rank or member < after.member)]
+        return tied[:want]
+
+    def _read_entries(self, entries: list[Entry]) -> list[Conversation]:
+        """One pipelined ``HMGET`` for the page; entries whose state is gone are pruned."""
+        if not entries:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry in entries:
+            pipe.hmget(self.keys.from_member(entry.member).state, FIELDS)
+        now = now_ms()
+        found = []
+        for entry, values in zip(entries, pipe.execute()):
+            keys = self.keys.from_member(entry.member)
+            if values[0] is None:
+                self._prune(keys=[keys.state, keys.index], args=[keys.member])
+                continue
+            found.append(self._conversation(keys, values, math.ceil((entry.score - now) / 1000)))
+        return found
+
+    def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> Conversation:
+        raw_state, first_seen, last_seen = values
+        try:
+            state = json.loads(raw_state)
+        except ValueError:
+            state = None
+        state = state if isinstance(state, dict) else {}
+        messages = state.get("messages", 0)
+        return Conversation(
+            sender=keys.sender, recipient=keys.recipient, name=self.callers.name(keys.sender),
+            messages=messages if isinstance(messages, int) else 0,
+            first_seen=int(first_seen or 0), last_seen=int(last_seen or 0),
+            expires_in=max(expires_in, 0), state=state,
+        )
+
+
+def iso(epoch_ms: int) -> str:
+    """``2026-01-02T03:04:05.678Z``."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,180 @@
+"""Operators' two ways in: the JSON API under ``/ops`` and ``sms-sessions conversations``.
+
+Both read the same ``ActiveConversations`` and print the same JSON objects. The API is off
+(404) until ``OPS_TOKEN`` is set and then wants ``Authorization: Bearer <OPS_TOKEN>``. It never
+opens a conversation's session: the session interface binds only in the webhook.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sys
+
+import click
+from flask import Blueprint, Flask, abort, current_app, jsonify, request
+from flask.cli import AppGroup
+from redis import RedisError
+
+from .active import ActiveConversations, BadCursor, Conversation
+
+log = logging.getLogger(__name__)
+bp = Blueprint("ops", __name__, url_prefix="/ops")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+def active() -> ActiveConversations:
+    return current_app.extensions["active"]
+
+
+@bp.before_request
+def authorize():
+    token = current_app.config["OPS_TOKEN"]
+    if not token:
+        abort(404)
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        log.warning("ops request refused: missing or wrong bearer token")
+        return error(401, "Missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def error(status: int, reason: str, headers: dict | None = None):
+    return jsonify({"error": reason}), status, headers or {}
+
+
+@bp.get("/stats")
+def stats():
+    return {"active": active().count(), "indexed": active().indexed()}
+
+
+@bp.get("/conversations")
+def conversations():
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    try:
+        page = active().page(limit, request.args.get("cursor") or None)
+    except BadCursor:
+        return error(400, "Malformed cursor.")
+    return {"conversations": [c.to_json() for c in page.conversations], "next_cursor": page.next_cursor}
+
+
+@bp.get("/conversations/<sender>/<recipient>")
+def conversation(sender, recipient):
+    found = active().get(sender, recipient)
+    if found is None:
+        return error(404, "No live conversation for this pair.")
+    return found.to_json(with_state=True)
+
+
+@bp.delete("/conversations/<sender>/<recipient>")
+def end_conversation(sender, recipient):
+    if not active().end(sender, recipient):
+        return error(404, "No live conversation for this pair.")
+    return {"ended": True, "from": sender, "to": recipient}
+
+
+conversations_cli = AppGroup("conversations", help="See, read and end live conversations (REDIS_URL).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+
+
+def run(command):
+    """Runs a CLI command, turning a Redis failure into one stderr line and exit status 1."""
+    if not current_app.config["REDIS_URL"]:
+        click.echo("warning: REDIS_URL is not set; this process sees only its own empty in-memory "
+                   "store, not a running `make run` (use the /ops API there)", err=True)
+    try:
+        return command()
+    except RedisError as failure:
+        click.echo(f"Redis unavailable: {type(failure).__name__}: {failure}", err=True)
+        sys.exit(1)
+
+
+def emit(data, text: str, as_json: bool) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False) if as_json else text)
+
+
+@conversations_cli.command("count")
+@json_option
+def count_command(as_json):
+    """Number of live conversations."""
+    active_now = run(active().count)
+    emit({"active": active_now}, str(active_now), as_json)
+
+
+@conversations_cli.command("list")
+@click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIMIT),
+              help="Conversations per page.")
+@click.option("--cursor", help="Continue after the page that printed this cursor.")
+@json_option
+def list_command(limit, cursor, as_json):
+    """Live conversations, most recent first, a page at a time."""
+    try:
+        page = run(lambda: active().page(limit, cursor))
+    except BadCursor:
+        raise click.BadParameter("not a cursor this command printed", param_hint="--cursor")
+    rows = [c.to_json() for c in page.conversations]
+    emit(rows, table(rows), as_json)
+    if page.next_cursor:  # on stderr, so that stdout stays one JSON list or one table
+        click.echo(f"next cursor: {page.next_cursor}", err=True)
+
+
+@conversations_cli.command("show")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@json_option
+def show_command(sender, recipient, as_json):
+    """One conversation with its full session state."""
+    found: Conversation | None = run(lambda: active().get(sender, recipient))
+    if found is None:
+        unknown(sender, recipient)
+    data = found.to_json(with_state=True)
+    text = "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
+                     for key, value in data.items())
+    emit(data, text, as_json)
+
+
+@conversations_cli.command("expire")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@json_option
+def expire_command(sender, recipient, as_json):
+    """End a conversation now: its next message starts afresh, whatever cookie Twilio sends."""
+    if not run(lambda: active().end(sender, recipient)):
+        unknown(sender, recipient)
+    emit({"ended": True, "from": sender, "to": recipient},
+         f"ended the conversation from {sender} to {recipient}", as_json)
+
+
+def unknown(sender: str, recipient: str):
+    click.echo(f"no live conversation from {sender} to {recipient}", err=True)
+    sys.exit(1)
+
+
+COLUMNS = ("from", "to", "name", "messages", "first_seen", "last_seen", "expires_in")
+
+
+def table(rows: list[dict]) -> str:
+    """A plain aligned table; an empty page says so."""
+    if not rows:
+        return "no live conversations"
+    cells = [[column.upper().replace("_", " ") for column in COLUMNS]]
+    cells += [[str(row[column]) for column in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in cells)
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["active"] = ActiveConversations(
+        app.extensions["redis"], app.extensions["keys"], app.extensions["conversations"],
+        app.extensions["callers"])
+    app.register_blueprint(bp)
+    app.cli.add_command(conversations_cli)
