@@ -84,8 +84,9 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
         pipe.hset(conversation.state, mapping={
             "sid": secrets.token_urlsafe(32),
             "state": json.dumps({"messages": messages}),
-            "recent": json.dumps([["SM" + secrets.token_hex(16), f"Friend has messaged {recipient} "
-                                   f"{messages} times."]]),
+            "seq": messages,
+            "m:SM" + secrets.token_hex(16): f"{messages} Friend has messaged {recipient} "
+                                            f"{messages} times.",
             "first_seen": last_seen - rng.randrange(ttl_ms), "last_seen": last_seen,
         })
         pipe.pexpireat(conversation.state, expiry)

@@ -49,7 +49,7 @@ def plant(client, sender, recipient, expiry, messages=1):
     """A conversation written straight through the key schema, with a chosen expiry (ms)."""
     keys = KEYS.conversation(sender, recipient)
     client.hset(keys.state, mapping={"sid": "s", "state": json.dumps({"messages": messages}),
-                                     "recent": "[]", "first_seen": expiry - 20000,
+                                     "seq": messages, "first_seen": expiry - 20000,
                                      "last_seen": expiry - 10000})
     client.pexpireat(keys.state, expiry)
     client.zadd(keys.index, {keys.member: expiry})
