@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
 
-.PHONY: install run simulate test clean
+.PHONY: install run simulate test bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ simulate: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache
