@@ -122,6 +122,9 @@ class Generator:
             sock = socket.create_connection(self.address, timeout=self.plan.get("timeout", 20))
             started = time.perf_counter()
             sock.sendall(pair.request(index, self.head))
+            # Half-close at once: gunicorn drains the socket until the client's FIN before it
+            # takes the next request, so a late FIN would make the server wait on us.
+            sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)
             pending[sock] = (started, [])
         counts, latencies, statuses, cookies = [], [], [], []

@@ -45,6 +45,7 @@ TOKEN = "bench-auth-token"
 RECIPIENT = "+15550001111"
 WORKERS = 2
 OPS_SCRIPT = ROOT / "bench" / "ops_at_scale.py"
+REDIS_CONF = ROOT / "config" / "redis.conf"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Profile:
     hot: int = 50
 
 
-FULL = Profile("full", conversations=300, messages=10, rounds=5, concurrency=8,
+FULL = Profile("full", conversations=400, messages=10, rounds=7, concurrency=8,
                memory_conversations=100_000)
 QUICK = Profile("quick", conversations=20, messages=4, rounds=1, concurrency=4,
                 memory_conversations=2_000)
@@ -82,7 +83,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free port, no persistence."""
+    """A throwaway redis-server on a free port: the project's ``config/redis.conf`` (so memory
+    figures reflect its encodings) with address, directory and persistence overridden."""
 
     def __init__(self, workdir: Path):
         self.port = free_port()
@@ -90,9 +92,14 @@ class RedisServer:
         executable = shutil.which("redis-server")
         if not executable:
             raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        replaced = ("port", "bind", "dir", "save", "appendonly", "appendfsync")
+        kept = [line for line in REDIS_CONF.read_text().splitlines()
+                if line.split(" ", 1)[0] not in replaced]
+        conf = workdir / "redis.conf"
+        conf.write_text("\n".join(kept + [f"port {self.port}", "bind 127.0.0.1", f"dir {workdir}",
+                                           'save ""', "appendonly no"]) + "\n")
         self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
+            [executable, str(conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.client = redis.Redis(port=self.port, decode_responses=True)
         for _ in range(100):
@@ -106,6 +113,10 @@ class RedisServer:
     def cpu_seconds(self) -> float:
         info = self.client.info("cpu")
         return info["used_cpu_user"] + info["used_cpu_sys"]
+
+    def client_calls(self) -> dict[str, int]:
+        return {name[len("cmdstat_"):]: row["calls"]
+                for name, row in self.client.info("commandstats").items() if name != "cmdstat_info"}
 
     def stop(self) -> None:
         self.client.close()
@@ -176,12 +187,22 @@ def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
     """Runs the load generator against ``contender``; adds the CPU each side used."""
     plan = {"url": contender.url, "token": TOKEN, "recipient": RECIPIENT, "deadline_s": 120, **plan}
     server_cpu, redis_cpu = contender.cpu_seconds(), redis_server.cpu_seconds()
+    calls = redis_server.client_calls()
     done = subprocess.run([sys.executable, "-m", "bench.loadgen"], input=json.dumps(plan), cwd=ROOT,
                           capture_output=True, text=True, timeout=plan["deadline_s"] + 60, check=True)
     result = json.loads(done.stdout)
     result["server_cpu_s"] = contender.cpu_seconds() - server_cpu
     result["redis_cpu_s"] = redis_server.cpu_seconds() - redis_cpu
+    result["redis_calls"] = round_trips_made(calls, redis_server.client_calls())
     return result
+
+
+def round_trips_made(before: dict[str, int], after: dict[str, int]) -> int:
+    """Commands clients sent between two ``INFO commandstats``. Commands a Lua script runs are
+    listed there too, so where scripts ran only EVALSHA/EVAL count."""
+    delta = {name: calls - before.get(name, 0) for name, calls in after.items()}
+    scripted = delta.get("evalsha", 0) + delta.get("eval", 0)
+    return scripted if scripted else sum(delta.values())
 
 
 def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
@@ -232,7 +253,10 @@ def summarise_throughput(runs: dict[str, list[dict]]) -> dict:
                 "server": 1e6 * sum(r["server_cpu_s"] for r in results) / requests,
                 "redis": 1e6 * sum(r["redis_cpu_s"] for r in results) / requests,
             },
+            "redis_round_trips_per_request": sum(r["redis_calls"] for r in results) / requests,
             "generator_core_share": sum(r["cpu_s"] for r in results) / wall,
+            # requests/s the generator could drive with one core to itself
+            "generator_ceiling_rps": requests / sum(r["cpu_s"] for r in results),
             "server_core_share": sum(r["server_cpu_s"] for r in results) / wall,
         }
     ours = summary["service"]
@@ -469,7 +493,7 @@ def benchmark(profile: Profile) -> dict:
             report: dict = {"profile": asdict(profile), "machine": machine(redis_server),
                             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             report["settings"] = {"gunicorn": f"{WORKERS} sync workers per contender",
-                                  "redis": "one redis-server for all, no persistence",
+                                  "redis": "one redis-server for all: config/redis.conf without persistence",
                                   "load": "bench/loadgen.py, separate process"}
             print(f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
                   f"{profile.messages} messages, {profile.concurrency} generator threads", flush=True)
@@ -501,12 +525,13 @@ def render(report: dict) -> str:
     m = report["machine"]
     out = [f"machine: {m['cpus']} CPUs, Python {m['python']}, Redis {m['redis']}, "
            f"gunicorn {m['gunicorn_workers']} sync workers; profile {report['profile']['name']}"]
-    out.append(f"{'contender':10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}  "
-               f"CPU us/req gen/server/redis")
+    out.append(f"{'contender':10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'RT/req':>7s}  "
+               f"CPU us/req gen/server/redis, generator share of a core (ceiling req/s)")
     for name, row in report["throughput"]["contenders"].items():
         cpu = row["cpu_us_per_request"]
-        out.append(f"{name:10s} {row['throughput_rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f}  "
-                   f"{cpu['generator']:.0f}/{cpu['server']:.0f}/{cpu['redis']:.0f}")
+        out.append(f"{name:10s} {row['throughput_rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+                   f"{row['redis_round_trips_per_request']:7.2f}  {cpu['generator']:.0f}/{cpu['server']:.0f}/"
+                   f"{cpu['redis']:.0f}, {row['generator_core_share']:.2f} ({row['generator_ceiling_rps']:.0f})")
     for pair, ratio in report["throughput"]["ratios"].items():
         out.append(f"{pair}: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
                    f"p99 {ratio['p99']:.2f}x")
