@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -481,26 +482,27 @@ def machine(redis_server: RedisServer) -> dict:
 
 def benchmark(profile: Profile) -> dict:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sms-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sms-bench-") as tmp, ExitStack() as cleanup:
         workdir = Path(tmp)
         redis_server = RedisServer(workdir)
-        contenders = []
-        try:
-            contenders = [
-                Contender("service", "service:create_app()", clean_env(
-                    REDIS_URL=redis_server.url, TWILIO_AUTH_TOKEN=TOKEN), workdir, "sms_session"),
-                Contender("cookie", "bench.cookie_app:app", clean_env(), workdir, "session"),
-                Contender("plain", "bench.plain_session_app:app", clean_env(REDIS_URL=redis_server.url),
-                          workdir, "session"),
-            ]
+        cleanup.callback(redis_server.stop)
+        report: dict = {"profile": asdict(profile), "machine": machine(redis_server),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "settings": {"gunicorn": f"{WORKERS} sync workers per contender",
+                                     "redis": "one redis-server for all: config/redis.conf without persistence",
+                                     "load": "bench/loadgen.py, separate process"}}
+        with ExitStack() as servers:
+            contenders = []
+            for name, app, env, cookie in (
+                    ("service", "service:create_app()",
+                     clean_env(REDIS_URL=redis_server.url, TWILIO_AUTH_TOKEN=TOKEN), "sms_session"),
+                    ("cookie", "bench.cookie_app:app", clean_env(), "session"),
+                    ("plain", "bench.plain_session_app:app", clean_env(REDIS_URL=redis_server.url), "session")):
+                contenders.append(Contender(name, app, env, workdir, cookie))
+                servers.callback(contenders[-1].stop)
             for contender in contenders:
                 contender.wait_ready()
             by_name = {contender.name: contender for contender in contenders}
-            report: dict = {"profile": asdict(profile), "machine": machine(redis_server),
-                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            report["settings"] = {"gunicorn": f"{WORKERS} sync workers per contender",
-                                  "redis": "one redis-server for all: config/redis.conf without persistence",
-                                  "load": "bench/loadgen.py, separate process"}
             print(f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
                   f"{profile.messages} messages, {profile.concurrency} generator threads", flush=True)
             runs = throughput_rounds(profile, contenders, redis_server)
@@ -512,15 +514,9 @@ def benchmark(profile: Profile) -> dict:
                                                for label in ("first", "later", "redelivery")}
             report["hot_conversation"] = {c.name: hot_conversation(c, redis_server, profile.hot)
                                           for c in contenders}
-        finally:
-            for contender in contenders:
-                contender.stop()
-        try:
-            report["memory"] = memory(redis_server, profile.memory_conversations)
-            redis_server.client.flushall()
-            report["ops_at_scale"] = ops_at_scale(redis_server.url, profile.name == "quick")
-        finally:
-            redis_server.stop()
+        report["memory"] = memory(redis_server, profile.memory_conversations)
+        redis_server.client.flushall()
+        report["ops_at_scale"] = ops_at_scale(redis_server.url, profile.name == "quick")
     report["goals"] = goals(report)
     report["elapsed_s"] = time.monotonic() - started
     return report
