@@ -6,7 +6,7 @@ DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run simulate test clean
+.PHONY: install run simulate test bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ simulate: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

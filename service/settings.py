@@ -94,7 +94,7 @@ SETTINGS = [
             "Seconds after which a conversation lock held by a crashed request lapses."),
     Setting("LOCK_WAIT", 5.0, _positive_float,
             "Seconds a message waits for its conversation's lock before answering 503."),
-    Setting("REPLIES_KEPT", 8, _positive_int,
+    Setting("REPLIES_KEPT", 4, _positive_int,
             "Recent `MessageSid`s (with replies) kept per conversation to answer redeliveries."),
     Setting("MAX_BODY_BYTES", 65536, _positive_int,
             "Largest webhook body accepted; larger answers 413."),

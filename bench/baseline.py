@@ -1,0 +1,36 @@
+"""The webhook both baselines share: Twilio's tutorial counter on ``flask.session``.
+
+Same replies as the service, and deliberately nothing more: no signature check, no lock, no
+redelivery memory, no index. Only where ``flask.session`` lives differs between the baselines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Flask, request, session
+
+from service.callers import Callers
+from service.responses import twiml
+
+CALLERS_FILE = Path(__file__).resolve().parent.parent / "config" / "callers.json"
+
+
+def add_counter_webhook(app: Flask) -> Flask:
+    callers = Callers.from_file(str(CALLERS_FILE))
+
+    @app.route("/sms", methods=["GET", "POST"])
+    def sms():
+        sender, recipient = request.values.get("From", ""), request.values.get("To", "")
+        counter = session.get("counter", 0) + 1
+        session["counter"] = counter
+        name = callers.name(sender)
+        if counter == 1:
+            return twiml(f"Thanks for the message, {name}!")
+        return twiml(f"{name} has messaged {recipient} {counter} times.")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app

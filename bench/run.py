@@ -1,0 +1,584 @@
+"""``make bench``: the service against the two approaches a user would otherwise pick.
+
+Contenders, each under gunicorn with the same workers, all on one redis-server this harness
+starts on a free port (never 6379):
+
+- ``service``: this project (``service:create_app()``);
+- ``cookie``: Twilio's tutorial, the counter in Flask's signed-cookie session (``bench/cookie_app.py``);
+- ``plain``: plain Flask-Session 0.8 on Redis, default settings (``bench/plain_session_app.py``).
+
+Each is driven by ``bench/loadgen.py`` in a separate process with the same Twilio-faithful load,
+alternating service, cookie, plain over several rounds so that machine drift cancels; the
+report gives medians. Then round trips per message (counted by Redis's ``MONITOR``), a hot
+conversation, Redis memory per live conversation, and the operators' queries at 1M
+conversations when ``bench/ops_at_scale.py`` (issue 3) exists. Report: stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import redis
+
+from service.conversations import ConversationStore, now_ms
+from service.keys import Keys
+from service.settings import SETTINGS
+from service.simulator import TwilioSimulator
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TOKEN = "bench-auth-token"
+RECIPIENT = "+15550001111"
+WORKERS = 2
+OPS_SCRIPT = ROOT / "bench" / "ops_at_scale.py"
+REDIS_CONF = ROOT / "config" / "redis.conf"
+OPS_GOALS = {"count_ms": 5, "first_page_ms": 20, "expire_ms": 5}  # issue 5, at 1M conversations
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    conversations: int  # pairs per run
+    messages: int  # unique messages per pair
+    rounds: int
+    concurrency: int  # generator threads, each with its own connections
+    memory_conversations: int
+    burst_first: float = 0.2  # share of pairs whose first 3 messages arrive at the same moment
+    burst: float = 0.1  # share of later messages that arrive as a pair of simultaneous ones
+    redeliver: float = 0.05  # share of messages Twilio delivers a second time
+    hot: int = 50
+
+
+FULL = Profile("full", conversations=400, messages=10, rounds=7, concurrency=8,
+               memory_conversations=100_000)
+QUICK = Profile("quick", conversations=20, messages=4, rounds=1, concurrency=4,
+                memory_conversations=2_000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment minus every service setting, plus ``extra``."""
+    names = {setting.env for setting in SETTINGS}
+    env = {key: value for key, value in os.environ.items() if key not in names}
+    env.update(extra)
+    return env
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port: the project's ``config/redis.conf`` (so memory
+    figures reflect its encodings) with address, directory and persistence overridden."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        executable = shutil.which("redis-server")
+        if not executable:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        replaced = ("port", "bind", "dir", "save", "appendonly", "appendfsync")
+        kept = [line for line in REDIS_CONF.read_text().splitlines()
+                if line.split(" ", 1)[0] not in replaced]
+        conf = workdir / "redis.conf"
+        conf.write_text("\n".join(kept + [f"port {self.port}", "bind 127.0.0.1", f"dir {workdir}",
+                                           'save ""', "appendonly no"]) + "\n")
+        self.process = subprocess.Popen(
+            [executable, str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        for _ in range(100):
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def cpu_seconds(self) -> float:
+        info = self.client.info("cpu")
+        return info["used_cpu_user"] + info["used_cpu_sys"]
+
+    def client_calls(self) -> dict[str, int]:
+        return {name[len("cmdstat_"):]: row["calls"]
+                for name, row in self.client.info("commandstats").items() if name != "cmdstat_info"}
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Contender:
+    """One app under gunicorn (``WORKERS`` sync workers), output to a log file."""
+
+    def __init__(self, name: str, app: str, env: dict[str, str], workdir: Path, cookie: str):
+        self.name, self.cookie = name, cookie
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/sms"
+        self.log = open(workdir / f"{name}.log", "w")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "gunicorn"), "-w", str(WORKERS), "-b",
+             f"127.0.0.1:{self.port}", "--log-level", "warning", app],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                    if sock.recv(64).split(b"\r\n", 1)[0].endswith(b" 200 OK"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not answer within {seconds}s")
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the gunicorn master and its workers, from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, ppid = int(entry.name), int(fields[1])
+            if self.process.pid in (pid, ppid):
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def senders(run: int, count: int) -> list[str]:
+    """Distinct E.164 senders per run; the last two digits (the hash tag) vary."""
+    return [f"+1555{run:02d}{n:05d}" for n in range(count)]
+
+
+def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
+    """Runs the load generator against ``contender``; adds the CPU each side used."""
+    plan = {"url": contender.url, "token": TOKEN, "recipient": RECIPIENT, "deadline_s": 120, **plan}
+    server_cpu, redis_cpu = contender.cpu_seconds(), redis_server.cpu_seconds()
+    calls = redis_server.client_calls()
+    done = subprocess.run([sys.executable, "-m", "bench.loadgen"], input=json.dumps(plan), cwd=ROOT,
+                          capture_output=True, text=True, timeout=plan["deadline_s"] + 60, check=True)
+    result = json.loads(done.stdout)
+    result["server_cpu_s"] = contender.cpu_seconds() - server_cpu
+    result["redis_cpu_s"] = redis_server.cpu_seconds() - redis_cpu
+    result["redis_calls"] = round_trips_made(calls, redis_server.client_calls())
+    return result
+
+
+def round_trips_made(before: dict[str, int], after: dict[str, int]) -> int:
+    """Commands clients sent between two ``INFO commandstats``. Commands a Lua script runs are
+    listed there too, so where scripts ran only EVALSHA/EVAL count."""
+    delta = {name: calls - before.get(name, 0) for name, calls in after.items()}
+    scripted = delta.get("evalsha", 0) + delta.get("eval", 0)
+    return scripted if scripted else sum(delta.values())
+
+
+def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
+    """The service's own counts, read from the conversation hashes."""
+    keys = Keys()
+    pipe = client.pipeline(transaction=False)
+    for sender in pairs:
+        pipe.hget(keys.conversation(sender, RECIPIENT).state, "state")
+    return {sender: json.loads(raw)["messages"] if raw else 0 for sender, raw in zip(pairs, pipe.execute())}
+
+
+def throughput_rounds(profile: Profile, contenders: list[Contender], redis_server: RedisServer) -> dict:
+    load = {"messages": profile.messages, "burst_first": profile.burst_first, "burst": profile.burst,
+            "redeliver": profile.redeliver, "concurrency": profile.concurrency}
+    for number, contender in enumerate(contenders):  # warm-up: imports, pools, first requests
+        drive(contender, redis_server, {**load, "run": 90 + number, "messages": 2,
+                                        "senders": senders(90 + number, 4 * profile.concurrency)})
+    runs: dict[str, list[dict]] = {contender.name: [] for contender in contenders}
+    for round_number in range(profile.rounds):
+        for number, contender in enumerate(contenders):
+            run = round_number * len(contenders) + number
+            pairs = senders(run, profile.conversations)
+            result = drive(contender, redis_server,  # same seed in a round: the same load shape
+                           {**load, "run": run, "senders": pairs, "seed": round_number})
+            if contender.name == "service":
+                result["stored"] = stored_counts(redis_server.client, pairs)
+            runs[contender.name].append(result)
+            print(f"  round {round_number + 1} {contender.name:8s} {result['throughput_rps']:7.0f} req/s "
+                  f"p50 {result['latency_ms']['p50']:6.2f} ms p99 {result['latency_ms']['p99']:6.2f} ms",
+                  flush=True)
+    return runs
+
+
+def summarise_throughput(runs: dict[str, list[dict]]) -> dict:
+    summary = {}
+    for name, results in runs.items():
+        wall = sum(r["wall_s"] for r in results)
+        requests = sum(r["requests"] for r in results)
+        summary[name] = {
+            "throughput_rps": statistics.median(r["throughput_rps"] for r in results),
+            "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in results),
+            "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in results),
+            "rounds": [round(r["throughput_rps"], 1) for r in results],
+            "requests": requests,
+            "statuses": merge_counts(r["statuses"] for r in results),
+            "cpu_us_per_request": {
+                "generator": 1e6 * sum(r["cpu_s"] for r in results) / requests,
+                "server": 1e6 * sum(r["server_cpu_s"] for r in results) / requests,
+                "redis": 1e6 * sum(r["redis_cpu_s"] for r in results) / requests,
+            },
+            "redis_round_trips_per_request": sum(r["redis_calls"] for r in results) / requests,
+            "generator_core_share": sum(r["cpu_s"] for r in results) / wall,
+            # requests/s the generator could drive with one core to itself
+            "generator_ceiling_rps": requests / sum(r["cpu_s"] for r in results),
+            "server_core_share": sum(r["server_cpu_s"] for r in results) / wall,
+        }
+    ours = summary["service"]
+    ratios = {f"service/{name}": {
+        "throughput": ours["throughput_rps"] / other["throughput_rps"],
+        "p50": ours["p50_ms"] / other["p50_ms"],
+        "p99": ours["p99_ms"] / other["p99_ms"],
+    } for name, other in summary.items() if name != "service"}
+    return {"contenders": summary, "ratios": ratios}
+
+
+def merge_counts(dicts) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for counts in dicts:
+        for key, value in counts.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+def correctness(runs: dict[str, list[dict]]) -> dict:
+    """Messages sent vs. the counts each contender ends with (its last reply per pair)."""
+    report = {}
+    for name, results in runs.items():
+        expected = [n for r in results for n in r["expected"].values()]
+        final = [r["final"][sender] for r in results for sender in r["expected"]]
+        entry = {
+            "conversations": len(expected),
+            "messages_sent": sum(expected),
+            "redeliveries_sent": sum(r["redeliveries"] for r in results),
+            "bursts_sent": sum(r["bursts"] for r in results),
+            "final_count_total": sum(final),
+            "lost": sum(max(0, e - f) for e, f in zip(expected, final)),
+            "double_counted": sum(max(0, f - e) for e, f in zip(expected, final)),
+            "exact_conversations": sum(1 for e, f in zip(expected, final) if e == f),
+            "non_200": sum(n for code, n in merge_counts(r["statuses"] for r in results).items()
+                           if code != "200") + sum(r["errors"] for r in results),
+        }
+        if name == "service":
+            stored = [r["stored"][sender] for r in results for sender in r["expected"]]
+            entry["stored_count_total"] = sum(stored)
+            entry["stored_exact_conversations"] = sum(1 for e, s in zip(expected, stored) if e == s)
+        report[name] = entry
+    return report
+
+
+class Monitor:
+    """Redis's MONITOR in a thread; commands between markers are counted per segment."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self.lines: list[dict] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        self.ready.wait(5)
+
+    def _read(self) -> None:
+        with self.client.monitor() as monitor:
+            self.ready.set()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = monitor.next_command()
+                self.lines.append(line)
+                if line["command"] == "ECHO bench:mark:end":
+                    return
+
+    def mark(self, label: str) -> None:
+        self.client.echo(f"bench:mark:{label}")
+
+    def segments(self) -> dict[str, list[str]]:
+        """Client commands (not those a Lua script ran) after each marker, up to the next one."""
+        self.thread.join(10)
+        result: dict[str, list[str]] = {}
+        current = None
+        for line in self.lines:
+            if line["command"].startswith("ECHO bench:mark:"):
+                current = line["command"].split(":", 2)[2]
+                result[current] = []
+            elif current is not None and line.get("client_type") != "lua":
+                result[current].append(line["command"].split(" ", 1)[0])
+        result.pop("end", None)
+        return result
+
+
+def round_trips(contender: Contender, redis_server: RedisServer) -> dict:
+    """Round trips of a first message, a later one and a redelivery, seen by Redis itself."""
+    twilio = TwilioSimulator(contender.url, TOKEN, cookie_name=contender.cookie)
+    sender = "+15559990042"
+    monitor = Monitor(redis.Redis(port=redis_server.port, decode_responses=True))
+    monitor.mark("first")
+    twilio.send(sender, RECIPIENT, "hello")
+    monitor.mark("later")
+    later = twilio.send(sender, RECIPIENT, "again")
+    monitor.mark("redelivery")
+    twilio.send(sender, RECIPIENT, "again", message_sid=later.message_sid)
+    monitor.mark("end")
+    segments = monitor.segments()
+    return {label: {"round_trips": len(commands), "commands": commands}
+            for label, commands in segments.items()}
+
+
+def hot_conversation(contender: Contender, redis_server: RedisServer, hot: int) -> dict:
+    """``hot`` messages to one pair at the same moment vs. the same number one after another."""
+    concurrent = drive(contender, redis_server, {"run": 70, "senders": ["+15559990070"],
+                                                 "script": [1, hot], "concurrency": 1})
+    sequential = drive(contender, redis_server, {"run": 71, "senders": ["+15559990071"],
+                                                 "script": [1] * (hot + 1), "concurrency": 1})
+    return {
+        "messages": hot,
+        "concurrent_s": concurrent["step_seconds"][0][1],
+        "sequential_s": sum(sequential["step_seconds"][0][1:]),
+        "expected_count": hot + 1,
+        "concurrent_final_count": concurrent["final"]["+15559990070"],
+        "sequential_final_count": sequential["final"]["+15559990071"],
+        "non_200": sum(n for code, n in concurrent["statuses"].items() if code != "200"),
+    }
+
+
+def memory(redis_server: RedisServer, conversations: int) -> dict:
+    """Redis memory per live conversation, made through the service's own OPEN and SAVE scripts.
+
+    Pipelined for speed: each conversation gets OPEN (takes the lock) then SAVE, exactly the
+    arguments ``ConversationStore.open``/``save`` send. Measured after the first message and
+    again once the redelivery memory is full (``REPLIES_KEPT`` messages).
+    """
+    client = redis_server.client
+    client.flushall()
+    store = ConversationStore(client, ttl=14400, lock_ttl=5, lock_wait=5, replies_kept=8)
+    store.preload()
+    keys = Keys()
+    baseline = client.info("memory")["used_memory"]
+    pairs = [keys.conversation(f"+1556{n:07d}", RECIPIENT) for n in range(conversations)]
+    sids = {pair.member: f"{n:043d}" for n, pair in enumerate(pairs)}
+    figures = {}
+    for message in range(1, store.replies_kept + 1):
+        for start in range(0, conversations, 2000):
+            pipe = client.pipeline(transaction=False)
+            for pair in pairs[start:start + 2000]:
+                token, message_sid = f"{message:016x}", f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
+                reply = ("Thanks for the message, Friend!" if message == 1
+                         else f"Friend has messaged {RECIPIENT} {message} times.")
+                pipe.evalsha(store._open.sha, 2, pair.state, pair.lock, token, store.lock_ms, message_sid)
+                pipe.evalsha(store._save.sha, 3, pair.state, pair.lock, pair.index, token, sids[pair.member],
+                             json.dumps({"messages": message}), store.ttl, now_ms(), message_sid, reply,
+                             store.replies_kept, pair.member, "1" if message == 1 else "0")
+            outcomes = pipe.execute()
+            if outcomes[1::2].count("saved") != len(outcomes) // 2:
+                raise RuntimeError("SAVE did not save every conversation")
+        if message in (1, store.replies_kept):
+            used = client.info("memory")["used_memory"]
+            sample = pairs[0]
+            figures["first_message" if message == 1 else "replies_full"] = {
+                "messages": message,
+                "bytes_per_conversation": (used - baseline) / conversations,
+                "hash_encoding": client.object("encoding", sample.state),
+                "hash_memory_usage": client.memory_usage(sample.state),
+                "index_encoding": client.object("encoding", sample.index),
+            }
+    live = sum(client.zcard(index) for index in keys.indexes())
+    client.flushall()
+    return {"conversations": conversations, "live_in_index": live, **figures}
+
+
+def ops_at_scale(redis_url: str, quick: bool) -> dict:
+    """Hook for issue 3's ``bench/ops_at_scale.py``: count, first page, expire at 1M.
+
+    Contract: the script is run with ``REDIS_URL`` pointing at an empty redis-server of its
+    own to fill, and prints a JSON object on its last line of stdout; its ``count_ms``,
+    ``first_page_ms`` and ``expire_ms`` are checked against the issue's goals.
+    """
+    if not OPS_SCRIPT.exists():
+        return {"status": "not measured", "reason": "bench/ops_at_scale.py does not exist yet (issue 3)"}
+    if quick:
+        return {"status": "not measured", "reason": "skipped by bench-quick"}
+    done = subprocess.run([sys.executable, str(OPS_SCRIPT)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=420, env=clean_env(REDIS_URL=redis_url))
+    lines = done.stdout.strip().splitlines()
+    try:
+        figures = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    return {"status": "measured", "figures": figures}
+
+
+def goals(report: dict) -> list[dict]:
+    contenders = report["throughput"]["contenders"]
+    ratios = report["throughput"]["ratios"]
+    trips = max(entry["round_trips"] for entry in report["round_trips"]["service"].values())
+    worst_memory = max(report["memory"][shape]["bytes_per_conversation"]
+                       for shape in ("first_message", "replies_full"))
+    ours = report["correctness"]["service"]
+    rows = [
+        ("throughput vs plain Flask-Session", ">= 1.0x", ratios["service/plain"]["throughput"],
+         ratios["service/plain"]["throughput"] >= 1.0),
+        ("throughput vs cookie-only tutorial app", ">= 0.85x", ratios["service/cookie"]["throughput"],
+         ratios["service/cookie"]["throughput"] >= 0.85),
+        ("p99 vs plain Flask-Session (ms)", "<= plain", contenders["service"]["p99_ms"],
+         contenders["service"]["p99_ms"] <= contenders["plain"]["p99_ms"]),
+        ("Redis round trips per message (worst case)", "<= 2", trips, trips <= 2),
+        ("Redis bytes per live conversation (worst shape)", "<= 512", worst_memory, worst_memory <= 512),
+        ("messages lost or double-counted by the service", "0", ours["lost"] + ours["double_counted"],
+         ours["lost"] + ours["double_counted"] == 0 and ours["non_200"] == 0),
+    ]
+    ops = report["ops_at_scale"].get("figures", {})
+    for key, limit in OPS_GOALS.items():
+        if isinstance(ops.get(key), (int, float)):
+            rows.append((f"ops at 1M conversations: {key}", f"<= {limit}", ops[key], ops[key] <= limit))
+    return [{"goal": goal, "target": target, "measured": measured, "met": met}
+            for goal, target, measured, met in rows]
+
+
+def machine(redis_server: RedisServer) -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis": redis_server.client.info("server")["redis_version"],
+        "platform": platform.platform(),
+        "gunicorn_workers": WORKERS,
+    }
+
+
+def benchmark(profile: Profile) -> dict:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sms-bench-") as tmp, ExitStack() as cleanup:
+        workdir = Path(tmp)
+        redis_server = RedisServer(workdir)
+        cleanup.callback(redis_server.stop)
+        report: dict = {"profile": asdict(profile), "machine": machine(redis_server),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "settings": {"gunicorn": f"{WORKERS} sync workers per contender",
+                                     "redis": "one redis-server for all: config/redis.conf without persistence",
+                                     "load": "bench/loadgen.py, separate process"}}
+        with ExitStack() as servers:
+            contenders = []
+            for name, app, env, cookie in (
+                    ("service", "service:create_app()",
+                     clean_env(REDIS_URL=redis_server.url, TWILIO_AUTH_TOKEN=TOKEN), "sms_session"),
+                    ("cookie", "bench.cookie_app:app", clean_env(), "session"),
+                    ("plain", "bench.plain_session_app:app", clean_env(REDIS_URL=redis_server.url), "session")):
+                contenders.append(Contender(name, app, env, workdir, cookie))
+                servers.callback(contenders[-1].stop)
+            for contender in contenders:
+                contender.wait_ready()
+            by_name = {contender.name: contender for contender in contenders}
+            print(f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
+                  f"{profile.messages} messages, {profile.concurrency} generator threads", flush=True)
+            runs = throughput_rounds(profile, contenders, redis_server)
+            report["throughput"] = summarise_throughput(runs)
+            report["correctness"] = correctness(runs)
+            report["round_trips"] = {name: round_trips(by_name[name], redis_server)
+                                     for name in ("service", "plain")}
+            report["round_trips"]["cookie"] = {label: {"round_trips": 0, "commands": []}
+                                               for label in ("first", "later", "redelivery")}
+            report["hot_conversation"] = {c.name: hot_conversation(c, redis_server, profile.hot)
+                                          for c in contenders}
+        report["memory"] = memory(redis_server, profile.memory_conversations)
+        redis_server.client.flushall()
+        report["ops_at_scale"] = ops_at_scale(redis_server.url, profile.name == "quick")
+    report["goals"] = goals(report)
+    report["elapsed_s"] = time.monotonic() - started
+    return report
+
+
+def render(report: dict) -> str:
+    """The human-readable summary printed at the end (the JSON file has everything)."""
+    m = report["machine"]
+    out = [f"machine: {m['cpus']} CPUs, Python {m['python']}, Redis {m['redis']}, "
+           f"gunicorn {m['gunicorn_workers']} sync workers; profile {report['profile']['name']}"]
+    out.append(f"{'contender':10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'RT/req':>7s}  "
+               f"CPU us/req gen/server/redis, generator share of a core (ceiling req/s)")
+    for name, row in report["throughput"]["contenders"].items():
+        cpu = row["cpu_us_per_request"]
+        out.append(f"{name:10s} {row['throughput_rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+                   f"{row['redis_round_trips_per_request']:7.2f}  {cpu['generator']:.0f}/{cpu['server']:.0f}/"
+                   f"{cpu['redis']:.0f}, {row['generator_core_share']:.2f} ({row['generator_ceiling_rps']:.0f})")
+    for pair, ratio in report["throughput"]["ratios"].items():
+        out.append(f"{pair}: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
+                   f"p99 {ratio['p99']:.2f}x")
+    for name, rows in report["round_trips"].items():
+        out.append(f"round trips {name}: " + ", ".join(
+            f"{label} {row['round_trips']} ({' '.join(row['commands'])})" for label, row in rows.items()))
+    for name, row in report["correctness"].items():
+        out.append(f"correctness {name}: sent {row['messages_sent']} (+{row['redeliveries_sent']} "
+                   f"redeliveries), counted {row['final_count_total']}, lost {row['lost']}, "
+                   f"double-counted {row['double_counted']}, exact {row['exact_conversations']}/"
+                   f"{row['conversations']}, non-200 {row['non_200']}")
+    for name, row in report["hot_conversation"].items():
+        out.append(f"hot {name}: {row['messages']} concurrent {row['concurrent_s'] * 1000:.0f} ms "
+                   f"(count {row['concurrent_final_count']}/{row['expected_count']}) vs sequential "
+                   f"{row['sequential_s'] * 1000:.0f} ms (count {row['sequential_final_count']})")
+    mem = report["memory"]
+    for shape in ("first_message", "replies_full"):
+        row = mem[shape]
+        out.append(f"memory at {mem['conversations']} conversations, {shape}: "
+                   f"{row['bytes_per_conversation']:.0f} B each (hash {row['hash_encoding']}, "
+                   f"{row['hash_memory_usage']} B; index {row['index_encoding']})")
+    ops = report["ops_at_scale"]
+    out.append(f"ops at 1M: {ops['status']}: {ops.get('figures', ops.get('reason'))}")
+    for goal in report["goals"]:
+        measured = goal["measured"]
+        shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)
+        out.append(f"goal {'MET ' if goal['met'] else 'MISSED'} {goal['goal']}: {shown} (target {goal['target']})")
+    out.append(f"elapsed {report['elapsed_s']:.0f} s")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (well under a minute)")
+    parser.add_argument("--out", type=Path, help="report file (default bench/results/<date>.json)")
+    args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    report = benchmark(profile)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    out = args.out or RESULTS / (f"{date}-quick.json" if args.quick else f"{date}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    main()
