@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
+# Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: install run simulate test clean
+.PHONY: install run simulate test up down logs clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +27,17 @@ simulate: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+up:
+	$(COMPOSE) up --build --detach
+	@echo "The stack serves http://127.0.0.1:5000/sms once web is healthy ($(COMPOSE) ps). Talk to it:"
+	@echo "  make simulate    # signs with $(DEV_TOKEN), as config/sms-sessions.env.example expects"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow
 
 clean:
 	rm -rf $(VENV) .pytest_cache
