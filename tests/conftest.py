@@ -206,8 +206,7 @@ class Gunicorn:
         self.url = f"http://127.0.0.1:{self.port}/sms"
         self.base = f"http://127.0.0.1:{self.port}"
         address = f"127.0.0.1:{self.port}"
-        shell = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
-        self.env = {**shell, "TWILIO_AUTH_TOKEN": TOKEN, **env}
+        self.env = {**self.hermetic_environment(), "TWILIO_AUTH_TOKEN": TOKEN, **env}
         args = [bin_path("gunicorn")]
         if config:
             args += ["-c", config]
@@ -220,6 +219,11 @@ class Gunicorn:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="gunicorn-", suffix=".log")
         self.process = subprocess.Popen(args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
                                         stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    @staticmethod
+    def hermetic_environment() -> dict[str, str]:
+        """This process's environment without any of the service's settings."""
+        return {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
