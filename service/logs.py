@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -45,6 +46,17 @@ class _Handler(logging.StreamHandler):
         pass
 
 
+class _WithoutQueryStrings(logging.Filter):
+    """werkzeug's request lines (``make run``) without query strings: a GET webhook carries
+    From, To and Body in its query."""
+
+    QUERY = re.compile(r"\?[^\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
+        return True
+
+
 def open_summary() -> None:
     """Starts collecting fields for the current request's one summary line."""
     g.log_fields = {}
@@ -74,4 +86,5 @@ def init_app(app: Flask) -> None:
     root = logging.getLogger()
     if not any(isinstance(handler, _Handler) for handler in root.handlers):
         root.addHandler(_Handler())
+        logging.getLogger("werkzeug").addFilter(_WithoutQueryStrings())
     root.setLevel(logging.INFO)

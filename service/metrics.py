@@ -66,6 +66,8 @@ class Metrics:
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
         self.active = ActiveConversations(client, keys)
+        if registry is not None:  # first, so that a scrape reports its own Redis error
+            registry.register(self.active)
         self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
                                 ["outcome"], registry=registry)
         for outcome in OUTCOMES:
@@ -83,15 +85,13 @@ class Metrics:
                                     ["source"], registry=registry)
         for source in SOURCES:
             self.redis_errors.labels(source)
-        if registry is not None:
-            registry.register(self.active)
 
     def scrape_registry(self) -> CollectorRegistry:
         if not self.multiprocess:
             return self.registry
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
         registry.register(self.active)
+        MultiProcessCollector(registry)
         return registry
 
 

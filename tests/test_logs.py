@@ -8,6 +8,7 @@ import secrets
 from urllib.parse import urlencode
 
 import pytest
+import requests
 
 from conftest import TOKEN, make_app, post_signed, sign, webhook_params
 from service.logs import JsonFormatter
@@ -19,12 +20,12 @@ BODY = "my secret is " + secrets.token_hex(4)
 
 @pytest.fixture
 def lines(caplog):
-    """The JSON lines the service logged since the last call (each call starts afresh)."""
+    """The JSON lines logged (by the service, or ``logger``) since the last call."""
     caplog.set_level(logging.INFO)
     formatter = JsonFormatter()
 
-    def take():
-        taken = [formatter.format(r) for r in caplog.records if r.name.startswith("service")]
+    def take(logger="service"):
+        taken = [formatter.format(r) for r in caplog.records if r.name.startswith(logger)]
         caplog.clear()
         return taken
 
@@ -91,3 +92,13 @@ def test_stale_cookie_is_noted_in_the_line(app, lines):
     taken = lines()
     assert len(taken) == 1
     assert json.loads(taken[0])["cookie"] == "not this conversation's; ignored"
+
+
+def test_dev_server_request_lines_carry_no_query(live_server, lines):
+    """``make run``'s werkzeug logs each request line; a GET webhook's query holds everything."""
+    url = live_server.url + "?" + urlencode(webhook_params(REY, OURS, BODY))
+    lines()
+    assert requests.get(url, headers={"X-Twilio-Signature": sign(url, {})}, timeout=10).status_code == 200
+    request_lines = lines("werkzeug")
+    assert len(request_lines) == 1 and "GET /sms HTTP/1.1" in request_lines[0]
+    assert_clean(request_lines[0])
