@@ -57,6 +57,15 @@ def test_known_sequence_of_messages(app, redis_client):
         "sms_redis_errors_total{source=metrics}": 0}
 
 
+def test_instrumented_message_still_costs_two_round_trips(app, monkeypatch):
+    redis_client, sent = app.extensions["redis"], []
+    execute = redis_client.execute_command
+    monkeypatch.setattr(redis_client, "execute_command",
+                        lambda *args, **options: sent.append(args[0]) or execute(*args, **options))
+    assert post_signed(app.test_client(), webhook_params(REY)).status_code == 200
+    assert sent == ["EVALSHA", "EVALSHA"]  # open and save; metrics and the log line add none
+
+
 def test_expired_conversation_starts_again_and_counts(redis_url, redis_client):
     client = make_app(REDIS_URL=redis_url).test_client()
     post_signed(client, webhook_params(REY))
