@@ -22,7 +22,6 @@ bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or 5000}"
 # Redis timeouts); a worker silent for 10 s is stuck and gets replaced.
 timeout = 10
 graceful_timeout = 10
-keepalive = 5
 
 # Access log on stdout, next to the app's JSON lines. The path only (%(U)s), never the query:
 # a GET webhook carries From, To and Body in it. No user agent or referer either.
@@ -63,6 +62,7 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
+    """prometheus-client's rule for multiprocess mode: a dead worker's live gauges go."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)

@@ -9,7 +9,9 @@ environment of ``config/sms-sessions.env.example`` (``APP_ENV=production``, 2 wo
 from __future__ import annotations
 
 import json
+import os
 import re
+import runpy
 import secrets
 import subprocess
 import threading
@@ -89,6 +91,25 @@ def test_dockerfile_runs_gunicorn_with_the_config_as_non_root():
     assert user not in {"root", "0"}
     # The native stack below runs exactly this command.
     assert dockerfile_cmd() == ["gunicorn", "-c", GUNICORN_CONF, GUNICORN_APP]
+
+
+def test_gunicorn_config_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    def load(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return runpy.run_path(str(ROOT / GUNICORN_CONF))
+
+    default = load()
+    assert default["workers"] == 2 * os.cpu_count() + 1
+    assert default["bind"] == "0.0.0.0:5000"
+    assert default["timeout"] < 15  # Twilio's limit
+    assert default["accesslog"] == "-" and "%(U)s" in default["access_log_format"]
+    assert "%(r)s" not in default["access_log_format"] and "%(q)s" not in default["access_log_format"]
+    assert load(WEB_CONCURRENCY="3", PORT="8080")["workers"] == 3
+    assert load(PORT="8080")["bind"] == "0.0.0.0:8080"
+    assert load(BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
 
 
 # The same files, natively
