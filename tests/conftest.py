@@ -176,9 +176,9 @@ def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 30) -> N
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=5)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or no worker yet
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {seconds}s")
 
