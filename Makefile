@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: install run simulate test bench bench-quick clean
+.PHONY: install run simulate test bench bench-quick up down logs clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +35,17 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
+
+up:
+	$(COMPOSE) up --build --detach
+	@echo "The stack serves http://127.0.0.1:5000/sms once web is healthy ($(COMPOSE) ps). Talk to it:"
+	@echo "  make simulate    # signs with $(DEV_TOKEN), as config/sms-sessions.env.example expects"
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs --follow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,35 +2,39 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
-from . import callers, health, ops, responses, settings, signature, store, webhook
+from . import callers, health, logs, metrics, ops, responses, settings, signature, store, webhook
 from .conversations import ConversationStore
 from .keys import Keys
 from .sessions import ConversationSessionInterface
 
 
 def create_app(test_config: dict | None = None) -> Flask:
-    """Builds the app from the environment; ``test_config`` overrides single settings."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Builds the app from the environment; ``test_config`` overrides single settings.
+
+    Raises ``settings.ConfigError`` (one line naming the variable) on a setting it refuses.
+    """
     app = Flask(__name__)
+    logs.init_app(app)
     app.config.from_mapping(settings.load())
     if test_config:
         app.config.from_mapping(test_config)
+    settings.check(app.config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
     app.config["SESSION_COOKIE_NAME"] = "sms_session"
 
     store.init_app(app)
     client = app.extensions["redis"]
     app.extensions["keys"] = Keys(app.config["REDIS_KEY_PREFIX"])
+    metrics.init_app(app)
     app.extensions["conversations"] = ConversationStore(
         client,
         ttl=app.config["CONVERSATION_TTL"],
         lock_ttl=app.config["LOCK_TTL"],
         lock_wait=app.config["LOCK_WAIT"],
         replies_kept=app.config["REPLIES_KEPT"],
+        on_lock_wait=app.extensions["metrics"].lock_wait.observe,
     )
     app.extensions["conversations"].preload()
     app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])
@@ -42,3 +46,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     webhook.init_app(app)
     ops.init_app(app)
     return app
+
+
+def check_environment() -> None:
+    """What ``create_app`` would refuse, found without building the app (gunicorn's master
+    runs it once, so a refusal is one line instead of a traceback per worker)."""
+    config = settings.load()
+    settings.check(config)
+    callers.Callers.from_file(config["CALLERS_FILE"])

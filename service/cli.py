@@ -13,6 +13,7 @@ import click
 from flask.cli import FlaskGroup
 
 from . import create_app
+from .settings import ConfigError
 from .simulator import TwilioSimulator
 
 cli = FlaskGroup(create_app=create_app, help="SMS conversations: serve, simulate and operate.")
@@ -52,4 +53,8 @@ def _typed_lines(sender, recipient):
 
 def main() -> None:
     os.environ.setdefault("FLASK_APP", "service:create_app")
-    cli(prog_name="sms-sessions")
+    try:
+        cli(prog_name="sms-sessions")
+    except ConfigError as error:  # one line naming the variable, not a traceback
+        click.echo(f"sms-sessions: refusing to start: {error}", err=True)
+        sys.exit(1)

@@ -18,6 +18,7 @@ import secrets
 import time
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from redis import RedisError
 
@@ -109,8 +110,11 @@ class Opened:
 class ConversationStore:
     """Runs the scripts for one conversation at a time; holds no per-request state."""
 
-    def __init__(self, client, ttl: int, lock_ttl: float, lock_wait: float, replies_kept: int):
+    def __init__(self, client, ttl: int, lock_ttl: float, lock_wait: float, replies_kept: int,
+                 on_lock_wait: Callable[[float], None] = lambda seconds: None):
+        """``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
+        self.on_lock_wait = on_lock_wait
         self.ttl = ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
@@ -136,16 +140,20 @@ class ConversationStore:
     def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
         """Round trip 1. Waits (briefly polling) while another request holds the lock."""
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + self.lock_wait
+        started = time.monotonic()
+        deadline = started + self.lock_wait
         pause = 0.002
         while True:
             result = self._open(keys=[keys.state, keys.lock], args=[token, self.lock_ms, message_sid])
             status = result[0]
-            if status in ("ok", "dup"):
-                return Opened(token, result[1] or None, result[2] or None,
-                              result[3] if status == "dup" else None)
+            if status == "dup":  # answered from memory: no lock taken
+                return Opened(token, result[1] or None, None, result[3])
+            if status == "ok":
+                self.on_lock_wait(time.monotonic() - started)
+                return Opened(token, result[1] or None, result[2] or None)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self.on_lock_wait(time.monotonic() - started)
                 raise ConversationBusy(keys.member)
             time.sleep(min(remaining, pause * (0.5 + random.random())))
             pause = min(pause * 2, 0.05)

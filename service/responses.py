@@ -10,6 +10,8 @@ from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
 from .conversations import ConversationBusy
+from .logs import report
+from .metrics import count_redis_error
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,13 @@ def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
     @app.errorhandler(RedisError)
     def redis_failed(error):
-        log.warning("Redis unavailable: %s", type(error).__name__)
+        count_redis_error()
+        report(log, f"Redis unavailable: {type(error).__name__}")
         return unavailable()
 
     @app.errorhandler(ConversationBusy)
     def conversation_busy(error):
-        log.warning("conversation stayed locked past LOCK_WAIT; answering 503")
+        report(log, "conversation stayed locked past LOCK_WAIT")
         return unavailable()
 
     @app.errorhandler(HTTPException)

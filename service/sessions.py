@@ -23,7 +23,8 @@ from redis import RedisError
 
 from .conversations import ConversationStore, LockLost, Opened
 from .keys import ConversationKeys
-from .masking import mask
+from .logs import annotate, report
+from .metrics import count_redis_error
 from .responses import unavailable
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,10 @@ class ConversationSessionInterface(RedisSessionInterface):
         if opened.duplicate_reply is not None:
             session.sid = opened.sid
             return opened.duplicate_reply
-        state = self._decode(opened.state, keys) if opened.state else None
+        state = self._decode(opened.state) if opened.state else None
         if opened.sid and state is not None:
             if session.sid and session.sid != opened.sid:
-                log.info("cookie does not match conversation %s; using the conversation", mask(keys.sender))
+                annotate(cookie="not this conversation's; ignored")
             session.sid = opened.sid
             session.update(state)
         else:
@@ -108,10 +109,13 @@ class ConversationSessionInterface(RedisSessionInterface):
                 self.store.save(session.keys, session.opened, session.sid, self.serializer.encode(session),
                                 session.fresh, session.message_sid, session.reply)
             except (RedisError, LockLost) as error:
-                log.warning("could not save conversation %s: %s", mask(session.keys.sender),
-                            type(error).__name__)
+                if isinstance(error, RedisError):
+                    count_redis_error()
+                report(log, f"could not save the conversation: {type(error).__name__}")
                 unavailable(response)
                 return
+            if session.fresh:
+                app.extensions["metrics"].conversations_started.inc()
         self._set_cookie(app, session, response)
 
     def _set_cookie(self, app: Flask, session: ConversationSession, response: Response) -> None:
@@ -130,14 +134,14 @@ class ConversationSessionInterface(RedisSessionInterface):
         try:
             self.store.release(session.keys, session.opened)
         except RedisError as error:
-            log.warning("could not release lock of %s (it lapses by itself): %s",
-                        mask(session.keys.sender), type(error).__name__)
+            count_redis_error()
+            report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
 
-    def _decode(self, raw: str, keys: ConversationKeys) -> dict | None:
+    def _decode(self, raw: str) -> dict | None:
         """Undecodable state is reported and replaced by a fresh conversation."""
         try:
             return self.serializer.decode(raw)
         except ValueError:
-            log.error("state of conversation %s is not a JSON object; starting afresh", mask(keys.sender))
+            report(log, "stored state is not a JSON object; conversation started afresh")
             return None
 

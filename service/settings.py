@@ -100,7 +100,30 @@ SETTINGS = [
             "Largest webhook body accepted; larger answers 413."),
     Setting("OPS_TOKEN", None, _text,
             "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404)."),
+    # Read by config/gunicorn.conf.py (and prometheus-client), listed here to be documented.
+    Setting("WEB_CONCURRENCY", None, _positive_int,
+            "gunicorn worker processes. Unset: 2 × CPUs + 1."),
+    Setting("PORT", 5000, _positive_int, "Port gunicorn listens on (all interfaces)."),
+    Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
+    Setting("PROMETHEUS_MULTIPROC_DIR", None, _text,
+            "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
+            "temporary one (outside gunicorn the metrics are the process's own)."),
 ]
+
+
+def check(config: dict[str, Any]) -> None:
+    """``APP_ENV=production`` refuses settings that are only safe on a developer's machine."""
+    if config["APP_ENV"] != "production":
+        return
+    if not config["TWILIO_AUTH_TOKEN"]:
+        raise ConfigError("TWILIO_AUTH_TOKEN is not set: APP_ENV=production needs it to verify "
+                          "Twilio's signatures")
+    if not config["TWILIO_VALIDATE_SIGNATURE"]:
+        raise ConfigError("TWILIO_VALIDATE_SIGNATURE is off: APP_ENV=production always "
+                          "validates Twilio's signatures")
+    if not config["REDIS_URL"]:
+        raise ConfigError("REDIS_URL is not set: APP_ENV=production needs a real Redis, not "
+                          "the embedded in-memory store")
 
 
 def load(environ: dict[str, str] | None = None) -> dict[str, Any]:

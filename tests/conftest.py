@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,13 +40,20 @@ def clean_environment(monkeypatch):
         monkeypatch.delenv(setting.env, raising=False)
 
 
-def require_redis_server() -> None:
-    if REDIS_SERVER:
-        return
-    reason = "redis-server is not installed (apt-get install redis-server)"
+def require_binary(name: str, package: str) -> str:
+    """The path of a program the test needs; missing, it skips with the reason, or fails
+    under ``REQUIRE_REDIS=1`` (CI installs every such package)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"{name} is not installed (apt-get install {package})"
     if os.environ.get("REQUIRE_REDIS") == "1":
         pytest.fail(reason + " and REQUIRE_REDIS=1")
-    pytest.skip(reason + ": integration test skipped")
+    pytest.skip(reason + ": test skipped")
+
+
+def require_redis_server() -> str:
+    return require_binary("redis-server", "redis-server")
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +146,22 @@ def twilio(live_server):
     return TwilioSimulator(live_server.url, TOKEN)
 
 
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text → {'name{label=value,...}': value} for every sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {name: value - before.get(name, 0.0) for name, value in after.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,9 +176,9 @@ def wait_for_http(url: str, process: subprocess.Popen, seconds: float = 30) -> N
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=5)
             return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening, or no worker yet
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {seconds}s")
 
@@ -163,29 +187,97 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+GUNICORN_CONF = "config/gunicorn.conf.py"
+GUNICORN_APP = "service:create_app()"
+
+
 class Gunicorn:
-    """The app under gunicorn in a subprocess, the way it runs in production."""
+    """The app under gunicorn in a subprocess, the way it runs in production.
+
+    With ``config`` the command is the Dockerfile's (``gunicorn -c CONFIG APP``) and workers
+    and address come from the environment (``WEB_CONCURRENCY``, ``BIND``) as in the container;
+    without, from flags. The environment is the test's, never the developer's settings.
+    Output (stdout and stderr) goes to a file: ``output()`` reads it at any time.
+    """
 
     def __init__(self, env: dict[str, str], workers: int = 2, config: str | None = None,
                  extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/sms"
+        self.base = f"http://127.0.0.1:{self.port}"
+        address = f"127.0.0.1:{self.port}"
+        self.env = {**self.hermetic_environment(), "TWILIO_AUTH_TOKEN": TOKEN, **env}
         args = [bin_path("gunicorn")]
         if config:
             args += ["-c", config]
-        args += ["-w", str(workers), "-b", f"127.0.0.1:{self.port}", *extra_args, "service:create_app()"]
-        self.env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, **env}
-        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self.env.setdefault("WEB_CONCURRENCY", str(workers))
+            self.env["BIND"] = address
+        else:
+            args += ["-w", str(workers), "-b", address]
+        args += [*extra_args, GUNICORN_APP]
+        self.args = args
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="gunicorn-", suffix=".log")
+        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    @staticmethod
+    def hermetic_environment() -> dict[str, str]:
+        """This process's environment without any of the service's settings."""
+        return {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def wait_exit(self, seconds: float = 30) -> int:
+        """For a server expected to refuse to start: its exit code."""
+        return self.process.wait(timeout=seconds)
 
     def __enter__(self):
-        wait_for_http(self.url.replace("/sms", "/healthz"), self.process)
+        wait_for_http(self.base + "/healthz", self.process)
         return self
 
     def __exit__(self, *exc):
         self.process.terminate()
         try:
-            self.output = self.process.communicate(timeout=15)[0]
+            self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.output = self.process.communicate()[0]
+            self.process.wait()
+
+
+class RedisServer:
+    """``redis-server config/redis.conf`` as docker-compose runs it, but on a free loopback
+    port with its data in ``directory``; stop() and start() again on the same port."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        args = [require_redis_server(), str(ROOT / "config" / "redis.conf"), "--port", str(self.port),
+                "--dir", str(self.directory), "--bind", "127.0.0.1"]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        with redis.Redis.from_url(self.url) as client:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {self.port} did not start")
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        if self.process.poll() is None:
+            self.stop()

@@ -1,0 +1,102 @@
+"""Prometheus metrics at ``/metrics``, right under several gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``config/gunicorn.conf.py`` sees to it) each worker
+writes its counters and histograms to files there, and a scrape, whichever worker answers it,
+adds up every worker's files (prometheus-client's multiprocess mode). Without it the metrics
+are the process's own. The active-conversations gauge is kept nowhere: it is counted from the
+index when scraped, so the webhook pays no extra Redis round trip for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from redis import RedisError
+
+from .logs import report
+
+log = logging.getLogger(__name__)
+bp = Blueprint("metrics", __name__)
+
+OUTCOMES = ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")
+SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
+LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ActiveGauge:
+    """A collector that counts the index when scraped (the operators' count, one round trip)."""
+
+    def __init__(self, count: Callable[[], int]):
+        self.count = count
+
+    def collect(self):
+        try:
+            count = self.count()
+        except RedisError as error:
+            count_redis_error()
+            report(log, f"active conversations not counted: Redis {type(error).__name__}")
+            return
+        yield GaugeMetricFamily("sms_active_conversations",
+                                "Conversations whose TTL has not run out (counted from the index).",
+                                value=count)
+
+
+class Metrics:
+    """The service's metrics; in multiprocess mode they live in files, not in a registry."""
+
+    def __init__(self, count_active: Callable[[], int], multiprocess: bool):
+        self.multiprocess = multiprocess
+        registry = None if multiprocess else CollectorRegistry()
+        self.registry = registry
+        self.active = ActiveGauge(count_active)
+        if registry is not None:  # first, so that a scrape reports its own Redis error
+            registry.register(self.active)
+        self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
+                                ["outcome"], registry=registry)
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome)
+        self.conversations_started = Counter(
+            "sms_conversations_started", "Conversations begun (first message, or after expiry).",
+            registry=registry)
+        self.lock_wait = Histogram(
+            "sms_lock_wait_seconds", "Time a message waited for its conversation's lock.",
+            buckets=LOCK_WAIT_BUCKETS, registry=registry)
+        self.latency = Histogram(
+            "sms_webhook_latency_seconds", "Webhook requests from routing to the saved answer.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.redis_errors = Counter("sms_redis_errors", "Failed Redis calls, by the part that made them.",
+                                    ["source"], registry=registry)
+        for source in SOURCES:
+            self.redis_errors.labels(source)
+
+    def scrape_registry(self) -> CollectorRegistry:
+        if not self.multiprocess:
+            return self.registry
+        registry = CollectorRegistry()
+        registry.register(self.active)
+        MultiProcessCollector(registry)
+        return registry
+
+
+def count_redis_error() -> None:
+    """Counts a failed Redis call under the blueprint of the request that made it."""
+    current_app.extensions["metrics"].redis_errors.labels(request.blueprint or "app").inc()
+
+
+@bp.get("/metrics")
+def metrics():
+    registry = current_app.extensions["metrics"].scrape_registry()
+    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def init_app(app: Flask) -> None:
+    app.extensions["metrics"] = Metrics(lambda: app.extensions["active"].count(),
+                                        multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+    app.register_blueprint(bp)

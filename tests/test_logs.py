@@ -1,0 +1,104 @@
+"""Logs: one JSON line per webhook request, with masked numbers and never a body or the token."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from urllib.parse import urlencode
+
+import pytest
+import requests
+
+from conftest import TOKEN, make_app, post_signed, sign, webhook_params
+from service.logs import JsonFormatter
+
+REY, OURS = "+15551230001", "+15550001111"
+MASKED = ("+1555***0001", "+1555***1111")
+BODY = "my secret is " + secrets.token_hex(4)
+
+
+@pytest.fixture
+def lines(caplog):
+    """The JSON lines logged (by the service, or ``logger``) since the last call."""
+    caplog.set_level(logging.INFO)
+    formatter = JsonFormatter()
+
+    def take(logger="service"):
+        taken = [formatter.format(r) for r in caplog.records if r.name.startswith(logger)]
+        caplog.clear()
+        return taken
+
+    return take
+
+
+def requests_of_every_outcome(client):
+    """(outcome, masked From and To, send) for each kind of webhook request, all with number
+    and body. A body over MAX_BODY_BYTES is never read, so its line has no numbers."""
+    replied = webhook_params(REY, OURS, BODY)
+    get_url = "http://localhost/sms?" + urlencode(webhook_params(REY, OURS, BODY))
+    no_to = webhook_params(REY, OURS, BODY)
+    del no_to["To"]
+    return [
+        ("replied", MASKED, lambda: post_signed(client, replied)),
+        ("duplicate", MASKED, lambda: post_signed(client, replied)),
+        ("replied", MASKED, lambda: client.get(get_url, headers={"X-Twilio-Signature": sign(get_url, {})})),
+        ("rejected_signature", MASKED,
+         lambda: client.post("/sms", data=replied, headers={"X-Twilio-Signature": "x"})),
+        ("bad_request", ("+1555***0001", "***"), lambda: post_signed(client, no_to)),
+        ("bad_request", (None, None), lambda: post_signed(client, webhook_params(REY, OURS, BODY * 5000))),
+    ]
+
+
+def assert_clean(line: str) -> None:
+    for secret in (REY, OURS, REY[1:], OURS[1:], BODY, TOKEN):
+        assert secret not in line
+
+
+def test_one_json_line_per_webhook_request(app, lines):
+    client = app.test_client()
+    lines()
+    for expected, masked, send in requests_of_every_outcome(client):
+        send()
+        taken = lines()
+        assert len(taken) == 1, taken
+        line = json.loads(taken[0])
+        assert_clean(taken[0])
+        assert line["outcome"] == expected
+        assert line["logger"] == "service.webhook" and line["level"] == "info"
+        assert (line.get("from"), line.get("to")) == masked
+        assert isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
+
+
+def test_refusals_and_failures_say_why_in_the_same_line(lines):
+    client = make_app(REDIS_URL="redis://127.0.0.1:1/0").test_client()  # nothing listens there
+    lines()
+    client.post("/sms", data=webhook_params(REY, OURS, BODY), headers={"X-Twilio-Signature": "x"})
+    assert json.loads(lines()[0])["reason"] == "invalid or missing Twilio signature"
+    post_signed(client, webhook_params(REY, OURS, BODY))
+    taken = lines()
+    assert len(taken) == 1
+    assert_clean(taken[0])
+    line = json.loads(taken[0])
+    assert (line["outcome"], line["status"], line["reason"]) == (
+        "unavailable", 503, "Redis unavailable: ConnectionError")
+
+
+def test_stale_cookie_is_noted_in_the_line(app, lines):
+    client = app.test_client(use_cookies=False)  # the cookie sent is the test's, not a jar's
+    post_signed(client, webhook_params(REY, OURS, BODY))
+    lines()
+    post_signed(client, webhook_params(REY, OURS, BODY), cookie="not-the-session-id")
+    taken = lines()
+    assert len(taken) == 1
+    assert json.loads(taken[0])["cookie"] == "not this conversation's; ignored"
+
+
+def test_dev_server_request_lines_carry_no_query(live_server, lines):
+    """``make run``'s werkzeug logs each request line; a GET webhook's query holds everything."""
+    url = live_server.url + "?" + urlencode(webhook_params(REY, OURS, BODY))
+    lines()
+    assert requests.get(url, headers={"X-Twilio-Signature": sign(url, {})}, timeout=10).status_code == 200
+    request_lines = lines("werkzeug")
+    assert len(request_lines) == 1 and "GET /sms HTTP/1.1" in request_lines[0]
+    assert_clean(request_lines[0])

@@ -1,0 +1,67 @@
+"""``APP_ENV=production`` refuses unsafe settings with one line naming the variable (as any
+environment refuses malformed ones)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import GUNICORN_CONF, Gunicorn, bin_path, free_port
+from service import create_app
+from service.settings import ConfigError
+
+SAFE = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": "a-real-token",
+        "TWILIO_VALIDATE_SIGNATURE": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
+REFUSED = {  # variable named in the refusal → how it is set
+    "TWILIO_AUTH_TOKEN": {"TWILIO_AUTH_TOKEN": ""},
+    "TWILIO_VALIDATE_SIGNATURE": {"TWILIO_VALIDATE_SIGNATURE": "0"},
+    "REDIS_URL": {"REDIS_URL": ""},
+    # Refused in any environment, and as briefly:
+    "LOCK_WAIT": {"LOCK_WAIT": "soon"},
+    "CALLERS_FILE": {"CALLERS_FILE": "/nonexistent/callers.json"},
+}
+
+
+@pytest.mark.parametrize("variable", REFUSED)
+def test_create_app_refuses(monkeypatch, variable):
+    for name, value in {**SAFE, **REFUSED[variable]}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        create_app()
+    assert re.match(rf"{variable}[ =]", str(refused.value))
+    assert "\n" not in str(refused.value)
+
+
+def test_production_starts_with_safe_settings_and_development_with_anything(monkeypatch):
+    for name, value in SAFE.items():
+        monkeypatch.setenv(name, value)
+    assert create_app().config["APP_ENV"] == "production"
+    for name in ("TWILIO_AUTH_TOKEN", "REDIS_URL"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("APP_ENV", "development")
+    monkeypatch.setenv("TWILIO_VALIDATE_SIGNATURE", "0")
+    app = create_app()  # what `make run` allows: embedded store, no checks
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("variable", REFUSED)
+def test_gunicorn_refuses_in_one_line_before_any_worker(variable):
+    server = Gunicorn({**SAFE, **REFUSED[variable]}, config=GUNICORN_CONF)
+    assert server.wait_exit() != 0
+    output = server.output()
+    refusals = [line for line in output.splitlines() if "refusing to start" in line]
+    assert len(refusals) == 1
+    assert re.match(rf"sms-sessions: refusing to start: {variable}[ =]", refusals[0])
+    assert "Traceback" not in output and "Booting worker" not in output
+
+
+def test_cli_refuses_in_one_line():
+    env = {**Gunicorn.hermetic_environment(), **SAFE, "TWILIO_AUTH_TOKEN": ""}
+    result = subprocess.run([bin_path("sms-sessions"), "run", "--port", str(free_port())], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "sms-sessions: refusing to start: TWILIO_AUTH_TOKEN is not set: APP_ENV=production "
+        "needs it to verify Twilio's signatures"]

@@ -1,0 +1,244 @@
+"""The local stack: docker-compose.yml is valid, and its very files run natively end to end.
+
+No Docker engine runs here, so the stack runs as docker-compose would start it, without
+containers: ``redis-server config/redis.conf`` (free port, temporary data directory) and the
+Dockerfile's command, ``gunicorn -c config/gunicorn.conf.py 'service:create_app()'``, with the
+environment of ``config/sms-sessions.env.example`` (``APP_ENV=production``, 2 workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import secrets
+import subprocess
+import threading
+import time
+from collections import Counter as Tally
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+import redis
+import requests
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from conftest import (GUNICORN_APP, GUNICORN_CONF, ROOT, Gunicorn, RedisServer, delta,
+                      require_binary, scrape, sign)
+from service.keys import Keys
+from service.simulator import TwilioSimulator
+
+ENV_EXAMPLE = ROOT / "config" / "sms-sessions.env.example"
+REY, FINN, POE, OURS = "+15551230001", "+15554440077", "+15556660042", "+15550001111"
+KEYS = Keys()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as docker-compose's env_file reads them (comments and blanks skipped)."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+    return env
+
+
+def dockerfile_cmd() -> list[str]:
+    cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    return json.loads(cmd.group(1))
+
+
+# docker-compose.yml
+
+
+def test_compose_file_is_valid_and_wires_the_stack():
+    compose = require_binary("docker-compose", "docker-compose")
+    quiet = subprocess.run([compose, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0, quiet.stderr
+    rendered = subprocess.run([compose, "config"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+    assert "image: redis:7" in rendered
+    assert f"{ROOT}/config/redis.conf:/usr/local/etc/redis/redis.conf:ro" in rendered
+    assert "redis-data:/data" in rendered
+    assert "- redis-cli\n      - ping" in rendered
+    assert "condition: service_healthy" in rendered
+    assert "/readyz" in rendered
+    assert "127.0.0.1:5000:5000" in rendered
+    for name, value in read_env_file(ENV_EXAMPLE).items():  # env_file was read
+        assert re.search(rf"^      {name}: '?{re.escape(value)}'?$", rendered, re.MULTILINE), name
+
+
+def test_compose_validation_catches_a_broken_file(tmp_path):
+    """The check above can fail: the same file with a bad depends_on condition is refused."""
+    compose = require_binary("docker-compose", "docker-compose")
+    broken = (ROOT / "docker-compose.yml").read_text().replace("service_healthy", "service_happy")
+    (tmp_path / "docker-compose.yml").write_text(broken)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "sms-sessions.env.example").write_text(ENV_EXAMPLE.read_text())
+    result = subprocess.run([compose, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "service_happy" in result.stderr
+
+
+def test_dockerfile_runs_gunicorn_with_the_config_as_non_root():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install \.$", dockerfile, re.MULTILINE)  # from pyproject.toml
+    user = re.search(r"^USER (\S+)$", dockerfile, re.MULTILINE).group(1)
+    assert user not in {"root", "0"}
+    # The native stack below runs exactly this command.
+    assert dockerfile_cmd() == ["gunicorn", "-c", GUNICORN_CONF, GUNICORN_APP]
+
+
+def test_gunicorn_config_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+    def load(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return runpy.run_path(str(ROOT / GUNICORN_CONF))
+
+    default = load()
+    assert default["workers"] == 2 * os.cpu_count() + 1
+    assert default["bind"] == "0.0.0.0:5000"
+    assert default["timeout"] < 15  # Twilio's limit
+    assert default["accesslog"] == "-" and "%(U)s" in default["access_log_format"]
+    assert "%(r)s" not in default["access_log_format"] and "%(q)s" not in default["access_log_format"]
+    assert load(WEB_CONCURRENCY="3", PORT="8080")["workers"] == 3
+    assert load(PORT="8080")["bind"] == "0.0.0.0:8080"
+    assert load(BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
+
+
+# The same files, natively
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("stack")
+    (directory / "metrics").mkdir()
+    with RedisServer(directory) as redis_server:
+        env = read_env_file(ENV_EXAMPLE)
+        env.update(REDIS_URL=redis_server.url, PROMETHEUS_MULTIPROC_DIR=str(directory / "metrics"))
+        server = Gunicorn(env, config=GUNICORN_CONF)
+        assert server.args[1:] == dockerfile_cmd()[1:]
+        with server:
+            yield server, redis_server, redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+
+@pytest.fixture
+def twilio(stack):
+    server, _, _ = stack
+    return TwilioSimulator(server.url, server.env["TWILIO_AUTH_TOKEN"])
+
+
+def test_native_stack_holds_a_conversation(stack, twilio):
+    server, redis_server, client = stack
+    assert server.env["APP_ENV"] == "production" and server.env["WEB_CONCURRENCY"] == "2"
+    assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
+    assert requests.get(server.base + "/readyz", timeout=5).json() == {"status": "ready"}
+    replies = [twilio.send(REY, OURS, f"message {n}").reply for n in (1, 2, 3)]
+    assert replies == ["Thanks for the message, Rey!", "Rey has messaged +15550001111 2 times.",
+                       "Rey has messaged +15550001111 3 times."]
+    assert json.loads(client.hget(KEYS.conversation(REY, OURS).state, "state")) == {"messages": 3}
+    # Redis runs on config/redis.conf: durable and never evicting.
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+    assert (redis_server.directory / "appendonlydir").is_dir()
+
+
+def per_worker_messages(metrics_dir: Path) -> dict[str, float]:
+    """Webhook requests counted by each worker's own file (pid → total)."""
+    totals = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        samples = [s for metric in MultiProcessCollector.merge([str(path)], accumulate=True)
+                   for s in metric.samples if s.name == "sms_messages_received_total"]
+        totals[path.stem.split("_")[-1]] = sum(s.value for s in samples)
+    return totals
+
+
+def evalsha_calls(client) -> int:
+    return client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_metrics_add_up_across_two_workers(stack, twilio):
+    """One worker is kept waiting for a held lock, so the other serves the rest: the totals
+    are right only if a scrape, answered by either worker, adds up both."""
+    server, _, client = stack
+    metrics_dir = Path(server.env["PROMETHEUS_MULTIPROC_DIR"])
+    before = scrape(requests.get(server.base + "/metrics", timeout=5).text)
+    per_worker_before = per_worker_messages(metrics_dir)
+
+    held = KEYS.conversation(POE, OURS)
+    client.set(held.lock, "another-request", px=10_000)
+    calls = evalsha_calls(client)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(twilio.send(POE, OURS, "held")))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while evalsha_calls(client) < calls + 2:  # its worker is polling for the lock
+        assert time.monotonic() < deadline, "the held message never reached a worker"
+        time.sleep(0.01)
+    polling_since = time.monotonic()
+
+    first = twilio.send(FINN, OURS, "one")
+    second = twilio.send(FINN, OURS, "two")
+    duplicate = twilio.send(FINN, OURS, "two", message_sid=second.message_sid)
+    forged = TwilioSimulator(server.url, "not-the-token").send(FINN, OURS, "forged")
+    params = {"To": OURS, "Body": "no sender", "MessageSid": "SM" + secrets.token_hex(16)}
+    missing_from = requests.post(server.url, data=params, timeout=10, headers={
+        "X-Twilio-Signature": sign(server.url, params, server.env["TWILIO_AUTH_TOKEN"])})
+    time.sleep(max(0.0, 0.3 - (time.monotonic() - polling_since)))  # held ≥ 0.3 s
+    client.delete(held.lock)
+    waiter.join(timeout=15)
+
+    assert [first.status, second.status, duplicate.status] == [200, 200, 200]
+    assert duplicate.reply == second.reply == "Friend has messaged +15550001111 2 times."
+    assert [forged.status, missing_from.status_code] == [403, 400]
+    assert waited[0].reply == "Thanks for the message, Friend!"
+
+    scrapes = [scrape(requests.get(server.base + "/metrics", timeout=5).text) for _ in range(6)]
+    assert all(s == scrapes[0] for s in scrapes)  # whichever worker answers
+    change = delta(scrapes[0], before)
+    assert {outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"]
+            for outcome in ("replied", "duplicate", "rejected_signature", "bad_request",
+                            "unavailable")} == {
+        "replied": 3, "duplicate": 1, "rejected_signature": 1, "bad_request": 1, "unavailable": 0}
+    assert change["sms_conversations_started_total"] == 2
+    assert change["sms_active_conversations"] == 2
+    assert change["sms_webhook_latency_seconds_count"] == 6
+    assert change["sms_lock_wait_seconds_count"] == 3  # the duplicate takes no lock
+    assert change["sms_lock_wait_seconds_bucket{le=0.25}"] == 2  # the held one waited longer
+    assert sum(v for k, v in change.items() if k.startswith("sms_redis_errors_total")) == 0
+
+    per_worker = delta(per_worker_messages(metrics_dir), per_worker_before)
+    assert sorted(v for v in per_worker.values() if v) == [1, 5]
+
+
+def test_stack_output_is_json_lines_without_numbers_bodies_or_token(stack, twilio):
+    server, _, _ = stack
+    token = server.env["TWILIO_AUTH_TOKEN"]
+    body = "secret-body-" + secrets.token_hex(4)
+    posted = twilio.send(REY, OURS, body)
+    params = {"From": FINN, "To": OURS, "Body": body, "MessageSid": "SM" + secrets.token_hex(16)}
+    url = server.url + "?" + urlencode(params)  # a GET webhook: everything in the query
+    got = requests.get(url, headers={"X-Twilio-Signature": sign(url, {}, token)}, timeout=10)
+    forged = TwilioSimulator(server.url, "not-the-token").send(POE, OURS, body)
+    assert [posted.status, got.status_code, forged.status] == [200, 200, 403]
+
+    output = server.output()
+    for secret in (REY, FINN, POE, OURS, body, token, REY[1:], OURS[1:]):
+        assert secret not in output
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    webhook = {line["message_sid"]: line for line in lines if line["logger"] == "service.webhook"}
+    assert Tally(line["message_sid"] for line in lines if line["logger"] == "service.webhook")[
+        posted.message_sid] == 1
+    assert {key: webhook[posted.message_sid][key] for key in ("from", "to", "outcome", "status")} == {
+        "from": "+1555***0001", "to": "+1555***1111", "outcome": "replied", "status": 200}
+    assert webhook[params["MessageSid"]]["from"] == "+1555***0077"
+    assert webhook[forged.message_sid]["outcome"] == "rejected_signature"
+    assert all(isinstance(line["latency_ms"], float) for line in webhook.values())
+    assert 'GET /sms"' in output  # the access log names the path, not the query
