@@ -39,9 +39,9 @@ def text_messages(app, sender, count, recipient=OURS):
 def converse_in_order(app, *senders):
     """One message each, in this order, each at a later millisecond (a later expiry)."""
     for sender in senders:
-        before = now_ms()
         text_messages(app, sender, 1)
-        while now_ms() == before:
+        saved_by = now_ms()  # the message was saved at or before this millisecond
+        while now_ms() <= saved_by:
             time.sleep(0.001)
 
 
