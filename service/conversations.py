@@ -14,9 +14,8 @@ import time
 import logging
 from dataclasses import dataclass
 
-from redis import RedisError
-
 from .keys import ConversationKeys
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +121,13 @@ class ConversationStore:
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
 
-        Best effort: with Redis down at start, redis-py loads them on first use instead.
+        On a Cluster ``SCRIPT LOAD`` goes to every primary. Best effort: with Redis down at
+        start, or on a primary promoted later, redis-py loads them on first use instead.
         """
         for script in (self._open, self._save, self._release, self._end):
             try:
                 script.sha = self.client.script_load(script.script)
-            except RedisError as error:
+            except UNAVAILABLE as error:
                 log.warning("could not preload Lua scripts (%s); they load on first use",
                             type(error).__name__)
                 return

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response
-from redis import RedisError
 from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
 from .conversations import ConversationBusy
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,12 @@ def unavailable(response: Response | None = None) -> Response:
 
 def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
-    @app.errorhandler(RedisError)
     def redis_failed(error):
         log.warning("Redis unavailable: %s", type(error).__name__)
         return unavailable()
+
+    for error_class in UNAVAILABLE:
+        app.register_error_handler(error_class, redis_failed)
 
     @app.errorhandler(ConversationBusy)
     def conversation_busy(error):

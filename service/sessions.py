@@ -19,12 +19,14 @@ import logging
 from flask import Flask, Request, Response
 from flask_session.base import ServerSideSession
 from flask_session.redis import RedisSessionInterface
-from redis import RedisError
+import redis
+from redis.cluster import RedisCluster
 
 from .conversations import ConversationStore, LockLost, Opened
 from .keys import ConversationKeys
 from .masking import mask
 from .responses import unavailable
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,10 @@ class ConversationSessionInterface(RedisSessionInterface):
 
     def __init__(self, app: Flask, client, store: ConversationStore):
         # Deliberately not RedisSessionInterface.__init__: it silently falls back to
-        # localhost:6379 for a client it does not recognise. The client is ours, built by store.
+        # localhost:6379 for a client it does not recognise. The client is ours, built by store;
+        # anything else stops start-up here rather than quietly talking to another Redis.
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise TypeError(f"sessions need a redis.Redis or RedisCluster client, not {type(client).__name__}")
         super(RedisSessionInterface, self).__init__(app, serialization_format="json")
         self.client = client
         self.store = store
@@ -93,7 +98,7 @@ class ConversationSessionInterface(RedisSessionInterface):
             try:
                 self.store.save(session.keys, session.opened, session.sid, json.dumps(dict(session)),
                                 session.fresh, session.message_sid, session.reply)
-            except (RedisError, LockLost) as error:
+            except (*UNAVAILABLE, LockLost) as error:
                 log.warning("could not save conversation %s: %s", mask(session.keys.sender),
                             type(error).__name__)
                 unavailable(response)
@@ -115,7 +120,7 @@ class ConversationSessionInterface(RedisSessionInterface):
     def _release(self, session: ConversationSession) -> None:
         try:
             self.store.release(session.keys, session.opened)
-        except RedisError as error:
+        except UNAVAILABLE as error:
             log.warning("could not release lock of %s (it lapses by itself): %s",
                         mask(session.keys.sender), type(error).__name__)
 
