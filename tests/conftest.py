@@ -194,6 +194,9 @@ class Gunicorn:
 # Topologies beyond one Redis, and Redis processes the tests stop and restart themselves.
 # Each is started on free loopback ports in a temporary directory and torn down by its fixture.
 
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
+
 REDIS_CLI = shutil.which("redis-cli")
 
 
@@ -236,8 +239,10 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def client(self, **options) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5, **options)
+    def client(self) -> redis.Redis:
+        """No retries: redis-py's default backoff would turn each failed ping into seconds."""
+        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5,
+                           retry=Retry(NoBackoff(), 0))
 
     def start(self) -> "RedisProcess":
         log = open(self.directory / "server.log", "a")
