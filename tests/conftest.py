@@ -355,7 +355,8 @@ def redis_sentinel(tmp_path_factory):
         config = setup.directory / "sentinel.conf"
         config.write_text(f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"
                           "sentinel down-after-milliseconds sms 1000\n"
-                          "sentinel failover-timeout sms 10000\n")
+                          "sentinel failover-timeout sms 10000\n"
+                          f"sentinel client-reconfig-script sms {ROOT / 'config' / 'sentinel-reconfig.sh'}\n")
         sentinel = RedisProcess(setup.directory / "sentinel", "--sentinel", config=str(config))
         setup.nodes.append(sentinel)
         sentinel.start()
