@@ -72,6 +72,35 @@ def test_concurrent_bursts_over_all_100_tags_keep_exact_counts(cluster_app):
     assert sum(client.zcount(index, "-inf", "+inf") for index in KEYS.indexes()) == len(SENDERS)
 
 
+def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, redis_cluster):
+    """While a slot migrates (ASK, TRYAGAIN) its conversations answer 503; afterwards MOVED."""
+    app, client = cluster_app
+    sender = SENDERS[7]
+    keys = KEYS.conversation(sender, OURS)
+    slot = client.keyslot(keys.state)
+    source = next(n for n in redis_cluster.nodes if n.port == client.get_node_from_key(keys.state).port)
+    target = next(n for n in redis_cluster.nodes if n is not source)
+    ids = {n.port: n.client().execute_command("CLUSTER MYID") for n in (source, target)}
+    statuses = []
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        statuses += [twilio.send(sender, OURS, "before").status for _ in range(3)]
+        target.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+        source.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+        migrating = twilio.send(sender, OURS, "during")
+        moving = source.client().execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        source.client().execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *moving)
+        for node in redis_cluster.nodes:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.port])
+        after = [twilio.send(sender, OURS, "after") for _ in range(2)]
+    assert statuses == [200] * 3
+    assert migrating.status == 503  # the lock key is missing on the source: ASK, then TRYAGAIN
+    assert [count_in(d.reply) for d in after] == [4, 5]  # redis-py followed MOVED
+    counted = [n.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot) for n in (source, target)]
+    assert counted == [0, 2]  # the conversation and its index shard moved
+    assert json.loads(client.hget(keys.state, "state")) == {"messages": 5}
+
+
 def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):
     """Last in this module: it stops one master for good."""
     app, _ = cluster_app

@@ -131,6 +131,7 @@ class FreezingProxy:
         self.save_sha = hashlib.sha1(SAVE.encode()).hexdigest().encode()
         self.freeze_save = threading.Event()
         self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -140,6 +141,7 @@ class FreezingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
@@ -161,7 +163,8 @@ class FreezingProxy:
                     pass
 
     def close(self):
-        self.listener.close()
+        for sock in (self.listener, *self.sockets):
+            sock.close()
 
 
 def gunicorn_workers(master_pid: int) -> list[int]:
