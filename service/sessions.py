@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import logging
 
+import redis
 from flask import Flask, Request, Response
 from flask_session.base import ServerSideSession
 from flask_session.redis import RedisSessionInterface
-import redis
 from redis.cluster import RedisCluster
 
 from .conversations import ConversationStore, LockLost, Opened
