@@ -31,6 +31,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         lock_ttl=app.config["LOCK_TTL"],
         lock_wait=app.config["LOCK_WAIT"],
         replies_kept=app.config["REPLIES_KEPT"],
+        wait_replicas=app.config["REDIS_WAIT_REPLICAS"],
+        wait_ms=max(1, int(app.config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
     )
     app.extensions["conversations"].preload()
     app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])

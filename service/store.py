@@ -142,4 +142,9 @@ def _sentinel_path(path: str) -> tuple[str, int]:
 
 
 def init_app(app) -> None:
-    app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    client = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    if app.config["REDIS_WAIT_REPLICAS"] and (not app.config["REDIS_URL"]
+                                              or isinstance(client, RedisCluster)):
+        raise ConfigError("REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
+                          "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)")
+    app.extensions["redis"] = client

@@ -336,22 +336,31 @@ def redis_cluster(tmp_path_factory):
         cluster.stop()
 
 
+def replicated_write(client: redis.Redis) -> bool:
+    """True once the master accepts a write and its replica confirms it (WAIT)."""
+    client.set("probe", "1")
+    confirmed = client.wait(1, 100) == 1
+    client.delete("probe")
+    return confirmed
+
+
 @pytest.fixture(scope="module")
 def redis_sentinel(tmp_path_factory):
     """Master + replica + one Sentinel (quorum 1); REDIS_URL ``redis+sentinel://…/sms``.
 
-    Both data nodes run with ``min-replicas-to-write 1``, as the README recommends: a master
-    whose replica was promoted refuses writes instead of accepting ones the failover discards.
+    The data nodes are configured as the README recommends: ``min-replicas-to-write 1`` (a
+    master whose replica was promoted refuses writes instead of accepting ones the failover
+    discards), ``repl-diskless-sync-delay 0`` (a rejoining replica syncs at once), and Sentinel
+    runs ``config/sentinel-reconfig.sh``.
     """
     require_redis_server()
     setup = Topology(tmp_path_factory.mktemp("sentinel"))
     fenced = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
-              "--save", "", "--appendonly", "no")
+              "--repl-diskless-sync-delay", "0", "--save", "", "--appendonly", "no")
     try:
         master = setup.start(*fenced)
         replica = setup.start(*fenced, "--replicaof", "127.0.0.1", str(master.port))
-        wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
-                   what="replica in sync")
+        wait_until(lambda: replicated_write(master.client()), what="a write confirmed by the replica")
         config = setup.directory / "sentinel.conf"
         config.write_text(f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"
                           "sentinel down-after-milliseconds sms 1000\n"
@@ -360,8 +369,9 @@ def redis_sentinel(tmp_path_factory):
         sentinel = RedisProcess(setup.directory / "sentinel", "--sentinel", config=str(config))
         setup.nodes.append(sentinel)
         sentinel.start()
-        wait_until(lambda: sentinel.client().execute_command("SENTINEL REPLICAS sms"),
-                   what="Sentinel sees the replica")
+        wait_until(lambda: [r for r in sentinel.client().sentinel_slaves("sms")
+                            if r["flags"] == "slave" and r["master-link-status"] == "ok"],
+                   what="Sentinel sees a good replica")
         setup.sentinel = sentinel
         setup.url = f"redis+sentinel://127.0.0.1:{sentinel.port}/sms"
         yield setup

@@ -40,13 +40,14 @@ def master_port(setup) -> int:
 
 
 def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
-    app = make_app(REDIS_URL=redis_sentinel.url)
+    app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1)
     old_master = master_port(redis_sentinel)
     attempts: list[int] = []
     with LiveServer(app) as server:
         twilio = TwilioSimulator(server.url, TOKEN)
         counts = [deliver(twilio, attempts) for _ in range(10)]
-        redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms")
+        wait_until(lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
+                   what="SENTINEL FAILOVER accepted")
         while master_port(redis_sentinel) == old_master or len(counts) < 20:
             counts.append(deliver(twilio, attempts))
             assert len(counts) < 500, "Sentinel never switched"
@@ -61,3 +62,13 @@ def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
     assert attempts.count(503) <= 40  # a few; without the reconfig script it is about 60
     print(f"failover: {len(counts)} messages, {attempts.count(503)} answers 503 "
           f"(redelivered every 0.25 s)")
+
+
+def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redis_sentinel):
+    """A newly promoted master may lack the scripts: NOSCRIPT inside the pipeline reloads them."""
+    app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1)
+    master = next(n for n in redis_sentinel.nodes if n.port == master_port(redis_sentinel))
+    master.client().script_flush()
+    with LiveServer(app) as server:
+        delivery = TwilioSimulator(server.url, TOKEN).send("+15551230099", OURS, "hi")
+    assert delivery.status == 200 and delivery.reply == "Thanks for the message, Friend!"

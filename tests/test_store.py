@@ -84,3 +84,15 @@ def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch,
     response = post_signed(fake_app.test_client(), webhook_params())
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
+
+
+def test_waiting_for_replicas_needs_a_single_server_or_sentinel():
+    with pytest.raises(ConfigError, match="^REDIS_WAIT_REPLICAS"):
+        make_app(REDIS_WAIT_REPLICAS=1)  # the embedded store has no replicas
+
+
+def test_a_save_no_replica_confirms_answers_503_and_is_not_counted(redis_url, redis_client):
+    app = make_app(REDIS_URL=redis_url, REDIS_WAIT_REPLICAS=1, REDIS_TIMEOUT=0.2)
+    response = post_signed(app.test_client(), webhook_params())
+    assert response.status_code == 503  # the session server has no replica: WAIT returns 0
+    assert redis_client.keys("sms:conv:*") == []
