@@ -35,6 +35,8 @@ def create_app(test_config: dict | None = None) -> Flask:
         lock_wait=app.config["LOCK_WAIT"],
         replies_kept=app.config["REPLIES_KEPT"],
         on_lock_wait=app.extensions["metrics"].lock_wait.observe,
+        wait_replicas=app.config["REDIS_WAIT_REPLICAS"],
+        wait_ms=max(1, int(app.config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
     )
     app.extensions["conversations"].preload()
     app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from redis import RedisError
+from redis.exceptions import NoScriptError
 
 from .keys import ConversationKeys
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,14 @@ class LockLost(Exception):
     """The lock lapsed (or the conversation was ended) before the state could be saved."""
 
 
+class NotReplicated(RedisError):
+    """Fewer replicas than ``REDIS_WAIT_REPLICAS`` confirmed a script's writes (answers 503).
+
+    The write may still be on the master; a redelivery of the message is answered from it, or
+    counted afresh if a failover lost it, never twice.
+    """
+
+
 @dataclass
 class Opened:
     """What ``open`` found: a stored reply for a redelivery, else the lock and the session."""
@@ -111,6 +121,7 @@ class ConversationStore:
     """Runs the scripts for one conversation at a time; holds no per-request state."""
 
     def __init__(self, client, ttl: int, lock_ttl: float, lock_wait: float, replies_kept: int,
+                 wait_replicas: int = 0, wait_ms: int = 0,
                  on_lock_wait: Callable[[float], None] = lambda seconds: None):
         """``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
@@ -119,6 +130,8 @@ class ConversationStore:
         self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
         self.replies_kept = replies_kept
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
         self._open = client.register_script(OPEN)
         self._save = client.register_script(SAVE)
         self._release = client.register_script(RELEASE)
@@ -127,12 +140,13 @@ class ConversationStore:
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
 
-        Best effort: with Redis down at start, redis-py loads them on first use instead.
+        On a Cluster ``SCRIPT LOAD`` goes to every primary. Best effort: with Redis down at
+        start, or on a primary promoted later, redis-py loads them on first use instead.
         """
         for script in (self._open, self._save, self._release, self._end):
             try:
                 script.sha = self.client.script_load(script.script)
-            except RedisError as error:
+            except UNAVAILABLE as error:
                 log.warning("could not preload Lua scripts (%s); they load on first use",
                             type(error).__name__)
                 return
@@ -144,7 +158,7 @@ class ConversationStore:
         deadline = started + self.lock_wait
         pause = 0.002
         while True:
-            result = self._open(keys=[keys.state, keys.lock], args=[token, self.lock_ms, message_sid])
+            result = self._run(self._open, [keys.state, keys.lock], [token, self.lock_ms, message_sid])
             status = result[0]
             if status == "dup":  # answered from memory: no lock taken
                 return Opened(token, result[1] or None, None, result[3])
@@ -161,13 +175,40 @@ class ConversationStore:
     def save(self, keys: ConversationKeys, opened: Opened, sid: str, state: str, fresh: bool,
              message_sid: str, reply: str) -> None:
         """Round trip 2. Raises LockLost when the lock is no longer ours: nothing was written."""
-        result = self._save(
-            keys=[keys.state, keys.lock, keys.index],
-            args=[opened.token, sid, state, self.ttl, now_ms(), message_sid, reply,
-                  self.replies_kept, keys.member, "1" if fresh else "0"],
+        result = self._run(
+            self._save, [keys.state, keys.lock, keys.index],
+            [opened.token, sid, state, self.ttl, now_ms(), message_sid, reply,
+             self.replies_kept, keys.member, "1" if fresh else "0"],
         )
         if result != "saved":
             raise LockLost(keys.member)
+
+    def _run(self, script, keys: list[str], args: list):
+        """Runs ``script``; with ``wait_replicas``, pipelined with ``WAIT`` in the same round trip.
+
+        WAIT confirms that this connection's writes reached the replicas before we answer 200,
+        so a failover cannot lose a counted message. Even a script that wrote nothing (a
+        redelivery answered from memory) must be confirmed: on a master whose replica was just
+        promoted WAIT returns 0, and that memory may be about to vanish. Idle connections are
+        then dropped, so that the next one asks Sentinel where the master is.
+        """
+        if not self.wait_replicas:
+            return script(keys=keys, args=args)
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.wait(self.wait_replicas, self.wait_ms)
+            try:
+                result, acknowledged = pipe.execute()
+                break
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                script.sha = self.client.script_load(script.script)
+        if acknowledged < self.wait_replicas:
+            self.client.connection_pool.disconnect(inuse_connections=False)
+            raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
+        return result
 
     def release(self, keys: ConversationKeys, opened: Opened) -> None:
         """Gives the lock back without saving (the handler did not answer 200)."""

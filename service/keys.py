@@ -6,7 +6,7 @@ script can therefore touch all of them, on a single Redis as on a Cluster, and a
 redis-cli can work the tag out by eye. There are 100 tags, so the active-conversation index is
 100 sorted sets that count and list merge.
 
-    <prefix>conv:{07}:+15551230007|+15550001111   hash: sid, state, recent, first_seen, last_seen
+    <prefix>conv:{07}:+15551230007|+15550001111   hash: sid, state, seq, first_seen, last_seen, m:<MessageSid>...
     <prefix>lock:{07}:+15551230007|+15550001111   string: lock token, short PX expiry
     <prefix>active:{07}                          zset: member "<from>|<to>", score expiry in ms
 """

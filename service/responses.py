@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response
-from redis import RedisError
 from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
 from .conversations import ConversationBusy
 from .logs import report
 from .metrics import count_redis_error
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ def unavailable(response: Response | None = None) -> Response:
 
 def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
-    @app.errorhandler(RedisError)
     def redis_failed(error):
         count_redis_error()
         report(log, f"Redis unavailable: {type(error).__name__}")
         return unavailable()
+
+    for error_class in UNAVAILABLE:
+        app.register_error_handler(error_class, redis_failed)
 
     @app.errorhandler(ConversationBusy)
     def conversation_busy(error):

@@ -16,16 +16,18 @@ from __future__ import annotations
 import json
 import logging
 
+import redis
 from flask import Flask, Request, Response
 from flask_session.base import Serializer, ServerSideSession
 from flask_session.redis import RedisSessionInterface
-from redis import RedisError
+from redis.cluster import RedisCluster
 
 from .conversations import ConversationStore, LockLost, Opened
 from .keys import ConversationKeys
 from .logs import annotate, report
 from .metrics import count_redis_error
 from .responses import unavailable
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,10 @@ class ConversationSessionInterface(RedisSessionInterface):
 
     def __init__(self, app: Flask, client, store: ConversationStore):
         # Deliberately not RedisSessionInterface.__init__: it silently falls back to
-        # localhost:6379 for a client it does not recognise. The client is ours, built by store.
+        # localhost:6379 for a client it does not recognise. The client is ours, built by store;
+        # anything else stops start-up here rather than quietly talking to another Redis.
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise TypeError(f"sessions need a redis.Redis or RedisCluster client, not {type(client).__name__}")
         super(RedisSessionInterface, self).__init__(app)
         self.serializer = JsonSerializer()
         self.client = client
@@ -108,8 +113,8 @@ class ConversationSessionInterface(RedisSessionInterface):
             try:
                 self.store.save(session.keys, session.opened, session.sid, self.serializer.encode(session),
                                 session.fresh, session.message_sid, session.reply)
-            except (RedisError, LockLost) as error:
-                if isinstance(error, RedisError):
+            except (*UNAVAILABLE, LockLost) as error:
+                if not isinstance(error, LockLost):
                     count_redis_error()
                 report(log, f"could not save the conversation: {type(error).__name__}")
                 unavailable(response)
@@ -133,7 +138,7 @@ class ConversationSessionInterface(RedisSessionInterface):
     def _release(self, session: ConversationSession) -> None:
         try:
             self.store.release(session.keys, session.opened)
-        except RedisError as error:
+        except UNAVAILABLE as error:
             count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
 

@@ -70,8 +70,13 @@ SETTINGS = [
     Setting("APP_ENV", "development", _env_name,
             "`production` refuses to start on unsafe settings; `development` only warns."),
     Setting("REDIS_URL", None, _text,
-            "Redis to keep conversations in (`redis://`, `rediss://`, `unix://`). "
+            "Redis to keep conversations in: `redis://`, `rediss://`, `unix://` (one server), "
+            "`redis+sentinel://host:port[,host:port…]/service_name[/db]` (Sentinel's master), "
+            "`redis+cluster://host:port[,host:port…]` (Redis Cluster). "
             "Unset: the embedded in-memory store, with a warning."),
+    Setting("REDIS_WAIT_REPLICAS", 0, _non_negative_int,
+            "Replicas that must confirm each script's writes (`WAIT`, pipelined) before a 200; "
+            "set it to `min-replicas-to-write` behind Sentinel. 0: no waiting."),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
     Setting("REDIS_TIMEOUT", 0.5, _positive_float,
             "Socket connect/read timeout in seconds; a slower Redis answers 503."),

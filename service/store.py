@@ -1,19 +1,59 @@
-"""The Redis client, built once per app from ``REDIS_URL``.
+"""The Redis client, built once per app from ``REDIS_URL``; its scheme picks the topology.
+
+- ``redis://``, ``rediss://``, ``unix://``: one server (``redis.Redis.from_url``).
+- ``redis+sentinel://host:port[,host:port…]/service_name[/db]``: the master that Sentinel names
+  (``Sentinel.master_for``); after a failover new connections ask Sentinel again.
+- ``redis+cluster://host:port[,host:port…]``: ``RedisCluster``, which routes each script by
+  the hash tag its keys share.
 
 Short socket timeouts turn a dead or stalled Redis into a fast 503 instead of a hung worker;
-one retry on a connection error lets a pooled connection that Redis closed (restart) reconnect
-transparently. Timeouts are not retried: a script may already have run.
+one retry on a connection error lets a pooled connection that Redis closed (restart, failover)
+reconnect transparently. Timeouts are not retried: a script may already have run.
 """
 
 from __future__ import annotations
 
 import logging
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelManagedConnection
+
+from .settings import ConfigError
 
 log = logging.getLogger(__name__)
+
+# What a Redis outage can raise: RedisCluster's own exceptions (no node reachable, slot not
+# covered) do not derive from RedisError. Every one of them answers 503.
+UNAVAILABLE = (redis.RedisError, RedisClusterException)
+
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+DEFAULT_PORTS = {SENTINEL_SCHEME: 26379, CLUSTER_SCHEME: 6379}
+
+
+class SentinelMasterConnection(SentinelManagedConnection):
+    """A connection to Sentinel's master that also leaves a master refusing NOREPLICAS.
+
+    redis-py already re-asks Sentinel when the old master answers READONLY (demoted). With
+    ``min-replicas-to-write`` set, a master whose replica was just promoted refuses writes with
+    NOREPLICAS for the seconds before Sentinel demotes it: that too means "ask Sentinel again",
+    so it becomes a ConnectionError, which the retry policy turns into a fresh connection.
+    """
+
+    def read_response(self, *args, **kwargs):
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as error:
+            if self.connection_pool.is_master and str(error).startswith("NOREPLICAS"):
+                self.disconnect()
+                raise redis.ConnectionError("the master lost its replicas") from error
+            raise
 
 
 def connect(url: str | None, timeout: float):
@@ -24,15 +64,87 @@ def connect(url: str | None, timeout: float):
         log.warning("REDIS_URL is not set: using the embedded in-memory store (state is lost "
                     "on exit and not shared between processes)")
         return fakeredis.FakeRedis(decode_responses=True, encoding_errors="replace")
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        encoding_errors="replace",  # bytes planted by hand must not crash a decode
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-    )
+    options = {
+        "decode_responses": True,
+        "encoding_errors": "replace",  # bytes planted by hand must not crash a decode
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+    }
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+    scheme = url.partition("://")[0].lower()
+    if scheme in SINGLE_SCHEMES:
+        try:
+            return redis.Redis.from_url(url, retry=retry, **options)
+        except ValueError as error:
+            raise ConfigError(f"REDIS_URL: {error}") from None
+    if scheme == SENTINEL_SCHEME:
+        nodes, credentials, path = _parse_multi_host(url)
+        service, db = _sentinel_path(path)
+        sentinel = Sentinel(nodes, sentinel_kwargs={k: v for k, v in options.items()
+                                                    if k.startswith("socket_")})
+        return sentinel.master_for(service, connection_class=SentinelMasterConnection, db=db,
+                                   retry=retry, **credentials, **options)
+    if scheme == CLUSTER_SCHEME:
+        nodes, credentials, path = _parse_multi_host(url)
+        if path.strip("/") not in ("", "0"):
+            raise ConfigError("REDIS_URL: a Redis Cluster has only database 0")
+        try:
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                                retry=retry, **credentials, **options)
+        except UNAVAILABLE as error:
+            where = ",".join(f"{host}:{port}" for host, port in nodes)
+            raise ConfigError(f"REDIS_URL: no Redis Cluster node answered at {where} "
+                              f"({type(error).__name__})") from None
+    raise ConfigError(f"REDIS_URL: unknown scheme {scheme!r}; use one of "
+                      + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)))
+
+
+def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], str]:
+    """``scheme://[user:password@]host:port,host:port/path`` → nodes, credentials, path.
+
+    Messages never repeat the URL: it may hold a password.
+    """
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"REDIS_URL: {scheme}:// takes no query options")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    credentials = {}
+    if at:
+        username, colon, password = userinfo.partition(":")
+        if username:
+            credentials["username"] = unquote(username)
+        if colon:
+            credentials["password"] = unquote(password)
+    nodes = []
+    for item in hosts.split(","):
+        try:
+            parts = urlsplit("//" + item.strip())
+            host, port = parts.hostname, parts.port or DEFAULT_PORTS[scheme]
+        except ValueError:
+            host = None
+        if not host:
+            raise ConfigError(f"REDIS_URL: {scheme}:// needs host:port[,host:port…], got {item!r}")
+        nodes.append((host, port))
+    return nodes, credentials, slash + path
+
+
+def _sentinel_path(path: str) -> tuple[str, int]:
+    parts = [part for part in path.split("/") if part]
+    if not parts or len(parts) > 2:
+        raise ConfigError("REDIS_URL: redis+sentinel:// needs /service_name[/db] after the hosts")
+    try:
+        db = int(parts[1]) if len(parts) == 2 else 0
+    except ValueError:
+        raise ConfigError("REDIS_URL: the database after the service name must be a number") from None
+    return unquote(parts[0]), db
 
 
 def init_app(app) -> None:
-    app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    client = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    if app.config["REDIS_WAIT_REPLICAS"] and (not app.config["REDIS_URL"]
+                                              or isinstance(client, RedisCluster)):
+        raise ConfigError("REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
+                          "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)")
+    app.extensions["redis"] = client

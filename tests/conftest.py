@@ -281,3 +281,191 @@ class RedisServer:
     def __exit__(self, *exc):
         if self.process.poll() is None:
             self.stop()
+
+
+# Topologies beyond one Redis, and Redis processes the tests stop and restart themselves.
+# Each is started on free loopback ports in a temporary directory and torn down by its fixture.
+
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
+
+REDIS_CLI = shutil.which("redis-cli")
+
+
+def require_redis_tools() -> None:
+    require_redis_server()
+    if not REDIS_CLI:
+        reason = "redis-cli is not installed (apt-get install redis-tools)"
+        if os.environ.get("REQUIRE_REDIS") == "1":
+            pytest.fail(reason + " and REQUIRE_REDIS=1")
+        pytest.skip(reason + ": topology test skipped")
+
+
+def wait_until(condition, seconds: float = 30, what: str = "condition"):
+    """Polls ``condition`` until it returns something truthy; a bounded wait, never a timing check."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            result = condition()
+        except (redis.RedisError, OSError):
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {seconds}s")
+        time.sleep(0.05)
+
+
+class RedisProcess:
+    """One redis-server (or Sentinel) the test owns: start, clean SHUTDOWN, kill -9, restart."""
+
+    def __init__(self, directory: Path, *args: str, port: int | None = None, config: str | None = None):
+        self.port = port or free_port()
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.argv = [REDIS_SERVER, *([config] if config else []), "--port", str(self.port),
+                     "--bind", "127.0.0.1", "--dir", str(directory), *args]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """No retries: redis-py's default backoff would turn each failed ping into seconds."""
+        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5,
+                           retry=Retry(NoBackoff(), 0))
+
+    def start(self) -> "RedisProcess":
+        log = open(self.directory / "server.log", "a")
+        self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(lambda: self.client().ping(), what=f"redis on port {self.port}")
+        return self
+
+    def shutdown(self) -> None:
+        """A clean stop: Redis fsyncs its AOF (and saves, if configured) before exiting."""
+        try:
+            self.client().shutdown()
+        except redis.ConnectionError:
+            pass
+        self.process.wait(timeout=30)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def redis_processes(tmp_path):
+    """Starts RedisProcess instances for one test and kills whatever is left at its end."""
+    require_redis_server()
+    started: list[RedisProcess] = []
+
+    def start(*args: str, **options) -> RedisProcess:
+        process = RedisProcess(tmp_path / f"redis-{len(started)}", *args, **options)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free as well."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 40000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class Topology:
+    """Redis processes started together: a Cluster or a Sentinel setup, and its REDIS_URL."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.nodes: list[RedisProcess] = []
+        self.url = ""
+
+    def start(self, *args: str, port: int | None = None) -> RedisProcess:
+        node = RedisProcess(self.directory / f"node-{len(self.nodes)}", *args, port=port)
+        self.nodes.append(node)
+        return node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """Three masters, no replicas, all 16384 slots covered; REDIS_URL ``redis+cluster://``."""
+    require_redis_tools()
+    cluster = Topology(tmp_path_factory.mktemp("cluster"))
+    try:
+        for _ in range(3):
+            cluster.start("--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                          "--save", "", "--appendonly", "no", port=free_cluster_port())
+        addresses = [f"127.0.0.1:{node.port}" for node in cluster.nodes]
+        subprocess.run([REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        for node in cluster.nodes:
+            wait_until(lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
+                       what="cluster_state:ok")
+        cluster.url = "redis+cluster://" + ",".join(addresses)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def replicated_write(client: redis.Redis) -> bool:
+    """True once the master accepts a write and its replica confirms it (WAIT)."""
+    client.set("probe", "1")
+    confirmed = client.wait(1, 100) == 1
+    client.delete("probe")
+    return confirmed
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel(tmp_path_factory):
+    """Master + replica + one Sentinel (quorum 1); REDIS_URL ``redis+sentinel://…/sms``.
+
+    The data nodes are configured as the README recommends: ``min-replicas-to-write 1`` (a
+    master whose replica was promoted refuses writes instead of accepting ones the failover
+    discards), ``repl-diskless-sync-delay 0`` (a rejoining replica syncs at once), and Sentinel
+    runs ``config/sentinel-reconfig.sh``.
+    """
+    require_redis_server()
+    setup = Topology(tmp_path_factory.mktemp("sentinel"))
+    fenced = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
+              "--repl-diskless-sync-delay", "0", "--save", "", "--appendonly", "no")
+    try:
+        master = setup.start(*fenced)
+        replica = setup.start(*fenced, "--replicaof", "127.0.0.1", str(master.port))
+        wait_until(lambda: replicated_write(master.client()), what="a write confirmed by the replica")
+        config = setup.directory / "sentinel.conf"
+        config.write_text(f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"
+                          "sentinel down-after-milliseconds sms 1000\n"
+                          "sentinel failover-timeout sms 10000\n"
+                          f"sentinel client-reconfig-script sms {ROOT / 'config' / 'sentinel-reconfig.sh'}\n")
+        sentinel = RedisProcess(setup.directory / "sentinel", "--sentinel", config=str(config))
+        setup.nodes.append(sentinel)
+        sentinel.start()
+        wait_until(lambda: [r for r in sentinel.client().sentinel_slaves("sms")
+                            if r["flags"] == "slave" and r["master-link-status"] == "ok"],
+                   what="Sentinel sees a good replica")
+        setup.sentinel = sentinel
+        setup.url = f"redis+sentinel://127.0.0.1:{sentinel.port}/sms"
+        yield setup
+    finally:
+        setup.stop()

@@ -1,0 +1,112 @@
+"""The webhook on a 3-master Redis Cluster started by the suite: same code, same exactness.
+
+Every key of a conversation, and its index shard, carry the sender's two-digit hash tag, so
+each script runs on the one master that owns that slot.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from redis.cluster import RedisCluster
+
+from conftest import TOKEN, LiveServer, make_app
+from service.conversations import OPEN, RELEASE, SAVE, END
+from service.keys import Keys
+from service.simulator import TwilioSimulator
+from test_webhook import count_in
+
+OURS = "+15550001111"
+KEYS = Keys()
+SENDERS = [f"+1555987{tag:04d}" for tag in range(100)]  # tags {00}..{99}
+BURST = 4
+
+
+@pytest.fixture
+def cluster_app(redis_cluster):
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port, decode_responses=True)
+    client.flushall()
+    client.script_flush()
+    app = make_app(REDIS_URL=redis_cluster.url)
+    yield app, client
+    client.close()
+
+
+def test_scripts_are_preloaded_on_every_primary(cluster_app, redis_cluster):
+    import hashlib
+
+    shas = [hashlib.sha1(script.encode()).hexdigest() for script in (OPEN, SAVE, RELEASE, END)]
+    for node in redis_cluster.nodes:
+        assert node.client().script_exists(*shas) == [True] * 4
+
+
+def test_conversations_spread_over_every_master(cluster_app, redis_cluster):
+    app, client = cluster_app
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        for sender in SENDERS:
+            assert twilio.send(sender, OURS, "hi").reply == "Thanks for the message, Friend!"
+        assert twilio.send(SENDERS[7], OURS, "again").reply.endswith("2 times.")
+    owners = {client.get_node_from_key(KEYS.conversation(s, OURS).state).port for s in SENDERS}
+    assert owners == {node.port for node in redis_cluster.nodes}
+
+
+def test_concurrent_bursts_over_all_100_tags_keep_exact_counts(cluster_app):
+    app, client = cluster_app
+    with LiveServer(app) as server:
+        sims = [TwilioSimulator(server.url, TOKEN) for _ in range(len(SENDERS) * BURST)]
+        jobs = [(sims[n], SENDERS[n % len(SENDERS)]) for n in range(len(sims))]
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            deliveries = list(pool.map(lambda job: job[0].send(job[1], OURS, "burst"), jobs))
+    assert [d.status for d in deliveries] == [200] * len(deliveries)
+    replies: dict[str, list[int]] = {}
+    for (_, sender), delivery in zip(jobs, deliveries):
+        replies.setdefault(sender, []).append(count_in(delivery.reply))
+    assert all(sorted(counts) == list(range(1, BURST + 1)) for counts in replies.values())
+    for sender in SENDERS:
+        keys = KEYS.conversation(sender, OURS)
+        assert json.loads(client.hget(keys.state, "state")) == {"messages": BURST}
+        assert client.zscore(keys.index, keys.member) is not None  # in its shard's index
+    assert sum(client.zcount(index, "-inf", "+inf") for index in KEYS.indexes()) == len(SENDERS)
+
+
+def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, redis_cluster):
+    """While a slot migrates (ASK, TRYAGAIN) its conversations answer 503; afterwards MOVED."""
+    app, client = cluster_app
+    sender = SENDERS[7]
+    keys = KEYS.conversation(sender, OURS)
+    slot = client.keyslot(keys.state)
+    source = next(n for n in redis_cluster.nodes if n.port == client.get_node_from_key(keys.state).port)
+    target = next(n for n in redis_cluster.nodes if n is not source)
+    ids = {n.port: n.client().execute_command("CLUSTER MYID") for n in (source, target)}
+    statuses = []
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        statuses += [twilio.send(sender, OURS, "before").status for _ in range(3)]
+        target.client().execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+        source.client().execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+        migrating = twilio.send(sender, OURS, "during")
+        moving = source.client().execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        source.client().execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *moving)
+        for node in redis_cluster.nodes:
+            node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.port])
+        after = [twilio.send(sender, OURS, "after") for _ in range(2)]
+    assert statuses == [200] * 3
+    assert migrating.status == 503  # the lock key is missing on the source: ASK, then TRYAGAIN
+    assert [count_in(d.reply) for d in after] == [4, 5]  # redis-py followed MOVED
+    counted = [n.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot) for n in (source, target)]
+    assert counted == [0, 2]  # the conversation and its index shard moved
+    assert json.loads(client.hget(keys.state, "state")) == {"messages": 5}
+
+
+def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):
+    """Last in this module: it stops one master for good."""
+    app, _ = cluster_app
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        assert {twilio.send(s, OURS, "before").status for s in SENDERS} == {200}
+        redis_cluster.nodes[0].kill()
+        statuses = [twilio.send(s, OURS, "after").status for s in SENDERS]
+    assert set(statuses) <= {200, 503} and 503 in statuses

@@ -1,0 +1,218 @@
+"""Faults that must lose nothing: Redis stopped or stalled under load, a worker killed mid-message.
+
+The app runs under gunicorn as in production; the Twilio side redelivers a message answered
+503 with the same ``MessageSid`` (as Twilio does with ``#rc``), so a message is either answered
+200 exactly once in the count, or not counted at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from conftest import ROOT, TOKEN, Gunicorn, wait_until
+from service.conversations import SAVE
+from service.keys import Keys
+from service.simulator import TwilioSimulator, new_message_sid
+from test_webhook import count_in
+
+OURS = "+15550001111"
+KEYS = Keys()
+
+
+def deliver(twilio: TwilioSimulator, sender: str, statuses: list[int], message_sid: str | None = None,
+            attempts: int = 120, pause: float = 0.25) -> int | None:
+    """One message, redelivered on 503; its count, or None if every attempt got 503."""
+    message_sid = message_sid or new_message_sid()
+    for _ in range(attempts):
+        delivery = twilio.send(sender, OURS, "load", message_sid=message_sid)
+        statuses.append(delivery.status)
+        if delivery.status == 200:
+            return count_in(delivery.reply)
+        time.sleep(pause)
+    return None
+
+
+def stored_count(client, sender: str) -> int:
+    raw = client.hget(KEYS.conversation(sender, OURS).state, "state")
+    return json.loads(raw)["messages"] if raw else 0
+
+
+def durable_config(directory: Path) -> str:
+    """``config/redis.conf`` as deployed, with only its data directory moved to ``directory``.
+
+    (Its ``dir /data`` must exist when Redis reads the file, so ``--dir`` cannot override it.)
+    """
+    lines = [line for line in (ROOT / "config" / "redis.conf").read_text().splitlines()
+             if not line.startswith("dir ")]
+    path = directory / "redis.conf"
+    path.write_text("\n".join(lines + [f"dir {directory}"]) + "\n")
+    return str(path)
+
+
+def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, tmp_path):
+    server = redis_processes(config=durable_config(tmp_path))
+    senders = [f"+1555400{n:04d}" for n in range(6)]
+    counts: dict[str, list[int]] = {s: [] for s in senders}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load(sender):
+        twilio = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)  # a hung worker fails here
+        while not stop.is_set():
+            count = deliver(twilio, sender, statuses)
+            assert count is not None, "a message got 503 for 30 s"
+            counts[sender].append(count)
+
+    with Gunicorn({"REDIS_URL": server.url}, workers=2) as gunicorn:
+        with ThreadPoolExecutor(len(senders)) as pool:
+            running = [pool.submit(load, s) for s in senders]
+            wait_until(lambda: statuses.count(200) >= 30, what="load under way")
+            server.shutdown()
+            wait_until(lambda: 503 in statuses, what="503 while Redis is down")
+            time.sleep(0.5)  # a real outage, not a blip
+            server.start()
+            returned, after = time.monotonic(), len(statuses)
+            wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
+            recovered = time.monotonic() - returned
+            wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")
+            stop.set()
+            for future in running:
+                future.result()
+    assert set(statuses) == {200, 503}
+    for sender in senders:
+        assert counts[sender] == list(range(1, len(counts[sender]) + 1))
+    server.shutdown()  # clean stop: the AOF is fsynced
+    server.start()
+    client = server.client()
+    assert {s: stored_count(client, s) for s in senders} == {s: len(counts[s]) for s in senders}
+    assert sum(len(c) for c in counts.values()) == statuses.count(200)
+    print(f"redis down: {statuses.count(503)} answers 503, 200 again {recovered:.2f}s after restart")
+
+
+def test_stalled_redis_answers_503_and_workers_stay_free(redis_url, redis_client):
+    sender = "+15554100001"
+    with Gunicorn({"REDIS_URL": redis_url, "REDIS_TIMEOUT": "0.2", "LOCK_TTL": "1"}, workers=2) as gunicorn:
+        twilio = TwilioSimulator(gunicorn.url, TOKEN)
+        assert twilio.send(sender, OURS, "before").status == 200
+        redis_client.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+        with ThreadPoolExecutor(4) as pool:
+            stalled = list(pool.map(lambda _: twilio.send(sender, OURS, "stalled").status, range(4)))
+        health = requests.get(gunicorn.url.replace("/sms", "/healthz"), timeout=5)
+        still_paused = twilio.send(sender, OURS, "still stalled").status
+        statuses: list[int] = []
+        after = deliver(twilio, sender, statuses)
+    assert stalled == [503] * 4
+    assert health.status_code == 200  # answered while Redis was still paused
+    assert still_paused == 503
+    assert after == 2 and stored_count(redis_client, sender) == 2
+
+
+class FreezingProxy:
+    """A TCP proxy in front of Redis that can hold back the SAVE script of one message.
+
+    With ``freeze_save`` set, the first ``EVALSHA <save sha>`` is never forwarded: the worker
+    sits between its two round trips, holding the conversation's lock, ready to be killed.
+    """
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.save_sha = hashlib.sha1(SAVE.encode()).hexdigest().encode()
+        self.freeze_save = threading.Event()
+        self.frozen = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source, target, to_redis):
+        try:
+            while data := source.recv(65536):
+                if to_redis and self.freeze_save.is_set() and self.save_sha in data:
+                    self.freeze_save.clear()
+                    self.frozen.set()
+                    continue
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        for sock in (self.listener, *self.sockets):
+            sock.close()
+
+
+def gunicorn_workers(master_pid: int) -> list[int]:
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master_pid:
+            workers.append(int(stat.parent.name))
+    return workers
+
+
+def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_url, redis_client):
+    sender = "+15554200002"
+    proxy = FreezingProxy(redis_server.port)
+    env = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "REDIS_TIMEOUT": "30",
+           "LOCK_TTL": "1", "LOCK_WAIT": "0.2"}
+    statuses: list[int] = []
+    try:
+        with Gunicorn(env, workers=1) as gunicorn:
+            twilio = TwilioSimulator(gunicorn.url, TOKEN, timeout=60)
+            counts = [deliver(twilio, sender, statuses) for _ in range(3)]
+            proxy.freeze_save.set()
+            killed_sid = new_message_sid()
+            doomed = threading.Thread(target=lambda: _swallow(twilio, sender, killed_sid))
+            doomed.start()
+            wait_until(proxy.frozen.is_set, what="SAVE held back")
+            [worker] = gunicorn_workers(gunicorn.process.pid)
+            os.kill(worker, signal.SIGKILL)
+            doomed.join(timeout=60)
+            lock = KEYS.conversation(sender, OURS).lock
+            assert redis_client.pttl(lock) > 0  # the dead worker's lock is still there
+            wait_until(lambda: gunicorn_workers(gunicorn.process.pid) not in ([], [worker]),
+                       what="gunicorn replaced the worker")
+            counts += [deliver(twilio, sender, statuses) for _ in range(3)]
+            counts.append(deliver(twilio, sender, statuses, message_sid=killed_sid))  # Twilio retries it
+    finally:
+        proxy.close()
+    assert counts == list(range(1, 8))  # the killed message counted once, when answered 200
+    assert statuses.count(200) == 7 and set(statuses) <= {200, 503}
+    assert stored_count(redis_client, sender) == 7
+
+
+def _swallow(twilio, sender, message_sid):
+    """The request whose worker is killed: its connection just drops."""
+    try:
+        twilio.send(sender, OURS, "doomed", message_sid=message_sid)
+    except requests.RequestException:
+        pass

@@ -1,0 +1,74 @@
+"""The webhook behind Sentinel (master + replica + one Sentinel, started by the suite).
+
+``SENTINEL FAILOVER`` promotes the replica while the old master is still up: Sentinel only
+demotes the old master about ten seconds later. Writes it accepted meanwhile would be thrown
+away, so the data nodes run with ``min-replicas-to-write 1``: the deposed master refuses
+(NOREPLICAS), the app asks Sentinel again, and the switch costs 503s, never a lost count.
+``config/sentinel-reconfig.sh`` demotes the old master right after the switch, so the new
+master has its replica back, and accepts writes, within a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import TOKEN, LiveServer, make_app, wait_until
+from service.keys import Keys
+from service.simulator import TwilioSimulator, new_message_sid
+from test_webhook import count_in
+
+REY, OURS = "+15551230001", "+15550001111"
+RETRIES = 120  # a redelivery every 0.25 s for half a minute at most
+
+
+def deliver(twilio: TwilioSimulator, attempts: list[int]) -> int:
+    """One message, redelivered with the same MessageSid on 503 as Twilio does with ``#rc``."""
+    message_sid = new_message_sid()
+    for _ in range(RETRIES):
+        delivery = twilio.send(REY, OURS, "hello", message_sid=message_sid)
+        attempts.append(delivery.status)
+        if delivery.status != 503:
+            assert delivery.status == 200, delivery.body
+            return count_in(delivery.reply)
+        time.sleep(0.25)
+    raise AssertionError("still 503 after every redelivery")
+
+
+def master_port(setup) -> int:
+    return int(setup.sentinel.client().execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME sms")[1])
+
+
+def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
+    app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1)
+    old_master = master_port(redis_sentinel)
+    attempts: list[int] = []
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        counts = [deliver(twilio, attempts) for _ in range(10)]
+        wait_until(lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
+                   what="SENTINEL FAILOVER accepted")
+        while master_port(redis_sentinel) == old_master or len(counts) < 20:
+            counts.append(deliver(twilio, attempts))
+            assert len(counts) < 500, "Sentinel never switched"
+        for _ in range(10):
+            counts.append(deliver(twilio, attempts))
+    new_master = next(n for n in redis_sentinel.nodes if n.port == master_port(redis_sentinel))
+    assert new_master.port != old_master
+    stored = new_master.client().hget(Keys().conversation(REY, OURS).state, "state")
+    assert counts == list(range(1, len(counts) + 1))  # each message counted once, in order
+    assert json.loads(stored) == {"messages": attempts.count(200)}
+    assert attempts[:10] == attempts[-10:] == [200] * 10  # 503s only during the switch
+    assert attempts.count(503) <= 40  # a few; without the reconfig script it is about 60
+    print(f"failover: {len(counts)} messages, {attempts.count(503)} answers 503 "
+          f"(redelivered every 0.25 s)")
+
+
+def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redis_sentinel):
+    """A newly promoted master may lack the scripts: NOSCRIPT inside the pipeline reloads them."""
+    app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1)
+    master = next(n for n in redis_sentinel.nodes if n.port == master_port(redis_sentinel))
+    master.client().script_flush()
+    with LiveServer(app) as server:
+        delivery = TwilioSimulator(server.url, TOKEN).send("+15551230099", OURS, "hi")
+    assert delivery.status == 200 and delivery.reply == "Thanks for the message, Friend!"

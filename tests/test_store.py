@@ -1,0 +1,98 @@
+"""Choosing the topology from REDIS_URL, and failing at start rather than guessing."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis.exceptions import RedisClusterException, SlotNotCoveredError
+from redis.sentinel import SentinelConnectionPool
+
+from conftest import make_app, post_signed, webhook_params
+from service.sessions import ConversationSessionInterface
+from service.settings import ConfigError
+from service.store import SentinelMasterConnection, connect
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0",
+                                 "unix:///tmp/redis.sock?db=0"])
+def test_single_server_schemes_build_a_plain_client(url):
+    client = connect(url, 0.5)
+    assert type(client) is redis.Redis
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 0.5 and kwargs["decode_responses"] is True
+
+
+def test_sentinel_url_names_sentinels_service_db_and_credentials():
+    client = connect("redis+sentinel://:s%40cret@127.0.0.1:26390,[::1]:26391/sms/2", 0.25)
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "sms"
+    assert pool.connection_class is SentinelMasterConnection
+    assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "s@cret"
+    assert pool.connection_kwargs["socket_timeout"] == 0.25
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"]) for s in sentinels] == [("127.0.0.1", 26390), ("::1", 26391)]
+    assert all(s.get("password") is None and s["socket_timeout"] == 0.25 for s in sentinels)
+
+
+def test_sentinel_default_port_and_db():
+    pool = connect("redis+sentinel://127.0.0.1/sms", 0.5).connection_pool
+    assert pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs["port"] == 26379
+    assert pool.connection_kwargs["db"] == 0
+
+
+@pytest.mark.parametrize("url, says", [
+    ("memcached://127.0.0.1:11211", "unknown scheme"),
+    ("redis+sentinel://127.0.0.1:26379", "/service_name"),
+    ("redis+sentinel://127.0.0.1:26379/sms/x", "must be a number"),
+    ("redis+sentinel://127.0.0.1:26379/a/1/extra", "/service_name"),
+    ("redis+sentinel://127.0.0.1:notaport/sms", "host:port"),
+    ("redis+sentinel://127.0.0.1:26379,/sms", "host:port"),
+    ("redis+sentinel://127.0.0.1:26379/sms?ssl=1", "no query"),
+    ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+    ("redis://127.0.0.1:notaport/0", "REDIS_URL"),
+])
+def test_malformed_url_stops_start_up_naming_redis_url(url, says):
+    with pytest.raises(ConfigError) as raised:
+        make_app(REDIS_URL=url.replace("127.0.0.1", "user:hunter2@127.0.0.1", 1))
+    message = str(raised.value)
+    assert message.startswith("REDIS_URL") and says in message and "\n" not in message
+    assert "hunter2" not in message
+
+
+def test_cluster_without_any_reachable_node_fails_at_start():
+    with pytest.raises(ConfigError, match=r"^REDIS_URL: no Redis Cluster node answered at 127.0.0.1:1"):
+        make_app(REDIS_URL="redis+cluster://127.0.0.1:1")
+
+
+def test_sessions_refuse_a_client_flask_session_would_replace_by_localhost(fake_app):
+    store = fake_app.extensions["conversations"]
+    with pytest.raises(TypeError, match="redis.Redis or RedisCluster"):
+        ConversationSessionInterface(fake_app, "redis://127.0.0.1:6379", store)
+    with pytest.raises(TypeError):
+        ConversationSessionInterface(fake_app, object(), store)
+
+
+@pytest.mark.parametrize("error", [SlotNotCoveredError("slot 7 is not covered"),
+                                   RedisClusterException("all nodes failed"),
+                                   redis.ConnectionError("refused")])
+@pytest.mark.parametrize("step", ["_open", "_save"])
+def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch, error, step):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fake_app.extensions["conversations"], step, fail)
+    response = post_signed(fake_app.test_client(), webhook_params())
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_waiting_for_replicas_needs_a_single_server_or_sentinel():
+    with pytest.raises(ConfigError, match="^REDIS_WAIT_REPLICAS"):
+        make_app(REDIS_WAIT_REPLICAS=1)  # the embedded store has no replicas
+
+
+def test_a_save_no_replica_confirms_answers_503_and_is_not_counted(redis_url, redis_client):
+    app = make_app(REDIS_URL=redis_url, REDIS_WAIT_REPLICAS=1, REDIS_TIMEOUT=0.2)
+    response = post_signed(app.test_client(), webhook_params())
+    assert response.status_code == 503  # the session server has no replica: WAIT returns 0
+    assert redis_client.keys("sms:conv:*") == []
