@@ -72,6 +72,38 @@ def test_concurrent_bursts_over_all_100_tags_keep_exact_counts(cluster_app):
     assert sum(client.zcount(index, "-inf", "+inf") for index in KEYS.indexes()) == len(SENDERS)
 
 
+def test_operators_count_list_show_and_expire_across_every_master(cluster_app, redis_cluster):
+    """The ops commands merge the index shards of all three masters."""
+    app, client = cluster_app
+    with LiveServer(app) as server:
+        twilio = TwilioSimulator(server.url, TOKEN)
+        for sender in SENDERS:
+            twilio.send(sender, OURS, "hi")
+        twilio.send(SENDERS[42], OURS, "latest")  # the most recent conversation
+        runner = app.test_cli_runner()
+        count = runner.invoke(args=["conversations", "count", "--json"])
+        assert json.loads(count.output) == {"active": len(SENDERS)}
+        listed, cursor = [], None
+        while True:
+            args = ["conversations", "list", "--json", "--limit", "30"]
+            page = runner.invoke(args=args + (["--cursor", cursor] if cursor else []))
+            assert page.exit_code == 0, page.output
+            rows = json.loads(page.stdout)
+            listed += rows
+            cursor = next((line.split(": ", 1)[1] for line in page.stderr.splitlines()
+                           if line.startswith("next cursor: ")), None)
+            if cursor is None:
+                break
+        assert sorted(row["from"] for row in listed) == sorted(SENDERS)
+        assert listed[0]["from"] == SENDERS[42] and listed[0]["messages"] == 2
+        show = runner.invoke(args=["conversations", "show", SENDERS[42], OURS, "--json"])
+        assert json.loads(show.stdout)["state"] == {"messages": 2}
+        assert runner.invoke(args=["conversations", "expire", SENDERS[42], OURS]).exit_code == 0
+        count = runner.invoke(args=["conversations", "count", "--json"])
+        assert json.loads(count.output) == {"active": len(SENDERS) - 1}
+        assert twilio.send(SENDERS[42], OURS, "old cookie").reply == "Thanks for the message, Friend!"
+
+
 def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, redis_cluster):
     """While a slot migrates (ASK, TRYAGAIN) its conversations answer 503; afterwards MOVED."""
     app, client = cluster_app
