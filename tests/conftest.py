@@ -245,44 +245,6 @@ class Gunicorn:
             self.process.wait()
 
 
-class RedisServer:
-    """``redis-server config/redis.conf`` as docker-compose runs it, but on a free loopback
-    port with its data in ``directory``; stop() and start() again on the same port."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "RedisServer":
-        args = [require_redis_server(), str(ROOT / "config" / "redis.conf"), "--port", str(self.port),
-                "--dir", str(self.directory), "--bind", "127.0.0.1"]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        with redis.Redis.from_url(self.url) as client:
-            while True:
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server on port {self.port} did not start")
-                    time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=15)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        if self.process.poll() is None:
-            self.stop()
-
-
 # Topologies beyond one Redis, and Redis processes the tests stop and restart themselves.
 # Each is started on free loopback ports in a temporary directory and torn down by its fixture.
 
@@ -316,8 +278,15 @@ def wait_until(condition, seconds: float = 30, what: str = "condition"):
         time.sleep(0.05)
 
 
+REDIS_CONF = str(ROOT / "config" / "redis.conf")
+
+
 class RedisProcess:
-    """One redis-server (or Sentinel) the test owns: start, clean SHUTDOWN, kill -9, restart."""
+    """One redis-server (or Sentinel) the test owns: start, clean SHUTDOWN, kill -9, restart.
+
+    ``config=REDIS_CONF`` runs the deployed ``config/redis.conf`` (durable AOF, noeviction)
+    with only port, address and data directory given on the command line.
+    """
 
     def __init__(self, directory: Path, *args: str, port: int | None = None, config: str | None = None):
         self.port = port or free_port()
@@ -451,7 +420,7 @@ def redis_sentinel(tmp_path_factory):
               "--repl-diskless-sync-delay", "0", "--save", "", "--appendonly", "no")
     try:
         master = setup.start(*fenced)
-        replica = setup.start(*fenced, "--replicaof", "127.0.0.1", str(master.port))
+        setup.start(*fenced, "--replicaof", "127.0.0.1", str(master.port))  # the replica
         wait_until(lambda: replicated_write(master.client()), what="a write confirmed by the replica")
         config = setup.directory / "sentinel.conf"
         config.write_text(f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"

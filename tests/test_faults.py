@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import ROOT, TOKEN, Gunicorn, wait_until
+from conftest import REDIS_CONF, TOKEN, Gunicorn, wait_until
 from service.conversations import SAVE
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
@@ -47,20 +47,8 @@ def stored_count(client, sender: str) -> int:
     return json.loads(raw)["messages"] if raw else 0
 
 
-def durable_config(directory: Path) -> str:
-    """``config/redis.conf`` as deployed, with only its data directory moved to ``directory``.
-
-    (Its ``dir /data`` must exist when Redis reads the file, so ``--dir`` cannot override it.)
-    """
-    lines = [line for line in (ROOT / "config" / "redis.conf").read_text().splitlines()
-             if not line.startswith("dir ")]
-    path = directory / "redis.conf"
-    path.write_text("\n".join(lines + [f"dir {directory}"]) + "\n")
-    return str(path)
-
-
 def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, tmp_path):
-    server = redis_processes(config=durable_config(tmp_path))
+    server = redis_processes(config=REDIS_CONF)
     senders = [f"+1555400{n:04d}" for n in range(6)]
     counts: dict[str, list[int]] = {s: [] for s in senders}
     statuses: list[int] = []

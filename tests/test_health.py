@@ -4,25 +4,25 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 
-from conftest import RedisServer, make_app, post_signed, webhook_params
+from conftest import REDIS_CONF, make_app, post_signed, webhook_params
 
 
-def test_readiness_follows_redis_and_liveness_does_not(tmp_path):
-    with RedisServer(tmp_path) as redis_server:
-        client = make_app(REDIS_URL=redis_server.url).test_client()
-        assert client.get("/readyz").json == {"status": "ready"}
-        assert client.get("/healthz").status_code == 200
+def test_readiness_follows_redis_and_liveness_does_not(redis_processes):
+    redis_server = redis_processes(config=REDIS_CONF)
+    client = make_app(REDIS_URL=redis_server.url).test_client()
+    assert client.get("/readyz").json == {"status": "ready"}
+    assert client.get("/healthz").status_code == 200
 
-        redis_server.stop()
-        down = client.get("/readyz")
-        assert down.status_code == 503
-        assert down.json == {"status": "unavailable", "redis": "ConnectionError"}
-        assert client.get("/healthz").json == {"status": "ok"}
-        assert post_signed(client, webhook_params()).status_code == 503
+    redis_server.shutdown()
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.json == {"status": "unavailable", "redis": "ConnectionError"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert post_signed(client, webhook_params()).status_code == 503
 
-        redis_server.start()  # same port: the service recovers by itself
-        assert client.get("/readyz").status_code == 200
-        assert post_signed(client, webhook_params()).status_code == 200
+    redis_server.start()  # same port: the service recovers by itself
+    assert client.get("/readyz").status_code == 200
+    assert post_signed(client, webhook_params()).status_code == 200
 
 
 def commands_during(redis_client, action) -> Tally:

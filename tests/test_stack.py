@@ -25,8 +25,8 @@ import redis
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from conftest import (GUNICORN_APP, GUNICORN_CONF, ROOT, Gunicorn, RedisServer, delta,
-                      require_binary, scrape, sign)
+from conftest import (GUNICORN_APP, GUNICORN_CONF, ROOT, Gunicorn, REDIS_CONF, RedisProcess, delta,
+                      require_binary, require_redis_server, scrape, sign)
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 
@@ -119,13 +119,17 @@ def test_gunicorn_config_reads_the_environment(monkeypatch, tmp_path):
 def stack(tmp_path_factory):
     directory = tmp_path_factory.mktemp("stack")
     (directory / "metrics").mkdir()
-    with RedisServer(directory) as redis_server:
+    require_redis_server()
+    redis_server = RedisProcess(directory / "redis", config=REDIS_CONF).start()
+    try:
         env = read_env_file(ENV_EXAMPLE)
         env.update(REDIS_URL=redis_server.url, PROMETHEUS_MULTIPROC_DIR=str(directory / "metrics"))
         server = Gunicorn(env, config=GUNICORN_CONF)
         assert server.args[1:] == dockerfile_cmd()[1:]
         with server:
             yield server, redis_server, redis.Redis.from_url(redis_server.url, decode_responses=True)
+    finally:
+        redis_server.kill()
 
 
 @pytest.fixture

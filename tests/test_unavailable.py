@@ -6,28 +6,21 @@ These tests stop and pause their own redis-server, not the session's shared one.
 from __future__ import annotations
 
 import pytest
-import redis
-from pytest_redis import factories
 
-from conftest import REDIS_SERVER, TOKEN, LiveServer, make_app, require_redis_server
+from conftest import TOKEN, LiveServer, make_app
 from service.simulator import TwilioSimulator
 
 REY, OURS = "+15551230001", "+15550001111"
 
-own_redis_proc = factories.redis_proc(executable=REDIS_SERVER or "redis-server", port=None)
-
 
 @pytest.fixture
-def own_redis(request):
-    require_redis_server()
-    server = request.getfixturevalue("own_redis_proc")
-    redis.Redis(host=server.host, port=server.port).flushall()
-    return server
+def own_redis(redis_processes):
+    return redis_processes("--save", "", "--appendonly", "no")
 
 
 @pytest.fixture
 def twilio(own_redis):
-    app = make_app(REDIS_URL=f"redis://{own_redis.host}:{own_redis.port}/0", LOCK_TTL=1.0)
+    app = make_app(REDIS_URL=own_redis.url, LOCK_TTL=1.0)
     with LiveServer(app) as server:
         # A client timeout far above REDIS_TIMEOUT: a hung worker fails the test.
         yield TwilioSimulator(server.url, TOKEN, timeout=10)
@@ -35,12 +28,10 @@ def twilio(own_redis):
 
 def test_redis_stopped_answers_503_then_recovers(own_redis, twilio):
     assert twilio.send(REY, OURS, "one").status == 200
-    own_redis.stop()
-    try:
-        down = [twilio.send(REY, OURS, "while down") for _ in range(3)]
-        health = twilio.http.get(twilio.url.replace("/sms", "/healthz"), timeout=10)
-    finally:
-        own_redis.start()
+    own_redis.kill()
+    down = [twilio.send(REY, OURS, "while down") for _ in range(3)]
+    health = twilio.http.get(twilio.url.replace("/sms", "/healthz"), timeout=10)
+    own_redis.start()
     assert [d.status for d in down] == [503, 503, 503]
     assert all("retry" in d.body.lower() for d in down)
     assert health.status_code == 200
@@ -49,14 +40,14 @@ def test_redis_stopped_answers_503_then_recovers(own_redis, twilio):
 
 
 def test_redis_paused_answers_503_and_the_conversation_goes_on(own_redis, twilio):
-    client = redis.Redis(host=own_redis.host, port=own_redis.port)
+    client = own_redis.client()
     assert twilio.send(REY, OURS, "one").status == 200
     client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
     slow = twilio.send(REY, OURS, "during pause")
     assert slow.status == 503
     response = twilio.http.post(twilio.url, data={})
     assert response.status_code == 403  # workers stay free for other requests
-    client.ping()  # no timeout on this client: returns when the pause is over
+    client.ping()  # a 5 s read timeout on this client: returns when the pause is over
     # The timed-out OPEN may have run after the pause and left a lock; it lapses (LOCK_TTL).
     later = twilio.send(REY, OURS, "after pause")
     assert later.status == 200
