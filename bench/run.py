@@ -37,6 +37,7 @@ import redis
 
 from service.conversations import ConversationStore, now_ms
 from service.keys import Keys
+from service import settings
 from service.settings import SETTINGS
 from service.simulator import TwilioSimulator
 
@@ -386,7 +387,9 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
     """
     client = redis_server.client
     client.flushall()
-    store = ConversationStore(client, ttl=14400, lock_ttl=5, lock_wait=5, replies_kept=8)
+    defaults = settings.load({})
+    store = ConversationStore(client, ttl=defaults["CONVERSATION_TTL"], lock_ttl=5, lock_wait=5,
+                              replies_kept=defaults["REPLIES_KEPT"])
     store.preload()
     keys = Keys()
     baseline = client.info("memory")["used_memory"]
