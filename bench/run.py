@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ RECIPIENT = "+15550001111"
 WORKERS = 2
 OPS_SCRIPT = ROOT / "bench" / "ops_at_scale.py"
 REDIS_CONF = ROOT / "config" / "redis.conf"
-OPS_GOALS = {"count_ms": 5, "first_page_ms": 20, "expire_ms": 5}  # issue 5, at 1M conversations
+OPS_GOALS = {"count_ms": 5, "first_page_50_ms": 20, "expire_one_ms": 5}  # issue 5, at 1M conversations
 
 
 @dataclass(frozen=True)
@@ -425,25 +426,22 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
     return {"conversations": conversations, "live_in_index": live, **figures}
 
 
-def ops_at_scale(redis_url: str, quick: bool) -> dict:
-    """Hook for issue 3's ``bench/ops_at_scale.py``: count, first page, expire at 1M.
+def ops_at_scale(quick: bool) -> dict:
+    """Issue 3's ``bench/ops_at_scale.py``: count, first page of 50, expire one at 1M.
 
-    Contract: the script is run with ``REDIS_URL`` pointing at an empty redis-server of its
-    own to fill, and prints a JSON object on its last line of stdout; its ``count_ms``,
-    ``first_page_ms`` and ``expire_ms`` are checked against the issue's goals.
+    The script fills a redis-server of its own and prints one JSON object; the medians of its
+    ``count_ms``, ``first_page_50_ms`` and ``expire_one_ms`` are checked against the goals.
     """
-    if not OPS_SCRIPT.exists():
-        return {"status": "not measured", "reason": "bench/ops_at_scale.py does not exist yet (issue 3)"}
     if quick:
         return {"status": "not measured", "reason": "skipped by bench-quick"}
     done = subprocess.run([sys.executable, str(OPS_SCRIPT)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=420, env=clean_env(REDIS_URL=redis_url))
-    lines = done.stdout.strip().splitlines()
+                          timeout=420, env=clean_env())
     try:
-        figures = json.loads(lines[-1])
-    except (IndexError, ValueError):
+        result = json.loads(done.stdout)
+    except ValueError:
         return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
-    return {"status": "measured", "figures": figures}
+    figures = {name: result[name]["median"] for name in ("count_ms", "first_page_50_ms", "expire_one_ms")}
+    return {"status": "measured", "figures": figures, "details": result}
 
 
 def goals(report: dict) -> list[dict]:
@@ -519,7 +517,7 @@ def benchmark(profile: Profile) -> dict:
                                           for c in contenders}
         report["memory"] = memory(redis_server, profile.memory_conversations)
         redis_server.client.flushall()
-        report["ops_at_scale"] = ops_at_scale(redis_server.url, profile.name == "quick")
+        report["ops_at_scale"] = ops_at_scale(profile.name == "quick")
     report["goals"] = goals(report)
     report["elapsed_s"] = time.monotonic() - started
     return report
@@ -574,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="report file (default bench/results/<date>.json)")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    # SIGTERM (a CI timeout, Ctrl-C's cousin) unwinds like an exception, so every server the
+    # harness started is stopped by its ExitStack instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = benchmark(profile)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     out = args.out or RESULTS / (f"{date}-quick.json" if args.quick else f"{date}.json")
