@@ -8,10 +8,10 @@ traffic (and docker-compose's healthcheck) waits for it.
 import logging
 
 from flask import Blueprint, Flask, current_app
-from redis import RedisError
 
 from .logs import report
 from .metrics import count_redis_error
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
@@ -26,7 +26,7 @@ def healthz():
 def readyz():
     try:
         current_app.extensions["redis"].ping()
-    except RedisError as error:
+    except UNAVAILABLE as error:
         count_redis_error()
         report(log, f"not ready: Redis {type(error).__name__}")
         return {"status": "unavailable", "redis": type(error).__name__}, 503

@@ -17,9 +17,9 @@ from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from redis import RedisError
 
 from .logs import report
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
@@ -39,7 +39,7 @@ class ActiveGauge:
     def collect(self):
         try:
             count = self.count()
-        except RedisError as error:
+        except UNAVAILABLE as error:
             count_redis_error()
             report(log, f"active conversations not counted: Redis {type(error).__name__}")
             return

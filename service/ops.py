@@ -15,9 +15,9 @@ import sys
 import click
 from flask import Blueprint, Flask, abort, current_app, jsonify, request
 from flask.cli import AppGroup
-from redis import RedisError
 
 from .active import ActiveConversations, BadCursor, Conversation
+from .store import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__, url_prefix="/ops")
@@ -92,7 +92,7 @@ def run(command):
                    "store, not a running `make run` (use the /ops API there)", err=True)
     try:
         return command()
-    except RedisError as failure:
+    except UNAVAILABLE as failure:
         click.echo(f"Redis unavailable: {type(failure).__name__}: {failure}", err=True)
         sys.exit(1)
 
