@@ -281,7 +281,7 @@ def merge_counts(dicts) -> dict[str, int]:
 
 
 def correctness(runs: dict[str, list[dict]]) -> dict:
-    """Messages sent vs. the counts each contender ends with (its last reply per pair)."""
+    """Messages sent vs. the counts each contender ends with (the highest count a pair was told)."""
     report = {}
     for name, results in runs.items():
         expected = [n for r in results for n in r["expected"].values()]
