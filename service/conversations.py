@@ -62,7 +62,8 @@ redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[5])
 if oldest > 0 then
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
-    if string.sub(all[i], 1, 2) == 'm:' and tonumber(string.match(all[i + 1], '^%d+')) <= oldest then
+    local seen = tonumber(string.match(all[i + 1], '^%d+'))  -- nil for a hand-edited value
+    if string.sub(all[i], 1, 2) == 'm:' and (seen == nil or seen <= oldest) then
       redis.call('HDEL', KEYS[1], all[i])
     end
   end

@@ -12,8 +12,11 @@ import logging
 import re
 import sys
 from datetime import datetime, timezone
+from urllib.parse import unquote
 
 from flask import Flask, g, has_request_context
+
+from .masking import mask
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,14 +49,19 @@ class _Handler(logging.StreamHandler):
         pass
 
 
-class _WithoutQueryStrings(logging.Filter):
-    """werkzeug's request lines (``make run``) without query strings: a GET webhook carries
-    From, To and Body in its query."""
+class _ScrubbedRequestLines(logging.Filter):
+    """Request lines (werkzeug's under ``make run``, gunicorn's access log) without query
+    strings, since a GET webhook carries From, To and Body there, and with the numbers in
+    ``/ops/conversations/<from>/<to>`` masked."""
 
     QUERY = re.compile(r"\?[^\s\"]*")
+    OPS_PAIR = re.compile(r"(/ops/conversations/)([^/\s\"?]+)/([^/\s\"?]+)")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
+        line = self.QUERY.sub("", record.getMessage())
+        line = self.OPS_PAIR.sub(lambda m: m.group(1) + mask(unquote(m.group(2))) + "/"
+                                 + mask(unquote(m.group(3))), line)
+        record.msg, record.args = line, ()
         return True
 
 
@@ -86,5 +94,6 @@ def init_app(app: Flask) -> None:
     root = logging.getLogger()
     if not any(isinstance(handler, _Handler) for handler in root.handlers):
         root.addHandler(_Handler())
-        logging.getLogger("werkzeug").addFilter(_WithoutQueryStrings())
+        for name in ("werkzeug", "gunicorn.access"):
+            logging.getLogger(name).addFilter(_ScrubbedRequestLines())
     root.setLevel(logging.INFO)

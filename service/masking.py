@@ -2,7 +2,7 @@
 
 
 def mask(number: str) -> str:
-    """``+15551230001`` → ``+1555***0001``; short or odd values are masked whole."""
-    if len(number) < 9:
-        return "***"
+    """``+15551230001`` → ``+1555***0001``; shorter values keep only their last four characters."""
+    if len(number) < 12:
+        return "***" + number[-4:] if len(number) >= 8 else "***"
     return number[:5] + "***" + number[-4:]

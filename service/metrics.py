@@ -97,6 +97,8 @@ def metrics():
 
 
 def init_app(app: Flask) -> None:
+    # The gauge counts through the operators' queries (``ops.init_app`` sets them up after
+    # this), looked up when scraped.
     app.extensions["metrics"] = Metrics(lambda: app.extensions["active"].count(),
                                         multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     app.register_blueprint(bp)

@@ -66,7 +66,7 @@ class SignatureCheck:
             if compare(self.validator.compute_signature(url, params, algorithm), signature):
                 return True
         except ValueError:
-            pass  # an unsupported algorithm: validate() refuses it with a warning
+            return False  # an algorithm twilio does not support (the header is the sender's)
         return self.validator.validate(url, params, signature, algorithm)
 
 

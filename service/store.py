@@ -8,7 +8,8 @@
 
 Short socket timeouts turn a dead or stalled Redis into a fast 503 instead of a hung worker;
 one retry on a connection error lets a pooled connection that Redis closed (restart, failover)
-reconnect transparently. Timeouts are not retried: a script may already have run.
+reconnect transparently. Timeouts are not retried, since a script may already have run
+(RedisCluster retries them once on its own; the scripts are safe to run twice).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def sms():
         g.duplicate = True
         return twiml(stored)
 
-    count = int(conversation.get("messages", 0)) + 1
+    previous = conversation.get("messages", 0)
+    count = (previous if isinstance(previous, int) and previous >= 0 else 0) + 1  # hand-edited state
     conversation["messages"] = count
     name = current_app.extensions["callers"].name(sender)
     if count == 1:

@@ -414,7 +414,7 @@ def redis_sentinel(tmp_path_factory):
     discards), ``repl-diskless-sync-delay 0`` (a rejoining replica syncs at once), and Sentinel
     runs ``config/sentinel-reconfig.sh``.
     """
-    require_redis_server()
+    require_redis_tools()  # redis-server, and redis-cli for sentinel-reconfig.sh
     setup = Topology(tmp_path_factory.mktemp("sentinel"))
     fenced = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
               "--repl-diskless-sync-delay", "0", "--save", "", "--appendonly", "no")

@@ -102,3 +102,12 @@ def test_dev_server_request_lines_carry_no_query(live_server, lines):
     request_lines = lines("werkzeug")
     assert len(request_lines) == 1 and "GET /sms HTTP/1.1" in request_lines[0]
     assert_clean(request_lines[0])
+
+
+def test_request_lines_mask_the_numbers_in_ops_paths(live_server, lines):
+    base = live_server.url.removesuffix("/sms")
+    lines()
+    requests.get(f"{base}/ops/conversations/{REY}/{OURS.replace('+', '%2B')}", timeout=10)
+    [request_line] = lines("werkzeug")
+    assert "/ops/conversations/+1555***0001/+1555***1111 HTTP/1.1" in request_line
+    assert_clean(request_line)

@@ -50,6 +50,7 @@ def test_missing_callers_file_stops_start_naming_the_variable(tmp_path):
 def test_mask_hides_the_middle_of_numbers():
     assert mask("+15551230001") == "+1555***0001"
     assert "1230" not in mask("+15551230001") and mask("12") == "***"
+    assert mask("+12345678") == "***5678" and mask("+123456789") == "***6789"
 
 
 def test_embedded_store_serves_a_conversation(fake_app):
@@ -103,3 +104,23 @@ def test_simulator_forgets_the_cookie_after_four_hours():
 def test_reply_text_reads_twiml():
     assert reply_text('<?xml version="1.0"?><Response><Message>Hi</Message></Response>') == "Hi"
     assert reply_text("<Response/>") is None and reply_text("not xml") is None
+
+
+def test_session_serializer_is_json_only_and_refuses_a_pickle(fake_app, tmp_path):
+    import os
+    import pickle
+
+    from service.sessions import JsonSerializer
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    serializer = fake_app.session_interface.serializer
+    assert type(serializer) is JsonSerializer
+    for payload in (pickle.dumps(Exploit()), pickle.dumps(Exploit(), protocol=0)):
+        with pytest.raises(ValueError):
+            serializer.decode(payload.decode("latin-1"))
+    assert not marker.exists()

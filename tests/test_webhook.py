@@ -86,7 +86,9 @@ def test_state_is_json_text_and_cookie_holds_only_the_session_id(twilio, redis_c
     cookie = twilio.cookie_for(REY, OURS)
     assert cookie == stored["sid"] == delivery.cookie_sent
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", cookie)  # token_urlsafe(32): 256 random bits
-    assert "2" not in cookie.replace(stored["sid"], "")  # the cookie is the id, nothing else
+    third = twilio.send(REY, OURS, "three")
+    assert third.cookie_sent == cookie == twilio.cookie_for(REY, OURS)  # same id while state changes
+    assert json.loads(conversation(redis_client)["state"]) == {"messages": 3}
 
 
 def test_cookie_attributes(app):
@@ -178,12 +180,25 @@ def test_40_concurrent_messages_with_the_cookie_are_all_counted(live_server, red
     assert json.loads(conversation(redis_client)["state"]) == {"messages": 41}
 
 
-def test_different_pairs_do_not_wait_for_each_other(live_server, redis_client):
-    senders = [f"+1555000{n:04d}" for n in range(20)]
-    sims = [TwilioSimulator(live_server.url, TOKEN) for _ in senders]
-    deliveries = _concurrently(20, lambda i: sims[i].send(senders[i], OURS, "hi"))
-    assert all(d.reply.startswith("Thanks for the message") for d in deliveries)
-    assert all(json.loads(conversation(redis_client, s)["state"]) == {"messages": 1} for s in senders)
+def test_different_pairs_do_not_wait_for_each_other(redis_url, redis_client):
+    """Rey's conversation is held (a stuck holder); Friend's messages go straight through."""
+    app = make_app(REDIS_URL=redis_url, LOCK_WAIT=30.0, LOCK_TTL=60.0)
+    held = KEYS.conversation(REY, OURS).lock
+    redis_client.set(held, "someone-else", px=60_000)
+    with LiveServer(app) as server:
+        results = {}
+        waiting = threading.Thread(target=lambda: results.update(
+            rey=TwilioSimulator(server.url, TOKEN, timeout=60).send(REY, OURS, "waits")))
+        waiting.start()
+        friend = TwilioSimulator(server.url, TOKEN, timeout=10)
+        replies = [friend.send(FRIEND, OURS, f"m{n}").reply for n in range(3)]
+        assert redis_client.exists(held) and "rey" not in results  # Rey still waits
+        redis_client.delete(held)
+        waiting.join(timeout=30)
+    assert replies == ["Thanks for the message, Friend!",
+                       "Friend has messaged +15550001111 2 times.",
+                       "Friend has messaged +15550001111 3 times."]
+    assert results["rey"].reply == "Thanks for the message, Rey!"
 
 
 def test_redelivery_gets_the_same_reply_and_counts_once(twilio, redis_client):
@@ -257,7 +272,8 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
 
     twilio.send(REY, OURS, "one")
     keys = KEYS.conversation(REY, OURS)
-    redis.Redis.from_url(redis_url).hset(keys.state, "state", pickle.dumps(Exploit()))
+    payload = pickle.dumps(Exploit(), protocol=0)  # ASCII: reaches the decoder byte for byte
+    redis.Redis.from_url(redis_url).hset(keys.state, "state", payload)
     delivery = twilio.send(REY, OURS, "two")
     assert delivery.status == 200
     assert not marker.exists()
@@ -269,3 +285,31 @@ def test_healthz_never_touches_redis(redis_url):
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
+
+
+def test_hand_edited_state_and_replies_do_not_break_the_conversation(twilio, redis_client):
+    """An operator's redis-cli typo: wrong types in the state, junk in a reply field."""
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "one")
+    redis_client.hset(keys.state, mapping={"state": '{"messages": "three"}', "m:SMjunk": "junk"})
+    redis_client.hset(keys.state, "seq", 10)  # so that SAVE prunes old replies now
+    after = twilio.send(REY, OURS, "two")
+    assert after.status == 200 and after.reply == "Thanks for the message, Rey!"
+    stored = conversation(redis_client)
+    assert "m:SMjunk" not in stored and json.loads(stored["state"]) == {"messages": 1}
+    assert not redis_client.exists(keys.lock)  # the save went through and released the lock
+    assert twilio.send(REY, OURS, "three").reply.endswith("2 times.")
+
+
+def test_each_save_prunes_lapsed_entries_of_its_index_shard(app, redis_client):
+    """Beyond the shard's own expiry: a busy shard does not keep its lapsed entries."""
+    from service.conversations import now_ms
+
+    index = KEYS.conversation(REY, OURS).index
+    lapsed = {f"+155500{n:04d}01|{OURS}": now_ms() - 1000 for n in range(20)}  # same tag {01}
+    redis_client.zadd(index, lapsed)
+    client = app.test_client()
+    post_signed(client, webhook_params(sender=REY))
+    assert redis_client.zcard(index) == 1 + 20 - 16  # Rey's entry, 16 lapsed ones pruned
+    post_signed(client, webhook_params(sender=REY))
+    assert redis_client.zrange(index, 0, -1) == [KEYS.conversation(REY, OURS).member]
