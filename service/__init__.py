@@ -55,4 +55,5 @@ def check_environment() -> None:
     runs it once, so a refusal is one line instead of a traceback per worker)."""
     config = settings.load()
     settings.check(config)
+    store.check(config)
     callers.Callers.from_file(config["CALLERS_FILE"])

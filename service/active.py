@@ -120,12 +120,16 @@ class ActiveConversations:
             pipe.zcount(index, f"({now}", "+inf")
         return sum(pipe.execute())
 
-    def indexed(self) -> int:
-        """Index entries including lapsed ones not yet pruned (``ZCARD``, O(1) per shard)."""
+    def stats(self) -> dict[str, int]:
+        """``active`` as ``count``, and ``indexed``: entries including lapsed ones not yet
+        pruned (``ZCARD``, O(1) per shard); one pipeline for both."""
+        now = now_ms()
         pipe = self.client.pipeline(transaction=False)
         for index in self.keys.indexes():
+            pipe.zcount(index, f"({now}", "+inf")
             pipe.zcard(index)
-        return sum(pipe.execute())
+        replies = pipe.execute()
+        return {"active": sum(replies[0::2]), "indexed": sum(replies[1::2])}
 
     def page(self, limit: int, cursor: str | None = None) -> Page:
         """Up to ``limit`` live conversations after ``cursor``, most recent first.

@@ -48,7 +48,7 @@ def error(status: int, reason: str, headers: dict | None = None):
 
 @bp.get("/stats")
 def stats():
-    return {"active": active().count(), "indexed": active().indexed()}
+    return active().stats()
 
 
 @bp.get("/conversations")

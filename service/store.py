@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -58,7 +59,8 @@ class SentinelMasterConnection(SentinelManagedConnection):
 
 
 def connect(url: str | None, timeout: float):
-    """A client for ``url``; ``None`` means the embedded in-memory store (fakeredis)."""
+    """A client for ``url`` (its form already passed ``check``); ``None`` means the embedded
+    in-memory store (fakeredis)."""
     if not url:
         import fakeredis
 
@@ -74,10 +76,7 @@ def connect(url: str | None, timeout: float):
     retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     scheme = url.partition("://")[0].lower()
     if scheme in SINGLE_SCHEMES:
-        try:
-            return redis.Redis.from_url(url, retry=retry, **options)
-        except ValueError as error:
-            raise ConfigError(f"REDIS_URL: {error}") from None
+        return redis.Redis.from_url(url, retry=retry, **options)
     if scheme == SENTINEL_SCHEME:
         nodes, credentials, path = _parse_multi_host(url)
         service, db = _sentinel_path(path)
@@ -86,9 +85,7 @@ def connect(url: str | None, timeout: float):
         return sentinel.master_for(service, connection_class=SentinelMasterConnection, db=db,
                                    retry=retry, **credentials, **options)
     if scheme == CLUSTER_SCHEME:
-        nodes, credentials, path = _parse_multi_host(url)
-        if path.strip("/") not in ("", "0"):
-            raise ConfigError("REDIS_URL: a Redis Cluster has only database 0")
+        nodes, credentials, _ = _parse_multi_host(url)
         try:
             return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
                                 retry=retry, **credentials, **options)
@@ -96,8 +93,7 @@ def connect(url: str | None, timeout: float):
             where = ",".join(f"{host}:{port}" for host, port in nodes)
             raise ConfigError(f"REDIS_URL: no Redis Cluster node answered at {where} "
                               f"({type(error).__name__})") from None
-    raise ConfigError(f"REDIS_URL: unknown scheme {scheme!r}; use one of "
-                      + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)))
+    raise AssertionError("store.check lets no other scheme through")
 
 
 def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], str]:
@@ -131,6 +127,11 @@ def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], 
     return nodes, credentials, slash + path
 
 
+def _cluster_path(path: str) -> None:
+    if path.strip("/") not in ("", "0"):
+        raise ConfigError("REDIS_URL: a Redis Cluster has only database 0")
+
+
 def _sentinel_path(path: str) -> tuple[str, int]:
     parts = [part for part in path.split("/") if part]
     if not parts or len(parts) > 2:
@@ -142,10 +143,28 @@ def _sentinel_path(path: str) -> tuple[str, int]:
     return unquote(parts[0]), db
 
 
-def init_app(app) -> None:
-    client = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
-    if app.config["REDIS_WAIT_REPLICAS"] and (not app.config["REDIS_URL"]
-                                              or isinstance(client, RedisCluster)):
+def check(config) -> None:
+    """What ``connect`` would refuse about ``REDIS_URL`` (and ``REDIS_WAIT_REPLICAS`` with it),
+    found without connecting: gunicorn's master runs it once, so a bad URL is one line."""
+    url = config["REDIS_URL"]
+    scheme = url.partition("://")[0].lower() if url else ""
+    if scheme in SINGLE_SCHEMES:
+        try:
+            parse_url(url)
+        except ValueError as error:
+            raise ConfigError(f"REDIS_URL: {error}") from None
+    elif scheme == SENTINEL_SCHEME:
+        _sentinel_path(_parse_multi_host(url)[2])
+    elif scheme == CLUSTER_SCHEME:
+        _cluster_path(_parse_multi_host(url)[2])
+    elif url:
+        raise ConfigError(f"REDIS_URL: unknown scheme {scheme!r}; use one of "
+                          + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)))
+    if config["REDIS_WAIT_REPLICAS"] and scheme in ("", CLUSTER_SCHEME):
         raise ConfigError("REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
                           "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)")
-    app.extensions["redis"] = client
+
+
+def init_app(app) -> None:
+    check(app.config)
+    app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])

@@ -14,23 +14,27 @@ from service.settings import ConfigError
 
 SAFE = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": "a-real-token",
         "TWILIO_VALIDATE_SIGNATURE": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
-REFUSED = {  # variable named in the refusal → how it is set
-    "TWILIO_AUTH_TOKEN": {"TWILIO_AUTH_TOKEN": ""},
-    "TWILIO_VALIDATE_SIGNATURE": {"TWILIO_VALIDATE_SIGNATURE": "0"},
-    "REDIS_URL": {"REDIS_URL": ""},
+REFUSED = [  # (variable named in the refusal, how it is set)
+    ("TWILIO_AUTH_TOKEN", {"TWILIO_AUTH_TOKEN": ""}),
+    ("TWILIO_VALIDATE_SIGNATURE", {"TWILIO_VALIDATE_SIGNATURE": "0"}),
+    ("REDIS_URL", {"REDIS_URL": ""}),
     # Refused in any environment, and as briefly:
-    "LOCK_WAIT": {"LOCK_WAIT": "soon"},
-    "CALLERS_FILE": {"CALLERS_FILE": "/nonexistent/callers.json"},
-}
+    ("LOCK_WAIT", {"LOCK_WAIT": "soon"}),
+    ("CALLERS_FILE", {"CALLERS_FILE": "/nonexistent/callers.json"}),
+    ("REDIS_URL", {"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}),  # no service name
+    ("REDIS_WAIT_REPLICAS", {"REDIS_WAIT_REPLICAS": "1", "REDIS_URL": "redis+cluster://127.0.0.1:1"}),
+]
+CASES = pytest.mark.parametrize("variable, setting", REFUSED, ids=[
+    f"{variable}={next(iter(setting.values()))}" for variable, setting in REFUSED])
 
 
-@pytest.mark.parametrize("variable", REFUSED)
-def test_create_app_refuses(monkeypatch, variable):
-    for name, value in {**SAFE, **REFUSED[variable]}.items():
+@CASES
+def test_create_app_refuses(monkeypatch, variable, setting):
+    for name, value in {**SAFE, **setting}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as refused:
         create_app()
-    assert re.match(rf"{variable}[ =]", str(refused.value))
+    assert re.match(rf"{variable}[ =:]", str(refused.value))
     assert "\n" not in str(refused.value)
 
 
@@ -46,14 +50,14 @@ def test_production_starts_with_safe_settings_and_development_with_anything(monk
     assert app.test_client().get("/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("variable", REFUSED)
-def test_gunicorn_refuses_in_one_line_before_any_worker(variable):
-    server = Gunicorn({**SAFE, **REFUSED[variable]}, config=GUNICORN_CONF)
+@CASES
+def test_gunicorn_refuses_in_one_line_before_any_worker(variable, setting):
+    server = Gunicorn({**SAFE, **setting}, config=GUNICORN_CONF)
     assert server.wait_exit() != 0
     output = server.output()
     refusals = [line for line in output.splitlines() if "refusing to start" in line]
     assert len(refusals) == 1
-    assert re.match(rf"sms-sessions: refusing to start: {variable}[ =]", refusals[0])
+    assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", refusals[0])
     assert "Traceback" not in output and "Booting worker" not in output
 
 
