@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from urllib.parse import unquote
 
+import click
 from flask import Flask, g, has_request_context
 
 from .masking import mask
@@ -34,7 +35,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at the time (pytest swaps it per test)."""
+    """Writes to whatever ``sys.stdout`` is at the time (pytest swaps it per test), or to
+    ``sys.stderr`` inside a CLI command, whose stdout is its output (``--json | jq``)."""
 
     def __init__(self):
         super().__init__()
@@ -42,7 +44,7 @@ class _Handler(logging.StreamHandler):
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr if click.get_current_context(silent=True) else sys.stdout
 
     @stream.setter
     def stream(self, value):

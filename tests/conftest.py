@@ -7,6 +7,7 @@ Without ``redis-server`` the integration tests skip with a printed reason, unles
 from __future__ import annotations
 
 import os
+from collections import Counter as Tally
 import shutil
 import socket
 import subprocess
@@ -78,6 +79,18 @@ def redis_client(redis_url):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+def commands_during(redis_client, action) -> Tally:
+    """Redis commands the server executed while ``action`` ran (INFO itself left out)."""
+    def calls():
+        stats = redis_client.info("commandstats")
+        return Tally({name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()
+                      if name != "cmdstat_info"})
+
+    before = calls()
+    action()
+    return calls() - before
 
 
 def make_app(**overrides):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 
-from conftest import REDIS_CONF, make_app, post_signed, webhook_params
+from conftest import REDIS_CONF, commands_during, make_app, post_signed, webhook_params
 
 
 def test_readiness_follows_redis_and_liveness_does_not(redis_processes):
@@ -23,18 +23,6 @@ def test_readiness_follows_redis_and_liveness_does_not(redis_processes):
     redis_server.start()  # same port: the service recovers by itself
     assert client.get("/readyz").status_code == 200
     assert post_signed(client, webhook_params()).status_code == 200
-
-
-def commands_during(redis_client, action) -> Tally:
-    """Redis commands the server executed while ``action`` ran (INFO itself left out)."""
-    def calls():
-        stats = redis_client.info("commandstats")
-        return Tally({name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()
-                      if name != "cmdstat_info"})
-
-    before = calls()
-    action()
-    return calls() - before
 
 
 def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_client):

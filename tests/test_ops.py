@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from conftest import ROOT, TOKEN, LiveServer, bin_path, make_app, post_signed, webhook_params
+from conftest import ROOT, TOKEN, LiveServer, bin_path, commands_during, make_app, post_signed, webhook_params
 from service.keys import Keys, shard_of
 from service.conversations import now_ms
 from service.simulator import TwilioSimulator
@@ -375,3 +375,25 @@ def test_benchmark_script_smoke(redis_server, tmp_path):
     report = json.loads(output.read_text())
     assert report["conversations"] == 1000
     assert {"count_ms", "first_page_50_ms", "expire_one_ms"} <= set(report)
+
+
+def test_a_page_costs_the_same_commands_for_100_or_2000_conversations(ops_app, redis_client):
+    """O(page size): never KEYS or SCAN, and no command more when the index grows 20-fold."""
+    client, expiry = ops_app.test_client(), now_ms() + 3_600_000
+    tallies = []
+    for total in (100, 2000):
+        for n in range(total):
+            plant(redis_client, f"+1555{n:07d}", OURS, expiry - n)
+        tallies.append(commands_during(redis_client, lambda: client.get(
+            "/ops/conversations?limit=50", headers=AUTH).get_json()))
+        redis_client.flushall()
+    assert tallies[0] == tallies[1]
+    assert not {"keys", "scan", "zrange", "zcard"} & set(tallies[1])  # no whole-index reads
+    assert tallies[1]["hmget"] == 50
+
+
+def test_cli_expire_json(ops_app):
+    text_messages(ops_app, REY, 1)
+    ended = cli(ops_app, "expire", REY, OURS, "--json")
+    assert ended.exit_code == 0 and json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
+    assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 0}
