@@ -70,6 +70,10 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, t
             time.sleep(0.5)  # a real outage, not a blip
             server.start()
             returned, after = time.monotonic(), len(statuses)
+            # Once Redis answers again, so does the service, at the first try (each worker's
+            # dead pooled connection is replaced transparently): the "within 2 s".
+            probe = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)
+            assert [probe.send("+15554009999", OURS, "probe").status for _ in range(4)] == [200] * 4
             wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
             recovered = time.monotonic() - returned
             wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")

@@ -30,9 +30,13 @@ def test_redis_stopped_answers_503_then_recovers(own_redis, twilio):
     assert twilio.send(REY, OURS, "one").status == 200
     own_redis.kill()
     down = [twilio.send(REY, OURS, "while down") for _ in range(3)]
+    params = twilio.params(REY, OURS, "raw", [], "SMraw")  # the same request, headers visible
+    signature = twilio.validator.compute_signature(twilio.url, params)
+    raw = twilio.http.post(twilio.url, data=params, headers={"X-Twilio-Signature": signature}, timeout=10)
     health = twilio.http.get(twilio.url.replace("/sms", "/healthz"), timeout=10)
     own_redis.start()
     assert [d.status for d in down] == [503, 503, 503]
+    assert raw.status_code == 503 and raw.headers["Retry-After"] == "1"
     assert all("retry" in d.body.lower() for d in down)
     assert health.status_code == 200
     back = twilio.send(REY, OURS, "back")
