@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies from the project metadata (pyproject.toml's ranges), in their own layer.
+# The package with its dependencies, from pyproject.toml's ranges (a code change rebuilds this
+# layer; gunicorn then imports `service` from /app, the working directory).
 COPY pyproject.toml ./
 COPY service ./service
 RUN pip install .
