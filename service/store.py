@@ -15,12 +15,14 @@ reconnect transparently. Timeouts are not retried, since a script may already ha
 from __future__ import annotations
 
 import logging
+import threading
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import parse_url
+from redis.commands.core import Script
+from redis.connection import Encoder, parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -86,14 +88,46 @@ def connect(url: str | None, timeout: float):
                                    retry=retry, **credentials, **options)
     if scheme == CLUSTER_SCHEME:
         nodes, credentials, _ = _parse_multi_host(url)
+        lazy = LazyCluster(lambda: RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            retry=retry, **credentials, **options))
         try:
-            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-                                retry=retry, **credentials, **options)
+            return lazy.client()
         except UNAVAILABLE as error:
-            where = ",".join(f"{host}:{port}" for host, port in nodes)
-            raise ConfigError(f"REDIS_URL: no Redis Cluster node answered at {where} "
-                              f"({type(error).__name__})") from None
+            log.warning("no Redis Cluster node answered at start (%s); answering 503 until one "
+                        "does", type(error).__name__)
+            return lazy
     raise AssertionError("store.check lets no other scheme through")
+
+
+class LazyCluster:
+    """A RedisCluster that is built on first use, for a worker started during a Cluster outage.
+
+    redis-py's RedisCluster must reach a node to be built. Failing the worker's boot instead
+    would stop gunicorn altogether; this way the worker serves 503s (and ``/healthz``) and
+    builds the client when a node answers. Scripts are registered here so that their SHA needs
+    no connection (the encoder matches the client's options).
+    """
+
+    def __init__(self, build):
+        self._build = build
+        self._client = None
+        self._lock = threading.Lock()
+
+    def client(self) -> RedisCluster:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+            return self._client
+
+    def get_encoder(self) -> Encoder:
+        return Encoder(encoding="utf-8", encoding_errors="replace", decode_responses=True)
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)
+
+    def __getattr__(self, name):
+        return getattr(self.client(), name)
 
 
 def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], str]:

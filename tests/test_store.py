@@ -7,7 +7,7 @@ import redis
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.sentinel import SentinelConnectionPool
 
-from conftest import make_app, post_signed, webhook_params
+from conftest import free_cluster_port, make_app, post_signed, require_redis_tools, wait_until, webhook_params
 from service.sessions import ConversationSessionInterface
 from service.settings import ConfigError
 from service.store import SentinelMasterConnection, connect
@@ -59,9 +59,23 @@ def test_malformed_url_stops_start_up_naming_redis_url(url, says):
     assert "hunter2" not in message
 
 
-def test_cluster_without_any_reachable_node_fails_at_start():
-    with pytest.raises(ConfigError, match=r"^REDIS_URL: no Redis Cluster node answered at 127.0.0.1:1"):
-        make_app(REDIS_URL="redis+cluster://127.0.0.1:1")
+def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers(redis_processes):
+    """Failing the boot would stop gunicorn; instead the worker answers 503 until a node does."""
+    require_redis_tools()
+    port = free_cluster_port()
+    app = make_app(REDIS_URL=f"redis+cluster://127.0.0.1:{port}")
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert post_signed(client, webhook_params()).status_code == 503
+
+    node = redis_processes("--cluster-enabled", "yes", "--save", "", "--appendonly", "no", port=port)
+    node.client().execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)  # a one-node cluster
+    wait_until(lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
+               what="cluster_state:ok")
+    assert client.get("/readyz").status_code == 200
+    assert b"Thanks" in post_signed(client, webhook_params()).data
+    assert b"2 times" in post_signed(client, webhook_params()).data
 
 
 def test_sessions_refuse_a_client_flask_session_would_replace_by_localhost(fake_app):
