@@ -6,6 +6,7 @@ line naming the variable (``ConfigError``), never a traceback at the first reque
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,25 +28,18 @@ def _bool(value: str) -> bool:
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive whole number")
-    return number
+def _number(kind: type, valid: Callable[[Any], bool], reason: str) -> Callable[[str], Any]:
+    def parse(value: str):
+        number = kind(value)
+        if not valid(number):
+            raise ValueError(reason)
+        return number
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError("must be 0 or more")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise ValueError("must be a positive number")
-    return number
+_positive_int = _number(int, lambda n: n > 0, "must be a positive whole number")
+_non_negative_int = _number(int, lambda n: n >= 0, "must be 0 or more")
+_positive_float = _number(float, lambda n: 0 < n < math.inf, "must be a positive number")
 
 
 def _env_name(value: str) -> str:
