@@ -10,6 +10,7 @@ import os
 import sys
 
 import click
+import requests
 from flask.cli import FlaskGroup
 
 from . import create_app
@@ -35,7 +36,11 @@ def simulate(sender, recipient, url, auth_token, message, repeat):
     lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
     failed = False
     for line in lines:
-        delivery = twilio.send(sender, recipient, line)
+        try:
+            delivery = twilio.send(sender, recipient, line)
+        except requests.RequestException as error:
+            raise click.ClickException(f"no answer from {url}: {type(error).__name__} "
+                                       "(is the service running? `make run`)") from None
         if delivery.status == 200:
             click.echo(delivery.reply if delivery.reply is not None else "(no reply)")
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import TOKEN, Gunicorn, bin_path
+from conftest import TOKEN, Gunicorn, bin_path, free_port
 from service.simulator import TwilioSimulator
 
 REY, OURS = "+15551230001", "+15550001111"
@@ -49,3 +49,13 @@ def test_simulate_with_the_wrong_token_is_refused(redis_url):
             env=server.env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "HTTP 403" in result.stderr
+
+
+def test_simulate_without_a_service_says_so_in_one_line():
+    result = subprocess.run(
+        [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS,
+         "--url", f"http://127.0.0.1:{free_port()}/sms", "--message", "hello"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: no answer from http://127.0.0.1:")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
