@@ -36,7 +36,7 @@ if answered then
 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then
-  return {'busy', tostring(redis.call('PTTL', KEYS[2]))}
+  return {'busy'}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'state')
