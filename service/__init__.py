@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import callers, health, logs, metrics, ops, responses, settings, signature, store, webhook
+from . import callers, health, logs, metrics, ops, redis_client, responses, settings, signature, webhook
 from .conversations import ConversationStore
 from .keys import Keys
 from .sessions import ConversationSessionInterface
@@ -24,7 +24,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
     app.config["SESSION_COOKIE_NAME"] = "sms_session"
 
-    store.init_app(app)
+    redis_client.init_app(app)
     client = app.extensions["redis"]
     app.extensions["keys"] = Keys(app.config["REDIS_KEY_PREFIX"])
     metrics.init_app(app)
@@ -55,5 +55,5 @@ def check_environment() -> None:
     runs it once, so a refusal is one line instead of a traceback per worker)."""
     config = settings.load()
     settings.check(config)
-    store.check(config)
+    redis_client.check(config)
     callers.Callers.from_file(config["CALLERS_FILE"])

@@ -24,7 +24,7 @@ from redis import RedisError
 from redis.exceptions import NoScriptError
 
 from .keys import ConversationKeys
-from .store import UNAVAILABLE
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

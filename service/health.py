@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, current_app
 
 from .logs import report
 from .metrics import count_redis_error
-from .store import UNAVAILABLE
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .logs import report
-from .store import UNAVAILABLE
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)

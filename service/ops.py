@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, abort, current_app, jsonify, request
 from flask.cli import AppGroup
 
 from .active import ActiveConversations, BadCursor, Conversation
-from .store import UNAVAILABLE
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__, url_prefix="/ops")

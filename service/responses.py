@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from .conversations import ConversationBusy
 from .logs import report
 from .metrics import count_redis_error
-from .store import UNAVAILABLE
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 

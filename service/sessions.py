@@ -27,7 +27,7 @@ from .keys import ConversationKeys
 from .logs import annotate, report
 from .metrics import count_redis_error
 from .responses import unavailable
-from .store import UNAVAILABLE, LazyCluster
+from .redis_client import UNAVAILABLE, LazyCluster
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ConversationSessionInterface(RedisSessionInterface):
 
     def __init__(self, app: Flask, client, store: ConversationStore):
         # Deliberately not RedisSessionInterface.__init__: it silently falls back to
-        # localhost:6379 for a client it does not recognise. The client is ours, built by store;
+        # localhost:6379 for a client it does not recognise. The client is ours, built by redis_client;
         # anything else stops start-up here rather than quietly talking to another Redis.
         if not isinstance(client, (redis.Redis, RedisCluster, LazyCluster)):
             raise TypeError(f"sessions need a redis.Redis or RedisCluster client, not {type(client).__name__}")

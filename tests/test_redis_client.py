@@ -10,7 +10,7 @@ from redis.sentinel import SentinelConnectionPool
 from conftest import free_cluster_port, make_app, post_signed, require_redis_tools, wait_until, webhook_params
 from service.sessions import ConversationSessionInterface
 from service.settings import ConfigError
-from service.store import SentinelMasterConnection, connect
+from service.redis_client import SentinelMasterConnection, connect
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0",

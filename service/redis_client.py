@@ -97,7 +97,7 @@ def connect(url: str | None, timeout: float):
             log.warning("no Redis Cluster node answered at start (%s); answering 503 until one "
                         "does", type(error).__name__)
             return lazy
-    raise AssertionError("store.check lets no other scheme through")
+    raise AssertionError("check lets no other scheme through")
 
 
 class LazyCluster:
