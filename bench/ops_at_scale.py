@@ -115,8 +115,8 @@ def median_ms(samples: list[float]) -> dict:
 def run(count: int, runs: int) -> dict:
     with throwaway_redis() as url:
         app = create_app({"REDIS_URL": url, "TWILIO_AUTH_TOKEN": "bench", "REDIS_TIMEOUT": 30})
-        client, keys = app.extensions["redis"], app.extensions["keys"]
-        active = app.extensions["active"]
+        client, keys = app.extensions["sms.redis"], app.extensions["sms.keys"]
+        active = app.extensions["sms.active"]
         started = time.perf_counter()
         pairs = fill(client, keys, count, app.config["CONVERSATION_TTL"])
         fill_seconds = time.perf_counter() - started

@@ -49,6 +49,7 @@ RECIPIENT = "+15550001111"
 WORKERS = 2
 OPS_SCRIPT = ROOT / "bench" / "ops_at_scale.py"
 REDIS_CONF = ROOT / "config" / "redis.conf"
+BURST_MESSAGES = 4  # messages of one conversation within the redelivery window, for memory
 OPS_GOALS = {"count_ms": 5, "first_page_50_ms": 20, "expire_one_ms": 5}  # issue 5, at 1M conversations
 
 
@@ -214,8 +215,8 @@ def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
     keys = Keys()
     pipe = client.pipeline(transaction=False)
     for sender in pairs:
-        pipe.hget(keys.conversation(sender, RECIPIENT).state, "state")
-    return {sender: json.loads(raw)["messages"] if raw else 0 for sender, raw in zip(pairs, pipe.execute())}
+        pipe.hget(keys.conversation(sender, RECIPIENT).state, "seq")
+    return {sender: int(raw or 0) for sender, raw in zip(pairs, pipe.execute())}
 
 
 def throughput_rounds(profile: Profile, contenders: list[Contender], redis_server: RedisServer) -> dict:
@@ -384,12 +385,14 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
 
     Pipelined for speed: each conversation gets OPEN (takes the lock) then SAVE, exactly the
     arguments ``ConversationStore.open``/``save`` send. Measured after the first message and
-    again once the redelivery memory is full (``REPLIES_KEPT`` messages).
+    again after a burst of ``BURST_MESSAGES`` within the redelivery window (each answer is kept
+    for ``REDELIVERY_WINDOW``; a conversation whose messages are further apart keeps one).
     """
     client = redis_server.client
     client.flushall()
     defaults = settings.load({})
     store = ConversationStore(client, ttl=defaults["CONVERSATION_TTL"], lock_ttl=5, lock_wait=5,
+                              redelivery_window=defaults["REDELIVERY_WINDOW"],
                               replies_kept=defaults["REPLIES_KEPT"])
     store.preload()
     keys = Keys()
@@ -397,21 +400,24 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
     pairs = [keys.conversation(f"+1556{n:07d}", RECIPIENT) for n in range(conversations)]
     sids = {pair.member: f"{n:043d}" for n, pair in enumerate(pairs)}
     figures = {}
-    for message in range(1, store.replies_kept + 1):
+    for message in range(1, BURST_MESSAGES + 1):
         for start in range(0, conversations, 2000):
             pipe = client.pipeline(transaction=False)
             for pair in pairs[start:start + 2000]:
                 token, message_sid = f"{message:016x}", f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
                 reply = ("Thanks for the message, Friend!" if message == 1
                          else f"Friend has messaged {RECIPIENT} {message} times.")
-                pipe.evalsha(store._open.sha, 2, pair.state, pair.lock, token, store.lock_ms, message_sid)
-                pipe.evalsha(store._save.sha, 3, pair.state, pair.lock, pair.index, token, sids[pair.member],
-                             json.dumps({"messages": message}), store.ttl, now_ms(), message_sid, reply,
-                             store.replies_kept, pair.member, "1" if message == 1 else "0")
+                pipe.evalsha(store._open.sha, 5, pair.state, pair.lock, pair.queue, pair.waiters,
+                             pair.index, token, message_sid, pair.member, store.lock_ms, 1000,
+                             store.ttl * 1000)
+                pipe.evalsha(store._save.sha, 3, pair.state, pair.lock, pair.index, token, message_sid,
+                             pair.member, sids[pair.member], "{}", "t" + reply,
+                             "1" if message == 1 else "0", "", now_ms(), store.ttl * 1000,
+                             store.GRACE * 1000, store.window_ms, store.replies_kept)
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:
                 raise RuntimeError("SAVE did not save every conversation")
-        if message in (1, store.replies_kept):
+        if message in (1, BURST_MESSAGES):
             used = client.info("memory")["used_memory"]
             sample = pairs[0]
             figures["first_message" if message == 1 else "replies_full"] = {

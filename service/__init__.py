@@ -4,44 +4,28 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import callers, health, logs, metrics, ops, redis_client, responses, settings, signature, webhook
-from .conversations import ConversationStore
-from .keys import Keys
-from .sessions import ConversationSessionInterface
+from . import (callers, conversations, health, logs, metrics, ops, redis_client, responses,
+               settings, signature, webhook)
+from . import handler as handlers
+from .handler import Conversation, Handler, Message
+
+__all__ = ["Conversation", "Message", "check_environment", "create_app"]
 
 
-def create_app(test_config: dict | None = None) -> Flask:
-    """Builds the app from the environment; ``test_config`` overrides single settings.
+def create_app(test_config: dict | None = None, *, handler: Handler | None = None) -> Flask:
+    """Builds the app from the environment; ``test_config`` overrides single settings, and
+    ``handler`` is the conversation logic (else ``SMS_HANDLER``, else the counter).
 
     Raises ``settings.ConfigError`` (one line naming the variable) on a setting it refuses.
     """
     app = Flask(__name__)
     logs.init_app(app)
-    app.config.from_mapping(settings.load())
-    if test_config:
-        app.config.from_mapping(test_config)
-    settings.check(app.config)
-    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
-    app.config["SESSION_COOKIE_NAME"] = "sms_session"
-
+    settings.init_app(app, test_config)
     redis_client.init_app(app)
-    client = app.extensions["redis"]
-    app.extensions["keys"] = Keys(app.config["REDIS_KEY_PREFIX"])
     metrics.init_app(app)
-    app.extensions["conversations"] = ConversationStore(
-        client,
-        ttl=app.config["CONVERSATION_TTL"],
-        lock_ttl=app.config["LOCK_TTL"],
-        lock_wait=app.config["LOCK_WAIT"],
-        replies_kept=app.config["REPLIES_KEPT"],
-        on_lock_wait=app.extensions["metrics"].lock_wait.observe,
-        wait_replicas=app.config["REDIS_WAIT_REPLICAS"],
-        wait_ms=max(1, int(app.config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
-    )
-    app.extensions["conversations"].preload()
-    app.session_interface = ConversationSessionInterface(app, client, app.extensions["conversations"])
-
     callers.init_app(app)
+    conversations.init_app(app)
+    handlers.init_app(app, handler)
     signature.init_app(app)
     responses.init_app(app)
     health.init_app(app)
@@ -57,3 +41,4 @@ def check_environment() -> None:
     settings.check(config)
     redis_client.check(config)
     callers.Callers.from_file(config["CALLERS_FILE"])
+    handlers.load(config["SMS_HANDLER"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from .callers import Callers
-from .conversations import ConversationStore, now_ms
+from .conversations import ConversationStore, decode_state, now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
 
 log = logging.getLogger(__name__)
-FIELDS = ("state", "first_seen", "last_seen")
+FIELDS = ("state", "seq", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
 
 PRUNE = """
@@ -150,14 +149,16 @@ class ActiveConversations:
         return Page(found, after.cursor() if more and after else None)
 
     def get(self, sender: str, recipient: str) -> Conversation | None:
+        """A live conversation: state stored, expiry (its index score) still ahead."""
         keys = self.keys.conversation(sender, recipient)
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(keys.state, FIELDS)
-        pipe.pttl(keys.state)
-        values, pttl = pipe.execute()
-        if pttl == -2:
+        pipe.zscore(keys.index, keys.member)
+        values, expiry = pipe.execute()
+        now = now_ms()
+        if values[0] is None or expiry is None or expiry <= now:
             return None
-        return self._conversation(keys, values, math.ceil(pttl / 1000))
+        return self._conversation(keys, values, math.ceil((expiry - now) / 1000))
 
     def end(self, sender: str, recipient: str) -> bool:
         """Ends the conversation now (state, lock, index entry); False if it was not live."""
@@ -248,19 +249,17 @@ class ActiveConversations:
         return found
 
     def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> Conversation:
-        raw_state, first_seen, last_seen = values
-        try:
-            state = json.loads(raw_state)
-        except ValueError:
-            state = None
-        state = state if isinstance(state, dict) else {}
-        messages = state.get("messages", 0)
+        raw_state, seq, first_seen, last_seen = values
         return Conversation(
             sender=keys.sender, recipient=keys.recipient, name=self.callers.name(keys.sender),
-            messages=messages if isinstance(messages, int) else 0,
-            first_seen=int(first_seen or 0), last_seen=int(last_seen or 0),
-            expires_in=max(expires_in, 0), state=state,
+            messages=_number(seq), first_seen=_number(first_seen), last_seen=_number(last_seen),
+            expires_in=max(expires_in, 0), state=decode_state(raw_state or "{}") or {},
         )
+
+
+def _number(value: str | None) -> int:
+    """A stored count or time; 0 for what a hand edit made unreadable."""
+    return int(value) if value and value.isdigit() else 0
 
 
 def iso(epoch_ms: int) -> str:

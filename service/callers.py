@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Flask
+from flask import Flask, current_app
 
 from .settings import ConfigError
 
@@ -26,9 +26,14 @@ class Callers:
             raise ConfigError(f"CALLERS_FILE={path!r}: expected a JSON object of number → name")
         return cls(names)
 
-    def name(self, number: str) -> str:
-        return self.names.get(number, UNKNOWN)
+    def name(self, address: str) -> str:
+        """The name of a sender, by its number (``whatsapp:+1555…`` is ``+1555…``)."""
+        return self.names.get(address.rpartition(":")[2], UNKNOWN)
+
+
+def directory() -> Callers:
+    return current_app.extensions["sms.callers"]
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["callers"] = Callers.from_file(app.config["CALLERS_FILE"])
+    app.extensions["sms.callers"] = Callers.from_file(app.config["CALLERS_FILE"])

@@ -6,6 +6,7 @@ themselves on ``app.cli`` in their module's ``init_app``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -14,6 +15,7 @@ import requests
 from flask.cli import FlaskGroup
 
 from . import create_app
+from .handler import load
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 
@@ -30,9 +32,11 @@ cli = FlaskGroup(create_app=create_app, help="SMS conversations: serve, simulate
 @click.option("--message", help="Send this text instead of reading lines from the terminal.")
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
               help="With --message: how many times to send it.")
-def simulate(sender, recipient, url, auth_token, message, repeat):
+@click.option("--handler", "handler_spec", metavar="MODULE:FUNCTION",
+              help="Run this handler in this process on the embedded store instead of calling --url.")
+def simulate(sender, recipient, url, auth_token, message, repeat, handler_spec):
     """Hold a conversation with the webhook as Twilio would (signed, per-pair cookie)."""
-    twilio = TwilioSimulator(url, auth_token)
+    twilio = _in_process(handler_spec) if handler_spec else TwilioSimulator(url, auth_token)
     lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
     failed = False
     for line in lines:
@@ -47,6 +51,14 @@ def simulate(sender, recipient, url, auth_token, message, repeat):
             failed = True
             click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}", err=True)
     sys.exit(1 if failed else 0)
+
+
+def _in_process(spec: str) -> TwilioSimulator:
+    """The service with ``spec`` as its handler, in this process on the embedded store; only
+    warnings and errors are logged (a failing handler's traceback among them)."""
+    app = create_app({"REDIS_URL": None, "TWILIO_AUTH_TOKEN": "simulated"}, handler=load(spec))
+    logging.getLogger().setLevel(logging.WARNING)
+    return TwilioSimulator.for_app(app)
 
 
 def _typed_lines(sender, recipient):

@@ -1,99 +1,186 @@
-"""The conversation store: every Redis command the webhook sends, as two atomic Lua scripts.
+"""The conversation store: every Redis command a message costs, as two atomic Lua scripts.
 
-A conversation is one hash (see ``keys``): ``sid``, ``state`` (JSON), ``seq`` (messages
-saved), ``first_seen``/``last_seen`` (epoch ms) and one field ``m:<MessageSid>`` =
-``"<seq> <reply>"`` for each of the last ``replies_kept`` messages, so a redelivery is found
-with one HGET and no per-message key exists.
+A conversation is one hash (see ``keys``): ``sid``, ``state`` (JSON), ``seq`` (its messages),
+``first_seen``/``last_seen`` (epoch ms, Redis' clock) and one field ``m:<MessageSid>`` =
+``"<ms> <answer>"`` per message answered within the redelivery window, so a redelivery is
+found with one HGET and no per-message key exists. docs/design.md tells the whole story.
 
-Why Lua: a message costs exactly two round trips. ``open`` takes the conversation's lock and
-returns its session (or the stored reply of a redelivered ``MessageSid``) in one; ``save``
-checks the lock is still ours, writes state, replay memory and index, and releases the lock in
-the other. A crashed holder's lock lapses after ``lock_ttl`` by itself.
+Why Lua: a message costs exactly two round trips. ``open`` answers a redelivery from memory,
+or queues for the conversation's lock in arrival order and, once first in line, takes it and
+returns the conversation; ``save`` checks the lock is still ours, writes the state (or ends
+the conversation), the answer's memory and the index, and releases the lock. A crashed
+holder's lock lapses after ``lock_ttl``; a crashed waiter drops out of line once it stops
+asking.
 """
 
 from __future__ import annotations
 
-import random
+import json
+import logging
 import secrets
 import time
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
+from flask import Flask, current_app
 from redis import RedisError
 from redis.exceptions import NoScriptError
 
-from .keys import ConversationKeys
+from .keys import ConversationKeys, Keys
 from .redis_client import UNAVAILABLE
+
+if TYPE_CHECKING:
+    from .active import ActiveConversations
 
 log = logging.getLogger(__name__)
 
-OPEN = """
--- KEYS: state hash, lock. ARGV: token, lock ms, message sid.
-local answered = redis.call('HGET', KEYS[1], 'm:' .. ARGV[3])
-if answered then
-  return {'dup', redis.call('HGET', KEYS[1], 'sid') or '', '', (string.gsub(answered, '^%d+ ', '', 1))}
-end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then
-  return {'busy'}
-end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'sid', 'state')
-return {'ok', h[1] or '', h[2] or ''}
-"""
-
-SAVE = """
--- KEYS: state hash, lock, index shard.
--- ARGV: token, sid, state json, ttl s, now ms, message sid, reply, replies kept, member, fresh.
--- Replies are fields 'm:<MessageSid>' = '<seq> <reply>'; fields under 64 bytes keep the hash
--- in Redis's compact listpack encoding.
-local field = 'm:' .. ARGV[6]
-if redis.call('HEXISTS', KEYS[1], field) == 1 then return 'saved' end
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'lost' end
-if ARGV[10] == '1' then redis.call('DEL', KEYS[1]) end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local oldest = seq - tonumber(ARGV[8])
-local ttl_ms = tonumber(ARGV[4]) * 1000
-local now = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'sid', ARGV[2], 'state', ARGV[3], 'last_seen', ARGV[5],
-           field, seq .. ' ' .. ARGV[7])
-redis.call('HSETNX', KEYS[1], 'first_seen', ARGV[5])
-if oldest > 0 then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    local seen = tonumber(string.match(all[i + 1], '^%d+'))  -- nil for a hand-edited value
-    if string.sub(all[i], 1, 2) == 'm:' and (seen == nil or seen <= oldest) then
-      redis.call('HDEL', KEYS[1], all[i])
-    end
+# Lua helpers shared by the scripts below (prepended to each that uses them).
+FORGET = """
+-- The conversation's own fields go; the answers kept for redeliveries ('m:…') stay.
+local function forget(conversation)
+  local names = redis.call('HKEYS', conversation)
+  for i = 1, #names do
+    if string.sub(names[i], 1, 2) ~= 'm:' then redis.call('HDEL', conversation, names[i]) end
   end
 end
-redis.call('PEXPIRE', KEYS[1], ttl_ms)
-redis.call('ZADD', KEYS[3], now + ttl_ms, ARGV[9])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 16)
-if #expired > 0 then redis.call('ZREM', KEYS[3], unpack(expired)) end
-if redis.call('PTTL', KEYS[3]) < ttl_ms then redis.call('PEXPIRE', KEYS[3], ttl_ms) end
-redis.call('DEL', KEYS[2])
+local function now_ms()
+  local clock = redis.call('TIME')
+  return clock[1] * 1000 + math.floor(clock[2] / 1000)
+end
+"""
+
+OPEN = FORGET + """
+-- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
+-- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
+-- first in line with the lock free, takes it and gets the conversation, which is ended first
+-- if its time ran out (index score = last message + TTL).
+local conversation, lock, queue, waiters, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
+local lock_ms, patience_ms, ttl_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+
+local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
+if answered then
+  return {'dup', (string.gsub(answered, '^%d+ ', '', 1)), redis.call('HGET', conversation, 'sid') or ''}
+end
+local now = now_ms()
+
+local head = redis.call('ZRANGE', queue, 0, 0)[1]
+while head and head ~= token and (tonumber(redis.call('HGET', waiters, head)) or 0) <= now do
+  redis.call('ZREM', queue, head)
+  redis.call('HDEL', waiters, head)
+  head = redis.call('ZRANGE', queue, 0, 0)[1]
+end
+
+if redis.call('EXISTS', lock) == 0 and (not head or head == token) then
+  redis.call('SET', lock, token, 'PX', lock_ms)
+  if head then
+    redis.call('ZREM', queue, token)
+    redis.call('HDEL', waiters, token)
+  end
+  local found = redis.call('HMGET', conversation, 'sid', 'state', 'seq', 'first_seen', 'last_seen')
+  local expiry = tonumber(redis.call('ZSCORE', index, member))
+                 or (tonumber(found[5]) or now) + ttl_ms
+  if found[1] and expiry <= now then
+    forget(conversation)
+    redis.call('ZREM', index, member)
+    return {'ok', now, '', '', '', ''}
+  end
+  return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or ''}
+end
+
+if not redis.call('ZSCORE', queue, token) then
+  local last = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')
+  redis.call('ZADD', queue, (tonumber(last[2]) or 0) + 1, token)
+end
+redis.call('HSET', waiters, token, now + patience_ms)
+redis.call('PEXPIRE', queue, patience_ms + lock_ms)
+redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
+return {'busy', redis.call('ZRANK', queue, token)}
+"""
+
+SAVE = FORGET + """
+-- Round trip 2, only while the lock is still ours: write the conversation, or end it; remember
+-- the answer under its MessageSid; keep the index; release the lock. Nothing here can fail
+-- half-way: every value is checked or bounded before the first write.
+local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
+local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local fresh, ending = ARGV[7] == '1', ARGV[8] ~= ''
+local started_at, ttl_ms, grace_ms = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
+local window_ms, kept = tonumber(ARGV[12]), tonumber(ARGV[13])
+
+if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'saved' end
+if redis.call('GET', lock) ~= token then return 'lost' end
+local now = now_ms()
+local seq = 1
+if fresh then
+  forget(conversation)
+else
+  seq = (tonumber(redis.call('HGET', conversation, 'seq')) or 0) + 1
+end
+
+redis.call('HSET', conversation, 'm:' .. message_sid, now .. ' ' .. answer)
+if ending then
+  forget(conversation)
+  redis.call('ZREM', index, member)
+else
+  redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', seq, 'last_seen', now)
+  redis.call('HSETNX', conversation, 'first_seen', fresh and started_at or now)
+  redis.call('ZADD', index, now + ttl_ms, member)
+  if redis.call('PTTL', index) < ttl_ms + grace_ms then
+    redis.call('PEXPIRE', index, ttl_ms + grace_ms)
+  end
+end
+
+-- Answers older than the window go, and the oldest beyond the cap (a memory guard).
+if redis.call('HLEN', conversation) > 6 then
+  local fields = redis.call('HGETALL', conversation)
+  local answers = {}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'm:' then
+      local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
+      if at == nil or at <= now - window_ms then
+        redis.call('HDEL', conversation, fields[i])
+      else
+        answers[#answers + 1] = {at, fields[i]}
+      end
+    end
+  end
+  if #answers > kept then
+    table.sort(answers, function(a, b) return a[1] > b[1] end)
+    for i = kept + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
+  end
+end
+redis.call('PEXPIRE', conversation, ending and window_ms or ttl_ms + grace_ms)
+redis.call('DEL', lock)
 return 'saved'
 """
 
 RELEASE = """
--- KEYS: lock. ARGV: token. Deletes the lock only if it is still ours.
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+-- A message that will not save: gives the lock back if it holds it, and leaves the line.
+local lock, queue, waiters = KEYS[1], KEYS[2], KEYS[3]
+local token = ARGV[1]
+if redis.call('GET', lock) == token then redis.call('DEL', lock) end
+redis.call('ZREM', queue, token)
+redis.call('HDEL', waiters, token)
 """
 
-END = """
--- KEYS: state hash, lock, index shard. ARGV: member.
-local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-return existed
+END = FORGET + """
+-- An operator ends the conversation now. The lock goes too, so that a message being handled
+-- answers 503 instead of bringing the conversation back. Returns 1 if it was live.
+local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
+local member = ARGV[1]
+local live = redis.call('HEXISTS', conversation, 'sid')
+forget(conversation)
+redis.call('DEL', lock)
+redis.call('ZREM', index, member)
+return live
 """
 
 
 class ConversationBusy(Exception):
-    """Another request held the conversation for longer than the wait bound."""
+    """The message waited its turn for longer than ``LOCK_WAIT``."""
 
 
 class LockLost(Exception):
@@ -110,26 +197,37 @@ class NotReplicated(RedisError):
 
 @dataclass
 class Opened:
-    """What ``open`` found: a stored reply for a redelivery, else the lock and the session."""
+    """What ``open`` found: a redelivery's stored answer, or the lock and the stored fields
+    (as Redis holds them: the caller decodes, and treats what it cannot read as new)."""
 
     token: str
-    sid: str | None = None
-    state: str | None = None
-    duplicate_reply: str | None = None
+    now: int = 0
+    answered: str | None = None
+    sid: str = ""
+    state: str = ""
+    seq: str = ""
+    first_seen: str = ""
 
 
 class ConversationStore:
     """Runs the scripts for one conversation at a time; holds no per-request state."""
 
-    def __init__(self, client, ttl: int, lock_ttl: float, lock_wait: float, replies_kept: int,
-                 wait_replicas: int = 0, wait_ms: int = 0,
-                 on_lock_wait: Callable[[float], None] = lambda seconds: None):
+    # A waiter asks again at least this often; one that stops for ``PATIENCE`` leaves the line.
+    POLL_FIRST, POLL_MAX, PATIENCE = 0.002, 0.05, 1.0
+    # Physically, a conversation outlives its end by this much, so that whoever ends it
+    # (a message or a sweep) still finds its state.
+    GRACE = 24 * 3600
+
+    def __init__(self, client, *, ttl: int, lock_ttl: float, lock_wait: float,
+                 redelivery_window: int, replies_kept: int, wait_replicas: int = 0,
+                 wait_ms: int = 0, on_lock_wait: Callable[[float], None] = lambda seconds: None):
         """``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
         self.on_lock_wait = on_lock_wait
         self.ttl = ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
+        self.window_ms = redelivery_window * 1000
         self.replies_kept = replies_kept
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
@@ -153,33 +251,37 @@ class ConversationStore:
                 return
 
     def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
-        """Round trip 1. Waits (briefly polling) while another request holds the lock."""
+        """Round trip 1 (more only while the message waits its turn, asking again the sooner
+        the nearer it is to the front)."""
         token = secrets.token_hex(8)
         started = time.monotonic()
         deadline = started + self.lock_wait
-        pause = 0.002
+        ticket_keys = [keys.state, keys.lock, keys.queue, keys.waiters, keys.index]
+        args = [token, message_sid, keys.member, self.lock_ms, int(self.PATIENCE * 1000),
+                self.ttl * 1000]
         while True:
-            result = self._run(self._open, [keys.state, keys.lock], [token, self.lock_ms, message_sid])
-            status = result[0]
-            if status == "dup":  # answered from memory: no lock taken
-                return Opened(token, result[1] or None, None, result[3])
-            if status == "ok":
+            result = self._run(self._open, ticket_keys, args)
+            if result[0] == "dup":  # answered from memory: no lock taken
+                return Opened(token, answered=result[1], sid=result[2])
+            if result[0] == "ok":
                 self.on_lock_wait(time.monotonic() - started)
-                return Opened(token, result[1] or None, result[2] or None)
+                return Opened(token, int(result[1]), None, *result[2:6])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.on_lock_wait(time.monotonic() - started)
+                self.release(keys, token)
                 raise ConversationBusy(keys.member)
-            time.sleep(min(remaining, pause * (0.5 + random.random())))
-            pause = min(pause * 2, 0.05)
+            ahead = int(result[1])
+            time.sleep(min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
 
-    def save(self, keys: ConversationKeys, opened: Opened, sid: str, state: str, fresh: bool,
-             message_sid: str, reply: str) -> None:
+    def save(self, keys: ConversationKeys, opened: Opened, *, sid: str, state: str, fresh: bool,
+             message_sid: str, answer: str, end_reason: str | None = None) -> None:
         """Round trip 2. Raises LockLost when the lock is no longer ours: nothing was written."""
         result = self._run(
             self._save, [keys.state, keys.lock, keys.index],
-            [opened.token, sid, state, self.ttl, now_ms(), message_sid, reply,
-             self.replies_kept, keys.member, "1" if fresh else "0"],
+            [opened.token, message_sid, keys.member, sid, state, answer, "1" if fresh else "0",
+             end_reason or "", opened.now, self.ttl * 1000, self.GRACE * 1000, self.window_ms,
+             self.replies_kept],
         )
         if result != "saved":
             raise LockLost(keys.member)
@@ -211,14 +313,60 @@ class ConversationStore:
             raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
         return result
 
-    def release(self, keys: ConversationKeys, opened: Opened) -> None:
-        """Gives the lock back without saving (the handler did not answer 200)."""
-        self._release(keys=[keys.lock], args=[opened.token])
+    def release(self, keys: ConversationKeys, token: str) -> None:
+        """Gives the lock back without saving, or leaves the line."""
+        self._release(keys=[keys.lock, keys.queue, keys.waiters], args=[token])
 
     def end(self, keys: ConversationKeys) -> bool:
         """Ends a conversation now: state, lock and index entry go. True if it was live."""
         return bool(self._end(keys=[keys.state, keys.lock, keys.index], args=[keys.member]))
 
 
+def decode_state(raw: str) -> dict | None:
+    """Stored state as a dict, or None when it is not a readable JSON object (a hand edit,
+    however deep its nesting)."""
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def init_app(app: Flask) -> None:
+    """The conversations' key names, store, operators' view and Flask session interface."""
+    from .active import ActiveConversations
+    from .sessions import ConversationSessionInterface
+
+    config = app.config
+    client = app.extensions["sms.redis"]
+    keys = Keys(config["REDIS_KEY_PREFIX"])
+    store = ConversationStore(
+        client,
+        ttl=config["CONVERSATION_TTL"],
+        lock_ttl=config["LOCK_TTL"],
+        lock_wait=config["LOCK_WAIT"],
+        redelivery_window=config["REDELIVERY_WINDOW"],
+        replies_kept=config["REPLIES_KEPT"],
+        on_lock_wait=app.extensions["sms.metrics"].lock_wait.observe,
+        wait_replicas=config["REDIS_WAIT_REPLICAS"],
+        wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
+    )
+    store.preload()
+    app.extensions["sms.keys"] = keys
+    app.extensions["sms.store"] = store
+    app.extensions["sms.active"] = ActiveConversations(client, keys, store,
+                                                       app.extensions["sms.callers"])
+    app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"])
+
+
+def store() -> ConversationStore:
+    return current_app.extensions["sms.store"]
+
+
+def active() -> "ActiveConversations":
+    """The operators' view of live conversations (CLI, API, metrics)."""
+    return current_app.extensions["sms.active"]

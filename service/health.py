@@ -7,8 +7,9 @@ traffic (and docker-compose's healthcheck) waits for it.
 
 import logging
 
-from flask import Blueprint, Flask, current_app
+from flask import Blueprint, Flask
 
+from . import redis_client
 from .logs import report
 from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
@@ -25,7 +26,7 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     try:
-        current_app.extensions["redis"].ping()
+        redis_client.client().ping()
     except UNAVAILABLE as error:
         count_redis_error()
         report(log, f"not ready: Redis {type(error).__name__}")

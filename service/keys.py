@@ -6,9 +6,11 @@ script can therefore touch all of them, on a single Redis as on a Cluster, and a
 redis-cli can work the tag out by eye. There are 100 tags, so the active-conversation index is
 100 sorted sets that count and list merge.
 
-    <prefix>conv:{07}:+15551230007|+15550001111   hash: sid, state, seq, first_seen, last_seen, m:<MessageSid>...
-    <prefix>lock:{07}:+15551230007|+15550001111   string: lock token, short PX expiry
-    <prefix>active:{07}                          zset: member "<from>|<to>", score expiry in ms
+    <prefix>conv:{07}:+15551230007|+15550001111     hash: the conversation (docs/design.md)
+    <prefix>lock:{07}:+15551230007|+15550001111     string: the holder's token, short PX expiry
+    <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
+    <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
+    <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Keys:
             member=member,
             state=f"{self.prefix}conv:{tag}:{member}",
             lock=f"{self.prefix}lock:{tag}:{member}",
+            queue=f"{self.prefix}queue:{tag}:{member}",
+            waiters=f"{self.prefix}waiters:{tag}:{member}",
             index=f"{self.prefix}active:{tag}",
         )
 
@@ -63,4 +67,6 @@ class ConversationKeys:
     member: str
     state: str
     lock: str
+    queue: str
+    waiters: str
     index: str

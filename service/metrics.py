@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from enum import StrEnum
 from typing import Callable
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -18,13 +19,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import conversations
 from .logs import report
 from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
 
-OUTCOMES = ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")
+
+
+class Outcome(StrEnum):
+    """How a webhook request ended: the ``outcome`` of its log line and of its metric."""
+
+    REPLIED = "replied"
+    DUPLICATE = "duplicate"  # a redelivered MessageSid, answered from memory
+    REJECTED_SIGNATURE = "rejected_signature"  # 403
+    BAD_REQUEST = "bad_request"  # 4xx
+    UNAVAILABLE = "unavailable"  # 503: Redis, or the conversation stayed busy
+    ERROR = "error"  # 500: the handler failed (or a bug)
+
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -60,7 +73,7 @@ class Metrics:
             registry.register(self.active)
         self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
                                 ["outcome"], registry=registry)
-        for outcome in OUTCOMES:
+        for outcome in Outcome:
             self.messages.labels(outcome)
         self.conversations_started = Counter(
             "sms_conversations_started", "Conversations begun (first message, or after expiry).",
@@ -85,20 +98,24 @@ class Metrics:
         return registry
 
 
+def current() -> Metrics:
+    return current_app.extensions["sms.metrics"]
+
+
 def count_redis_error() -> None:
     """Counts a failed Redis call under the blueprint of the request that made it."""
-    current_app.extensions["metrics"].redis_errors.labels(request.blueprint or "app").inc()
+    current().redis_errors.labels(request.blueprint or "app").inc()
 
 
 @bp.get("/metrics")
 def metrics():
-    registry = current_app.extensions["metrics"].scrape_registry()
+    registry = current().scrape_registry()
     return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def init_app(app: Flask) -> None:
-    # The gauge counts through the operators' queries (``ops.init_app`` sets them up after
-    # this), looked up when scraped.
-    app.extensions["metrics"] = Metrics(lambda: app.extensions["active"].count(),
-                                        multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+    # The gauge counts through the operators' view, looked up when scraped.
+    app.extensions["sms.metrics"] = Metrics(
+        lambda: conversations.active().count(),
+        multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     app.register_blueprint(bp)

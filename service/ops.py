@@ -16,7 +16,8 @@ import click
 from flask import Blueprint, Flask, abort, current_app, jsonify, request
 from flask.cli import AppGroup
 
-from .active import ActiveConversations, BadCursor, Conversation
+from .active import BadCursor, Conversation
+from .conversations import active
 from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,6 @@ bp = Blueprint("ops", __name__, url_prefix="/ops")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
-
-
-def active() -> ActiveConversations:
-    return current_app.extensions["active"]
 
 
 @bp.before_request
@@ -173,8 +170,5 @@ def table(rows: list[dict]) -> str:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["active"] = ActiveConversations(
-        app.extensions["redis"], app.extensions["keys"], app.extensions["conversations"],
-        app.extensions["callers"])
     app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)

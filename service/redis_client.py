@@ -19,6 +19,7 @@ import threading
 from urllib.parse import unquote, urlsplit
 
 import redis
+from flask import current_app
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
@@ -201,4 +202,9 @@ def check(config) -> None:
 
 def init_app(app) -> None:
     check(app.config)
-    app.extensions["redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    app.extensions["sms.redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+
+
+def client():
+    """The app's client: ``redis.Redis``, a Sentinel-managed one, or ``RedisCluster``."""
+    return current_app.extensions["sms.redis"]

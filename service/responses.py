@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from xml.sax.saxutils import escape
 
 from flask import Flask, Response
 from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
-from .conversations import ConversationBusy
+from .conversations import ConversationBusy, LockLost
 from .logs import report
 from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
@@ -16,12 +17,50 @@ from .redis_client import UNAVAILABLE
 log = logging.getLogger(__name__)
 
 
-def twiml(message: str | None) -> Response:
-    """A TwiML answer; ``None`` answers ``<Response/>`` (no reply sent)."""
-    reply = MessagingResponse()
-    if message is not None:
-        reply.message(message)
-    return Response(reply.to_xml(), mimetype="text/xml")
+XML_HEAD = '<?xml version="1.0" encoding="UTF-8"?>'
+NO_REPLY = XML_HEAD + "<Response />"
+
+
+def render(reply: str | MessagingResponse | None) -> str:
+    """The TwiML of a handler's reply: text, a ``MessagingResponse``, or None (no reply).
+
+    Text is written directly, the way twilio's builder would write it, without building an
+    ElementTree for one element.
+    """
+    if reply is None:
+        return NO_REPLY
+    if isinstance(reply, str):
+        return f"{XML_HEAD}<Response><Message>{escape(reply)}</Message></Response>"
+    if isinstance(reply, MessagingResponse):
+        return reply.to_xml()
+    raise TypeError(f"the handler returned a {type(reply).__name__}; expected text, a "
+                    "MessagingResponse or None")
+
+
+def memo(reply: str | MessagingResponse | None) -> str:
+    """The reply as kept for a redelivery: short, so that the conversation's hash stays in
+    Redis' compact encoding (``t`` text, ``n`` no reply, ``x`` TwiML)."""
+    if reply is None:
+        return "n"
+    if isinstance(reply, str):
+        return "t" + reply
+    return "x" + render(reply)
+
+
+def recall(kept: str) -> str:
+    """TwiML from ``memo``'s form (a value stored by an older version is its reply text)."""
+    kind, payload = kept[:1], kept[1:]
+    if kind == "t":
+        return render(payload)
+    if kind == "n":
+        return NO_REPLY
+    if kind == "x":
+        return payload
+    return render(kept)
+
+
+def twiml(body: str) -> Response:
+    return Response(body, mimetype="text/xml")
 
 
 def problem(status: int, reason: str) -> Response:
@@ -29,16 +68,9 @@ def problem(status: int, reason: str) -> Response:
     return Response(reason + "\n", status=status, mimetype="text/plain")
 
 
-def unavailable(response: Response | None = None) -> Response:
-    """The 503 a client should retry; rewrites ``response`` in place when given.
-
-    In place because ``save_session`` runs after the view and cannot raise into Flask's
-    error handlers.
-    """
-    response = response if response is not None else Response()
-    response.status_code = 503
-    response.set_data("Service temporarily unavailable, retry shortly.\n")
-    response.mimetype = "text/plain"
+def unavailable() -> Response:
+    """The 503 a client (Twilio) should retry."""
+    response = problem(503, "Service temporarily unavailable, retry shortly.")
     response.headers["Retry-After"] = "1"
     return response
 
@@ -56,6 +88,11 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ConversationBusy)
     def conversation_busy(error):
         report(log, "conversation stayed locked past LOCK_WAIT")
+        return unavailable()
+
+    @app.errorhandler(LockLost)
+    def lock_lost(error):
+        report(log, "could not save the conversation: its lock lapsed or it was ended meanwhile")
         return unavailable()
 
     @app.errorhandler(HTTPException)

@@ -1,152 +1,153 @@
-"""Flask-Session's Redis backend, customised for conversations.
+"""Flask's session seam for conversations: during a webhook, ``flask.session`` is the message's
+conversation.
 
-Differences from the stock ``RedisSessionInterface``, each for a reason in DESIGN.md:
-- ``open_session`` touches no Redis: the cookie is only a hint, and a request is bound to its
-  conversation (``bind``) by the webhook once its signature and its From/To are proven. Other
-  routes never open a conversation.
-- The conversation, not the cookie, finds the session: state lives under the (From, To) pair,
-  so a stale, forged or other-pair cookie can neither split nor leak a conversation.
-- State is JSON (``JsonSerializer``); nothing read from Redis reaches pickle.
-- Load and save are the store's two atomic scripts, with the conversation locked in between;
-  a Redis failure in ``save_session`` turns the response into a 503 instead of a 500.
+What differs from Flask-Session's Redis backend, each for a reason in docs/design.md:
+- Opening a session touches no Redis: the cookie is only a hint. The webhook binds the
+  session to its conversation (round trip 1) once the request is proven to come from Twilio,
+  and saves it (round trip 2) once the handler has answered. Other routes never bind.
+- The conversation, not the cookie, finds the state: it lives under the (From, To) pair, so
+  a stale, forged or other-pair cookie can neither split nor leak a conversation.
+- State is JSON only (Flask-Session's serializers fall back to pickle).
+- The cookie is set only once the state is saved; a session bound but never saved (the view
+  failed) gives its lock back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
+from datetime import datetime, timezone
 
-import redis
 from flask import Flask, Request, Response
+from flask.sessions import SessionInterface
 from flask_session.base import Serializer, ServerSideSession
-from flask_session.redis import RedisSessionInterface
-from redis.cluster import RedisCluster
 
-from .conversations import ConversationStore, LockLost, Opened
-from .keys import ConversationKeys
+from . import metrics
+from .conversations import ConversationStore, Opened, decode_state
+from .handler import Conversation, Message
+from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import count_redis_error
-from .responses import unavailable
-from .redis_client import UNAVAILABLE, LazyCluster
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
+COOKIE_NAME = "sms_session"
 
 
 class JsonSerializer(Serializer):
-    """Flask-Session's serializer slot, JSON only: its stock one falls back to pickle."""
+    """Flask-Session's serializer slot, JSON only."""
 
     def encode(self, session: ServerSideSession) -> str:
-        return json.dumps(dict(session), separators=(",", ":"))
+        return json.dumps(dict(session), separators=(",", ":"), ensure_ascii=False)
 
     def decode(self, serialized_data: str) -> dict:
-        state = json.loads(serialized_data)
-        if not isinstance(state, dict):
+        state = decode_state(serialized_data)
+        if state is None:
             raise ValueError("session state is not a JSON object")
         return state
 
 
-class ConversationSession(ServerSideSession):
-    """``flask.session`` during a webhook: the conversation's state dict.
+class ConversationSession(Conversation):
+    """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
-    ``reply`` is what the handler answered; it is stored with the ``MessageSid`` so that a
-    redelivery gets it again.
-    """
-
-    def __init__(self, initial=None, sid=None):
-        super().__init__(initial, sid=sid)
+    def __init__(self, interface: "ConversationSessionInterface", cookie: str | None):
+        super().__init__(sid=cookie)
+        self.interface = interface
+        self.message: Message | None = None
         self.keys: ConversationKeys | None = None
         self.opened: Opened | None = None
         self.fresh = False
-        self.message_sid = ""
-        self.reply: str | None = None
+        self.settled = False  # saved, or given up: nothing left to release
+        self.saved = False
 
+    def bind(self, message: Message) -> "ConversationSession":
+        """Round trip 1: waits for the conversation's turn and loads it into this session.
 
-class ConversationSessionInterface(RedisSessionInterface):
-    session_class = ConversationSession
-
-    def __init__(self, app: Flask, client, store: ConversationStore):
-        # Deliberately not RedisSessionInterface.__init__: it silently falls back to
-        # localhost:6379 for a client it does not recognise. The client is ours, built by redis_client;
-        # anything else stops start-up here rather than quietly talking to another Redis.
-        if not isinstance(client, (redis.Redis, RedisCluster, LazyCluster)):
-            raise TypeError(f"sessions need a redis.Redis or RedisCluster client, not {type(client).__name__}")
-        super(RedisSessionInterface, self).__init__(app)
-        self.serializer = JsonSerializer()
-        self.client = client
-        self.store = store
-        self.ttl = app.config["CONVERSATION_TTL"]
-
-    def open_session(self, app: Flask, request: Request) -> ConversationSession:
-        return self.session_class(sid=request.cookies.get(self.get_cookie_name(app)))
-
-    def bind(self, session: ConversationSession, keys: ConversationKeys, message_sid: str) -> str | None:
-        """Round trip 1: lock the conversation and load it into ``session``.
-
-        Returns the stored reply when ``message_sid`` was answered before (nothing is locked
-        then), else None with the conversation held until ``save_session``.
+        ``answered`` is then the stored answer of a redelivered ``MessageSid`` (nothing locked),
+        else None with the conversation held until ``save`` or ``release``.
         """
-        opened = self.store.open(keys, message_sid)
-        session.keys, session.opened, session.message_sid = keys, opened, message_sid
-        if opened.duplicate_reply is not None:
-            session.sid = opened.sid
-            return opened.duplicate_reply
-        state = self._decode(opened.state) if opened.state else None
-        if opened.sid and state is not None:
-            if session.sid and session.sid != opened.sid:
-                annotate(cookie="not this conversation's; ignored")
-            session.sid = opened.sid
-            session.update(state)
-        else:
-            session.sid = self._generate_sid(self.sid_length)
-            session.fresh = True
-        session.modified = False
-        return None
+        self.message = message
+        self.keys = self.interface.keys.conversation(message.sender, message.recipient)
+        self.opened = self.interface.store.open(self.keys, message.sid)
+        if self.answered is not None:
+            self.sid = self.opened.sid or self.sid
+            return self
+        self._load(self.opened)
+        return self
 
-    def save_session(self, app: Flask, session: ConversationSession, response: Response) -> None:
-        """Round trip 2 on a 200 answer; otherwise the lock is released unsaved."""
-        if session.keys is None:
-            return
-        if session.opened.duplicate_reply is None:
-            if response.status_code != 200 or session.reply is None:
-                self._release(session)
-                return
-            try:
-                self.store.save(session.keys, session.opened, session.sid, self.serializer.encode(session),
-                                session.fresh, session.message_sid, session.reply)
-            except (*UNAVAILABLE, LockLost) as error:
-                if not isinstance(error, LockLost):
-                    count_redis_error()
-                report(log, f"could not save the conversation: {type(error).__name__}")
-                unavailable(response)
-                return
-            if session.fresh:
-                app.extensions["metrics"].conversations_started.inc()
-        self._set_cookie(app, session, response)
+    @property
+    def answered(self) -> str | None:
+        return self.opened.answered if self.opened else None
 
-    def _set_cookie(self, app: Flask, session: ConversationSession, response: Response) -> None:
-        response.set_cookie(
-            self.get_cookie_name(app),
-            session.sid,
-            max_age=self.ttl,
-            httponly=True,
-            secure=self.get_cookie_secure(app),
-            samesite=self.get_cookie_samesite(app),
-            domain=self.get_cookie_domain(app),
-            path=self.get_cookie_path(app),
-        )
+    def save(self, answer: str) -> None:
+        """Round trip 2: the state (or the conversation's end) and ``answer``, kept for a
+        redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
+        state = self.interface.serializer.encode(self)
+        self.settled = True
+        self.interface.store.save(
+            self.keys, self.opened, sid=self.sid, state=state, fresh=self.fresh,
+            message_sid=self.message.sid, answer=answer, end_reason=self.end_reason)
+        self.saved = True
+        if self.fresh:
+            metrics.current().conversations_started.inc()
 
-    def _release(self, session: ConversationSession) -> None:
+    def release(self) -> None:
+        """Gives the conversation back unsaved; Redis failing here only delays the next
+        message until the lock lapses."""
         try:
-            self.store.release(session.keys, session.opened)
+            self.interface.store.release(self.keys, self.opened.token)
         except UNAVAILABLE as error:
             count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
+        self.settled = True
 
-    def _decode(self, raw: str) -> dict | None:
-        """Undecodable state is reported and replaced by a fresh conversation."""
-        try:
-            return self.serializer.decode(raw)
-        except ValueError:
-            report(log, "stored state is not a JSON object; conversation started afresh")
-            return None
+    def _load(self, opened: Opened) -> None:
+        state = decode_state(opened.state) if opened.sid and opened.state else None
+        messages = opened.seq.isdigit() and int(opened.seq)
+        first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
+        if state is None or not messages or not first_seen:
+            if opened.sid or opened.state or opened.seq:
+                report(log, "stored conversation is unreadable; started afresh")
+            self.fresh = True
+            self.sid = secrets.token_urlsafe(32)
+            self.messages = 1
+            self.started_at = _moment(opened.now)
+            return
+        if self.sid and self.sid != opened.sid:
+            annotate(cookie="not this conversation's; ignored")
+        self.sid = opened.sid
+        self.update(state)
+        self.messages = messages + 1
+        self.started_at = _moment(first_seen)
+        self.modified = False
 
+
+class ConversationSessionInterface(SessionInterface):
+    """Opens an unbound ``ConversationSession`` per request; sets Twilio's cookie once saved."""
+
+    serializer = JsonSerializer()
+
+    def __init__(self, store: ConversationStore, keys: Keys, ttl: int):
+        self.store = store
+        self.keys = keys
+        self.ttl = ttl
+
+    def get_cookie_name(self, app: Flask) -> str:
+        return COOKIE_NAME
+
+    def open_session(self, app: Flask, request: Request) -> ConversationSession:
+        return ConversationSession(self, request.cookies.get(COOKIE_NAME))
+
+    def save_session(self, app: Flask, session: ConversationSession, response: Response) -> None:
+        if session.opened is not None and session.answered is None and not session.settled:
+            session.release()  # the view failed before it could save
+        if session.saved or (session.answered is not None and session.sid):
+            response.set_cookie(
+                COOKIE_NAME, session.sid, max_age=self.ttl, httponly=True,
+                secure=self.get_cookie_secure(app), samesite=self.get_cookie_samesite(app),
+                domain=self.get_cookie_domain(app), path=self.get_cookie_path(app))
+
+
+def _moment(epoch_ms: int) -> datetime:
+    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc)

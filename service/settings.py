@@ -61,6 +61,8 @@ class Setting:
 
 
 SETTINGS = [
+    Setting("SMS_HANDLER", "service.counter:handle", _text,
+            "The conversation logic, `package.module:function` (see \"Write your own conversation\")."),
     Setting("APP_ENV", "development", _env_name,
             "`production` refuses to start on unsafe settings; `development` only warns."),
     Setting("REDIS_URL", None, _text,
@@ -93,8 +95,11 @@ SETTINGS = [
             "Seconds after which a conversation lock held by a crashed request lapses."),
     Setting("LOCK_WAIT", 5.0, _positive_float,
             "Seconds a message waits for its conversation's lock before answering 503."),
-    Setting("REPLIES_KEPT", 4, _positive_int,
-            "Recent `MessageSid`s (with replies) kept per conversation to answer redeliveries."),
+    Setting("REDELIVERY_WINDOW", 60, _positive_int,
+            "Seconds during which a redelivered `MessageSid` gets its first answer again instead of "
+            "counting twice (Twilio's retries end within 15 s)."),
+    Setting("REPLIES_KEPT", 100, _positive_int,
+            "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard)."),
     Setting("MAX_BODY_BYTES", 65536, _positive_int,
             "Largest webhook body accepted; larger answers 413."),
     Setting("OPS_TOKEN", None, _text,
@@ -123,6 +128,15 @@ def check(config: dict[str, Any]) -> None:
     if not config["REDIS_URL"]:
         raise ConfigError("REDIS_URL is not set: APP_ENV=production needs a real Redis, not "
                           "the embedded in-memory store")
+
+
+def init_app(app, test_config: dict[str, Any] | None = None) -> None:
+    """The settings into ``app.config`` (``test_config`` overriding the environment), checked."""
+    app.config.from_mapping(load())
+    if test_config:
+        app.config.from_mapping(test_config)
+    check(app.config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
 
 
 def load(environ: dict[str, str] | None = None) -> dict[str, Any]:

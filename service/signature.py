@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Request
+from flask import Flask, Request, current_app
 from twilio.request_validator import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -80,4 +80,8 @@ def init_app(app: Flask) -> None:
                     "Local development only.")
     elif not app.config["TWILIO_AUTH_TOKEN"]:
         log.warning("TWILIO_AUTH_TOKEN is not set: every webhook will be refused with 403.")
-    app.extensions["signature"] = SignatureCheck(app)
+    app.extensions["sms.signature"] = SignatureCheck(app)
+
+
+def check() -> SignatureCheck:
+    return current_app.extensions["sms.signature"]

@@ -2,7 +2,9 @@
 
 Each message is a form POST with Twilio's parameters, signed with the auth token
 (``X-Twilio-Signature`` computed by twilio's own ``RequestValidator``). Like Twilio it keeps
-one cookie per (From, To) pair and forgets it four hours after it was set.
+one cookie per (From, To) pair and forgets it four hours after it was set. It talks over HTTP
+to a running service, or in-process to an app (``TwilioSimulator.for_app``): a handler can be
+tried, or tested, without a server.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import secrets
 import time
 from http.cookiejar import DefaultCookiePolicy
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from xml.etree import ElementTree
 
 import requests
 from twilio.request_validator import RequestValidator
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 COOKIE_LIFETIME = 4 * 3600
 
@@ -50,8 +55,10 @@ def reply_text(twiml: str) -> str | None:
 
 class TwilioSimulator:
     def __init__(self, url: str, auth_token: str | None, *, cookie_name: str = "sms_session",
-                 clock: Callable[[], float] = time.time, timeout: float = 20.0):
+                 clock: Callable[[], float] = time.time, timeout: float = 20.0,
+                 app: "Flask | None" = None):
         self.url = url
+        self.app_client = app.test_client(use_cookies=False) if app is not None else None
         self.validator = RequestValidator(auth_token) if auth_token else None
         self.cookie_name = cookie_name
         self.clock = clock
@@ -101,9 +108,23 @@ class TwilioSimulator:
         sent = cookie if cookie is not None else self.cookie_for(sender, recipient)
         if sent:
             headers["Cookie"] = f"{self.cookie_name}={sent}"
-        response = self.http.post(self.url, data=params, headers=headers, timeout=self.timeout)
-        value = response.cookies.get(self.cookie_name)
+        status, text, value = self._post(params, headers)
         if value:
             self.cookies[(sender, recipient)] = (value, self.clock())
-        reply = reply_text(response.text) if response.status_code == 200 else None
-        return Delivery(message_sid, response.status_code, response.text, reply, sent)
+        reply = reply_text(text) if status == 200 else None
+        return Delivery(message_sid, status, text, reply, sent)
+
+    @classmethod
+    def for_app(cls, app: "Flask", url: str = "http://localhost/sms") -> "TwilioSimulator":
+        """Talks to ``app`` in-process (Flask's test client), signing with its auth token."""
+        return cls(url, app.config["TWILIO_AUTH_TOKEN"], app=app)
+
+    def _post(self, params: dict[str, str], headers: dict[str, str]) -> tuple[int, str, str | None]:
+        """Status, body and the cookie set, over HTTP or through the app's test client."""
+        if self.app_client is None:
+            response = self.http.post(self.url, data=params, headers=headers, timeout=self.timeout)
+            return response.status_code, response.text, response.cookies.get(self.cookie_name)
+        answer = self.app_client.post(self.url, data=params, headers=headers)
+        cookie = next((c.split(";", 1)[0].partition("=")[2] for c in answer.headers.getlist("Set-Cookie")
+                       if c.startswith(self.cookie_name + "=")), None)
+        return answer.status_code, answer.get_data(as_text=True), cookie

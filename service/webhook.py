@@ -4,26 +4,31 @@ Order matters: everything that can refuse a request (size, encoding, signature, 
 before the conversation is bound, so a bad or forged request costs no Redis round trip.
 
 Every webhook request ends in one JSON log line and its metrics (outcome, latency), written
-when Flask has finished the response, i.e. after the session was saved (which can still turn
-a reply into a 503).
+once Flask has finished the response, whatever answered it (the view, or an error handler:
+a Redis failure or a lost lock while saving is a 503).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
 from urllib.parse import unquote_to_bytes
 
-from flask import Blueprint, Flask, Response, current_app, g, request, request_finished, session
+from flask import Blueprint, Flask, Response, g, request, request_finished, session
 
-from . import logs
+from . import callers, handler, logs, signature
+from .handler import Message
 from .masking import mask
-from .responses import problem, twiml
+from .metrics import Outcome
+from .metrics import current as current_metrics
+from .responses import memo, problem, recall, render, twiml
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 
 MAX_FIELD = 64
+
 
 
 def _decodable(raw: bytes) -> bool:
@@ -61,49 +66,57 @@ def _start():
 
 @bp.route("/sms", methods=["GET", "POST"])
 def sms():
+    """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
     body = request.get_data(cache=True) if request.method == "POST" else b""
     if not (_decodable(request.query_string) and _decodable(body)):
         return _refuse(400, "request is not valid UTF-8 form data")
-
     params = request.form if request.method == "POST" else request.args
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
-    if not current_app.extensions["signature"].is_valid(request):
+    if not signature.check().is_valid(request):
         return _refuse(403, "invalid or missing Twilio signature")
     for name, value in (("From", sender), ("To", recipient), ("MessageSid", message_sid)):
         reason = _field_problem(name, value)
         if reason:
             return _refuse(400, reason)
+    message = Message.from_params(params.to_dict(), callers.directory().name(sender))
 
-    keys = current_app.extensions["keys"].conversation(sender, recipient)
-    conversation = session._get_current_object()
-    stored = current_app.session_interface.bind(conversation, keys, message_sid)
-    if stored is not None:
-        g.duplicate = True
-        return twiml(stored)
-
-    previous = conversation.get("messages", 0)
-    count = (previous if isinstance(previous, int) and previous >= 0 else 0) + 1  # hand-edited state
-    conversation["messages"] = count
-    name = current_app.extensions["callers"].name(sender)
-    if count == 1:
-        conversation.reply = f"Thanks for the message, {name}!"
-    else:
-        conversation.reply = f"{name} has messaged {recipient} {count} times."
-    return twiml(conversation.reply)
+    conversation = session.bind(message)
+    if conversation.answered is not None:  # a redelivery: its first answer, no handler
+        g.outcome = Outcome.DUPLICATE
+        return twiml(recall(conversation.answered))
+    try:
+        reply = _reply(message, conversation)
+        answer = render(reply)
+    except Exception as error:  # the developer's code: its failure is a 500, nothing saved
+        conversation.release()
+        logs.annotate(reason=f"the handler failed: {type(error).__name__}: {error}",
+                      error=traceback.format_exc())
+        return problem(500, "The conversation handler failed.")
+    conversation.save(memo(reply))
+    return twiml(answer)
 
 
-def outcome(status: int) -> str:
+def _reply(message: Message, conversation):
+    """The handler's reply, except to an opt-out: that ends the conversation unanswered
+    (Twilio confirms the opt-out itself and would refuse any reply)."""
+    if message.opt_out == "STOP":
+        conversation.end_reason = "opt-out"
+        return None
+    return handler.current()(message, conversation)
+
+
+def outcome(status: int) -> Outcome:
     if status == 200:
-        return "duplicate" if g.get("duplicate") else "replied"
+        return g.get("outcome", Outcome.REPLIED)
     if status == 403:
-        return "rejected_signature"
+        return Outcome.REJECTED_SIGNATURE
     if status == 503:
-        return "unavailable"
+        return Outcome.UNAVAILABLE
     if 400 <= status < 500:
-        return "bad_request"
-    return "error"
+        return Outcome.BAD_REQUEST
+    return Outcome.ERROR
 
 
 def _finished(app: Flask, response: Response, **_) -> None:
@@ -112,10 +125,11 @@ def _finished(app: Flask, response: Response, **_) -> None:
         return
     seconds = time.perf_counter() - g.started
     result = outcome(response.status_code)
-    metrics = app.extensions["metrics"]
+    metrics = current_metrics()
     metrics.messages.labels(result).inc()
     metrics.latency.observe(seconds)
-    log.info("webhook %s", result, extra={"fields": {
+    level = logging.ERROR if result is Outcome.ERROR else logging.INFO
+    log.log(level, "webhook %s", result.value, extra={"fields": {
         **logs.summary_fields(), "outcome": result, "status": response.status_code,
         "latency_ms": round(seconds * 1000, 2)}})
 

@@ -58,7 +58,7 @@ def test_known_sequence_of_messages(app, redis_client):
 
 
 def test_instrumented_message_still_costs_two_round_trips(app, monkeypatch):
-    redis_client, sent = app.extensions["redis"], []
+    redis_client, sent = app.extensions["sms.redis"], []
     execute = redis_client.execute_command
     monkeypatch.setattr(redis_client, "execute_command",
                         lambda *args, **options: sent.append(args[0]) or execute(*args, **options))

@@ -8,7 +8,6 @@ from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.sentinel import SentinelConnectionPool
 
 from conftest import free_cluster_port, make_app, post_signed, require_redis_tools, wait_until, webhook_params
-from service.sessions import ConversationSessionInterface
 from service.settings import ConfigError
 from service.redis_client import SentinelMasterConnection, connect
 
@@ -78,14 +77,6 @@ def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers
     assert b"2 times" in post_signed(client, webhook_params()).data
 
 
-def test_sessions_refuse_a_client_flask_session_would_replace_by_localhost(fake_app):
-    store = fake_app.extensions["conversations"]
-    with pytest.raises(TypeError, match="redis.Redis or RedisCluster"):
-        ConversationSessionInterface(fake_app, "redis://127.0.0.1:6379", store)
-    with pytest.raises(TypeError):
-        ConversationSessionInterface(fake_app, object(), store)
-
-
 @pytest.mark.parametrize("error", [SlotNotCoveredError("slot 7 is not covered"),
                                    RedisClusterException("all nodes failed"),
                                    redis.ConnectionError("refused")])
@@ -94,7 +85,7 @@ def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch,
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(fake_app.extensions["conversations"], step, fail)
+    monkeypatch.setattr(fake_app.extensions["sms.store"], step, fail)
     response = post_signed(fake_app.test_client(), webhook_params())
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"

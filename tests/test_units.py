@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from redis.cluster import key_slot
 
@@ -61,17 +59,19 @@ def test_embedded_store_serves_a_conversation(fake_app):
 
 @pytest.fixture
 def store(fake_app):
-    return fake_app.extensions["conversations"]
+    return fake_app.extensions["sms.store"]
 
 
 def test_lock_makes_a_second_opener_wait_then_give_up(fake_app, store):
     keys = Keys().conversation("+15551230001", "+15550001111")
     held = store.open(keys, "SM1")
-    impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05, replies_kept=4)
+    impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05,
+                                  redelivery_window=60, replies_kept=4)
     with pytest.raises(ConversationBusy):
         impatient.open(keys, "SM2")
-    store.release(keys, held)
-    assert impatient.open(keys, "SM2").duplicate_reply is None
+    assert not store.client.exists(keys.queue)  # the impatient one left the line
+    store.release(keys, held.token)
+    assert impatient.open(keys, "SM2").answered is None
 
 
 def test_save_after_the_lock_was_lost_writes_nothing(store):
@@ -79,7 +79,7 @@ def test_save_after_the_lock_was_lost_writes_nothing(store):
     opened = store.open(keys, "SM1")
     store.client.delete(keys.lock)  # lapsed
     with pytest.raises(LockLost):
-        store.save(keys, opened, "sid", json.dumps({"messages": 1}), True, "SM1", "hi")
+        store.save(keys, opened, sid="sid", state="{}", fresh=True, message_sid="SM1", answer="thi")
     assert store.client.exists(keys.state) == 0
 
 
@@ -88,7 +88,7 @@ def test_ending_a_conversation_in_flight_wins(store):
     opened = store.open(keys, "SM1")
     assert store.end(keys) is False  # nothing saved yet, but the lock goes
     with pytest.raises(LockLost):
-        store.save(keys, opened, "sid", "{}", True, "SM1", "hi")
+        store.save(keys, opened, sid="sid", state="{}", fresh=True, message_sid="SM1", answer="thi")
 
 
 def test_simulator_forgets_the_cookie_after_four_hours():

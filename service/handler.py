@@ -1,0 +1,139 @@
+"""The handler API: what a developer's conversation logic receives, and how it is chosen.
+
+A handler is a plain function ``handle(message, conversation)`` that returns the reply: text, a
+twilio ``MessagingResponse`` (several messages, media) or ``None`` (no reply). The service runs
+it with the conversation locked, so it may read and change ``conversation`` freely: whatever
+it holds when the handler returns is saved, nested changes included.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Union
+
+from flask import Flask, current_app
+from flask_session.base import ServerSideSession
+from twilio.twiml.messaging_response import MessagingResponse
+
+from .settings import ConfigError
+
+Reply = Union[str, MessagingResponse, None]
+Handler = Callable[["Message", "Conversation"], Reply]
+
+# Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
+OPT_OUT = {"STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},
+           "START": {"START", "YES", "UNSTOP"},
+           "HELP": {"HELP", "INFO"}}
+MAX_MEDIA = 10  # Twilio's limit per message
+
+
+@dataclass(frozen=True)
+class Message:
+    """One inbound message, as Twilio sent it."""
+
+    sender: str
+    recipient: str
+    body: str
+    sid: str
+    media: tuple[str, ...] = ()
+    caller_name: str = "Friend"
+    params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    opt_out: str | None = None
+    """``"STOP"``, ``"START"`` or ``"HELP"`` when Twilio treats the message as that keyword."""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str], caller_name: str) -> "Message":
+        return cls(
+            sender=params.get("From", ""),
+            recipient=params.get("To", ""),
+            body=params.get("Body", ""),
+            sid=params.get("MessageSid", ""),
+            media=_media(params),
+            caller_name=caller_name,
+            params=MappingProxyType(dict(params)),
+            opt_out=keyword(params),
+        )
+
+
+def keyword(params: Mapping[str, str]) -> str | None:
+    """The opt-out family Twilio saw: its ``OptOutType`` when sent, else the body's keyword."""
+    given = params.get("OptOutType", "").strip().upper()
+    if given in OPT_OUT:
+        return given
+    word = params.get("Body", "").strip().upper()
+    return next((kind for kind, words in OPT_OUT.items() if word in words), None)
+
+
+def _media(params: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        count = min(int(params.get("NumMedia", "0")), MAX_MEDIA)
+    except ValueError:
+        count = 0
+    return tuple(params[name] for name in (f"MediaUrl{n}" for n in range(count)) if name in params)
+
+
+class Conversation(ServerSideSession):
+    """The conversation's state, a dict of JSON values, and what the service knows of it.
+
+    ``messages`` counts this conversation's messages, the current one included; ``is_new`` is
+    true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
+    current message the last: the state goes once the reply is saved, and the next message
+    starts a new conversation.
+    """
+
+    def __init__(self, initial: Optional[dict[str, Any]] = None, sid: Optional[str] = None, *,
+                 sender: str = "", recipient: str = "", messages: int = 1,
+                 started_at: datetime | None = None):
+        super().__init__(initial, sid=sid)
+        self.sender = sender
+        self.recipient = recipient
+        self.messages = messages
+        self.started_at = started_at or datetime.now(timezone.utc)
+        self.end_reason: str | None = None
+
+    @property
+    def is_new(self) -> bool:
+        return self.messages == 1
+
+    def end(self) -> None:
+        self.end_reason = "handler"
+
+    def clear(self) -> None:
+        """All state goes (Flask-Session's ``clear`` would keep a ``_permanent`` key)."""
+        dict.clear(self)
+        self.modified = True
+
+
+def load(spec: str) -> Handler:
+    """``package.module:function`` → the function; ``ConfigError`` naming ``SMS_HANDLER`` if not.
+
+    The working directory is importable, as under gunicorn and ``flask run``.
+    """
+    module_name, colon, attribute = spec.partition(":")
+    if not (module_name and colon and attribute):
+        raise ConfigError(f"SMS_HANDLER={spec!r}: expected package.module:function")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any import-time failure is this setting's problem
+        raise ConfigError(f"SMS_HANDLER={spec!r}: cannot import {module_name}: "
+                          f"{type(error).__name__}: {error}") from None
+    handler = getattr(module, attribute, None)
+    if not callable(handler):
+        raise ConfigError(f"SMS_HANDLER={spec!r}: {module_name} has no function {attribute}")
+    return handler
+
+
+def init_app(app: Flask, handler: Handler | None = None) -> None:
+    """``handler`` if given, else ``SMS_HANDLER`` (the counter by default)."""
+    app.extensions["sms.handler"] = handler or load(app.config["SMS_HANDLER"])
+
+
+def current() -> Handler:
+    return current_app.extensions["sms.handler"]
