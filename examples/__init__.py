@@ -1,0 +1,1 @@
+"""Example conversation handlers, each with its own tests."""

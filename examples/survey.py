@@ -1,0 +1,37 @@
+"""A three-question survey: a bot written against the handler API, the way yours would be.
+
+    make run SMS_HANDLER=examples.survey:handle
+    .venv/bin/sms-sessions simulate --handler examples.survey:handle --from +15551230001 --to +15550001111
+
+The answers live in the conversation's state until the last one is in; then the bot thanks
+the sender with a summary and ends the conversation, so the next text starts a new survey.
+"""
+
+from twilio.twiml.messaging_response import MessagingResponse
+
+from service import Conversation, Message
+
+QUESTIONS = [
+    ("name", "Hi! Three quick questions. What should we call you?"),
+    ("colour", "Thanks, {name}. What is your favourite colour?"),
+    ("rating", "And how would you rate us, from 1 to 5?"),
+]
+
+
+def handle(message: Message, conversation: Conversation):
+    if message.opt_out == "HELP":
+        return "A three-question survey. Reply with your answer, or STOP to leave."
+    answers = conversation.setdefault("answers", {})
+    if not conversation.is_new:  # this message answers the question we asked last
+        field = QUESTIONS[len(answers)][0]
+        answer = message.body.strip()
+        if field == "rating" and answer not in {"1", "2", "3", "4", "5"}:
+            return "Please answer with a number from 1 to 5."
+        answers[field] = answer
+    if len(answers) < len(QUESTIONS):
+        return QUESTIONS[len(answers)][1].format(**answers)
+    conversation.end()
+    reply = MessagingResponse()
+    reply.message(f"Thank you, {answers['name']}!")
+    reply.message(f"You said: {answers['colour']}, rated {answers['rating']}/5.")
+    return reply
