@@ -59,3 +59,49 @@ def test_simulate_without_a_service_says_so_in_one_line():
     assert result.returncode == 1
     assert result.stderr.startswith("Error: no answer from http://127.0.0.1:")
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_client):
+    """30 messages of one conversation, each delivered twice at the same moment, under the
+    repository's gunicorn config: every redelivery falls inside REDELIVERY_WINDOW, however many
+    messages came in between, so each is counted once and both deliveries get the same answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import GUNICORN_CONF
+    from service.keys import Keys
+    from service.simulator import new_message_sid
+
+    sids = [new_message_sid() for _ in range(30)]
+    with Gunicorn({"REDIS_URL": redis_url}, config=GUNICORN_CONF) as server:
+        sims = [TwilioSimulator(server.url, TOKEN) for _ in range(60)]
+        with ThreadPoolExecutor(max_workers=60) as pool:
+            deliveries = list(pool.map(lambda n: sims[n].send(REY, OURS, "x", message_sid=sids[n // 2]),
+                                       range(60)))
+    assert [d.status for d in deliveries] == [200] * 60
+    for first, second in zip(deliveries[0::2], deliveries[1::2]):
+        assert first.reply == second.reply
+    assert len({d.reply for d in deliveries}) == 30
+    assert redis_client.hget(Keys().conversation(REY, OURS).state, "seq") == "30"
+
+
+def test_make_run_serves_the_handler_named_by_sms_handler():
+    """`make run SMS_HANDLER=…` (the README's way to try a bot) serves that handler."""
+    import os
+    import signal
+
+    from conftest import ROOT, wait_for_http
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("SMS_HANDLER", "TWILIO_AUTH_TOKEN")}
+    server = subprocess.Popen(["make", "--no-print-directory", "run", f"PORT={port}",
+                               "SMS_HANDLER=examples.survey:handle"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", server, seconds=120)
+        twilio = TwilioSimulator(f"http://127.0.0.1:{port}/sms", "dev-auth-token")
+        replies = [twilio.send(REY, OURS, text).reply for text in ("hi", "Rey")]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert replies == ["Hi! Three quick questions. What should we call you?",
+                       "Thanks, Rey. What is your favourite colour?"]

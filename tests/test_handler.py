@@ -1,0 +1,307 @@
+"""The handler API on a real Redis, with handlers other than the counter: what a bot gets,
+what is saved, and the guarantees that hold for any handler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from types import MappingProxyType
+
+import pytest
+from twilio.twiml.messaging_response import MessagingResponse
+
+from conftest import (ROOT, TOKEN, LiveServer, bin_path, make_app, post_signed, wait_until,
+                      webhook_params)
+from service import create_app
+from service.handler import Message
+from service.keys import Keys
+from service.settings import ConfigError
+from service.simulator import TwilioSimulator
+
+REY, OURS = "+15551230001", "+15550001111"
+KEYS = Keys()
+
+
+def notebook(message, conversation):
+    """Keeps every body in a list and a nested tally; answers with the list's length."""
+    conversation.setdefault("bodies", []).append(message.body)
+    tally = conversation.setdefault("tally", {"chars": 0})
+    tally["chars"] += len(message.body)
+    return f"{len(conversation['bodies'])} noted"
+
+
+def stored(redis_client, sender=REY) -> dict:
+    return redis_client.hgetall(KEYS.conversation(sender, OURS).state)
+
+
+def state(redis_client, sender=REY) -> dict:
+    return json.loads(stored(redis_client, sender)["state"])
+
+
+@pytest.fixture
+def app_with(redis_url):
+    def build(handler, **settings):
+        return make_app(REDIS_URL=redis_url, **settings) if handler is None else create_app(
+            {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, **settings}, handler=handler)
+    return build
+
+
+def test_state_and_nested_changes_are_kept_across_messages(app_with, redis_client):
+    twilio = TwilioSimulator.for_app(app_with(notebook))
+    replies = [twilio.send(REY, OURS, body).reply for body in ("one", "three", "seven")]
+    assert replies == ["1 noted", "2 noted", "3 noted"]
+    assert state(redis_client) == {"bodies": ["one", "three", "seven"], "tally": {"chars": 13}}
+    assert stored(redis_client)["seq"] == "3"
+
+
+def test_what_the_handler_sees(app_with, tmp_path):
+    callers = tmp_path / "callers.json"
+    callers.write_text(json.dumps({REY: "Rey"}))
+    seen = []
+
+    def inspect(message, conversation):
+        seen.append((message, conversation.messages, conversation.is_new, conversation.started_at))
+        return None
+
+    twilio = TwilioSimulator.for_app(app_with(inspect, CALLERS_FILE=str(callers)))
+    twilio.send(REY, OURS, "look", media=["https://api.twilio.com/m/ME1", "https://api.twilio.com/m/ME2"])
+    twilio.send(REY, OURS, "again")
+    (first, messages, is_new, started), (second, messages2, is_new2, started2) = seen
+    assert (first.sender, first.recipient, first.body, first.caller_name) == (REY, OURS, "look", "Rey")
+    assert first.media == ("https://api.twilio.com/m/ME1", "https://api.twilio.com/m/ME2")
+    assert first.sid.startswith("SM") and first.params["MessageSid"] == first.sid
+    assert first.params["NumSegments"] == "1" and isinstance(first.params, MappingProxyType)
+    with pytest.raises(TypeError):
+        first.params["Body"] = "changed"  # read-only
+    assert (messages, is_new, messages2, is_new2) == (1, True, 2, False)
+    assert started == started2 and started.tzinfo is not None
+
+
+def test_no_reply_still_saves_the_state(app_with, redis_client):
+    def silent(message, conversation):
+        conversation["seen"] = conversation.get("seen", 0) + 1
+
+    client = app_with(silent).test_client()
+    response = post_signed(client, webhook_params())
+    assert response.status_code == 200 and response.data.endswith(b"<Response />")
+    post_signed(client, webhook_params())
+    assert state(redis_client) == {"seen": 2}
+
+
+def test_a_messaging_response_is_answered_as_built(app_with):
+    def rich(message, conversation):
+        reply = MessagingResponse()
+        reply.message("first")
+        reply.message("second").media("https://example.com/cat.jpg")
+        return reply
+
+    first = TwilioSimulator.for_app(app_with(rich)).send(REY, OURS, "hi")
+    assert first.status == 200
+    assert ("<Message>first</Message><Message>second<Media>https://example.com/cat.jpg</Media>"
+            "</Message>") in first.body
+
+
+def test_end_makes_this_message_the_last(app_with, redis_client):
+    def two_step(message, conversation):
+        if conversation.is_new:
+            conversation["asked"] = True
+            return "question?"
+        conversation.end()
+        return f"bye after {conversation.messages}"
+
+    twilio = TwilioSimulator.for_app(app_with(two_step))
+    assert [twilio.send(REY, OURS, b).reply for b in ("a", "b", "c")] == ["question?", "bye after 2", "question?"]
+    assert state(redis_client) == {"asked": True} and stored(redis_client)["seq"] == "1"
+
+
+def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client, capsys):
+    def fragile(message, conversation):
+        conversation.setdefault("bodies", []).append(message.body)
+        if message.body == "boom":
+            raise ValueError("cannot handle boom")
+        return "ok"
+
+    app = app_with(fragile)
+    client = app.test_client()
+    assert post_signed(client, webhook_params(body="fine")).status_code == 200
+    before = stored(redis_client)
+    capsys.readouterr()
+    failed = post_signed(client, webhook_params(body="boom"))
+    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert stored(redis_client) == before  # no state, no reply memory, no count
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)  # released at once
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 1 and lines[0]["outcome"] == "error" and lines[0]["level"] == "error"
+    assert "ValueError: cannot handle boom" in lines[0]["error"] and "Traceback" in lines[0]["error"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sms_messages_received_total{outcome="error"} 1.0' in metrics
+    assert post_signed(client, webhook_params(body="after")).status_code == 200
+    assert state(redis_client) == {"bodies": ["fine", "after"]}
+
+
+@pytest.mark.parametrize("bad", [lambda m, c: 42, lambda m, c: c.update(when=object())],
+                         ids=["reply-of-a-wrong-type", "state-that-is-not-json"])
+def test_a_reply_or_state_the_service_cannot_keep_is_a_500(app_with, redis_client, bad):
+    client = app_with(bad).test_client()
+    assert post_signed(client, webhook_params()).status_code == 500
+    assert stored(redis_client) == {}
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+
+
+def test_a_redelivery_gets_the_first_answer_without_calling_the_handler(app_with, redis_client):
+    calls = []
+
+    def counting(message, conversation):
+        calls.append(message.sid)
+        return f"call {len(calls)}"
+
+    twilio = TwilioSimulator.for_app(app_with(counting))
+    first = twilio.send(REY, OURS, "x")
+    again = twilio.send(REY, OURS, "x", message_sid=first.message_sid)
+    assert again.status == 200 and again.reply == "call 1" and calls == [first.message_sid]
+
+
+def test_30_simultaneous_messages_leave_30_entries(app_with, redis_client):
+    with LiveServer(app_with(notebook)) as server:
+        sims = [TwilioSimulator(server.url, TOKEN) for _ in range(30)]
+        barrier = threading.Barrier(30)
+        results = [None] * 30
+
+        def send(index):
+            barrier.wait()
+            results[index] = sims[index].send(REY, OURS, f"m{index}")
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert [r.status for r in results] == [200] * 30
+    assert sorted(r.reply for r in results) == sorted(f"{n} noted" for n in range(1, 31))
+    assert sorted(state(redis_client)["bodies"]) == sorted(f"m{i}" for i in range(30))
+
+
+def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_client):
+    """The lock is held; eight messages arrive one after another and wait; once it is free
+    they are applied in the order they arrived, not in whatever order their polls land."""
+    keys = KEYS.conversation(REY, OURS)
+    redis_client.set(keys.lock, "held-by-someone", px=60_000)
+    with LiveServer(app_with(notebook, LOCK_WAIT=20.0)) as server:
+        twilio = TwilioSimulator(server.url, TOKEN, timeout=30)
+        threads = []
+        for index in range(8):
+            thread = threading.Thread(target=twilio.send, args=(REY, OURS, f"m{index}"))
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda: redis_client.zcard(keys.queue) == index + 1, seconds=10,
+                       what=f"message {index} in line")
+        redis_client.delete(keys.lock)
+        for thread in threads:
+            thread.join()
+    assert state(redis_client)["bodies"] == [f"m{i}" for i in range(8)]
+    assert not redis_client.exists(keys.queue) and not redis_client.exists(keys.waiters)
+
+
+def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
+    """A worker that died while waiting must not hold up the messages behind it forever."""
+    keys = KEYS.conversation(REY, OURS)
+    redis_client.zadd(keys.queue, {"dead-waiter": 1})
+    redis_client.hset(keys.waiters, "dead-waiter", 0)  # it stopped asking long ago
+    assert TwilioSimulator.for_app(app_with(notebook)).send(REY, OURS, "hi").reply == "1 noted"
+    assert not redis_client.exists(keys.queue)
+
+
+@pytest.mark.parametrize("stop", [{"Body": " stop "}, {"Body": "Unsubscribe"}, {"Body": "QUIT"},
+                                  {"Body": "please stop", "OptOutType": "STOP"}],
+                         ids=["stop", "unsubscribe", "quit", "opt-out-type"])
+def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, stop):
+    calls = []
+
+    def handler(message, conversation):
+        calls.append(message.body)
+        return notebook(message, conversation)
+
+    client = app_with(handler).test_client()
+    post_signed(client, webhook_params(body="hello"))
+    answer = post_signed(client, webhook_params(**stop))
+    assert answer.status_code == 200 and answer.data.endswith(b"<Response />")
+    assert calls == ["hello"]  # the handler never saw the opt-out
+    assert "state" not in stored(redis_client)
+    keys = KEYS.conversation(REY, OURS)
+    assert redis_client.zscore(keys.index, keys.member) is None
+    post_signed(client, webhook_params(body="back"))
+    assert state(redis_client) == {"bodies": ["back"], "tally": {"chars": 4}}  # a new conversation
+
+
+def test_start_and_help_reach_the_handler_with_the_keyword(app_with):
+    seen = []
+
+    def handler(message, conversation):
+        seen.append(message.opt_out)
+        return "ok"
+
+    client = app_with(handler).test_client()
+    for params in ({"Body": "START"}, {"Body": "help "}, {"Body": "hi", "OptOutType": "HELP"},
+                   {"Body": "hello"}):
+        assert post_signed(client, webhook_params(**params)).status_code == 200
+    assert seen == ["START", "HELP", "HELP", None]
+
+
+def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_path):
+    callers = tmp_path / "callers.json"
+    callers.write_text(json.dumps({REY: "Rey"}))
+    twilio = TwilioSimulator.for_app(app_with(None, CALLERS_FILE=str(callers)))
+    sender, recipient = f"whatsapp:{REY}", f"whatsapp:{OURS}"
+    assert twilio.send(sender, recipient, "hi").reply == "Thanks for the message, Rey!"
+    assert twilio.send(sender, recipient, "hi").reply == f"Rey has messaged {recipient} 2 times."
+    assert redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") == "2"
+
+
+def test_operators_see_any_handlers_state_and_count(app_with):
+    app = app_with(notebook, OPS_TOKEN="ops")
+    twilio = TwilioSimulator.for_app(app)
+    for body in ("a", "b"):
+        twilio.send(REY, OURS, body)
+    shown = app.test_client().get(f"/ops/conversations/{REY}/{OURS}",
+                                  headers={"Authorization": "Bearer ops"}).get_json()
+    assert shown["messages"] == 2 and shown["state"] == {"bodies": ["a", "b"], "tally": {"chars": 2}}
+
+
+@pytest.mark.parametrize("spec, complaint", [
+    ("examples.nothing_here:handle", "cannot import examples.nothing_here"),
+    ("examples.survey:QUESTIONS", "has no function QUESTIONS"),
+    ("examples.survey", "expected package.module:function"),
+])
+def test_a_bad_sms_handler_stops_start_up_in_one_line(monkeypatch, spec, complaint):
+    monkeypatch.setenv("SMS_HANDLER", spec)
+    with pytest.raises(ConfigError, match=complaint) as refused:
+        create_app({"TWILIO_AUTH_TOKEN": TOKEN})
+    assert str(refused.value).startswith(f"SMS_HANDLER={spec!r}") and "\n" not in str(refused.value)
+
+
+def test_sms_handler_from_the_environment(monkeypatch, redis_url):
+    monkeypatch.setenv("SMS_HANDLER", "examples.survey:handle")
+    twilio = TwilioSimulator.for_app(create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}))
+    assert twilio.send(REY, OURS, "hi").reply.startswith("Hi! Three quick questions.")
+
+
+def test_simulate_runs_a_handler_in_process_without_a_server():
+    result = subprocess.run(
+        [bin_path("sms-sessions"), "simulate", "--handler", "examples.survey:handle",
+         "--from", REY, "--to", OURS],
+        input="hi\nRey\nteal\n5\n", cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-4:] == [
+        "Hi! Three quick questions. What should we call you?",
+        "Thanks, Rey. What is your favourite colour?",
+        "And how would you rate us, from 1 to 5?",
+        "Thank you, Rey!"]
+
+
+def test_message_from_params_reads_keywords_and_media():
+    message = Message.from_params({"From": REY, "To": OURS, "Body": " Stop", "MessageSid": "SM1",
+                                   "NumMedia": "2", "MediaUrl0": "u0"}, "Rey")
+    assert message.opt_out == "STOP" and message.media == ("u0",)
+    assert Message.from_params({"NumMedia": "lots"}, "x").media == ()
+    assert Message.from_params({"Body": "stop it"}, "x").opt_out is None
