@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, require_redis_server
+from tests.support import ROOT
+from tests.support.programs import require_redis_server
 
 NUMBER = (int, float)
 SECTIONS = {"machine", "settings", "throughput", "round_trips", "correctness", "hot_conversation",

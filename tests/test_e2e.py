@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import TOKEN, Gunicorn, bin_path, free_port
 from service.simulator import TwilioSimulator
+from tests.support.app import TOKEN
+from tests.support.app_servers import Gunicorn, bin_path
+from tests.support.ports import free_port
 
 REY, OURS = "+15551230001", "+15550001111"
 

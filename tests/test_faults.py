@@ -19,11 +19,14 @@ from pathlib import Path
 
 import requests
 
-from conftest import REDIS_CONF, TOKEN, Gunicorn, wait_until
 from service.conversations import SAVE
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
-from test_webhook import count_in
+from tests.support.app import TOKEN
+from tests.support.app_servers import Gunicorn
+from tests.support.redis_servers import REDIS_CONF
+from tests.support.waiting import wait_until
+from tests.test_webhook import count_in
 
 OURS = "+15550001111"
 KEYS = Keys()

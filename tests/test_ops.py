@@ -13,10 +13,13 @@ import time
 import pytest
 import redis
 
-from conftest import ROOT, TOKEN, LiveServer, bin_path, commands_during, make_app, post_signed, webhook_params
-from service.keys import Keys, shard_of
 from service.conversations import now_ms
+from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer, bin_path
+from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
 OPS = "ops-test-token"
@@ -368,7 +371,7 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
 def test_benchmark_script_smoke(redis_server, tmp_path):
     """The scale benchmark's own machinery on 1000 conversations (figures are not asserted)."""
     output = tmp_path / "ops.json"
-    result = subprocess.run([sys.executable, "bench/ops_at_scale.py", "--conversations", "1000",
+    result = subprocess.run([sys.executable, "-m", "bench.ops_at_scale", "--conversations", "1000",
                              "--runs", "3", "--output", str(output)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,9 @@ import re
 import signal
 import subprocess
 
-from conftest import ROOT, free_port, wait_for_http
+from tests.support import ROOT
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for_http
 
 README = (ROOT / "README.md").read_text()
 

@@ -7,10 +7,13 @@ import redis
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.sentinel import SentinelConnectionPool
 
-from conftest import free_cluster_port, make_app, post_signed, require_redis_tools, wait_until, webhook_params
+from service.redis_client import SentinelMasterConnection, connect
 from service.sessions import ConversationSessionInterface
 from service.settings import ConfigError
-from service.redis_client import SentinelMasterConnection, connect
+from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.ports import free_cluster_port
+from tests.support.programs import require_redis_tools
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0",

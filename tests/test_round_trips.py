@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.connection import AbstractConnection
 
-from conftest import post_signed, webhook_params
+from tests.support.app import post_signed, webhook_params
 
 
 @pytest.fixture

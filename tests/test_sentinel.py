@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import TOKEN, LiveServer, make_app, wait_until
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
-from test_webhook import count_in
+from tests.support.app import TOKEN, make_app
+from tests.support.app_servers import LiveServer
+from tests.support.waiting import wait_until
+from tests.test_webhook import count_in
 
 REY, OURS = "+15551230001", "+15550001111"
 RETRIES = 120  # a redelivery every 0.25 s for half a minute at most

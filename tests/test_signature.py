@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 from twilio.request_validator import RequestValidator
 
-from conftest import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 
 def test_twilios_documented_example_validates():

@@ -25,10 +25,14 @@ import redis
 import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from conftest import (GUNICORN_APP, GUNICORN_CONF, ROOT, Gunicorn, REDIS_CONF, RedisProcess, delta,
-                      require_binary, require_redis_server, scrape, sign)
 from service.keys import Keys
 from service.simulator import TwilioSimulator
+from tests.support import ROOT
+from tests.support.app import sign
+from tests.support.app_servers import GUNICORN_APP, GUNICORN_CONF, Gunicorn
+from tests.support.programs import require_binary, require_redis_server
+from tests.support.prometheus import delta, scrape
+from tests.support.redis_servers import REDIS_CONF, RedisProcess
 
 ENV_EXAMPLE = ROOT / "config" / "sms-sessions.env.example"
 REY, FINN, POE, OURS = "+15551230001", "+15554440077", "+15556660042", "+15550001111"

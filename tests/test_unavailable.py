@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TOKEN, LiveServer, make_app
 from service.simulator import TwilioSimulator
+from tests.support.app import TOKEN, make_app
+from tests.support.app_servers import LiveServer
 
 REY, OURS = "+15551230001", "+15550001111"
 

@@ -7,12 +7,12 @@ import json
 import pytest
 from redis.cluster import key_slot
 
-from conftest import post_signed, webhook_params
 from service.conversations import ConversationBusy, ConversationStore, LockLost
 from service.keys import Keys, shard_of
 from service.masking import mask
 from service.settings import ConfigError, load
 from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
+from tests.support.app import post_signed, webhook_params
 
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
@@ -41,7 +41,7 @@ def test_settings_defaults_and_bad_values():
 
 
 def test_missing_callers_file_stops_start_naming_the_variable(tmp_path):
-    from conftest import make_app
+    from tests.support.app import make_app
 
     with pytest.raises(ConfigError, match="CALLERS_FILE"):
         make_app(CALLERS_FILE=str(tmp_path / "nope.json"))

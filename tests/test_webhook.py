@@ -10,9 +10,10 @@ import time
 import pytest
 import redis
 
-from conftest import TOKEN, LiveServer, make_app, post_signed, sign, webhook_params
 from service.keys import Keys
 from service.simulator import TwilioSimulator
+from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.app_servers import LiveServer
 
 REY, FRIEND, OURS = "+15551230001", "+15559870042", "+15550001111"
 KEYS = Keys()
