@@ -19,6 +19,8 @@ from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.test_webhook import count_in
 
+pytestmark = pytest.mark.slow  # a Redis Cluster of three processes
+
 OURS = "+15550001111"
 KEYS = Keys()
 SENDERS = [f"+1555987{tag:04d}" for tag in range(100)]  # tags {00}..{99}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN
 from tests.support.app_servers import Gunicorn, bin_path
 from tests.support.ports import free_port
+
+pytestmark = pytest.mark.slow  # gunicorn and the sms-sessions command in subprocesses
 
 REY, OURS = "+15551230001", "+15550001111"
 

@@ -122,6 +122,7 @@ def test_cli_unknown_pair_exits_1_with_one_stderr_line(ops_app):
         assert result.stderr == f"no live conversation from {POE} to {OURS}\n"
 
 
+@pytest.mark.slow
 def test_console_script_reads_redis_url(redis_url, ops_app):
     text_messages(ops_app, REY, 2)
     assert json.loads(console(redis_url, "count", "--json").stdout) == {"active": 1}
@@ -368,6 +369,7 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
     assert json.loads(raw.hget(KEYS.conversation(REY, OURS).state, "state")) == {"messages": 2}
 
 
+@pytest.mark.slow
 def test_benchmark_script_smoke(redis_server, tmp_path):
     """The scale benchmark's own machinery on 1000 conversations (figures are not asserted)."""
     output = tmp_path / "ops.json"

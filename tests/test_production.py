@@ -52,6 +52,7 @@ def test_production_starts_with_safe_settings_and_development_with_anything(monk
 
 
 @CASES
+@pytest.mark.slow
 def test_gunicorn_refuses_in_one_line_before_any_worker(variable, setting):
     server = Gunicorn({**SAFE, **setting}, config=GUNICORN_CONF)
     assert server.wait_exit() != 0

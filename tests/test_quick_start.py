@@ -7,6 +7,8 @@ import re
 import signal
 import subprocess
 
+import pytest
+
 from tests.support import ROOT
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for_http
@@ -23,6 +25,7 @@ def test_readme_shows_the_two_commands_and_every_setting():
     assert missing == []
 
 
+@pytest.mark.slow
 def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(checkout)], check=True)

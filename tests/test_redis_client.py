@@ -62,6 +62,7 @@ def test_malformed_url_stops_start_up_naming_redis_url(url, says):
     assert "hunter2" not in message
 
 
+@pytest.mark.slow
 def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers(redis_processes):
     """Failing the boot would stop gunicorn; instead the worker answers 503 until a node does."""
     require_redis_tools()

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.waiting import wait_until
 from tests.test_webhook import count_in
+
+pytestmark = pytest.mark.slow  # master, replica and Sentinel processes
 
 REY, OURS = "+15551230001", "+15550001111"
 RETRIES = 120  # a redelivery every 0.25 s for half a minute at most

@@ -142,6 +142,7 @@ def twilio(stack):
     return TwilioSimulator(server.url, server.env["TWILIO_AUTH_TOKEN"])
 
 
+@pytest.mark.slow
 def test_native_stack_holds_a_conversation(stack, twilio):
     server, redis_server, client = stack
     assert server.env["APP_ENV"] == "production" and server.env["WEB_CONCURRENCY"] == "2"
@@ -172,6 +173,7 @@ def evalsha_calls(client) -> int:
     return client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
 
 
+@pytest.mark.slow
 def test_metrics_add_up_across_two_workers(stack, twilio):
     """One worker is kept waiting for a held lock, so the other serves the rest: the totals
     are right only if a scrape, answered by either worker, adds up both."""
@@ -226,6 +228,7 @@ def test_metrics_add_up_across_two_workers(stack, twilio):
     assert sorted(v for v in per_worker.values() if v) == [1, 5]
 
 
+@pytest.mark.slow
 def test_stack_output_is_json_lines_without_numbers_bodies_or_token(stack, twilio):
     server, _, _ = stack
     token = server.env["TWILIO_AUTH_TOKEN"]

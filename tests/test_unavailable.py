@@ -11,6 +11,8 @@ from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 
+pytestmark = pytest.mark.slow  # a redis-server of its own, stopped and paused
+
 REY, OURS = "+15551230001", "+15550001111"
 
 
