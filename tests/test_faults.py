@@ -75,13 +75,12 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, t
             wait_until(lambda: 503 in statuses, what="503 while Redis is down")
             time.sleep(0.5)  # a real outage, not a blip
             server.start()
-            returned, after = time.monotonic(), len(statuses)
+            after = len(statuses)
             # Once Redis answers again, so does the service, at the first try (each worker's
             # dead pooled connection is replaced transparently): the "within 2 s".
             probe = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)
             assert [probe.send("+15554009999", OURS, "probe").status for _ in range(4)] == [200] * 4
             wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
-            recovered = time.monotonic() - returned
             wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")
             stop.set()
             for future in running:
@@ -94,7 +93,6 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, t
     client = server.client()
     assert {s: stored_count(client, s) for s in senders} == {s: len(counts[s]) for s in senders}
     assert sum(len(c) for c in counts.values()) == statuses.count(200)
-    print(f"redis down: {statuses.count(503)} answers 503, 200 again {recovered:.2f}s after restart")
 
 
 def test_stalled_redis_answers_503_and_workers_stay_free(redis_url, redis_client):

@@ -66,8 +66,6 @@ def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
     assert json.loads(stored) == {"messages": attempts.count(200)}
     assert attempts[:10] == attempts[-10:] == [200] * 10  # 503s only during the switch
     assert attempts.count(503) <= 40  # a few; without the reconfig script it is about 60
-    print(f"failover: {len(counts)} messages, {attempts.count(503)} answers 503 "
-          f"(redelivered every 0.25 s)")
 
 
 def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redis_sentinel):
