@@ -53,7 +53,7 @@ def stored_count(client, sender: str) -> int:
     return json.loads(raw)["messages"] if raw else 0
 
 
-def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, tmp_path):
+def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes):
     server = redis_processes(config=REDIS_CONF)
     senders = [f"+1555400{n:04d}" for n in range(6)]
     counts: dict[str, list[int]] = {s: [] for s in senders}
@@ -175,7 +175,7 @@ def gunicorn_workers(master_pid: int) -> list[int]:
     return workers
 
 
-def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_url, redis_client):
+def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_client):
     sender = "+15554200002"
     proxy = FreezingProxy(redis_server.port)
     env = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "REDIS_TIMEOUT": "30",

@@ -19,6 +19,7 @@ from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, bin_path
+from tests.support.programs import require_redis_server
 from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
@@ -229,7 +230,7 @@ def test_api_bad_paging_parameters_are_400(ops_app, query):
     assert response.status_code == 400 and "error" in response.get_json()
 
 
-def test_api_on_redis_down_is_503(redis_url):
+def test_api_on_redis_down_is_503():
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.2, OPS_TOKEN=OPS)
     response = app.test_client().get("/ops/stats", headers=AUTH)
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
@@ -349,7 +350,7 @@ def active_count(app):
     return app.test_client().get("/ops/stats", headers=AUTH).get_json()["active"]
 
 
-def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
+def test_every_stored_value_is_utf8_text(redis_url, ops_app):
     text_messages(ops_app, REY, 2)
     client = ops_app.test_client()
     assert post_signed(client, webhook_params(sender=FINN, body="héllo ✓ 你好")).status_code == 200
@@ -370,8 +371,9 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_script_smoke(redis_server, tmp_path):
+def test_benchmark_script_smoke(tmp_path):
     """The scale benchmark's own machinery on 1000 conversations (figures are not asserted)."""
+    require_redis_server()  # the script starts one of its own
     output = tmp_path / "ops.json"
     result = subprocess.run([sys.executable, "-m", "bench.ops_at_scale", "--conversations", "1000",
                              "--runs", "3", "--output", str(output)],

@@ -37,7 +37,7 @@ def test_documented_example_through_the_app(redis_url):
     assert forged.status_code == 403
 
 
-def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_client, caplog):
+def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_client):
     client = app.test_client()
     params = webhook_params()
     unsigned = client.post("/sms", data=params)

@@ -64,7 +64,7 @@ def store(fake_app):
     return fake_app.extensions["conversations"]
 
 
-def test_lock_makes_a_second_opener_wait_then_give_up(fake_app, store):
+def test_lock_makes_a_second_opener_wait_then_give_up(store):
     keys = Keys().conversation("+15551230001", "+15550001111")
     held = store.open(keys, "SM1")
     impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05, replies_kept=4)

@@ -282,7 +282,7 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
     assert json.loads(conversation(redis_client)["state"]) == {"messages": 1}
 
 
-def test_healthz_never_touches_redis(redis_url):
+def test_healthz_never_touches_redis():
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
     response = app.test_client().get("/healthz")
     assert response.status_code == 200
