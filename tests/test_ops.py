@@ -115,9 +115,9 @@ def test_cli_count_list_show_expire(ops_app):
     assert [r["from"] for r in json.loads(cli(ops_app, "list", "--json").stdout)] == [FINN]
 
 
-def test_cli_unknown_pair_exits_1_with_one_stderr_line(ops_app):
+def test_cli_unknown_pair_exits_1_with_one_stderr_line(runner):
     for command in ("show", "expire"):
-        result = cli(ops_app, command, POE, OURS)
+        result = runner.invoke(args=["conversations", command, POE, OURS])
         assert result.exit_code == 1
         assert result.stdout == ""
         assert result.stderr == f"no live conversation from {POE} to {OURS}\n"
