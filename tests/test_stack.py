@@ -118,9 +118,8 @@ def stack(tmp_path_factory):
     try:
         env = read_env_file(ENV_EXAMPLE)
         env.update(REDIS_URL=redis_server.url, PROMETHEUS_MULTIPROC_DIR=str(directory / "metrics"))
-        server = Gunicorn(env, config=GUNICORN_CONF)
-        assert [Path(server.args[0]).name, *server.args[1:]] == dockerfile_cmd()  # the image's command
-        with server:
+        with Gunicorn(env, config=GUNICORN_CONF) as server:
+            assert [Path(server.args[0]).name, *server.args[1:]] == dockerfile_cmd()  # the image's command
             yield server, redis_server, redis.Redis.from_url(redis_server.url, decode_responses=True)
     finally:
         redis_server.kill()

@@ -100,7 +100,11 @@ class Gunicorn:
             self.process.wait()
 
     def __enter__(self):
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # __exit__ will not run
+            raise
         return self
 
     def __exit__(self, *exc):
