@@ -58,7 +58,11 @@ class RedisProcess:
         self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT)
         log.close()
-        wait_until(lambda: self.client().ping(), what=f"redis on port {self.port}")
+        try:
+            wait_until(lambda: self.client().ping(), what=f"redis on port {self.port}")
+        except BaseException:
+            self.kill()  # one that never answered is not left behind
+            raise
         return self
 
     def shutdown(self) -> None:
