@@ -30,6 +30,10 @@ simulate: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+.PHONY: test-fast
+test-fast: install  # everything but the tests marked slow, in seconds
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python -m bench.run
 

@@ -5,8 +5,8 @@ schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries sprea
 conversation TTL like real traffic, then times the service's own ``ActiveConversations``
 functions (median of several runs) and prints one JSON object.
 
-    .venv/bin/python bench/ops_at_scale.py                      # 1,000,000 conversations
-    .venv/bin/python bench/ops_at_scale.py --conversations 1000 --runs 3 --output FILE
+    .venv/bin/python -m bench.ops_at_scale                      # 1,000,000 conversations
+    .venv/bin/python -m bench.ops_at_scale --conversations 1000 --runs 3 --output FILE
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ import argparse
 import json
 import random
 import secrets
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
-
-import redis
+from pathlib import Path
 
 from service import create_app
 from service.conversations import now_ms
+from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 
 GOALS_MS = {"count": 5.0, "first_page_50": 20.0, "expire_one": 5.0}
 OUR_NUMBERS = ("+15550001111", "+15550002222", "+15550003333")
@@ -36,30 +32,13 @@ BATCH = 5000
 
 @contextmanager
 def throwaway_redis():
-    """A redis-server without persistence on a free port; yields its URL, stops it after."""
-    executable = shutil.which("redis-server")
-    if not executable:
-        sys.exit("redis-server is not installed (apt-get install redis-server)")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """A redis-server without persistence on a free port (the tests' launcher); yields its URL."""
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
+        server = RedisProcess(Path(workdir), *NOT_DURABLE).start()
         try:
-            client = redis.Redis.from_url(url)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            yield url
+            yield server.url
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            server.kill()
 
 
 def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, str]]:

@@ -10,8 +10,8 @@ import json
 
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from conftest import post_signed
 from service.keys import Keys
+from tests.support.app import post_signed
 
 KEYS = Keys()
 FUZZ = settings(max_examples=60, deadline=None,

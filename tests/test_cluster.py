@@ -12,11 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from redis.cluster import RedisCluster
 
-from conftest import TOKEN, LiveServer, make_app
 from service.conversations import OPEN, RELEASE, SAVE, END
 from service.keys import Keys
 from service.simulator import TwilioSimulator
-from test_webhook import count_in
+from tests.support.app import TOKEN, make_app
+from tests.support.app_servers import LiveServer
+from tests.test_webhook import count_in
+
+pytestmark = pytest.mark.slow  # a Redis Cluster of three processes
 
 OURS = "+15550001111"
 KEYS = Keys()

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
-from conftest import TOKEN, Gunicorn, bin_path, free_port
-from service.simulator import TwilioSimulator
+import pytest
+
+from service.keys import Keys
+from service.simulator import TwilioSimulator, new_message_sid
+from tests.support import ROOT
+from tests.support.app import TOKEN
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for_http
+
+pytestmark = pytest.mark.slow  # gunicorn and the sms-sessions command in subprocesses
 
 REY, OURS = "+15551230001", "+15550001111"
 
@@ -65,12 +77,6 @@ def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_clien
     """30 messages of one conversation, each delivered twice at the same moment, under the
     repository's gunicorn config: every redelivery falls inside REDELIVERY_WINDOW, however many
     messages came in between, so each is counted once and both deliveries get the same answer."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from conftest import GUNICORN_CONF
-    from service.keys import Keys
-    from service.simulator import new_message_sid
-
     sids = [new_message_sid() for _ in range(30)]
     with Gunicorn({"REDIS_URL": redis_url}, config=GUNICORN_CONF) as server:
         sims = [TwilioSimulator(server.url, TOKEN) for _ in range(60)]
@@ -86,10 +92,6 @@ def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_clien
 
 def test_make_run_serves_the_handler_named_by_sms_handler():
     """`make run SMS_HANDLER=…` (the README's way to try a bot) serves that handler."""
-    import os
-    import signal
-
-    from conftest import ROOT, wait_for_http
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SMS_HANDLER", "TWILIO_AUTH_TOKEN")}

@@ -16,13 +16,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import REDIS_CONF, TOKEN, Gunicorn, wait_until
 from service.conversations import SAVE
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
-from test_webhook import count_in
+from tests.support.app import TOKEN
+from tests.support.app_servers import Gunicorn
+from tests.support.redis_servers import REDIS_CONF
+from tests.support.waiting import wait_until
+from tests.test_webhook import count_in
+
+pytestmark = pytest.mark.slow  # gunicorn under load while Redis fails
 
 OURS = "+15550001111"
 KEYS = Keys()
@@ -45,7 +51,7 @@ def stored_count(client, sender: str) -> int:
     return int(client.hget(KEYS.conversation(sender, OURS).state, "seq") or 0)
 
 
-def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, tmp_path):
+def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes):
     server = redis_processes(config=REDIS_CONF)
     senders = [f"+1555400{n:04d}" for n in range(6)]
     counts: dict[str, list[int]] = {s: [] for s in senders}
@@ -67,13 +73,12 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, t
             wait_until(lambda: 503 in statuses, what="503 while Redis is down")
             time.sleep(0.5)  # a real outage, not a blip
             server.start()
-            returned, after = time.monotonic(), len(statuses)
+            after = len(statuses)
             # Once Redis answers again, so does the service, at the first try (each worker's
             # dead pooled connection is replaced transparently): the "within 2 s".
             probe = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)
             assert [probe.send("+15554009999", OURS, "probe").status for _ in range(4)] == [200] * 4
             wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
-            recovered = time.monotonic() - returned
             wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")
             stop.set()
             for future in running:
@@ -86,7 +91,6 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes, t
     client = server.client()
     assert {s: stored_count(client, s) for s in senders} == {s: len(counts[s]) for s in senders}
     assert sum(len(c) for c in counts.values()) == statuses.count(200)
-    print(f"redis down: {statuses.count(503)} answers 503, 200 again {recovered:.2f}s after restart")
 
 
 def test_stalled_redis_answers_503_and_workers_stay_free(redis_url, redis_client):
@@ -169,7 +173,7 @@ def gunicorn_workers(master_pid: int) -> list[int]:
     return workers
 
 
-def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_url, redis_client):
+def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_client):
     sender = "+15554200002"
     proxy = FreezingProxy(redis_server.port)
     env = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "REDIS_TIMEOUT": "30",

@@ -11,13 +11,15 @@ from types import MappingProxyType
 import pytest
 from twilio.twiml.messaging_response import MessagingResponse
 
-from conftest import (ROOT, TOKEN, LiveServer, bin_path, make_app, post_signed, wait_until,
-                      webhook_params)
 from service import create_app
 from service.handler import Message
 from service.keys import Keys
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer, bin_path
+from tests.support.waiting import wait_until
 
 REY, OURS = "+15551230001", "+15550001111"
 KEYS = Keys()
@@ -286,6 +288,7 @@ def test_sms_handler_from_the_environment(monkeypatch, redis_url):
     assert twilio.send(REY, OURS, "hi").reply.startswith("Hi! Three quick questions.")
 
 
+@pytest.mark.slow
 def test_simulate_runs_a_handler_in_process_without_a_server():
     result = subprocess.run(
         [bin_path("sms-sessions"), "simulate", "--handler", "examples.survey:handle",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 
-from conftest import REDIS_CONF, commands_during, make_app, post_signed, webhook_params
+from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.redis_servers import REDIS_CONF, commands_during
 
 
 def test_readiness_follows_redis_and_liveness_does_not(redis_processes):

@@ -10,8 +10,8 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from conftest import TOKEN, make_app, post_signed, sign, webhook_params
 from service.logs import JsonFormatter
+from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 REY, OURS = "+15551230001", "+15550001111"
 MASKED = ("+1555***0001", "+1555***1111")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import time
 
-from conftest import make_app, post_signed, scrape, webhook_params
 from service.keys import Keys
+from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.prometheus import scrape
 
 REY, FINN, OURS = "+15551230001", "+15554440077", "+15550001111"
 OUTCOMES = ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")

@@ -13,10 +13,14 @@ import time
 import pytest
 import redis
 
-from conftest import ROOT, TOKEN, LiveServer, bin_path, commands_during, make_app, post_signed, webhook_params
-from service.keys import Keys, shard_of
 from service.conversations import now_ms
+from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer, bin_path
+from tests.support.programs import require_redis_server
+from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
 OPS = "ops-test-token"
@@ -111,14 +115,15 @@ def test_cli_count_list_show_expire(ops_app):
     assert [r["from"] for r in json.loads(cli(ops_app, "list", "--json").stdout)] == [FINN]
 
 
-def test_cli_unknown_pair_exits_1_with_one_stderr_line(ops_app):
+def test_cli_unknown_pair_exits_1_with_one_stderr_line(runner):
     for command in ("show", "expire"):
-        result = cli(ops_app, command, POE, OURS)
+        result = runner.invoke(args=["conversations", command, POE, OURS])
         assert result.exit_code == 1
         assert result.stdout == ""
         assert result.stderr == f"no live conversation from {POE} to {OURS}\n"
 
 
+@pytest.mark.slow
 def test_console_script_reads_redis_url(redis_url, ops_app):
     text_messages(ops_app, REY, 2)
     assert json.loads(console(redis_url, "count", "--json").stdout) == {"active": 1}
@@ -227,7 +232,7 @@ def test_api_bad_paging_parameters_are_400(ops_app, query):
     assert response.status_code == 400 and "error" in response.get_json()
 
 
-def test_api_on_redis_down_is_503(redis_url):
+def test_api_on_redis_down_is_503():
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.2, OPS_TOKEN=OPS)
     response = app.test_client().get("/ops/stats", headers=AUTH)
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
@@ -347,7 +352,7 @@ def active_count(app):
     return app.test_client().get("/ops/stats", headers=AUTH).get_json()["active"]
 
 
-def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
+def test_every_stored_value_is_utf8_text(redis_url, ops_app):
     text_messages(ops_app, REY, 2)
     client = ops_app.test_client()
     assert post_signed(client, webhook_params(sender=FINN, body="héllo ✓ 你好")).status_code == 200
@@ -367,10 +372,12 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app, tmp_path):
     assert raw.hget(KEYS.conversation(REY, OURS).state, "seq") == b"2"
 
 
-def test_benchmark_script_smoke(redis_server, tmp_path):
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path):
     """The scale benchmark's own machinery on 1000 conversations (figures are not asserted)."""
+    require_redis_server()  # the script starts one of its own
     output = tmp_path / "ops.json"
-    result = subprocess.run([sys.executable, "bench/ops_at_scale.py", "--conversations", "1000",
+    result = subprocess.run([sys.executable, "-m", "bench.ops_at_scale", "--conversations", "1000",
                              "--runs", "3", "--output", str(output)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

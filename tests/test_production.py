@@ -8,9 +8,10 @@ import subprocess
 
 import pytest
 
-from conftest import GUNICORN_CONF, Gunicorn, bin_path, free_port
 from service import create_app
 from service.settings import ConfigError
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.ports import free_port
 
 SAFE = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": "a-real-token",
         "TWILIO_VALIDATE_SIGNATURE": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
@@ -51,6 +52,7 @@ def test_production_starts_with_safe_settings_and_development_with_anything(monk
 
 
 @CASES
+@pytest.mark.slow
 def test_gunicorn_refuses_in_one_line_before_any_worker(variable, setting):
     server = Gunicorn({**SAFE, **setting}, config=GUNICORN_CONF)
     assert server.wait_exit() != 0
@@ -62,7 +64,7 @@ def test_gunicorn_refuses_in_one_line_before_any_worker(variable, setting):
 
 
 def test_cli_refuses_in_one_line():
-    env = {**Gunicorn.hermetic_environment(), **SAFE, "TWILIO_AUTH_TOKEN": ""}
+    env = {**hermetic_environment(), **SAFE, "TWILIO_AUTH_TOKEN": ""}
     result = subprocess.run([bin_path("sms-sessions"), "run", "--port", str(free_port())], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1

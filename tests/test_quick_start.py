@@ -7,7 +7,11 @@ import re
 import signal
 import subprocess
 
-from conftest import ROOT, free_port, wait_for_http
+import pytest
+
+from tests.support import ROOT
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for_http
 
 README = (ROOT / "README.md").read_text()
 
@@ -21,6 +25,7 @@ def test_readme_shows_the_two_commands_and_every_setting():
     assert missing == []
 
 
+@pytest.mark.slow
 def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(checkout)], check=True)

@@ -7,9 +7,12 @@ import redis
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.sentinel import SentinelConnectionPool
 
-from conftest import free_cluster_port, make_app, post_signed, require_redis_tools, wait_until, webhook_params
-from service.settings import ConfigError
 from service.redis_client import SentinelMasterConnection, connect
+from service.settings import ConfigError
+from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.ports import free_cluster_port
+from tests.support.programs import require_redis_tools
+from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0",
@@ -58,6 +61,7 @@ def test_malformed_url_stops_start_up_naming_redis_url(url, says):
     assert "hunter2" not in message
 
 
+@pytest.mark.slow
 def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers(redis_processes):
     """Failing the boot would stop gunicorn; instead the worker answers 503 until a node does."""
     require_redis_tools()

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import time
 
-from conftest import TOKEN, LiveServer, make_app, wait_until
+import pytest
+
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
-from test_webhook import count_in
+from tests.support.app import TOKEN, make_app
+from tests.support.app_servers import LiveServer
+from tests.support.waiting import wait_until
+from tests.test_webhook import count_in
+
+pytestmark = pytest.mark.slow  # master, replica and Sentinel processes
 
 REY, OURS = "+15551230001", "+15550001111"
 RETRIES = 120  # a redelivery every 0.25 s for half a minute at most
@@ -59,8 +65,6 @@ def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
     assert int(stored) == attempts.count(200)
     assert attempts[:10] == attempts[-10:] == [200] * 10  # 503s only during the switch
     assert attempts.count(503) <= 40  # a few; without the reconfig script it is about 60
-    print(f"failover: {len(counts)} messages, {attempts.count(503)} answers 503 "
-          f"(redelivered every 0.25 s)")
 
 
 def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redis_sentinel):

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 from twilio.request_validator import RequestValidator
 
-from conftest import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 
 def test_twilios_documented_example_validates():
@@ -37,7 +37,7 @@ def test_documented_example_through_the_app(redis_url):
     assert forged.status_code == 403
 
 
-def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_client, caplog):
+def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_client):
     client = app.test_client()
     params = webhook_params()
     unsigned = client.post("/sms", data=params)

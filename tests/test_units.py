@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from redis.cluster import key_slot
 
-from conftest import post_signed, webhook_params
 from service.conversations import ConversationBusy, ConversationStore, LockLost
 from service.keys import Keys, shard_of
 from service.masking import mask
 from service.settings import ConfigError, load
 from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
+from tests.support.app import post_signed, webhook_params
 
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
@@ -39,7 +39,7 @@ def test_settings_defaults_and_bad_values():
 
 
 def test_missing_callers_file_stops_start_naming_the_variable(tmp_path):
-    from conftest import make_app
+    from tests.support.app import make_app
 
     with pytest.raises(ConfigError, match="CALLERS_FILE"):
         make_app(CALLERS_FILE=str(tmp_path / "nope.json"))
@@ -62,7 +62,7 @@ def store(fake_app):
     return fake_app.extensions["sms.store"]
 
 
-def test_lock_makes_a_second_opener_wait_then_give_up(fake_app, store):
+def test_lock_makes_a_second_opener_wait_then_give_up(store):
     keys = Keys().conversation("+15551230001", "+15550001111")
     held = store.open(keys, "SM1")
     impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05,

@@ -10,9 +10,10 @@ import time
 import pytest
 import redis
 
-from conftest import TOKEN, LiveServer, make_app, post_signed, sign, webhook_params
 from service.keys import Keys
 from service.simulator import TwilioSimulator
+from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.app_servers import LiveServer
 
 REY, FRIEND, OURS = "+15551230001", "+15559870042", "+15550001111"
 KEYS = Keys()
@@ -301,7 +302,7 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
     assert messages(redis_client) == 1 and json.loads(conversation(redis_client)["state"]) == {}
 
 
-def test_healthz_never_touches_redis(redis_url):
+def test_healthz_never_touches_redis():
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
     response = app.test_client().get("/healthz")
     assert response.status_code == 200

@@ -1,0 +1,13 @@
+"""What the tests (and ``bench/``) use besides fixtures: ``conftest.py`` holds only fixtures.
+
+- ``app``: the app with a test token, signed webhook requests;
+- ``app_servers``: the app on real sockets, in a thread (``LiveServer``) or under gunicorn;
+- ``redis_servers``: redis-server processes, Cluster and Sentinel topologies;
+- ``programs``: the programs a test needs, or a skip (a failure under ``REQUIRE_REDIS=1``);
+- ``ports``, ``waiting``: free loopback ports, bounded waits;
+- ``prometheus``: the text format read back into samples.
+"""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
