@@ -31,11 +31,12 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 
 import redis
 
-from service.conversations import ConversationStore, now_ms
+from service.conversations import ConversationStore, Opened, now_ms
 from service.keys import Keys
 from service import settings
 from service.simulator import TwilioSimulator
@@ -343,13 +344,11 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
                 token, message_sid = f"{message:016x}", f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
                 reply = ("Thanks for the message, Friend!" if message == 1
                          else f"Friend has messaged {RECIPIENT} {message} times.")
-                pipe.evalsha(store._open.sha, 5, pair.state, pair.lock, pair.queue, pair.waiters,
-                             pair.index, token, message_sid, pair.member, store.lock_ms, 1000,
-                             store.ttl * 1000)
-                pipe.evalsha(store._save.sha, 3, pair.state, pair.lock, pair.index, token, message_sid,
-                             pair.member, sids[pair.member], "{}", "t" + reply,
-                             "1" if message == 1 else "0", "", now_ms(), store.ttl * 1000,
-                             store.GRACE * 1000, store.window_ms, store.replies_kept)
+                opened = Opened(token, now=now_ms())
+                pipe.evalsha(store._open.sha, 7, *chain(*store.open_call(pair, message_sid, token)))
+                pipe.evalsha(store._save.sha, 6, *chain(*store.save_call(
+                    pair, opened, sid=sids[pair.member], state="{}", fresh=message == 1,
+                    message_sid=message_sid, answer="t" + reply)))
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:
                 raise RuntimeError("SAVE did not save every conversation")

@@ -61,6 +61,14 @@ def on_starting(server):
         stale.unlink()
 
 
+def post_worker_init(worker):
+    """Each worker runs the lifecycle sweeper in a thread (a lease in Redis lets one sweep at a
+    time), so conversations end on time without any request arriving."""
+    from service.lifecycle import start_sweeper
+
+    start_sweeper(worker.wsgi)
+
+
 def child_exit(server, worker):
     """prometheus-client's rule for multiprocess mode: a dead worker's live gauges go."""
     from prometheus_client import multiprocess

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import (callers, conversations, health, logs, metrics, ops, redis_client, responses,
-               settings, signature, webhook)
+from . import (callers, conversations, health, lifecycle, logs, metrics, ops, redis_client,
+               responses, settings, signature, webhook)
 from . import handler as handlers
-from .handler import Conversation, Handler, Message
+from .handler import Conversation, EndHook, Handler, Message
 
 __all__ = ["Conversation", "Message", "check_environment", "create_app"]
 
 
-def create_app(test_config: dict | None = None, *, handler: Handler | None = None) -> Flask:
-    """Builds the app from the environment; ``test_config`` overrides single settings, and
-    ``handler`` is the conversation logic (else ``SMS_HANDLER``, else the counter).
+def create_app(test_config: dict | None = None, *, handler: Handler | None = None,
+               on_end: EndHook | None = None) -> Flask:
+    """Builds the app from the environment; ``test_config`` overrides single settings,
+    ``handler`` is the conversation logic (else ``SMS_HANDLER``, else the counter) and
+    ``on_end`` its end hook (else the handler module's ``on_end``, if it has one).
 
     Raises ``settings.ConfigError`` (one line naming the variable) on a setting it refuses.
     """
@@ -24,8 +26,9 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
     redis_client.init_app(app)
     metrics.init_app(app)
     callers.init_app(app)
+    handlers.init_app(app, handler, on_end)
     conversations.init_app(app)
-    handlers.init_app(app, handler)
+    lifecycle.init_app(app)
     signature.init_app(app)
     responses.init_app(app)
     health.init_app(app)

@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .callers import Callers
 from .conversations import ConversationStore, decode_state, now_ms
@@ -104,11 +104,14 @@ class Page:
 class ActiveConversations:
     """Queries over the active index; ending reuses the webhook store's END script."""
 
-    def __init__(self, client, keys: Keys, store: ConversationStore, callers: Callers):
+    def __init__(self, client, keys: Keys, store: ConversationStore, callers: Callers,
+                 on_end: Callable[[], None] = lambda: None):
+        """``on_end`` hears of each conversation an operator ended (metrics)."""
         self.client = client
         self.keys = keys
         self.store = store
         self.callers = callers
+        self.on_end = on_end
         self._prune = client.register_script(PRUNE)
 
     def count(self) -> int:
@@ -164,6 +167,7 @@ class ActiveConversations:
         """Ends the conversation now (state, lock, index entry); False if it was not live."""
         ended = self.store.end(self.keys.conversation(sender, recipient))
         if ended:
+            self.on_end()
             log.info("conversation of %s ended by an operator", mask(sender))
         return ended
 

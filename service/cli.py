@@ -12,14 +12,26 @@ import sys
 
 import click
 import requests
-from flask.cli import FlaskGroup
+from flask.cli import FlaskGroup, ScriptInfo, run_command
 
 from . import create_app
 from .handler import load
+from .lifecycle import start_sweeper
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 
 cli = FlaskGroup(create_app=create_app, help="SMS conversations: serve, simulate and operate.")
+
+
+def _serve(**options):
+    """Flask's development server, with the lifecycle sweeper running beside it."""
+    context = click.get_current_context()
+    start_sweeper(context.ensure_object(ScriptInfo).load_app())
+    context.invoke(run_command, **options)
+
+
+cli.add_command(click.Command("run", params=run_command.params, callback=_serve,
+                              help="Serve the webhook with Flask's development server (and sweep)."))
 
 
 @cli.command("simulate", with_appcontext=False)

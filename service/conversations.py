@@ -29,15 +29,19 @@ from redis import RedisError
 from redis.exceptions import NoScriptError
 
 from .keys import ConversationKeys, Keys
-from .redis_client import UNAVAILABLE
+from .redis_client import UNAVAILABLE, is_cluster
 
 if TYPE_CHECKING:
     from .active import ActiveConversations
 
 log = logging.getLogger(__name__)
 
-# Lua helpers shared by the scripts below (prepended to each that uses them).
-FORGET = """
+# Lua helpers shared by the scripts below (prepended to each).
+HELPERS = """
+local function now_ms()
+  local clock = redis.call('TIME')
+  return clock[1] * 1000 + math.floor(clock[2] / 1000)
+end
 -- The conversation's own fields go; the answers kept for redeliveries ('m:…') stay.
 local function forget(conversation)
   local names = redis.call('HKEYS', conversation)
@@ -45,20 +49,43 @@ local function forget(conversation)
     if string.sub(names[i], 1, 2) ~= 'm:' then redis.call('HDEL', conversation, names[i]) end
   end
 end
-local function now_ms()
-  local clock = redis.call('TIME')
-  return clock[1] * 1000 + math.floor(clock[2] / 1000)
+local function pair(member)
+  local bar = string.find(member, '|', 1, true)
+  return string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
+end
+-- Ends the conversation stored in `conversation`, if there is one: its 'ended' event and, for
+-- the end hook, its final state, in the same atomic step as its fields and index entry going.
+local function finish(conversation, index, member, events, ending, events_max, hooks, reason, ended_at)
+  local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
+  redis.call('ZREM', index, member)
+  if not found[1] then
+    forget(conversation)
+    return 0
+  end
+  local sender, recipient = pair(member)
+  local messages, started_at = found[2] or '0', found[3] or '0'
+  redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', sender,
+             'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
+             'ended_at', ended_at, 'conversation', found[1])
+  if hooks == '1' then
+    redis.call('HSET', ending, found[1], cjson.encode({sender, recipient, reason, messages,
+               started_at, tostring(ended_at), found[4] or '{}'}))
+  end
+  forget(conversation)
+  return 1
 end
 """
 
-OPEN = FORGET + """
+OPEN = HELPERS + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
 -- first in line with the lock free, takes it and gets the conversation, which is ended first
--- if its time ran out (index score = last message + TTL).
-local conversation, lock, queue, waiters, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
-local lock_ms, patience_ms, ttl_ms = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+-- if its time ran out (its index score: last message + TTL).
+local conversation, lock, queue, waiters, index, events, ending =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local token, message_sid, member, hooks = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lock_ms, patience_ms, ttl_ms, events_max =
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
 if answered then
@@ -83,11 +110,10 @@ if redis.call('EXISTS', lock) == 0 and (not head or head == token) then
   local expiry = tonumber(redis.call('ZSCORE', index, member))
                  or (tonumber(found[5]) or now) + ttl_ms
   if found[1] and expiry <= now then
-    forget(conversation)
-    redis.call('ZREM', index, member)
-    return {'ok', now, '', '', '', ''}
+    local ended = finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
+    return {'ok', now, '', '', '', '', ended}
   end
-  return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or ''}
+  return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or '', 0}
 end
 
 if not redis.call('ZSCORE', queue, token) then
@@ -100,31 +126,34 @@ redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
 return {'busy', redis.call('ZRANK', queue, token)}
 """
 
-SAVE = FORGET + """
--- Round trip 2, only while the lock is still ours: write the conversation, or end it; remember
--- the answer under its MessageSid; keep the index; release the lock. Nothing here can fail
--- half-way: every value is checked or bounded before the first write.
-local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
+SAVE = HELPERS + """
+-- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
+-- on its first message), or end it; remember the answer under its MessageSid; count the
+-- message in its minute; release the lock. Returns 'ended' if it ended a conversation, else
+-- 'saved' ('lost': nothing written). Nothing here can fail half-way: every value is checked or
+-- bounded before the first write.
+local conversation, lock, index, events, ending, minutes =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local fresh, ending = ARGV[7] == '1', ARGV[8] ~= ''
-local started_at, ttl_ms, grace_ms = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11])
-local window_ms, kept = tonumber(ARGV[12]), tonumber(ARGV[13])
+local fresh, end_reason, started_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
+local ttl_ms, grace_ms, window_ms, kept, events_max =
+  tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 
 if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'saved' end
 if redis.call('GET', lock) ~= token then return 'lost' end
 local now = now_ms()
-local seq = 1
-if fresh then
-  forget(conversation)
-else
-  seq = (tonumber(redis.call('HGET', conversation, 'seq')) or 0) + 1
-end
 
 redis.call('HSET', conversation, 'm:' .. message_sid, now .. ' ' .. answer)
-if ending then
-  forget(conversation)
-  redis.call('ZREM', index, member)
-else
+if not (fresh and end_reason == 'opt-out') then  -- an opt-out with no conversation starts none
+  local seq = 1
+  if fresh then
+    local sender, recipient = pair(member)
+    forget(conversation)
+    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
+               'to', recipient, 'messages', '1', 'started_at', started_at, 'conversation', sid)
+  else
+    seq = (tonumber(redis.call('HGET', conversation, 'seq')) or 0) + 1
+  end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', seq, 'last_seen', now)
   redis.call('HSETNX', conversation, 'first_seen', fresh and started_at or now)
   redis.call('ZADD', index, now + ttl_ms, member)
@@ -132,6 +161,16 @@ else
     redis.call('PEXPIRE', index, ttl_ms + grace_ms)
   end
 end
+local ended = 0
+if end_reason ~= '' then
+  ended = finish(conversation, index, member, events, ending, events_max, hooks, end_reason, now)
+end
+
+local minute = math.floor(now / 60000)
+local slot = tostring(minute % 60)
+local counted = string.match(redis.call('HGET', minutes, slot) or '', '^' .. minute .. ' (%d+)$')
+redis.call('HSET', minutes, slot, minute .. ' ' .. ((tonumber(counted) or 0) + 1))
+redis.call('PEXPIRE', minutes, 3600000)
 
 -- Answers older than the window go, and the oldest beyond the cap (a memory guard).
 if redis.call('HLEN', conversation) > 6 then
@@ -152,9 +191,9 @@ if redis.call('HLEN', conversation) > 6 then
     for i = kept + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
   end
 end
-redis.call('PEXPIRE', conversation, ending and window_ms or ttl_ms + grace_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or ttl_ms + grace_ms)
 redis.call('DEL', lock)
-return 'saved'
+return ended == 1 and 'ended' or 'saved'
 """
 
 RELEASE = """
@@ -166,16 +205,30 @@ redis.call('ZREM', queue, token)
 redis.call('HDEL', waiters, token)
 """
 
-END = FORGET + """
--- An operator ends the conversation now. The lock goes too, so that a message being handled
--- answers 503 instead of bringing the conversation back. Returns 1 if it was live.
-local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
-local member = ARGV[1]
-local live = redis.call('HEXISTS', conversation, 'sid')
-forget(conversation)
+END = HELPERS + """
+-- An operator ends the conversation now ('operator'); one whose time already ran out ends as
+-- 'expired' at that time instead. The lock goes too, so that a message being handled answers
+-- 503 instead of bringing the conversation back. Returns 1 if it was live.
+local conversation, lock, index, events, ending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+local expiry = tonumber(redis.call('ZSCORE', index, member)) or now + 1
 redis.call('DEL', lock)
-redis.call('ZREM', index, member)
-return live
+if expiry <= now then
+  finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
+  return 0
+end
+return finish(conversation, index, member, events, ending, events_max, hooks, 'operator', now)
+"""
+
+EXPIRE = HELPERS + """
+-- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
+-- message extended it meanwhile or is being handled now (it will extend or end it itself).
+local conversation, lock, index, events, ending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local expiry = tonumber(redis.call('ZSCORE', index, member))
+if not expiry or expiry > now_ms() or redis.call('EXISTS', lock) == 1 then return 0 end
+return finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
 """
 
 
@@ -207,6 +260,7 @@ class Opened:
     state: str = ""
     seq: str = ""
     first_seen: str = ""
+    ended_overdue: bool = False  # it found the conversation's time run out and ended it
 
 
 class ConversationStore:
@@ -219,9 +273,11 @@ class ConversationStore:
     GRACE = 24 * 3600
 
     def __init__(self, client, *, ttl: int, lock_ttl: float, lock_wait: float,
-                 redelivery_window: int, replies_kept: int, wait_replicas: int = 0,
-                 wait_ms: int = 0, on_lock_wait: Callable[[float], None] = lambda seconds: None):
-        """``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
+                 redelivery_window: int, replies_kept: int, events_max: int = 1_000_000,
+                 hooks: bool = False, wait_replicas: int = 0, wait_ms: int = 0,
+                 on_lock_wait: Callable[[float], None] = lambda seconds: None):
+        """``hooks``: keep each ended conversation's final state for the end hook.
+        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
         self.on_lock_wait = on_lock_wait
         self.ttl = ttl
@@ -229,12 +285,15 @@ class ConversationStore:
         self.lock_wait = lock_wait
         self.window_ms = redelivery_window * 1000
         self.replies_kept = replies_kept
+        self.events_max = events_max
+        self.hooks = "1" if hooks else "0"
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
         self._open = client.register_script(OPEN)
         self._save = client.register_script(SAVE)
         self._release = client.register_script(RELEASE)
         self._end = client.register_script(END)
+        self._expire = client.register_script(EXPIRE)
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -242,7 +301,7 @@ class ConversationStore:
         On a Cluster ``SCRIPT LOAD`` goes to every primary. Best effort: with Redis down at
         start, or on a primary promoted later, redis-py loads them on first use instead.
         """
-        for script in (self._open, self._save, self._release, self._end):
+        for script in (self._open, self._save, self._release, self._end, self._expire):
             try:
                 script.sha = self.client.script_load(script.script)
             except UNAVAILABLE as error:
@@ -256,16 +315,14 @@ class ConversationStore:
         token = secrets.token_hex(8)
         started = time.monotonic()
         deadline = started + self.lock_wait
-        ticket_keys = [keys.state, keys.lock, keys.queue, keys.waiters, keys.index]
-        args = [token, message_sid, keys.member, self.lock_ms, int(self.PATIENCE * 1000),
-                self.ttl * 1000]
+        script_keys, args = self.open_call(keys, message_sid, token)
         while True:
-            result = self._run(self._open, ticket_keys, args)
+            result = self._run(self._open, script_keys, args)
             if result[0] == "dup":  # answered from memory: no lock taken
                 return Opened(token, answered=result[1], sid=result[2])
             if result[0] == "ok":
                 self.on_lock_wait(time.monotonic() - started)
-                return Opened(token, int(result[1]), None, *result[2:6])
+                return Opened(token, int(result[1]), None, *result[2:6], ended_overdue=result[6] == 1)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.on_lock_wait(time.monotonic() - started)
@@ -275,16 +332,30 @@ class ConversationStore:
             time.sleep(min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
 
     def save(self, keys: ConversationKeys, opened: Opened, *, sid: str, state: str, fresh: bool,
-             message_sid: str, answer: str, end_reason: str | None = None) -> None:
-        """Round trip 2. Raises LockLost when the lock is no longer ours: nothing was written."""
-        result = self._run(
-            self._save, [keys.state, keys.lock, keys.index],
-            [opened.token, message_sid, keys.member, sid, state, answer, "1" if fresh else "0",
-             end_reason or "", opened.now, self.ttl * 1000, self.GRACE * 1000, self.window_ms,
-             self.replies_kept],
-        )
-        if result != "saved":
+             message_sid: str, answer: str, end_reason: str | None = None) -> bool:
+        """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
+        longer ours: nothing was written."""
+        result = self._run(self._save, *self.save_call(
+            keys, opened, sid=sid, state=state, fresh=fresh, message_sid=message_sid,
+            answer=answer, end_reason=end_reason))
+        if result == "lost":
             raise LockLost(keys.member)
+        return result == "ended"
+
+    def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
+        """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
+        return ([keys.state, keys.lock, keys.queue, keys.waiters, keys.index, keys.events, keys.ending],
+                [token, message_sid, keys.member, self.hooks, self.lock_ms,
+                 int(self.PATIENCE * 1000), self.ttl * 1000, self.events_max])
+
+    def save_call(self, keys: ConversationKeys, opened: Opened, *, sid: str, state: str,
+                  fresh: bool, message_sid: str, answer: str,
+                  end_reason: str | None = None) -> tuple[list, list]:
+        """SAVE's keys and arguments."""
+        return ([keys.state, keys.lock, keys.index, keys.events, keys.ending, keys.minutes],
+                [opened.token, message_sid, keys.member, sid, state, answer, "1" if fresh else "0",
+                 end_reason or "", opened.now, self.hooks, self.ttl * 1000, self.GRACE * 1000,
+                 self.window_ms, self.replies_kept, self.events_max])
 
     def _run(self, script, keys: list[str], args: list):
         """Runs ``script``; with ``wait_replicas``, pipelined with ``WAIT`` in the same round trip.
@@ -318,8 +389,26 @@ class ConversationStore:
         self._release(keys=[keys.lock, keys.queue, keys.waiters], args=[token])
 
     def end(self, keys: ConversationKeys) -> bool:
-        """Ends a conversation now: state, lock and index entry go. True if it was live."""
-        return bool(self._end(keys=[keys.state, keys.lock, keys.index], args=[keys.member]))
+        """An operator ends a conversation now (its event, its state for the hook, its lock and
+        index entry). True if it was live."""
+        return bool(self._run(self._end, self._ending_keys(keys),
+                              [keys.member, self.hooks, self.events_max]))
+
+    def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
+        """Ends those of ``due`` whose time has run out (and that no message holds now), each
+        with its event; returns how many. One pipeline, except on a Cluster, where redis-py
+        cannot pipeline scripts: one call each there."""
+        calls = [(self._ending_keys(keys), [keys.member, self.hooks, self.events_max]) for keys in due]
+        if cluster:
+            return sum(self._expire(keys=k, args=a) for k, a in calls)
+        pipe = self.client.pipeline(transaction=False)
+        for script_keys, args in calls:
+            self._expire(keys=script_keys, args=args, client=pipe)
+        return sum(pipe.execute())
+
+    @staticmethod
+    def _ending_keys(keys: ConversationKeys) -> list[str]:
+        return [keys.state, keys.lock, keys.index, keys.events, keys.ending]
 
 
 def decode_state(raw: str) -> dict | None:
@@ -343,7 +432,7 @@ def init_app(app: Flask) -> None:
 
     config = app.config
     client = app.extensions["sms.redis"]
-    keys = Keys(config["REDIS_KEY_PREFIX"])
+    keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     store = ConversationStore(
         client,
         ttl=config["CONVERSATION_TTL"],
@@ -351,6 +440,8 @@ def init_app(app: Flask) -> None:
         lock_wait=config["LOCK_WAIT"],
         redelivery_window=config["REDELIVERY_WINDOW"],
         replies_kept=config["REPLIES_KEPT"],
+        events_max=config["EVENTS_MAX"],
+        hooks=app.extensions["sms.on_end"] is not None,
         on_lock_wait=app.extensions["sms.metrics"].lock_wait.observe,
         wait_replicas=config["REDIS_WAIT_REPLICAS"],
         wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
@@ -358,9 +449,14 @@ def init_app(app: Flask) -> None:
     store.preload()
     app.extensions["sms.keys"] = keys
     app.extensions["sms.store"] = store
+    ended = app.extensions["sms.metrics"].conversations_ended.labels("operator")
     app.extensions["sms.active"] = ActiveConversations(client, keys, store,
-                                                       app.extensions["sms.callers"])
+                                                       app.extensions["sms.callers"], ended.inc)
     app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"])
+
+
+def keys() -> Keys:
+    return current_app.extensions["sms.keys"]
 
 
 def store() -> ConversationStore:

@@ -24,6 +24,7 @@ from .settings import ConfigError
 
 Reply = Union[str, MessagingResponse, None]
 Handler = Callable[["Message", "Conversation"], Reply]
+EndHook = Callable[["Conversation", str], None]
 
 # Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
 OPT_OUT = {"STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},
@@ -83,7 +84,8 @@ class Conversation(ServerSideSession):
     ``messages`` counts this conversation's messages, the current one included; ``is_new`` is
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
-    starts a new conversation.
+    starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
+    ``sid`` (the conversation's id, as in its events) and ``ended_at``.
     """
 
     def __init__(self, initial: Optional[dict[str, Any]] = None, sid: Optional[str] = None, *,
@@ -95,6 +97,7 @@ class Conversation(ServerSideSession):
         self.messages = messages
         self.started_at = started_at or datetime.now(timezone.utc)
         self.end_reason: str | None = None
+        self.ended_at: datetime | None = None  # set for the end hook
 
     @property
     def is_new(self) -> bool:
@@ -130,9 +133,15 @@ def load(spec: str) -> Handler:
     return handler
 
 
-def init_app(app: Flask, handler: Handler | None = None) -> None:
-    """``handler`` if given, else ``SMS_HANDLER`` (the counter by default)."""
-    app.extensions["sms.handler"] = handler or load(app.config["SMS_HANDLER"])
+def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None = None) -> None:
+    """``handler`` if given, else ``SMS_HANDLER`` (the counter by default); ``on_end`` if given,
+    else the handler's module's ``on_end`` function, if it has one."""
+    handler = handler or load(app.config["SMS_HANDLER"])
+    if on_end is None:
+        found = getattr(sys.modules.get(getattr(handler, "__module__", "")), "on_end", None)
+        on_end = found if callable(found) else None
+    app.extensions["sms.handler"] = handler
+    app.extensions["sms.on_end"] = on_end
 
 
 def current() -> Handler:

@@ -11,6 +11,16 @@ redis-cli can work the tag out by eye. There are 100 tags, so the active-convers
     <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
     <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
     <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
+    <prefix>minutes:{07}                           hash: minute % 60 → "<minute> <messages saved>"
+    <prefix>ending:{07}                            hash: conversation id → its final state, for the end hook
+    <prefix>events                                stream: lifecycle events (started, ended)
+    <prefix>outbox:{07}                            stream: a Cluster's events on their way to <prefix>events
+    <prefix>samples                               stream: per minute, live conversations and messages
+    <prefix>sweeper                               string: the sweeping process's lease
+
+On a Cluster a script may only touch keys of one slot, so the scripts write their events to
+their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
+stream directly.
 """
 
 from __future__ import annotations
@@ -32,9 +42,35 @@ class Keys:
     """Builds key names under one prefix (``REDIS_KEY_PREFIX``)."""
 
     prefix: str = "sms:"
+    cluster: bool = False
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def samples(self) -> str:
+        return f"{self.prefix}samples"
+
+    @property
+    def sweeper(self) -> str:
+        return f"{self.prefix}sweeper"
+
+    def outbox(self, shard: str) -> str:
+        return f"{self.prefix}outbox:{{{shard}}}"
+
+    def ending(self, shard: str) -> str:
+        return f"{self.prefix}ending:{{{shard}}}"
+
+    def minutes(self, shard: str) -> str:
+        return f"{self.prefix}minutes:{{{shard}}}"
+
+    def shards(self) -> list[str]:
+        return [f"{n:02d}" for n in range(SHARDS)]
 
     def conversation(self, sender: str, recipient: str) -> "ConversationKeys":
-        tag = "{" + shard_of(sender) + "}"
+        shard = shard_of(sender)
+        tag = "{" + shard + "}"
         member = sender + SEPARATOR + recipient
         return ConversationKeys(
             sender=sender,
@@ -44,14 +80,17 @@ class Keys:
             lock=f"{self.prefix}lock:{tag}:{member}",
             queue=f"{self.prefix}queue:{tag}:{member}",
             waiters=f"{self.prefix}waiters:{tag}:{member}",
-            index=f"{self.prefix}active:{tag}",
+            index=self.index(shard),
+            events=self.outbox(shard) if self.cluster else self.events,
+            ending=self.ending(shard),
+            minutes=self.minutes(shard),
         )
 
     def index(self, shard: str) -> str:
         return f"{self.prefix}active:{{{shard}}}"
 
     def indexes(self) -> list[str]:
-        return [self.index(f"{n:02d}") for n in range(SHARDS)]
+        return [self.index(shard) for shard in self.shards()]
 
     def from_member(self, member: str) -> "ConversationKeys":
         sender, _, recipient = member.partition(SEPARATOR)
@@ -70,3 +109,6 @@ class ConversationKeys:
     queue: str
     waiters: str
     index: str
+    events: str  # where its scripts append lifecycle events
+    ending: str
+    minutes: str

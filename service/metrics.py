@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import conversations
+from . import conversations, lifecycle
 from .logs import report
 from .redis_client import UNAVAILABLE
 
@@ -38,37 +38,49 @@ class Outcome(StrEnum):
     UNAVAILABLE = "unavailable"  # 503: Redis, or the conversation stayed busy
     ERROR = "error"  # 500: the handler failed (or a bug)
 
+
+END_REASONS = ("expired", "operator", "opt-out", "handler")
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-class ActiveGauge:
-    """A collector that counts the index when scraped (the operators' count, one round trip)."""
+class StoreGauges:
+    """Gauges read from Redis when scraped, so the webhook pays nothing for them: live
+    conversations (the operators' count) and the last hour's ended conversations (from the
+    events stream)."""
 
-    def __init__(self, count: Callable[[], int]):
+    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict]):
         self.count = count
+        self.last_hour = last_hour
 
     def collect(self):
         try:
-            count = self.count()
+            count, last_hour = self.count(), self.last_hour()
         except UNAVAILABLE as error:
             count_redis_error()
-            report(log, f"active conversations not counted: Redis {type(error).__name__}")
+            report(log, f"conversations not counted: Redis {type(error).__name__}")
             return
         yield GaugeMetricFamily("sms_active_conversations",
-                                "Conversations whose TTL has not run out (counted from the index).",
+                                "Conversations whose time has not run out (counted from the index).",
                                 value=count)
+        for name, key, meaning in (
+                ("duration_seconds", "average_duration_s", "Average duration"),
+                ("messages", "average_messages", "Average messages")):
+            if last_hour[key] is not None:
+                yield GaugeMetricFamily(f"sms_conversations_ended_last_hour_{name}",
+                                        f"{meaning} of the conversations ended in the last hour.",
+                                        value=last_hour[key])
 
 
 class Metrics:
     """The service's metrics; in multiprocess mode they live in files, not in a registry."""
 
-    def __init__(self, count_active: Callable[[], int], multiprocess: bool):
+    def __init__(self, gauges: StoreGauges, multiprocess: bool):
         self.multiprocess = multiprocess
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
-        self.active = ActiveGauge(count_active)
+        self.active = gauges
         if registry is not None:  # first, so that a scrape reports its own Redis error
             registry.register(self.active)
         self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
@@ -76,8 +88,14 @@ class Metrics:
         for outcome in Outcome:
             self.messages.labels(outcome)
         self.conversations_started = Counter(
-            "sms_conversations_started", "Conversations begun (first message, or after expiry).",
+            "sms_conversations_started", "Conversations begun (first message, or after an end).",
             registry=registry)
+        self.conversations_ended = Counter(
+            "sms_conversations_ended", "Conversations ended, by reason.", ["reason"], registry=registry)
+        for reason in END_REASONS:
+            self.conversations_ended.labels(reason)
+        self.end_hook_failures = Counter(
+            "sms_end_hook_failures", "End hook calls that raised.", registry=registry)
         self.lock_wait = Histogram(
             "sms_lock_wait_seconds", "Time a message waited for its conversation's lock.",
             buckets=LOCK_WAIT_BUCKETS, registry=registry)
@@ -115,7 +133,8 @@ def metrics():
 
 def init_app(app: Flask) -> None:
     # The gauge counts through the operators' view, looked up when scraped.
+    gauges = StoreGauges(lambda: conversations.active().count(),
+                         lambda: lifecycle.history().stats())
     app.extensions["sms.metrics"] = Metrics(
-        lambda: conversations.active().count(),
-        multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+        gauges, multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     app.register_blueprint(bp)

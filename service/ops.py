@@ -16,6 +16,7 @@ import click
 from flask import Blueprint, Flask, abort, current_app, jsonify, request
 from flask.cli import AppGroup
 
+from . import lifecycle
 from .active import BadCursor, Conversation
 from .conversations import active
 from .redis_client import UNAVAILABLE
@@ -45,7 +46,9 @@ def error(status: int, reason: str, headers: dict | None = None):
 
 @bp.get("/stats")
 def stats():
-    return active().stats()
+    """Live and indexed conversations, and the last hour's lifecycle (started, ended by
+    reason, the ended ones' average duration and messages)."""
+    return {**active().stats(), "last_hour": lifecycle.history().stats()}
 
 
 @bp.get("/conversations")

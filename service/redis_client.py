@@ -178,6 +178,10 @@ def _sentinel_path(path: str) -> tuple[str, int]:
     return unquote(parts[0]), db
 
 
+def is_cluster(url: str | None) -> bool:
+    return bool(url) and url.partition("://")[0].lower() == CLUSTER_SCHEME
+
+
 def check(config) -> None:
     """What ``connect`` would refuse about ``REDIS_URL`` (and ``REDIS_WAIT_REPLICAS`` with it),
     found without connecting: gunicorn's master runs it once, so a bad URL is one line."""

@@ -85,12 +85,17 @@ class ConversationSession(Conversation):
         redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
         state = self.interface.serializer.encode(self)
         self.settled = True
-        self.interface.store.save(
+        ended = self.interface.store.save(
             self.keys, self.opened, sid=self.sid, state=state, fresh=self.fresh,
             message_sid=self.message.sid, answer=answer, end_reason=self.end_reason)
         self.saved = True
-        if self.fresh:
-            metrics.current().conversations_started.inc()
+        counters = metrics.current()
+        if self.opened.ended_overdue:
+            counters.conversations_ended.labels("expired").inc()
+        if self.fresh and self.end_reason != "opt-out":
+            counters.conversations_started.inc()
+        if ended:
+            counters.conversations_ended.labels(self.end_reason).inc()
 
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next

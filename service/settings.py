@@ -100,6 +100,13 @@ SETTINGS = [
             "counting twice (Twilio's retries end within 15 s)."),
     Setting("REPLIES_KEPT", 100, _positive_int,
             "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard)."),
+    Setting("SWEEP_INTERVAL", 5.0, _positive_float,
+            "Seconds between two sweeps of conversations whose time ran out (their `ended` "
+            "event, their end hook); one process sweeps at a time."),
+    Setting("EVENTS_RETENTION", 7 * 24 * 3600, _positive_int,
+            "Seconds the lifecycle events stream keeps an event (`XTRIM MINID`)."),
+    Setting("EVENTS_MAX", 1_000_000, _positive_int,
+            "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`)."),
     Setting("MAX_BODY_BYTES", 65536, _positive_int,
             "Largest webhook body accepted; larger answers 413."),
     Setting("OPS_TOKEN", None, _text,
