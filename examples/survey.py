@@ -5,11 +5,16 @@
 
 The answers live in the conversation's state until the last one is in; then the bot thanks
 the sender with a summary and ends the conversation, so the next text starts a new survey.
+``on_end`` hears of every survey that ended, finished or abandoned.
 """
+
+import logging
 
 from twilio.twiml.messaging_response import MessagingResponse
 
 from service import Conversation, Message
+
+log = logging.getLogger(__name__)
 
 QUESTIONS = [
     ("name", "Hi! Three quick questions. What should we call you?"),
@@ -35,3 +40,10 @@ def handle(message: Message, conversation: Conversation):
     reply.message(f"Thank you, {answers['name']}!")
     reply.message(f"You said: {answers['colour']}, rated {answers['rating']}/5.")
     return reply
+
+
+def on_end(conversation: Conversation, reason: str) -> None:
+    """Called once per ended survey: finished (``handler``), abandoned (``expired``), or cut
+    short (``opt-out``, ``operator``). A real bot would store the answers here."""
+    answers = conversation.get("answers", {})
+    log.info("survey ended (%s) with %d of %d answers", reason, len(answers), len(QUESTIONS))

@@ -4,14 +4,19 @@ import pytest
 
 from examples import survey
 from service import create_app
+from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
 
 REY, OURS = "+15551230001", "+15550001111"
 
 
 @pytest.fixture
-def twilio():
-    app = create_app({"TWILIO_AUTH_TOKEN": "test-token", "REDIS_URL": None}, handler=survey.handle)
+def app():
+    return create_app({"TWILIO_AUTH_TOKEN": "test-token", "REDIS_URL": None}, handler=survey.handle)
+
+
+@pytest.fixture
+def twilio(app):
     return TwilioSimulator.for_app(app)
 
 
@@ -37,3 +42,14 @@ def test_help_is_answered_without_losing_the_place(twilio):
     twilio.send(REY, OURS, "Rey")
     assert "three-question survey" in twilio.send(REY, OURS, "HELP").reply
     assert twilio.send(REY, OURS, "blue").reply == survey.QUESTIONS[2][1]
+
+
+def test_the_end_hook_hears_of_every_ended_survey(app, twilio, caplog):
+    caplog.set_level("INFO", logger="examples.survey")
+    for text in ("hi", "Rey", "green", "5"):
+        twilio.send(REY, OURS, text)
+    twilio.send("+15551230002", OURS, "hi")
+    twilio.send("+15551230002", OURS, "STOP")
+    Sweeper(app).sweep()
+    assert "survey ended (handler) with 3 of 3 answers" in caplog.text
+    assert "survey ended (opt-out) with 0 of 3 answers" in caplog.text

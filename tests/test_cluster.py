@@ -7,13 +7,15 @@ each script runs on the one master that owns that slot.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from redis.cluster import RedisCluster
 
-from service.conversations import OPEN, RELEASE, SAVE, END
+from service.conversations import END, EXPIRE, OPEN, RELEASE, SAVE
 from service.keys import Keys
+from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
@@ -40,9 +42,10 @@ def cluster_app(redis_cluster):
 def test_scripts_are_preloaded_on_every_primary(cluster_app, redis_cluster):
     import hashlib
 
-    shas = [hashlib.sha1(script.encode()).hexdigest() for script in (OPEN, SAVE, RELEASE, END)]
+    scripts = (OPEN, SAVE, RELEASE, END, EXPIRE)
+    shas = [hashlib.sha1(script.encode()).hexdigest() for script in scripts]
     for node in redis_cluster.nodes:
-        assert node.client().script_exists(*shas) == [True] * 4
+        assert node.client().script_exists(*shas) == [True] * len(scripts)
 
 
 def test_conversations_spread_over_every_master(cluster_app, redis_cluster):
@@ -54,6 +57,28 @@ def test_conversations_spread_over_every_master(cluster_app, redis_cluster):
         assert twilio.send(SENDERS[7], OURS, "again").reply.endswith("2 times.")
     owners = {client.get_node_from_key(KEYS.conversation(s, OURS).state).port for s in SENDERS}
     assert owners == {node.port for node in redis_cluster.nodes}
+
+
+def test_lifecycle_events_reach_the_stream_from_every_master(redis_cluster):
+    """Scripts cannot reach the stream's slot on a Cluster: they write to their tag's outbox,
+    and the sweeper relays every event to the one stream."""
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port, decode_responses=True)
+    client.flushall()
+    app = make_app(REDIS_URL=redis_cluster.url, CONVERSATION_TTL=1, OPS_TOKEN="ops")
+    twilio = TwilioSimulator.for_app(app)
+    for sender in SENDERS[:40]:
+        assert twilio.send(sender, OURS, "hi").status == 200
+    app.test_client().delete(f"/ops/conversations/{SENDERS[0]}/{OURS}",
+                             headers={"Authorization": "Bearer ops"})
+    time.sleep(1.1)
+    Sweeper(app).sweep()
+    entries = [fields for _, fields in client.xrange(KEYS.events)]
+    started = [e["conversation"] for e in entries if e["type"] == "started"]
+    ended = {e["conversation"]: e["reason"] for e in entries if e["type"] == "ended"}
+    assert len(started) == len(set(started)) == 40 and set(ended) == set(started)
+    assert sorted(ended.values()) == ["expired"] * 39 + ["operator"]
+    assert all(client.xlen(KEYS.outbox(shard)) == 0 for shard in KEYS.shards())
+    client.close()
 
 
 def test_concurrent_bursts_over_all_100_tags_keep_exact_counts(cluster_app):
@@ -132,7 +157,8 @@ def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, re
     assert migrating.status == 503  # the lock key is missing on the source: ASK, then TRYAGAIN
     assert [count_in(d.reply) for d in after] == [4, 5]  # redis-py followed MOVED
     counted = [n.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot) for n in (source, target)]
-    assert counted == [0, 2]  # the conversation and its index shard moved
+    assert {keys.state, keys.index} <= set(moving)
+    assert counted == [0, len(moving)]  # the conversation, its index shard and tag's keys moved
     assert client.hget(keys.state, "seq") == "5"
 
 
@@ -145,3 +171,4 @@ def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):
         redis_cluster.nodes[0].kill()
         statuses = [twilio.send(s, OURS, "after").status for s in SENDERS]
     assert set(statuses) <= {200, 503} and 503 in statuses
+

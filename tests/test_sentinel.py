@@ -15,6 +15,7 @@ import time
 import pytest
 
 from service.keys import Keys
+from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator, new_message_sid
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
@@ -75,3 +76,20 @@ def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redi
     with LiveServer(app) as server:
         delivery = TwilioSimulator(server.url, TOKEN).send("+15551230099", OURS, "hi")
     assert delivery.status == 200 and delivery.reply == "Thanks for the message, Friend!"
+
+
+def test_lifecycle_events_exactly_once_behind_sentinel(redis_sentinel):
+    app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1, CONVERSATION_TTL=1)
+    master = app.extensions["sms.redis"]
+    master.delete(Keys().events)
+    twilio = TwilioSimulator.for_app(app)
+    senders = [f"+1555777{n:04d}" for n in range(10)]  # new conversations
+    for sender in senders:
+        wait_until(lambda: twilio.send(sender, OURS, "hi").status == 200, what="a saved message")
+    time.sleep(1.1)
+    Sweeper(app).sweep()
+    Sweeper(app).sweep()
+    entries = [fields for _, fields in master.xrange(Keys().events)]
+    for kind in ("started", "ended"):
+        ids = [e["conversation"] for e in entries if e["type"] == kind]
+        assert len(ids) == len(set(ids)) == 10, kind

@@ -33,6 +33,7 @@ from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.programs import require_binary, require_redis_server
 from tests.support.prometheus import delta, scrape
 from tests.support.redis_servers import REDIS_CONF, RedisProcess
+from tests.support.waiting import wait_until
 
 ENV_EXAMPLE = ROOT / "config" / "sms-sessions.env.example"
 REY, FINN, POE, OURS = "+15551230001", "+15554440077", "+15556660042", "+15550001111"
@@ -230,7 +231,9 @@ def test_stack_output_is_json_lines_without_numbers_bodies_or_token(stack, twili
     assert [posted.status, got.status_code, forged.status] == [200, 200, 403]
     requests.get(f"{server.base}/ops/conversations/{REY}/{OURS}", timeout=10)  # numbers in a path
 
-    output = server.output()
+    # gunicorn writes a request's access line after its answer: wait for the last one.
+    output = wait_until(lambda: "/ops/conversations/" in server.output() and server.output(),
+                        seconds=10, what="the ops request's access line")
     for secret in (REY, FINN, POE, OURS, body, token, REY[1:], OURS[1:]):
         assert secret not in output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]

@@ -1,0 +1,294 @@
+"""Conversation lifecycle on a real Redis: started/ended events exactly once, the sweeper, the
+end hook, retention, and the operators' views of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from service import create_app
+from service.conversations import now_ms
+from service.keys import Keys
+from service.lifecycle import Sweeper, parse_duration
+from service.simulator import TwilioSimulator
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.redis_servers import commands_during
+from tests.support.waiting import wait_until
+
+REY, FINN, OURS = "+15551230001", "+15551230002", "+15550001111"
+KEYS = Keys()
+OPS = {"Authorization": "Bearer ops"}
+
+
+def events(client, kind: str | None = None) -> list[dict]:
+    entries = [{"id": entry_id, **fields} for entry_id, fields in client.xrange(KEYS.events)]
+    return [e for e in entries if kind is None or e["type"] == kind]
+
+
+def notebook(message, conversation):
+    conversation.setdefault("bodies", []).append(message.body)
+    if message.body == "bye":
+        conversation.end()
+    return f"{len(conversation['bodies'])} noted"
+
+
+def plant_due(client, count: int, ended_ms_ago: int = 1000) -> list[str]:
+    """``count`` conversations whose time ran out ``ended_ms_ago``, written through the key
+    schema (faster than messages); returns their ids."""
+    now = now_ms()
+    pipe = client.pipeline(transaction=False)
+    for n in range(count):
+        keys = KEYS.conversation(f"+1556{n:07d}", OURS)
+        pipe.hset(keys.state, mapping={"sid": f"conv-{n}", "state": json.dumps({"n": n}), "seq": 2,
+                                       "first_seen": now - 9000, "last_seen": now - 5000})
+        pipe.zadd(keys.index, {keys.member: now - ended_ms_ago})
+    pipe.execute()
+    return [f"conv-{n}" for n in range(count)]
+
+
+def test_a_conversation_starts_once_and_its_event_names_it(app, redis_client):
+    twilio = TwilioSimulator.for_app(app)
+    for body in ("one", "two", "three"):
+        twilio.send(REY, OURS, body)
+    [started] = events(redis_client)
+    assert started["type"] == "started" and (started["from"], started["to"]) == (REY, OURS)
+    assert started["messages"] == "1" and started["conversation"] == twilio.cookie_for(REY, OURS)
+    assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).state, "first_seen")
+
+
+def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops",
+                      "CONVERSATION_TTL": 1}, handler=notebook)
+    twilio = TwilioSimulator.for_app(app)
+    twilio.send(REY, OURS, "hi")
+    assert app.test_client().delete(f"/ops/conversations/{REY}/{OURS}", headers=OPS).status_code == 200
+    twilio.send(REY, OURS, "hi")
+    twilio.send(REY, OURS, "STOP")
+    twilio.send(REY, OURS, "STOP")  # nothing left to end: no event
+    twilio.send(REY, OURS, "hi")
+    twilio.send(REY, OURS, "bye")
+    twilio.send(REY, OURS, "hi")
+    last_seen = int(redis_client.hget(KEYS.conversation(REY, OURS).state, "last_seen"))
+    time.sleep(1.1)  # its time runs out; the next message ends it first, then starts anew
+    twilio.send(REY, OURS, "back")
+    ended = events(redis_client, "ended")
+    assert [(e["reason"], e["messages"]) for e in ended] == [
+        ("operator", "1"), ("opt-out", "2"), ("handler", "2"), ("expired", "1")]
+    started = events(redis_client, "started")
+    assert len(started) == 5 and len({e["conversation"] for e in started}) == 5
+    assert [e["conversation"] for e in ended] == [e["conversation"] for e in started[:4]]
+    assert int(ended[-1]["ended_at"]) == last_seen + 1000  # its last message + TTL
+
+
+def test_conversations_end_without_traffic_within_the_sweep_interval(redis_url, redis_client):
+    app = make_app(REDIS_URL=redis_url, CONVERSATION_TTL=1, SWEEP_INTERVAL=0.5)
+    client = app.test_client()
+    senders = [f"+1555123{n:04d}" for n in range(10)]
+    for sender in senders:
+        post_signed(client, webhook_params(sender=sender))
+    sweeper = Sweeper(app)
+    sweeper.start()
+    try:
+        wait_until(lambda: len(events(redis_client, "ended")) == 10, seconds=15, what="10 ended events")
+    finally:
+        sweeper.stopping.set()
+    for event in events(redis_client, "ended"):
+        emitted = int(event["id"].split("-")[0])
+        assert event["reason"] == "expired"
+        assert 0 <= emitted - int(event["ended_at"]) <= 500 + 1000  # the interval, plus slack
+    assert all(redis_client.zcard(index) == 0 for index in KEYS.indexes())
+
+
+def test_the_end_hook_sees_the_final_state(redis_url, redis_client):
+    calls = []
+
+    def on_end(conversation, reason):
+        calls.append((reason, dict(conversation), conversation.messages, conversation.sender,
+                      conversation.sid, conversation.ended_at is not None))
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1,
+                      "OPS_TOKEN": "ops"}, handler=notebook, on_end=on_end)
+    twilio = TwilioSimulator.for_app(app)
+    for body in ("a", "b"):
+        twilio.send(REY, OURS, body)
+    twilio.send(FINN, OURS, "c")
+    app.test_client().delete(f"/ops/conversations/{FINN}/{OURS}", headers=OPS)
+    time.sleep(1.1)
+    Sweeper(app).sweep()
+    assert sorted(calls) == sorted([
+        ("expired", {"bodies": ["a", "b"]}, 2, REY, twilio.cookie_for(REY, OURS), True),
+        ("operator", {"bodies": ["c"]}, 1, FINN, twilio.cookie_for(FINN, OURS), True)])
+    assert all(not redis_client.exists(KEYS.ending(shard)) for shard in KEYS.shards())
+    Sweeper(app).sweep()
+    assert len(calls) == 2  # once per conversation
+
+
+def test_a_failing_hook_is_logged_and_counted_and_blocks_nothing(redis_url, redis_client, caplog):
+    called = []
+
+    def on_end(conversation, reason):
+        called.append(conversation.sid)
+        if conversation["n"] == 3:
+            raise RuntimeError("hook broke")
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook,
+                     on_end=on_end)
+    ids = plant_due(redis_client, 6)
+    Sweeper(app).sweep()
+    assert sorted(called) == sorted(ids)
+    assert len(events(redis_client, "ended")) == 6
+    assert "end hook failed: RuntimeError: hook broke" in caplog.text
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "sms_end_hook_failures_total 1.0" in metrics
+    assert 'sms_conversations_ended_total{reason="expired"} 6.0' in metrics
+
+
+def test_two_sweepers_at_once_end_each_conversation_once(app, redis_client):
+    ids = plant_due(redis_client, 2000)
+    sweepers = [Sweeper(app), Sweeper(app)]
+    barrier = threading.Barrier(2)
+    ended = []
+
+    def sweep(sweeper):
+        barrier.wait()
+        ended.append(sweeper.sweep())
+
+    threads = [threading.Thread(target=sweep, args=(s,)) for s in sweepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(ended) == 2000
+    finished = events(redis_client, "ended")
+    assert sorted(e["conversation"] for e in finished) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(redis_url, redis_client, monkeypatch):
+    ids = plant_due(redis_client, 8000)
+    env = {**hermetic_environment(), "REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN,
+           "SMS_HANDLER": "tests.support.recording_handler:handle", "SWEEP_INTERVAL": "0.1"}
+    sweeper = subprocess.Popen([bin_path("sms-sessions"), "sweep"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not redis_client.xlen(KEYS.events) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    finally:
+        os.kill(sweeper.pid, signal.SIGKILL)
+        sweeper.wait(timeout=10)
+    assert 0 < redis_client.xlen(KEYS.events) < 8000  # killed mid-sweep
+    redis_client.delete(KEYS.sweeper)  # its lease would lapse by itself
+    monkeypatch.setenv("REDIS_URL", redis_url)  # where the recording hook writes
+    monkeypatch.setenv("SMS_HANDLER", "tests.support.recording_handler:handle")
+    finisher = Sweeper(create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}))
+    while finisher.sweep():
+        pass
+    assert sorted(e["conversation"] for e in events(redis_client, "ended")) == sorted(ids)
+    hooked = [json.loads(call)["id"] for call in redis_client.lrange("hook-calls", 0, -1)]
+    assert sorted(set(hooked)) == sorted(ids) and len(hooked) <= len(ids) + 1
+
+
+def test_events_and_ends_survive_a_redis_crash(redis_processes):
+    server = redis_processes("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+    app = make_app(REDIS_URL=server.url, CONVERSATION_TTL=1)
+    client = app.test_client()
+    for n in range(5):
+        assert post_signed(client, webhook_params(sender=f"+1555123{n:04d}")).status_code == 200
+    server.kill()
+    server.start()  # same port, same directory: the AOF is replayed
+    time.sleep(1.1)
+    Sweeper(app).sweep()
+    Sweeper(app).sweep()
+    kept = server.client()
+    assert len(events(kept, "started")) == 5
+    ended = events(kept, "ended")
+    assert len(ended) == 5 and len({e["conversation"] for e in ended}) == 5
+
+
+def test_retention_trims_by_age_and_by_length(redis_url, redis_client):
+    old = make_app(REDIS_URL=redis_url, EVENTS_RETENTION=1)
+    post_signed(old.test_client(), webhook_params())
+    time.sleep(1.1)
+    Sweeper(old).sweep()
+    assert redis_client.xlen(KEYS.events) == 0  # older than EVENTS_RETENTION
+    capped = make_app(REDIS_URL=redis_url, EVENTS_MAX=10)
+    client = capped.test_client()
+    for n in range(300):
+        post_signed(client, webhook_params(sender=f"+1555123{n:04d}"))
+    assert 10 <= redis_client.xlen(KEYS.events) < 300  # MAXLEN ~: whole nodes of the stream go
+
+
+def test_a_sweep_costs_the_same_for_100_or_2000_live_conversations(app, redis_client):
+    """O(due): the index is read by score, never scanned; live conversations cost nothing."""
+    tallies = []
+    for total in (100, 2000):
+        plant_due(redis_client, total, ended_ms_ago=-3_600_000)  # ending an hour from now
+        tallies.append(commands_during(redis_client, Sweeper(app).sweep))
+        redis_client.flushall()
+    assert tallies[0] == tallies[1]
+    assert not {"keys", "scan", "zrange", "hgetall"} & set(tallies[1])
+
+
+def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
+    TwilioSimulator.for_app(app).send(REY, OURS, "hi")
+    app.extensions["sms.active"].end(REY, OURS)
+    as_json = runner.invoke(args=["events", "--json", "--since", "10m"])
+    assert as_json.exit_code == 0, as_json.output
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(e["type"], e.get("reason")) for e in lines] == [("started", None), ("ended", "operator")]
+    text = runner.invoke(args=["events"]).stdout.splitlines()
+    assert "started" in text[0] and f"{REY} → {OURS}" in text[0]
+    assert "reason=operator" in text[1] and "lasted=0:00:00" in text[1]
+    assert runner.invoke(args=["events", "--since", "soon"]).exit_code == 2
+    assert parse_duration("15m") == 900 and parse_duration("2h") == 7200 and parse_duration("90") == 90
+
+
+def test_follow_waits_for_the_next_event(app, redis_client):
+    history = app.extensions["sms.history"]
+    last = f"{now_ms()}-0"
+    found = []
+    waiting = threading.Thread(target=lambda: found.extend(history.follow(last, block_ms=10_000)))
+    waiting.start()
+    time.sleep(0.2)
+    post_signed(app.test_client(), webhook_params())
+    waiting.join(timeout=15)
+    assert [e.type for e in found] == ["started"]
+
+
+def test_stats_and_metrics_report_the_lifecycle(redis_url):
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops"},
+                     handler=notebook)
+    twilio = TwilioSimulator.for_app(app)
+    for body in ("a", "b", "bye"):
+        twilio.send(REY, OURS, body)
+    twilio.send(FINN, OURS, "hi")
+    client = app.test_client()
+    stats = client.get("/ops/stats", headers=OPS).get_json()
+    assert stats["active"] == 1
+    assert stats["last_hour"]["started"] == 2 and stats["last_hour"]["ended"] == {"handler": 1}
+    assert stats["last_hour"]["average_messages"] == 3
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "sms_conversations_started_total 2.0" in metrics
+    assert 'sms_conversations_ended_total{reason="handler"} 1.0' in metrics
+    assert "sms_conversations_ended_last_hour_messages 3.0" in metrics
+
+
+@pytest.mark.slow
+def test_under_gunicorn_a_conversation_ends_with_no_request(redis_url, redis_client):
+    """The repository's gunicorn config starts a sweeper in each worker; one holds the lease."""
+    with Gunicorn({"REDIS_URL": redis_url, "CONVERSATION_TTL": "1", "SWEEP_INTERVAL": "0.5"},
+                  config=GUNICORN_CONF, workers=2) as server:
+        assert TwilioSimulator(server.url, TOKEN).send(REY, OURS, "hi").status == 200
+        wait_until(lambda: events(redis_client, "ended"), seconds=15, what="the ended event")
+        assert redis_client.get(KEYS.sweeper)  # a lease, held by one worker
+    [ended] = events(redis_client, "ended")
+    assert ended["reason"] == "expired"
