@@ -21,9 +21,19 @@ SHARDS = 100
 SEPARATOR = "|"
 
 
+ASCII_DIGITS = frozenset("0123456789")
+
+
 def shard_of(sender: str) -> str:
-    """The two-digit hash tag of a sender: the last two digits of its number."""
-    digits = "".join(ch for ch in sender if ch.isdigit())
+    """The two-digit hash tag of a sender: the last two ASCII digits of its number.
+
+    Only ASCII digits: ``str.isdigit`` also accepts ``٤``, ``²``…, whose tags would fall
+    outside ``{00}``…``{99}``, where count, list and the gauge never look. Such a sender is
+    still served (its tag comes from its ASCII digits, ``00`` if it has none) rather than
+    refused: the tag only spreads conversations over shards, any fixed choice is correct, and
+    this one rule serves the webhook, the operators' paths and the cursors alike.
+    """
+    digits = "".join(ch for ch in sender if ch in ASCII_DIGITS)
     return digits[-2:].rjust(2, "0")
 
 
