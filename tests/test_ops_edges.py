@@ -49,3 +49,31 @@ def test_senders_with_non_ascii_digits_are_counted_listed_and_gauged(redis_url, 
         assert redis_client.zscore(keys.index, keys.member) is not None
         assert client.delete(f"/ops/conversations/{sender}/{OURS}", headers=AUTH).status_code == 200
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 0
+
+
+OPS_PATHS = ("/ops", "/ops/stats", "/ops/conversations", f"/ops/conversations/+15551230001/{OURS}",
+             "/ops/nothing-here")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def test_without_ops_token_every_method_on_ops_is_404(app):
+    client = app.test_client()
+    for path in OPS_PATHS:
+        for method in METHODS:
+            for headers in ({}, AUTH):
+                response = client.open(path, method=method, headers=headers)
+                assert response.status_code == 404, (method, path)
+                assert "Allow" not in response.headers
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("POST", "/ops/stats", {"GET", "HEAD", "OPTIONS"}),
+    ("PUT", "/ops/conversations", {"GET", "HEAD", "OPTIONS"}),
+    ("POST", f"/ops/conversations/+15551230001/{OURS}", {"GET", "HEAD", "OPTIONS", "DELETE"}),
+])
+def test_with_ops_token_a_405_says_what_is_allowed(redis_url, method, path, allowed):
+    client = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS).test_client()
+    for headers in ({}, AUTH):
+        response = client.open(path, method=method, headers=headers)
+        assert response.status_code == 405
+        assert set(response.headers["Allow"].split(", ")) == allowed
