@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import (callers, conversations, health, logs, metrics, ops, redis_client, responses,
+from . import (callers, conversations, health, limits, logs, metrics, ops, redis_client, responses,
                settings, signature, webhook)
 from . import handler as handlers
 from .handler import Conversation, Handler, Message
@@ -21,6 +21,7 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
     app = Flask(__name__)
     logs.init_app(app)
     settings.init_app(app, test_config)
+    limits.init_app(app)
     redis_client.init_app(app)
     metrics.init_app(app)
     callers.init_app(app)

@@ -109,7 +109,38 @@ def test_longest_non_ascii_get_is_answered_under_gunicorn(served, redis_url, red
     assert messages(redis_client) == 1
 
 
+def chunked(body: bytes, size: int = 4096):
+    """A body sent with ``Transfer-Encoding: chunked`` (requests does so for a generator)."""
+    return (body[i:i + size] for i in range(0, len(body), size))
 
+
+def padded_form(params: dict, length: int) -> tuple[bytes, dict]:
+    """A form of exactly ``length`` bytes whose last field, ``Pad``, fills it up, and the
+    fields it parses to."""
+    head = urlencode(params).encode() + b"&Pad="
+    pad = "p" * (length - len(head))
+    return head + pad.encode(), {**params, "Pad": pad}
+
+
+def test_chunked_body_over_max_body_bytes_is_413_not_truncated(served, redis_url, redis_client):
+    limit = 65536  # MAX_BODY_BYTES' default
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    at_limit, fields = padded_form(webhook_params(REY, OURS, "fits"), limit)
+    response = requests.post(served.url, data=chunked(at_limit), timeout=10,
+                             headers={**headers, "X-Twilio-Signature": sign(served.url, fields)})
+    assert response.status_code == 200 and messages(redis_client) == 1  # exactly the limit: fine
+
+    # One form of limit + 1000 bytes, signed as if it ended at the limit: truncated, it would
+    # pass the signature check and be counted.
+    over, _ = padded_form(webhook_params(REY, OURS, "too long"), limit + 1000)
+    truncated = dict(parse_qsl(over[:limit].decode(), keep_blank_values=True))
+    since = len(served.output())
+    response = requests.post(served.url, data=chunked(over), timeout=10,
+                             headers={**headers, "X-Twilio-Signature": sign(served.url, truncated)})
+    assert response.status_code == 413
+    assert messages(redis_client) == 1
+    [line] = new_lines(served, since)
+    assert line["status"] == 413 and line["outcome"] == "bad_request"
 
 
 
