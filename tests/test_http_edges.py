@@ -71,6 +71,13 @@ def test_post_to_a_url_with_a_query_is_signed_over_the_raw_query(redis_url, redi
     assert response.status_code == 200 and messages(redis_client) == 1
 
 
+def test_query_string_over_max_body_bytes_is_414(redis_url, redis_client):
+    client = make_app(REDIS_URL=redis_url).test_client()
+    raw = urlencode(webhook_params(REY, OURS, "x" * 70_000))
+    response = client.get(f"/sms?{raw}", headers={"X-Twilio-Signature": sign(f"http://localhost/sms?{raw}", {})})
+    assert response.status_code == 414
+    assert redis_client.dbsize() == 0
+
 
 # --- Under gunicorn with the repository's configuration --------------------------------------
 
@@ -142,6 +149,22 @@ def test_chunked_body_over_max_body_bytes_is_413_not_truncated(served, redis_url
     [line] = new_lines(served, since)
     assert line["status"] == 413 and line["outcome"] == "bad_request"
 
+
+@pytest.mark.parametrize("method", ["OPTIONS", "HEAD", "PUT", "DELETE", "PATCH"])
+def test_other_methods_on_sms_are_405_logged_and_counted(served, redis_url, redis_client, method):
+    raw = urlencode(webhook_params(REY, OURS, "hi"))
+    url = f"{served.url}?{raw}"
+    before, since = outcomes(served), len(served.output())
+    response = requests.request(method, url, headers={"X-Twilio-Signature": sign(url, {})}, timeout=10)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "GET, POST"
+    after = outcomes(served)
+    assert after["bad_request"] - before["bad_request"] == 1
+    assert after["replied"] == before["replied"]
+    [line] = new_lines(served, since)
+    assert line["status"] == 405 and line["outcome"] == "bad_request"
+    assert line["reason"] == "method not allowed"
+    assert redis_client.dbsize() == 0  # a HEAD no longer runs the handler
 
 
 # --- 4. Forwarded headers --------------------------------------------------------------------
