@@ -169,6 +169,7 @@ def table(rows: list[dict]) -> str:
 
 
 def init_app(app: Flask) -> None:
+    app.extensions["sms.active"].preload()
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
