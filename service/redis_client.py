@@ -188,6 +188,10 @@ def check(config) -> None:
             parse_url(url)
         except ValueError as error:
             raise ConfigError(f"REDIS_URL: {error}") from None
+        database = urlsplit(url).path.strip("/") if scheme != "unix" else ""  # unix: ?db=N
+        if database and not (database.isascii() and database.isdigit()):
+            # redis-py would quietly use db 0 for a path it cannot read as a number
+            raise ConfigError("REDIS_URL: the database after the host must be a number, as in /0")
     elif scheme == SENTINEL_SCHEME:
         _sentinel_path(_parse_multi_host(url)[2])
     elif scheme == CLUSTER_SCHEME:
