@@ -11,8 +11,10 @@ from urllib.parse import parse_qsl, quote, urlencode
 import pytest
 import requests
 
-from conftest import GUNICORN_CONF, Gunicorn, make_app, scrape, sign, webhook_params
 from service.keys import Keys
+from tests.support.app import make_app, sign, webhook_params
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn
+from tests.support.prometheus import scrape
 
 REY, OURS = "+15551230001", "+15550001111"
 KEYS = Keys()
@@ -30,8 +32,8 @@ def query(params: dict, style: str) -> str:
 
 
 def messages(redis_client, sender=REY, recipient=OURS) -> int:
-    state = redis_client.hget(KEYS.conversation(sender, recipient).state, "state")
-    return json.loads(state)["messages"] if state else 0
+    """Messages the conversation counted (its ``seq``)."""
+    return int(redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") or 0)
 
 
 # --- 1. GET signatures over the raw query ------------------------------------------------------

@@ -8,8 +8,9 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import make_app, post_signed, scrape, webhook_params
 from service.keys import Keys, shard_of
+from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.prometheus import scrape
 
 OPS = "ops-test-token"
 AUTH = {"Authorization": f"Bearer {OPS}"}

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from conftest import make_app
 from service.conversations import now_ms
 from service.keys import Keys, shard_of
+from tests.support.app import make_app
 
 KEYS = Keys()
 OURS, OTHER = "+15550001111", "+15550002222"  # OTHER: the racing arrivals' pairs are all new
@@ -80,7 +80,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
             pipe.execute()
             stop.wait(0.0005)  # leave the walker (and Redis) some of the machine's two cores
 
-    active = make_app(REDIS_URL=redis_url).extensions["active"]
+    active = make_app(REDIS_URL=redis_url).extensions["sms.active"]
     first = active.page(limit)  # before the race: arrivals all go above the cursor from here on
     racer = threading.Thread(target=race)
     racer.start()
