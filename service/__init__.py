@@ -41,5 +41,7 @@ def check_environment() -> None:
     config = settings.load()
     settings.check(config)
     redis_client.check(config)
+    if config["APP_ENV"] == "production":  # in development each worker warns instead
+        redis_client.check_credentials(config)
     callers.Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])

@@ -11,6 +11,7 @@ redis-cli can work the tag out by eye. There are 100 tags, so the active-convers
     <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
     <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
     <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
+    <prefix>ready                                  string: /readyz's write probe, deleted at once
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class Keys:
             waiters=f"{self.prefix}waiters:{tag}:{member}",
             index=f"{self.prefix}active:{tag}",
         )
+
+    @property
+    def readiness(self) -> str:
+        return f"{self.prefix}ready"
 
     def index(self, shard: str) -> str:
         return f"{self.prefix}active:{{{shard}}}"
