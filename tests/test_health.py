@@ -136,7 +136,10 @@ def test_refused_credentials_warn_in_development_and_are_not_ready(protected_red
 def test_gunicorn_and_the_cli_refuse_refused_credentials_in_one_line(protected_redis):
     env = {**PRODUCTION, "REDIS_URL": urls(protected_redis)["wrong password"]}
     server = Gunicorn(env, config=GUNICORN_CONF)
-    assert server.wait_exit() != 0
+    try:
+        assert server.wait_exit() != 0
+    finally:
+        server.stop()  # one that started after all is not left running
     output = server.output()
     lines = [line for line in output.splitlines() if "refusing to start" in line]
     assert len(lines) == 1 and re.match(r"sms-sessions: refusing to start: REDIS_URL: Redis "

@@ -71,7 +71,10 @@ def test_the_cli_refuses_in_one_line(variable, environment):
 def test_gunicorn_master_refuses_in_one_line_before_any_worker(variable, environment):
     """The other cases run under gunicorn in tests/test_production.py."""
     server = Gunicorn(environment, config=GUNICORN_CONF)
-    assert server.wait_exit() != 0
+    try:
+        assert server.wait_exit() != 0
+    finally:
+        server.stop()  # one that started after all is not left running
     output = server.output()
     assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", refusal(output))
     assert "Traceback" not in output and "Booting worker" not in output
