@@ -23,6 +23,12 @@ bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or 5000}"
 timeout = 10
 graceful_timeout = 10
 
+# A GET webhook carries the whole message in its query string: Twilio's longest (1,600
+# characters, each up to 9 bytes percent-encoded) is ~15 KB, over gunicorn's 4,094-byte
+# default, and gunicorn takes no limit above 8,190 but 0 (none). The app answers a query
+# string longer than MAX_BODY_BYTES with 414, as it answers a body with 413.
+limit_request_line = 0
+
 # Access log on stdout, next to the app's JSON lines. The path only (%(U)s), never the query:
 # a GET webhook carries From, To and Body in it. No user agent or referer either.
 accesslog = "-"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import (callers, conversations, health, lifecycle, logs, metrics, ops, redis_client,
-               responses, settings, signature, webhook)
+from . import (callers, conversations, health, lifecycle, limits, logs, metrics, ops,
+               redis_client, responses, settings, signature, webhook)
 from . import handler as handlers
 from .handler import Conversation, EndHook, Handler, Message
 
@@ -23,6 +23,7 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
     app = Flask(__name__)
     logs.init_app(app)
     settings.init_app(app, test_config)
+    limits.init_app(app)
     redis_client.init_app(app)
     metrics.init_app(app)
     callers.init_app(app)
@@ -43,5 +44,7 @@ def check_environment() -> None:
     config = settings.load()
     settings.check(config)
     redis_client.check(config)
+    if config["APP_ENV"] == "production":  # in development each worker warns instead
+        redis_client.check_credentials(config)
     callers.Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])

@@ -7,7 +7,9 @@ runs on one Redis and on a Cluster, and never needs ``KEYS`` or ``SCAN``.
 
 Order is most recent first: expiry descending, then shard descending, then member descending
 (Redis' own order inside a shard). The cursor is the last entry returned, so paging is keyset
-paging: an entry that stays put is listed exactly once, whatever changes around it.
+paging: every shard is read strictly after the cursor's (expiry, shard, member), each in one
+atomic step, so an entry that stays put is listed exactly once, whatever arrives, moves or
+ends around it meanwhile.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .callers import Callers
 from .conversations import ConversationStore, decode_state, now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
+from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 FIELDS = ("state", "seq", "first_seen", "last_seen")
@@ -35,6 +38,38 @@ PRUNE = """
 -- Drops the index entry of a conversation whose state is gone, unless it came back meanwhile.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+
+AFTER = """
+-- KEYS: index shard. ARGV: cursor expiry, cursor member, now ms, count.
+-- Up to count live entries (member, expiry) after (expiry, member) in the shard's descending
+-- order, in one atomic step. The start is found by rank: ZCOUNT gives the cursor's expiry
+-- group, a binary search in it the first member below the cursor's (compared byte by byte,
+-- as Redis orders them; Lua's < follows the locale). O(log N) whatever the shard's size,
+-- and right whether the cursor's own entry is still there, moved or gone.
+local key, member = KEYS[1], ARGV[2]
+local function below(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+local lo = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf')
+local hi = lo + redis.call('ZCOUNT', key, ARGV[1], ARGV[1])
+while lo < hi do
+  local mid = math.floor((lo + hi) / 2)
+  if below(redis.call('ZRANGE', key, mid, mid, 'REV')[1], member) then hi = mid else lo = mid + 1 end
+end
+local found = redis.call('ZRANGE', key, lo, lo + tonumber(ARGV[4]) - 1, 'REV', 'WITHSCORES')
+local live = {}
+for i = 1, #found, 2 do
+  if tonumber(found[i + 1]) <= tonumber(ARGV[3]) then break end
+  live[#live + 1] = found[i]
+  live[#live + 1] = found[i + 1]
+end
+return live
 """
 
 
@@ -113,6 +148,16 @@ class ActiveConversations:
         self.callers = callers
         self.on_end = on_end
         self._prune = client.register_script(PRUNE)
+        self._after = client.register_script(AFTER)
+
+    def preload(self) -> None:
+        """Loads the paging script, so that a page costs the same from the first one on (best
+        effort, like the store's: without Redis it loads on first use)."""
+        try:
+            self._after.sha = self.client.script_load(AFTER)
+        except UNAVAILABLE as error:
+            log.warning("could not preload the paging script (%s); it loads on first use",
+                        type(error).__name__)
 
     def count(self) -> int:
         """Live conversations: one ``ZCOUNT (now +inf`` per shard, O(log N) each, one pipeline."""
@@ -176,41 +221,43 @@ class ActiveConversations:
 
         Round 1 asks every shard for a fair share of the page (a few entries, O(log N) each) in
         one pipeline. Round 2, only when needed, asks for ``limit + 1`` the shards whose share
-        ran out above the page's cut, and the cursor's own shard for its entries tied with the
-        cursor's expiry, found by the cursor's rank (``ZREVRANK``) instead of being scanned.
+        ran out above the page's cut. Each answer is exact for its shard at the moment it was
+        read, so the union is too: an entry that moved meanwhile is listed at most once.
         """
         now, want = now_ms(), limit + 1
         share = min(want, 2 * want // SHARDS + 2)
-        bounds = [self._bound(after, shard) for shard in range(SHARDS)]
-        pipe = self.client.pipeline(transaction=False)
-        if after:
-            pipe.zrevrank(self.keys.index(after.tag), after.member)
-            pipe.zscore(self.keys.index(after.tag), after.member)
-        for index, bound in zip(self.keys.indexes(), bounds):
-            pipe.zrevrangebyscore(index, bound, f"({now}", start=0, num=share, withscores=True)
-        replies = pipe.execute()
-        cursor_rank, cursor_score = replies[:2] if after else (None, None)
-        shares = replies[2:] if after else replies
+        shards = list(range(SHARDS))
+        replies = self._after_cursor(after, shards, share, now)
         candidates = {Entry(int(score), shard, member)
-                      for shard, reply in enumerate(shares) for member, score in reply}
+                      for shard, reply in zip(shards, replies) for member, score in reply}
         cut = heapq.nlargest(want, candidates)[-1] if len(candidates) >= want else None
-        again = [shard for shard, reply in enumerate(shares) if len(reply) == share < want
+        again = [shard for shard, reply in zip(shards, replies) if len(reply) == share < want
                  and (cut is None or Entry(int(reply[-1][1]), shard, reply[-1][0]) > cut)]
-        if again or after:
-            pipe = self.client.pipeline(transaction=False)
-            for shard in again:
-                pipe.zrevrangebyscore(self.keys.index(f"{shard:02d}"), bounds[shard], f"({now}",
-                                      start=0, num=want, withscores=True)
-            if after:
-                self._ask_ties(pipe, after, cursor_rank, cursor_score, want)
-            replies = pipe.execute()
-            for shard, reply in zip(again, replies):
+        if again:
+            for shard, reply in zip(again, self._after_cursor(after, again, want, now)):
                 candidates.update(Entry(int(score), shard, member) for member, score in reply)
-            if after:
-                candidates.update(self._ties(after, replies[-1], cursor_rank is not None
-                                             and cursor_score == after.score, want, now))
         top = heapq.nlargest(want, candidates)
         return top[:limit], len(top) > limit
+
+    def _after_cursor(self, after: Entry | None, shards: list[int], count: int, now: int) -> list:
+        """Per shard, up to ``count`` live (member, expiry) after the cursor.
+
+        Each shard is read in one step: ``ZRANGE … BYSCORE REV LIMIT`` below an expiry bound
+        (one pipeline for all), and the cursor's own shard, whose bound is (expiry, member),
+        by the AFTER script (on its own: redis-py runs no script in a Cluster pipeline).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for shard in shards:
+            if after is None or shard != after.shard:
+                pipe.zrange(self.keys.index(f"{shard:02d}"), self._bound(after, shard), f"({now}",
+                            desc=True, byscore=True, offset=0, num=count, withscores=True)
+        replies = iter(pipe.execute())
+        return [self._after_in_shard(after, count, now) if after is not None and shard == after.shard
+                else next(replies) for shard in shards]
+
+    def _after_in_shard(self, after: Entry, count: int, now: int) -> list[tuple[str, float]]:
+        flat = self._after(keys=[self.keys.index(after.tag)], args=[after.score, after.member, now, count])
+        return list(zip(flat[0::2], map(float, flat[1::2])))
 
     @staticmethod
     def _bound(after: Entry | None, shard: int):
@@ -220,20 +267,6 @@ class ActiveConversations:
         if shard < after.shard:
             return after.score  # its entries tied with the cursor's expiry come after the cursor
         return f"({after.score}"
-
-    def _ask_ties(self, pipe, after: Entry, rank, score, want: int) -> None:
-        index = self.keys.index(after.tag)
-        if rank is not None and score == after.score:
-            pipe.zrevrange(index, rank + 1, rank + want, withscores=True)
-        else:  # the cursor's entry moved or went: its expiry group is compared member by member
-            pipe.zrevrangebyscore(index, after.score, after.score, withscores=True)
-
-    @staticmethod
-    def _ties(after: Entry, reply, by_rank: bool, want: int, now: int) -> list[Entry]:
-        """Entries of the cursor's shard with the cursor's expiry that come after the cursor."""
-        tied = [Entry(int(score), after.shard, member) for member, score in reply
-                if int(score) == after.score > now and (by_rank or member < after.member)]
-        return tied[:want]
 
     def _read_entries(self, entries: list[Entry]) -> list[Conversation]:
         """One pipelined ``HMGET`` for the page; entries whose state is gone are pruned."""

@@ -1,13 +1,20 @@
 """Liveness and readiness for orchestrators and load balancers.
 
 ``/healthz``: the process serves requests; it never touches Redis, so a Redis outage does not
-get healthy workers restarted. ``/readyz``: Redis answers a PING; 503 while it does not, so
-traffic (and docker-compose's healthcheck) waits for it.
+get healthy workers restarted. ``/readyz``: a message could be saved now, i.e. Redis takes a
+write; 503 while it does not, so traffic (and docker-compose's healthcheck) waits for it.
+
+A PING is not enough: a Redis out of memory under ``noeviction`` (OOM), a read-only replica
+(READONLY) or a master short of its ``min-replicas-to-write`` (NOREPLICAS) answers PING and
+refuses every save (only a failed snapshot, MISCONF, refuses PING too). So the probe writes
+one key and deletes it (two commands, not pipelined, so that Redis' refusal comes
+back as it is; the key expires within a second should the DEL never arrive).
 """
 
 import logging
 
-from flask import Blueprint, Flask
+import redis
+from flask import Blueprint, Flask, current_app
 
 from . import redis_client
 from .logs import report
@@ -25,13 +32,24 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
+    key = current_app.extensions["sms.keys"].readiness
     try:
-        redis_client.client().ping()
+        client = redis_client.client()
+        client.set(key, "1", px=1000)  # SET is refused under OOM (DEL alone would not be)
+        client.delete(key)
     except UNAVAILABLE as error:
         count_redis_error()
-        report(log, f"not ready: Redis {type(error).__name__}")
-        return {"status": "unavailable", "redis": type(error).__name__}, 503
+        report(log, f"not ready: Redis {refusal(error)}")
+        return {"status": "unavailable", "redis": refusal(error)}, 503
     return {"status": "ready"}
+
+
+def refusal(error: Exception) -> str:
+    """The error's class, and for a plain ResponseError Redis' own code (``MISCONF``…)."""
+    name = type(error).__name__
+    if type(error) is redis.ResponseError and str(error):
+        return f"{name} {str(error).split()[0]}"
+    return name
 
 
 def init_app(app: Flask) -> None:

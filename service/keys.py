@@ -17,6 +17,7 @@ redis-cli can work the tag out by eye. There are 100 tags, so the active-convers
     <prefix>outbox:{07}                            stream: a Cluster's events on their way to <prefix>events
     <prefix>samples                               stream: per minute, live conversations and messages
     <prefix>sweeper                               string: the sweeping process's lease
+    <prefix>ready                                 string: /readyz's write probe, deleted at once
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
@@ -31,9 +32,19 @@ SHARDS = 100
 SEPARATOR = "|"
 
 
+ASCII_DIGITS = frozenset("0123456789")
+
+
 def shard_of(sender: str) -> str:
-    """The two-digit hash tag of a sender: the last two digits of its number."""
-    digits = "".join(ch for ch in sender if ch.isdigit())
+    """The two-digit hash tag of a sender: the last two ASCII digits of its number.
+
+    Only ASCII digits: ``str.isdigit`` also accepts ``٤``, ``²``…, whose tags would fall
+    outside ``{00}``…``{99}``, where count, list and the gauge never look. Such a sender is
+    still served (its tag comes from its ASCII digits, ``00`` if it has none) rather than
+    refused: the tag only spreads conversations over shards, any fixed choice is correct, and
+    this one rule serves the webhook, the operators' paths and the cursors alike.
+    """
+    digits = "".join(ch for ch in sender if ch in ASCII_DIGITS)
     return digits[-2:].rjust(2, "0")
 
 
@@ -85,6 +96,10 @@ class Keys:
             ending=self.ending(shard),
             minutes=self.minutes(shard),
         )
+
+    @property
+    def readiness(self) -> str:
+        return f"{self.prefix}ready"
 
     def index(self, shard: str) -> str:
         return f"{self.prefix}active:{{{shard}}}"

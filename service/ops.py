@@ -1,8 +1,9 @@
 """Operators' two ways in: the JSON API under ``/ops`` and ``sms-sessions conversations``.
 
 Both read the same ``ActiveConversations`` and print the same JSON objects. The API is off
-(404) until ``OPS_TOKEN`` is set and then wants ``Authorization: Bearer <OPS_TOKEN>``. It never
-opens a conversation's session: the session interface binds only in the webhook.
+until ``OPS_TOKEN`` is set (no route at all: 404 whatever the method, so nothing reveals it)
+and then wants ``Authorization: Bearer <OPS_TOKEN>``. It never opens a conversation's
+session: the session interface binds only in the webhook.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 
 import click
-from flask import Blueprint, Flask, abort, current_app, jsonify, request
+from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
 
 from . import lifecycle
@@ -31,8 +32,6 @@ MAX_LIMIT = 1000
 @bp.before_request
 def authorize():
     token = current_app.config["OPS_TOKEN"]
-    if not token:
-        abort(404)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         log.warning("ops request refused: missing or wrong bearer token")
@@ -173,5 +172,7 @@ def table(rows: list[dict]) -> str:
 
 
 def init_app(app: Flask) -> None:
-    app.register_blueprint(bp)
+    app.extensions["sms.active"].preload()
+    if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
+        app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)

@@ -94,6 +94,8 @@ def connect(url: str | None, timeout: float):
             retry=retry, **credentials, **options))
         try:
             return lazy.client()
+        except redis.AuthenticationError:
+            return lazy  # not an outage: check_credentials says what it is
         except UNAVAILABLE as error:
             log.warning("no Redis Cluster node answered at start (%s); answering 503 until one "
                         "does", type(error).__name__)
@@ -126,6 +128,12 @@ class LazyCluster:
 
     def register_script(self, script: str) -> Script:
         return Script(self, script)
+
+    def close(self) -> None:
+        """Closes the client if it was built (never builds one to close it)."""
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
 
     def __getattr__(self, name):
         return getattr(self.client(), name)
@@ -192,6 +200,10 @@ def check(config) -> None:
             parse_url(url)
         except ValueError as error:
             raise ConfigError(f"REDIS_URL: {error}") from None
+        database = urlsplit(url).path.strip("/") if scheme != "unix" else ""  # unix: ?db=N
+        if database and not (database.isascii() and database.isdigit()):
+            # redis-py would quietly use db 0 for a path it cannot read as a number
+            raise ConfigError("REDIS_URL: the database after the host must be a number, as in /0")
     elif scheme == SENTINEL_SCHEME:
         _sentinel_path(_parse_multi_host(url)[2])
     elif scheme == CLUSTER_SCHEME:
@@ -204,9 +216,37 @@ def check(config) -> None:
                           "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)")
 
 
+def check_credentials(config, client=None) -> None:
+    """Credentials Redis turns down (wrong or missing password, unknown user) are a bad
+    setting, not an outage: refused in production (one line naming ``REDIS_URL``, never the
+    password), a warning in development. Without this the service started and answered 503
+    forever. A Redis that does not answer at all is not judged: 503s until it does.
+
+    Pings with ``client``, or (gunicorn's master) with a client of its own, closed before
+    any worker is forked.
+    """
+    if not config["REDIS_URL"]:
+        return
+    own = client is None
+    client = connect(config["REDIS_URL"], config["REDIS_TIMEOUT"]) if own else client
+    try:
+        client.ping()
+    except redis.AuthenticationError as error:
+        problem = f"REDIS_URL: Redis refused the credentials ({error})"
+        if config["APP_ENV"] == "production":
+            raise ConfigError(problem) from None
+        log.warning(problem)
+    except UNAVAILABLE:
+        pass
+    finally:
+        if own:
+            client.close()
+
+
 def init_app(app) -> None:
     check(app.config)
     app.extensions["sms.redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    check_credentials(app.config, app.extensions["sms.redis"])
 
 
 def client():

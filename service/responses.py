@@ -97,4 +97,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error):
-        return problem(error.code or 500, error.description or error.name)
+        """The exception's own headers (a 405's ``Allow``) with a plain-text reason."""
+        response = problem(error.code or 500, error.description or error.name)
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response

@@ -1,7 +1,8 @@
 """Configuration: every environment variable the service reads, its default and meaning.
 
-``load()`` turns the environment into Flask config keys; a bad value stops start-up with one
-line naming the variable (``ConfigError``), never a traceback at the first request.
+``load()`` turns the environment into Flask config keys; a malformed value, or one outside
+its range, stops start-up with one line naming the variable (``ConfigError``), never a
+traceback or a broken answer at the first request.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
+# two equal): a worker silent this long is killed, so a message must be answered well before.
+WORKER_TIMEOUT = 10
 
 
 class ConfigError(Exception):
@@ -37,9 +42,14 @@ def _number(kind: type, valid: Callable[[Any], bool], reason: str) -> Callable[[
     return parse
 
 
+def _between(kind: type, low, high, unit: str) -> Callable[[str], Any]:
+    """A number from ``low`` to ``high`` (NaN is neither, infinity only if ``high`` is)."""
+    reason = f"must be {unit}, " + (f"at least {low}" if high == math.inf else f"from {low} to {high}")
+    return _number(kind, lambda n: low <= n <= high and n != math.inf, reason)
+
+
 _positive_int = _number(int, lambda n: n > 0, "must be a positive whole number")
 _non_negative_int = _number(int, lambda n: n >= 0, "must be 0 or more")
-_positive_float = _number(float, lambda n: 0 < n < math.inf, "must be a positive number")
 
 
 def _env_name(value: str) -> str:
@@ -74,8 +84,9 @@ SETTINGS = [
             "Replicas that must confirm each script's writes (`WAIT`, pipelined) before a 200; "
             "set it to `min-replicas-to-write` behind Sentinel. 0: no waiting."),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
-    Setting("REDIS_TIMEOUT", 0.5, _positive_float,
-            "Socket connect/read timeout in seconds; a slower Redis answers 503."),
+    Setting("REDIS_TIMEOUT", 0.5, _between(float, 0.01, math.inf, "a number of seconds"),
+            "Socket connect/read timeout in seconds (at least 0.01, and `LOCK_WAIT` + 2 × "
+            "`REDIS_TIMEOUT` under gunicorn's 10 s worker timeout); a slower Redis answers 503."),
     Setting("TWILIO_AUTH_TOKEN", None, _text,
             "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403)."),
     Setting("TWILIO_VALIDATE_SIGNATURE", True, _bool,
@@ -85,36 +96,44 @@ SETTINGS = [
             "is rebuilt from it. Use behind TLS proxies and tunnels."),
     Setting("TRUSTED_PROXY_HOPS", 0, _non_negative_int,
             "Number of proxies in front whose `X-Forwarded-*` headers are trusted (ProxyFix)."),
-    Setting("CONVERSATION_TTL", 14400, _positive_int,
-            "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h)."),
+    Setting("CONVERSATION_TTL", 14400, _between(int, 1, 30 * 24 * 3600, "a whole number of seconds"),
+            "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h), "
+            "at most 30 days (2592000)."),
     Setting("SESSION_COOKIE_SECURE", False, _bool,
             "Mark the session cookie `Secure` (set it when Twilio calls over https)."),
     Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
             "JSON object mapping phone numbers to names for the replies."),
-    Setting("LOCK_TTL", 3.0, _positive_float,
-            "Seconds after which a conversation lock held by a crashed request lapses."),
-    Setting("LOCK_WAIT", 5.0, _positive_float,
-            "Seconds a message waits for its conversation's lock before answering 503."),
-    Setting("REDELIVERY_WINDOW", 60, _positive_int,
+    Setting("LOCK_TTL", 3.0, _between(float, 0.1, 60, "a number of seconds"),
+            "Seconds after which a conversation lock held by a crashed request lapses "
+            "(0.1 to 60: a lock must outlive a request's two round trips, and a crash must "
+            "not block a conversation for long)."),
+    Setting("LOCK_WAIT", 5.0, _between(float, 0.01, math.inf, "a number of seconds"),
+            "Seconds a message waits for its conversation's lock before answering 503 "
+            "(at least 0.01, and `LOCK_WAIT` + 2 × `REDIS_TIMEOUT` under gunicorn's 10 s "
+            "worker timeout)."),
+    Setting("REDELIVERY_WINDOW", 60, _between(int, 1, 3600, "a number of seconds"),
             "Seconds during which a redelivered `MessageSid` gets its first answer again instead of "
-            "counting twice (Twilio's retries end within 15 s)."),
-    Setting("REPLIES_KEPT", 100, _positive_int,
-            "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard)."),
-    Setting("SWEEP_INTERVAL", 5.0, _positive_float,
+            "counting twice (Twilio's retries end within 15 s), 1 to 3600."),
+    Setting("REPLIES_KEPT", 100, _between(int, 1, 10_000, "a number of answers"),
+            "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard), "
+            "1 to 10000."),
+    Setting("SWEEP_INTERVAL", 5.0, _between(float, 0.05, 3600, "a number of seconds"),
             "Seconds between two sweeps of conversations whose time ran out (their `ended` "
-            "event, their end hook); one process sweeps at a time."),
-    Setting("EVENTS_RETENTION", 7 * 24 * 3600, _positive_int,
-            "Seconds the lifecycle events stream keeps an event (`XTRIM MINID`)."),
-    Setting("EVENTS_MAX", 1_000_000, _positive_int,
-            "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`)."),
-    Setting("MAX_BODY_BYTES", 65536, _positive_int,
-            "Largest webhook body accepted; larger answers 413."),
+            "event, their end hook), 0.05 to 3600; one process sweeps at a time."),
+    Setting("EVENTS_RETENTION", 7 * 24 * 3600, _between(int, 1, 366 * 24 * 3600, "a number of seconds"),
+            "Seconds the lifecycle events stream keeps an event (`XTRIM MINID`), up to a year."),
+    Setting("EVENTS_MAX", 1_000_000, _between(int, 10, 100_000_000, "a number of events"),
+            "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`), 10 to 100000000."),
+    Setting("MAX_BODY_BYTES", 65536, _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
+            "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
+            "32768 to 16777216: Twilio's longest message takes up to ~20 KB."),
     Setting("OPS_TOKEN", None, _text,
             "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404)."),
     # Read by config/gunicorn.conf.py (and prometheus-client), listed here to be documented.
     Setting("WEB_CONCURRENCY", None, _positive_int,
             "gunicorn worker processes. Unset: 2 × CPUs + 1."),
-    Setting("PORT", 5000, _positive_int, "Port gunicorn listens on (all interfaces)."),
+    Setting("PORT", 5000, _between(int, 1, 65535, "a port number"),
+            "Port gunicorn listens on (all interfaces)."),
     Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
     Setting("PROMETHEUS_MULTIPROC_DIR", None, _text,
             "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
@@ -159,4 +178,16 @@ def load(environ: dict[str, str] | None = None) -> dict[str, Any]:
             config[setting.env] = setting.parse(raw)
         except ValueError as error:
             raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
+    _answered_in_time(config, blamed="REDIS_TIMEOUT" if environ.get("REDIS_TIMEOUT")
+                      and not environ.get("LOCK_WAIT") else "LOCK_WAIT")
     return config
+
+
+def _answered_in_time(config: dict[str, Any], blamed: str) -> None:
+    """A message waits up to LOCK_WAIT for its lock, then up to REDIS_TIMEOUT for each of its
+    two round trips; all of it must fit in gunicorn's worker timeout, or the worker is killed
+    mid-message (and Twilio, at 15 s, gives up too). ``blamed``: the variable named first."""
+    wait, timeout = config["LOCK_WAIT"], config["REDIS_TIMEOUT"]
+    if wait + 2 * timeout >= WORKER_TIMEOUT:
+        raise ConfigError(f"{blamed}={config[blamed]:g}: LOCK_WAIT ({wait:g}) + 2 × REDIS_TIMEOUT "
+                          f"({timeout:g}) must stay under gunicorn's {WORKER_TIMEOUT} s worker timeout")

@@ -1,13 +1,21 @@
 """Twilio request signatures, checked with twilio's own ``RequestValidator``.
 
-The signed URL must be the one Twilio called. Behind a TLS proxy or tunnel Flask sees
-``http://internal-host``; ``PUBLIC_BASE_URL`` rebuilds it, or ``TRUSTED_PROXY_HOPS`` lets
-werkzeug's ``ProxyFix`` take scheme and host from the proxies' ``X-Forwarded-*`` headers.
+The signed URL must be the one Twilio called, byte for byte. Behind a TLS proxy or tunnel
+Flask sees ``http://internal-host``; ``PUBLIC_BASE_URL`` rebuilds it, or
+``TRUSTED_PROXY_HOPS`` lets werkzeug's ``ProxyFix`` take scheme, host and port from the
+proxies' ``X-Forwarded-Proto``/``-Host``/``-Port`` headers (``-For`` too, for the client
+address in access logs).
+
+``X-Forwarded-Prefix`` is not trusted: it would rewrite the path of every route, a path
+prefix the proxy strips is a fixed fact of the deployment that ``PUBLIC_BASE_URL`` states
+(``https://host/prefix``), and a malformed one made werkzeug build URLs that twilio's
+validator cannot parse (a 500).
 """
 
 from __future__ import annotations
 
 import logging
+from urllib.parse import quote, urlsplit
 
 from flask import Flask, Request, current_app
 from twilio.request_validator import (
@@ -17,18 +25,46 @@ from twilio.request_validator import (
     compare,
     get_signature_algorithm,
 )
+from werkzeug.exceptions import BadRequest
 from werkzeug.middleware.proxy_fix import ProxyFix
+
+from . import logs
 
 log = logging.getLogger(__name__)
 
+# Characters left as they are in the path (RFC 3986 pchar); anything else is percent-encoded.
+PATH_SAFE = "/:@!$&'()*+,;="
+
 
 def signed_url(request: Request, public_base_url: str | None) -> str:
-    """The URL Twilio signed: the public base plus the path and query Flask received."""
-    if not public_base_url:
-        return request.url
-    query = request.query_string.decode("utf-8")
-    url = public_base_url.rstrip("/") + request.script_root + request.path
+    """The URL Twilio signed: scheme and host (``public_base_url``, else the request's),
+    the path, and the query string exactly as received.
+
+    Not ``request.url``: werkzeug decodes it into an IRI (``%2C`` comes back as ``,``,
+    ``%C3%A9`` as ``é``), while Twilio signs the percent-encoded URL it called. A Host or
+    trusted ``X-Forwarded-*`` header that cannot be part of a URL is a 400 (``BadRequest``).
+    """
+    base = public_base_url.rstrip("/") if public_base_url else _origin(request)
+    url = base + quote(request.script_root + request.path, safe=PATH_SAFE)
+    query = request.query_string.decode("utf-8", "replace")  # the webhook checked it is UTF-8
     return url + "?" + query if query else url
+
+
+def _origin(request: Request) -> str:
+    """``scheme://host[:port]`` of the request; 400 unless urllib (hence twilio's validator)
+    parses it: the Host header, or ``X-Forwarded-Proto``/``-Host``/``-Port``, may say anything.
+    """
+    origin = f"{request.scheme}://{request.host}"
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError unless the port is a number up to 65535
+        valid = request.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # also an IPv6 literal that is not one
+        valid = False
+    if not valid:
+        logs.annotate(reason="malformed Host or X-Forwarded-* header")
+        raise BadRequest("Malformed Host or X-Forwarded-* header.")
+    return origin
 
 
 class FormValues(dict):
@@ -73,8 +109,7 @@ class SignatureCheck:
 def init_app(app: Flask) -> None:
     hops = app.config["TRUSTED_PROXY_HOPS"]
     if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops,
-                                x_port=hops, x_prefix=hops)
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     if not app.config["TWILIO_VALIDATE_SIGNATURE"]:
         log.warning("TWILIO_VALIDATE_SIGNATURE is off: anyone can post messages. "
                     "Local development only.")

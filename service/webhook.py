@@ -15,7 +15,8 @@ import time
 import traceback
 from urllib.parse import unquote_to_bytes
 
-from flask import Blueprint, Flask, Response, g, request, request_finished, session
+from flask import Blueprint, Flask, Response, current_app, g, request, request_finished, session
+from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 
 from . import callers, handler, logs, signature
 from .handler import Message
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 
 MAX_FIELD = 64
+PATH = "/sms"
+METHODS = ["GET", "POST"]  # Twilio calls a webhook with the one configured: no other runs it
 
 
 
@@ -58,13 +61,31 @@ def _refuse(status: int, reason: str) -> Response:
     return problem(status, reason[0].upper() + reason[1:] + ".")
 
 
-@bp.before_request
+def _is_webhook() -> bool:
+    """Routed to the webhook, or refused by routing on its path (a 405 is the webhook's too)."""
+    return request.blueprint == bp.name or (request.url_rule is None and request.path == PATH)
+
+
 def _start():
+    """Opens the summary line of every request to ``/sms``, whatever its method.
+
+    Methods other than GET and POST are refused here, before routing would answer OPTIONS
+    itself or run the handler for a HEAD (a message counted that nobody reads the reply of).
+    A query string is the GET form of a body, so it gets the same bound.
+    """
+    if not _is_webhook():
+        return
     g.started = time.perf_counter()
     logs.open_summary()
+    if request.method not in METHODS:
+        logs.annotate(reason="method not allowed")
+        raise MethodNotAllowed(valid_methods=METHODS)
+    if len(request.query_string) > current_app.config["MAX_BODY_BYTES"]:
+        logs.annotate(reason="query string over MAX_BODY_BYTES")
+        raise RequestURITooLarge()
 
 
-@bp.route("/sms", methods=["GET", "POST"])
+@bp.route(PATH, methods=METHODS)
 def sms():
     """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
     body = request.get_data(cache=True) if request.method == "POST" else b""
@@ -121,7 +142,7 @@ def outcome(status: int) -> Outcome:
 
 def _finished(app: Flask, response: Response, **_) -> None:
     """The request's metrics and its one log line, once the response is final."""
-    if request.blueprint != bp.name or "started" not in g:
+    if not _is_webhook() or "started" not in g:
         return
     seconds = time.perf_counter() - g.started
     result = outcome(response.status_code)
@@ -136,4 +157,5 @@ def _finished(app: Flask, response: Response, **_) -> None:
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
+    app.before_request(_start)  # the app's, not the blueprint's: it must see routing's 405s
     request_finished.connect(_finished, app)

@@ -1,11 +1,20 @@
-"""``/healthz`` (the process lives, no Redis) and ``/readyz`` (Redis answers), Redis up and down."""
+"""``/healthz`` (the process lives, no Redis) and ``/readyz`` (a message could be saved), Redis
+up, down, refusing writes, and turning the service's credentials down."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 from collections import Counter as Tally
 
-from tests.support.app import make_app, post_signed, webhook_params
+import pytest
+
+from service import create_app
+from service.settings import ConfigError
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import REDIS_CONF, commands_during
+from tests.support.waiting import wait_until
 
 
 def test_readiness_follows_redis_and_liveness_does_not(redis_processes):
@@ -30,7 +39,7 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
     client = app.test_client()
     cookie = post_signed(client, webhook_params()).headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     keys_before = sorted(redis_client.keys("*"))
-    for path, expected in (("/healthz", Tally()), ("/readyz", Tally(ping=1)),
+    for path, expected in (("/healthz", Tally()), ("/readyz", Tally(set=1, **{"del": 1})),
                            ("/metrics", Tally(zcount=100, xrange=1))):
         responses = []
         used = commands_during(redis_client, lambda: responses.append(
@@ -38,4 +47,105 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
         assert responses[0].status_code == 200, path
         assert "Set-Cookie" not in responses[0].headers, path
         assert used == expected, path
-    assert sorted(redis_client.keys("*")) == keys_before  # no lock, nothing written
+    assert sorted(redis_client.keys("*")) == keys_before  # no lock, nothing left
+
+
+def test_readiness_says_no_while_redis_refuses_writes(redis_processes):
+    """OOM under noeviction, a read-only replica: PING answers, a save would not. (Redis
+    refuses PING itself under MISCONF, also checked.)"""
+    redis_server = redis_processes("--save", "3600 1", "--appendonly", "no",
+                                   "--maxmemory-policy", "noeviction")
+    admin = redis_server.client()
+    client = make_app(REDIS_URL=redis_server.url).test_client()
+    assert client.get("/readyz").json == {"status": "ready"}
+
+    refusals = {
+        "OutOfMemoryError": (lambda: admin.config_set("maxmemory", 1),
+                             lambda: admin.config_set("maxmemory", 0)),
+        "ReadOnlyError": (lambda: admin.replicaof("127.0.0.1", 1), lambda: admin.replicaof("NO", "ONE")),
+        "ResponseError MISCONF": (lambda: fail_a_snapshot(redis_server),
+                                  lambda: admin.config_set("stop-writes-on-bgsave-error", "no")),
+    }
+    for name, (refuse, restore) in refusals.items():
+        refuse()
+        if name != "ResponseError MISCONF":
+            assert admin.ping()  # PING alone would have said "ready"
+        down = client.get("/readyz")
+        assert (down.status_code, down.json) == (503, {"status": "unavailable", "redis": name})
+        assert post_signed(client, webhook_params()).status_code == 503  # indeed nothing saved
+        restore()
+        assert client.get("/readyz").status_code == 200, name
+        assert post_signed(client, webhook_params()).status_code == 200
+    assert admin.keys("sms:ready*") == []
+
+
+def fail_a_snapshot(redis_server) -> None:
+    """A BGSAVE that fails (its directory is gone): Redis then refuses writes with MISCONF."""
+    for path in redis_server.directory.iterdir():
+        path.unlink()
+    redis_server.directory.rmdir()
+    redis_server.client().bgsave()
+    wait_until(lambda: redis_server.client().info("persistence")["rdb_last_bgsave_status"] == "err",
+               what="a failed BGSAVE")
+
+
+
+SECRET = "s3cr3t-passw0rd"
+
+
+@pytest.fixture
+def protected_redis(redis_processes):
+    """A Redis with a password (set once it answered, so that starting it needs none)."""
+    redis_server = redis_processes("--save", "", "--appendonly", "no")
+    redis_server.client().config_set("requirepass", SECRET)
+    return redis_server
+
+
+def urls(redis_server) -> dict[str, str]:
+    port = redis_server.port
+    return {"wrong password": f"redis://:wrong@127.0.0.1:{port}/0",
+            "no password": f"redis://127.0.0.1:{port}/0",
+            "unknown user": f"redis://nobody:{SECRET}@127.0.0.1:{port}/0"}
+
+
+PRODUCTION = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": TOKEN}
+
+
+def test_refused_credentials_stop_production_in_one_line(protected_redis, monkeypatch):
+    for case, url in urls(protected_redis).items():
+        for name, value in {**PRODUCTION, "REDIS_URL": url}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError) as refused:
+            create_app()
+        message = str(refused.value)
+        assert message.startswith("REDIS_URL: Redis refused the credentials"), case
+        assert "\n" not in message and SECRET not in message and "wrong" not in message
+    monkeypatch.setenv("REDIS_URL", f"redis://:{SECRET}@127.0.0.1:{protected_redis.port}/0")
+    client = create_app().test_client()  # the right password starts and is ready
+    assert client.get("/readyz").status_code == 200
+
+
+def test_refused_credentials_warn_in_development_and_are_not_ready(protected_redis, caplog):
+    app = make_app(REDIS_URL=urls(protected_redis)["wrong password"])
+    warnings = [r.getMessage() for r in caplog.records if "refused the credentials" in r.getMessage()]
+    assert len(warnings) == 1
+    down = app.test_client().get("/readyz")
+    assert (down.status_code, down.json["redis"]) == (503, "AuthenticationError")
+
+
+def test_gunicorn_and_the_cli_refuse_refused_credentials_in_one_line(protected_redis):
+    env = {**PRODUCTION, "REDIS_URL": urls(protected_redis)["wrong password"]}
+    server = Gunicorn(env, config=GUNICORN_CONF)
+    try:
+        assert server.wait_exit() != 0
+    finally:
+        server.stop()  # one that started after all is not left running
+    output = server.output()
+    lines = [line for line in output.splitlines() if "refusing to start" in line]
+    assert len(lines) == 1 and re.match(r"sms-sessions: refusing to start: REDIS_URL: Redis "
+                                        r"refused the credentials", lines[0])
+    assert "Traceback" not in output and "Booting worker" not in output and "wrong" not in lines[0]
+    cli = subprocess.run([bin_path("sms-sessions"), "conversations", "count"],
+                         env={**hermetic_environment(), **env}, capture_output=True, text=True,
+                         timeout=60)
+    assert cli.returncode == 1 and cli.stderr.splitlines() == lines

@@ -24,6 +24,11 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("CALLERS_FILE", {"CALLERS_FILE": "/nonexistent/callers.json"}),
     ("REDIS_URL", {"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}),  # no service name
     ("REDIS_WAIT_REPLICAS", {"REDIS_WAIT_REPLICAS": "1", "REDIS_URL": "redis+cluster://127.0.0.1:1"}),
+    # Out of range (tests/test_settings_ranges.py has the rest of them):
+    ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),
+    ("LOCK_TTL", {"LOCK_TTL": "0.0001"}),
+    ("LOCK_WAIT", {"LOCK_WAIT": "9.5"}),
+    ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),
 ]
 CASES = pytest.mark.parametrize("variable, setting", REFUSED, ids=[
     f"{variable}={next(iter(setting.values()))}" for variable, setting in REFUSED])
