@@ -30,7 +30,11 @@ simulate: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-.PHONY: test-fast
+.PHONY: test-fast docs
+docs: install  # docs/configuration.md, written from service/settings.py
+	$(BIN)/python -c 'from service.settings import table; print(table(), end="")' > docs/configuration.md
+
+
 test-fast: install  # everything but the tests marked slow, in seconds
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -68,41 +68,62 @@ class Setting:
     default: Any
     parse: Callable[[str], Any]
     meaning: str
+    shown: str | None = None  # the default as the docs show it, when not the value itself
+
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.default is None:
+            return "unset"
+        if isinstance(self.default, bool):
+            return "1" if self.default else "0"
+        return f"`{self.default:g}`" if isinstance(self.default, float) else f"`{self.default}`"
 
 
 SETTINGS = [
     Setting("SMS_HANDLER", "service.counter:handle", _text,
-            "The conversation logic, `package.module:function` (see \"Write your own conversation\")."),
+            "The conversation logic, `package.module:function` (README: \"Write your own "
+            "conversation\"); its module's `on_end`, if any, is the end hook."),
     Setting("APP_ENV", "development", _env_name,
-            "`production` refuses to start on unsafe settings; `development` only warns."),
+            "`production` refuses to start without `TWILIO_AUTH_TOKEN`, with "
+            "`TWILIO_VALIDATE_SIGNATURE=0`, without `REDIS_URL` (the embedded store) or when "
+            "Redis turns its credentials down; `development` only warns."),
     Setting("REDIS_URL", None, _text,
-            "Redis to keep conversations in: `redis://`, `rediss://`, `unix://` (one server), "
-            "`redis+sentinel://host:port[,host:port…]/service_name[/db]` (Sentinel's master), "
-            "`redis+cluster://host:port[,host:port…]` (Redis Cluster). "
-            "Unset: the embedded in-memory store, with a warning."),
+            "Redis to keep conversations in; the scheme picks the topology: `redis://`, "
+            "`rediss://` (TLS), `unix://` one server; "
+            "`redis+sentinel://host:port[,host:port…]/service_name[/db]` the master Sentinel "
+            "names; `redis+cluster://host:port[,host:port…]` a Redis Cluster. User and password "
+            "go before the hosts (`redis://:secret@host:6379/0`). Unset: the embedded in-memory "
+            "store (per process), with a warning."),
     Setting("REDIS_WAIT_REPLICAS", 0, _non_negative_int,
-            "Replicas that must confirm each script's writes (`WAIT`, pipelined) before a 200; "
-            "set it to `min-replicas-to-write` behind Sentinel. 0: no waiting."),
+            "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
+            "no extra round trip) before the answer; fewer answers 503. Set it to "
+            "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store."),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
     Setting("REDIS_TIMEOUT", 0.5, _between(float, 0.01, math.inf, "a number of seconds"),
             "Socket connect/read timeout in seconds (at least 0.01, and `LOCK_WAIT` + 2 × "
             "`REDIS_TIMEOUT` under gunicorn's 10 s worker timeout); a slower Redis answers 503."),
     Setting("TWILIO_AUTH_TOKEN", None, _text,
-            "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403)."),
+            "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403). "
+            "`make run` uses `dev-auth-token`."),
     Setting("TWILIO_VALIDATE_SIGNATURE", True, _bool,
-            "Set to 0 only for local development: skips signature validation (warns at start)."),
+            "`0` only for local development: skips signature validation (warns at start; "
+            "refused in production)."),
     Setting("PUBLIC_BASE_URL", None, _text,
-            "The scheme and host Twilio calls (e.g. `https://sms.example.com`); the signed URL "
-            "is rebuilt from it. Use behind TLS proxies and tunnels."),
+            "The scheme and host Twilio calls, e.g. `https://sms.example.com` (with the path "
+            "prefix a proxy strips, if any); the signed URL is rebuilt from it. Use behind TLS "
+            "proxies and tunnels."),
     Setting("TRUSTED_PROXY_HOPS", 0, _non_negative_int,
-            "Number of proxies in front whose `X-Forwarded-*` headers are trusted (ProxyFix)."),
+            "Proxies in front whose `X-Forwarded-Proto`, `-Host`, `-Port` and `-For` headers are "
+            "trusted (werkzeug's `ProxyFix`); never `-Prefix`."),
     Setting("CONVERSATION_TTL", 14400, _between(int, 1, 30 * 24 * 3600, "a whole number of seconds"),
             "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h), "
             "at most 30 days (2592000)."),
     Setting("SESSION_COOKIE_SECURE", False, _bool,
             "Mark the session cookie `Secure` (set it when Twilio calls over https)."),
     Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
-            "JSON object mapping phone numbers to names for the replies."),
+            "JSON object mapping phone numbers to names (`message.caller_name`); unknown "
+            "senders are \"Friend\".", shown="`config/callers.json`"),
     Setting("LOCK_TTL", 3.0, _between(float, 0.1, 60, "a number of seconds"),
             "Seconds after which a conversation lock held by a crashed request lapses "
             "(0.1 to 60: a lock must outlive a request's two round trips, and a crash must "
@@ -128,10 +149,11 @@ SETTINGS = [
             "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
             "32768 to 16777216: Twilio's longest message takes up to ~20 KB."),
     Setting("OPS_TOKEN", None, _text,
-            "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404)."),
+            "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404 "
+            "for every method on every `/ops` path)."),
     # Read by config/gunicorn.conf.py (and prometheus-client), listed here to be documented.
     Setting("WEB_CONCURRENCY", None, _positive_int,
-            "gunicorn worker processes. Unset: 2 × CPUs + 1."),
+            "gunicorn worker processes (`config/gunicorn.conf.py`).", shown="2 × CPUs + 1"),
     Setting("PORT", 5000, _between(int, 1, 65535, "a port number"),
             "Port gunicorn listens on (all interfaces)."),
     Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
@@ -139,6 +161,24 @@ SETTINGS = [
             "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
             "temporary one (outside gunicorn the metrics are the process's own)."),
 ]
+
+
+def table() -> str:
+    """The configuration reference (``docs/configuration.md``), written from ``SETTINGS``."""
+    rows = [f"| `{s.env}` | {s.default_text()} | {s.meaning} |" for s in SETTINGS]
+    return "\n".join([
+        "# Configuration",
+        "",
+        "Every setting is an environment variable. A malformed value, or one outside its range,",
+        "stops start-up with one line naming the variable and a non-zero exit (in `create_app`, in",
+        "gunicorn's master and in the CLI). This page is written from `service/settings.py`",
+        "(`make docs`); a test checks that it still is.",
+        "",
+        "| Variable | Default | Meaning |",
+        "| --- | --- | --- |",
+        *rows,
+        "",
+    ])
 
 
 def check(config: dict[str, Any]) -> None:

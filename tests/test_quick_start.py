@@ -16,15 +16,6 @@ from tests.support.waiting import wait_for_http
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_shows_the_two_commands_and_every_setting():
-    from service.settings import SETTINGS
-
-    assert "make run" in README and "make test" in README
-    table = README.split("## Configuration", 1)[1]
-    missing = [s.env for s in SETTINGS if f"| `{s.env}` |" not in table]
-    assert missing == []
-
-
 @pytest.mark.slow
 def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
     checkout = tmp_path / "checkout"
