@@ -2,7 +2,7 @@
 # Sentinel's client-reconfig-script: after a failover, demote the old master at once.
 #
 # Sentinel itself demotes it only about ten seconds after the switch. With
-# min-replicas-to-write set (see README, "Topologies"), the new master refuses writes until it
+# min-replicas-to-write set (see docs/deploying.md, "Topologies"), the new master refuses writes until it
 # has a replica again, so every second the old master waits is a second of 503s.
 # Sentinel calls: <master-name> <role> <state> <from-ip> <from-port> <to-ip> <to-port>
 # (role is "leader" on the Sentinel that ran the failover). A master that is really down
