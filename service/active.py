@@ -249,8 +249,9 @@ class ActiveConversations:
         """
         number = search_number(number)
         shard, now = shard_of(number), now_ms()
-        matches = (Entry(int(score), int(shard), member) for member, score in self.client.zscan_iter(
-            self.keys.index(shard), match=f"*{number}{SEPARATOR}*", count=SCAN_COUNT) if score > now)
+        scanned = self.client.zscan_iter(self.keys.index(shard), match=f"*{number}{SEPARATOR}*",
+                                         count=SCAN_COUNT)
+        matches = (Entry(int(score), int(shard), member) for member, score in scanned if score > now)
         return self._read_entries(heapq.nlargest(limit, matches))
 
     def _entries_after(self, after: Entry | None, limit: int) -> tuple[list[Entry], bool]:

@@ -3,12 +3,18 @@ cookie, CSRF, headers and pages through Flask's test client on the real Redis.""
 
 from __future__ import annotations
 
+import html
 import json
+import logging
+import re
+import time
 
 import pytest
+from itsdangerous import TimestampSigner
 
 from service.active import BadSearch, search_number
 from service.conversations import now_ms
+from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS, OTHER = "+15551230001", "+15551230002", "+15551230003", "+15550001111", "+15550002222"
@@ -85,3 +91,225 @@ def test_search_refuses_what_names_no_single_shard(text):
 def test_search_number_keeps_the_plus_and_drops_separators():
     assert search_number(" +1 (555) 123-00.01 ") == "+15551230001"
     assert search_number("42") == "42"
+
+
+# --- Sign-in, cookie, CSRF, headers ----------------------------------------------------------
+
+OPS = "console-test-token"
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@pytest.fixture
+def console_app(redis_url):
+    return make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS)
+
+
+def csrf_of(response) -> str:
+    return CSRF.search(response.get_data(as_text=True)).group(1)
+
+
+def sign_in(client, token=OPS):
+    """Signs in through the form; the signed-in page's CSRF token (None if refused)."""
+    form = client.get("/console/sign-in")
+    response = client.post("/console/sign-in", data={"token": token, "csrf": csrf_of(form)})
+    if response.status_code != 303:
+        return None
+    return csrf_of(client.get("/console/"))
+
+
+def cookie_header(response) -> str:
+    [header] = [v for k, v in response.headers.items() if k == "Set-Cookie" and v.startswith("sms_console=")]
+    return header
+
+
+def talk(app, sender=REY, recipient=OURS, messages=1):
+    client = app.test_client()
+    for _ in range(messages):
+        assert post_signed(client, webhook_params(sender=sender, recipient=recipient)).status_code == 200
+
+
+def test_console_is_off_without_ops_token(app):
+    client = app.test_client()
+    for path in ("/console/", "/console", "/console/sign-in", "/console/sign-out",
+                 "/console/conversation", "/console/conversation/end",
+                 "/console/static/console.css", "/static/console.css"):
+        for method in ("get", "post", "put", "delete", "options", "head"):
+            assert getattr(client, method)(path).status_code == 404, (method, path)
+
+
+def test_sign_in_sets_a_strict_expiring_cookie_of_its_own(console_app):
+    client = console_app.test_client()
+    assert client.get("/console/").headers["Location"] == "/console/sign-in"
+    form = client.get("/console/sign-in")
+    first = cookie_header(form)
+    signed_in = client.post("/console/sign-in", data={"token": OPS, "csrf": csrf_of(form)})
+    assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/console/"
+    cookie = cookie_header(signed_in)
+    for attribute in ("HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age=28800"):
+        assert attribute in cookie and attribute in first
+    assert "Secure" not in cookie and "sms_session" not in signed_in.headers.get("Set-Cookie", "")
+    assert OPS not in cookie and cookie.split(";")[0] != first.split(";")[0]
+    page = client.get("/console/")
+    assert page.status_code == 200 and "Live conversations" in page.get_data(as_text=True)
+    assert csrf_of(page) != csrf_of(form)  # a new CSRF token once signed in
+
+
+def test_secure_cookie_when_configured(redis_url):
+    client = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS, SESSION_COOKIE_SECURE=True).test_client()
+    assert "; Secure" in cookie_header(client.get("/console/sign-in"))
+
+
+def test_wrong_token_is_401_with_one_log_line(console_app, caplog):
+    client = console_app.test_client()
+    caplog.set_level(logging.INFO)
+    for wrong in ("", "nope", OPS + "x", OPS[:-1]):
+        caplog.clear()
+        assert sign_in(client, wrong) is None
+        form = client.get("/console/sign-in")
+        response = client.post("/console/sign-in", data={"token": wrong, "csrf": csrf_of(form)})
+        assert response.status_code == 401 and "Wrong token." in response.get_data(as_text=True)
+        assert client.get("/console/").status_code == 303
+    assert [r.getMessage() for r in caplog.records if r.name == "service.console"] == [
+        "console sign-in refused: wrong ops token"] * 2
+
+
+def test_sign_in_without_its_csrf_token_is_refused(console_app):
+    client = console_app.test_client()
+    client.get("/console/sign-in")
+    assert client.post("/console/sign-in", data={"token": OPS}).status_code == 403
+    fresh = console_app.test_client()  # no cookie at all: nothing to compare the token with
+    assert fresh.post("/console/sign-in", data={"token": OPS, "csrf": "x"}).status_code == 403
+    assert client.get("/console/").status_code == 303
+
+
+def test_sign_out_and_expiry_and_token_rotation_sign_out(console_app, redis_url, monkeypatch):
+    client = console_app.test_client()
+    csrf = sign_in(client)
+    assert client.post("/console/sign-out", data={}).status_code == 403  # CSRF here too
+    out = client.post("/console/sign-out", data={"csrf": csrf})
+    assert out.status_code == 303 and "sms_console=;" in cookie_header(out)
+    assert client.get("/console/").status_code == 303
+
+    rotated = make_app(REDIS_URL=redis_url, OPS_TOKEN="another-token").test_client()
+    sign_in(client)
+    rotated.set_cookie("sms_console", client.get_cookie("sms_console", path="/console").value,
+                       path="/console")
+    assert rotated.get("/console/").status_code == 303
+
+    signed_at = int(time.time()) - 28801  # a sign-in older than CONSOLE_SESSION_TTL
+    monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: signed_at)
+    sign_in(client)
+    monkeypatch.undo()
+    assert client.get("/console/").status_code == 303
+
+
+def test_every_console_page_is_protected_and_uncached(console_app):
+    client = console_app.test_client()
+    talk(console_app)
+    csrf = sign_in(client)
+    responses = [client.get("/console/sign-in"), client.get("/console/"),
+                 client.get("/console/", query_string={"q": "0001"}),
+                 client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
+                 client.post("/console/conversation/end", data={"from": REY, "to": OURS}),
+                 client.post("/console/conversation/end", data={"from": POE, "to": OURS, "csrf": csrf})]
+    assert [r.status_code for r in responses] == [303, 200, 200, 200, 403, 404]
+    for response in responses:
+        policy = response.headers["Content-Security-Policy"]
+        assert "'unsafe-inline'" not in policy and "script-src 'self'" in policy
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+    asset = client.get("/console/static/console.js")
+    assert asset.status_code == 200 and asset.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
+    """No inline script, style or event handler: the CSP forbids them, so none may be needed."""
+    client = console_app.test_client()
+    talk(console_app, messages=2)
+    pages = [client.get("/console/sign-in"), client.post("/console/sign-in", data={"token": "x"})]
+    sign_in(client)
+    pages += [client.get("/console/"), client.get("/console/?q=1"),
+              client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
+              client.get("/console/conversation", query_string={"from": POE, "to": OURS})]
+    for response in pages:
+        text = response.get_data(as_text=True)
+        assert "<html" in text
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), text
+        assert not re.search(r"<style|\sstyle=|\son[a-z]+=|javascript:", text, re.I), text
+
+
+# --- Pages -----------------------------------------------------------------------------------
+
+def test_live_list_search_conversation_page_and_end(console_app, caplog):
+    caplog.set_level(logging.INFO)
+    talk(console_app, REY, messages=3)
+    talk(console_app, FINN)
+    client = console_app.test_client()
+    csrf = sign_in(client)
+    listed = client.get("/console/").get_data(as_text=True)
+    assert '<dd id="live-count">2</dd>' in listed
+    assert listed.index(FINN) < listed.index(REY) and "Rey" in listed and "Finn" in listed
+    searched = client.get("/console/", query_string={"q": "0001"}).get_data(as_text=True)
+    assert REY in searched and FINN not in searched
+    refused = client.get("/console/", query_string={"q": "1"})
+    assert refused.status_code == 400 and "at least the last two digits" in refused.get_data(as_text=True)
+
+    shown = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    html = shown.get_data(as_text=True)
+    assert shown.status_code == 200 and f"{REY} → {OURS}" in html
+    assert '<dd id="messages">3</dd>' in html and "Yes, end it" in html
+    assert "{}" in html  # the counter keeps no state of its own
+
+    ended = client.post("/console/conversation/end", data={"from": REY, "to": OURS, "csrf": csrf})
+    assert ended.status_code == 303 and ended.headers["Location"] == "/console/?ended=1"
+    after = client.get("/console/?ended=1").get_data(as_text=True)
+    assert "The conversation was ended." in after and REY not in after
+    again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    assert again.status_code == 404 and "it ended or expired" in again.get_data(as_text=True)
+    assert console_app.extensions["sms.active"].get(REY, OURS) is None
+    assert "conversation of +1555***0001 ended by an operator" in caplog.text
+    assert REY not in caplog.text and FINN not in caplog.text
+
+
+def test_state_is_shown_as_formatted_json(console_app, redis_client):
+    talk(console_app)
+    keys = console_app.extensions["sms.keys"].conversation(REY, OURS)
+    redis_client.hset(keys.state, "state", json.dumps({"step": 2, "answers": ["<b>yes</b>", "é"]}))
+    client = console_app.test_client()
+    sign_in(client)
+    page = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    state = re.search(r'<pre class="state"[^>]*>(.*?)</pre>', page.get_data(as_text=True), re.S)
+    assert "<b>" not in state.group(1)  # escaped, as every value on the page
+    assert html.unescape(state.group(1)) == '{\n  "answers": [\n    "<b>yes</b>",\n    "é"\n  ],\n  "step": 2\n}'
+
+
+def test_bad_requests_are_400_with_a_reason(console_app, caplog):
+    client = console_app.test_client()
+    sign_in(client)
+    caplog.set_level(logging.INFO)
+    for query, reason in (({"cursor": "not-a-cursor"}, "start from the first page"),
+                          ({"q": "abc"}, "digits, with + for a full number")):
+        caplog.clear()
+        response = client.get("/console/", query_string=query)
+        assert response.status_code == 400 and reason in response.get_data(as_text=True)
+        assert len([r for r in caplog.records if r.name == "service.console"]) == 1
+    missing = client.get("/console/conversation", query_string={"from": REY})
+    assert missing.status_code == 400
+
+
+def test_pages_follow_the_cursor(console_app, redis_client):
+    active = console_app.extensions["sms.active"]
+    expiry = now_ms() + 600_000
+    senders = [f"+1555000{n:04d}" for n in range(60)]
+    for n, sender in enumerate(senders):
+        plant(redis_client, active, sender, OURS, expiry - n)
+    client = console_app.test_client()
+    sign_in(client)
+    first = client.get("/console/").get_data(as_text=True)
+    cursor = re.search(r'href="/console/\?cursor=([^"]+)" rel="next"', first).group(1)
+    second = client.get("/console/?cursor=" + cursor).get_data(as_text=True)
+    assert [s for s in senders if s in first] == senders[:50]
+    assert [s for s in senders if s in second] == senders[50:]
+    assert 'rel="next"' not in second and ">First page<" in second
