@@ -184,7 +184,8 @@ def end():
 
 
 def ago(epoch_ms: int) -> str:
-    return duration(max(0, time.time() - epoch_ms / 1000)) + " ago"
+    seconds = time.time() - epoch_ms / 1000
+    return "just now" if seconds < 1 else duration(seconds) + " ago"
 
 
 def duration(seconds: float) -> str:
