@@ -10,11 +10,13 @@ import re
 import time
 
 import pytest
+import requests
 from itsdangerous import TimestampSigner
 
 from service.active import BadSearch, search_number
 from service.conversations import now_ms
 from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer
 from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS, OTHER = "+15551230001", "+15551230002", "+15551230003", "+15550001111", "+15550002222"
@@ -313,3 +315,26 @@ def test_pages_follow_the_cursor(console_app, redis_client):
     assert [s for s in senders if s in first] == senders[:50]
     assert [s for s in senders if s in second] == senders[50:]
     assert 'rel="next"' not in second and ">First page<" in second
+
+
+def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
+    """``make run``'s request lines and the app's own lines, for a whole console session."""
+    app = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS)
+    talk(app, REY)
+    caplog.set_level(logging.INFO)
+    with LiveServer(app) as server:
+        base, browser = server.url.removesuffix("/sms"), requests.Session()
+        form = browser.get(f"{base}/console/sign-in", timeout=10)
+        csrf = CSRF.search(form.text).group(1)
+        browser.post(f"{base}/console/sign-in", data={"token": OPS, "csrf": csrf}, timeout=10)
+        csrf = CSRF.search(browser.get(f"{base}/console/", params={"q": REY}, timeout=10).text).group(1)
+        shown = browser.get(f"{base}/console/conversation", params={"from": REY, "to": OURS}, timeout=10)
+        assert shown.status_code == 200 and REY in shown.text
+        ended = browser.post(f"{base}/console/conversation/end", timeout=10,
+                             data={"from": REY, "to": OURS, "csrf": csrf})
+        assert ended.status_code == 200 and ended.url.endswith("/console/?ended=1")
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("GET /console/conversation HTTP/1.1" in line for line in lines)
+    assert any("+1555***0001 ended by an operator" in line for line in lines)
+    for line in lines:
+        assert REY[1:] not in line and OURS[1:] not in line, line
