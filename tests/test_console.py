@@ -338,3 +338,13 @@ def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
     assert any("+1555***0001 ended by an operator" in line for line in lines)
     for line in lines:
         assert REY[1:] not in line and OURS[1:] not in line, line
+
+
+def test_redis_down_is_503_and_the_page_stays_protected():
+    app = make_app(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.2, OPS_TOKEN=OPS)
+    client = app.test_client()
+    form = client.get("/console/sign-in")  # signing in needs no Redis
+    assert client.post("/console/sign-in", data={"token": OPS, "csrf": csrf_of(form)}).status_code == 303
+    response = client.get("/console/")
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.headers["Cache-Control"] == "no-store" and response.headers["X-Frame-Options"] == "DENY"
