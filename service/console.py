@@ -26,13 +26,15 @@ import logging
 import math
 import secrets
 import time
+from dataclasses import dataclass
 
 from flask import (Blueprint, Flask, current_app, g, redirect, render_template, request,
                    url_for)
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from . import lifecycle
 from .active import BadCursor, BadSearch, iso
-from .conversations import active
+from .conversations import active, now_ms
 from .ops import DEFAULT_LIMIT
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,10 @@ bp = Blueprint("console", __name__, url_prefix="/console", static_folder="static
 
 COOKIE = "sms_console"
 REFRESH_SECONDS = 5
+RECENT_ENDED = 20
+CHART_HOURS = 6
+CHART_BOX = (600, 150)  # the SVG's viewBox: width, height
+PLOT = (44, 10, 590, 124)  # its plot area: left, top, right, bottom
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                "img-src 'self'; connect-src 'self'; form-action 'self'; "
@@ -138,10 +144,11 @@ def sign_out():
 
 @bp.get("/")
 def index():
-    """Overview and the live list: a page of it (``cursor``) or a number search (``q``)."""
+    """Overview, the live list (a page of it, ``cursor``, or a number search, ``q``) and the
+    conversations that ended last."""
     query = request.args.get("q", "").strip()
     cursor = request.args.get("cursor") or None
-    context = {"query": query, "ended": request.args.get("ended") == "1", "live": active().count()}
+    context = {"query": query, "ended": request.args.get("ended") == "1", **overview()}
     try:
         if query:
             found = active().search(query, DEFAULT_LIMIT + 1)
@@ -183,6 +190,51 @@ def end():
     return redirect(url_for("console.index", ended=1), 303)
 
 
+def overview() -> dict:
+    """What the overview shows: live now, the last hour's lifecycle, the sampled charts and
+    the conversations that ended last (``lifecycle.history()``)."""
+    history, now = lifecycle.history(), now_ms()
+    samples = history.samples(now - CHART_HOURS * 3600_000)
+    return {
+        "live": active().count(),
+        "last_hour": history.stats(3600),
+        "per_minute": samples[-1].messages if samples else None,
+        "charts": [chart("live", "Live conversations", [(s.at, s.live) for s in samples], now),
+                   chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now)],
+        "recent": history.recent(RECENT_ENDED),
+    }
+
+
+@dataclass
+class Chart:
+    """A series over the last ``CHART_HOURS`` as SVG coordinates, drawn by the template: no
+    script, so nothing for the Content-Security-Policy to allow."""
+
+    id: str
+    title: str
+    line: str  # polyline points
+    area: str  # polygon points: the line closed along the bottom
+    last: tuple[float, float] | None  # the latest point, marked
+    peak: int
+    summary: str  # the chart in words, for screen readers
+
+
+def chart(chart_id: str, title: str, series: list[tuple[int, int]], now: int) -> Chart:
+    """``series`` of (epoch ms, value): x is time from ``CHART_HOURS`` ago to now, y the value
+    from 0 to the peak."""
+    left, top, right, bottom = PLOT
+    start = now - CHART_HOURS * 3600_000
+    shown = [(at, value) for at, value in series if start <= at <= now]
+    peak = max((value for _, value in shown), default=0)
+    xy = [(left + (at - start) / (now - start) * (right - left),
+           bottom - value / max(peak, 1) * (bottom - top)) for at, value in shown]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    area = f"{xy[0][0]:.1f},{bottom} {line} {xy[-1][0]:.1f},{bottom}" if xy else ""
+    summary = (f"{title} over the last {CHART_HOURS} hours, one point a minute: highest "
+               f"{peak}, latest {shown[-1][1]}." if shown else f"{title}: no samples yet.")
+    return Chart(chart_id, title, line, area, xy[-1] if xy else None, peak, summary)
+
+
 def ago(epoch_ms: int) -> str:
     seconds = time.time() - epoch_ms / 1000
     return "just now" if seconds < 1 else duration(seconds) + " ago"
@@ -200,7 +252,8 @@ def duration(seconds: float) -> str:
 
 @bp.context_processor
 def helpers():
-    return {"ago": ago, "duration": duration, "iso": iso}
+    return {"ago": ago, "duration": duration, "iso": iso, "chart_box": CHART_BOX, "plot": PLOT,
+            "chart_hours": CHART_HOURS}
 
 
 def init_app(app: Flask) -> None:

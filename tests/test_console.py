@@ -14,6 +14,7 @@ import requests
 from itsdangerous import TimestampSigner
 
 from service.active import BadSearch, search_number
+from service.console import PLOT, chart
 from service.conversations import now_ms
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer
@@ -227,7 +228,8 @@ def test_every_console_page_is_protected_and_uncached(console_app):
 
 
 def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
-    """No inline script, style or event handler: the CSP forbids them, so none may be needed."""
+    """No inline script, style or event handler: the CSP forbids them, so none may be needed.
+    And each id once, a plain title: well-formed enough for the refresh to find its parts."""
     client = console_app.test_client()
     talk(console_app, messages=2)
     pages = [client.get("/console/sign-in"), client.post("/console/sign-in", data={"token": "x"})]
@@ -240,6 +242,9 @@ def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
         assert "<html" in text
         assert not re.search(r"<script(?![^>]*\bsrc=)", text), text
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=|javascript:", text, re.I), text
+        ids = re.findall(r'\sid="([^"]+)"', text)
+        assert len(ids) == len(set(ids)), "an id twice: the refresh would swap the wrong one"
+        assert re.search(r"<title>[^<]+ · sms-sessions console</title>", text)
 
 
 # --- Pages -----------------------------------------------------------------------------------
@@ -259,20 +264,61 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     assert refused.status_code == 400 and "at least the last two digits" in refused.get_data(as_text=True)
 
     shown = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
-    html = shown.get_data(as_text=True)
-    assert shown.status_code == 200 and f"{REY} → {OURS}" in html
-    assert '<dd id="messages">3</dd>' in html and "Yes, end it" in html
-    assert "{}" in html  # the counter keeps no state of its own
+    text = shown.get_data(as_text=True)
+    assert shown.status_code == 200 and f"{REY} → {OURS}" in text
+    assert '<dd id="messages">3</dd>' in text and "Yes, end it" in text
+    assert "{}" in text  # the counter keeps no state of its own
 
     ended = client.post("/console/conversation/end", data={"from": REY, "to": OURS, "csrf": csrf})
     assert ended.status_code == 303 and ended.headers["Location"] == "/console/?ended=1"
     after = client.get("/console/?ended=1").get_data(as_text=True)
-    assert "The conversation was ended." in after and REY not in after
+    assert "The conversation was ended." in after and REY not in section(after, "live")
+    [ended_row] = re.findall(r"<tr>.*?</tr>", section(after, "recent").split("<tbody>")[1], re.S)
+    assert [html.unescape(cell) for cell in re.findall(r'<td[^>]*>(?:<time[^>]*>)?(.*?)<', ended_row)][:5] == [
+        REY, OURS, "operator", "0 s", "3"]
+    assert re.search(r'<dd id="ended-count">1<small>operator 1</small>', after)
     again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     assert again.status_code == 404 and "it ended or expired" in again.get_data(as_text=True)
     assert console_app.extensions["sms.active"].get(REY, OURS) is None
     assert "conversation of +1555***0001 ended by an operator" in caplog.text
     assert REY not in caplog.text and FINN not in caplog.text
+
+
+def section(page: str, section_id: str) -> str:
+    return re.search(rf'<section id="{section_id}".*?</section>', page, re.S).group(0)
+
+
+def test_overview_counts_the_last_hour_and_charts_the_samples(console_app, redis_client):
+    talk(console_app, REY, messages=2)
+    talk(console_app, FINN)
+    now, samples = now_ms(), console_app.extensions["sms.keys"].samples
+    series = [(now - minutes * 60_000, live, messages)
+              for minutes, live, messages in ((400, 9, 90), (300, 4, 12), (120, 8, 30), (1, 2, 7))]
+    for at, live, messages in series:  # as the sweeper writes them, one a minute
+        redis_client.xadd(samples, {"live": live, "messages": messages}, id=f"{at}-0")
+    client = console_app.test_client()
+    csrf = sign_in(client)
+    client.post("/console/conversation/end", data={"from": FINN, "to": OURS, "csrf": csrf})
+    overview = section(client.get("/console/").get_data(as_text=True), "overview")
+    assert '<dd id="live-count">1</dd>' in overview
+    assert '<dd id="started">2</dd>' in overview
+    assert '<dd id="per-minute">7<small>' in overview  # the latest sample's minute
+    assert '<dd id="ended-count">1<small>operator 1</small>' in overview
+    assert '<dd id="averages">0 s<small>1.0 messages</small>' in overview
+    live = re.search(r'<svg class="chart" id="chart-live".*?</svg>', overview, re.S).group(0)
+    points = [tuple(map(float, pair.split(","))) for pair in
+              re.search(r'<polyline class="line" points="([^"]+)"', live).group(1).split()]
+    assert len(points) == 3  # the sample from 400 minutes ago is older than the chart's 6 h
+    left, top, right, bottom = PLOT
+    assert [y for _, y in points] == [bottom - 4 / 8 * (bottom - top), top, bottom - 2 / 8 * (bottom - top)]
+    assert left < points[0][0] < points[1][0] < points[2][0] <= right
+    assert "highest 8, latest 2." in live
+
+
+def test_chart_without_samples_says_so():
+    empty = chart("live", "Live conversations", [], now_ms())
+    assert (empty.line, empty.last, empty.peak) == ("", None, 0)
+    assert empty.summary == "Live conversations: no samples yet."
 
 
 def test_state_is_shown_as_formatted_json(console_app, redis_client):

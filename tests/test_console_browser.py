@@ -9,14 +9,18 @@ temporary file): a committed image should change when the console does, not at e
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 
 import pytest
+import requests
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
 
+from service.conversations import now_ms
+from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN
@@ -71,8 +75,8 @@ class Console:
         field.send_keys(token)
         self.find("#sign-in button[type=submit]").click()
 
-    def rows(self):
-        return [row.text for row in self.browser.find_elements(By.CSS_SELECTOR, "#live tbody tr")]
+    def rows(self, table="#live"):
+        return [row.text for row in self.browser.find_elements(By.CSS_SELECTOR, f"{table} tbody tr")]
 
     def problems(self):
         """What the browser's console reported: a CSP violation, a failed script or fetch."""
@@ -93,6 +97,7 @@ def test_sign_in_see_a_conversation_arrive_search_open_end_and_sign_out(console,
     console.sign_in()
     console.wait(seen.url_to_be(console.base + "/console/"))
     assert "No live conversations." in console.text()
+    assert console.browser.title == "Live conversations · sms-sessions console"
     console.browser.execute_script("window.notReloaded = true")
 
     for _ in range(2):
@@ -125,6 +130,7 @@ def test_sign_in_see_a_conversation_arrive_search_open_end_and_sign_out(console,
     console.wait(seen.url_to_be(console.base + "/console/?ended=1"))
     assert "The conversation was ended." in console.text()
     assert [row.split()[0] for row in console.rows()] == [FINN]
+    assert console.rows("#recent")[0].startswith(f"{REY} {OURS} operator")  # the lifecycle's record
 
     console.find("#sign-out").click()
     console.wait(seen.url_to_be(console.base + "/console/sign-in"))
@@ -162,12 +168,57 @@ def test_a_forged_post_without_the_csrf_token_is_refused(console, server):
     assert "console /console/conversation/end refused: missing or wrong CSRF token" in server.output()
 
 
-def test_screenshot_at_a_fixed_size_and_readable_on_a_phone(console, tmp_path):
-    for sender, messages in ((POE, 1), (FINN, 4), (REY, 2), ("+14158675308", 7), ("+12348134522", 1)):
+def test_a_conversation_page_says_so_when_its_conversation_ends_elsewhere(console):
+    assert console.twilio.send(POE, OURS, "hello").status == 200
+    console.sign_in()
+    console.wait(lambda _: len(console.rows()) == 1)
+    console.find("#live tbody a").click()
+    console.wait(seen.presence_of_element_located((By.CSS_SELECTOR, "pre.state")))
+    console.browser.execute_script("window.notReloaded = true")
+    ended = requests.delete(f"{console.base}/ops/conversations/{POE}/{OURS}", timeout=10,
+                            headers={"Authorization": f"Bearer {OPS}"})
+    assert ended.status_code == 200
+    console.wait(seen.visibility_of_element_located((By.ID, "not-live")))
+    assert console.browser.execute_script("return window.notReloaded") is True
+
+
+def plant_samples(redis_client, hours=6):
+    """A day's shape of samples, one a minute, as the sweeper writes them."""
+    now, samples = now_ms(), Keys().samples
+    for minute in range(hours * 60, 0, -1):
+        wave = math.sin(minute / 70) + 1  # from 0 to 2
+        redis_client.xadd(samples, {"live": round(3 + 6 * wave), "messages": round(4 + 10 * wave)},
+                          id=f"{now - minute * 60_000}-0")
+
+
+def test_the_chart_renders(console, redis_client):
+    plant_samples(redis_client)
+    console.sign_in()
+    line = console.wait(seen.visibility_of_element_located((By.CSS_SELECTOR, "#chart-live polyline")))
+    assert len(line.get_attribute("points").split()) >= 359  # 6 h of minutes (and the sweeper's)
+    drawn = console.browser.execute_script("return arguments[0].getBBox()", line)
+    assert drawn["width"] > 500 and drawn["height"] > 50  # in viewBox units: spans the plot
+    assert console.find("#chart-live").size["width"] > 300  # on screen
+    title = console.find("#chart-live title").get_attribute("textContent")
+    assert title == "Live conversations, last 6 hours"
+    assert console.find("#chart-messages polyline").is_displayed()
+    assert console.problems() == []
+
+
+def test_screenshot_at_a_fixed_size_and_readable_on_a_phone(console, redis_client, tmp_path):
+    plant_samples(redis_client)
+    for sender, messages in ((POE, 1), (FINN, 4), (REY, 2), ("+14158675308", 7), ("+12348134522", 1),
+                             ("+12349013030", 3), ("+15551230044", 2)):
         for _ in range(messages):
             assert console.twilio.send(sender, OURS, "hello").status == 200
+    assert console.twilio.send("+15551230044", OURS, "STOP").status == 200  # an opt-out
     console.sign_in()
-    console.wait(lambda _: len(console.rows()) == 5)
+    console.wait(lambda _: len(console.rows()) == 6)
+    console.find("#live tbody a").click()
+    console.find("#end summary").click()
+    console.wait(seen.visibility_of_element_located((By.ID, "confirm-end"))).click()
+    console.wait(lambda _: len(console.rows("#recent")) == 2)
+    console.open()
     target = ROOT / "docs" / "console.png" if os.environ.get("CONSOLE_SCREENSHOT") == "1" \
         else tmp_path / "console.png"
     png = screenshot(console.browser, target)

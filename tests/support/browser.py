@@ -17,7 +17,7 @@ from .programs import require_binary
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
-WINDOW = (1280, 900)  # the screenshot's size
+WINDOW = (1280, 1100)  # the screenshot's size: the whole overview page
 
 
 def chromium(profile: Path) -> webdriver.Chrome:
