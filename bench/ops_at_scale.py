@@ -1,4 +1,4 @@
-"""Operator queries at scale: count, first page and expire-one with 1,000,000 live conversations.
+"""Operator queries at scale: count, first page, number search and expire-one with 1,000,000 live conversations.
 
 Starts a throwaway redis-server on a free loopback port (never 6379), fills it through the key
 schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries spread over the
@@ -112,6 +112,10 @@ def run(count: int, runs: int) -> dict:
             "first_page_50_ms": median_ms([timed(lambda: active.page(50)) for _ in range(runs)]),
             "next_page_50_ms": median_ms([timed(lambda: active.page(50, first.next_cursor))
                                           for _ in range(runs)]),
+            "search_number_ms": median_ms([timed(lambda pair=pair: active.search(pair[0], 50))
+                                           for pair in victims]),
+            "search_last_4_digits_ms": median_ms([timed(lambda pair=pair: active.search(pair[0][-4:], 50))
+                                                  for pair in victims]),
             "expire_one_ms": median_ms([timed(lambda pair=pair: active.end(*pair)) for pair in victims]),
         }
         assert active.count() == count - runs, "expire did not end exactly the chosen conversations"

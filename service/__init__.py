@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import (callers, conversations, health, lifecycle, limits, logs, metrics, ops,
+from . import (callers, console, conversations, health, lifecycle, limits, logs, metrics, ops,
                redis_client, responses, settings, signature, webhook)
 from . import handler as handlers
 from .handler import Conversation, EndHook, Handler, Message
@@ -20,7 +20,7 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
 
     Raises ``settings.ConfigError`` (one line naming the variable) on a setting it refuses.
     """
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # service/static is the console's, served by it
     logs.init_app(app)
     settings.init_app(app, test_config)
     limits.init_app(app)
@@ -35,6 +35,7 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
     health.init_app(app)
     webhook.init_app(app)
     ops.init_app(app)
+    console.init_app(app)
     return app
 
 

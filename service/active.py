@@ -19,6 +19,7 @@ import binascii
 import heapq
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, NamedTuple
@@ -30,6 +31,8 @@ from .masking import mask
 from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
+SEARCHABLE = re.compile(r"\+?[0-9]+")
+SCAN_COUNT = 1000  # index entries a search's ZSCAN step reads
 FIELDS = ("state", "seq", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
 
@@ -75,6 +78,26 @@ return live
 
 class BadCursor(ValueError):
     """A cursor that this service did not hand out."""
+
+
+class BadSearch(ValueError):
+    """A number search that names no single index shard; the message says what to type."""
+
+
+def search_number(text: str) -> str:
+    """An operator's search as the end of a sender's number: ``+15551230001`` or ``0001``
+    (spaces, dashes, dots and brackets dropped), at least two digits.
+
+    Why two: the last two digits are the hash tag, so they name one index shard of 100. One
+    digit would name ten shards, a tenth of every conversation, which is the list itself
+    rather than a search; refused with a reason instead of scanning them.
+    """
+    number = re.sub(r"[\s().-]", "", text)
+    if not SEARCHABLE.fullmatch(number) or len(number) > 64:
+        raise BadSearch("Search by number: digits, with + for a full number (+15551230001).")
+    if len(number.lstrip("+")) < 2:
+        raise BadSearch("Type at least the last two digits of the number.")
+    return number
 
 
 class Entry(NamedTuple):
@@ -215,6 +238,21 @@ class ActiveConversations:
             self.on_end()
             log.info("conversation of %s ended by an operator", mask(sender))
         return ended
+
+    def search(self, number: str, limit: int) -> list[Conversation]:
+        """Up to ``limit`` live conversations whose sender ends with ``number`` (see
+        ``search_number``: an exact E.164 number or its last digits), most recent first.
+
+        Those senders all share one hash tag, so only that index shard is read: ``ZSCAN …
+        MATCH *<number>|*`` in steps of ``SCAN_COUNT`` (O(N/100) for N live conversations,
+        never the whole keyspace), keeping the ``limit`` latest matches in a heap.
+        """
+        number = search_number(number)
+        shard, now = shard_of(number), now_ms()
+        scanned = self.client.zscan_iter(self.keys.index(shard), match=f"*{number}{SEPARATOR}*",
+                                         count=SCAN_COUNT)
+        matches = (Entry(int(score), int(shard), member) for member, score in scanned if score > now)
+        return self._read_entries(heapq.nlargest(limit, matches))
 
     def _entries_after(self, after: Entry | None, limit: int) -> tuple[list[Entry], bool]:
         """The next ``limit`` live entries after ``after`` across shards, and whether more exist.

@@ -120,7 +120,8 @@ SETTINGS = [
             "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h), "
             "at most 30 days (2592000)."),
     Setting("SESSION_COOKIE_SECURE", False, _bool,
-            "Mark the session cookie `Secure` (set it when Twilio calls over https)."),
+            "Mark the cookies `Secure`: Twilio's conversation cookie and the console's sign-in "
+            "cookie (set it when the service is reached over https)."),
     Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
             "JSON object mapping phone numbers to names (`message.caller_name`); unknown "
             "senders are \"Friend\".", shown="`config/callers.json`"),
@@ -149,8 +150,12 @@ SETTINGS = [
             "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
             "32768 to 16777216: Twilio's longest message takes up to ~20 KB."),
     Setting("OPS_TOKEN", None, _text,
-            "Bearer token of the operators' JSON API under `/ops`. Unset: the API is off (404 "
-            "for every method on every `/ops` path)."),
+            "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
+            "sign in to the console at `/console/`. Unset: both are off (404 for every method "
+            "on every `/ops` and `/console` path)."),
+    Setting("CONSOLE_SESSION_TTL", 8 * 3600, _between(int, 60, 7 * 24 * 3600, "a whole number of seconds"),
+            "Seconds a console sign-in lasts (8 h: a shift), from 60 to 604800 (a week); then "
+            "the operator signs in again."),
     # Read by config/gunicorn.conf.py (and prometheus-client), listed here to be documented.
     Setting("WEB_CONCURRENCY", None, _positive_int,
             "gunicorn worker processes (`config/gunicorn.conf.py`).", shown="2 × CPUs + 1"),

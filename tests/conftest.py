@@ -15,6 +15,7 @@ from service.simulator import TwilioSimulator
 from tests.support import redis_servers
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
+from tests.support.browser import chromium
 from tests.support.programs import require_redis_server, require_redis_tools
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 
@@ -112,3 +113,11 @@ def redis_sentinel(tmp_path_factory):
     require_redis_tools()
     with redis_servers.redis_sentinel(tmp_path_factory.mktemp("sentinel")) as setup:
         yield setup
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One headless Chromium per test module, with a fresh profile."""
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()

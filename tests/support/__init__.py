@@ -5,7 +5,8 @@
 - ``redis_servers``: redis-server processes, Cluster and Sentinel topologies;
 - ``programs``: the programs a test needs, or a skip (a failure under ``REQUIRE_REDIS=1``);
 - ``ports``, ``waiting``: free loopback ports, bounded waits;
-- ``prometheus``: the text format read back into samples.
+- ``prometheus``: the text format read back into samples;
+- ``browser``: a headless Chromium driven by selenium.
 """
 
 from pathlib import Path

@@ -1,0 +1,261 @@
+"""The operators' console at ``/console/``: live conversations to look at, search and end.
+
+Server-rendered pages over the same operators' view as the CLI and the JSON API
+(``conversations.active()``): count, list, search, show and end have one implementation.
+Off until ``OPS_TOKEN`` is set: then no route exists, so every method answers 404.
+
+Each safeguard, and why:
+- Operators sign in by posting the ops token in a form, never in a URL. The console's cookie
+  is its own, not Flask's session (``app.session_interface`` is the conversations', bound by
+  the webhook), signed by itsdangerous with a key derived from ``OPS_TOKEN``: rotating the
+  token signs everyone out. ``HttpOnly``, ``SameSite=Strict``, ``Secure`` with
+  ``SESSION_COOKIE_SECURE``, valid for ``CONSOLE_SESSION_TTL`` from sign-in.
+- The cookie carries a CSRF token that every POST, sign-in included, echoes in its form.
+- A Content-Security-Policy without ``unsafe-inline`` (no inline script or style at all),
+  no framing, no referrer, and ``no-store``: the pages hold full numbers and state.
+- Numbers travel in query strings, never in paths: gunicorn's access log writes the path only
+  and the dev server's request lines lose their query (``logs``), so no log line has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+
+from flask import (Blueprint, Flask, current_app, g, redirect, render_template, request,
+                   url_for)
+from itsdangerous import BadData, URLSafeTimedSerializer
+
+from . import lifecycle
+from .active import BadCursor, BadSearch, iso
+from .conversations import active, now_ms
+from .ops import DEFAULT_LIMIT
+
+log = logging.getLogger(__name__)
+bp = Blueprint("console", __name__, url_prefix="/console", static_folder="static",
+               template_folder="templates")
+
+COOKIE = "sms_console"
+REFRESH_SECONDS = 5
+RECENT_ENDED = 20
+CHART_HOURS = 6
+CHART_BOX = (600, 150)  # the SVG's viewBox: width, height
+PLOT = (44, 10, 590, 124)  # its plot area: left, top, right, bottom
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _signer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.config["OPS_TOKEN"], salt="sms-sessions console",
+                                  signer_kwargs={"digest_method": hashlib.sha256})
+
+
+def _new_session(signed_in: bool) -> dict:
+    return {"csrf": secrets.token_urlsafe(24), "in": signed_in}
+
+
+@bp.before_request
+def load_session():
+    """Reads the cookie; refuses a POST whose form lacks its CSRF token; sends whoever is not
+    signed in to the sign-in page."""
+    if request.endpoint == "console.static":
+        return None
+    try:
+        g.console = _signer().loads(request.cookies.get(COOKIE, ""),
+                                    max_age=current_app.config["CONSOLE_SESSION_TTL"])
+    except BadData:  # none, forged, or signed with another token, or too old
+        g.console = None
+    if request.method == "POST":
+        given = request.form.get("csrf", "")
+        if g.console is None or not hmac.compare_digest(given.encode(), g.console["csrf"].encode()):
+            log.warning("console %s refused: missing or wrong CSRF token", request.path)
+            return page("message.html", 403, title="Refused",
+                        message="This form was not sent by the console page (its CSRF token is "
+                                "missing or out of date). Reload the page and try again.")
+    if request.endpoint != "console.sign_in" and not (g.console and g.console["in"]):
+        return redirect(url_for("console.sign_in"), 303)
+    return None
+
+
+@bp.after_request
+def protect(response):
+    response.headers.update(SECURITY_HEADERS)
+    if request.endpoint != "console.static":
+        response.headers["Cache-Control"] = "no-store"
+    if g.get("new_console_session") is not None:
+        _set_cookie(response, g.new_console_session)
+    return response
+
+
+def _set_cookie(response, session: dict | None) -> None:
+    config = current_app.config
+    if session is None:
+        response.delete_cookie(COOKIE, path=bp.url_prefix, httponly=True, samesite="Strict",
+                               secure=config["SESSION_COOKIE_SECURE"])
+        return
+    response.set_cookie(COOKIE, _signer().dumps(session), max_age=config["CONSOLE_SESSION_TTL"],
+                        path=bp.url_prefix, httponly=True, samesite="Strict",
+                        secure=config["SESSION_COOKIE_SECURE"])
+
+
+def page(template: str, status: int = 200, **context):
+    """A console page, with the CSRF token its forms echo."""
+    session = g.get("new_console_session") or g.get("console") or {}
+    return render_template(f"console/{template}", csrf=session.get("csrf", ""),
+                           signed_in=bool(session.get("in")), refresh=REFRESH_SECONDS,
+                           **context), status
+
+
+@bp.route("/sign-in", methods=["GET", "POST"])
+def sign_in():
+    if request.method == "GET":
+        if g.console and g.console["in"]:
+            return redirect(url_for("console.index"), 303)
+        if g.console is None:
+            g.new_console_session = _new_session(signed_in=False)  # its CSRF token for the form
+        return page("sign_in.html")
+    given = request.form.get("token", "")
+    if not hmac.compare_digest(given.encode(), current_app.config["OPS_TOKEN"].encode()):
+        log.warning("console sign-in refused: wrong ops token")
+        return page("sign_in.html", 401, error="Wrong token.")
+    log.info("console: an operator signed in")
+    g.new_console_session = _new_session(signed_in=True)  # a fresh CSRF token, too
+    return redirect(url_for("console.index"), 303)
+
+
+@bp.post("/sign-out")
+def sign_out():
+    response = redirect(url_for("console.sign_in"), 303)
+    _set_cookie(response, None)
+    return response
+
+
+@bp.get("/")
+def index():
+    """Overview, the live list (a page of it, ``cursor``, or a number search, ``q``) and the
+    conversations that ended last."""
+    query = request.args.get("q", "").strip()
+    cursor = request.args.get("cursor") or None
+    context = {"query": query, "ended": request.args.get("ended") == "1", **overview()}
+    try:
+        if query:
+            found = active().search(query, DEFAULT_LIMIT + 1)
+            context.update(conversations=found[:DEFAULT_LIMIT], more=len(found) > DEFAULT_LIMIT)
+        else:
+            listed = active().page(DEFAULT_LIMIT, cursor)
+            context.update(conversations=listed.conversations, next_cursor=listed.next_cursor,
+                           paged=cursor is not None)
+    except BadSearch as error:
+        log.warning("console search refused: %s", error)
+        return page("index.html", 400, error=str(error), conversations=[], **context)
+    except BadCursor:
+        log.warning("console list refused: malformed cursor")
+        return page("index.html", 400, conversations=[], **context,
+                    error="This page link is not valid any more: start from the first page.")
+    return page("index.html", **context)
+
+
+@bp.get("/conversation")
+def conversation():
+    sender, recipient = request.args.get("from", ""), request.args.get("to", "")
+    if not (sender and recipient):
+        log.warning("console conversation refused: from and to are required")
+        return page("message.html", 400, title="Which conversation?",
+                    message="A conversation is named by its two numbers, from and to.")
+    found = active().get(sender, recipient)
+    if found is None:
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+    state = json.dumps(found.state, indent=2, sort_keys=True, ensure_ascii=False)
+    return page("conversation.html", sender=sender, recipient=recipient, found=found, state=state)
+
+
+@bp.post("/conversation/end")
+def end():
+    """The same end as ``conversations expire`` and ``DELETE /ops/conversations/…``."""
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    if not (sender and recipient and active().end(sender, recipient)):
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+    return redirect(url_for("console.index", ended=1), 303)
+
+
+def overview() -> dict:
+    """What the overview shows: live now, the last hour's lifecycle, the sampled charts and
+    the conversations that ended last (``lifecycle.history()``)."""
+    history, now = lifecycle.history(), now_ms()
+    samples = history.samples(now - CHART_HOURS * 3600_000)
+    return {
+        "live": active().count(),
+        "last_hour": history.stats(3600),
+        "per_minute": samples[-1].messages if samples else None,
+        "charts": [chart("live", "Live conversations", [(s.at, s.live) for s in samples], now),
+                   chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now)],
+        "recent": history.recent(RECENT_ENDED),
+    }
+
+
+@dataclass
+class Chart:
+    """A series over the last ``CHART_HOURS`` as SVG coordinates, drawn by the template: no
+    script, so nothing for the Content-Security-Policy to allow."""
+
+    id: str
+    title: str
+    line: str  # polyline points
+    area: str  # polygon points: the line closed along the bottom
+    last: tuple[float, float] | None  # the latest point, marked
+    peak: int
+    summary: str  # the chart in words, for screen readers
+
+
+def chart(chart_id: str, title: str, series: list[tuple[int, int]], now: int) -> Chart:
+    """``series`` of (epoch ms, value): x is time from ``CHART_HOURS`` ago to now, y the value
+    from 0 to the peak."""
+    left, top, right, bottom = PLOT
+    start = now - CHART_HOURS * 3600_000
+    shown = [(at, value) for at, value in series if start <= at <= now]
+    peak = max((value for _, value in shown), default=0)
+    xy = [(left + (at - start) / (now - start) * (right - left),
+           bottom - value / max(peak, 1) * (bottom - top)) for at, value in shown]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    area = f"{xy[0][0]:.1f},{bottom} {line} {xy[-1][0]:.1f},{bottom}" if xy else ""
+    summary = (f"{title} over the last {CHART_HOURS} hours, one point a minute: highest "
+               f"{peak}, latest {shown[-1][1]}." if shown else f"{title}: no samples yet.")
+    return Chart(chart_id, title, line, area, xy[-1] if xy else None, peak, summary)
+
+
+def ago(epoch_ms: int) -> str:
+    seconds = time.time() - epoch_ms / 1000
+    return "just now" if seconds < 1 else duration(seconds) + " ago"
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min``, ``3 h 05 min``: what a person reads at a glance."""
+    seconds = math.floor(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+@bp.context_processor
+def helpers():
+    return {"ago": ago, "duration": duration, "iso": iso, "chart_box": CHART_BOX, "plot": PLOT,
+            "chart_hours": CHART_HOURS}
+
+
+def init_app(app: Flask) -> None:
+    if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /console is a 404
+        app.register_blueprint(bp)
