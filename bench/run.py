@@ -345,7 +345,8 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
                 reply = ("Thanks for the message, Friend!" if message == 1
                          else f"Friend has messaged {RECIPIENT} {message} times.")
                 opened = Opened(token, now=now_ms())
-                pipe.evalsha(store._open.sha, 7, *chain(*store.open_call(pair, message_sid, token)))
+                open_keys, open_args = store.open_call(pair, message_sid, token)
+                pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
                 pipe.evalsha(store._save.sha, 6, *chain(*store.save_call(
                     pair, opened, sid=sids[pair.member], state="{}", fresh=message == 1,
                     message_sid=message_sid, answer="t" + reply)))

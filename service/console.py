@@ -197,7 +197,7 @@ def overview() -> dict:
     samples = history.samples(now - CHART_HOURS * 3600_000)
     return {
         "live": active().count(),
-        "last_hour": history.stats(3600),
+        "last_hour": history.stats(),
         "per_minute": samples[-1].messages if samples else None,
         "charts": [chart("live", "Live conversations", [(s.at, s.live) for s in samples], now),
                    chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now)],

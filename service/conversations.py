@@ -53,25 +53,45 @@ local function pair(member)
   local bar = string.find(member, '|', 1, true)
   return string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
 end
--- Ends the conversation stored in `conversation`, if there is one: its 'ended' event and, for
--- the end hook, its final state, in the same atomic step as its fields and index entry going.
-local function finish(conversation, index, member, events, ending, events_max, hooks, reason, ended_at)
-  local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
-  redis.call('ZREM', index, member)
+-- Per tag, a ring of 60 one-minute tallies (slot = minute % 60):
+-- "<minute> <messages> <started> <expired> <operator> <opt-out> <handler> <ended ms> <ended messages>",
+-- so that the last hour's figures are 100 small reads, whatever the traffic.
+local TALLY = {messages = 2, started = 3, expired = 4, operator = 5, ['opt-out'] = 6, handler = 7,
+               duration = 8, ended_messages = 9}
+local function tally(minutes, now, counts)
+  local minute = math.floor(now / 60000)
+  local slot = tostring(minute % 60)
+  local fields = {}
+  for value in string.gmatch(redis.call('HGET', minutes, slot) or '', '%d+') do
+    fields[#fields + 1] = tonumber(value)
+  end
+  if fields[1] ~= minute or #fields ~= 9 then fields = {minute, 0, 0, 0, 0, 0, 0, 0, 0} end
+  for name, add in pairs(counts) do fields[TALLY[name]] = fields[TALLY[name]] + add end
+  redis.call('HSET', minutes, slot, table.concat(fields, ' '))
+  redis.call('PEXPIRE', minutes, 3660000)
+end
+-- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
+-- tally and, for the end hook, its final state, in the same atomic step as its fields and
+-- index entry going. `k`: the conversation's keys and the stream's settings.
+local function finish(k, reason, ended_at, now)
+  local found = redis.call('HMGET', k.conversation, 'sid', 'seq', 'first_seen', 'state')
+  redis.call('ZREM', k.index, k.member)
   if not found[1] then
-    forget(conversation)
+    forget(k.conversation)
     return 0
   end
-  local sender, recipient = pair(member)
+  local sender, recipient = pair(k.member)
   local messages, started_at = found[2] or '0', found[3] or '0'
-  redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', sender,
+  redis.call('XADD', k.events, 'MAXLEN', '~', k.events_max, '*', 'type', 'ended', 'from', sender,
              'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
              'ended_at', ended_at, 'conversation', found[1])
-  if hooks == '1' then
-    redis.call('HSET', ending, found[1], cjson.encode({sender, recipient, reason, messages,
+  tally(k.minutes, now, {[reason] = 1, duration = math.max(ended_at - (tonumber(started_at) or ended_at), 0),
+                         ended_messages = tonumber(messages) or 0})
+  if k.hooks == '1' then
+    redis.call('HSET', k.ending, found[1], cjson.encode({sender, recipient, reason, messages,
                started_at, tostring(ended_at), found[4] or '{}'}))
   end
-  forget(conversation)
+  forget(k.conversation)
   return 1
 end
 """
@@ -81,11 +101,13 @@ OPEN = HELPERS + """
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
 -- first in line with the lock free, takes it and gets the conversation, which is ended first
 -- if its time ran out (its index score: last message + TTL).
-local conversation, lock, queue, waiters, index, events, ending =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local conversation, lock, queue, waiters, index, events, ending, minutes =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local token, message_sid, member, hooks = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lock_ms, patience_ms, ttl_ms, events_max =
   tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local k = {conversation = conversation, index = index, member = member, events = events,
+           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
 local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
 if answered then
@@ -110,7 +132,7 @@ if redis.call('EXISTS', lock) == 0 and (not head or head == token) then
   local expiry = tonumber(redis.call('ZSCORE', index, member))
                  or (tonumber(found[5]) or now) + ttl_ms
   if found[1] and expiry <= now then
-    local ended = finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
+    local ended = finish(k, 'expired', expiry, now)
     return {'ok', now, '', '', '', '', ended}
   end
   return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or '', 0}
@@ -138,13 +160,17 @@ local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3]
 local fresh, end_reason, started_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 local ttl_ms, grace_ms, window_ms, kept, events_max =
   tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local k = {conversation = conversation, index = index, member = member, events = events,
+           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
 if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'saved' end
 if redis.call('GET', lock) ~= token then return 'lost' end
 local now = now_ms()
 
 redis.call('HSET', conversation, 'm:' .. message_sid, now .. ' ' .. answer)
-if not (fresh and end_reason == 'opt-out') then  -- an opt-out with no conversation starts none
+local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
+tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
+if keeps then
   local seq = 1
   if fresh then
     local sender, recipient = pair(member)
@@ -163,14 +189,8 @@ if not (fresh and end_reason == 'opt-out') then  -- an opt-out with no conversat
 end
 local ended = 0
 if end_reason ~= '' then
-  ended = finish(conversation, index, member, events, ending, events_max, hooks, end_reason, now)
+  ended = finish(k, end_reason, now, now)
 end
-
-local minute = math.floor(now / 60000)
-local slot = tostring(minute % 60)
-local counted = string.match(redis.call('HGET', minutes, slot) or '', '^' .. minute .. ' (%d+)$')
-redis.call('HSET', minutes, slot, minute .. ' ' .. ((tonumber(counted) or 0) + 1))
-redis.call('PEXPIRE', minutes, 3600000)
 
 -- Answers older than the window go, and the oldest beyond the cap (a memory guard).
 if redis.call('HLEN', conversation) > 6 then
@@ -209,26 +229,31 @@ END = HELPERS + """
 -- An operator ends the conversation now ('operator'); one whose time already ran out ends as
 -- 'expired' at that time instead. The lock goes too, so that a message being handled answers
 -- 503 instead of bringing the conversation back. Returns 1 if it was live.
-local conversation, lock, index, events, ending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local conversation, lock, index, events, ending, minutes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local k = {conversation = conversation, index = index, member = member, events = events,
+           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member)) or now + 1
 redis.call('DEL', lock)
 if expiry <= now then
-  finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
+  finish(k, 'expired', expiry, now)
   return 0
 end
-return finish(conversation, index, member, events, ending, events_max, hooks, 'operator', now)
+return finish(k, 'operator', now, now)
 """
 
 EXPIRE = HELPERS + """
 -- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
 -- message extended it meanwhile or is being handled now (it will extend or end it itself).
-local conversation, lock, index, events, ending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local conversation, lock, index, events, ending, minutes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local k = {conversation = conversation, index = index, member = member, events = events,
+           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member))
-if not expiry or expiry > now_ms() or redis.call('EXISTS', lock) == 1 then return 0 end
-return finish(conversation, index, member, events, ending, events_max, hooks, 'expired', expiry)
+if not expiry or expiry > now or redis.call('EXISTS', lock) == 1 then return 0 end
+return finish(k, 'expired', expiry, now)
 """
 
 
@@ -344,7 +369,8 @@ class ConversationStore:
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
         """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
-        return ([keys.state, keys.lock, keys.queue, keys.waiters, keys.index, keys.events, keys.ending],
+        return ([keys.state, keys.lock, keys.queue, keys.waiters, keys.index, keys.events, keys.ending,
+                 keys.minutes],
                 [token, message_sid, keys.member, self.hooks, self.lock_ms,
                  int(self.PATIENCE * 1000), self.ttl * 1000, self.events_max])
 
@@ -408,7 +434,7 @@ class ConversationStore:
 
     @staticmethod
     def _ending_keys(keys: ConversationKeys) -> list[str]:
-        return [keys.state, keys.lock, keys.index, keys.events, keys.ending]
+        return [keys.state, keys.lock, keys.index, keys.events, keys.ending, keys.minutes]
 
 
 def decode_state(raw: str) -> dict | None:

@@ -25,6 +25,7 @@ from .settings import ConfigError
 Reply = Union[str, MessagingResponse, None]
 Handler = Callable[["Message", "Conversation"], Reply]
 EndHook = Callable[["Conversation", str], None]
+END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``reason`` can be
 
 # Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
 OPT_OUT = {"STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},

@@ -30,7 +30,7 @@ from flask.cli import ScriptInfo, with_appcontext
 from . import conversations, metrics
 from .active import iso
 from .conversations import ConversationStore, now_ms
-from .handler import Conversation, EndHook
+from .handler import END_REASONS, Conversation, EndHook
 from .keys import Keys
 from .redis_client import UNAVAILABLE
 
@@ -40,6 +40,8 @@ DUE_PER_SHARD = 200  # conversations one sweep ends per index shard (the rest, n
 RELAY_PER_SHARD = 500
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 READ_BATCH = 1000
+# The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), after the minute itself.
+TALLY = ("messages", "started", *END_REASONS, "duration_ms", "ended_messages")
 
 
 @dataclass(frozen=True)
@@ -131,20 +133,31 @@ class History:
             highest = "(" + batch[-1][0]
         return found[:limit]
 
-    def stats(self, window_s: int = 3600) -> dict[str, Any]:
-        """Started and ended (by reason) in the last ``window_s``, with the ended ones' average
-        duration and messages."""
-        started, ended, durations, messages = 0, {}, [], []
-        for event in self.since(now_ms() - window_s * 1000):
-            if event.type == "started":
-                started += 1
-            elif event.type == "ended":
-                ended[event.reason] = ended.get(event.reason, 0) + 1
-                durations.append(event.duration_s or 0)
-                messages.append(event.messages)
-        return {"started": started, "ended": ended,
-                "average_duration_s": round(sum(durations) / len(durations), 1) if durations else None,
-                "average_messages": round(sum(messages) / len(messages), 2) if messages else None}
+    def stats(self) -> dict[str, Any]:
+        """The last hour: conversations started and ended (by reason), and the ended ones'
+        average duration and messages, from each tag's per-minute tallies (100 reads,
+        whatever the traffic)."""
+        totals = [0] * len(TALLY)
+        minute = now_ms() // 60000
+        for tally in self.minute_tallies(minute - 59, minute):
+            totals = [total + value for total, value in zip(totals, tally)]
+        figures = dict(zip(TALLY, totals))
+        ended = {reason: figures[reason] for reason in END_REASONS if figures[reason]}
+        count = sum(ended.values())
+        return {"started": figures["started"], "ended": ended,
+                "average_duration_s": round(figures["duration_ms"] / count / 1000, 1) if count else None,
+                "average_messages": round(figures["ended_messages"] / count, 2) if count else None}
+
+    def minute_tallies(self, first: int, last: int) -> Iterator[list[int]]:
+        """Every tag's tallies (in ``TALLY``'s order) of the minutes ``first`` to ``last``."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shards():
+            pipe.hvals(self.keys.minutes(shard))
+        for values in pipe.execute():
+            for value in values:
+                minute, *tally = (int(part) for part in value.split())
+                if first <= minute <= last and len(tally) == len(TALLY):
+                    yield tally
 
     def samples(self, since_ms: int) -> list[Sample]:
         entries = self.client.xrange(self.keys.samples, str(since_ms), "+")
@@ -238,12 +251,9 @@ class Sweeper:
         last = self.client.xrevrange(self.keys.samples, "+", "-", count=1)
         if last and int(last[0][0].split("-")[0]) // 60000 == now // 60000:
             return
-        minute = now // 60000 - 1
-        pipe = self.client.pipeline(transaction=False)
-        for shard in self.keys.shards():
-            pipe.hget(self.keys.minutes(shard), str(minute % 60))
-        counted = [value.split() for value in pipe.execute() if value]
-        messages = sum(int(count) for at, count in counted if at == str(minute))
+        last_minute = now // 60000 - 1
+        history = History(self.client, self.keys)
+        messages = sum(tally[0] for tally in history.minute_tallies(last_minute, last_minute))
         live = conversations.active().count()
         self.client.xadd(self.keys.samples, {"live": live, "messages": messages},
                          maxlen=SAMPLES_KEPT, approximate=True)

@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import conversations, lifecycle
+from .handler import END_REASONS
 from .logs import report
 from .redis_client import UNAVAILABLE
 
@@ -39,7 +40,6 @@ class Outcome(StrEnum):
     ERROR = "error"  # 500: the handler failed (or a bug)
 
 
-END_REASONS = ("expired", "operator", "opt-out", "handler")
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -40,7 +40,7 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
     cookie = post_signed(client, webhook_params()).headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     keys_before = sorted(redis_client.keys("*"))
     for path, expected in (("/healthz", Tally()), ("/readyz", Tally(set=1, **{"del": 1})),
-                           ("/metrics", Tally(zcount=100, xrange=1))):
+                           ("/metrics", Tally(zcount=100, hvals=100))):
         responses = []
         used = commands_during(redis_client, lambda: responses.append(
             client.get(path, headers={"Cookie": f"sms_session={cookie}"})))

@@ -292,3 +292,18 @@ def test_under_gunicorn_a_conversation_ends_with_no_request(redis_url, redis_cli
         assert redis_client.get(KEYS.sweeper)  # a lease, held by one worker
     [ended] = events(redis_client, "ended")
     assert ended["reason"] == "expired"
+
+
+def test_the_last_hour_costs_the_same_for_ten_or_five_hundred_conversations(app, redis_client):
+    """stats() reads each tag's per-minute tallies, never the events themselves."""
+    client = app.test_client()
+    history = app.extensions["sms.history"]
+    tallies = []
+    for total in (10, 500):
+        for n in range(total):
+            post_signed(client, webhook_params(sender=f"+1555{n:07d}"))
+        found = []
+        tallies.append(commands_during(redis_client, lambda: found.append(history.stats())))
+        assert found[0]["started"] == total
+        redis_client.flushall()
+    assert tallies[0] == tallies[1] == {"hvals": 100}
