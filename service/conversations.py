@@ -347,7 +347,8 @@ class ConversationStore:
                 return Opened(token, answered=result[1], sid=result[2])
             if result[0] == "ok":
                 self.on_lock_wait(time.monotonic() - started)
-                return Opened(token, int(result[1]), None, *result[2:6], ended_overdue=result[6] == 1)
+                _, now, sid, state, seq, first_seen, ended = result
+                return Opened(token, int(now), None, sid, state, seq, first_seen, ended == 1)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.on_lock_wait(time.monotonic() - started)

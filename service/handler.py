@@ -89,6 +89,8 @@ class Conversation(ServerSideSession):
     ``sid`` (the conversation's id, as in its events) and ``ended_at``.
     """
 
+    sid: str | None
+
     def __init__(self, initial: Optional[dict[str, Any]] = None, sid: Optional[str] = None, *,
                  sender: str = "", recipient: str = "", messages: int = 1,
                  started_at: datetime | None = None):

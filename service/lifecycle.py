@@ -234,6 +234,8 @@ class Sweeper:
                 self.client.hdel(self.keys.ending(shard), conversation_id)
 
     def _call_hook(self, conversation_id: str, raw: str) -> None:
+        if self.on_end is None:
+            return
         try:
             sender, recipient, reason, messages, started_at, ended_at, state = json.loads(raw)
             final = Conversation(conversations.decode_state(state) or {}, sid=conversation_id,
@@ -343,8 +345,7 @@ def events_command(since, follow, as_json):
 @click.command("sweep")
 def sweep_command():
     """Run the sweeper in the foreground (for servers other than the bundled gunicorn config)."""
-    info = click.get_current_context().find_object(ScriptInfo)
-    Sweeper(info.load_app()).run()
+    Sweeper(click.get_current_context().ensure_object(ScriptInfo).load_app()).run()
 
 
 def init_app(app: Flask) -> None:

@@ -108,7 +108,7 @@ class Metrics:
             self.redis_errors.labels(source)
 
     def scrape_registry(self) -> CollectorRegistry:
-        if not self.multiprocess:
+        if self.registry is not None:
             return self.registry
         registry = CollectorRegistry()
         registry.register(self.active)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -70,7 +71,7 @@ def connect(url: str | None, timeout: float):
         log.warning("REDIS_URL is not set: using the embedded in-memory store (state is lost "
                     "on exit and not shared between processes)")
         return fakeredis.FakeRedis(decode_responses=True, encoding_errors="replace")
-    options = {
+    options: dict[str, Any] = {
         "decode_responses": True,
         "encoding_errors": "replace",  # bytes planted by hand must not crash a decode
         "socket_timeout": timeout,
@@ -127,7 +128,7 @@ class LazyCluster:
         return Encoder(encoding="utf-8", encoding_errors="replace", decode_responses=True)
 
     def register_script(self, script: str) -> Script:
-        return Script(self, script)
+        return Script(cast(redis.Redis, self), script)  # Script only asks for get_encoder()
 
     def close(self) -> None:
         """Closes the client if it was built (never builds one to close it)."""
@@ -139,7 +140,7 @@ class LazyCluster:
         return getattr(self.client(), name)
 
 
-def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], str]:
+def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, Any], str]:
     """``scheme://[user:password@]host:port,host:port/path`` → nodes, credentials, path.
 
     Messages never repeat the URL: it may hold a password.
@@ -150,7 +151,7 @@ def _parse_multi_host(url: str) -> tuple[list[tuple[str, int]], dict[str, str], 
         raise ConfigError(f"REDIS_URL: {scheme}:// takes no query options")
     netloc, slash, path = rest.partition("/")
     userinfo, at, hosts = netloc.rpartition("@")
-    credentials = {}
+    credentials: dict[str, Any] = {}
     if at:
         username, colon, password = userinfo.partition(":")
         if username:
@@ -187,7 +188,7 @@ def _sentinel_path(path: str) -> tuple[str, int]:
 
 
 def is_cluster(url: str | None) -> bool:
-    return bool(url) and url.partition("://")[0].lower() == CLUSTER_SCHEME
+    return url is not None and url.partition("://")[0].lower() == CLUSTER_SCHEME
 
 
 def check(config) -> None:

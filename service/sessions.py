@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from flask import Flask, Request, Response
-from flask.sessions import SessionInterface
+from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 
 from . import metrics
@@ -48,15 +49,23 @@ class JsonSerializer(Serializer):
         return state
 
 
+@dataclass
+class Binding:
+    """What ``bind`` found for the request's message: the conversation's keys and ``OPEN``'s
+    answer."""
+
+    message: Message
+    keys: ConversationKeys
+    opened: Opened
+
+
 class ConversationSession(Conversation):
     """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
     def __init__(self, interface: "ConversationSessionInterface", cookie: str | None):
         super().__init__(sid=cookie)
         self.interface = interface
-        self.message: Message | None = None
-        self.keys: ConversationKeys | None = None
-        self.opened: Opened | None = None
+        self.binding: Binding | None = None
         self.fresh = False
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
@@ -67,30 +76,31 @@ class ConversationSession(Conversation):
         ``answered`` is then the stored answer of a redelivered ``MessageSid`` (nothing locked),
         else None with the conversation held until ``save`` or ``release``.
         """
-        self.message = message
-        self.keys = self.interface.keys.conversation(message.sender, message.recipient)
-        self.opened = self.interface.store.open(self.keys, message.sid)
-        if self.answered is not None:
-            self.sid = self.opened.sid or self.sid
-            return self
-        self._load(self.opened)
+        keys = self.interface.keys.conversation(message.sender, message.recipient)
+        opened = self.interface.store.open(keys, message.sid)
+        self.binding = Binding(message, keys, opened)
+        if opened.answered is not None:
+            self.sid = opened.sid or self.sid
+        else:
+            self._load(opened)
         return self
 
     @property
     def answered(self) -> str | None:
-        return self.opened.answered if self.opened else None
+        return self.binding.opened.answered if self.binding else None
 
     def save(self, answer: str) -> None:
         """Round trip 2: the state (or the conversation's end) and ``answer``, kept for a
         redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
+        bound = self._bound()
         state = self.interface.serializer.encode(self)
         self.settled = True
         ended = self.interface.store.save(
-            self.keys, self.opened, sid=self.sid, state=state, fresh=self.fresh,
-            message_sid=self.message.sid, answer=answer, end_reason=self.end_reason)
+            bound.keys, bound.opened, sid=self.sid or "", state=state, fresh=self.fresh,
+            message_sid=bound.message.sid, answer=answer, end_reason=self.end_reason)
         self.saved = True
         counters = metrics.current()
-        if self.opened.ended_overdue:
+        if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
         if self.fresh and self.end_reason != "opt-out":
             counters.conversations_started.inc()
@@ -100,12 +110,18 @@ class ConversationSession(Conversation):
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next
         message until the lock lapses."""
+        bound = self._bound()
         try:
-            self.interface.store.release(self.keys, self.opened.token)
+            self.interface.store.release(bound.keys, bound.opened.token)
         except UNAVAILABLE as error:
             count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
         self.settled = True
+
+    def _bound(self) -> Binding:
+        if self.binding is None:
+            raise RuntimeError("this session was never bound to a conversation")
+        return self.binding
 
     def _load(self, opened: Opened) -> None:
         state = decode_state(opened.state) if opened.sid and opened.state else None
@@ -144,10 +160,11 @@ class ConversationSessionInterface(SessionInterface):
     def open_session(self, app: Flask, request: Request) -> ConversationSession:
         return ConversationSession(self, request.cookies.get(COOKIE_NAME))
 
-    def save_session(self, app: Flask, session: ConversationSession, response: Response) -> None:
-        if session.opened is not None and session.answered is None and not session.settled:
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        assert isinstance(session, ConversationSession)  # this interface opens no other kind
+        if session.binding is not None and session.answered is None and not session.settled:
             session.release()  # the view failed before it could save
-        if session.saved or (session.answered is not None and session.sid):
+        if session.sid and (session.saved or session.answered is not None):
             response.set_cookie(
                 COOKIE_NAME, session.sid, max_age=self.ttl, httponly=True,
                 secure=self.get_cookie_secure(app), samesite=self.get_cookie_samesite(app),

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def init_app(app, test_config: dict[str, Any] | None = None) -> None:
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_BODY_BYTES"]
 
 
-def load(environ: dict[str, str] | None = None) -> dict[str, Any]:
+def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Flask config from the environment: each setting under its variable's name."""
     environ = os.environ if environ is None else environ
     config: dict[str, Any] = {}
