@@ -37,10 +37,12 @@ lock: install
 	$(BIN)/$(LOCK) -c requirements-dev.txt -o requirements.txt
 
 run: install
+	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' $(HOST) $(PORT) 2>/dev/null || { \
+	  echo "make run: port $(PORT) on $(HOST) is in use; choose another: make run PORT=5001" >&2; exit 1; }
 	@echo "Serving the webhook on http://$(HOST):$(PORT)/sms (embedded in-memory store)."
 	@echo "Talk to it from another terminal:"
 	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111 --url http://$(HOST):$(PORT)/sms"
-	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
+	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
 
 simulate: install
 	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111} --url http://$(HOST):$(PORT)/sms
