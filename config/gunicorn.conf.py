@@ -1,10 +1,11 @@
 """gunicorn settings for sms-sessions: ``gunicorn -c config/gunicorn.conf.py 'service:create_app()'``.
 
-Environment: ``WEB_CONCURRENCY`` (workers), ``PORT`` / ``BIND`` (address),
-``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics). ``GUNICORN_CMD_ARGS`` still
-overrides anything here (gunicorn's own rule).
+Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``PORT`` / ``BIND``
+(address), ``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics), ``LOG_FORMAT``.
+``GUNICORN_CMD_ARGS`` still overrides anything here (gunicorn's own rule).
 """
 
+import fcntl
 import multiprocessing
 import os
 import shutil
@@ -12,14 +13,67 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Workers: the webhook mostly waits on Redis, so gunicorn's usual 2 × CPUs + 1 sync workers.
-workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
+# Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
+# the workers, set before anything imports prometheus_client (so before `service`). Made here
+# when not given, in the temporary directory. The master holds a lock on it for its lifetime
+# (a raw descriptor, released only once the master and its workers are gone), so that one left
+# behind by an unclean exit (kill -9, a crash) is recognised at the next start and removed.
+METRICS_PREFIX = "sms-sessions-metrics-"
+
+
+def _remove_stale_metrics_dirs():
+    for directory in Path(tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        try:
+            owner = os.open(directory / ".owner", os.O_RDONLY)
+        except OSError:
+            continue  # not made by this file, or being made right now
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a running instance's
+        finally:
+            os.close(owner)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _remove_stale_metrics_dirs()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    fcntl.flock(os.open(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / ".owner", os.O_WRONLY | os.O_CREAT),
+                fcntl.LOCK_EX | fcntl.LOCK_NB)
+# Ours also when this file is read again (gunicorn reloads it on SIGHUP) after setting it.
+_made_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(METRICS_PREFIX)
+
+from service import check_environment  # noqa: E402  (after the metrics directory)
+from service.settings import ConfigError, load  # noqa: E402
+
+# Every setting is checked once, here in the master, before gunicorn starts anything: a bad
+# one is one line naming it, not a traceback from this file or one per worker.
+try:
+    check_environment()
+    _settings = load()
+except ConfigError as error:
+    print(f"sms-sessions: refusing to start: {error}", file=sys.stderr, flush=True)
+    if _made_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    sys.exit(1)
+
+
+# Threads, not one process per request: a client that sends its headers and then stalls
+# mid-body (a slow or hostile one; nothing buffers requests when no proxy is in front, as on a
+# PaaS) holds one thread, not a whole worker. Each worker has threads for 2 × workers such
+# clients, even if they all land on it, plus 8 for real traffic. The app is thread-safe: redis-py
+# pools its connections, prometheus-client locks its values, per-request state lives in
+# Flask's request and g.
+workers = _settings["WEB_CONCURRENCY"] or multiprocessing.cpu_count() * 2 + 1
+worker_class = "gthread"
+threads = 2 * workers + 8
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
-bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or 5000}"
+bind = _settings["BIND"] or f"0.0.0.0:{_settings['PORT']}"
 
 # Twilio gives up after 15 s. A request is bounded well below that (LOCK_WAIT 5 s plus short
-# Redis timeouts); a worker silent for 10 s is stuck and gets replaced.
+# Redis timeouts); a worker whose main loop is silent for 10 s is stuck and gets replaced.
 timeout = 10
 graceful_timeout = 10
 
@@ -29,10 +83,10 @@ graceful_timeout = 10
 # string longer than MAX_BODY_BYTES with 414, as it answers a body with 413.
 limit_request_line = 0
 
-# Access log on stdout, next to the app's JSON lines. The path only (%(U)s), never the query:
-# a GET webhook carries From, To and Body in it. No user agent or referer either.
+# gunicorn's own lines (errors on stderr, access on stdout) in the app's form (LOG_FORMAT):
+# JSON objects with masked numbers, the path without its query, no line for health probes.
+logger_class = "service.logs.GunicornLogger"
 accesslog = "-"
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
 
 # gunicorn ≥ 25's control socket (for gunicornc) is unused here; its default path in $HOME
@@ -43,27 +97,12 @@ control_socket_disable = True
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
-# Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
-# the workers, set before any worker imports prometheus_client. Made here when not given.
-_made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _made_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sms-sessions-metrics-")
-
 
 def on_starting(server):
-    """Refuses bad settings once, in one line, before any worker starts; clears old metrics."""
-    from service import check_environment
-    from service.settings import ConfigError
-
-    try:
-        check_environment()
-    except ConfigError as error:
-        print(f"sms-sessions: refusing to start: {error}", file=sys.stderr, flush=True)
-        on_exit(server)
-        sys.exit(1)
+    """A previous run's counts must not add up with ours (a directory that was given)."""
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in metrics_dir.glob("*.db"):  # a previous run's counts must not add up with ours
+    for stale in metrics_dir.glob("*.db"):
         stale.unlink()
 
 
