@@ -1,0 +1,120 @@
+"""The ``sms-sessions`` console script as an operator and a developer meet it: its own version
+and commands, operator commands that print only their output, one-line Redis errors, readable
+tables, a hint for a number written without its +, a simulator that skips empty lines, and
+``make run`` on a busy port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TOKEN, LiveServer, bin_path, free_port, make_app, post_signed, webhook_params
+from service.ops import duration
+from service.settings import SETTINGS
+
+REY, OURS = "+15551230001", "+15550001111"
+
+
+def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """The installed console script in its own process; only the settings given here."""
+    environ = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
+    return subprocess.run([bin_path("sms-sessions"), *args], env={**environ, **env}, cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_version_is_the_tools_own():
+    result = sms_sessions("--version")
+    assert (result.returncode, result.stdout) == (0, "sms-sessions 0.1.0\n")
+
+
+def test_help_lists_only_its_commands():
+    result = sms_sessions("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    commands = [line.split()[0] for line in result.stdout.split("Commands:\n", 1)[1].splitlines()]
+    assert commands == ["conversations", "run", "serve", "simulate"]
+    assert "--app" not in result.stdout and "--env-file" not in result.stdout
+    for foreign in (["routes"], ["shell"], ["-A", "x", "run"], ["--env-file", "x", "run"]):
+        assert sms_sessions(*foreign).returncode == 2, foreign
+
+
+def test_operator_commands_print_only_their_output(redis_url):
+    """No start-up warning meant for the webhook (TWILIO_AUTH_TOKEN unset), no info line."""
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    assert sms_sessions("conversations", "--help").stderr == ""
+    counted = sms_sessions("conversations", "count", REDIS_URL=redis_url)
+    assert (counted.returncode, counted.stdout, counted.stderr) == (0, "1\n", "")
+    ended = sms_sessions("conversations", "expire", REY, OURS, "--json", REDIS_URL=redis_url)
+    assert ended.returncode == 0 and ended.stderr == ""
+    assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis+cluster://127.0.0.1:{port}"])
+def test_redis_unreachable_is_one_line(url):
+    result = sms_sessions("conversations", "count", REDIS_URL=url.format(port=free_port()), REDIS_TIMEOUT="0.2")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Redis unavailable: ")
+
+
+def test_a_number_without_its_plus_gets_a_hint(redis_url):
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    result = sms_sessions("conversations", "show", REY[1:], OURS, REDIS_URL=redis_url)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"no live conversation from {REY[1:]} to {OURS} (numbers are written as Twilio sends them: "
+        "E.164 with the +, e.g. +15551230001)"]
+    assert sms_sessions("conversations", "show", REY, OURS, REDIS_URL=redis_url).returncode == 0
+
+
+def test_the_table_shows_expiry_for_people_and_json_keeps_seconds(redis_url):
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    table = sms_sessions("conversations", "list", REDIS_URL=redis_url).stdout.splitlines()
+    assert table[0].endswith("EXPIRES IN") and table[1].endswith(("3h 59m 59s", "3h 59m 58s", "4h 00m 00s"))
+    [row] = json.loads(sms_sessions("conversations", "list", "--json", REDIS_URL=redis_url).stdout)
+    assert isinstance(row["expires_in"], int)
+
+
+def test_duration():
+    assert [duration(s) for s in (0, 7, 65, 3600, 14398, -3)] == [
+        "0s", "7s", "1m 05s", "1h 00m 00s", "3h 59m 58s", "0s"]
+
+
+def test_simulate_skips_empty_lines(redis_url):
+    app = make_app(REDIS_URL=redis_url)
+    with LiveServer(app) as server:
+        result = sms_sessions("simulate", "--from", REY, "--to", OURS, "--url", server.url,
+                              stdin="hello\n\n   \nagain\n", TWILIO_AUTH_TOKEN=TOKEN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Thanks for the message, Rey!",
+                                          "Rey has messaged +15550001111 2 times."]
+
+
+def test_make_run_on_a_busy_port_says_which_to_use():
+    """Before its banner, and without starting anything (the venv is the running one)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            ["make", "--no-print-directory", "-o", "install", "run", f"PORT={port}",
+             f"VENV={Path(bin_path('python')).parent.parent}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0] == (
+        f"make run: port {port} on 127.0.0.1 is in use; choose another: make run PORT=5001")
+    assert "Serving the webhook" not in result.stdout
+
+
+@pytest.mark.parametrize("variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")])
+def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
+    """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""
+    result = sms_sessions("serve", **{variable: value})
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sms-sessions: refusing to start: {variable}={value!r}: ")
+    assert "Traceback" not in result.stderr and result.stdout == ""
