@@ -16,11 +16,11 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from conftest import ROOT
+from tests.support import ROOT
 from service import create_app
 from service.settings import ConfigError
 
-DEV_ONLY = {"fakeredis", "lupa", "pytest", "pytest-redis", "hypothesis", "uv"}
+DEV_ONLY = {"fakeredis", "lupa", "pytest", "hypothesis", "uv"}
 
 
 def pins(lock: Path, marker_env: dict | None = None) -> dict[str, str]:
@@ -79,6 +79,7 @@ def run_make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_make_install_refuses_an_old_python_in_one_line(tmp_path):
     old = tmp_path / "python3.10"
     old.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python 3.10.13' && exit 0\nexit 1\n")
@@ -92,6 +93,7 @@ def test_make_install_refuses_an_old_python_in_one_line(tmp_path):
     assert not venv.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_install_leaves_no_venv(tmp_path):
     """pip cannot reach any package (no index): the venv it had started is removed."""
     venv = tmp_path / "venv"
@@ -102,6 +104,7 @@ def test_a_failed_install_leaves_no_venv(tmp_path):
     assert not venv.exists()
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_only_the_service(tmp_path):
     """What the image installs: the package and its metadata, built from a clean checkout."""
     checkout = tmp_path / "checkout"
