@@ -6,11 +6,13 @@ Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``PORT`` /
 """
 
 import fcntl
+import io
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
@@ -59,15 +61,47 @@ except ConfigError as error:
     sys.exit(1)
 
 
-# Threads, not one process per request: a client that sends its headers and then stalls
-# mid-body (a slow or hostile one; nothing buffers requests when no proxy is in front, as on a
-# PaaS) holds one thread, not a whole worker. Each worker has threads for 2 × workers such
-# clients, even if they all land on it, plus 8 for real traffic. The app is thread-safe: redis-py
-# pools its connections, prometheus-client locks its values, per-request state lives in
-# Flask's request and g.
+# Threads read requests; a few at a time run the app. With no proxy in front (a PaaS) nothing
+# buffers requests: a client that sends its headers and then stalls mid-body would hold a sync
+# worker until it gave up. Here each worker has threads for 2 × workers such clients (even if
+# they all land on it) plus 8, and a thread first reads its request's whole body (BodyFirst,
+# below), so a stalled client holds a thread, never a place in the app. At most APP_SLOTS
+# requests per worker then run the app at once: enough that one waiting for a busy
+# conversation's lock does not hold up the others, few enough that a burst on one
+# conversation queues here rather than on its lock (where every waiter polls Redis, fights for
+# the GIL, and LOCK_WAIT bounds the wait).
 workers = _settings["WEB_CONCURRENCY"] or multiprocessing.cpu_count() * 2 + 1
 worker_class = "gthread"
 threads = 2 * workers + 8
+APP_SLOTS = 4
+
+
+class BodyFirst:
+    """WSGI middleware: reads the request body (at most MAX_BODY_BYTES + 1 bytes: the app
+    answers 413 beyond that), then runs the app in one of ``slots`` places."""
+
+    def __init__(self, app, max_body: int, slots: int):
+        self.app = app
+        self.max_body = max_body
+        self.slots = threading.BoundedSemaphore(slots)
+
+    def __call__(self, environ, start_response):
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if not declared.isdigit() or int(declared) <= self.max_body:  # larger: never read
+            size = int(declared) if declared.isdigit() else self.max_body + 1  # chunked
+            environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
+        with self.slots:
+            response = self.app(environ, start_response)
+            try:
+                return list(response)
+            finally:
+                if hasattr(response, "close"):
+                    response.close()
+
+
+def post_worker_init(worker):
+    worker.wsgi = BodyFirst(worker.wsgi, _settings["MAX_BODY_BYTES"], APP_SLOTS)
+
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
 bind = _settings["BIND"] or f"0.0.0.0:{_settings['PORT']}"

@@ -4,7 +4,6 @@ no proxy in front: clients that stall mid-body, and masters that die without cle
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -12,9 +11,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import GUNICORN_CONF, TOKEN, Gunicorn, scrape, wait_until
+from tests.support.app import TOKEN
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn
+from tests.support.prometheus import scrape
+from tests.support.waiting import wait_until
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 
@@ -32,9 +35,11 @@ def stall(server: Gunicorn) -> socket.socket:
 
 
 def messages(client, sender=REY) -> int:
-    return json.loads(client.hget(Keys().conversation(sender, OURS).state, "state"))["messages"]
+    """Messages saved in the conversation, as Redis holds it."""
+    return int(client.hget(Keys().conversation(sender, OURS).state, "seq"))
 
 
+@pytest.mark.slow
 def test_stalled_clients_do_not_stop_the_service(redis_url, redis_client):
     """2 × WEB_CONCURRENCY clients stall mid-body, longer than the worker timeout: signed
     messages are still answered at once (a client gives up after 5 s here, Twilio after 15 s),
@@ -71,6 +76,7 @@ def owner_locked(directory: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
     """Without PROMETHEUS_MULTIPROC_DIR gunicorn makes one in the temporary directory; one
     left by a master killed with SIGKILL goes at the next start, a running one's stays."""
@@ -93,3 +99,14 @@ def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
                 assert not killed_dir.exists()
                 assert running_dir.exists() and foreign.exists()
         wait_until(lambda: not running_dir.exists(), what="a clean stop removing its own")
+
+
+@pytest.mark.slow
+def test_an_oversized_body_is_refused_without_being_read(redis_url):
+    """The body is read before the app runs, but one announced over MAX_BODY_BYTES never is:
+    413 at once, though the client has not sent a byte of it."""
+    with Gunicorn({"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}, workers=1, config=GUNICORN_CONF) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                         b"Content-Length: 1001\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
