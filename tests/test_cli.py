@@ -6,32 +6,37 @@ tables, a hint for a number written without its +, a simulator that skips empty 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TOKEN, LiveServer, bin_path, free_port, make_app, post_signed, webhook_params
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer, bin_path, hermetic_environment
+from tests.support.ports import free_port
+from tests.support.programs import require_binary
+from service.keys import Keys
 from service.ops import duration
-from service.settings import SETTINGS
 
 REY, OURS = "+15551230001", "+15550001111"
 
 
 def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """The installed console script in its own process; only the settings given here."""
-    environ = {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
-    return subprocess.run([bin_path("sms-sessions"), *args], env={**environ, **env}, cwd=ROOT,
+    return subprocess.run([bin_path("sms-sessions"), *args], env={**hermetic_environment(), **env}, cwd=ROOT,
                           input=stdin, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_version_is_the_tools_own():
     result = sms_sessions("--version")
     assert (result.returncode, result.stdout) == (0, "sms-sessions 0.1.0\n")
 
 
+@pytest.mark.slow
 def test_help_lists_only_its_commands():
     result = sms_sessions("--help")
     assert result.returncode == 0 and result.stderr == ""
@@ -42,6 +47,7 @@ def test_help_lists_only_its_commands():
         assert sms_sessions(*foreign).returncode == 2, foreign
 
 
+@pytest.mark.slow
 def test_operator_commands_print_only_their_output(redis_url):
     """No start-up warning meant for the webhook (TWILIO_AUTH_TOKEN unset), no info line."""
     post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
@@ -53,6 +59,7 @@ def test_operator_commands_print_only_their_output(redis_url):
     assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis+cluster://127.0.0.1:{port}"])
 def test_redis_unreachable_is_one_line(url):
     result = sms_sessions("conversations", "count", REDIS_URL=url.format(port=free_port()), REDIS_TIMEOUT="0.2")
@@ -61,6 +68,7 @@ def test_redis_unreachable_is_one_line(url):
     assert line.startswith("Redis unavailable: ")
 
 
+@pytest.mark.slow
 def test_a_number_without_its_plus_gets_a_hint(redis_url):
     post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
     result = sms_sessions("conversations", "show", REY[1:], OURS, REDIS_URL=redis_url)
@@ -71,6 +79,7 @@ def test_a_number_without_its_plus_gets_a_hint(redis_url):
     assert sms_sessions("conversations", "show", REY, OURS, REDIS_URL=redis_url).returncode == 0
 
 
+@pytest.mark.slow
 def test_the_table_shows_expiry_for_people_and_json_keeps_seconds(redis_url):
     post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
     table = sms_sessions("conversations", "list", REDIS_URL=redis_url).stdout.splitlines()
@@ -84,6 +93,7 @@ def test_duration():
         "0s", "7s", "1m 05s", "1h 00m 00s", "3h 59m 58s", "0s"]
 
 
+@pytest.mark.slow
 def test_simulate_skips_empty_lines(redis_url):
     app = make_app(REDIS_URL=redis_url)
     with LiveServer(app) as server:
@@ -94,6 +104,7 @@ def test_simulate_skips_empty_lines(redis_url):
                                           "Rey has messaged +15550001111 2 times."]
 
 
+@pytest.mark.slow
 def test_make_run_on_a_busy_port_says_which_to_use():
     """Before its banner, and without starting anything (the venv is the running one)."""
     with socket.socket() as busy:
@@ -110,6 +121,7 @@ def test_make_run_on_a_busy_port_says_which_to_use():
     assert "Serving the webhook" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")])
 def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""
@@ -118,3 +130,31 @@ def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     [line] = result.stderr.splitlines()
     assert line.startswith(f"sms-sessions: refusing to start: {variable}={value!r}: ")
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def readme_redis_cli_recipe(title: str) -> str:
+    """The README's redis-cli set-up lines and the recipe under the comment ``title``."""
+    block = (ROOT / "README.md").read_text().split("### Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
+    block = block.split("```", 1)[0]
+    setup = "\n".join(line for line in block.splitlines() if line.startswith(("R=", "now=")))
+    recipe = block.split(f"# {title}", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
+    return setup + "\n" + recipe
+
+
+@pytest.mark.slow
+def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
+    """Run as printed, against a real Redis where most of the 100 tags are empty."""
+    require_binary("redis-cli", "redis-tools")
+    keys, now = Keys(), int(time.time() * 1000)
+    planted = {}
+    for n in range(12):  # tags {01}, {02} and {03} only
+        conversation = keys.conversation(f"+1555123{n:02d}{n % 3 + 1:02d}", OURS)
+        planted[conversation.member] = now + 60_000 + 1000 * n
+        redis_client.zadd(conversation.index, {conversation.member: planted[conversation.member]})
+    redis_client.zadd(keys.conversation("+15551239903", OURS).index, {"lapsed|+1": now - 1000})
+    script = readme_redis_cli_recipe("The 10 most recent")
+    printed = subprocess.run(["bash", "-c", script], env={**hermetic_environment(), "REDIS_URL": redis_url},
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    newest = sorted(planted.items(), key=lambda item: -item[1])[:10]
+    assert printed.stdout.splitlines() == [f"{member}\t{score}" for member, score in newest]
