@@ -99,10 +99,6 @@ class BodyFirst:
                     response.close()
 
 
-def post_worker_init(worker):
-    worker.wsgi = BodyFirst(worker.wsgi, _settings["MAX_BODY_BYTES"], APP_SLOTS)
-
-
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
 bind = _settings["BIND"] or f"0.0.0.0:{_settings['PORT']}"
 
@@ -142,10 +138,12 @@ def on_starting(server):
 
 def post_worker_init(worker):
     """Each worker runs the lifecycle sweeper in a thread (a lease in Redis lets one sweep at a
-    time), so conversations end on time without any request arriving."""
+    time), so conversations end on time without any request arriving; and serves the app
+    behind BodyFirst."""
     from service.lifecycle import start_sweeper
 
     start_sweeper(worker.wsgi)
+    worker.wsgi = BodyFirst(worker.wsgi, _settings["MAX_BODY_BYTES"], APP_SLOTS)
 
 
 def child_exit(server, worker):
