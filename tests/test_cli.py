@@ -41,7 +41,7 @@ def test_help_lists_only_its_commands():
     result = sms_sessions("--help")
     assert result.returncode == 0 and result.stderr == ""
     commands = [line.split()[0] for line in result.stdout.split("Commands:\n", 1)[1].splitlines()]
-    assert commands == ["conversations", "run", "serve", "simulate"]
+    assert commands == ["conversations", "events", "run", "serve", "simulate", "sweep"]
     assert "--app" not in result.stdout and "--env-file" not in result.stdout
     for foreign in (["routes"], ["shell"], ["-A", "x", "run"], ["--env-file", "x", "run"]):
         assert sms_sessions(*foreign).returncode == 2, foreign
@@ -57,6 +57,9 @@ def test_operator_commands_print_only_their_output(redis_url):
     ended = sms_sessions("conversations", "expire", REY, OURS, "--json", REDIS_URL=redis_url)
     assert ended.returncode == 0 and ended.stderr == ""
     assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
+    events = sms_sessions("events", "--json", REDIS_URL=redis_url)
+    assert events.returncode == 0 and events.stderr == ""
+    assert [json.loads(line)["type"] for line in events.stdout.splitlines()] == ["started", "ended"]
 
 
 @pytest.mark.slow
@@ -133,8 +136,8 @@ def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
 
 
 def readme_redis_cli_recipe(title: str) -> str:
-    """The README's redis-cli set-up lines and the recipe under the comment ``title``."""
-    block = (ROOT / "README.md").read_text().split("### Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
+    """docs/operating.md's redis-cli set-up lines and the recipe under the comment ``title``."""
+    block = (ROOT / "docs" / "operating.md").read_text().split("## Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
     block = block.split("```", 1)[0]
     setup = "\n".join(line for line in block.splitlines() if line.startswith(("R=", "now=")))
     recipe = block.split(f"# {title}", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]

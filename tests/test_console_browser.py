@@ -139,7 +139,7 @@ def test_sign_in_see_a_conversation_arrive_search_open_end_and_sign_out(console,
     assert console.problems() == []
 
     output = server.output()
-    assert "console: an operator signed in" in output and '"POST /console/conversation/end"' in output
+    assert "console: an operator signed in" in output and '"message": "POST /console/conversation/end ' in output
     assert "conversation of +1555***0001 ended by an operator" in output
     for number in NUMBERS:
         assert number[1:] not in output  # not even URL-encoded (%2B…)

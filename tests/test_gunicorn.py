@@ -105,8 +105,8 @@ def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
 def test_an_oversized_body_is_refused_without_being_read(redis_url):
     """The body is read before the app runs, but one announced over MAX_BODY_BYTES never is:
     413 at once, though the client has not sent a byte of it."""
-    with Gunicorn({"REDIS_URL": redis_url, "MAX_BODY_BYTES": "1000"}, workers=1, config=GUNICORN_CONF) as server:
+    with Gunicorn({"REDIS_URL": redis_url, "MAX_BODY_BYTES": "40000"}, workers=1, config=GUNICORN_CONF) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
             sock.sendall(b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                         b"Content-Length: 1001\r\n\r\n")
+                         b"Content-Length: 40001\r\n\r\n")
             assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
