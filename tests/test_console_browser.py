@@ -15,6 +15,7 @@ import struct
 
 import pytest
 import requests
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
@@ -59,7 +60,10 @@ class Console:
         self.browser.get(self.base + path)
 
     def wait(self, condition, seconds=20):
-        return WebDriverWait(self.browser, seconds).until(condition)
+        """Until ``condition``; an element the page replaced meanwhile (a navigation, a
+        refresh) is looked up again at the next poll."""
+        return WebDriverWait(self.browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
+                             ).until(condition)
 
     def find(self, css):
         return self.browser.find_element(By.CSS_SELECTOR, css)
