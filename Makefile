@@ -1,28 +1,48 @@
-# Everything a developer needs; only Python 3.11 has to be on the machine.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+# Everything a developer needs; Python 3.11, 3.12 or 3.13 has to be on the machine.
+# PYTHON: the first of these that runs and is 3.11 or newer (`make install PYTHON=…` to choose).
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && command -v $$p && break; done)
+PYTHON_OK = $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print(sys.version_info >= (3, 11))' 2>/dev/null))
+PYTHON_VERSION = $(or $(if $(PYTHON),$(shell $(PYTHON) --version 2>/dev/null | head -1)),not found)
+VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+# The locks: requirements.txt is what the image installs, requirements-dev.txt adds the dev
+# extra (embedded store, tests, uv) with the same versions. `make lock` writes both.
+LOCK := uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+	--quiet --custom-compile-command "make lock"
 
-.PHONY: install run simulate test bench bench-quick up down logs clean
+.PHONY: install lock run simulate test bench bench-quick up down logs clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+# Built from scratch from the lock, and removed again if any step fails: a .venv is either
+# complete or absent, never half-installed. A Python older than 3.11 stops make in one line.
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	$(if $(filter True,$(PYTHON_OK)),,$(error Python 3.11 to 3.13 is needed; PYTHON=$(PYTHON) is $(PYTHON_VERSION): make install PYTHON=/path/to/python3.11))
+	rm -rf $(VENV)
+	{ $(PYTHON) -m venv $(VENV) \
+	  && $(BIN)/pip install --quiet --require-hashes -r requirements-dev.txt \
+	  && $(BIN)/pip install --quiet --no-deps -e . ; } || { rm -rf $(VENV); exit 1; }
 	touch $@
 
+# After changing dependencies in pyproject.toml; keeps every pin that still fits
+# (`make lock LOCK_ARGS=--upgrade` moves all to their newest).
+lock: install
+	$(BIN)/$(LOCK) $(LOCK_ARGS) --extra dev -o requirements-dev.txt
+	$(BIN)/$(LOCK) -c requirements-dev.txt -o requirements.txt
+
 run: install
+	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' $(HOST) $(PORT) 2>/dev/null || { \
+	  echo "make run: port $(PORT) on $(HOST) is in use; choose another: make run PORT=5001" >&2; exit 1; }
 	@echo "Serving the webhook on http://$(HOST):$(PORT)/sms (embedded in-memory store)."
 	@echo "Talk to it from another terminal:"
 	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111 --url http://$(HOST):$(PORT)/sms"
-	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
+	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
 
 simulate: install
 	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111} --url http://$(HOST):$(PORT)/sms

@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from service import create_app
+from service import create_app, logs
 from service.conversations import now_ms
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 
@@ -92,7 +92,7 @@ def median_ms(samples: list[float]) -> dict:
 
 
 def run(count: int, runs: int) -> dict:
-    with throwaway_redis() as url:
+    with throwaway_redis() as url, logs.quiet():  # stdout is the JSON report alone
         app = create_app({"REDIS_URL": url, "TWILIO_AUTH_TOKEN": "bench", "REDIS_TIMEOUT": 30})
         client, keys = app.extensions["sms.redis"], app.extensions["sms.keys"]
         active = app.extensions["sms.active"]

@@ -1,25 +1,109 @@
 """gunicorn settings for sms-sessions: ``gunicorn -c config/gunicorn.conf.py 'service:create_app()'``.
 
-Environment: ``WEB_CONCURRENCY`` (workers), ``PORT`` / ``BIND`` (address),
-``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics). ``GUNICORN_CMD_ARGS`` still
-overrides anything here (gunicorn's own rule).
+Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``PORT`` / ``BIND``
+(address), ``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics), ``LOG_FORMAT``.
+``GUNICORN_CMD_ARGS`` still overrides anything here (gunicorn's own rule).
 """
 
+import fcntl
+import io
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
-# Workers: the webhook mostly waits on Redis, so gunicorn's usual 2 × CPUs + 1 sync workers.
-workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
+# Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
+# the workers, set before anything imports prometheus_client (so before `service`). Made here
+# when not given, in the temporary directory. The master holds a lock on it for its lifetime
+# (a raw descriptor, released only once the master and its workers are gone), so that one left
+# behind by an unclean exit (kill -9, a crash) is recognised at the next start and removed.
+METRICS_PREFIX = "sms-sessions-metrics-"
+
+
+def _remove_stale_metrics_dirs():
+    for directory in Path(tempfile.gettempdir()).glob(METRICS_PREFIX + "*"):
+        try:
+            owner = os.open(directory / ".owner", os.O_RDONLY)
+        except OSError:
+            continue  # not made by this file, or being made right now
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a running instance's
+        finally:
+            os.close(owner)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _remove_stale_metrics_dirs()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
+    fcntl.flock(os.open(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / ".owner", os.O_WRONLY | os.O_CREAT),
+                fcntl.LOCK_EX | fcntl.LOCK_NB)
+# Ours also when this file is read again (gunicorn reloads it on SIGHUP) after setting it.
+_made_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(METRICS_PREFIX)
+
+from service import check_environment  # noqa: E402  (after the metrics directory)
+from service.settings import ConfigError, load  # noqa: E402
+
+# Every setting is checked once, here in the master, before gunicorn starts anything: a bad
+# one is one line naming it, not a traceback from this file or one per worker.
+try:
+    check_environment()
+    _settings = load()
+except ConfigError as error:
+    print(f"sms-sessions: refusing to start: {error}", file=sys.stderr, flush=True)
+    if _made_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    sys.exit(1)
+
+
+# Threads read requests; a few at a time run the app. With no proxy in front (a PaaS) nothing
+# buffers requests: a client that sends its headers and then stalls mid-body would hold a sync
+# worker until it gave up. Here each worker has threads for 2 × workers such clients (even if
+# they all land on it) plus 8, and a thread first reads its request's whole body (BodyFirst,
+# below), so a stalled client holds a thread, never a place in the app. At most APP_SLOTS
+# requests per worker then run the app at once: enough that one waiting for a busy
+# conversation's lock does not hold up the others, few enough that a burst on one
+# conversation queues here rather than on its lock (where every waiter polls Redis, fights for
+# the GIL, and LOCK_WAIT bounds the wait).
+workers = _settings["WEB_CONCURRENCY"] or multiprocessing.cpu_count() * 2 + 1
+worker_class = "gthread"
+threads = 2 * workers + 8
+APP_SLOTS = 4
+
+
+class BodyFirst:
+    """WSGI middleware: reads the request body (at most MAX_BODY_BYTES + 1 bytes: the app
+    answers 413 beyond that), then runs the app in one of ``slots`` places."""
+
+    def __init__(self, app, max_body: int, slots: int):
+        self.app = app
+        self.max_body = max_body
+        self.slots = threading.BoundedSemaphore(slots)
+
+    def __call__(self, environ, start_response):
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if not declared.isdigit() or int(declared) <= self.max_body:  # larger: never read
+            size = int(declared) if declared.isdigit() else self.max_body + 1  # chunked
+            environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
+        with self.slots:
+            response = self.app(environ, start_response)
+            try:
+                return list(response)
+            finally:
+                if hasattr(response, "close"):
+                    response.close()
+
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
-bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT') or 5000}"
+bind = _settings["BIND"] or f"0.0.0.0:{_settings['PORT']}"
 
 # Twilio gives up after 15 s. A request is bounded well below that (LOCK_WAIT 5 s plus short
-# Redis timeouts); a worker silent for 10 s is stuck and gets replaced.
+# Redis timeouts); a worker whose main loop is silent for 10 s is stuck and gets replaced.
 timeout = 10
 graceful_timeout = 10
 
@@ -29,10 +113,10 @@ graceful_timeout = 10
 # string longer than MAX_BODY_BYTES with 414, as it answers a body with 413.
 limit_request_line = 0
 
-# Access log on stdout, next to the app's JSON lines. The path only (%(U)s), never the query:
-# a GET webhook carries From, To and Body in it. No user agent or referer either.
+# gunicorn's own lines (errors on stderr, access on stdout) in the app's form (LOG_FORMAT):
+# JSON objects with masked numbers, the path without its query, no line for health probes.
+logger_class = "service.logs.GunicornLogger"
 accesslog = "-"
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
 errorlog = "-"
 
 # gunicorn ≥ 25's control socket (for gunicornc) is unused here; its default path in $HOME
@@ -43,36 +127,23 @@ control_socket_disable = True
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
-# Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
-# the workers, set before any worker imports prometheus_client. Made here when not given.
-_made_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _made_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sms-sessions-metrics-")
-
 
 def on_starting(server):
-    """Refuses bad settings once, in one line, before any worker starts; clears old metrics."""
-    from service import check_environment
-    from service.settings import ConfigError
-
-    try:
-        check_environment()
-    except ConfigError as error:
-        print(f"sms-sessions: refusing to start: {error}", file=sys.stderr, flush=True)
-        on_exit(server)
-        sys.exit(1)
+    """A previous run's counts must not add up with ours (a directory that was given)."""
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in metrics_dir.glob("*.db"):  # a previous run's counts must not add up with ours
+    for stale in metrics_dir.glob("*.db"):
         stale.unlink()
 
 
 def post_worker_init(worker):
     """Each worker runs the lifecycle sweeper in a thread (a lease in Redis lets one sweep at a
-    time), so conversations end on time without any request arriving."""
+    time), so conversations end on time without any request arriving; and serves the app
+    behind BodyFirst."""
     from service.lifecycle import start_sweeper
 
     start_sweeper(worker.wsgi)
+    worker.wsgi = BodyFirst(worker.wsgi, _settings["MAX_BODY_BYTES"], APP_SLOTS)
 
 
 def child_exit(server, worker):

@@ -21,8 +21,8 @@ def create_app(test_config: dict | None = None, *, handler: Handler | None = Non
     Raises ``settings.ConfigError`` (one line naming the variable) on a setting it refuses.
     """
     app = Flask(__name__, static_folder=None)  # service/static is the console's, served by it
-    logs.init_app(app)
     settings.init_app(app, test_config)
+    logs.init_app(app)  # after the settings: it needs LOG_FORMAT
     limits.init_app(app)
     redis_client.init_app(app)
     metrics.init_app(app)

@@ -1,7 +1,8 @@
-"""``sms-sessions``: the Flask CLI over ``create_app`` plus the Twilio simulator.
+"""``sms-sessions``: serve (production or development), play Twilio, operate live conversations.
 
-``sms-sessions run`` serves the app like ``flask run``; commands that need the app register
-themselves on ``app.cli`` in their module's ``init_app``.
+A click group of its own (not Flask's ``flask`` command): its own ``--version`` and only its
+own commands. ``run`` is Flask's development server; the app is built only by the commands
+that need it, so ``--help`` and ``simulate`` never touch settings or Redis.
 """
 
 from __future__ import annotations
@@ -9,18 +10,30 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib.metadata import version
 
 import click
 import requests
-from flask.cli import FlaskGroup, ScriptInfo, run_command
+from flask.cli import ScriptInfo, run_command
 
-from . import create_app
+from . import check_environment, create_app, logs
 from .handler import load
-from .lifecycle import start_sweeper
+from .lifecycle import events_command, start_sweeper, sweep_command
+from .ops import conversations_cli
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 
-cli = FlaskGroup(create_app=create_app, help="SMS conversations: serve, simulate and operate.")
+
+OPERATORS = ("conversations", "events")
+
+
+@click.group(help="SMS conversations: serve, simulate and operate.")
+@click.version_option(version("sms-sessions"), prog_name="sms-sessions", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    ctx.obj = ScriptInfo(create_app=create_app, set_debug_flag=False)
+    if ctx.invoked_subcommand in OPERATORS:  # their output only: no start-up warnings, no info lines
+        ctx.with_resource(logs.quiet())
 
 
 def _serve(**options):
@@ -34,7 +47,24 @@ cli.add_command(click.Command("run", params=run_command.params, callback=_serve,
                               help="Serve the webhook with Flask's development server (and sweep)."))
 
 
-@cli.command("simulate", with_appcontext=False)
+for command in (conversations_cli, events_command, sweep_command):
+    cli.add_command(command)
+
+
+@cli.command("serve")
+@click.option("--config", default="config/gunicorn.conf.py", show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="gunicorn's configuration file.")
+def serve(config):
+    """Serve in production: gunicorn with its configuration (what the image runs).
+
+    Settings are checked first, so a bad one is one line; gunicorn itself would stop with a
+    traceback on a malformed WEB_CONCURRENCY, which it reads when imported.
+    """
+    check_environment()
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", config, "service:create_app()"])
+
+
+@cli.command("simulate")
 @click.option("--from", "sender", required=True, help="The texting phone number (Twilio's From).")
 @click.option("--to", "recipient", required=True, help="Our Twilio number (Twilio's To).")
 @click.option("--url", default="http://127.0.0.1:5000/sms", show_default=True,
@@ -77,11 +107,11 @@ def _typed_lines(sender, recipient):
     if sys.stdin.isatty():
         click.echo(f"Texting from {sender} to {recipient}. Type a message, Ctrl-D to stop.")
     for line in sys.stdin:
-        yield line.rstrip("\n")
+        if line.strip():  # an empty line is not a message
+            yield line.rstrip("\n")
 
 
 def main() -> None:
-    os.environ.setdefault("FLASK_APP", "service:create_app")
     try:
         cli(prog_name="sms-sessions")
     except ConfigError as error:  # one line naming the variable, not a traceback

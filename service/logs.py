@@ -1,23 +1,44 @@
-"""Logs as JSON lines on stdout, one object per record, so a log pipeline can parse them.
+"""Log lines, one per record: JSON objects for log pipelines, or text for a developer's terminal.
 
-Fields given as ``extra={"fields": {...}}`` become top-level keys of the line; everything
-else is the usual time, level, logger and message. What goes in is the caller's duty: phone
-numbers only through ``masking.mask``, never a message body or the auth token.
+``LOG_FORMAT`` picks the form (``json`` by default, ``text`` under ``make run``). Fields given
+as ``extra={"fields": {...}}`` become top-level keys of a JSON line (``key=value`` in text).
+Whatever logger wrote a line (the service, Flask, werkzeug, gunicorn), every phone number in
+it is masked here, and request lines carry no query string (a GET webhook holds From, To and
+Body there). Callers still never log a message body or the auth token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
+import threading
 from datetime import datetime, timezone
 from urllib.parse import unquote
 
 import click
 from flask import Flask, g, has_request_context
+from gunicorn.glogging import Logger as GunicornBaseLogger
 
 from .masking import mask
+
+# A phone number, raw or percent-encoded (%2B…), not part of a longer word or number:
+# E.164 allows 15 digits; 8 keeps short service numbers, ports and pids readable.
+PHONE_NUMBER = re.compile(r"(?<![\w%])(?:\+|%2[Bb])?\d{8,15}(?!\w)")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# Health probes are not access-logged: one every few seconds would drown the rest.
+PROBE_PATHS = ("/healthz", "/readyz")  # service/health.py
+
+
+def scrub(text: str) -> str:
+    """``text`` with every phone number masked and terminal colours removed."""
+    return PHONE_NUMBER.sub(lambda found: mask(unquote(found.group())), ANSI_ESCAPE.sub("", text))
+
+
+def _scrubbed(value):
+    return scrub(value) if isinstance(value, str) else value
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,12 +47,43 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
         }
-        line.update(getattr(record, "fields", {}))
+        line.update({key: _scrubbed(value) for key, value in getattr(record, "fields", {}).items()})
         if record.exc_info:
-            line["error"] = self.formatException(record.exc_info)
+            line["error"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25 12:42:21.906 INFO service.webhook: webhook replied from=+1555***0001 …``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.fromtimestamp(record.created).isoformat(sep=" ", timespec="milliseconds")
+        fields = "".join(f" {key}={_scrubbed(value)}" for key, value in getattr(record, "fields", {}).items())
+        line = f"{moment} {record.levelname} {record.name}: {scrub(record.getMessage())}{fields}"
+        if record.exc_info:
+            line += "\n" + scrub(self.formatException(record.exc_info))
+        return line
+
+
+FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
+
+
+class _Quiet:
+    """Below which level the service's own handler stays silent (operators' commands)."""
+
+    level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def quiet():
+    """Only errors are written meanwhile: an operator's command prints its output alone."""
+    before, _Quiet.level = _Quiet.level, logging.ERROR
+    try:
+        yield
+    finally:
+        _Quiet.level = before
 
 
 class _Handler(logging.StreamHandler):
@@ -50,26 +102,61 @@ class _Handler(logging.StreamHandler):
     def stream(self, value):
         pass
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= _Quiet.level and super().filter(record)
 
-class _ScrubbedRequestLines(logging.Filter):
-    """Request lines (werkzeug's under ``make run``, gunicorn's access log) without query
-    strings, since a GET webhook carries From, To and Body there, and with the numbers in
-    ``/ops/conversations/<from>/<to>`` masked."""
+
+# A request of the dev server that wrote its own summary line (the webhook's) gets no second,
+# werkzeug request line; werkzeug logs it on the thread that served it, right after.
+_summarised = threading.local()
+
+
+class _DevServerRequestLines(logging.Filter):
+    """werkzeug's request lines (``make run``), without query strings."""
 
     QUERY = re.compile(r"\?[^\s\"]*")
-    OPS_PAIR = re.compile(r"(/ops/conversations/)([^/\s\"?]+)/([^/\s\"?]+)")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        line = self.QUERY.sub("", record.getMessage())
-        line = self.OPS_PAIR.sub(lambda m: m.group(1) + mask(unquote(m.group(2))) + "/"
-                                 + mask(unquote(m.group(3))), line)
-        record.msg, record.args = line, ()
+        if isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s'):  # log_request's form
+            if getattr(_summarised, "request", False):
+                _summarised.request = False
+                return False
+        record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
         return True
+
+
+class GunicornLogger(GunicornBaseLogger):
+    """gunicorn's own lines in the service's form (``logger_class`` in config/gunicorn.conf.py).
+
+    Access lines name the path only (never the query), with method, status, size and duration
+    as fields; health probes get none.
+    """
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        from .settings import load  # the master checked every setting before this runs
+
+        formatter = FORMATTERS[load()["LOG_FORMAT"]]()
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(formatter)
+
+    def access(self, resp, req, environ, request_time):
+        path = environ.get("PATH_INFO", "")
+        if not self.access_log_enabled or path in PROBE_PATHS:
+            return
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        method = environ.get("REQUEST_METHOD", "-")
+        self.access_log.info("%s %s %s", method, path, status, extra={"fields": {
+            "method": method, "path": path, "status": int(status), "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 2),
+            "remote": environ.get("REMOTE_ADDR", "-")}})
 
 
 def open_summary() -> None:
     """Starts collecting fields for the current request's one summary line."""
     g.log_fields = {}
+    _summarised.request = True
 
 
 def annotate(**fields) -> bool:
@@ -92,10 +179,13 @@ def summary_fields() -> dict:
 
 
 def init_app(app: Flask) -> None:
-    """Installs the JSON handler on the root logger once per process (apps may be many)."""
+    """Installs the handler on the root logger once per process (apps may be many), in the
+    form the app's ``LOG_FORMAT`` asks for."""
     root = logging.getLogger()
-    if not any(isinstance(handler, _Handler) for handler in root.handlers):
-        root.addHandler(_Handler())
-        for name in ("werkzeug", "gunicorn.access"):
-            logging.getLogger(name).addFilter(_ScrubbedRequestLines())
+    handler = next((h for h in root.handlers if isinstance(h, _Handler)), None)
+    if handler is None:
+        handler = _Handler()
+        root.addHandler(handler)
+        logging.getLogger("werkzeug").addFilter(_DevServerRequestLines())
+    handler.setFormatter(FORMATTERS[app.config["LOG_FORMAT"]]())
     root.setLevel(logging.INFO)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import sys
 
 import click
@@ -81,6 +82,8 @@ def end_conversation(sender, recipient):
 
 
 conversations_cli = AppGroup("conversations", help="See, read and end live conversations (REDIS_URL).")
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 
 
@@ -92,7 +95,9 @@ def run(command):
     try:
         return command()
     except UNAVAILABLE as failure:
-        click.echo(f"Redis unavailable: {type(failure).__name__}: {failure}", err=True)
+        detail = str(failure).strip().splitlines()
+        click.echo(f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""),
+                   err=True)
         sys.exit(1)
 
 
@@ -152,8 +157,15 @@ def expire_command(sender, recipient, as_json):
          f"ended the conversation from {sender} to {recipient}", as_json)
 
 
+# How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
+# short code. Anything else cannot match a conversation.
+NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
+
+
 def unknown(sender: str, recipient: str):
-    click.echo(f"no live conversation from {sender} to {recipient}", err=True)
+    hint = ("" if NUMBER.match(sender) and NUMBER.match(recipient) else
+            " (numbers are written as Twilio sends them: E.164 with the +, e.g. +15551230001)")
+    click.echo(f"no live conversation from {sender} to {recipient}{hint}", err=True)
     sys.exit(1)
 
 
@@ -165,10 +177,20 @@ def table(rows: list[dict]) -> str:
     if not rows:
         return "no live conversations"
     cells = [[column.upper().replace("_", " ") for column in COLUMNS]]
-    cells += [[str(row[column]) for column in COLUMNS] for row in rows]
+    cells += [[duration(row[column]) if column == "expires_in" else str(row[column]) for column in COLUMNS]
+              for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
                      for line in cells)
+
+
+def duration(seconds: int) -> str:
+    """``14398`` → ``3h 59m 58s``, for people (``--json`` keeps the seconds)."""
+    hours, rest = divmod(max(0, int(seconds)), 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {seconds:02d}s"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def init_app(app: Flask) -> None:

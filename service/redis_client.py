@@ -196,7 +196,13 @@ def check(config) -> None:
     found without connecting: gunicorn's master runs it once, so a bad URL is one line."""
     url = config["REDIS_URL"]
     scheme = url.partition("://")[0].lower() if url else ""
-    if scheme in SINGLE_SCHEMES:
+    if not url:
+        try:
+            import fakeredis  # noqa: F401  (a development extra: not in the production image)
+        except ImportError:
+            raise ConfigError("REDIS_URL is not set and the embedded in-memory store is not "
+                              "installed (pip install 'sms-sessions[dev]')") from None
+    elif scheme in SINGLE_SCHEMES:
         try:
             parse_url(url)
         except ValueError as error:

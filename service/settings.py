@@ -58,6 +58,12 @@ def _env_name(value: str) -> str:
     return value
 
 
+def _log_format(value: str) -> str:
+    if value not in {"json", "text"}:
+        raise ValueError("must be 'json' or 'text'")
+    return value
+
+
 def _text(value: str) -> str:
     return value
 
@@ -149,6 +155,9 @@ SETTINGS = [
     Setting("MAX_BODY_BYTES", 65536, _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
             "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
             "32768 to 16777216: Twilio's longest message takes up to ~20 KB."),
+    Setting("LOG_FORMAT", "json", _log_format,
+            "`json`: one JSON object per line, for log pipelines; `text`: readable lines for a "
+            "terminal (`make run` sets it). Either way phone numbers are masked."),
     Setting("OPS_TOKEN", None, _text,
             "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
             "sign in to the console at `/console/`. Unset: both are off (404 for every method "

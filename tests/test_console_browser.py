@@ -15,6 +15,7 @@ import struct
 
 import pytest
 import requests
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
@@ -59,7 +60,10 @@ class Console:
         self.browser.get(self.base + path)
 
     def wait(self, condition, seconds=20):
-        return WebDriverWait(self.browser, seconds).until(condition)
+        """Until ``condition``; an element the page replaced meanwhile (a navigation, a
+        refresh) is looked up again at the next poll."""
+        return WebDriverWait(self.browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
+                             ).until(condition)
 
     def find(self, css):
         return self.browser.find_element(By.CSS_SELECTOR, css)
@@ -139,7 +143,7 @@ def test_sign_in_see_a_conversation_arrive_search_open_end_and_sign_out(console,
     assert console.problems() == []
 
     output = server.output()
-    assert "console: an operator signed in" in output and '"POST /console/conversation/end"' in output
+    assert "console: an operator signed in" in output and '"message": "POST /console/conversation/end ' in output
     assert "conversation of +1555***0001 ended by an operator" in output
     for number in NUMBERS:
         assert number[1:] not in output  # not even URL-encoded (%2B…)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from urllib.parse import urlencode
 
@@ -11,6 +12,7 @@ import pytest
 import requests
 
 from service.logs import JsonFormatter
+from service.settings import ConfigError, load
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 REY, OURS = "+15551230001", "+15550001111"
@@ -95,13 +97,22 @@ def test_stale_cookie_is_noted_in_the_line(app, lines):
 
 
 def test_dev_server_request_lines_carry_no_query(live_server, lines):
-    """``make run``'s werkzeug logs each request line; a GET webhook's query holds everything."""
-    url = live_server.url + "?" + urlencode(webhook_params(REY, OURS, BODY))
+    """``make run``'s werkzeug logs each request line; a query may hold numbers and bodies."""
+    base = live_server.url.removesuffix("/sms")
     lines()
+    assert requests.get(f"{base}/healthz?" + urlencode(webhook_params(REY, OURS, BODY)), timeout=10).ok
+    [request_line] = lines("werkzeug")
+    assert "GET /healthz HTTP/1.1" in request_line
+    assert_clean(request_line)
+
+
+def test_dev_server_writes_one_line_per_webhook_request(live_server, lines):
+    """The webhook's own summary line, without a second, werkzeug line for the same request."""
+    url = live_server.url + "?" + urlencode(webhook_params(REY, OURS, BODY))
+    lines("")
     assert requests.get(url, headers={"X-Twilio-Signature": sign(url, {})}, timeout=10).status_code == 200
-    request_lines = lines("werkzeug")
-    assert len(request_lines) == 1 and "GET /sms HTTP/1.1" in request_lines[0]
-    assert_clean(request_lines[0])
+    taken = lines("")
+    assert [json.loads(line)["logger"] for line in taken] == ["service.webhook"]
 
 
 def test_request_lines_mask_the_numbers_in_ops_paths(live_server, lines):
@@ -111,3 +122,37 @@ def test_request_lines_mask_the_numbers_in_ops_paths(live_server, lines):
     [request_line] = lines("werkzeug")
     assert "/ops/conversations/+1555***0001/+1555***1111 HTTP/1.1" in request_line
     assert_clean(request_line)
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_every_line_is_masked_whatever_logger_wrote_it(capsys, log_format):
+    """Flask's own line for a failed request names its path; a library may log a number."""
+    app = make_app(LOG_FORMAT=log_format)
+
+    def fails(number):
+        raise KeyError(number)
+
+    app.add_url_rule("/fails/<number>", view_func=fails)
+    capsys.readouterr()
+    assert app.test_client().get(f"/fails/{REY}").status_code == 500
+    logging.getLogger("some.library").warning("calling %s from %s", OURS, REY.replace("+", "%2B"))
+    output = capsys.readouterr().out
+    assert f"Exception on /fails/{MASKED[0]} [GET]" in output  # Flask's line, with its traceback
+    assert f"KeyError: '{MASKED[0]}'" in output
+    assert f"calling {MASKED[1]} from {MASKED[0]}" in output
+    assert_clean(output)
+
+
+def test_text_lines_for_a_terminal(capsys):
+    client = make_app(LOG_FORMAT="text").test_client()
+    capsys.readouterr()
+    post_signed(client, webhook_params(REY, OURS, BODY))
+    [line] = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO service\.webhook: webhook replied "
+                        r"message_sid=SM\w+ from=\+1555\*\*\*0001 to=\+1555\*\*\*1111 outcome=replied "
+                        r"status=200 latency_ms=[\d.]+", line), line
+
+
+def test_log_format_is_json_or_text():
+    with pytest.raises(ConfigError, match=r"^LOG_FORMAT='yaml': must be 'json' or 'text'$"):
+        load({"LOG_FORMAT": "yaml"})

@@ -385,6 +385,7 @@ def test_benchmark_script_smoke(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(output.read_text())
+    assert json.loads(result.stdout) == report  # stdout: the JSON alone, no log lines
     assert report["conversations"] == 1000
     assert {"count_ms", "first_page_50_ms", "expire_one_ms"} <= set(report)
 

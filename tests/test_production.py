@@ -29,6 +29,7 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("LOCK_TTL", {"LOCK_TTL": "0.0001"}),
     ("LOCK_WAIT", {"LOCK_WAIT": "9.5"}),
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),
+    ("LOG_FORMAT", {"LOG_FORMAT": "yaml"}),
 ]
 CASES = pytest.mark.parametrize("variable, setting", REFUSED, ids=[
     f"{variable}={next(iter(setting.values()))}" for variable, setting in REFUSED])

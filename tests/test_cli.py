@@ -1,0 +1,163 @@
+"""The ``sms-sessions`` console script as an operator and a developer meet it: its own version
+and commands, operator commands that print only their output, one-line Redis errors, readable
+tables, a hint for a number written without its +, a simulator that skips empty lines, and
+``make run`` on a busy port."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+from tests.support.app import TOKEN, make_app, post_signed, webhook_params
+from tests.support.app_servers import LiveServer, bin_path, hermetic_environment
+from tests.support.ports import free_port
+from tests.support.programs import require_binary
+from service.keys import Keys
+from service.ops import duration
+
+REY, OURS = "+15551230001", "+15550001111"
+
+
+def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """The installed console script in its own process; only the settings given here."""
+    return subprocess.run([bin_path("sms-sessions"), *args], env={**hermetic_environment(), **env}, cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_version_is_the_tools_own():
+    result = sms_sessions("--version")
+    assert (result.returncode, result.stdout) == (0, "sms-sessions 0.1.0\n")
+
+
+@pytest.mark.slow
+def test_help_lists_only_its_commands():
+    result = sms_sessions("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    commands = [line.split()[0] for line in result.stdout.split("Commands:\n", 1)[1].splitlines()]
+    assert commands == ["conversations", "events", "run", "serve", "simulate", "sweep"]
+    assert "--app" not in result.stdout and "--env-file" not in result.stdout
+    for foreign in (["routes"], ["shell"], ["-A", "x", "run"], ["--env-file", "x", "run"]):
+        assert sms_sessions(*foreign).returncode == 2, foreign
+
+
+@pytest.mark.slow
+def test_operator_commands_print_only_their_output(redis_url):
+    """No start-up warning meant for the webhook (TWILIO_AUTH_TOKEN unset), no info line."""
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    assert sms_sessions("conversations", "--help").stderr == ""
+    counted = sms_sessions("conversations", "count", REDIS_URL=redis_url)
+    assert (counted.returncode, counted.stdout, counted.stderr) == (0, "1\n", "")
+    ended = sms_sessions("conversations", "expire", REY, OURS, "--json", REDIS_URL=redis_url)
+    assert ended.returncode == 0 and ended.stderr == ""
+    assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
+    events = sms_sessions("events", "--json", REDIS_URL=redis_url)
+    assert events.returncode == 0 and events.stderr == ""
+    assert [json.loads(line)["type"] for line in events.stdout.splitlines()] == ["started", "ended"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis+cluster://127.0.0.1:{port}"])
+def test_redis_unreachable_is_one_line(url):
+    result = sms_sessions("conversations", "count", REDIS_URL=url.format(port=free_port()), REDIS_TIMEOUT="0.2")
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Redis unavailable: ")
+
+
+@pytest.mark.slow
+def test_a_number_without_its_plus_gets_a_hint(redis_url):
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    result = sms_sessions("conversations", "show", REY[1:], OURS, REDIS_URL=redis_url)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"no live conversation from {REY[1:]} to {OURS} (numbers are written as Twilio sends them: "
+        "E.164 with the +, e.g. +15551230001)"]
+    assert sms_sessions("conversations", "show", REY, OURS, REDIS_URL=redis_url).returncode == 0
+
+
+@pytest.mark.slow
+def test_the_table_shows_expiry_for_people_and_json_keeps_seconds(redis_url):
+    post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(REY, OURS))
+    table = sms_sessions("conversations", "list", REDIS_URL=redis_url).stdout.splitlines()
+    assert table[0].endswith("EXPIRES IN") and table[1].endswith(("3h 59m 59s", "3h 59m 58s", "4h 00m 00s"))
+    [row] = json.loads(sms_sessions("conversations", "list", "--json", REDIS_URL=redis_url).stdout)
+    assert isinstance(row["expires_in"], int)
+
+
+def test_duration():
+    assert [duration(s) for s in (0, 7, 65, 3600, 14398, -3)] == [
+        "0s", "7s", "1m 05s", "1h 00m 00s", "3h 59m 58s", "0s"]
+
+
+@pytest.mark.slow
+def test_simulate_skips_empty_lines(redis_url):
+    app = make_app(REDIS_URL=redis_url)
+    with LiveServer(app) as server:
+        result = sms_sessions("simulate", "--from", REY, "--to", OURS, "--url", server.url,
+                              stdin="hello\n\n   \nagain\n", TWILIO_AUTH_TOKEN=TOKEN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Thanks for the message, Rey!",
+                                          "Rey has messaged +15550001111 2 times."]
+
+
+@pytest.mark.slow
+def test_make_run_on_a_busy_port_says_which_to_use():
+    """Before its banner, and without starting anything (the venv is the running one)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            ["make", "--no-print-directory", "-o", "install", "run", f"PORT={port}",
+             f"VENV={Path(bin_path('python')).parent.parent}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0] == (
+        f"make run: port {port} on 127.0.0.1 is in use; choose another: make run PORT=5001")
+    assert "Serving the webhook" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")])
+def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
+    """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""
+    result = sms_sessions("serve", **{variable: value})
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"sms-sessions: refusing to start: {variable}={value!r}: ")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def readme_redis_cli_recipe(title: str) -> str:
+    """docs/operating.md's redis-cli set-up lines and the recipe under the comment ``title``."""
+    block = (ROOT / "docs" / "operating.md").read_text().split("## Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
+    block = block.split("```", 1)[0]
+    setup = "\n".join(line for line in block.splitlines() if line.startswith(("R=", "now=")))
+    recipe = block.split(f"# {title}", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
+    return setup + "\n" + recipe
+
+
+@pytest.mark.slow
+def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
+    """Run as printed, against a real Redis where most of the 100 tags are empty."""
+    require_binary("redis-cli", "redis-tools")
+    keys, now = Keys(), int(time.time() * 1000)
+    planted = {}
+    for n in range(12):  # tags {01}, {02} and {03} only
+        conversation = keys.conversation(f"+1555123{n:02d}{n % 3 + 1:02d}", OURS)
+        planted[conversation.member] = now + 60_000 + 1000 * n
+        redis_client.zadd(conversation.index, {conversation.member: planted[conversation.member]})
+    redis_client.zadd(keys.conversation("+15551239903", OURS).index, {"lapsed|+1": now - 1000})
+    script = readme_redis_cli_recipe("The 10 most recent")
+    printed = subprocess.run(["bash", "-c", script], env={**hermetic_environment(), "REDIS_URL": redis_url},
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    newest = sorted(planted.items(), key=lambda item: -item[1])[:10]
+    assert printed.stdout.splitlines() == [f"{member}\t{score}" for member, score in newest]
