@@ -65,10 +65,31 @@ local function tally(minutes, now, counts)
   for value in string.gmatch(redis.call('HGET', minutes, slot) or '', '%d+') do
     fields[#fields + 1] = tonumber(value)
   end
-  if fields[1] ~= minute or #fields ~= 9 then fields = {minute, 0, 0, 0, 0, 0, 0, 0, 0} end
+  local new_minute = fields[1] ~= minute or #fields ~= 9
+  if new_minute then fields = {minute, 0, 0, 0, 0, 0, 0, 0, 0} end
   for name, add in pairs(counts) do fields[TALLY[name]] = fields[TALLY[name]] + add end
   redis.call('HSET', minutes, slot, table.concat(fields, ' '))
-  redis.call('PEXPIRE', minutes, 3660000)
+  if new_minute then redis.call('PEXPIRE', minutes, 3660000) end
+end
+-- Forgets the answers older than `horizon`, and the oldest beyond `keep`; returns the oldest
+-- kept answer's time (or false) and how many are kept.
+local function prune(conversation, horizon, keep)
+  local fields = redis.call('HGETALL', conversation)
+  local answers = {}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'm:' then
+      local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
+      if at == nil or at <= horizon then
+        redis.call('HDEL', conversation, fields[i])
+      else
+        answers[#answers + 1] = {at, fields[i]}
+      end
+    end
+  end
+  table.sort(answers, function(a, b) return a[1] > b[1] end)
+  for i = keep + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
+  local kept = math.min(#answers, keep)
+  return kept > 0 and answers[kept][1], kept
 end
 -- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
 -- tally and, for the end hook, its final state, in the same atomic step as its fields and
@@ -110,7 +131,9 @@ local k = {conversation = conversation, index = index, member = member, events =
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
 local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
-if answered then
+if answered then  -- answered while this delivery waited, maybe: it leaves the line at once
+  redis.call('ZREM', queue, token)
+  redis.call('HDEL', waiters, token)
   return {'dup', (string.gsub(answered, '^%d+ ', '', 1)), redis.call('HGET', conversation, 'sid') or ''}
 end
 local now = now_ms()
@@ -122,8 +145,7 @@ while head and head ~= token and (tonumber(redis.call('HGET', waiters, head)) or
   head = redis.call('ZRANGE', queue, 0, 0)[1]
 end
 
-if redis.call('EXISTS', lock) == 0 and (not head or head == token) then
-  redis.call('SET', lock, token, 'PX', lock_ms)
+if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lock_ms) then
   if head then
     redis.call('ZREM', queue, token)
     redis.call('HDEL', waiters, token)
@@ -167,49 +189,38 @@ if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'sa
 if redis.call('GET', lock) ~= token then return 'lost' end
 local now = now_ms()
 
-redis.call('HSET', conversation, 'm:' .. message_sid, now .. ' ' .. answer)
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
 tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
+local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers')
+-- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
+-- are scanned only when one can be forgotten (out of the window, or over the cap).
+local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
+from, count = tonumber(from), tonumber(count)
+if not (from and count and from > now - window_ms and count < kept) then
+  from, count = prune(conversation, now - window_ms, kept - 1)
+end
+local answered = {'m:' .. message_sid, now .. ' ' .. answer}
 if keeps then
-  local seq = 1
   if fresh then
     local sender, recipient = pair(member)
     forget(conversation)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', started_at, 'conversation', sid)
-  else
-    seq = (tonumber(redis.call('HGET', conversation, 'seq')) or 0) + 1
   end
-  redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', seq, 'last_seen', now)
-  redis.call('HSETNX', conversation, 'first_seen', fresh and started_at or now)
+  redis.call('HSET', conversation, answered[1], answered[2], 'sid', sid, 'state', state,
+             'seq', (tonumber(found[1]) or 0) + 1, 'last_seen', now,
+             'answers', (from or now) .. ' ' .. (count + 1))
+  if fresh then redis.call('HSET', conversation, 'first_seen', started_at) end
   redis.call('ZADD', index, now + ttl_ms, member)
   if redis.call('PTTL', index) < ttl_ms + grace_ms then
     redis.call('PEXPIRE', index, ttl_ms + grace_ms)
   end
+else
+  redis.call('HSET', conversation, answered[1], answered[2])
 end
 local ended = 0
 if end_reason ~= '' then
   ended = finish(k, end_reason, now, now)
-end
-
--- Answers older than the window go, and the oldest beyond the cap (a memory guard).
-if redis.call('HLEN', conversation) > 6 then
-  local fields = redis.call('HGETALL', conversation)
-  local answers = {}
-  for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 2) == 'm:' then
-      local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
-      if at == nil or at <= now - window_ms then
-        redis.call('HDEL', conversation, fields[i])
-      else
-        answers[#answers + 1] = {at, fields[i]}
-      end
-    end
-  end
-  if #answers > kept then
-    table.sort(answers, function(a, b) return a[1] > b[1] end)
-    for i = kept + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
-  end
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or ttl_ms + grace_ms)
 redis.call('DEL', lock)

@@ -308,3 +308,18 @@ def test_message_from_params_reads_keywords_and_media():
     assert message.opt_out == "STOP" and message.media == ("u0",)
     assert Message.from_params({"NumMedia": "lots"}, "x").media == ()
     assert Message.from_params({"Body": "stop it"}, "x").opt_out is None
+
+
+def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_client):
+    """Its first delivery is saved while the redelivery waits in line: the redelivery gets the
+    stored answer and takes its ticket with it, so the message behind it is not held up."""
+    app = app_with(notebook)
+    keys = KEYS.conversation(REY, OURS)
+    store = app.extensions["sms.store"]
+    holder = store.open(keys, "SMfirst")
+    waiting = store.open_call(keys, "SMfirst", "redelivery-token")
+    store._run(store._open, *waiting)  # the redelivery queues behind the holder
+    assert redis_client.zrange(keys.queue, 0, -1) == ["redelivery-token"]
+    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SMfirst", answer="tok")
+    assert store._run(store._open, *waiting)[0] == "dup"
+    assert not redis_client.exists(keys.queue) and not redis_client.exists(keys.waiters)
