@@ -14,6 +14,7 @@ from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 from tests.support.app_servers import LiveServer
+from tests.support.redis_servers import commands_during
 
 REY, FRIEND, OURS = "+15551230001", "+15559870042", "+15550001111"
 KEYS = Keys()
@@ -341,3 +342,15 @@ def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client
     again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
     assert again.status == 200 and again.reply == first.reply
     assert twilio.send(REY, OURS, "two").reply == "Thanks for the message, Rey!"  # no sid: afresh
+
+
+def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
+    """A conversation knows its oldest kept answer and how many it keeps ("answers"), so a
+    message within the window adds its answer without reading the others."""
+    client = app.test_client()
+    for _ in range(5):
+        post_signed(client, webhook_params())
+    oldest, count = conversation(redis_client)["answers"].split()
+    assert count == "5" and int(oldest) <= int(conversation(redis_client)["last_seen"])
+    used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
+    assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{oldest} 6"
