@@ -242,7 +242,7 @@ def instrument_service(timers, app) -> None:
     from service import callers, conversations, handler, logs, sessions, signature, webhook
 
     patch(timers, "signature", signature.SignatureCheck, "is_valid")
-    patch(timers, "form", webhook, "_decodable")
+    patch(timers, "form", webhook, "_fields")
     for name in ("open_summary", "annotate", "summary_fields"):
         patch(timers, "log", logs, name)
     patch(timers, "log", webhook, "mask")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from flask import Blueprint, Flask, Response, current_app, g, request, request_finished, session
 from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
@@ -31,6 +31,7 @@ bp = Blueprint("webhook", __name__)
 MAX_FIELD = 64
 PATH = "/sms"
 METHODS = ["GET", "POST"]  # Twilio calls a webhook with the one configured: no other runs it
+FORM = "application/x-www-form-urlencoded"  # how Twilio posts
 
 
 
@@ -46,6 +47,33 @@ def _decodable(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _parsed(raw: bytes) -> list[tuple[str, str]] | None:
+    """``name=value&…`` as (name, value) pairs, or None unless every one is valid UTF-8.
+
+    The stdlib's ``parse_qsl``, the parser werkzeug's form and args use, but strict about
+    UTF-8: checking and parsing are one pass, where ``request.form`` after ``_decodable``
+    went over the body twice (and through werkzeug's stream and form machinery).
+    """
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def _fields(req) -> list[tuple[str, str]] | None:
+    """The message's fields in arrival order (a query string's for a GET), or None when one is
+    not valid UTF-8. A body that is not Twilio's urlencoded form goes through werkzeug."""
+    query = req.query_string
+    if req.method != "POST":
+        return _parsed(query)
+    if query and not _decodable(query):  # the signed URL carries it
+        return None
+    body = req.get_data(cache=True)
+    if req.mimetype == FORM:
+        return _parsed(body)
+    return list(req.form.items(multi=True)) if _decodable(body) else None
 
 
 def _field_problem(name: str, value: str) -> str | None:
@@ -88,20 +116,22 @@ def _start():
 @bp.route(PATH, methods=METHODS)
 def sms():
     """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
-    body = request.get_data(cache=True) if request.method == "POST" else b""
-    if not (_decodable(request.query_string) and _decodable(body)):
+    fields = _fields(request)
+    if fields is None:
         return _refuse(400, "request is not valid UTF-8 form data")
-    params = request.form if request.method == "POST" else request.args
+    params: dict[str, str] = {}
+    for name, value in fields:  # the first of a repeated field, as werkzeug's MultiDict.get
+        params.setdefault(name, value)
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
-    if not signature.check().is_valid(request):
+    if not signature.check().is_valid(request, fields if request.method == "POST" else ()):
         return _refuse(403, "invalid or missing Twilio signature")
     for name, value in (("From", sender), ("To", recipient), ("MessageSid", message_sid)):
         reason = _field_problem(name, value)
         if reason:
             return _refuse(400, reason)
-    message = Message.from_params(params.to_dict(), callers.directory().name(sender))
+    message = Message.from_params(params, callers.directory().name(sender))
 
     conversation = session.bind(message)
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
