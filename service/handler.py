@@ -147,5 +147,5 @@ def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None 
     app.extensions["sms.on_end"] = on_end
 
 
-def current() -> Handler:
-    return current_app.extensions["sms.handler"]
+def current(app: Flask | None = None) -> Handler:
+    return (app or current_app).extensions["sms.handler"]

@@ -116,8 +116,8 @@ class Metrics:
         return registry
 
 
-def current() -> Metrics:
-    return current_app.extensions["sms.metrics"]
+def current(app: Flask | None = None) -> Metrics:
+    return (app or current_app).extensions["sms.metrics"]
 
 
 def count_redis_error() -> None:
