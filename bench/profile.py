@@ -25,10 +25,11 @@ A component's figure excludes the components it calls. Two ways to split:
 - instructions (``--instructions``, ``Trampolines``): the same passes under valgrind's
   callgrind, which counts instructions, the same however busy the machine is. Each wrapped
   call runs through a C function of CPython's own that nothing else on the request path uses
-  (``map``'s iterator, ``itertools.starmap``'s, …), one per (component, calling component),
-  so callgrind's inclusive count of that C function is what the wrapped calls cost; a
-  component's own count is its calls' minus those of the components they call. Instructions
-  are user space only (the kernel's share of socket calls is not counted).
+  (``map``'s iterator, the slot behind ``-x``, …), one per (component, calling component), so
+  callgrind's inclusive count of that C function is what the wrapped calls cost; a
+  component's own count is its calls' minus those of the components they call, and the
+  wrapping's own cost (calibrated) is taken out. Instructions are user space only (the
+  kernel's share of socket calls is not counted).
 
 What runs outside the app under gunicorn (HTTP parsing, sockets) is in neither: ``make bench``
 measures whole workers.
@@ -117,19 +118,19 @@ class Timers:
 
 
 class _Dunder:
-    """Hands ``call`` to the special method a builtin invokes (``math.ceil`` → ``__ceil__``…)."""
+    """Hands ``call`` to the special method an operator invokes (``-x`` → ``__neg__``…)."""
 
     def __init__(self, call):
         self.call = call
 
-    def __ceil__(self):
+    def __neg__(self, *_):
         return self.call()
 
-    __trunc__ = __ceil__
+    __pos__ = __invert__ = __abs__ = __ceil__ = __trunc__ = __neg__
+    __matmul__ = __lshift__ = __rshift__ = __xor__ = __floordiv__ = __neg__
 
 
 _NEVER = object()  # iter(call, sentinel)'s sentinel: no call returns it
-
 
 
 def _through_predicate(iterator_type, keep: bool):
@@ -141,53 +142,60 @@ def _through_predicate(iterator_type, keep: bool):
     return via
 
 
-def _through_comparison(call):
-    result = []
-    key = functools.cmp_to_key(lambda a, b: result.append(call()) or 0)
-    key(0) < key(0)  # noqa: B015 (the comparison is the call)
-    return result[0]
-
-
-# (the C function of CPython's that callgrind sees, how a call runs through it); the first is
-# the request's own, callgrind's collection toggle.
+# (the C function of CPython's that callgrind sees, how a call runs through it). The first
+# three toggle callgrind's collection: a request, and the two calibration loops.
 TRAMPOLINES = (
     ("functools_reduce", lambda call: functools.reduce(lambda _, item: item(), (call,), None)),
-    ("methodcaller_call", lambda call: operator.methodcaller("__call__")(call)),
-    ("starmap_next", lambda call: next(itertools.starmap(call, ((),)))),
-    ("groupby_next", lambda call: next(itertools.groupby((call,), key=lambda item: item()))[0]),
-    ("_operator_call", lambda call: operator.call(call)),
-    ("calliter_iternext", lambda call: next(iter(call, _NEVER))),
+    ("slot_nb_matrix_multiply", lambda call: _Dunder(call) @ 0),
+    ("slot_nb_lshift", lambda call: _Dunder(call) << 0),
+    ("slot_nb_positive", lambda call: +_Dunder(call)),
+    ("slot_nb_invert", lambda call: ~_Dunder(call)),
+    ("slot_nb_absolute", lambda call: abs(_Dunder(call))),
+    ("slot_nb_rshift", lambda call: _Dunder(call) >> 0),
+    ("slot_nb_xor", lambda call: _Dunder(call) ^ 0),
+    ("slot_nb_floor_divide", lambda call: _Dunder(call) // 0),
     ("math_ceil", lambda call: math.ceil(_Dunder(call))),
     ("math_trunc", lambda call: math.trunc(_Dunder(call))),
-    ("keyobject_richcompare", _through_comparison),
+    ("map_next", lambda call: next(map(operator.methodcaller("__call__"), (call,)))),
+    ("starmap_next", lambda call: next(itertools.starmap(call, ((),)))),
+    ("groupby_next", lambda call: next(itertools.groupby((call,), key=lambda item: item()))[0]),
+    ("calliter_iternext", lambda call: next(iter(call, _NEVER))),
+    ("_operator_call", lambda call: operator.call(call)),
     ("dropwhile_next", _through_predicate(itertools.dropwhile, False)),
     ("takewhile_next", _through_predicate(itertools.takewhile, True)),
     ("filterfalse_next", _through_predicate(itertools.filterfalse, False)),
-    ("filter_next", _through_predicate(filter, True)),
 )
+TOGGLES = 3
+REQUEST, CALIBRATED, EMPTY = (function for function, _ in TRAMPOLINES[:TOGGLES])
 
 
 class Trampolines:
     """Runs each wrapped call through the C function of its (component, calling component), for
     callgrind to count; ``calls`` counts them on the Python side, to check that callgrind saw
-    exactly these calls of that function (no other code on the path uses it)."""
+    exactly these calls of that function (no other code on the path uses it).
+
+    A wrapped call costs instructions of its own (the wrapper, the trampoline), in the caller
+    and in the callee: ``calibrate`` measures both with calls of a function doing nothing, in
+    loops that toggle collection themselves, and ``instructions`` takes them out.
+    """
 
     def __init__(self):
         self.stack: list[str] = []
-        self.pairs: dict[tuple[str, str | None], int] = {}  # → index in TRAMPOLINES
+        self.pairs: dict[tuple[str, str | None], int] = {("framework", None): 0}  # → TRAMPOLINES
         self.calls: dict[tuple[str, str | None], int] = defaultdict(int)
-        self.pair("framework", None)  # the request itself: TRAMPOLINES[0], callgrind's toggle
+        self.calibration_calls = 0
 
     def pair(self, component: str, parent: str | None) -> int:
         key = (component, parent)
         if key not in self.pairs:
-            if len(self.pairs) == len(TRAMPOLINES):
+            index = len(self.pairs) + TOGGLES - 1
+            if index == len(TRAMPOLINES):
                 raise RuntimeError(f"more (component, caller) pairs than trampolines: {key}")
-            self.pairs[key] = len(self.pairs)
+            self.pairs[key] = index
         return self.pairs[key]
 
     def wrap(self, component: str, function):
-        stack = self.stack
+        stack, calls = self.stack, self.calls
 
         @functools.wraps(function)
         def traced(*args, **kwargs):
@@ -196,13 +204,26 @@ class Trampolines:
                 return function(*args, **kwargs)  # within itself, or outside any request
             key = (component, parent)
             via = TRAMPOLINES[self.pair(component, parent)][1]
-            self.calls[key] += 1
+            calls[key] += 1
             stack.append(component)
             try:
                 return via(lambda: function(*args, **kwargs))
             finally:
                 stack.pop()
         return traced
+
+    def calibrate(self, runs: int = 2000) -> None:
+        """``runs`` wrapped calls of a function doing nothing, and ``runs`` plain ones, each
+        loop through its own toggling trampoline."""
+        noop = self.wrap("_noop", lambda: None)
+        plain = lambda: None  # noqa: E731
+        self.stack.append("_calibration")
+        try:
+            TRAMPOLINES[1][1](lambda: [noop() for _ in range(runs)])
+            TRAMPOLINES[2][1](lambda: [plain() for _ in range(runs)])
+        finally:
+            self.stack.pop()
+        self.calibration_calls = runs
 
     def report(self) -> list[dict]:
         return [{"component": component, "caller": parent, "function": TRAMPOLINES[index][0],
@@ -425,42 +446,55 @@ def traced_pass(name: str, redis_url: str, pairs: int) -> dict:
     app = build(name, redis_url)
     serve(app, Requests(max(2, pairs // 10), seed=90))
     trampolines = Trampolines()
-    result = serve(instrumented(name, app, trampolines), Requests(pairs, seed=91))
+    root = instrumented(name, app, trampolines)
+    trampolines.calibrate()
+    result = serve(root, Requests(pairs, seed=91))
     answered(name, [result])
-    return {"requests": result[0], "pairs": trampolines.report()}
+    return {"requests": result[0], "pairs": trampolines.report(),
+            "calibration_calls": trampolines.calibration_calls}
 
 
 def instructions(name: str, redis_url: str, pairs: int) -> dict:
     """Instructions per request and per component: one pass of ``pairs`` pairs under callgrind,
-    which collects only inside requests (the first trampoline toggles it)."""
+    which collects only inside requests and the calibration loops (their trampolines toggle
+    it). Each wrapped call's own cost, measured by the calibration, is taken out of the
+    component called and of its caller."""
     with tempfile.TemporaryDirectory(prefix="sms-callgrind-") as directory:
         out, traced = Path(directory) / "callgrind.out", Path(directory) / "pairs.json"
         subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no",
-                        f"--toggle-collect={TRAMPOLINES[0][0]}", "--compress-strings=no",
-                        f"--callgrind-out-file={out}", sys.executable, "-m", "bench.profile",
-                        "--contender", name, "--redis-url", redis_url, "--pairs", str(pairs),
-                        "--traced-pass", str(traced)],
+                        *(f"--toggle-collect={function}" for function in (REQUEST, CALIBRATED, EMPTY)),
+                        "--compress-strings=no", f"--callgrind-out-file={out}", sys.executable,
+                        "-m", "bench.profile", "--contender", name, "--redis-url", redis_url,
+                        "--pairs", str(pairs), "--traced-pass", str(traced)],
                        cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
         seen = calls_into(out, {function for function, _ in TRAMPOLINES})
         run = json.loads(traced.read_text())
-    requests = run["requests"]
-    own: dict[str, float] = defaultdict(float)
     shared = [f"{pair['function']} (callgrind saw {seen[pair['function']][0]} calls, the profile "
               f"made {pair['calls']})" for pair in run["pairs"] if seen[pair["function"]][0] != pair["calls"]]
     if shared:
         raise RuntimeError("other code on the request path uses " + ", ".join(shared))
+    requests, runs = run["requests"], run["calibration_calls"]
+    noop = next(pair["function"] for pair in run["pairs"] if pair["component"] == "_noop")
+    callee = seen[noop][1] / runs  # inside the trampoline, per wrapped call
+    caller = (seen[CALIBRATED][1] - seen[noop][1] - seen[EMPTY][1]) / runs  # around it
+    own: dict[str, float] = defaultdict(float)
     for pair in run["pairs"]:
-        cost = seen[pair["function"]][1]
-        own[pair["component"]] += cost / requests
+        if pair["caller"] == "_calibration":
+            continue
+        calls, cost = pair["calls"], seen[pair["function"]][1]
+        own[pair["component"]] += (cost - calls * callee) / requests
         if pair["caller"]:
-            own[pair["caller"]] -= cost / requests
+            own[pair["caller"]] -= (cost + calls * caller) / requests
     return {
         "contender": name,
         "requests": requests,
-        "instructions_per_request": round(seen[TRAMPOLINES[0][0]][1] / requests),
+        "instructions_per_request": round(sum(own.values())),
         "components": {c: round(sum(v for k, v in own.items() if k.partition(":")[0] == c))
                        for c in COMPONENTS},
         "redis_scripts": {k.partition(":")[2]: round(v) for k, v in own.items() if k.startswith("redis:")},
+        "wrapped_calls_per_request": sum(p["calls"] for p in run["pairs"] if p["caller"] != "_calibration")
+        / requests,
+        "instructions_per_wrapped_call": {"caller": round(caller), "callee": round(callee)},
     }
 
 
