@@ -43,8 +43,11 @@ URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # token_urlsafe's alphabet: a cookie va
 class JsonSerializer(Serializer):
     """Flask-Session's serializer slot, JSON only."""
 
+    # One encoder: json.dumps with options other than the defaults builds one per call.
+    _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
     def encode(self, session: ServerSideSession) -> str:
-        return json.dumps(dict(session), separators=(",", ":"), ensure_ascii=False)
+        return self._encode(dict(session))
 
     def decode(self, serialized_data: str) -> dict:
         state = decode_state(serialized_data)
