@@ -107,6 +107,17 @@ def test_cookie_attributes(app):
     assert "Secure" in post_signed(secure.test_client(), webhook_params()).headers["Set-Cookie"]
 
 
+def test_a_server_that_lost_the_scripts_gets_them_again(twilio, redis_client):
+    """Scripts live in the server's memory only: after a restart or failover, the first call
+    meets NOSCRIPT, loads the script and still answers, counted once."""
+    twilio.send(REY, OURS, "hello")
+    redis_client.script_flush()
+    assert twilio.send(REY, OURS, "again").reply == "Rey has messaged +15550001111 2 times."
+    redis_client.script_flush()
+    assert twilio.send(REY, OURS, "and again").reply == "Rey has messaged +15550001111 3 times."
+    assert messages(redis_client) == 3
+
+
 @pytest.mark.parametrize("config", [
     {},
     {"SESSION_COOKIE_SECURE": True, "SESSION_COOKIE_SAMESITE": "Lax",
