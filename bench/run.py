@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
 
 import redis
@@ -421,9 +420,10 @@ def _memory_run(client: redis.Redis, conversations: int, messages: int, window_m
                 opened = Opened(token, now=now_ms())
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
-                pipe.evalsha(store._save.sha, 6, *chain(*store.save_call(
+                save_keys, save_args = store.save_call(
                     pair, opened, sid=sids[pair.member], state="{}", fresh=message == 1,
-                    message_sid=message_sid, answer="t" + reply)))
+                    message_sid=message_sid, answer="t" + reply)
+                pipe.evalsha(store._save.sha, len(save_keys), *save_keys, *save_args)
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:
                 raise RuntimeError("SAVE did not save every conversation")
