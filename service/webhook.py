@@ -179,7 +179,7 @@ def _finished(app: Flask, response: Response, **_) -> None:
     status = response.status_code
     result = outcome(status, state)
     metrics = current_metrics(app)
-    metrics.messages.labels(result).inc()
+    metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO
     log.log(level, "webhook %s", result.value, extra={"fields": {
