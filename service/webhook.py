@@ -101,7 +101,7 @@ def _start():
     if req.path != PATH:
         return
     g.started = time.perf_counter()
-    logs.open_summary()
+    logs.open_summary(method=req.method, remote=req.remote_addr)
     if req.method not in METHODS:
         logs.annotate(reason="method not allowed")
         raise MethodNotAllowed(valid_methods=METHODS)
