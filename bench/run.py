@@ -382,14 +382,14 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
       messages are more than 1 ms apart, which stands for a real window of minutes);
     - a burst of ``BURST_MESSAGES`` within the window (every answer kept, as the old layout
       kept its last 4), and a burst of ``REPLIES_KEPT`` (the cap: the most a conversation can
-      hold), on a twentieth of the conversations.
+      hold), on a fiftieth of the conversations (so that the burst fits in the window).
     """
     client = redis_server.client
     defaults = settings.load({})
     window_ms, kept = defaults["REDELIVERY_WINDOW"] * 1000, defaults["REPLIES_KEPT"]
     steady = _memory_run(client, conversations, BURST_MESSAGES, 1, kept)
     burst = _memory_run(client, conversations, BURST_MESSAGES, window_ms, kept)
-    cap = _memory_run(client, max(1, conversations // 20), kept, window_ms, kept)
+    cap = _memory_run(client, max(1, conversations // 50), kept, window_ms, kept)
     return {"conversations": conversations, "redelivery_window_s": window_ms // 1000,
             "replies_kept": kept, "first_message": steady[1], "steady": steady[BURST_MESSAGES],
             "burst": burst[BURST_MESSAGES], "burst_cap": cap[kept]}
