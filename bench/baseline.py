@@ -1,12 +1,14 @@
-"""The webhook both baselines share: Twilio's tutorial counter on ``flask.session``.
+"""The webhook the baselines share: Twilio's tutorial counter on ``flask.session``.
 
-Same replies as the service, and deliberately nothing more: no signature check, no lock, no
-redelivery memory, no index. Only where ``flask.session`` lives differs between the baselines.
+Same replies as the service, and deliberately nothing more: no lock, no redelivery memory, no
+index. Where ``flask.session`` lives, and whether the view is guarded by Twilio's signature
+check, is all that differs between the baselines.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from flask import Flask, request, session
 
@@ -16,10 +18,12 @@ from service.responses import twiml
 CALLERS_FILE = Path(__file__).resolve().parent.parent / "config" / "callers.json"
 
 
-def add_counter_webhook(app: Flask) -> Flask:
+def add_counter_webhook(app: Flask, guard: Callable = lambda view: view) -> Flask:
+    """``/sms`` (the counter) and ``/healthz``; ``guard`` decorates the webhook view."""
     callers = Callers.from_file(str(CALLERS_FILE))
 
     @app.route("/sms", methods=["GET", "POST"])
+    @guard
     def sms():
         sender, recipient = request.values.get("From", ""), request.values.get("To", "")
         counter = session.get("counter", 0) + 1

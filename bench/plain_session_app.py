@@ -1,4 +1,4 @@
-"""Baseline 3: plain Flask-Session 0.8 on Redis with its default settings.
+"""Baseline 3, bare: plain Flask-Session 0.8 on Redis with its default settings.
 
 Whole-blob ``GET``/``SET session:<sid>`` per request (msgpack, 31-day sliding TTL), no locking.
 Run: ``REDIS_URL=redis://… gunicorn bench.plain_session_app:app``.

@@ -31,8 +31,8 @@ class Callers:
         return self.names.get(address.rpartition(":")[2], UNKNOWN)
 
 
-def directory() -> Callers:
-    return current_app.extensions["sms.callers"]
+def directory(app: Flask | None = None) -> Callers:
+    return (app or current_app).extensions["sms.callers"]
 
 
 def init_app(app: Flask) -> None:

@@ -31,6 +31,7 @@ END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``r
 OPT_OUT = {"STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},
            "START": {"START", "YES", "UNSTOP"},
            "HELP": {"HELP", "INFO"}}
+KEYWORDS = {word: kind for kind, words in OPT_OUT.items() for word in words}
 MAX_MEDIA = 10  # Twilio's limit per message
 
 
@@ -67,13 +68,15 @@ def keyword(params: Mapping[str, str]) -> str | None:
     given = params.get("OptOutType", "").strip().upper()
     if given in OPT_OUT:
         return given
-    word = params.get("Body", "").strip().upper()
-    return next((kind for kind, words in OPT_OUT.items() if word in words), None)
+    return KEYWORDS.get(params.get("Body", "").strip().upper())
 
 
 def _media(params: Mapping[str, str]) -> tuple[str, ...]:
+    number = params.get("NumMedia", "0")
+    if number == "0":  # most messages
+        return ()
     try:
-        count = min(int(params.get("NumMedia", "0")), MAX_MEDIA)
+        count = min(int(number), MAX_MEDIA)
     except ValueError:
         count = 0
     return tuple(params[name] for name in (f"MediaUrl{n}" for n in range(count)) if name in params)
@@ -147,5 +150,5 @@ def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None 
     app.extensions["sms.on_end"] = on_end
 
 
-def current() -> Handler:
-    return current_app.extensions["sms.handler"]
+def current(app: Flask | None = None) -> Handler:
+    return (app or current_app).extensions["sms.handler"]

@@ -26,13 +26,14 @@ stream directly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 SHARDS = 100
 SEPARATOR = "|"
-
-
-ASCII_DIGITS = frozenset("0123456789")
+NOT_ASCII_DIGITS = re.compile(r"[^0-9]+")  # [0-9], not \d: \d matches ٤, ² and the like
 
 
 def shard_of(sender: str) -> str:
@@ -44,8 +45,7 @@ def shard_of(sender: str) -> str:
     refused: the tag only spreads conversations over shards, any fixed choice is correct, and
     this one rule serves the webhook, the operators' paths and the cursors alike.
     """
-    digits = "".join(ch for ch in sender if ch in ASCII_DIGITS)
-    return digits[-2:].rjust(2, "0")
+    return NOT_ASCII_DIGITS.sub("", sender)[-2:].rjust(2, "0")
 
 
 @dataclass(frozen=True)
@@ -81,21 +81,19 @@ class Keys:
 
     def conversation(self, sender: str, recipient: str) -> "ConversationKeys":
         shard = shard_of(sender)
-        tag = "{" + shard + "}"
         member = sender + SEPARATOR + recipient
-        return ConversationKeys(
-            sender=sender,
-            recipient=recipient,
-            member=member,
-            state=f"{self.prefix}conv:{tag}:{member}",
-            lock=f"{self.prefix}lock:{tag}:{member}",
-            queue=f"{self.prefix}queue:{tag}:{member}",
-            waiters=f"{self.prefix}waiters:{tag}:{member}",
-            index=self.index(shard),
-            events=self.outbox(shard) if self.cluster else self.events,
-            ending=self.ending(shard),
-            minutes=self.minutes(shard),
-        )
+        tagged = "{" + shard + "}:" + member
+        prefix = self.prefix
+        return ConversationKeys(sender, recipient, member, prefix + "conv:" + tagged,
+                                prefix + "lock:" + tagged, prefix + "queue:" + tagged,
+                                prefix + "waiters:" + tagged, *self._shard_keys(shard))
+
+    @lru_cache(maxsize=SHARDS)
+    def _shard_keys(self, shard: str) -> tuple[str, str, str, str]:
+        """A shard's keys a conversation's scripts touch (index, events, ending, minutes):
+        a hundred shards, built once each (every message needs them)."""
+        return (self.index(shard), self.outbox(shard) if self.cluster else self.events,
+                self.ending(shard), self.minutes(shard))
 
     @property
     def readiness(self) -> str:
@@ -112,9 +110,9 @@ class Keys:
         return self.conversation(sender, recipient)
 
 
-@dataclass(frozen=True)
-class ConversationKeys:
-    """The keys of one conversation; ``member`` is its entry in the index shard."""
+class ConversationKeys(NamedTuple):
+    """The keys of one conversation; ``member`` is its entry in the index shard (a named
+    tuple: every message builds one, and a frozen dataclass costs a setattr per field)."""
 
     sender: str
     recipient: str

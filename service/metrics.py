@@ -85,8 +85,8 @@ class Metrics:
             registry.register(self.active)
         self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
                                 ["outcome"], registry=registry)
-        for outcome in Outcome:
-            self.messages.labels(outcome)
+        # Each outcome's child, made once: labels() takes a lock and builds a key per call.
+        self.by_outcome = {outcome: self.messages.labels(outcome) for outcome in Outcome}
         self.conversations_started = Counter(
             "sms_conversations_started", "Conversations begun (first message, or after an end).",
             registry=registry)
@@ -116,8 +116,8 @@ class Metrics:
         return registry
 
 
-def current() -> Metrics:
-    return current_app.extensions["sms.metrics"]
+def current(app: Flask | None = None) -> Metrics:
+    return (app or current_app).extensions["sms.metrics"]
 
 
 def count_redis_error() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from flask import Blueprint, Flask, Response, current_app, g, request, request_finished, session
 from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
@@ -31,6 +31,7 @@ bp = Blueprint("webhook", __name__)
 MAX_FIELD = 64
 PATH = "/sms"
 METHODS = ["GET", "POST"]  # Twilio calls a webhook with the one configured: no other runs it
+FORM = "application/x-www-form-urlencoded"  # how Twilio posts
 
 
 
@@ -48,6 +49,33 @@ def _decodable(raw: bytes) -> bool:
     return True
 
 
+def _parsed(raw: bytes) -> list[tuple[str, str]] | None:
+    """``name=value&…`` as (name, value) pairs, or None unless every one is valid UTF-8.
+
+    The stdlib's ``parse_qsl``, the parser werkzeug's form and args use, but strict about
+    UTF-8: checking and parsing are one pass, where ``request.form`` after ``_decodable``
+    went over the body twice (and through werkzeug's stream and form machinery).
+    """
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def _fields(req) -> list[tuple[str, str]] | None:
+    """The message's fields in arrival order (a query string's for a GET), or None when one is
+    not valid UTF-8. A body that is not Twilio's urlencoded form goes through werkzeug."""
+    query = req.query_string
+    if req.method != "POST":
+        return _parsed(query)
+    if query and not _decodable(query):  # the signed URL carries it
+        return None
+    body = req.get_data(cache=True)
+    if req.mimetype == FORM:
+        return _parsed(body)
+    return list(req.form.items(multi=True)) if _decodable(body) else None
+
+
 def _field_problem(name: str, value: str) -> str | None:
     if not value:
         return f"missing {name}"
@@ -61,26 +89,23 @@ def _refuse(status: int, reason: str) -> Response:
     return problem(status, reason[0].upper() + reason[1:] + ".")
 
 
-def _is_webhook() -> bool:
-    """Routed to the webhook, or refused by routing on its path (a 405 is the webhook's too)."""
-    return request.blueprint == bp.name or (request.url_rule is None and request.path == PATH)
-
-
 def _start():
-    """Opens the summary line of every request to ``/sms``, whatever its method.
+    """Opens the summary line of every request to ``/sms``, whatever its method (routed to the
+    webhook, or refused by routing on its path: a 405 is the webhook's too).
 
     Methods other than GET and POST are refused here, before routing would answer OPTIONS
     itself or run the handler for a HEAD (a message counted that nobody reads the reply of).
     A query string is the GET form of a body, so it gets the same bound.
     """
-    if not _is_webhook():
+    req = request._get_current_object()  # once: each use of the proxy costs a lookup
+    if req.path != PATH:
         return
     g.started = time.perf_counter()
-    logs.open_summary()
-    if request.method not in METHODS:
+    logs.open_summary(method=req.method, remote=req.remote_addr)
+    if req.method not in METHODS:
         logs.annotate(reason="method not allowed")
         raise MethodNotAllowed(valid_methods=METHODS)
-    if len(request.query_string) > current_app.config["MAX_BODY_BYTES"]:
+    if len(req.query_string) > current_app.config["MAX_BODY_BYTES"]:
         logs.annotate(reason="query string over MAX_BODY_BYTES")
         raise RequestURITooLarge()
 
@@ -88,27 +113,30 @@ def _start():
 @bp.route(PATH, methods=METHODS)
 def sms():
     """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
-    body = request.get_data(cache=True) if request.method == "POST" else b""
-    if not (_decodable(request.query_string) and _decodable(body)):
+    req, app = request._get_current_object(), current_app._get_current_object()
+    fields = _fields(req)
+    if fields is None:
         return _refuse(400, "request is not valid UTF-8 form data")
-    params = request.form if request.method == "POST" else request.args
+    params: dict[str, str] = {}
+    for name, value in fields:  # the first of a repeated field, as werkzeug's MultiDict.get
+        params.setdefault(name, value)
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
-    if not signature.check().is_valid(request):
+    if not signature.check(app).is_valid(req, fields if req.method == "POST" else ()):
         return _refuse(403, "invalid or missing Twilio signature")
     for name, value in (("From", sender), ("To", recipient), ("MessageSid", message_sid)):
         reason = _field_problem(name, value)
         if reason:
             return _refuse(400, reason)
-    message = Message.from_params(params.to_dict(), callers.directory().name(sender))
+    message = Message.from_params(params, callers.directory(app).name(sender))
 
-    conversation = session.bind(message)
+    conversation = session._get_current_object().bind(message)
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
         g.outcome = Outcome.DUPLICATE
         return twiml(recall(conversation.answered))
     try:
-        reply = _reply(message, conversation)
+        reply = _reply(message, conversation, handler.current(app))
         answer = render(reply)
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
         conversation.release()
@@ -119,18 +147,19 @@ def sms():
     return twiml(answer)
 
 
-def _reply(message: Message, conversation):
+def _reply(message: Message, conversation, handle: handler.Handler):
     """The handler's reply, except to an opt-out: that ends the conversation unanswered
     (Twilio confirms the opt-out itself and would refuse any reply)."""
     if message.opt_out == "STOP":
         conversation.end_reason = "opt-out"
         return None
-    return handler.current()(message, conversation)
+    return handle(message, conversation)
 
 
-def outcome(status: int) -> Outcome:
+def outcome(status: int, state) -> Outcome:
+    """How the request ended, by its status (and ``g``'s ``outcome`` for a 200)."""
     if status == 200:
-        return g.get("outcome", Outcome.REPLIED)
+        return getattr(state, "outcome", Outcome.REPLIED)
     if status == 403:
         return Outcome.REJECTED_SIGNATURE
     if status == 503:
@@ -142,16 +171,19 @@ def outcome(status: int) -> Outcome:
 
 def _finished(app: Flask, response: Response, **_) -> None:
     """The request's metrics and its one log line, once the response is final."""
-    if not _is_webhook() or "started" not in g:
+    state = g._get_current_object()
+    started = getattr(state, "started", None)  # set by _start for requests to /sms
+    if started is None:
         return
-    seconds = time.perf_counter() - g.started
-    result = outcome(response.status_code)
-    metrics = current_metrics()
-    metrics.messages.labels(result).inc()
+    seconds = time.perf_counter() - started
+    status = response.status_code
+    result = outcome(status, state)
+    metrics = current_metrics(app)
+    metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO
     log.log(level, "webhook %s", result.value, extra={"fields": {
-        **logs.summary_fields(), "outcome": result, "status": response.status_code,
+        **logs.summary_fields(), "outcome": result, "status": status,
         "latency_ms": round(seconds * 1000, 2)}})
 
 

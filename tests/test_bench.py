@@ -16,8 +16,9 @@ from tests.support import ROOT
 from tests.support.programs import require_redis_server
 
 NUMBER = (int, float)
-SECTIONS = {"machine", "settings", "throughput", "round_trips", "correctness", "hot_conversation",
-            "memory", "ops_at_scale", "goals"}
+SECTIONS = {"machine", "settings", "worker_models", "throughput", "round_trips", "correctness",
+            "hot_conversation", "cpu_profile", "memory", "ops_at_scale", "goals"}
+CONTENDERS = ("service", "validated", "plain", "cookie")
 
 
 @pytest.mark.slow
@@ -25,21 +26,28 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     require_redis_server()
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert SECTIONS <= set(report)
     assert {"cpus", "python", "redis"} <= set(report["machine"])
-    for name in ("service", "cookie", "plain"):
-        row = report["throughput"]["contenders"][name]
-        assert all(isinstance(row[key], NUMBER) and row[key] > 0
-                   for key in ("throughput_rps", "p50_ms", "p99_ms"))
+    models = report["worker_models"]["measured"]
+    assert report["worker_models"]["shipped"] == models[0] and "sync" in models
+    assert set(report["throughput"]) == set(report["correctness"]) == set(models)
+    for model in models:
+        for name in CONTENDERS:
+            row = report["throughput"][model]["contenders"][name]
+            assert all(isinstance(row[key], NUMBER) and row[key] > 0
+                       for key in ("throughput_rps", "p50_ms", "p99_ms"))
+            assert isinstance(report["correctness"][model][name]["lost"], int)
+        assert set(report["throughput"][model]["ratios"]) == {f"service/{n}" for n in CONTENDERS[1:]}
+    for name in CONTENDERS:
         assert {"first", "later", "redelivery"} == set(report["round_trips"][name])
         assert all(isinstance(v["round_trips"], int) for v in report["round_trips"][name].values())
-        assert isinstance(report["correctness"][name]["lost"], int)
         assert isinstance(report["hot_conversation"][name]["concurrent_s"], float)
-    assert set(report["throughput"]["ratios"]) == {"service/cookie", "service/plain"}
-    for shape in ("first_message", "replies_full"):
+        profiled = report["cpu_profile"]["us"][name]
+        assert profiled["cpu_us_per_request"] > 0 and sum(profiled["components_us"].values()) > 0
+    for shape in ("first_message", "steady", "burst", "burst_cap"):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
     assert all(isinstance(report["ops_at_scale"]["figures"][key], NUMBER)

@@ -149,8 +149,8 @@ def test_text_lines_for_a_terminal(capsys):
     post_signed(client, webhook_params(REY, OURS, BODY))
     [line] = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO service\.webhook: webhook replied "
-                        r"message_sid=SM\w+ from=\+1555\*\*\*0001 to=\+1555\*\*\*1111 outcome=replied "
-                        r"status=200 latency_ms=[\d.]+", line), line
+                        r"method=POST remote=127\.0\.0\.1 message_sid=SM\w+ from=\+1555\*\*\*0001 "
+                        r"to=\+1555\*\*\*1111 outcome=replied status=200 latency_ms=[\d.]+", line), line
 
 
 def test_log_format_is_json_or_text():

@@ -44,6 +44,7 @@ def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
     # A developer's terminal: readable lines, one per message, no JSON, no colour escapes.
     webhook = [line for line in served.splitlines() if "service.webhook" in line]
     assert len(webhook) == 2, served
-    assert all(re.search(r" INFO service\.webhook: webhook replied message_sid=SM\w+ from=\+1555\*\*\*0001 ", line)
+    assert all(re.search(r" INFO service\.webhook: webhook replied method=POST remote=127\.0\.0\.1 "
+                         r"message_sid=SM\w+ from=\+1555\*\*\*0001 ", line)
                for line in webhook)
     assert '{"time"' not in served and "\x1b[" not in served and "POST /sms" not in served

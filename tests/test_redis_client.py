@@ -86,10 +86,15 @@ def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers
                                    redis.ConnectionError("refused")])
 @pytest.mark.parametrize("step", ["_open", "_save"])
 def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch, error, step):
-    def fail(*args, **kwargs):
-        raise error
+    store = fake_app.extensions["sms.store"]
+    script, evalsha = getattr(store, step), store.client.evalsha
 
-    monkeypatch.setattr(fake_app.extensions["sms.store"], step, fail)
+    def fail(sha, *args):  # the client fails running this step's script
+        if sha == script.sha:
+            raise error
+        return evalsha(sha, *args)
+
+    monkeypatch.setattr(store.client, "evalsha", fail)
     response = post_signed(fake_app.test_client(), webhook_params())
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"

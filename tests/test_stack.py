@@ -312,11 +312,15 @@ def test_stack_output_is_json_lines_without_numbers_bodies_or_token(stack, twili
     assert webhook[params["MessageSid"]]["from"] == "+1555***0077"
     assert webhook[forged.message_sid]["outcome"] == "rejected_signature"
     assert all(isinstance(line["latency_ms"], float) for line in webhook.values())
+    assert {(webhook[sid]["method"], webhook[sid]["status"]) for sid in (
+        posted.message_sid, params["MessageSid"], forged.message_sid)} == {
+        ("POST", 200), ("GET", 200), ("POST", 403)}
+    assert all(line["remote"] == "127.0.0.1" for line in webhook.values())
     assert {line["logger"] for line in lines} >= {"gunicorn.error", "gunicorn.access", "service.webhook"}
     access = [line for line in lines if line["logger"] == "gunicorn.access"]
     assert {(line["method"], line["path"], line["status"]) for line in access} >= {
-        ("POST", "/sms", 200), ("GET", "/sms", 200), ("POST", "/sms", 403),  # the path, never the query
-        ("GET", "/ops/conversations/+1555***0001/+1555***1111", 404)}
+        ("GET", "/ops/conversations/+1555***0001/+1555***1111", 404)}  # the path, never the query
+    assert not [line for line in access if line["path"] == "/sms"]  # the webhook's own line is its one
     assert all(isinstance(line["duration_ms"], float) for line in access)
 
 

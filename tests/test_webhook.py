@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from flask import Response
 
 from service.keys import Keys
 from service.simulator import TwilioSimulator
@@ -104,6 +105,41 @@ def test_cookie_attributes(app):
     assert "HttpOnly" in header and "Max-Age=14400" in header and "Secure" not in header
     secure = make_app(REDIS_URL=app.config["REDIS_URL"], SESSION_COOKIE_SECURE=True)
     assert "Secure" in post_signed(secure.test_client(), webhook_params()).headers["Set-Cookie"]
+
+
+def test_a_server_that_lost_the_scripts_gets_them_again(twilio, redis_client):
+    """Scripts live in the server's memory only: after a restart or failover, the first call
+    meets NOSCRIPT, loads the script and still answers, counted once."""
+    twilio.send(REY, OURS, "hello")
+    redis_client.script_flush()
+    assert twilio.send(REY, OURS, "again").reply == "Rey has messaged +15550001111 2 times."
+    redis_client.script_flush()
+    assert twilio.send(REY, OURS, "and again").reply == "Rey has messaged +15550001111 3 times."
+    assert messages(redis_client) == 3
+
+
+@pytest.mark.parametrize("config", [
+    {},
+    {"SESSION_COOKIE_SECURE": True, "SESSION_COOKIE_SAMESITE": "Lax",
+     "SESSION_COOKIE_DOMAIN": "sms.example.com", "SESSION_COOKIE_PATH": "/hooks"},
+])
+@pytest.mark.parametrize("sid", ["Ab_-" * 10 + "xyz", 'hand "edited"; id é'])
+def test_cookie_is_the_one_werkzeug_writes(config, sid):
+    """The cookie's attributes are written once a second: the header must still be what
+    Flask's set_cookie would send (quoted when the id needs it)."""
+    app = make_app(**config)
+    interface = app.session_interface
+    for _ in range(3):  # a second may turn between the two; then again
+        second = int(time.time())
+        ours = interface.cookie(app, sid)
+        expected = Response()
+        expected.set_cookie(
+            "sms_session", sid, max_age=interface.ttl, httponly=True,
+            secure=interface.get_cookie_secure(app), samesite=interface.get_cookie_samesite(app),
+            domain=interface.get_cookie_domain(app), path=interface.get_cookie_path(app))
+        if int(time.time()) == second:
+            break
+    assert ours == expected.headers["Set-Cookie"]
 
 
 def test_ttl_is_four_hours_and_slides(twilio, redis_client):
