@@ -50,7 +50,12 @@ simulate: install
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-.PHONY: test-fast docs
+.PHONY: test-fast docs lint
+lint: install  # style (ruff) and types (mypy, service/), as CI runs them
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 docs: install  # docs/configuration.md, written from service/settings.py
 	$(BIN)/python -c 'from service.settings import table; print(table(), end="")' > docs/configuration.md
 

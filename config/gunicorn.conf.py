@@ -41,8 +41,10 @@ def _remove_stale_metrics_dirs():
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _remove_stale_metrics_dirs()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_PREFIX)
-    fcntl.flock(os.open(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / ".owner", os.O_WRONLY | os.O_CREAT),
-                fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(
+        os.open(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / ".owner", os.O_WRONLY | os.O_CREAT),
+        fcntl.LOCK_EX | fcntl.LOCK_NB,
+    )
 # Ours also when this file is read again (gunicorn reloads it on SIGHUP) after setting it.
 _made_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(METRICS_PREFIX)
 

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import (callers, console, conversations, health, lifecycle, limits, logs, metrics, ops,
-               redis_client, responses, settings, signature, webhook)
+from . import (
+    callers,
+    console,
+    conversations,
+    health,
+    lifecycle,
+    limits,
+    logs,
+    metrics,
+    ops,
+    redis_client,
+    responses,
+    settings,
+    signature,
+    webhook,
+)
 from . import handler as handlers
 from .handler import Conversation, EndHook, Handler, Message
 
 __all__ = ["Conversation", "Message", "check_environment", "create_app"]
 
 
-def create_app(test_config: dict | None = None, *, handler: Handler | None = None,
-               on_end: EndHook | None = None) -> Flask:
+def create_app(
+    test_config: dict | None = None, *, handler: Handler | None = None, on_end: EndHook | None = None
+) -> Flask:
     """Builds the app from the environment; ``test_config`` overrides single settings,
     ``handler`` is the conversation logic (else ``SMS_HANDLER``, else the counter) and
     ``on_end`` its end hook (else the handler module's ``on_end``, if it has one).

@@ -20,9 +20,10 @@ import heapq
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable, NamedTuple
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 from .callers import Callers
 from .conversations import ConversationStore, decode_state, now_ms
@@ -117,7 +118,7 @@ class Entry(NamedTuple):
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     @classmethod
-    def from_cursor(cls, cursor: str) -> "Entry":
+    def from_cursor(cls, cursor: str) -> Entry:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
             score, sender, recipient = raw.split(SEPARATOR)
@@ -144,9 +145,13 @@ class Conversation:
     def to_json(self, with_state: bool = False) -> dict:
         """Times as ISO-8601 UTC with milliseconds; ``expires_in`` in whole seconds."""
         data = {
-            "from": self.sender, "to": self.recipient, "name": self.name,
-            "messages": self.messages, "first_seen": iso(self.first_seen),
-            "last_seen": iso(self.last_seen), "expires_in": self.expires_in,
+            "from": self.sender,
+            "to": self.recipient,
+            "name": self.name,
+            "messages": self.messages,
+            "first_seen": iso(self.first_seen),
+            "last_seen": iso(self.last_seen),
+            "expires_in": self.expires_in,
         }
         if with_state:
             data["state"] = self.state
@@ -162,8 +167,14 @@ class Page:
 class ActiveConversations:
     """Queries over the active index; ending reuses the webhook store's END script."""
 
-    def __init__(self, client, keys: Keys, store: ConversationStore, callers: Callers,
-                 on_end: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        client,
+        keys: Keys,
+        store: ConversationStore,
+        callers: Callers,
+        on_end: Callable[[], None] = lambda: None,
+    ):
         """``on_end`` hears of each conversation an operator ended (metrics)."""
         self.client = client
         self.keys = keys
@@ -179,8 +190,9 @@ class ActiveConversations:
         try:
             self._after.sha = self.client.script_load(AFTER)
         except UNAVAILABLE as error:
-            log.warning("could not preload the paging script (%s); it loads on first use",
-                        type(error).__name__)
+            log.warning(
+                "could not preload the paging script (%s); it loads on first use", type(error).__name__
+            )
 
     def count(self) -> int:
         """Live conversations: one ``ZCOUNT (now +inf`` per shard, O(log N) each, one pipeline."""
@@ -249,8 +261,9 @@ class ActiveConversations:
         """
         number = search_number(number)
         shard, now = shard_of(number), now_ms()
-        scanned = self.client.zscan_iter(self.keys.index(shard), match=f"*{number}{SEPARATOR}*",
-                                         count=SCAN_COUNT)
+        scanned = self.client.zscan_iter(
+            self.keys.index(shard), match=f"*{number}{SEPARATOR}*", count=SCAN_COUNT
+        )
         matches = (Entry(int(score), int(shard), member) for member, score in scanned if score > now)
         return self._read_entries(heapq.nlargest(limit, matches))
 
@@ -266,11 +279,18 @@ class ActiveConversations:
         share = min(want, 2 * want // SHARDS + 2)
         shards = list(range(SHARDS))
         replies = self._after_cursor(after, shards, share, now)
-        candidates = {Entry(int(score), shard, member)
-                      for shard, reply in zip(shards, replies) for member, score in reply}
+        candidates = {
+            Entry(int(score), shard, member)
+            for shard, reply in zip(shards, replies)
+            for member, score in reply
+        }
         cut = heapq.nlargest(want, candidates)[-1] if len(candidates) >= want else None
-        again = [shard for shard, reply in zip(shards, replies) if len(reply) == share < want
-                 and (cut is None or Entry(int(reply[-1][1]), shard, reply[-1][0]) > cut)]
+        again = [
+            shard
+            for shard, reply in zip(shards, replies)
+            if len(reply) == share < want
+            and (cut is None or Entry(int(reply[-1][1]), shard, reply[-1][0]) > cut)
+        ]
         if again:
             for shard, reply in zip(again, self._after_cursor(after, again, want, now)):
                 candidates.update(Entry(int(score), shard, member) for member, score in reply)
@@ -287,11 +307,23 @@ class ActiveConversations:
         pipe = self.client.pipeline(transaction=False)
         for shard in shards:
             if after is None or shard != after.shard:
-                pipe.zrange(self.keys.index(f"{shard:02d}"), self._bound(after, shard), f"({now}",
-                            desc=True, byscore=True, offset=0, num=count, withscores=True)
+                pipe.zrange(
+                    self.keys.index(f"{shard:02d}"),
+                    self._bound(after, shard),
+                    f"({now}",
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=count,
+                    withscores=True,
+                )
         replies = iter(pipe.execute())
-        return [self._after_in_shard(after, count, now) if after is not None and shard == after.shard
-                else next(replies) for shard in shards]
+        return [
+            self._after_in_shard(after, count, now)
+            if after is not None and shard == after.shard
+            else next(replies)
+            for shard in shards
+        ]
 
     def _after_in_shard(self, after: Entry, count: int, now: int) -> list[tuple[str, float]]:
         flat = self._after(keys=[self.keys.index(after.tag)], args=[after.score, after.member, now, count])
@@ -326,9 +358,14 @@ class ActiveConversations:
     def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> Conversation:
         raw_state, seq, first_seen, last_seen = values
         return Conversation(
-            sender=keys.sender, recipient=keys.recipient, name=self.callers.name(keys.sender),
-            messages=_number(seq), first_seen=_number(first_seen), last_seen=_number(last_seen),
-            expires_in=max(expires_in, 0), state=decode_state(raw_state or "{}") or {},
+            sender=keys.sender,
+            recipient=keys.recipient,
+            name=self.callers.name(keys.sender),
+            messages=_number(seq),
+            first_seen=_number(first_seen),
+            last_seen=_number(last_seen),
+            expires_in=max(expires_in, 0),
+            state=decode_state(raw_state or "{}") or {},
         )
 
 
@@ -339,5 +376,5 @@ def _number(value: str | None) -> int:
 
 def iso(epoch_ms: int) -> str:
     """``2026-01-02T03:04:05.678Z``."""
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc)
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

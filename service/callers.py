@@ -16,7 +16,7 @@ class Callers:
         self.names = names
 
     @classmethod
-    def from_file(cls, path: str) -> "Callers":
+    def from_file(cls, path: str) -> Callers:
         try:
             with open(path, encoding="utf-8") as handle:
                 names = json.load(handle)

@@ -23,7 +23,6 @@ from .ops import conversations_cli
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 
-
 OPERATORS = ("conversations", "events")
 
 
@@ -43,8 +42,14 @@ def _serve(**options):
     context.invoke(run_command, **options)
 
 
-cli.add_command(click.Command("run", params=run_command.params, callback=_serve,
-                              help="Serve the webhook with Flask's development server (and sweep)."))
+cli.add_command(
+    click.Command(
+        "run",
+        params=run_command.params,
+        callback=_serve,
+        help="Serve the webhook with Flask's development server (and sweep).",
+    )
+)
 
 
 for command in (conversations_cli, events_command, sweep_command):
@@ -52,8 +57,13 @@ for command in (conversations_cli, events_command, sweep_command):
 
 
 @cli.command("serve")
-@click.option("--config", default="config/gunicorn.conf.py", show_default=True,
-              type=click.Path(exists=True, dir_okay=False), help="gunicorn's configuration file.")
+@click.option(
+    "--config",
+    default="config/gunicorn.conf.py",
+    show_default=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="gunicorn's configuration file.",
+)
 def serve(config):
     """Serve in production: gunicorn with its configuration (what the image runs).
 
@@ -67,15 +77,32 @@ def serve(config):
 @cli.command("simulate")
 @click.option("--from", "sender", required=True, help="The texting phone number (Twilio's From).")
 @click.option("--to", "recipient", required=True, help="Our Twilio number (Twilio's To).")
-@click.option("--url", default="http://127.0.0.1:5000/sms", show_default=True,
-              help="The webhook URL, exactly as Twilio would call it (it is signed).")
-@click.option("--auth-token", envvar="TWILIO_AUTH_TOKEN", show_envvar=True,
-              help="Token to sign with; without one requests go unsigned.")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:5000/sms",
+    show_default=True,
+    help="The webhook URL, exactly as Twilio would call it (it is signed).",
+)
+@click.option(
+    "--auth-token",
+    envvar="TWILIO_AUTH_TOKEN",
+    show_envvar=True,
+    help="Token to sign with; without one requests go unsigned.",
+)
 @click.option("--message", help="Send this text instead of reading lines from the terminal.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
-              help="With --message: how many times to send it.")
-@click.option("--handler", "handler_spec", metavar="MODULE:FUNCTION",
-              help="Run this handler in this process on the embedded store instead of calling --url.")
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --message: how many times to send it.",
+)
+@click.option(
+    "--handler",
+    "handler_spec",
+    metavar="MODULE:FUNCTION",
+    help="Run this handler in this process on the embedded store instead of calling --url.",
+)
 def simulate(sender, recipient, url, auth_token, message, repeat, handler_spec):
     """Hold a conversation with the webhook as Twilio would (signed, per-pair cookie)."""
     twilio = _in_process(handler_spec) if handler_spec else TwilioSimulator(url, auth_token)
@@ -85,8 +112,9 @@ def simulate(sender, recipient, url, auth_token, message, repeat, handler_spec):
         try:
             delivery = twilio.send(sender, recipient, line)
         except requests.RequestException as error:
-            raise click.ClickException(f"no answer from {url}: {type(error).__name__} "
-                                       "(is the service running? `make run`)") from None
+            raise click.ClickException(
+                f"no answer from {url}: {type(error).__name__} (is the service running? `make run`)"
+            ) from None
         if delivery.status == 200:
             click.echo(delivery.reply if delivery.reply is not None else "(no reply)")
         else:

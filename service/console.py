@@ -28,8 +28,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from flask import (Blueprint, Flask, current_app, g, redirect, render_template, request,
-                   url_for)
+from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 from . import lifecycle
@@ -38,8 +37,9 @@ from .conversations import active, now_ms
 from .ops import DEFAULT_LIMIT
 
 log = logging.getLogger(__name__)
-bp = Blueprint("console", __name__, url_prefix="/console", static_folder="static",
-               template_folder="templates")
+bp = Blueprint(
+    "console", __name__, url_prefix="/console", static_folder="static", template_folder="templates"
+)
 
 COOKIE = "sms_console"
 REFRESH_SECONDS = 5
@@ -49,8 +49,8 @@ CHART_BOX = (600, 150)  # the SVG's viewBox: width, height
 PLOT = (44, 10, 590, 124)  # its plot area: left, top, right, bottom
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self'; connect-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "img-src 'self'; connect-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -58,8 +58,11 @@ SECURITY_HEADERS = {
 
 
 def _signer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.config["OPS_TOKEN"], salt="sms-sessions console",
-                                  signer_kwargs={"digest_method": hashlib.sha256})
+    return URLSafeTimedSerializer(
+        current_app.config["OPS_TOKEN"],
+        salt="sms-sessions console",
+        signer_kwargs={"digest_method": hashlib.sha256},
+    )
 
 
 def _new_session(signed_in: bool) -> dict:
@@ -73,17 +76,22 @@ def load_session():
     if request.endpoint == "console.static":
         return None
     try:
-        g.console = _signer().loads(request.cookies.get(COOKIE, ""),
-                                    max_age=current_app.config["CONSOLE_SESSION_TTL"])
+        g.console = _signer().loads(
+            request.cookies.get(COOKIE, ""), max_age=current_app.config["CONSOLE_SESSION_TTL"]
+        )
     except BadData:  # none, forged, or signed with another token, or too old
         g.console = None
     if request.method == "POST":
         given = request.form.get("csrf", "")
         if g.console is None or not hmac.compare_digest(given.encode(), g.console["csrf"].encode()):
             log.warning("console %s refused: missing or wrong CSRF token", request.path)
-            return page("message.html", 403, title="Refused",
-                        message="This form was not sent by the console page (its CSRF token is "
-                                "missing or out of date). Reload the page and try again.")
+            return page(
+                "message.html",
+                403,
+                title="Refused",
+                message="This form was not sent by the console page (its CSRF token is "
+                "missing or out of date). Reload the page and try again.",
+            )
     if request.endpoint != "console.sign_in" and not (g.console and g.console["in"]):
         return redirect(url_for("console.sign_in"), 303)
     return None
@@ -102,20 +110,35 @@ def protect(response):
 def _set_cookie(response, session: dict | None) -> None:
     config = current_app.config
     if session is None:
-        response.delete_cookie(COOKIE, path=bp.url_prefix, httponly=True, samesite="Strict",
-                               secure=config["SESSION_COOKIE_SECURE"])
+        response.delete_cookie(
+            COOKIE,
+            path=bp.url_prefix,
+            httponly=True,
+            samesite="Strict",
+            secure=config["SESSION_COOKIE_SECURE"],
+        )
         return
-    response.set_cookie(COOKIE, _signer().dumps(session), max_age=config["CONSOLE_SESSION_TTL"],
-                        path=bp.url_prefix, httponly=True, samesite="Strict",
-                        secure=config["SESSION_COOKIE_SECURE"])
+    response.set_cookie(
+        COOKIE,
+        _signer().dumps(session),
+        max_age=config["CONSOLE_SESSION_TTL"],
+        path=bp.url_prefix,
+        httponly=True,
+        samesite="Strict",
+        secure=config["SESSION_COOKIE_SECURE"],
+    )
 
 
 def page(template: str, status: int = 200, **context):
     """A console page, with the CSRF token its forms echo."""
     session = g.get("new_console_session") or g.get("console") or {}
-    return render_template(f"console/{template}", csrf=session.get("csrf", ""),
-                           signed_in=bool(session.get("in")), refresh=REFRESH_SECONDS,
-                           **context), status
+    return render_template(
+        f"console/{template}",
+        csrf=session.get("csrf", ""),
+        signed_in=bool(session.get("in")),
+        refresh=REFRESH_SECONDS,
+        **context,
+    ), status
 
 
 @bp.route("/sign-in", methods=["GET", "POST"])
@@ -155,15 +178,21 @@ def index():
             context.update(conversations=found[:DEFAULT_LIMIT], more=len(found) > DEFAULT_LIMIT)
         else:
             listed = active().page(DEFAULT_LIMIT, cursor)
-            context.update(conversations=listed.conversations, next_cursor=listed.next_cursor,
-                           paged=cursor is not None)
+            context.update(
+                conversations=listed.conversations, next_cursor=listed.next_cursor, paged=cursor is not None
+            )
     except BadSearch as error:
         log.warning("console search refused: %s", error)
         return page("index.html", 400, error=str(error), conversations=[], **context)
     except BadCursor:
         log.warning("console list refused: malformed cursor")
-        return page("index.html", 400, conversations=[], **context,
-                    error="This page link is not valid any more: start from the first page.")
+        return page(
+            "index.html",
+            400,
+            conversations=[],
+            **context,
+            error="This page link is not valid any more: start from the first page.",
+        )
     return page("index.html", **context)
 
 
@@ -172,8 +201,12 @@ def conversation():
     sender, recipient = request.args.get("from", ""), request.args.get("to", "")
     if not (sender and recipient):
         log.warning("console conversation refused: from and to are required")
-        return page("message.html", 400, title="Which conversation?",
-                    message="A conversation is named by its two numbers, from and to.")
+        return page(
+            "message.html",
+            400,
+            title="Which conversation?",
+            message="A conversation is named by its two numbers, from and to.",
+        )
     found = active().get(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
@@ -199,8 +232,10 @@ def overview() -> dict:
         "live": active().count(),
         "last_hour": history.stats(),
         "per_minute": samples[-1].messages if samples else None,
-        "charts": [chart("live", "Live conversations", [(s.at, s.live) for s in samples], now),
-                   chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now)],
+        "charts": [
+            chart("live", "Live conversations", [(s.at, s.live) for s in samples], now),
+            chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now),
+        ],
         "recent": history.recent(RECENT_ENDED),
     }
 
@@ -226,12 +261,18 @@ def chart(chart_id: str, title: str, series: list[tuple[int, int]], now: int) ->
     start = now - CHART_HOURS * 3600_000
     shown = [(at, value) for at, value in series if start <= at <= now]
     peak = max((value for _, value in shown), default=0)
-    xy = [(left + (at - start) / (now - start) * (right - left),
-           bottom - value / max(peak, 1) * (bottom - top)) for at, value in shown]
+    xy = [
+        (left + (at - start) / (now - start) * (right - left), bottom - value / max(peak, 1) * (bottom - top))
+        for at, value in shown
+    ]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
     area = f"{xy[0][0]:.1f},{bottom} {line} {xy[-1][0]:.1f},{bottom}" if xy else ""
-    summary = (f"{title} over the last {CHART_HOURS} hours, one point a minute: highest "
-               f"{peak}, latest {shown[-1][1]}." if shown else f"{title}: no samples yet.")
+    summary = (
+        f"{title} over the last {CHART_HOURS} hours, one point a minute: highest "
+        f"{peak}, latest {shown[-1][1]}."
+        if shown
+        else f"{title}: no samples yet."
+    )
     return Chart(chart_id, title, line, area, xy[-1] if xy else None, peak, summary)
 
 
@@ -252,8 +293,14 @@ def duration(seconds: float) -> str:
 
 @bp.context_processor
 def helpers():
-    return {"ago": ago, "duration": duration, "iso": iso, "chart_box": CHART_BOX, "plot": PLOT,
-            "chart_hours": CHART_HOURS}
+    return {
+        "ago": ago,
+        "duration": duration,
+        "iso": iso,
+        "chart_box": CHART_BOX,
+        "plot": PLOT,
+        "chart_hours": CHART_HOURS,
+    }
 
 
 def init_app(app: Flask) -> None:

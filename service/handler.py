@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, TypeAlias
 
 from flask import Flask, current_app
 from flask_session.base import ServerSideSession
@@ -22,15 +23,17 @@ from twilio.twiml.messaging_response import MessagingResponse
 
 from .settings import ConfigError
 
-Reply = Union[str, MessagingResponse, None]
+Reply: TypeAlias = str | MessagingResponse | None
 Handler = Callable[["Message", "Conversation"], Reply]
 EndHook = Callable[["Conversation", str], None]
 END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``reason`` can be
 
 # Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
-OPT_OUT = {"STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},
-           "START": {"START", "YES", "UNSTOP"},
-           "HELP": {"HELP", "INFO"}}
+OPT_OUT = {
+    "STOP": {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"},
+    "START": {"START", "YES", "UNSTOP"},
+    "HELP": {"HELP", "INFO"},
+}
 KEYWORDS = {word: kind for kind, words in OPT_OUT.items() for word in words}
 MAX_MEDIA = 10  # Twilio's limit per message
 
@@ -50,7 +53,7 @@ class Message:
     """``"STOP"``, ``"START"`` or ``"HELP"`` when Twilio treats the message as that keyword."""
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str], caller_name: str) -> "Message":
+    def from_params(cls, params: Mapping[str, str], caller_name: str) -> Message:
         return cls(
             sender=params.get("From", ""),
             recipient=params.get("To", ""),
@@ -94,14 +97,21 @@ class Conversation(ServerSideSession):
 
     sid: str | None
 
-    def __init__(self, initial: Optional[dict[str, Any]] = None, sid: Optional[str] = None, *,
-                 sender: str = "", recipient: str = "", messages: int = 1,
-                 started_at: datetime | None = None):
+    def __init__(
+        self,
+        initial: dict[str, Any] | None = None,
+        sid: str | None = None,
+        *,
+        sender: str = "",
+        recipient: str = "",
+        messages: int = 1,
+        started_at: datetime | None = None,
+    ):
         super().__init__(initial, sid=sid)
         self.sender = sender
         self.recipient = recipient
         self.messages = messages
-        self.started_at = started_at or datetime.now(timezone.utc)
+        self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
         self.ended_at: datetime | None = None  # set for the end hook
 
@@ -131,8 +141,9 @@ def load(spec: str) -> Handler:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # any import-time failure is this setting's problem
-        raise ConfigError(f"SMS_HANDLER={spec!r}: cannot import {module_name}: "
-                          f"{type(error).__name__}: {error}") from None
+        raise ConfigError(
+            f"SMS_HANDLER={spec!r}: cannot import {module_name}: {type(error).__name__}: {error}"
+        ) from None
     handler = getattr(module, attribute, None)
     if not callable(handler):
         raise ConfigError(f"SMS_HANDLER={spec!r}: {module_name} has no function {attribute}")

@@ -18,10 +18,10 @@ import logging
 import re
 import secrets
 import threading
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -59,22 +59,33 @@ class Event:
     ended_at: int | None = None
 
     @classmethod
-    def parse(cls, entry_id: str, fields: dict[str, str]) -> "Event":
+    def parse(cls, entry_id: str, fields: dict[str, str]) -> Event:
         return cls(
-            id=entry_id, type=fields.get("type", ""), sender=fields.get("from", ""),
-            recipient=fields.get("to", ""), messages=_int(fields.get("messages")),
-            started_at=_int(fields.get("started_at")), conversation=fields.get("conversation", ""),
+            id=entry_id,
+            type=fields.get("type", ""),
+            sender=fields.get("from", ""),
+            recipient=fields.get("to", ""),
+            messages=_int(fields.get("messages")),
+            started_at=_int(fields.get("started_at")),
+            conversation=fields.get("conversation", ""),
             reason=fields.get("reason"),
-            ended_at=_int(fields["ended_at"]) if "ended_at" in fields else None)
+            ended_at=_int(fields["ended_at"]) if "ended_at" in fields else None,
+        )
 
     @property
     def duration_s(self) -> float | None:
         return (self.ended_at - self.started_at) / 1000 if self.ended_at is not None else None
 
     def to_json(self) -> dict[str, Any]:
-        data = {"id": self.id, "type": self.type, "from": self.sender, "to": self.recipient,
-                "messages": self.messages, "started_at": self.started_at,
-                "conversation": self.conversation}
+        data = {
+            "id": self.id,
+            "type": self.type,
+            "from": self.sender,
+            "to": self.recipient,
+            "messages": self.messages,
+            "started_at": self.started_at,
+            "conversation": self.conversation,
+        }
         if self.type == "ended":
             data.update(reason=self.reason, ended_at=self.ended_at)
         return data
@@ -144,9 +155,12 @@ class History:
         figures = dict(zip(TALLY, totals))
         ended = {reason: figures[reason] for reason in END_REASONS if figures[reason]}
         count = sum(ended.values())
-        return {"started": figures["started"], "ended": ended,
-                "average_duration_s": round(figures["duration_ms"] / count / 1000, 1) if count else None,
-                "average_messages": round(figures["ended_messages"] / count, 2) if count else None}
+        return {
+            "started": figures["started"],
+            "ended": ended,
+            "average_duration_s": round(figures["duration_ms"] / count / 1000, 1) if count else None,
+            "average_messages": round(figures["ended_messages"] / count, 2) if count else None,
+        }
 
     def minute_tallies(self, first: int, last: int) -> Iterator[list[int]]:
         """Every tag's tallies (in ``TALLY``'s order) of the minutes ``first`` to ``last``."""
@@ -161,8 +175,9 @@ class History:
 
     def samples(self, since_ms: int) -> list[Sample]:
         entries = self.client.xrange(self.keys.samples, str(since_ms), "+")
-        return [Sample(int(i.split("-")[0]), _int(f.get("live")), _int(f.get("messages")))
-                for i, f in entries]
+        return [
+            Sample(int(i.split("-")[0]), _int(f.get("live")), _int(f.get("messages"))) for i, f in entries
+        ]
 
     def follow(self, after: str, block_ms: int = 5000) -> list[Event]:
         """Events after the id ``after``, waiting up to ``block_ms`` for one."""
@@ -194,8 +209,7 @@ class Sweeper:
                 self._relay()
             if self.on_end is not None:
                 self._run_hooks()
-            self.client.xtrim(self.keys.events, minid=str(now_ms() - self.retention_ms),
-                              approximate=False)
+            self.client.xtrim(self.keys.events, minid=str(now_ms() - self.retention_ms), approximate=False)
             self._sample()
         return ended
 
@@ -218,8 +232,7 @@ class Sweeper:
             if not entries:
                 continue
             for _, fields in entries:
-                self.client.xadd(self.keys.events, fields, maxlen=self.store.events_max,
-                                 approximate=True)
+                self.client.xadd(self.keys.events, fields, maxlen=self.store.events_max, approximate=True)
             self.client.xdel(self.keys.outbox(shard), *[entry_id for entry_id, _ in entries])
 
     def _run_hooks(self) -> None:
@@ -238,9 +251,14 @@ class Sweeper:
             return
         try:
             sender, recipient, reason, messages, started_at, ended_at, state = json.loads(raw)
-            final = Conversation(conversations.decode_state(state) or {}, sid=conversation_id,
-                                 sender=sender, recipient=recipient, messages=_int(messages),
-                                 started_at=_moment(_int(started_at)))
+            final = Conversation(
+                conversations.decode_state(state) or {},
+                sid=conversation_id,
+                sender=sender,
+                recipient=recipient,
+                messages=_int(messages),
+                started_at=_moment(_int(started_at)),
+            )
             final.ended_at = _moment(_int(ended_at))
             self.on_end(final, reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
@@ -257,8 +275,9 @@ class Sweeper:
         history = History(self.client, self.keys)
         messages = sum(tally[0] for tally in history.minute_tallies(last_minute, last_minute))
         live = conversations.active().count()
-        self.client.xadd(self.keys.samples, {"live": live, "messages": messages},
-                         maxlen=SAMPLES_KEPT, approximate=True)
+        self.client.xadd(
+            self.keys.samples, {"live": live, "messages": messages}, maxlen=SAMPLES_KEPT, approximate=True
+        )
 
     def _holds_lease(self) -> bool:
         """Takes or renews the lease (twice the interval, at least 10 s); False if another
@@ -288,7 +307,7 @@ class Sweeper:
 
 
 def _moment(epoch_ms: int) -> datetime:
-    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc)
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
 
 
 def history() -> History:
@@ -317,8 +336,13 @@ def parse_duration(text: str) -> int:
 
 @click.command("events")
 @with_appcontext
-@click.option("--since", default="1h", show_default=True, metavar="DURATION",
-              help="Start this long ago (90s, 15m, 2h, 7d).")
+@click.option(
+    "--since",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="Start this long ago (90s, 15m, 2h, 7d).",
+)
 @click.option("--follow", is_flag=True, help="Then wait for new events, until Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events_command(since, follow, as_json):

@@ -26,8 +26,7 @@ class BoundedRequest(Request):
         limit = self.max_content_length
         # Only a server that ends the stream itself (chunked) says so; without it werkzeug
         # reads no body that lacks a Content-Length at all.
-        if (self.content_length is not None or limit is None
-                or not self.environ.get("wsgi.input_terminated")):
+        if self.content_length is not None or limit is None or not self.environ.get("wsgi.input_terminated"):
             return super().stream
         body = _read(self.environ["wsgi.input"], limit + 1)
         if len(body) > limit:

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+from typing import NoReturn
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
@@ -90,14 +91,18 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 def run(command):
     """Runs a CLI command, turning a Redis failure into one stderr line and exit status 1."""
     if not current_app.config["REDIS_URL"]:
-        click.echo("warning: REDIS_URL is not set; this process sees only its own empty in-memory "
-                   "store, not a running `make run` (use the /ops API there)", err=True)
+        click.echo(
+            "warning: REDIS_URL is not set; this process sees only its own empty in-memory "
+            "store, not a running `make run` (use the /ops API there)",
+            err=True,
+        )
     try:
         return command()
     except UNAVAILABLE as failure:
         detail = str(failure).strip().splitlines()
-        click.echo(f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""),
-                   err=True)
+        click.echo(
+            f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""), err=True
+        )
         sys.exit(1)
 
 
@@ -114,8 +119,13 @@ def count_command(as_json):
 
 
 @conversations_cli.command("list")
-@click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIMIT),
-              help="Conversations per page.")
+@click.option(
+    "--limit",
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    type=click.IntRange(1, MAX_LIMIT),
+    help="Conversations per page.",
+)
 @click.option("--cursor", help="Continue after the page that printed this cursor.")
 @json_option
 def list_command(limit, cursor, as_json):
@@ -123,7 +133,7 @@ def list_command(limit, cursor, as_json):
     try:
         page = run(lambda: active().page(limit, cursor))
     except BadCursor:
-        raise click.BadParameter("not a cursor this command printed", param_hint="--cursor")
+        raise click.BadParameter("not a cursor this command printed", param_hint="--cursor") from None
     rows = [c.to_json() for c in page.conversations]
     emit(rows, table(rows), as_json)
     if page.next_cursor:  # on stderr, so that stdout stays one JSON list or one table
@@ -140,8 +150,10 @@ def show_command(sender, recipient, as_json):
     if found is None:
         unknown(sender, recipient)
     data = found.to_json(with_state=True)
-    text = "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
-                     for key, value in data.items())
+    text = "\n".join(
+        f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
+        for key, value in data.items()
+    )
     emit(data, text, as_json)
 
 
@@ -153,8 +165,11 @@ def expire_command(sender, recipient, as_json):
     """End a conversation now: its next message starts afresh, whatever cookie Twilio sends."""
     if not run(lambda: active().end(sender, recipient)):
         unknown(sender, recipient)
-    emit({"ended": True, "from": sender, "to": recipient},
-         f"ended the conversation from {sender} to {recipient}", as_json)
+    emit(
+        {"ended": True, "from": sender, "to": recipient},
+        f"ended the conversation from {sender} to {recipient}",
+        as_json,
+    )
 
 
 # How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
@@ -162,9 +177,12 @@ def expire_command(sender, recipient, as_json):
 NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
 
 
-def unknown(sender: str, recipient: str):
-    hint = ("" if NUMBER.match(sender) and NUMBER.match(recipient) else
-            " (numbers are written as Twilio sends them: E.164 with the +, e.g. +15551230001)")
+def unknown(sender: str, recipient: str) -> NoReturn:
+    hint = (
+        ""
+        if NUMBER.match(sender) and NUMBER.match(recipient)
+        else " (numbers are written as Twilio sends them: E.164 with the +, e.g. +15551230001)"
+    )
     click.echo(f"no live conversation from {sender} to {recipient}{hint}", err=True)
     sys.exit(1)
 
@@ -177,11 +195,14 @@ def table(rows: list[dict]) -> str:
     if not rows:
         return "no live conversations"
     cells = [[column.upper().replace("_", " ") for column in COLUMNS]]
-    cells += [[duration(row[column]) if column == "expires_in" else str(row[column]) for column in COLUMNS]
-              for row in rows]
+    cells += [
+        [duration(row[column]) if column == "expires_in" else str(row[column]) for column in COLUMNS]
+        for row in rows
+    ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in cells)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells
+    )
 
 
 def duration(seconds: int) -> str:

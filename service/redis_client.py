@@ -68,8 +68,10 @@ def connect(url: str | None, timeout: float):
     if not url:
         import fakeredis
 
-        log.warning("REDIS_URL is not set: using the embedded in-memory store (state is lost "
-                    "on exit and not shared between processes)")
+        log.warning(
+            "REDIS_URL is not set: using the embedded in-memory store (state is lost "
+            "on exit and not shared between processes)"
+        )
         return fakeredis.FakeRedis(decode_responses=True, encoding_errors="replace")
     options: dict[str, Any] = {
         "decode_responses": True,
@@ -84,22 +86,31 @@ def connect(url: str | None, timeout: float):
     if scheme == SENTINEL_SCHEME:
         nodes, credentials, path = _parse_multi_host(url)
         service, db = _sentinel_path(path)
-        sentinel = Sentinel(nodes, sentinel_kwargs={k: v for k, v in options.items()
-                                                    if k.startswith("socket_")})
-        return sentinel.master_for(service, connection_class=SentinelMasterConnection, db=db,
-                                   retry=retry, **credentials, **options)
+        sentinel = Sentinel(
+            nodes, sentinel_kwargs={k: v for k, v in options.items() if k.startswith("socket_")}
+        )
+        return sentinel.master_for(
+            service, connection_class=SentinelMasterConnection, db=db, retry=retry, **credentials, **options
+        )
     if scheme == CLUSTER_SCHEME:
         nodes, credentials, _ = _parse_multi_host(url)
-        lazy = LazyCluster(lambda: RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-            retry=retry, **credentials, **options))
+        lazy = LazyCluster(
+            lambda: RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                retry=retry,
+                **credentials,
+                **options,
+            )
+        )
         try:
             return lazy.client()
         except redis.AuthenticationError:
             return lazy  # not an outage: check_credentials says what it is
         except UNAVAILABLE as error:
-            log.warning("no Redis Cluster node answered at start (%s); answering 503 until one "
-                        "does", type(error).__name__)
+            log.warning(
+                "no Redis Cluster node answered at start (%s); answering 503 until one does",
+                type(error).__name__,
+            )
             return lazy
     raise AssertionError("check lets no other scheme through")
 
@@ -200,8 +211,10 @@ def check(config) -> None:
         try:
             import fakeredis  # noqa: F401  (a development extra: not in the production image)
         except ImportError:
-            raise ConfigError("REDIS_URL is not set and the embedded in-memory store is not "
-                              "installed (pip install 'sms-sessions[dev]')") from None
+            raise ConfigError(
+                "REDIS_URL is not set and the embedded in-memory store is not "
+                "installed (pip install 'sms-sessions[dev]')"
+            ) from None
     elif scheme in SINGLE_SCHEMES:
         try:
             parse_url(url)
@@ -216,11 +229,15 @@ def check(config) -> None:
     elif scheme == CLUSTER_SCHEME:
         _cluster_path(_parse_multi_host(url)[2])
     elif url:
-        raise ConfigError(f"REDIS_URL: unknown scheme {scheme!r}; use one of "
-                          + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)))
+        raise ConfigError(
+            f"REDIS_URL: unknown scheme {scheme!r}; use one of "
+            + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME))
+        )
     if config["REDIS_WAIT_REPLICAS"] and scheme in ("", CLUSTER_SCHEME):
-        raise ConfigError("REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
-                          "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)")
+        raise ConfigError(
+            "REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
+            "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)"
+        )
 
 
 def check_credentials(config, client=None) -> None:

@@ -33,8 +33,9 @@ def render(reply: str | MessagingResponse | None) -> str:
         return f"{XML_HEAD}<Response><Message>{escape(reply)}</Message></Response>"
     if isinstance(reply, MessagingResponse):
         return reply.to_xml()
-    raise TypeError(f"the handler returned a {type(reply).__name__}; expected text, a "
-                    "MessagingResponse or None")
+    raise TypeError(
+        f"the handler returned a {type(reply).__name__}; expected text, a MessagingResponse or None"
+    )
 
 
 def memo(reply: str | MessagingResponse | None) -> str:
@@ -77,6 +78,7 @@ def unavailable() -> Response:
 
 def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
+
     def redis_failed(error):
         count_redis_error()
         report(log, f"Redis unavailable: {type(error).__name__}")

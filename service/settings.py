@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,7 @@ def _number(kind: type, valid: Callable[[Any], bool], reason: str) -> Callable[[
         if not valid(number):
             raise ValueError(reason)
         return number
+
     return parse
 
 
@@ -87,112 +89,214 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("SMS_HANDLER", "service.counter:handle", _text,
-            "The conversation logic, `package.module:function` (README: \"Write your own "
-            "conversation\"); its module's `on_end`, if any, is the end hook."),
-    Setting("APP_ENV", "development", _env_name,
-            "`production` refuses to start without `TWILIO_AUTH_TOKEN`, with "
-            "`TWILIO_VALIDATE_SIGNATURE=0`, without `REDIS_URL` (the embedded store) or when "
-            "Redis turns its credentials down; `development` only warns."),
-    Setting("REDIS_URL", None, _text,
-            "Redis to keep conversations in; the scheme picks the topology: `redis://`, "
-            "`rediss://` (TLS), `unix://` one server; "
-            "`redis+sentinel://host:port[,host:port…]/service_name[/db]` the master Sentinel "
-            "names; `redis+cluster://host:port[,host:port…]` a Redis Cluster. User and password "
-            "go before the hosts (`redis://:secret@host:6379/0`). Unset: the embedded in-memory "
-            "store (per process), with a warning."),
-    Setting("REDIS_WAIT_REPLICAS", 0, _non_negative_int,
-            "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
-            "no extra round trip) before the answer; fewer answers 503. Set it to "
-            "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store."),
+    Setting(
+        "SMS_HANDLER",
+        "service.counter:handle",
+        _text,
+        'The conversation logic, `package.module:function` (README: "Write your own '
+        "conversation\"); its module's `on_end`, if any, is the end hook.",
+    ),
+    Setting(
+        "APP_ENV",
+        "development",
+        _env_name,
+        "`production` refuses to start without `TWILIO_AUTH_TOKEN`, with "
+        "`TWILIO_VALIDATE_SIGNATURE=0`, without `REDIS_URL` (the embedded store) or when "
+        "Redis turns its credentials down; `development` only warns.",
+    ),
+    Setting(
+        "REDIS_URL",
+        None,
+        _text,
+        "Redis to keep conversations in; the scheme picks the topology: `redis://`, "
+        "`rediss://` (TLS), `unix://` one server; "
+        "`redis+sentinel://host:port[,host:port…]/service_name[/db]` the master Sentinel "
+        "names; `redis+cluster://host:port[,host:port…]` a Redis Cluster. User and password "
+        "go before the hosts (`redis://:secret@host:6379/0`). Unset: the embedded in-memory "
+        "store (per process), with a warning.",
+    ),
+    Setting(
+        "REDIS_WAIT_REPLICAS",
+        0,
+        _non_negative_int,
+        "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
+        "no extra round trip) before the answer; fewer answers 503. Set it to "
+        "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store.",
+    ),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
-    Setting("REDIS_TIMEOUT", 0.5, _between(float, 0.01, math.inf, "a number of seconds"),
-            "Socket connect/read timeout in seconds (at least 0.01, and `LOCK_WAIT` + 2 × "
-            "`REDIS_TIMEOUT` under gunicorn's 10 s worker timeout); a slower Redis answers 503."),
-    Setting("TWILIO_AUTH_TOKEN", None, _text,
-            "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403). "
-            "`make run` uses `dev-auth-token`."),
-    Setting("TWILIO_VALIDATE_SIGNATURE", True, _bool,
-            "`0` only for local development: skips signature validation (warns at start; "
-            "refused in production)."),
-    Setting("PUBLIC_BASE_URL", None, _text,
-            "The scheme and host Twilio calls, e.g. `https://sms.example.com` (with the path "
-            "prefix a proxy strips, if any); the signed URL is rebuilt from it. Use behind TLS "
-            "proxies and tunnels."),
-    Setting("TRUSTED_PROXY_HOPS", 0, _non_negative_int,
-            "Proxies in front whose `X-Forwarded-Proto`, `-Host`, `-Port` and `-For` headers are "
-            "trusted (werkzeug's `ProxyFix`); never `-Prefix`."),
-    Setting("CONVERSATION_TTL", 14400, _between(int, 1, 30 * 24 * 3600, "a whole number of seconds"),
-            "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h), "
-            "at most 30 days (2592000)."),
-    Setting("SESSION_COOKIE_SECURE", False, _bool,
-            "Mark the cookies `Secure`: Twilio's conversation cookie and the console's sign-in "
-            "cookie (set it when the service is reached over https)."),
-    Setting("CALLERS_FILE", str(ROOT / "config" / "callers.json"), _text,
-            "JSON object mapping phone numbers to names (`message.caller_name`); unknown "
-            "senders are \"Friend\".", shown="`config/callers.json`"),
-    Setting("LOCK_TTL", 3.0, _between(float, 0.1, 60, "a number of seconds"),
-            "Seconds after which a conversation lock held by a crashed request lapses "
-            "(0.1 to 60: a lock must outlive a request's two round trips, and a crash must "
-            "not block a conversation for long)."),
-    Setting("LOCK_WAIT", 5.0, _between(float, 0.01, math.inf, "a number of seconds"),
-            "Seconds a message waits for its conversation's lock before answering 503 "
-            "(at least 0.01, and `LOCK_WAIT` + 2 × `REDIS_TIMEOUT` under gunicorn's 10 s "
-            "worker timeout)."),
-    Setting("REDELIVERY_WINDOW", 60, _between(int, 1, 3600, "a number of seconds"),
-            "Seconds during which a redelivered `MessageSid` gets its first answer again instead of "
-            "counting twice (Twilio's retries end within 15 s), 1 to 3600."),
-    Setting("REPLIES_KEPT", 100, _between(int, 1, 10_000, "a number of answers"),
-            "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard), "
-            "1 to 10000."),
-    Setting("SWEEP_INTERVAL", 5.0, _between(float, 0.05, 3600, "a number of seconds"),
-            "Seconds between two sweeps of conversations whose time ran out (their `ended` "
-            "event, their end hook), 0.05 to 3600; one process sweeps at a time."),
-    Setting("EVENTS_RETENTION", 7 * 24 * 3600, _between(int, 1, 366 * 24 * 3600, "a number of seconds"),
-            "Seconds the lifecycle events stream keeps an event (`XTRIM MINID`), up to a year."),
-    Setting("EVENTS_MAX", 1_000_000, _between(int, 10, 100_000_000, "a number of events"),
-            "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`), 10 to 100000000."),
-    Setting("MAX_BODY_BYTES", 65536, _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
-            "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
-            "32768 to 16777216: Twilio's longest message takes up to ~20 KB."),
-    Setting("LOG_FORMAT", "json", _log_format,
-            "`json`: one JSON object per line, for log pipelines; `text`: readable lines for a "
-            "terminal (`make run` sets it). Either way phone numbers are masked."),
-    Setting("OPS_TOKEN", None, _text,
-            "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
-            "sign in to the console at `/console/`. Unset: both are off (404 for every method "
-            "on every `/ops` and `/console` path)."),
-    Setting("CONSOLE_SESSION_TTL", 8 * 3600, _between(int, 60, 7 * 24 * 3600, "a whole number of seconds"),
-            "Seconds a console sign-in lasts (8 h: a shift), from 60 to 604800 (a week); then "
-            "the operator signs in again."),
+    Setting(
+        "REDIS_TIMEOUT",
+        0.5,
+        _between(float, 0.01, math.inf, "a number of seconds"),
+        "Socket connect/read timeout in seconds (at least 0.01, and `LOCK_WAIT` + 2 × "
+        "`REDIS_TIMEOUT` under gunicorn's 10 s worker timeout); a slower Redis answers 503.",
+    ),
+    Setting(
+        "TWILIO_AUTH_TOKEN",
+        None,
+        _text,
+        "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403). "
+        "`make run` uses `dev-auth-token`.",
+    ),
+    Setting(
+        "TWILIO_VALIDATE_SIGNATURE",
+        True,
+        _bool,
+        "`0` only for local development: skips signature validation (warns at start; refused in production).",
+    ),
+    Setting(
+        "PUBLIC_BASE_URL",
+        None,
+        _text,
+        "The scheme and host Twilio calls, e.g. `https://sms.example.com` (with the path "
+        "prefix a proxy strips, if any); the signed URL is rebuilt from it. Use behind TLS "
+        "proxies and tunnels.",
+    ),
+    Setting(
+        "TRUSTED_PROXY_HOPS",
+        0,
+        _non_negative_int,
+        "Proxies in front whose `X-Forwarded-Proto`, `-Host`, `-Port` and `-For` headers are "
+        "trusted (werkzeug's `ProxyFix`); never `-Prefix`.",
+    ),
+    Setting(
+        "CONVERSATION_TTL",
+        14400,
+        _between(int, 1, 30 * 24 * 3600, "a whole number of seconds"),
+        "Seconds a conversation lives after its last message (Twilio's cookie window: 4 h), "
+        "at most 30 days (2592000).",
+    ),
+    Setting(
+        "SESSION_COOKIE_SECURE",
+        False,
+        _bool,
+        "Mark the cookies `Secure`: Twilio's conversation cookie and the console's sign-in "
+        "cookie (set it when the service is reached over https).",
+    ),
+    Setting(
+        "CALLERS_FILE",
+        str(ROOT / "config" / "callers.json"),
+        _text,
+        'JSON object mapping phone numbers to names (`message.caller_name`); unknown senders are "Friend".',
+        shown="`config/callers.json`",
+    ),
+    Setting(
+        "LOCK_TTL",
+        3.0,
+        _between(float, 0.1, 60, "a number of seconds"),
+        "Seconds after which a conversation lock held by a crashed request lapses "
+        "(0.1 to 60: a lock must outlive a request's two round trips, and a crash must "
+        "not block a conversation for long).",
+    ),
+    Setting(
+        "LOCK_WAIT",
+        5.0,
+        _between(float, 0.01, math.inf, "a number of seconds"),
+        "Seconds a message waits for its conversation's lock before answering 503 "
+        "(at least 0.01, and `LOCK_WAIT` + 2 × `REDIS_TIMEOUT` under gunicorn's 10 s "
+        "worker timeout).",
+    ),
+    Setting(
+        "REDELIVERY_WINDOW",
+        60,
+        _between(int, 1, 3600, "a number of seconds"),
+        "Seconds during which a redelivered `MessageSid` gets its first answer again instead of "
+        "counting twice (Twilio's retries end within 15 s), 1 to 3600.",
+    ),
+    Setting(
+        "REPLIES_KEPT",
+        100,
+        _between(int, 1, 10_000, "a number of answers"),
+        "Most answers a conversation remembers within `REDELIVERY_WINDOW` (a memory guard), 1 to 10000.",
+    ),
+    Setting(
+        "SWEEP_INTERVAL",
+        5.0,
+        _between(float, 0.05, 3600, "a number of seconds"),
+        "Seconds between two sweeps of conversations whose time ran out (their `ended` "
+        "event, their end hook), 0.05 to 3600; one process sweeps at a time.",
+    ),
+    Setting(
+        "EVENTS_RETENTION",
+        7 * 24 * 3600,
+        _between(int, 1, 366 * 24 * 3600, "a number of seconds"),
+        "Seconds the lifecycle events stream keeps an event (`XTRIM MINID`), up to a year.",
+    ),
+    Setting(
+        "EVENTS_MAX",
+        1_000_000,
+        _between(int, 10, 100_000_000, "a number of events"),
+        "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`), 10 to 100000000.",
+    ),
+    Setting(
+        "MAX_BODY_BYTES",
+        65536,
+        _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
+        "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
+        "32768 to 16777216: Twilio's longest message takes up to ~20 KB.",
+    ),
+    Setting(
+        "LOG_FORMAT",
+        "json",
+        _log_format,
+        "`json`: one JSON object per line, for log pipelines; `text`: readable lines for a "
+        "terminal (`make run` sets it). Either way phone numbers are masked.",
+    ),
+    Setting(
+        "OPS_TOKEN",
+        None,
+        _text,
+        "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
+        "sign in to the console at `/console/`. Unset: both are off (404 for every method "
+        "on every `/ops` and `/console` path).",
+    ),
+    Setting(
+        "CONSOLE_SESSION_TTL",
+        8 * 3600,
+        _between(int, 60, 7 * 24 * 3600, "a whole number of seconds"),
+        "Seconds a console sign-in lasts (8 h: a shift), from 60 to 604800 (a week); then "
+        "the operator signs in again.",
+    ),
     # Read by config/gunicorn.conf.py (and prometheus-client), listed here to be documented.
-    Setting("WEB_CONCURRENCY", None, _positive_int,
-            "gunicorn worker processes (`config/gunicorn.conf.py`).", shown="2 × CPUs + 1"),
-    Setting("PORT", 5000, _between(int, 1, 65535, "a port number"),
-            "Port gunicorn listens on (all interfaces)."),
+    Setting(
+        "WEB_CONCURRENCY",
+        None,
+        _positive_int,
+        "gunicorn worker processes (`config/gunicorn.conf.py`).",
+        shown="2 × CPUs + 1",
+    ),
+    Setting(
+        "PORT", 5000, _between(int, 1, 65535, "a port number"), "Port gunicorn listens on (all interfaces)."
+    ),
     Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
-    Setting("PROMETHEUS_MULTIPROC_DIR", None, _text,
-            "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
-            "temporary one (outside gunicorn the metrics are the process's own)."),
+    Setting(
+        "PROMETHEUS_MULTIPROC_DIR",
+        None,
+        _text,
+        "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
+        "temporary one (outside gunicorn the metrics are the process's own).",
+    ),
 ]
 
 
 def table() -> str:
     """The configuration reference (``docs/configuration.md``), written from ``SETTINGS``."""
     rows = [f"| `{s.env}` | {s.default_text()} | {s.meaning} |" for s in SETTINGS]
-    return "\n".join([
-        "# Configuration",
-        "",
-        "Every setting is an environment variable. A malformed value, or one outside its range,",
-        "stops start-up with one line naming the variable and a non-zero exit (in `create_app`, in",
-        "gunicorn's master and in the CLI). This page is written from `service/settings.py`",
-        "(`make docs`); a test checks that it still is.",
-        "",
-        "| Variable | Default | Meaning |",
-        "| --- | --- | --- |",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Configuration",
+            "",
+            "Every setting is an environment variable. A malformed value, or one outside its range,",
+            "stops start-up with one line naming the variable and a non-zero exit (in `create_app`, in",
+            "gunicorn's master and in the CLI). This page is written from `service/settings.py`",
+            "(`make docs`); a test checks that it still is.",
+            "",
+            "| Variable | Default | Meaning |",
+            "| --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def check(config: dict[str, Any]) -> None:
@@ -200,14 +304,17 @@ def check(config: dict[str, Any]) -> None:
     if config["APP_ENV"] != "production":
         return
     if not config["TWILIO_AUTH_TOKEN"]:
-        raise ConfigError("TWILIO_AUTH_TOKEN is not set: APP_ENV=production needs it to verify "
-                          "Twilio's signatures")
+        raise ConfigError(
+            "TWILIO_AUTH_TOKEN is not set: APP_ENV=production needs it to verify Twilio's signatures"
+        )
     if not config["TWILIO_VALIDATE_SIGNATURE"]:
-        raise ConfigError("TWILIO_VALIDATE_SIGNATURE is off: APP_ENV=production always "
-                          "validates Twilio's signatures")
+        raise ConfigError(
+            "TWILIO_VALIDATE_SIGNATURE is off: APP_ENV=production always validates Twilio's signatures"
+        )
     if not config["REDIS_URL"]:
-        raise ConfigError("REDIS_URL is not set: APP_ENV=production needs a real Redis, not "
-                          "the embedded in-memory store")
+        raise ConfigError(
+            "REDIS_URL is not set: APP_ENV=production needs a real Redis, not the embedded in-memory store"
+        )
 
 
 def init_app(app, test_config: dict[str, Any] | None = None) -> None:
@@ -232,8 +339,12 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             config[setting.env] = setting.parse(raw)
         except ValueError as error:
             raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
-    _answered_in_time(config, blamed="REDIS_TIMEOUT" if environ.get("REDIS_TIMEOUT")
-                      and not environ.get("LOCK_WAIT") else "LOCK_WAIT")
+    _answered_in_time(
+        config,
+        blamed="REDIS_TIMEOUT"
+        if environ.get("REDIS_TIMEOUT") and not environ.get("LOCK_WAIT")
+        else "LOCK_WAIT",
+    )
     return config
 
 
@@ -243,5 +354,7 @@ def _answered_in_time(config: dict[str, Any], blamed: str) -> None:
     mid-message (and Twilio, at 15 s, gives up too). ``blamed``: the variable named first."""
     wait, timeout = config["LOCK_WAIT"], config["REDIS_TIMEOUT"]
     if wait + 2 * timeout >= WORKER_TIMEOUT:
-        raise ConfigError(f"{blamed}={config[blamed]:g}: LOCK_WAIT ({wait:g}) + 2 × REDIS_TIMEOUT "
-                          f"({timeout:g}) must stay under gunicorn's {WORKER_TIMEOUT} s worker timeout")
+        raise ConfigError(
+            f"{blamed}={config[blamed]:g}: LOCK_WAIT ({wait:g}) + 2 × REDIS_TIMEOUT "
+            f"({timeout:g}) must stay under gunicorn's {WORKER_TIMEOUT} s worker timeout"
+        )

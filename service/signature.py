@@ -76,7 +76,7 @@ class FormValues(dict):
         return self[name]
 
     @classmethod
-    def of(cls, fields) -> "FormValues":
+    def of(cls, fields) -> FormValues:
         values = cls()
         for name, value in fields:
             values.setdefault(name, []).append(value)
@@ -89,7 +89,7 @@ class SignatureCheck:
     def __init__(self, app: Flask):
         self.enabled = app.config["TWILIO_VALIDATE_SIGNATURE"]
         token = app.config["TWILIO_AUTH_TOKEN"]
-        self.token = token.encode("utf-8") if token else None
+        self.token = token.encode("utf-8") if token else b""  # unused without a token
         self.validator = RequestValidator(token) if token else None
         self.public_base_url = app.config["PUBLIC_BASE_URL"]
 
@@ -108,8 +108,9 @@ class SignatureCheck:
         if not settings and hmac.compare_digest(self.signed(url, fields), signature.encode()):
             return True
         try:
-            return self.validator.validate(url, FormValues.of(fields), signature,
-                                           get_signature_algorithm(settings))
+            return self.validator.validate(
+                url, FormValues.of(fields), signature, get_signature_algorithm(settings)
+            )
         except ValueError:
             return False  # an algorithm twilio does not support (the header is the sender's)
 
@@ -123,10 +124,12 @@ class SignatureCheck:
 def init_app(app: Flask) -> None:
     hops = app.config["TRUSTED_PROXY_HOPS"]
     if hops:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
+        # Flask's documented way to wrap its WSGI app (mypy sees a method being replaced).
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
+        )
     if not app.config["TWILIO_VALIDATE_SIGNATURE"]:
-        log.warning("TWILIO_VALIDATE_SIGNATURE is off: anyone can post messages. "
-                    "Local development only.")
+        log.warning("TWILIO_VALIDATE_SIGNATURE is off: anyone can post messages. Local development only.")
     elif not app.config["TWILIO_AUTH_TOKEN"]:
         log.warning("TWILIO_AUTH_TOKEN is not set: every webhook will be refused with 403.")
     app.extensions["sms.signature"] = SignatureCheck(app)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from http.cookiejar import DefaultCookiePolicy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from http.cookiejar import DefaultCookiePolicy
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
 import requests
@@ -54,9 +55,16 @@ def reply_text(twiml: str) -> str | None:
 
 
 class TwilioSimulator:
-    def __init__(self, url: str, auth_token: str | None, *, cookie_name: str = "sms_session",
-                 clock: Callable[[], float] = time.time, timeout: float = 20.0,
-                 app: "Flask | None" = None):
+    def __init__(
+        self,
+        url: str,
+        auth_token: str | None,
+        *,
+        cookie_name: str = "sms_session",
+        clock: Callable[[], float] = time.time,
+        timeout: float = 20.0,
+        app: Flask | None = None,
+    ):
         self.url = url
         self.app_client = app.test_client(use_cookies=False) if app is not None else None
         self.validator = RequestValidator(auth_token) if auth_token else None
@@ -69,14 +77,28 @@ class TwilioSimulator:
         # Twilio's jar is per pair (self.cookies), never requests' per-host jar.
         self.http.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
 
-    def params(self, sender: str, recipient: str, body: str, media: list[str],
-               message_sid: str) -> dict[str, str]:
+    def params(
+        self, sender: str, recipient: str, body: str, media: list[str], message_sid: str
+    ) -> dict[str, str]:
         params = {
-            "ToCountry": "US", "ToState": "CA", "SmsMessageSid": message_sid,
-            "NumMedia": str(len(media)), "ToCity": "", "FromZip": "", "SmsSid": message_sid,
-            "FromState": "CA", "SmsStatus": "received", "FromCity": "", "Body": body,
-            "FromCountry": "US", "To": recipient, "ToZip": "", "NumSegments": "1",
-            "MessageSid": message_sid, "AccountSid": self.account_sid, "From": sender,
+            "ToCountry": "US",
+            "ToState": "CA",
+            "SmsMessageSid": message_sid,
+            "NumMedia": str(len(media)),
+            "ToCity": "",
+            "FromZip": "",
+            "SmsSid": message_sid,
+            "FromState": "CA",
+            "SmsStatus": "received",
+            "FromCity": "",
+            "Body": body,
+            "FromCountry": "US",
+            "To": recipient,
+            "ToZip": "",
+            "NumSegments": "1",
+            "MessageSid": message_sid,
+            "AccountSid": self.account_sid,
+            "From": sender,
             "ApiVersion": "2010-04-01",
         }
         for index, url in enumerate(media):
@@ -94,8 +116,16 @@ class TwilioSimulator:
             return None
         return value
 
-    def send(self, sender: str, recipient: str, body: str = "", *, media: list[str] | None = None,
-             message_sid: str | None = None, cookie: str | None = None) -> Delivery:
+    def send(
+        self,
+        sender: str,
+        recipient: str,
+        body: str = "",
+        *,
+        media: list[str] | None = None,
+        message_sid: str | None = None,
+        cookie: str | None = None,
+    ) -> Delivery:
         """Delivers one message; ``message_sid`` repeats an earlier one (a redelivery).
 
         ``cookie`` overrides the jar for this call (tests of stale or forged cookies).
@@ -115,7 +145,7 @@ class TwilioSimulator:
         return Delivery(message_sid, status, text, reply, sent)
 
     @classmethod
-    def for_app(cls, app: "Flask", url: str = "http://localhost/sms") -> "TwilioSimulator":
+    def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:
         """Talks to ``app`` in-process (Flask's test client), signing with its auth token."""
         return cls(url, app.config["TWILIO_AUTH_TOKEN"], app=app)
 
@@ -125,6 +155,12 @@ class TwilioSimulator:
             response = self.http.post(self.url, data=params, headers=headers, timeout=self.timeout)
             return response.status_code, response.text, response.cookies.get(self.cookie_name)
         answer = self.app_client.post(self.url, data=params, headers=headers)
-        cookie = next((c.split(";", 1)[0].partition("=")[2] for c in answer.headers.getlist("Set-Cookie")
-                       if c.startswith(self.cookie_name + "=")), None)
+        cookie = next(
+            (
+                c.split(";", 1)[0].partition("=")[2]
+                for c in answer.headers.getlist("Set-Cookie")
+                if c.startswith(self.cookie_name + "=")
+            ),
+            None,
+        )
         return answer.status_code, answer.get_data(as_text=True), cookie

@@ -6,55 +6,88 @@ against the state just before its own request.
 
 from __future__ import annotations
 
-import json
-
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from service.keys import Keys
 from tests.support.app import post_signed
 
 KEYS = Keys()
-FUZZ = settings(max_examples=60, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # anything form-encodable
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
-                                    blacklist_characters=";\x7f"), max_size=40)
+header_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters=";\x7f"), max_size=40
+)
 header_names = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20).map(lambda n: "X-" + n)
 sizes = st.one_of(st.just(0), st.integers(0, 2000), st.integers(65000, 70000))  # around MAX_BODY_BYTES
 numbers = st.one_of(text, st.from_regex(r"\+1555[0-9]{7}", fullmatch=True))
 sids = st.from_regex(r"SM[0-9a-f]{32}", fullmatch=True)
 params = st.fixed_dictionaries(
     {},
-    optional={"From": numbers, "To": numbers, "MessageSid": st.one_of(text, st.just("SMfixed"), sids),
-              "Body": text, "NumMedia": text},
+    optional={
+        "From": numbers,
+        "To": numbers,
+        "MessageSid": st.one_of(text, st.just("SMfixed"), sids),
+        "Body": text,
+        "NumMedia": text,
+    },
 ).flatmap(lambda fixed: st.dictionaries(text, text, max_size=5).map(lambda extra: {**extra, **fixed}))
 phone = st.from_regex(r"\+1555[0-9]{7}", fullmatch=True)
 signed_params = st.builds(
     lambda fields, extra, dropped: {k: v for k, v in {**extra, **fields}.items() if k != dropped},
-    st.fixed_dictionaries({"From": st.one_of(phone, text), "To": st.one_of(phone, text),
-                           "MessageSid": st.one_of(sids, st.just("SMfixed"), text)},
-                          optional={"Body": text, "NumMedia": text}),
+    st.fixed_dictionaries(
+        {
+            "From": st.one_of(phone, text),
+            "To": st.one_of(phone, text),
+            "MessageSid": st.one_of(sids, st.just("SMfixed"), text),
+        },
+        optional={"Body": text, "NumMedia": text},
+    ),
     st.dictionaries(text, text, max_size=5),
     st.sampled_from([None, None, None, "From", "To", "MessageSid"]),
 )
-content_types = st.sampled_from([
-    "application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=latin-1",
-    "application/x-www-form-urlencoded; charset=utf-16", "multipart/form-data; boundary=xyz",
-    "multipart/form-data", "application/json", "text/plain", "application/octet-stream", ""])
+content_types = st.sampled_from(
+    [
+        "application/x-www-form-urlencoded",
+        "application/x-www-form-urlencoded; charset=latin-1",
+        "application/x-www-form-urlencoded; charset=utf-16",
+        "multipart/form-data; boundary=xyz",
+        "multipart/form-data",
+        "application/json",
+        "text/plain",
+        "application/octet-stream",
+        "",
+    ]
+)
 
 
 def snapshot(redis_client, form) -> tuple:
     """What a request for this form could change: the keyspace size, the pair's keys."""
     keys = KEYS.conversation(str(form.get("From", "")), str(form.get("To", "")))
-    return (redis_client.dbsize(), redis_client.hgetall(keys.state), redis_client.exists(keys.lock),
-            redis_client.zscore(keys.index, keys.member))
+    return (
+        redis_client.dbsize(),
+        redis_client.hgetall(keys.state),
+        redis_client.exists(keys.lock),
+        redis_client.zscore(keys.index, keys.member),
+    )
 
 
 @FUZZ
-@given(form=params, signature=st.one_of(st.none(), header_text), cookie=st.one_of(st.none(), header_text),
-       headers=st.dictionaries(header_names, header_text, max_size=4), size=sizes)
-def test_unsigned_or_forged_requests_change_nothing(app, redis_client, form, signature, cookie, headers, size):
+@given(
+    form=params,
+    signature=st.one_of(st.none(), header_text),
+    cookie=st.one_of(st.none(), header_text),
+    headers=st.dictionaries(header_names, header_text, max_size=4),
+    size=sizes,
+)
+def test_unsigned_or_forged_requests_change_nothing(
+    app, redis_client, form, signature, cookie, headers, size
+):
     form = {**form, "Body": "x" * size} if size else form
     if signature is not None:
         headers["X-Twilio-Signature"] = signature
@@ -66,13 +99,25 @@ def test_unsigned_or_forged_requests_change_nothing(app, redis_client, form, sig
 
 
 @FUZZ
-@given(body=st.binary(max_size=3000), query=st.binary(max_size=200), content_type=content_types,
-       signature=st.one_of(st.none(), header_text), method=st.sampled_from(["GET", "POST"]))
-def test_raw_bytes_in_any_encoding_change_nothing(app, redis_client, body, query, content_type, signature, method):
+@given(
+    body=st.binary(max_size=3000),
+    query=st.binary(max_size=200),
+    content_type=content_types,
+    signature=st.one_of(st.none(), header_text),
+    method=st.sampled_from(["GET", "POST"]),
+)
+def test_raw_bytes_in_any_encoding_change_nothing(
+    app, redis_client, body, query, content_type, signature, method
+):
     headers = {"X-Twilio-Signature": signature} if signature is not None else {}
-    response = app.test_client().open("/sms", method=method, data=body, content_type=content_type,
-                                      headers=headers,  # WSGI carries raw query bytes as latin-1
-                                      environ_overrides={"QUERY_STRING": query.decode("latin-1")})
+    response = app.test_client().open(
+        "/sms",
+        method=method,
+        data=body,
+        content_type=content_type,
+        headers=headers,  # WSGI carries raw query bytes as latin-1
+        environ_overrides={"QUERY_STRING": query.decode("latin-1")},
+    )
     assert response.status_code in (400, 403, 405, 413)
     assert redis_client.dbsize() == 0
 
@@ -94,4 +139,3 @@ def test_signed_requests_are_answered_or_refused_never_500(app, redis_client, fo
     assert response.mimetype == "text/xml"
     expected = count if form["MessageSid"] in answered else count + 1  # a redelivery counts once
     assert int(redis_client.hget(keys.state, "seq")) == expected
-

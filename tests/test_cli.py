@@ -13,21 +13,28 @@ from pathlib import Path
 
 import pytest
 
+from service.keys import Keys
+from service.ops import duration
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, bin_path, hermetic_environment
 from tests.support.ports import free_port
 from tests.support.programs import require_binary
-from service.keys import Keys
-from service.ops import duration
 
 REY, OURS = "+15551230001", "+15550001111"
 
 
 def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
     """The installed console script in its own process; only the settings given here."""
-    return subprocess.run([bin_path("sms-sessions"), *args], env={**hermetic_environment(), **env}, cwd=ROOT,
-                          input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [bin_path("sms-sessions"), *args],
+        env={**hermetic_environment(), **env},
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.slow
@@ -65,7 +72,9 @@ def test_operator_commands_print_only_their_output(redis_url):
 @pytest.mark.slow
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis+cluster://127.0.0.1:{port}"])
 def test_redis_unreachable_is_one_line(url):
-    result = sms_sessions("conversations", "count", REDIS_URL=url.format(port=free_port()), REDIS_TIMEOUT="0.2")
+    result = sms_sessions(
+        "conversations", "count", REDIS_URL=url.format(port=free_port()), REDIS_TIMEOUT="0.2"
+    )
     assert result.returncode == 1 and result.stdout == ""
     [line] = result.stderr.splitlines()
     assert line.startswith("Redis unavailable: ")
@@ -78,7 +87,8 @@ def test_a_number_without_its_plus_gets_a_hint(redis_url):
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"no live conversation from {REY[1:]} to {OURS} (numbers are written as Twilio sends them: "
-        "E.164 with the +, e.g. +15551230001)"]
+        "E.164 with the +, e.g. +15551230001)"
+    ]
     assert sms_sessions("conversations", "show", REY, OURS, REDIS_URL=redis_url).returncode == 0
 
 
@@ -93,18 +103,35 @@ def test_the_table_shows_expiry_for_people_and_json_keeps_seconds(redis_url):
 
 def test_duration():
     assert [duration(s) for s in (0, 7, 65, 3600, 14398, -3)] == [
-        "0s", "7s", "1m 05s", "1h 00m 00s", "3h 59m 58s", "0s"]
+        "0s",
+        "7s",
+        "1m 05s",
+        "1h 00m 00s",
+        "3h 59m 58s",
+        "0s",
+    ]
 
 
 @pytest.mark.slow
 def test_simulate_skips_empty_lines(redis_url):
     app = make_app(REDIS_URL=redis_url)
     with LiveServer(app) as server:
-        result = sms_sessions("simulate", "--from", REY, "--to", OURS, "--url", server.url,
-                              stdin="hello\n\n   \nagain\n", TWILIO_AUTH_TOKEN=TOKEN)
+        result = sms_sessions(
+            "simulate",
+            "--from",
+            REY,
+            "--to",
+            OURS,
+            "--url",
+            server.url,
+            stdin="hello\n\n   \nagain\n",
+            TWILIO_AUTH_TOKEN=TOKEN,
+        )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["Thanks for the message, Rey!",
-                                          "Rey has messaged +15550001111 2 times."]
+    assert result.stdout.splitlines() == [
+        "Thanks for the message, Rey!",
+        "Rey has messaged +15550001111 2 times.",
+    ]
 
 
 @pytest.mark.slow
@@ -115,17 +142,31 @@ def test_make_run_on_a_busy_port_says_which_to_use():
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            ["make", "--no-print-directory", "-o", "install", "run", f"PORT={port}",
-             f"VENV={Path(bin_path('python')).parent.parent}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
+            [
+                "make",
+                "--no-print-directory",
+                "-o",
+                "install",
+                "run",
+                f"PORT={port}",
+                f"VENV={Path(bin_path('python')).parent.parent}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode != 0
     assert result.stderr.splitlines()[0] == (
-        f"make run: port {port} on 127.0.0.1 is in use; choose another: make run PORT=5001")
+        f"make run: port {port} on 127.0.0.1 is in use; choose another: make run PORT=5001"
+    )
     assert "Serving the webhook" not in result.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")])
+@pytest.mark.parametrize(
+    "variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")]
+)
 def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""
     result = sms_sessions("serve", **{variable: value})
@@ -137,7 +178,9 @@ def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
 
 def readme_redis_cli_recipe(title: str) -> str:
     """docs/operating.md's redis-cli set-up lines and the recipe under the comment ``title``."""
-    block = (ROOT / "docs" / "operating.md").read_text().split("## Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
+    block = (
+        (ROOT / "docs" / "operating.md").read_text().split("## Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
+    )
     block = block.split("```", 1)[0]
     setup = "\n".join(line for line in block.splitlines() if line.startswith(("R=", "now=")))
     recipe = block.split(f"# {title}", 1)[1].split("\n\n", 1)[0].split("\n", 1)[1]
@@ -156,8 +199,13 @@ def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
         redis_client.zadd(conversation.index, {conversation.member: planted[conversation.member]})
     redis_client.zadd(keys.conversation("+15551239903", OURS).index, {"lapsed|+1": now - 1000})
     script = readme_redis_cli_recipe("The 10 most recent")
-    printed = subprocess.run(["bash", "-c", script], env={**hermetic_environment(), "REDIS_URL": redis_url},
-                             capture_output=True, text=True, timeout=60)
+    printed = subprocess.run(
+        ["bash", "-c", script],
+        env={**hermetic_environment(), "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert printed.returncode == 0, printed.stderr
     newest = sorted(planted.items(), key=lambda item: -item[1])[:10]
     assert printed.stdout.splitlines() == [f"{member}\t{score}" for member, score in newest]

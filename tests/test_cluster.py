@@ -68,8 +68,9 @@ def test_lifecycle_events_reach_the_stream_from_every_master(redis_cluster):
     twilio = TwilioSimulator.for_app(app)
     for sender in SENDERS[:40]:
         assert twilio.send(sender, OURS, "hi").status == 200
-    app.test_client().delete(f"/ops/conversations/{SENDERS[0]}/{OURS}",
-                             headers={"Authorization": "Bearer ops"})
+    app.test_client().delete(
+        f"/ops/conversations/{SENDERS[0]}/{OURS}", headers={"Authorization": "Bearer ops"}
+    )
     time.sleep(1.1)
     Sweeper(app).sweep()
     entries = [fields for _, fields in client.xrange(KEYS.events)]
@@ -118,8 +119,14 @@ def test_operators_count_list_show_and_expire_across_every_master(cluster_app, r
             assert page.exit_code == 0, page.output
             rows = json.loads(page.stdout)
             listed += rows
-            cursor = next((line.split(": ", 1)[1] for line in page.stderr.splitlines()
-                           if line.startswith("next cursor: ")), None)
+            cursor = next(
+                (
+                    line.split(": ", 1)[1]
+                    for line in page.stderr.splitlines()
+                    if line.startswith("next cursor: ")
+                ),
+                None,
+            )
             if cursor is None:
                 break
         assert sorted(row["from"] for row in listed) == sorted(SENDERS)
@@ -171,4 +178,3 @@ def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):
         redis_cluster.nodes[0].kill()
         statuses = [twilio.send(s, OURS, "after").status for s in SENDERS]
     assert set(statuses) <= {200, 503} and 503 in statuses
-

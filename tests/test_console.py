@@ -26,8 +26,16 @@ REY, FINN, POE, OURS, OTHER = "+15551230001", "+15551230002", "+15551230003", "+
 def plant(client, active, sender, recipient, expiry):
     """A live conversation written through the key schema, with a chosen expiry (ms)."""
     keys = active.keys.conversation(sender, recipient)
-    client.hset(keys.state, mapping={"sid": "s", "state": "{}", "seq": 1,
-                                     "first_seen": expiry - 20000, "last_seen": expiry - 10000})
+    client.hset(
+        keys.state,
+        mapping={
+            "sid": "s",
+            "state": "{}",
+            "seq": 1,
+            "first_seen": expiry - 20000,
+            "last_seen": expiry - 10000,
+        },
+    )
     client.zadd(keys.index, {keys.member: expiry})
 
 
@@ -42,22 +50,31 @@ def found(active, number, limit=50):
 
 # --- Search by number ------------------------------------------------------------------------
 
+
 def test_search_by_full_number_or_suffix_most_recent_first(active, redis_client):
     expiry = now_ms() + 600_000
     plant(redis_client, active, REY, OURS, expiry - 3)
     plant(redis_client, active, REY, OTHER, expiry - 1)
     plant(redis_client, active, "whatsapp:" + REY, "whatsapp:" + OURS, expiry - 2)
-    plant(redis_client, active, "+15559990001", OURS, expiry)        # same last 4 digits
-    plant(redis_client, active, "+449990101", OURS, expiry - 4)      # same tag, other suffix
+    plant(redis_client, active, "+15559990001", OURS, expiry)  # same last 4 digits
+    plant(redis_client, active, "+449990101", OURS, expiry - 4)  # same tag, other suffix
     plant(redis_client, active, "+215551230001", OURS, expiry - 5)  # ends with REY's digits
-    plant(redis_client, active, FINN, OURS, expiry)                  # another tag
+    plant(redis_client, active, FINN, OURS, expiry)  # another tag
     assert found(active, REY) == [(REY, OTHER), ("whatsapp:" + REY, "whatsapp:" + OURS), (REY, OURS)]
     assert found(active, "+1 (555) 123-0001") == found(active, REY)
-    assert found(active, "1230001") == [(REY, OTHER), ("whatsapp:" + REY, "whatsapp:" + OURS),
-                                        (REY, OURS), ("+215551230001", OURS)]
-    assert found(active, "0001") == [("+15559990001", OURS), (REY, OTHER),
-                                     ("whatsapp:" + REY, "whatsapp:" + OURS), (REY, OURS),
-                                     ("+215551230001", OURS)]
+    assert found(active, "1230001") == [
+        (REY, OTHER),
+        ("whatsapp:" + REY, "whatsapp:" + OURS),
+        (REY, OURS),
+        ("+215551230001", OURS),
+    ]
+    assert found(active, "0001") == [
+        ("+15559990001", OURS),
+        (REY, OTHER),
+        ("whatsapp:" + REY, "whatsapp:" + OURS),
+        (REY, OURS),
+        ("+215551230001", OURS),
+    ]
     assert len(found(active, "01")) == 6 and found(active, "02") == [(FINN, OURS)]
     assert found(active, "0001", limit=2) == [("+15559990001", OURS), (REY, OTHER)]
     assert found(active, "+15559990002") == []
@@ -84,8 +101,7 @@ def test_search_reads_only_the_shard_its_digits_name(active, redis_client):
     assert tally == {"zscan": 1, "hmget": 20}  # the 20 senders ending in 42, one read each
 
 
-@pytest.mark.parametrize("text", ["1", "+1", "", "  ", "abc", "+1555x", "1+555", "*01", "0[1]",
-                                  "1" * 65])
+@pytest.mark.parametrize("text", ["1", "+1", "", "  ", "abc", "+1555x", "1+555", "*01", "0[1]", "1" * 65])
 def test_search_refuses_what_names_no_single_shard(text):
     with pytest.raises(BadSearch):
         search_number(text)
@@ -133,9 +149,16 @@ def talk(app, sender=REY, recipient=OURS, messages=1):
 
 def test_console_is_off_without_ops_token(app):
     client = app.test_client()
-    for path in ("/console/", "/console", "/console/sign-in", "/console/sign-out",
-                 "/console/conversation", "/console/conversation/end",
-                 "/console/static/console.css", "/static/console.css"):
+    for path in (
+        "/console/",
+        "/console",
+        "/console/sign-in",
+        "/console/sign-out",
+        "/console/conversation",
+        "/console/conversation/end",
+        "/console/static/console.css",
+        "/static/console.css",
+    ):
         for method in ("get", "post", "put", "delete", "options", "head"):
             assert getattr(client, method)(path).status_code == 404, (method, path)
 
@@ -173,7 +196,8 @@ def test_wrong_token_is_401_with_one_log_line(console_app, caplog):
         assert response.status_code == 401 and "Wrong token." in response.get_data(as_text=True)
         assert client.get("/console/").status_code == 303
     assert [r.getMessage() for r in caplog.records if r.name == "service.console"] == [
-        "console sign-in refused: wrong ops token"] * 2
+        "console sign-in refused: wrong ops token"
+    ] * 2
 
 
 def test_sign_in_without_its_csrf_token_is_refused(console_app):
@@ -195,8 +219,9 @@ def test_sign_out_and_expiry_and_token_rotation_sign_out(console_app, redis_url,
 
     rotated = make_app(REDIS_URL=redis_url, OPS_TOKEN="another-token").test_client()
     sign_in(client)
-    rotated.set_cookie("sms_console", client.get_cookie("sms_console", path="/console").value,
-                       path="/console")
+    rotated.set_cookie(
+        "sms_console", client.get_cookie("sms_console", path="/console").value, path="/console"
+    )
     assert rotated.get("/console/").status_code == 303
 
     signed_at = int(time.time()) - 28801  # a sign-in older than CONSOLE_SESSION_TTL
@@ -210,11 +235,14 @@ def test_every_console_page_is_protected_and_uncached(console_app):
     client = console_app.test_client()
     talk(console_app)
     csrf = sign_in(client)
-    responses = [client.get("/console/sign-in"), client.get("/console/"),
-                 client.get("/console/", query_string={"q": "0001"}),
-                 client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
-                 client.post("/console/conversation/end", data={"from": REY, "to": OURS}),
-                 client.post("/console/conversation/end", data={"from": POE, "to": OURS, "csrf": csrf})]
+    responses = [
+        client.get("/console/sign-in"),
+        client.get("/console/"),
+        client.get("/console/", query_string={"q": "0001"}),
+        client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
+        client.post("/console/conversation/end", data={"from": REY, "to": OURS}),
+        client.post("/console/conversation/end", data={"from": POE, "to": OURS, "csrf": csrf}),
+    ]
     assert [r.status_code for r in responses] == [303, 200, 200, 200, 403, 404]
     for response in responses:
         policy = response.headers["Content-Security-Policy"]
@@ -234,9 +262,12 @@ def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
     talk(console_app, messages=2)
     pages = [client.get("/console/sign-in"), client.post("/console/sign-in", data={"token": "x"})]
     sign_in(client)
-    pages += [client.get("/console/"), client.get("/console/?q=1"),
-              client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
-              client.get("/console/conversation", query_string={"from": POE, "to": OURS})]
+    pages += [
+        client.get("/console/"),
+        client.get("/console/?q=1"),
+        client.get("/console/conversation", query_string={"from": REY, "to": OURS}),
+        client.get("/console/conversation", query_string={"from": POE, "to": OURS}),
+    ]
     for response in pages:
         text = response.get_data(as_text=True)
         assert "<html" in text
@@ -248,6 +279,7 @@ def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
 
 
 # --- Pages -----------------------------------------------------------------------------------
+
 
 def test_live_list_search_conversation_page_and_end(console_app, caplog):
     caplog.set_level(logging.INFO)
@@ -274,8 +306,9 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     after = client.get("/console/?ended=1").get_data(as_text=True)
     assert "The conversation was ended." in after and REY not in section(after, "live")
     [ended_row] = re.findall(r"<tr>.*?</tr>", section(after, "recent").split("<tbody>")[1], re.S)
-    assert [html.unescape(cell) for cell in re.findall(r'<td[^>]*>(?:<time[^>]*>)?(.*?)<', ended_row)][:5] == [
-        REY, OURS, "operator", "0 s", "3"]
+    assert [html.unescape(cell) for cell in re.findall(r"<td[^>]*>(?:<time[^>]*>)?(.*?)<", ended_row)][
+        :5
+    ] == [REY, OURS, "operator", "0 s", "3"]
     assert re.search(r'<dd id="ended-count">1<small>operator 1</small>', after)
     again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     assert again.status_code == 404 and "it ended or expired" in again.get_data(as_text=True)
@@ -292,8 +325,10 @@ def test_overview_counts_the_last_hour_and_charts_the_samples(console_app, redis
     talk(console_app, REY, messages=2)
     talk(console_app, FINN)
     now, samples = now_ms(), console_app.extensions["sms.keys"].samples
-    series = [(now - minutes * 60_000, live, messages)
-              for minutes, live, messages in ((400, 9, 90), (300, 4, 12), (120, 8, 30), (1, 2, 7))]
+    series = [
+        (now - minutes * 60_000, live, messages)
+        for minutes, live, messages in ((400, 9, 90), (300, 4, 12), (120, 8, 30), (1, 2, 7))
+    ]
     for at, live, messages in series:  # as the sweeper writes them, one a minute
         redis_client.xadd(samples, {"live": live, "messages": messages}, id=f"{at}-0")
     client = console_app.test_client()
@@ -306,8 +341,10 @@ def test_overview_counts_the_last_hour_and_charts_the_samples(console_app, redis
     assert '<dd id="ended-count">1<small>operator 1</small>' in overview
     assert '<dd id="averages">0 s<small>1.0 messages</small>' in overview
     live = re.search(r'<svg class="chart" id="chart-live".*?</svg>', overview, re.S).group(0)
-    points = [tuple(map(float, pair.split(","))) for pair in
-              re.search(r'<polyline class="line" points="([^"]+)"', live).group(1).split()]
+    points = [
+        tuple(map(float, pair.split(",")))
+        for pair in re.search(r'<polyline class="line" points="([^"]+)"', live).group(1).split()
+    ]
     assert len(points) == 3  # the sample from 400 minutes ago is older than the chart's 6 h
     left, top, right, bottom = PLOT
     assert [y for _, y in points] == [bottom - 4 / 8 * (bottom - top), top, bottom - 2 / 8 * (bottom - top)]
@@ -330,15 +367,19 @@ def test_state_is_shown_as_formatted_json(console_app, redis_client):
     page = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     state = re.search(r'<pre class="state"[^>]*>(.*?)</pre>', page.get_data(as_text=True), re.S)
     assert "<b>" not in state.group(1)  # escaped, as every value on the page
-    assert html.unescape(state.group(1)) == '{\n  "answers": [\n    "<b>yes</b>",\n    "é"\n  ],\n  "step": 2\n}'
+    assert (
+        html.unescape(state.group(1)) == '{\n  "answers": [\n    "<b>yes</b>",\n    "é"\n  ],\n  "step": 2\n}'
+    )
 
 
 def test_bad_requests_are_400_with_a_reason(console_app, caplog):
     client = console_app.test_client()
     sign_in(client)
     caplog.set_level(logging.INFO)
-    for query, reason in (({"cursor": "not-a-cursor"}, "start from the first page"),
-                          ({"q": "abc"}, "digits, with + for a full number")):
+    for query, reason in (
+        ({"cursor": "not-a-cursor"}, "start from the first page"),
+        ({"q": "abc"}, "digits, with + for a full number"),
+    ):
         caplog.clear()
         response = client.get("/console/", query_string=query)
         assert response.status_code == 400 and reason in response.get_data(as_text=True)
@@ -376,8 +417,9 @@ def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
         csrf = CSRF.search(browser.get(f"{base}/console/", params={"q": REY}, timeout=10).text).group(1)
         shown = browser.get(f"{base}/console/conversation", params={"from": REY, "to": OURS}, timeout=10)
         assert shown.status_code == 200 and REY in shown.text
-        ended = browser.post(f"{base}/console/conversation/end", timeout=10,
-                             data={"from": REY, "to": OURS, "csrf": csrf})
+        ended = browser.post(
+            f"{base}/console/conversation/end", timeout=10, data={"from": REY, "to": OURS, "csrf": csrf}
+        )
         assert ended.status_code == 200 and ended.url.endswith("/console/?ended=1")
     lines = [record.getMessage() for record in caplog.records]
     assert any("GET /console/conversation HTTP/1.1" in line for line in lines)

@@ -37,8 +37,9 @@ NUMBERS = (REY, FINN, POE, OURS)
 
 @pytest.fixture(scope="module")
 def server(redis_server):
-    with Gunicorn({"REDIS_URL": redis_server.url, "OPS_TOKEN": OPS}, workers=2,
-                  config=GUNICORN_CONF) as gunicorn:
+    with Gunicorn(
+        {"REDIS_URL": redis_server.url, "OPS_TOKEN": OPS}, workers=2, config=GUNICORN_CONF
+    ) as gunicorn:
         yield gunicorn
 
 
@@ -62,8 +63,9 @@ class Console:
     def wait(self, condition, seconds=20):
         """Until ``condition``; an element the page replaced meanwhile (a navigation, a
         refresh) is looked up again at the next poll."""
-        return WebDriverWait(self.browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
-                             ).until(condition)
+        return WebDriverWait(
+            self.browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(condition)
 
     def find(self, css):
         return self.browser.find_element(By.CSS_SELECTOR, css)
@@ -84,8 +86,11 @@ class Console:
 
     def problems(self):
         """What the browser's console reported: a CSP violation, a failed script or fetch."""
-        return [entry["message"] for entry in self.browser.get_log("browser")
-                if entry["level"] in ("SEVERE", "WARNING") and "favicon.ico" not in entry["message"]]
+        return [
+            entry["message"]
+            for entry in self.browser.get_log("browser")
+            if entry["level"] in ("SEVERE", "WARNING") and "favicon.ico" not in entry["message"]
+        ]
 
 
 def test_wrong_token_is_refused(console):
@@ -143,7 +148,9 @@ def test_sign_in_see_a_conversation_arrive_search_open_end_and_sign_out(console,
     assert console.problems() == []
 
     output = server.output()
-    assert "console: an operator signed in" in output and '"message": "POST /console/conversation/end ' in output
+    assert (
+        "console: an operator signed in" in output and '"message": "POST /console/conversation/end ' in output
+    )
     assert "conversation of +1555***0001 ended by an operator" in output
     for number in NUMBERS:
         assert number[1:] not in output  # not even URL-encoded (%2B…)
@@ -153,7 +160,8 @@ def test_a_forged_post_without_the_csrf_token_is_refused(console, server):
     assert console.twilio.send(POE, OURS, "hello").status == 200
     console.sign_in()
     console.wait(seen.url_to_be(console.base + "/console/"))
-    console.browser.execute_script("""
+    console.browser.execute_script(
+        """
         const form = document.createElement("form");
         form.method = "post";
         form.action = "/console/conversation/end";
@@ -164,7 +172,10 @@ def test_a_forged_post_without_the_csrf_token_is_refused(console, server):
         }
         document.body.append(form);
         form.submit();
-    """, POE, OURS)
+    """,
+        POE,
+        OURS,
+    )
     console.wait(lambda _: "Refused" in console.find("h1").text)
     assert "CSRF token is missing or out of date" in console.text()
     console.open()
@@ -179,8 +190,11 @@ def test_a_conversation_page_says_so_when_its_conversation_ends_elsewhere(consol
     console.find("#live tbody a").click()
     console.wait(seen.presence_of_element_located((By.CSS_SELECTOR, "pre.state")))
     console.browser.execute_script("window.notReloaded = true")
-    ended = requests.delete(f"{console.base}/ops/conversations/{POE}/{OURS}", timeout=10,
-                            headers={"Authorization": f"Bearer {OPS}"})
+    ended = requests.delete(
+        f"{console.base}/ops/conversations/{POE}/{OURS}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {OPS}"},
+    )
     assert ended.status_code == 200
     console.wait(seen.visibility_of_element_located((By.ID, "not-live")))
     assert console.browser.execute_script("return window.notReloaded") is True
@@ -189,10 +203,18 @@ def test_a_conversation_page_says_so_when_its_conversation_ends_elsewhere(consol
 def plant_samples(redis_client, hours=6):
     """A day's shape of samples, one a minute, as the sweeper writes them."""
     now, samples = now_ms(), Keys().samples
+    # In one transaction: the running service's sweeper may sample meanwhile, and a stream
+    # takes no entry older than its last.
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.delete(samples)
     for minute in range(hours * 60, 0, -1):
         wave = math.sin(minute / 70) + 1  # from 0 to 2
-        redis_client.xadd(samples, {"live": round(3 + 6 * wave), "messages": round(4 + 10 * wave)},
-                          id=f"{now - minute * 60_000}-0")
+        pipe.xadd(
+            samples,
+            {"live": round(3 + 6 * wave), "messages": round(4 + 10 * wave)},
+            id=f"{now - minute * 60_000}-0",
+        )
+    pipe.execute()
 
 
 def test_the_chart_renders(console, redis_client):
@@ -211,8 +233,15 @@ def test_the_chart_renders(console, redis_client):
 
 def test_screenshot_at_a_fixed_size_and_readable_on_a_phone(console, redis_client, tmp_path):
     plant_samples(redis_client)
-    for sender, messages in ((POE, 1), (FINN, 4), (REY, 2), ("+14158675308", 7), ("+12348134522", 1),
-                             ("+12349013030", 3), ("+15551230044", 2)):
+    for sender, messages in (
+        (POE, 1),
+        (FINN, 4),
+        (REY, 2),
+        ("+14158675308", 7),
+        ("+12348134522", 1),
+        ("+12349013030", 3),
+        ("+15551230044", 2),
+    ):
         for _ in range(messages):
             assert console.twilio.send(sender, OURS, "hello").status == 200
     assert console.twilio.send("+15551230044", OURS, "STOP").status == 200  # an opt-out
@@ -223,8 +252,11 @@ def test_screenshot_at_a_fixed_size_and_readable_on_a_phone(console, redis_clien
     console.wait(seen.visibility_of_element_located((By.ID, "confirm-end"))).click()
     console.wait(lambda _: len(console.rows("#recent")) == 2)
     console.open()
-    target = ROOT / "docs" / "console.png" if os.environ.get("CONSOLE_SCREENSHOT") == "1" \
+    target = (
+        ROOT / "docs" / "console.png"
+        if os.environ.get("CONSOLE_SCREENSHOT") == "1"
         else tmp_path / "console.png"
+    )
     png = screenshot(console.browser, target)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == WINDOW
     assert not overflows_on_a_phone(console.browser)

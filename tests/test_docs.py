@@ -18,8 +18,10 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 def anchors(page: Path) -> set[str]:
     """GitHub's anchors of a page's headings."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
-    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.+)$", text, re.M)}
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", text, re.M)
+    }
 
 
 def test_readme_is_a_short_front_door_with_the_two_commands():

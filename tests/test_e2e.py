@@ -29,20 +29,41 @@ def test_conversation_under_gunicorn_with_the_simulator(redis_url):
         redelivered = twilio.send(REY, OURS, "again", message_sid="SMrepeat")
         repeat = twilio.send(REY, OURS, "again", message_sid="SMrepeat")
     assert replies == ["Thanks for the message, Rey!"] + [
-        f"Rey has messaged +15550001111 {n} times." for n in (2, 3, 4)]
+        f"Rey has messaged +15550001111 {n} times." for n in (2, 3, 4)
+    ]
     assert redelivered.reply == repeat.reply == "Rey has messaged +15550001111 5 times."
 
 
 def test_simulate_command_against_gunicorn(redis_url):
     with Gunicorn({"REDIS_URL": redis_url}) as server:
         result = subprocess.run(
-            [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS, "--url", server.url,
-             "--message", "hello", "--repeat", "3"],
-            env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN}, capture_output=True, text=True, timeout=60)
+            [
+                bin_path("sms-sessions"),
+                "simulate",
+                "--from",
+                REY,
+                "--to",
+                OURS,
+                "--url",
+                server.url,
+                "--message",
+                "hello",
+                "--repeat",
+                "3",
+            ],
+            env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         typed = subprocess.run(
             [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS, "--url", server.url],
-            input="one more\n", env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN},
-            capture_output=True, text=True, timeout=60)
+            input="one more\n",
+            env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "Thanks for the message, Rey!",
@@ -56,18 +77,47 @@ def test_simulate_command_against_gunicorn(redis_url):
 def test_simulate_with_the_wrong_token_is_refused(redis_url):
     with Gunicorn({"REDIS_URL": redis_url}) as server:
         result = subprocess.run(
-            [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS, "--url", server.url,
-             "--message", "hello", "--auth-token", "wrong"],
-            env=server.env, capture_output=True, text=True, timeout=60)
+            [
+                bin_path("sms-sessions"),
+                "simulate",
+                "--from",
+                REY,
+                "--to",
+                OURS,
+                "--url",
+                server.url,
+                "--message",
+                "hello",
+                "--auth-token",
+                "wrong",
+            ],
+            env=server.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 1
     assert "HTTP 403" in result.stderr
 
 
 def test_simulate_without_a_service_says_so_in_one_line():
     result = subprocess.run(
-        [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS,
-         "--url", f"http://127.0.0.1:{free_port()}/sms", "--message", "hello"],
-        capture_output=True, text=True, timeout=60)
+        [
+            bin_path("sms-sessions"),
+            "simulate",
+            "--from",
+            REY,
+            "--to",
+            OURS,
+            "--url",
+            f"http://127.0.0.1:{free_port()}/sms",
+            "--message",
+            "hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("Error: no answer from http://127.0.0.1:")
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
@@ -81,8 +131,9 @@ def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_clien
     with Gunicorn({"REDIS_URL": redis_url}, config=GUNICORN_CONF) as server:
         sims = [TwilioSimulator(server.url, TOKEN) for _ in range(60)]
         with ThreadPoolExecutor(max_workers=60) as pool:
-            deliveries = list(pool.map(lambda n: sims[n].send(REY, OURS, "x", message_sid=sids[n // 2]),
-                                       range(60)))
+            deliveries = list(
+                pool.map(lambda n: sims[n].send(REY, OURS, "x", message_sid=sids[n // 2]), range(60))
+            )
     assert [d.status for d in deliveries] == [200] * 60
     for first, second in zip(deliveries[0::2], deliveries[1::2]):
         assert first.reply == second.reply
@@ -95,9 +146,14 @@ def test_make_run_serves_the_handler_named_by_sms_handler():
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SMS_HANDLER", "TWILIO_AUTH_TOKEN")}
-    server = subprocess.Popen(["make", "--no-print-directory", "run", f"PORT={port}",
-                               "SMS_HANDLER=examples.survey:handle"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "run", f"PORT={port}", "SMS_HANDLER=examples.survey:handle"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthz", server, seconds=120)
         twilio = TwilioSimulator(f"http://127.0.0.1:{port}/sms", "dev-auth-token")
@@ -105,5 +161,7 @@ def test_make_run_serves_the_handler_named_by_sms_handler():
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    assert replies == ["Hi! Three quick questions. What should we call you?",
-                       "Thanks, Rey. What is your favourite colour?"]
+    assert replies == [
+        "Hi! Three quick questions. What should we call you?",
+        "Thanks, Rey. What is your favourite colour?",
+    ]

@@ -34,8 +34,14 @@ OURS = "+15550001111"
 KEYS = Keys()
 
 
-def deliver(twilio: TwilioSimulator, sender: str, statuses: list[int], message_sid: str | None = None,
-            attempts: int = 120, pause: float = 0.25) -> int | None:
+def deliver(
+    twilio: TwilioSimulator,
+    sender: str,
+    statuses: list[int],
+    message_sid: str | None = None,
+    attempts: int = 120,
+    pause: float = 0.25,
+) -> int | None:
     """One message, redelivered on 503; its count, or None if every attempt got 503."""
     message_sid = message_sid or new_message_sid()
     for _ in range(attempts):
@@ -65,24 +71,26 @@ def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes):
             assert count is not None, "a message got 503 for 30 s"
             counts[sender].append(count)
 
-    with Gunicorn({"REDIS_URL": server.url}, workers=2) as gunicorn:
-        with ThreadPoolExecutor(len(senders)) as pool:
-            running = [pool.submit(load, s) for s in senders]
-            wait_until(lambda: statuses.count(200) >= 30, what="load under way")
-            server.shutdown()
-            wait_until(lambda: 503 in statuses, what="503 while Redis is down")
-            time.sleep(0.5)  # a real outage, not a blip
-            server.start()
-            after = len(statuses)
-            # Once Redis answers again, so does the service, at the first try (each worker's
-            # dead pooled connection is replaced transparently): the issue's "within 2 s".
-            probe = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)
-            assert [probe.send("+15554009999", OURS, "probe").status for _ in range(4)] == [200] * 4
-            wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
-            wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")
-            stop.set()
-            for future in running:
-                future.result()
+    with (
+        Gunicorn({"REDIS_URL": server.url}, workers=2) as gunicorn,
+        ThreadPoolExecutor(len(senders)) as pool,
+    ):
+        running = [pool.submit(load, s) for s in senders]
+        wait_until(lambda: statuses.count(200) >= 30, what="load under way")
+        server.shutdown()
+        wait_until(lambda: 503 in statuses, what="503 while Redis is down")
+        time.sleep(0.5)  # a real outage, not a blip
+        server.start()
+        after = len(statuses)
+        # Once Redis answers again, so does the service, at the first try (each worker's
+        # dead pooled connection is replaced transparently): the issue's "within 2 s".
+        probe = TwilioSimulator(gunicorn.url, TOKEN, timeout=15)
+        assert [probe.send("+15554009999", OURS, "probe").status for _ in range(4)] == [200] * 4
+        wait_until(lambda: 200 in statuses[after:], what="200 again after Redis returned")
+        wait_until(lambda: statuses[after:].count(200) >= 30, what="load after the restart")
+        stop.set()
+        for future in running:
+            future.result()
     assert set(statuses) == {200, 503}
     for sender in senders:
         assert counts[sender] == list(range(1, len(counts[sender]) + 1))
@@ -176,8 +184,12 @@ def gunicorn_workers(master_pid: int) -> list[int]:
 def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_client):
     sender = "+15554200002"
     proxy = FreezingProxy(redis_server.port)
-    env = {"REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "REDIS_TIMEOUT": "4",
-           "LOCK_TTL": "4", "LOCK_WAIT": "0.2"}  # the lock outlives the kill
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
+        "REDIS_TIMEOUT": "4",
+        "LOCK_TTL": "4",
+        "LOCK_WAIT": "0.2",
+    }  # the lock outlives the kill
     statuses: list[int] = []
     try:
         with Gunicorn(env, workers=1) as gunicorn:
@@ -193,8 +205,10 @@ def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_serv
             doomed.join(timeout=60)
             lock = KEYS.conversation(sender, OURS).lock
             assert redis_client.pttl(lock) > 0  # the dead worker's lock is still there
-            wait_until(lambda: gunicorn_workers(gunicorn.process.pid) not in ([], [worker]),
-                       what="gunicorn replaced the worker")
+            wait_until(
+                lambda: gunicorn_workers(gunicorn.process.pid) not in ([], [worker]),
+                what="gunicorn replaced the worker",
+            )
             counts += [deliver(twilio, sender, statuses) for _ in range(3)]
             counts.append(deliver(twilio, sender, statuses, message_sid=killed_sid))  # Twilio retries it
     finally:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.keys import Keys
+from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.prometheus import scrape
 from tests.support.waiting import wait_until
-from service.keys import Keys
-from service.simulator import TwilioSimulator
 
 REY, OURS = "+15551230001", "+15550001111"
 WORKERS = 2
@@ -29,8 +29,10 @@ TIMEOUT = 10  # config/gunicorn.conf.py's worker timeout
 def stall(server: Gunicorn) -> socket.socket:
     """A client that sends a webhook's headers and the start of its body, then nothing."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                 b"Content-Length: 1000\r\nX-Twilio-Signature: x\r\n\r\nFrom=%2B1555123")
+    sock.sendall(
+        b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 1000\r\nX-Twilio-Signature: x\r\n\r\nFrom=%2B1555123"
+    )
     return sock
 
 
@@ -51,18 +53,24 @@ def test_stalled_clients_do_not_stop_the_service(redis_url, redis_client):
             sent = [twilio.send(REY, OURS, f"while stalled {n}") for n in range(3)]
             assert [d.status for d in sent] == [200, 200, 200]
             with ThreadPoolExecutor(8) as pool:  # a burst on one conversation, each its own connection
-                burst = list(pool.map(lambda n: TwilioSimulator(server.url, TOKEN, timeout=5).send(
-                    REY, OURS, f"burst {n}"), range(8)))
+                burst = list(
+                    pool.map(
+                        lambda n: TwilioSimulator(server.url, TOKEN, timeout=5).send(REY, OURS, f"burst {n}"),
+                        range(8),
+                    )
+                )
             assert [d.status for d in burst] == [200] * 8
             time.sleep(TIMEOUT + 1)  # a stalled sync worker would be killed by now
-            assert twilio.send(REY, OURS, "after the worker timeout").reply == \
-                "Rey has messaged +15550001111 12 times."
+            assert (
+                twilio.send(REY, OURS, "after the worker timeout").reply
+                == "Rey has messaged +15550001111 12 times."
+            )
         finally:
             for sock in stalled:
                 sock.close()
         assert messages(redis_client) == 12
         counted = scrape(requests.get(server.base + "/metrics", timeout=5).text)
-        assert counted['sms_messages_received_total{outcome=replied}'] == 12
+        assert counted["sms_messages_received_total{outcome=replied}"] == 12
         output = server.output()
         assert "WORKER TIMEOUT" not in output and "Traceback" not in output
 
@@ -88,7 +96,7 @@ def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
     killed = Gunicorn(env, workers=1, config=GUNICORN_CONF)
     with killed:
         [killed_dir] = made() - {foreign}
-        with Gunicorn(env, workers=1, config=GUNICORN_CONF) as running:
+        with Gunicorn(env, workers=1, config=GUNICORN_CONF):
             [running_dir] = made() - {foreign, killed_dir}
             assert killed_dir.exists() and owner_locked(killed_dir)  # the other one's: kept
             os.kill(killed.process.pid, signal.SIGKILL)
@@ -105,8 +113,15 @@ def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
 def test_an_oversized_body_is_refused_without_being_read(redis_url):
     """The body is read before the app runs, but one announced over MAX_BODY_BYTES never is:
     413 at once, though the client has not sent a byte of it."""
-    with Gunicorn({"REDIS_URL": redis_url, "MAX_BODY_BYTES": "40000"}, workers=1, config=GUNICORN_CONF) as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                         b"Content-Length: 40001\r\n\r\n")
-            assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
+    with (
+        Gunicorn(
+            {"REDIS_URL": redis_url, "MAX_BODY_BYTES": "40000"}, workers=1, config=GUNICORN_CONF
+        ) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+    ):
+        sock.sendall(
+            b"POST /sms HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 40001\r\n\r\n"
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 413 ")

@@ -44,8 +44,12 @@ def state(redis_client, sender=REY) -> dict:
 @pytest.fixture
 def app_with(redis_url):
     def build(handler, **settings):
-        return make_app(REDIS_URL=redis_url, **settings) if handler is None else create_app(
-            {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, **settings}, handler=handler)
+        return (
+            make_app(REDIS_URL=redis_url, **settings)
+            if handler is None
+            else create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, **settings}, handler=handler)
+        )
+
     return build
 
 
@@ -100,8 +104,9 @@ def test_a_messaging_response_is_answered_as_built(app_with):
 
     first = TwilioSimulator.for_app(app_with(rich)).send(REY, OURS, "hi")
     assert first.status == 200
-    assert ("<Message>first</Message><Message>second<Media>https://example.com/cat.jpg</Media>"
-            "</Message>") in first.body
+    assert (
+        "<Message>first</Message><Message>second<Media>https://example.com/cat.jpg</Media></Message>"
+    ) in first.body
 
 
 def test_end_makes_this_message_the_last(app_with, redis_client):
@@ -113,7 +118,11 @@ def test_end_makes_this_message_the_last(app_with, redis_client):
         return f"bye after {conversation.messages}"
 
     twilio = TwilioSimulator.for_app(app_with(two_step))
-    assert [twilio.send(REY, OURS, b).reply for b in ("a", "b", "c")] == ["question?", "bye after 2", "question?"]
+    assert [twilio.send(REY, OURS, b).reply for b in ("a", "b", "c")] == [
+        "question?",
+        "bye after 2",
+        "question?",
+    ]
     assert state(redis_client) == {"asked": True} and stored(redis_client)["seq"] == "1"
 
 
@@ -142,8 +151,11 @@ def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client,
     assert state(redis_client) == {"bodies": ["fine", "after"]}
 
 
-@pytest.mark.parametrize("bad", [lambda m, c: 42, lambda m, c: c.update(when=object())],
-                         ids=["reply-of-a-wrong-type", "state-that-is-not-json"])
+@pytest.mark.parametrize(
+    "bad",
+    [lambda m, c: 42, lambda m, c: c.update(when=object())],
+    ids=["reply-of-a-wrong-type", "state-that-is-not-json"],
+)
 def test_a_reply_or_state_the_service_cannot_keep_is_a_500(app_with, redis_client, bad):
     client = app_with(bad).test_client()
     assert post_signed(client, webhook_params()).status_code == 500
@@ -196,8 +208,11 @@ def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_clien
             thread = threading.Thread(target=twilio.send, args=(REY, OURS, f"m{index}"))
             thread.start()
             threads.append(thread)
-            wait_until(lambda: redis_client.zcard(keys.queue) == index + 1, seconds=10,
-                       what=f"message {index} in line")
+            wait_until(
+                lambda: redis_client.zcard(keys.queue) == index + 1,
+                seconds=10,
+                what=f"message {index} in line",
+            )
         redis_client.delete(keys.lock)
         for thread in threads:
             thread.join()
@@ -214,9 +229,16 @@ def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
     assert not redis_client.exists(keys.queue)
 
 
-@pytest.mark.parametrize("stop", [{"Body": " stop "}, {"Body": "Unsubscribe"}, {"Body": "QUIT"},
-                                  {"Body": "please stop", "OptOutType": "STOP"}],
-                         ids=["stop", "unsubscribe", "quit", "opt-out-type"])
+@pytest.mark.parametrize(
+    "stop",
+    [
+        {"Body": " stop "},
+        {"Body": "Unsubscribe"},
+        {"Body": "QUIT"},
+        {"Body": "please stop", "OptOutType": "STOP"},
+    ],
+    ids=["stop", "unsubscribe", "quit", "opt-out-type"],
+)
 def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, stop):
     calls = []
 
@@ -244,8 +266,12 @@ def test_start_and_help_reach_the_handler_with_the_keyword(app_with):
         return "ok"
 
     client = app_with(handler).test_client()
-    for params in ({"Body": "START"}, {"Body": "help "}, {"Body": "hi", "OptOutType": "HELP"},
-                   {"Body": "hello"}):
+    for params in (
+        {"Body": "START"},
+        {"Body": "help "},
+        {"Body": "hi", "OptOutType": "HELP"},
+        {"Body": "hello"},
+    ):
         assert post_signed(client, webhook_params(**params)).status_code == 200
     assert seen == ["START", "HELP", "HELP", None]
 
@@ -265,16 +291,22 @@ def test_operators_see_any_handlers_state_and_count(app_with):
     twilio = TwilioSimulator.for_app(app)
     for body in ("a", "b"):
         twilio.send(REY, OURS, body)
-    shown = app.test_client().get(f"/ops/conversations/{REY}/{OURS}",
-                                  headers={"Authorization": "Bearer ops"}).get_json()
+    shown = (
+        app.test_client()
+        .get(f"/ops/conversations/{REY}/{OURS}", headers={"Authorization": "Bearer ops"})
+        .get_json()
+    )
     assert shown["messages"] == 2 and shown["state"] == {"bodies": ["a", "b"], "tally": {"chars": 2}}
 
 
-@pytest.mark.parametrize("spec, complaint", [
-    ("examples.nothing_here:handle", "cannot import examples.nothing_here"),
-    ("examples.survey:QUESTIONS", "has no function QUESTIONS"),
-    ("examples.survey", "expected package.module:function"),
-])
+@pytest.mark.parametrize(
+    "spec, complaint",
+    [
+        ("examples.nothing_here:handle", "cannot import examples.nothing_here"),
+        ("examples.survey:QUESTIONS", "has no function QUESTIONS"),
+        ("examples.survey", "expected package.module:function"),
+    ],
+)
 def test_a_bad_sms_handler_stops_start_up_in_one_line(monkeypatch, spec, complaint):
     monkeypatch.setenv("SMS_HANDLER", spec)
     with pytest.raises(ConfigError, match=complaint) as refused:
@@ -291,20 +323,36 @@ def test_sms_handler_from_the_environment(monkeypatch, redis_url):
 @pytest.mark.slow
 def test_simulate_runs_a_handler_in_process_without_a_server():
     result = subprocess.run(
-        [bin_path("sms-sessions"), "simulate", "--handler", "examples.survey:handle",
-         "--from", REY, "--to", OURS],
-        input="hi\nRey\nteal\n5\n", cwd=ROOT, capture_output=True, text=True, timeout=60)
+        [
+            bin_path("sms-sessions"),
+            "simulate",
+            "--handler",
+            "examples.survey:handle",
+            "--from",
+            REY,
+            "--to",
+            OURS,
+        ],
+        input="hi\nRey\nteal\n5\n",
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-4:] == [
         "Hi! Three quick questions. What should we call you?",
         "Thanks, Rey. What is your favourite colour?",
         "And how would you rate us, from 1 to 5?",
-        "Thank you, Rey!"]
+        "Thank you, Rey!",
+    ]
 
 
 def test_message_from_params_reads_keywords_and_media():
-    message = Message.from_params({"From": REY, "To": OURS, "Body": " Stop", "MessageSid": "SM1",
-                                   "NumMedia": "2", "MediaUrl0": "u0"}, "Rey")
+    message = Message.from_params(
+        {"From": REY, "To": OURS, "Body": " Stop", "MessageSid": "SM1", "NumMedia": "2", "MediaUrl0": "u0"},
+        "Rey",
+    )
     assert message.opt_out == "STOP" and message.media == ("u0",)
     assert Message.from_params({"NumMedia": "lots"}, "x").media == ()
     assert Message.from_params({"Body": "stop it"}, "x").opt_out is None

@@ -39,11 +39,16 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
     client = app.test_client()
     cookie = post_signed(client, webhook_params()).headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
     keys_before = sorted(redis_client.keys("*"))
-    for path, expected in (("/healthz", Tally()), ("/readyz", Tally(set=1, **{"del": 1})),
-                           ("/metrics", Tally(zcount=100, hvals=100))):
+    for path, expected in (
+        ("/healthz", Tally()),
+        ("/readyz", Tally(set=1, **{"del": 1})),
+        ("/metrics", Tally(zcount=100, hvals=100)),
+    ):
         responses = []
-        used = commands_during(redis_client, lambda: responses.append(
-            client.get(path, headers={"Cookie": f"sms_session={cookie}"})))
+        used = commands_during(
+            redis_client,
+            lambda: responses.append(client.get(path, headers={"Cookie": f"sms_session={cookie}"})),
+        )
         assert responses[0].status_code == 200, path
         assert "Set-Cookie" not in responses[0].headers, path
         assert used == expected, path
@@ -53,18 +58,23 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
 def test_readiness_says_no_while_redis_refuses_writes(redis_processes):
     """OOM under noeviction, a read-only replica: PING answers, a save would not. (Redis
     refuses PING itself under MISCONF, also checked.)"""
-    redis_server = redis_processes("--save", "3600 1", "--appendonly", "no",
-                                   "--maxmemory-policy", "noeviction")
+    redis_server = redis_processes(
+        "--save", "3600 1", "--appendonly", "no", "--maxmemory-policy", "noeviction"
+    )
     admin = redis_server.client()
     client = make_app(REDIS_URL=redis_server.url).test_client()
     assert client.get("/readyz").json == {"status": "ready"}
 
     refusals = {
-        "OutOfMemoryError": (lambda: admin.config_set("maxmemory", 1),
-                             lambda: admin.config_set("maxmemory", 0)),
+        "OutOfMemoryError": (
+            lambda: admin.config_set("maxmemory", 1),
+            lambda: admin.config_set("maxmemory", 0),
+        ),
         "ReadOnlyError": (lambda: admin.replicaof("127.0.0.1", 1), lambda: admin.replicaof("NO", "ONE")),
-        "ResponseError MISCONF": (lambda: fail_a_snapshot(redis_server),
-                                  lambda: admin.config_set("stop-writes-on-bgsave-error", "no")),
+        "ResponseError MISCONF": (
+            lambda: fail_a_snapshot(redis_server),
+            lambda: admin.config_set("stop-writes-on-bgsave-error", "no"),
+        ),
     }
     for name, (refuse, restore) in refusals.items():
         refuse()
@@ -85,9 +95,10 @@ def fail_a_snapshot(redis_server) -> None:
         path.unlink()
     redis_server.directory.rmdir()
     redis_server.client().bgsave()
-    wait_until(lambda: redis_server.client().info("persistence")["rdb_last_bgsave_status"] == "err",
-               what="a failed BGSAVE")
-
+    wait_until(
+        lambda: redis_server.client().info("persistence")["rdb_last_bgsave_status"] == "err",
+        what="a failed BGSAVE",
+    )
 
 
 SECRET = "s3cr3t-passw0rd"
@@ -103,9 +114,11 @@ def protected_redis(redis_processes):
 
 def urls(redis_server) -> dict[str, str]:
     port = redis_server.port
-    return {"wrong password": f"redis://:wrong@127.0.0.1:{port}/0",
-            "no password": f"redis://127.0.0.1:{port}/0",
-            "unknown user": f"redis://nobody:{SECRET}@127.0.0.1:{port}/0"}
+    return {
+        "wrong password": f"redis://:wrong@127.0.0.1:{port}/0",
+        "no password": f"redis://127.0.0.1:{port}/0",
+        "unknown user": f"redis://nobody:{SECRET}@127.0.0.1:{port}/0",
+    }
 
 
 PRODUCTION = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": TOKEN}
@@ -142,10 +155,17 @@ def test_gunicorn_and_the_cli_refuse_refused_credentials_in_one_line(protected_r
         server.stop()  # one that started after all is not left running
     output = server.output()
     lines = [line for line in output.splitlines() if "refusing to start" in line]
-    assert len(lines) == 1 and re.match(r"sms-sessions: refusing to start: REDIS_URL: Redis "
-                                        r"refused the credentials", lines[0])
+    assert len(lines) == 1 and re.match(
+        r"sms-sessions: refusing to start: REDIS_URL: Redis "
+        r"refused the credentials",
+        lines[0],
+    )
     assert "Traceback" not in output and "Booting worker" not in output and "wrong" not in lines[0]
-    cli = subprocess.run([bin_path("sms-sessions"), "conversations", "count"],
-                         env={**hermetic_environment(), **env}, capture_output=True, text=True,
-                         timeout=60)
+    cli = subprocess.run(
+        [bin_path("sms-sessions"), "conversations", "count"],
+        env={**hermetic_environment(), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 1 and cli.stderr.splitlines() == lines

@@ -41,16 +41,24 @@ def messages(redis_client, sender=REY, recipient=OURS) -> int:
 MODES = {  # how the service is set up → (settings, base URL Twilio calls, headers the proxy adds)
     "default": ({}, "http://localhost", {}),
     "public_base_url": ({"PUBLIC_BASE_URL": "https://sms.example.com"}, "https://sms.example.com", {}),
-    "trusted_proxy_hops": ({"TRUSTED_PROXY_HOPS": 1}, "https://sms.example.com:8443",
-                           {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sms.example.com",
-                            "X-Forwarded-Port": "8443", "X-Forwarded-For": "54.1.2.3"}),
+    "trusted_proxy_hops": (
+        {"TRUSTED_PROXY_HOPS": 1},
+        "https://sms.example.com:8443",
+        {
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "sms.example.com",
+            "X-Forwarded-Port": "8443",
+            "X-Forwarded-For": "54.1.2.3",
+        },
+    ),
 }
 
 
 @pytest.mark.parametrize("style", ["plus", "sub-delims"])
 @pytest.mark.parametrize("mode", MODES)
-def test_get_with_punctuation_and_non_ascii_is_signed_over_the_raw_query(redis_url, redis_client,
-                                                                        mode, style):
+def test_get_with_punctuation_and_non_ascii_is_signed_over_the_raw_query(
+    redis_url, redis_client, mode, style
+):
     settings, base, forwarded = MODES[mode]
     client = make_app(REDIS_URL=redis_url, **settings).test_client()
     for expected in (1, 2):
@@ -68,20 +76,24 @@ def test_post_to_a_url_with_a_query_is_signed_over_the_raw_query(redis_url, redi
     client = make_app(REDIS_URL=redis_url).test_client()
     params = webhook_params(REY, OURS, "hello")
     url = "http://localhost/sms?tenant=caf%C3%A9%2C1"
-    response = client.post("/sms?tenant=caf%C3%A9%2C1", data=params,
-                           headers={"X-Twilio-Signature": sign(url, params)})
+    response = client.post(
+        "/sms?tenant=caf%C3%A9%2C1", data=params, headers={"X-Twilio-Signature": sign(url, params)}
+    )
     assert response.status_code == 200 and messages(redis_client) == 1
 
 
 def test_query_string_over_max_body_bytes_is_414(redis_url, redis_client):
     client = make_app(REDIS_URL=redis_url).test_client()
     raw = urlencode(webhook_params(REY, OURS, "x" * 70_000))
-    response = client.get(f"/sms?{raw}", headers={"X-Twilio-Signature": sign(f"http://localhost/sms?{raw}", {})})
+    response = client.get(
+        f"/sms?{raw}", headers={"X-Twilio-Signature": sign(f"http://localhost/sms?{raw}", {})}
+    )
     assert response.status_code == 414
     assert redis_client.dbsize() == 0
 
 
 # --- Under gunicorn with the repository's configuration --------------------------------------
+
 
 @pytest.fixture(scope="module")
 def served(redis_server):
@@ -104,8 +116,11 @@ def new_lines(server: Gunicorn, since: int) -> list[dict]:
 
 def outcomes(server: Gunicorn) -> dict[str, float]:
     samples = scrape(requests.get(server.base + "/metrics", timeout=10).text)
-    return {name.split("outcome=")[1][:-1]: value for name, value in samples.items()
-            if name.startswith("sms_messages_received_total{")}
+    return {
+        name.split("outcome=")[1][:-1]: value
+        for name, value in samples.items()
+        if name.startswith("sms_messages_received_total{")
+    }
 
 
 def test_longest_non_ascii_get_is_answered_under_gunicorn(served, redis_url, redis_client):
@@ -120,7 +135,7 @@ def test_longest_non_ascii_get_is_answered_under_gunicorn(served, redis_url, red
 
 def chunked(body: bytes, size: int = 4096):
     """A body sent with ``Transfer-Encoding: chunked`` (requests does so for a generator)."""
-    return (body[i:i + size] for i in range(0, len(body), size))
+    return (body[i : i + size] for i in range(0, len(body), size))
 
 
 def padded_form(params: dict, length: int) -> tuple[bytes, dict]:
@@ -135,8 +150,12 @@ def test_chunked_body_over_max_body_bytes_is_413_not_truncated(served, redis_url
     limit = 65536  # MAX_BODY_BYTES' default
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     at_limit, fields = padded_form(webhook_params(REY, OURS, "fits"), limit)
-    response = requests.post(served.url, data=chunked(at_limit), timeout=10,
-                             headers={**headers, "X-Twilio-Signature": sign(served.url, fields)})
+    response = requests.post(
+        served.url,
+        data=chunked(at_limit),
+        timeout=10,
+        headers={**headers, "X-Twilio-Signature": sign(served.url, fields)},
+    )
     assert response.status_code == 200 and messages(redis_client) == 1  # exactly the limit: fine
 
     # One form of limit + 1000 bytes, signed as if it ended at the limit: truncated, it would
@@ -144,8 +163,12 @@ def test_chunked_body_over_max_body_bytes_is_413_not_truncated(served, redis_url
     over, _ = padded_form(webhook_params(REY, OURS, "too long"), limit + 1000)
     truncated = dict(parse_qsl(over[:limit].decode(), keep_blank_values=True))
     since = len(served.output())
-    response = requests.post(served.url, data=chunked(over), timeout=10,
-                             headers={**headers, "X-Twilio-Signature": sign(served.url, truncated)})
+    response = requests.post(
+        served.url,
+        data=chunked(over),
+        timeout=10,
+        headers={**headers, "X-Twilio-Signature": sign(served.url, truncated)},
+    )
     assert response.status_code == 413
     assert messages(redis_client) == 1
     [line] = new_lines(served, since)
@@ -173,16 +196,28 @@ def test_other_methods_on_sms_are_405_logged_and_counted(served, redis_url, redi
 
 # --- 4. Forwarded headers --------------------------------------------------------------------
 
-@pytest.mark.parametrize("header, value", [
-    ("X-Forwarded-Proto", "ftp"), ("X-Forwarded-Proto", "é"), ("X-Forwarded-Host", "[::1"),
-    ("X-Forwarded-Host", "[1::2::3]"), ("X-Forwarded-Host", "a b"), ("X-Forwarded-Host", "h:x"),
-    ("X-Forwarded-Port", "abc"), ("X-Forwarded-Port", "99999"),
-])
+
+@pytest.mark.parametrize(
+    "header, value",
+    [
+        ("X-Forwarded-Proto", "ftp"),
+        ("X-Forwarded-Proto", "é"),
+        ("X-Forwarded-Host", "[::1"),
+        ("X-Forwarded-Host", "[1::2::3]"),
+        ("X-Forwarded-Host", "a b"),
+        ("X-Forwarded-Host", "h:x"),
+        ("X-Forwarded-Port", "abc"),
+        ("X-Forwarded-Port", "99999"),
+    ],
+)
 def test_malformed_forwarded_header_is_400(redis_url, redis_client, header, value):
     client = make_app(REDIS_URL=redis_url, TRUSTED_PROXY_HOPS=1).test_client()
     params = webhook_params()
-    response = client.post("/sms", data=params, headers={
-        header: value, "X-Twilio-Signature": sign("http://localhost/sms", params)})
+    response = client.post(
+        "/sms",
+        data=params,
+        headers={header: value, "X-Twilio-Signature": sign("http://localhost/sms", params)},
+    )
     assert response.status_code == 400
     assert b"Malformed Host or X-Forwarded-* header" in response.data
     assert redis_client.dbsize() == 0
@@ -193,14 +228,18 @@ def test_forwarded_prefix_is_not_trusted(redis_url, redis_client, prefix):
     """Was a 500 for ``a:b`` and ``[::1``; now ignored: a prefix belongs in PUBLIC_BASE_URL."""
     client = make_app(REDIS_URL=redis_url, TRUSTED_PROXY_HOPS=1).test_client()
     params = webhook_params()
-    response = client.post("/sms", data=params, headers={
-        "X-Forwarded-Prefix": prefix, "X-Twilio-Signature": sign("http://localhost/sms", params)})
+    response = client.post(
+        "/sms",
+        data=params,
+        headers={"X-Forwarded-Prefix": prefix, "X-Twilio-Signature": sign("http://localhost/sms", params)},
+    )
     assert response.status_code == 200
 
 
 def test_a_stripped_prefix_is_stated_in_public_base_url(redis_url):
     client = make_app(REDIS_URL=redis_url, PUBLIC_BASE_URL="https://sms.example.com/api/").test_client()
     params = webhook_params()
-    response = client.post("/sms", data=params, headers={
-        "X-Twilio-Signature": sign("https://sms.example.com/api/sms", params)})
+    response = client.post(
+        "/sms", data=params, headers={"X-Twilio-Signature": sign("https://sms.example.com/api/sms", params)}
+    )
     assert response.status_code == 200

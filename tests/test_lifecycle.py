@@ -47,8 +47,16 @@ def plant_due(client, count: int, ended_ms_ago: int = 1000) -> list[str]:
     pipe = client.pipeline(transaction=False)
     for n in range(count):
         keys = KEYS.conversation(f"+1556{n:07d}", OURS)
-        pipe.hset(keys.state, mapping={"sid": f"conv-{n}", "state": json.dumps({"n": n}), "seq": 2,
-                                       "first_seen": now - 9000, "last_seen": now - 5000})
+        pipe.hset(
+            keys.state,
+            mapping={
+                "sid": f"conv-{n}",
+                "state": json.dumps({"n": n}),
+                "seq": 2,
+                "first_seen": now - 9000,
+                "last_seen": now - 5000,
+            },
+        )
         pipe.zadd(keys.index, {keys.member: now - ended_ms_ago})
     pipe.execute()
     return [f"conv-{n}" for n in range(count)]
@@ -65,8 +73,10 @@ def test_a_conversation_starts_once_and_its_event_names_it(app, redis_client):
 
 
 def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
-    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops",
-                      "CONVERSATION_TTL": 1}, handler=notebook)
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops", "CONVERSATION_TTL": 1},
+        handler=notebook,
+    )
     twilio = TwilioSimulator.for_app(app)
     twilio.send(REY, OURS, "hi")
     assert app.test_client().delete(f"/ops/conversations/{REY}/{OURS}", headers=OPS).status_code == 200
@@ -81,7 +91,11 @@ def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
     twilio.send(REY, OURS, "back")
     ended = events(redis_client, "ended")
     assert [(e["reason"], e["messages"]) for e in ended] == [
-        ("operator", "1"), ("opt-out", "2"), ("handler", "2"), ("expired", "1")]
+        ("operator", "1"),
+        ("opt-out", "2"),
+        ("handler", "2"),
+        ("expired", "1"),
+    ]
     started = events(redis_client, "started")
     assert len(started) == 5 and len({e["conversation"] for e in started}) == 5
     assert [e["conversation"] for e in ended] == [e["conversation"] for e in started[:4]]
@@ -111,11 +125,22 @@ def test_the_end_hook_sees_the_final_state(redis_url, redis_client):
     calls = []
 
     def on_end(conversation, reason):
-        calls.append((reason, dict(conversation), conversation.messages, conversation.sender,
-                      conversation.sid, conversation.ended_at is not None))
+        calls.append(
+            (
+                reason,
+                dict(conversation),
+                conversation.messages,
+                conversation.sender,
+                conversation.sid,
+                conversation.ended_at is not None,
+            )
+        )
 
-    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1,
-                      "OPS_TOKEN": "ops"}, handler=notebook, on_end=on_end)
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1, "OPS_TOKEN": "ops"},
+        handler=notebook,
+        on_end=on_end,
+    )
     twilio = TwilioSimulator.for_app(app)
     for body in ("a", "b"):
         twilio.send(REY, OURS, body)
@@ -123,9 +148,12 @@ def test_the_end_hook_sees_the_final_state(redis_url, redis_client):
     app.test_client().delete(f"/ops/conversations/{FINN}/{OURS}", headers=OPS)
     time.sleep(1.1)
     Sweeper(app).sweep()
-    assert sorted(calls) == sorted([
-        ("expired", {"bodies": ["a", "b"]}, 2, REY, twilio.cookie_for(REY, OURS), True),
-        ("operator", {"bodies": ["c"]}, 1, FINN, twilio.cookie_for(FINN, OURS), True)])
+    assert sorted(calls) == sorted(
+        [
+            ("expired", {"bodies": ["a", "b"]}, 2, REY, twilio.cookie_for(REY, OURS), True),
+            ("operator", {"bodies": ["c"]}, 1, FINN, twilio.cookie_for(FINN, OURS), True),
+        ]
+    )
     assert all(not redis_client.exists(KEYS.ending(shard)) for shard in KEYS.shards())
     Sweeper(app).sweep()
     assert len(calls) == 2  # once per conversation
@@ -139,8 +167,7 @@ def test_a_failing_hook_is_logged_and_counted_and_blocks_nothing(redis_url, redi
         if conversation["n"] == 3:
             raise RuntimeError("hook broke")
 
-    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook,
-                     on_end=on_end)
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook, on_end=on_end)
     ids = plant_due(redis_client, 6)
     Sweeper(app).sweep()
     assert sorted(called) == sorted(ids)
@@ -174,10 +201,20 @@ def test_two_sweepers_at_once_end_each_conversation_once(app, redis_client):
 @pytest.mark.slow
 def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(redis_url, redis_client, monkeypatch):
     ids = plant_due(redis_client, 8000)
-    env = {**hermetic_environment(), "REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN,
-           "SMS_HANDLER": "tests.support.recording_handler:handle", "SWEEP_INTERVAL": "0.1"}
-    sweeper = subprocess.Popen([bin_path("sms-sessions"), "sweep"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **hermetic_environment(),
+        "REDIS_URL": redis_url,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "SMS_HANDLER": "tests.support.recording_handler:handle",
+        "SWEEP_INTERVAL": "0.1",
+    }
+    sweeper = subprocess.Popen(
+        [bin_path("sms-sessions"), "sweep"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not redis_client.xlen(KEYS.events) and time.monotonic() < deadline:
@@ -265,8 +302,9 @@ def test_follow_waits_for_the_next_event(app, redis_client):
 
 
 def test_stats_and_metrics_report_the_lifecycle(redis_url):
-    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops"},
-                     handler=notebook)
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": "ops"}, handler=notebook
+    )
     twilio = TwilioSimulator.for_app(app)
     for body in ("a", "b", "bye"):
         twilio.send(REY, OURS, body)
@@ -285,8 +323,11 @@ def test_stats_and_metrics_report_the_lifecycle(redis_url):
 @pytest.mark.slow
 def test_under_gunicorn_a_conversation_ends_with_no_request(redis_url, redis_client):
     """The repository's gunicorn config starts a sweeper in each worker; one holds the lease."""
-    with Gunicorn({"REDIS_URL": redis_url, "CONVERSATION_TTL": "1", "SWEEP_INTERVAL": "0.5"},
-                  config=GUNICORN_CONF, workers=2) as server:
+    with Gunicorn(
+        {"REDIS_URL": redis_url, "CONVERSATION_TTL": "1", "SWEEP_INTERVAL": "0.5"},
+        config=GUNICORN_CONF,
+        workers=2,
+    ) as server:
         assert TwilioSimulator(server.url, TOKEN).send(REY, OURS, "hi").status == 200
         wait_until(lambda: events(redis_client, "ended"), seconds=15, what="the ended event")
         assert redis_client.get(KEYS.sweeper)  # a lease, held by one worker

@@ -45,8 +45,11 @@ def requests_of_every_outcome(client):
         ("replied", MASKED, lambda: post_signed(client, replied)),
         ("duplicate", MASKED, lambda: post_signed(client, replied)),
         ("replied", MASKED, lambda: client.get(get_url, headers={"X-Twilio-Signature": sign(get_url, {})})),
-        ("rejected_signature", MASKED,
-         lambda: client.post("/sms", data=replied, headers={"X-Twilio-Signature": "x"})),
+        (
+            "rejected_signature",
+            MASKED,
+            lambda: client.post("/sms", data=replied, headers={"X-Twilio-Signature": "x"}),
+        ),
         ("bad_request", ("+1555***0001", "***"), lambda: post_signed(client, no_to)),
         ("bad_request", (None, None), lambda: post_signed(client, webhook_params(REY, OURS, BODY * 5000))),
     ]
@@ -83,7 +86,10 @@ def test_refusals_and_failures_say_why_in_the_same_line(lines):
     assert_clean(taken[0])
     line = json.loads(taken[0])
     assert (line["outcome"], line["status"], line["reason"]) == (
-        "unavailable", 503, "Redis unavailable: ConnectionError")
+        "unavailable",
+        503,
+        "Redis unavailable: ConnectionError",
+    )
 
 
 def test_stale_cookie_is_noted_in_the_line(app, lines):
@@ -148,9 +154,12 @@ def test_text_lines_for_a_terminal(capsys):
     capsys.readouterr()
     post_signed(client, webhook_params(REY, OURS, BODY))
     [line] = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO service\.webhook: webhook replied "
-                        r"method=POST remote=127\.0\.0\.1 message_sid=SM\w+ from=\+1555\*\*\*0001 "
-                        r"to=\+1555\*\*\*1111 outcome=replied status=200 latency_ms=[\d.]+", line), line
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO service\.webhook: webhook replied "
+        r"method=POST remote=127\.0\.0\.1 message_sid=SM\w+ from=\+1555\*\*\*0001 "
+        r"to=\+1555\*\*\*1111 outcome=replied status=200 latency_ms=[\d.]+",
+        line,
+    ), line
 
 
 def test_log_format_is_json_or_text():

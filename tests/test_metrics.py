@@ -43,26 +43,37 @@ def test_known_sequence_of_messages(app, redis_client):
     assert post_signed(client, webhook_params(FINN)).status_code == 200
     # The gauge is read from the index: an entry planted by hand counts, an expired one not.
     now = int(time.time() * 1000)
-    redis_client.zadd(KEYS.index("55"), {"+15550000055|+15550001111": now + 60_000,
-                                         "+15550000155|+15550001111": now - 1})
+    redis_client.zadd(
+        KEYS.index("55"), {"+15550000055|+15550001111": now + 60_000, "+15550000155|+15550001111": now - 1}
+    )
 
     samples = metrics(client)
-    assert outcomes(samples) == {"replied": 3, "duplicate": 1, "rejected_signature": 1,
-                                 "bad_request": 2, "unavailable": 0}
+    assert outcomes(samples) == {
+        "replied": 3,
+        "duplicate": 1,
+        "rejected_signature": 1,
+        "bad_request": 2,
+        "unavailable": 0,
+    }
     assert samples["sms_conversations_started_total"] == 2
     assert samples["sms_active_conversations"] == 3
     assert samples["sms_webhook_latency_seconds_count"] == 7
     assert samples["sms_lock_wait_seconds_count"] == 3
     assert {k: v for k, v in samples.items() if k.startswith("sms_redis_errors_total")} == {
-        "sms_redis_errors_total{source=webhook}": 0, "sms_redis_errors_total{source=health}": 0,
-        "sms_redis_errors_total{source=metrics}": 0}
+        "sms_redis_errors_total{source=webhook}": 0,
+        "sms_redis_errors_total{source=health}": 0,
+        "sms_redis_errors_total{source=metrics}": 0,
+    }
 
 
 def test_instrumented_message_still_costs_two_round_trips(app, monkeypatch):
     redis_client, sent = app.extensions["sms.redis"], []
     execute = redis_client.execute_command
-    monkeypatch.setattr(redis_client, "execute_command",
-                        lambda *args, **options: sent.append(args[0]) or execute(*args, **options))
+    monkeypatch.setattr(
+        redis_client,
+        "execute_command",
+        lambda *args, **options: sent.append(args[0]) or execute(*args, **options),
+    )
     assert post_signed(app.test_client(), webhook_params(REY)).status_code == 200
     assert sent == ["EVALSHA", "EVALSHA"]  # open and save; metrics and the log line add none
 

@@ -52,9 +52,16 @@ def converse_in_order(app, *senders):
 def plant(client, sender, recipient, expiry, messages=1):
     """A conversation written straight through the key schema, with a chosen expiry (ms)."""
     keys = KEYS.conversation(sender, recipient)
-    client.hset(keys.state, mapping={"sid": "s", "state": json.dumps({"messages": messages}),
-                                     "seq": messages, "first_seen": expiry - 20000,
-                                     "last_seen": expiry - 10000})
+    client.hset(
+        keys.state,
+        mapping={
+            "sid": "s",
+            "state": json.dumps({"messages": messages}),
+            "seq": messages,
+            "first_seen": expiry - 20000,
+            "last_seen": expiry - 10000,
+        },
+    )
     client.pexpireat(keys.state, expiry)
     client.zadd(keys.index, {keys.member: expiry})
     client.pexpireat(keys.index, max(expiry, client.pexpiretime(keys.index)))
@@ -68,10 +75,14 @@ def cli(app, *args):
 
 def console(redis_url, *args, **env):
     """The installed ``sms-sessions`` console script, in its own process, in the service's env."""
-    return subprocess.run([bin_path("sms-sessions"), "conversations", *args],
-                          env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url,
-                               "TWILIO_AUTH_TOKEN": TOKEN, **env},
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [bin_path("sms-sessions"), "conversations", *args],
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def api_pages(client, limit):
@@ -89,6 +100,7 @@ def api_pages(client, limit):
 
 
 # --- CLI -------------------------------------------------------------------------------------
+
 
 def test_cli_count_list_show_expire(ops_app):
     text_messages(ops_app, REY, 3)
@@ -133,11 +145,13 @@ def test_console_script_reads_redis_url(redis_url, ops_app):
     assert json.loads(shown.stdout)["messages"] == 2
     unknown = console(redis_url, "show", POE, OURS)
     assert unknown.returncode == 1 and unknown.stderr.splitlines() == [
-        f"no live conversation from {POE} to {OURS}"]
+        f"no live conversation from {POE} to {OURS}"
+    ]
     assert console(redis_url, "expire", REY, OURS).returncode == 0
     again = console(redis_url, "expire", REY, OURS)
     assert again.returncode == 1 and again.stderr.splitlines() == [
-        f"no live conversation from {REY} to {OURS}"]
+        f"no live conversation from {REY} to {OURS}"
+    ]
     assert console(redis_url, "count").stdout == "0\n"
 
 
@@ -166,6 +180,7 @@ def test_cli_with_redis_down_says_so_in_one_line():
 
 
 # --- JSON API --------------------------------------------------------------------------------
+
 
 def test_api_stats_list_show_delete(ops_app, redis_client, caplog):
     caplog.set_level(logging.INFO)
@@ -199,9 +214,12 @@ def test_api_unknown_pair_is_404(ops_app):
 def test_api_without_the_right_token_is_401(ops_app, header):
     headers = {"Authorization": header} if header else {}
     client = ops_app.test_client()
-    for method, path in (("get", "/ops/stats"), ("get", "/ops/conversations"),
-                         ("get", f"/ops/conversations/{REY}/{OURS}"),
-                         ("delete", f"/ops/conversations/{REY}/{OURS}")):
+    for method, path in (
+        ("get", "/ops/stats"),
+        ("get", "/ops/conversations"),
+        ("get", f"/ops/conversations/{REY}/{OURS}"),
+        ("delete", f"/ops/conversations/{REY}/{OURS}"),
+    ):
         response = getattr(client, method)(path, headers=headers)
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -226,8 +244,10 @@ def test_api_opens_no_session_and_touches_no_conversation(ops_app, redis_client)
     assert redis_client.exists(keys.lock) == 0
 
 
-@pytest.mark.parametrize("query", [{"limit": "0"}, {"limit": "1001"}, {"limit": "x"},
-                                   {"cursor": "%%%"}, {"cursor": "bm8tc2VwYXJhdG9y"}])
+@pytest.mark.parametrize(
+    "query",
+    [{"limit": "0"}, {"limit": "1001"}, {"limit": "x"}, {"cursor": "%%%"}, {"cursor": "bm8tc2VwYXJhdG9y"}],
+)
 def test_api_bad_paging_parameters_are_400(ops_app, query):
     response = ops_app.test_client().get("/ops/conversations", query_string=query, headers=AUTH)
     assert response.status_code == 400 and "error" in response.get_json()
@@ -241,6 +261,7 @@ def test_api_on_redis_down_is_503():
 
 # --- Ordering and paging ---------------------------------------------------------------------
 
+
 def test_most_recent_first_follows_the_last_message(ops_app):
     converse_in_order(ops_app, REY, FINN, POE, REY)
     rows, _ = api_pages(ops_app.test_client(), 50)
@@ -249,8 +270,9 @@ def test_most_recent_first_follows_the_last_message(ops_app):
 
 def expected_order(planted):
     """Independent statement of the list order: expiry, then tag, then member, all descending."""
-    return [m for _, _, m in sorted(((e, shard_of(m.split("|")[0]), m) for m, e in planted.items()),
-                                    reverse=True)]
+    return [
+        m for _, _, m in sorted(((e, shard_of(m.split("|")[0]), m) for m, e in planted.items()), reverse=True)
+    ]
 
 
 @pytest.mark.parametrize("limit", [1, 3, 7, 50])
@@ -258,7 +280,7 @@ def test_paging_to_the_end_with_ties_has_no_duplicates_or_gaps(ops_app, redis_cl
     rng = random.Random(limit)
     base = now_ms() + 600_000
     planted = {}
-    for n in range(240):
+    for _ in range(240):
         # Few distinct expiries, and senders crowded into few tags: many ties in and across shards.
         sender = f"+1555{rng.randrange(10**5):05d}{rng.choice(['07', '42', '99', '00'])}"
         recipient = rng.choice([OURS, "+15550002222"])
@@ -279,8 +301,9 @@ def test_paging_survives_the_cursor_entry_ending_between_pages(ops_app, redis_cl
     first = client.get("/ops/conversations?limit=4", headers=AUTH).get_json()
     last = first["conversations"][-1]
     assert client.delete(f"/ops/conversations/{last['from']}/{OURS}", headers=AUTH).status_code == 200
-    rest = client.get("/ops/conversations", query_string={"cursor": first["next_cursor"]},
-                      headers=AUTH).get_json()
+    rest = client.get(
+        "/ops/conversations", query_string={"cursor": first["next_cursor"]}, headers=AUTH
+    ).get_json()
     listed = [r["from"] for r in first["conversations"] + rest["conversations"]]
     assert listed == sorted(senders, reverse=True)
 
@@ -295,8 +318,9 @@ def test_paging_lists_a_refreshed_conversation_once(ops_app, redis_client):
     text_messages(ops_app, REY, 1)  # moves to the top, behind the cursor
     rest, cursor = [], first["next_cursor"]
     while cursor:
-        body = client.get("/ops/conversations", query_string={"limit": 1, "cursor": cursor},
-                          headers=AUTH).get_json()
+        body = client.get(
+            "/ops/conversations", query_string={"limit": 1, "cursor": cursor}, headers=AUTH
+        ).get_json()
         rest += [r["from"] for r in body["conversations"]]
         cursor = body["next_cursor"]
     assert rest == [FINN, POE]
@@ -314,6 +338,7 @@ def test_entries_whose_state_is_gone_are_skipped_and_pruned(ops_app, redis_clien
 
 
 # --- Ending, expiry and hygiene --------------------------------------------------------------
+
 
 def test_expired_by_operator_then_old_cookie_is_thanked_as_new(redis_url, redis_client):
     app = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS)
@@ -360,11 +385,12 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app):
     held = KEYS.conversation(POE, OURS)
     ops_app.extensions["sms.store"].open(held, "SMheld")  # a lock, as during a message
     raw = redis.Redis.from_url(redis_url)  # no decoding: bytes as stored
-    readers = {b"hash": lambda k: [b for pair in raw.hgetall(k).items() for b in pair],
-               b"zset": lambda k: [m for m, _ in raw.zrange(k, 0, -1, withscores=True)],
-               b"string": lambda k: [raw.get(k)],
-               b"stream": lambda k: [b for _, fields in raw.xrange(k) for pair in fields.items()
-                                     for b in pair]}
+    readers = {
+        b"hash": lambda k: [b for pair in raw.hgetall(k).items() for b in pair],
+        b"zset": lambda k: [m for m, _ in raw.zrange(k, 0, -1, withscores=True)],
+        b"string": lambda k: [raw.get(k)],
+        b"stream": lambda k: [b for _, fields in raw.xrange(k) for pair in fields.items() for b in pair],
+    }
     seen = set()
     for key in raw.scan_iter(count=1000):
         kind = raw.type(key)
@@ -380,9 +406,23 @@ def test_benchmark_script_smoke(tmp_path):
     """The scale benchmark's own machinery on 1000 conversations (figures are not asserted)."""
     require_redis_server()  # the script starts one of its own
     output = tmp_path / "ops.json"
-    result = subprocess.run([sys.executable, "-m", "bench.ops_at_scale", "--conversations", "1000",
-                             "--runs", "3", "--output", str(output)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ops_at_scale",
+            "--conversations",
+            "1000",
+            "--runs",
+            "3",
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(output.read_text())
     assert json.loads(result.stdout) == report  # stdout: the JSON alone, no log lines
@@ -397,8 +437,9 @@ def test_a_page_costs_the_same_commands_for_100_or_2000_conversations(ops_app, r
 
     def two_pages():
         first = client.get("/ops/conversations?limit=50", headers=AUTH).get_json()
-        client.get("/ops/conversations", query_string={"limit": 50, "cursor": first["next_cursor"]},
-                   headers=AUTH).get_json()
+        client.get(
+            "/ops/conversations", query_string={"limit": 50, "cursor": first["next_cursor"]}, headers=AUTH
+        ).get_json()
 
     tallies = []
     for total in (100, 2000):

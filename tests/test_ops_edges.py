@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.keys import Keys, shard_of
 from tests.support.app import make_app, post_signed, webhook_params
@@ -52,8 +53,13 @@ def test_senders_with_non_ascii_digits_are_counted_listed_and_gauged(redis_url, 
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 0
 
 
-OPS_PATHS = ("/ops", "/ops/stats", "/ops/conversations", f"/ops/conversations/+15551230001/{OURS}",
-             "/ops/nothing-here")
+OPS_PATHS = (
+    "/ops",
+    "/ops/stats",
+    "/ops/conversations",
+    f"/ops/conversations/+15551230001/{OURS}",
+    "/ops/nothing-here",
+)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -67,11 +73,14 @@ def test_without_ops_token_every_method_on_ops_is_404(app):
                 assert "Allow" not in response.headers
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("POST", "/ops/stats", {"GET", "HEAD", "OPTIONS"}),
-    ("PUT", "/ops/conversations", {"GET", "HEAD", "OPTIONS"}),
-    ("POST", f"/ops/conversations/+15551230001/{OURS}", {"GET", "HEAD", "OPTIONS", "DELETE"}),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("POST", "/ops/stats", {"GET", "HEAD", "OPTIONS"}),
+        ("PUT", "/ops/conversations", {"GET", "HEAD", "OPTIONS"}),
+        ("POST", f"/ops/conversations/+15551230001/{OURS}", {"GET", "HEAD", "OPTIONS", "DELETE"}),
+    ],
+)
 def test_with_ops_token_a_405_says_what_is_allowed(redis_url, method, path, allowed):
     client = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS).test_client()
     for headers in ({}, AUTH):

@@ -21,8 +21,16 @@ TAGS = ("07", "42", "99", "00")  # few shards, so that writes land next to the c
 def plant(pipe, sender: str, expiry: int, recipient: str = OURS) -> None:
     """A conversation written through the key schema with a chosen expiry (ms)."""
     keys = KEYS.conversation(sender, recipient)
-    pipe.hset(keys.state, mapping={"sid": "s", "state": json.dumps({"messages": 1}), "seq": 1,
-                                   "first_seen": expiry - 20000, "last_seen": expiry - 10000})
+    pipe.hset(
+        keys.state,
+        mapping={
+            "sid": "s",
+            "state": json.dumps({"messages": 1}),
+            "seq": 1,
+            "first_seen": expiry - 20000,
+            "last_seen": expiry - 10000,
+        },
+    )
     pipe.pexpireat(keys.state, expiry)
     pipe.zadd(keys.index, {keys.member: expiry})
 
@@ -44,7 +52,8 @@ def order_key(member: str, score: int) -> tuple:
 
 @pytest.mark.parametrize("limit", [1, 7])
 def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
-        redis_url, redis_client, limit):
+    redis_url, redis_client, limit
+):
     rng = random.Random(limit)
     base = now_ms() + 3_600_000
     # Unchanged conversations with few distinct expiries: big tie groups in and across shards.
@@ -71,8 +80,9 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
         while not stop.is_set():
             pipe = redis_client.pipeline(transaction=False)
             for _ in range(5):
-                plant(pipe, sender(race_rng, race_rng.choice(TAGS)), base + 100 + race_rng.randrange(25),
-                      OTHER)
+                plant(
+                    pipe, sender(race_rng, race_rng.choice(TAGS)), base + 100 + race_rng.randrange(25), OTHER
+                )
                 racing["arrived"] += 1
             if left:
                 end(pipe, left.pop())

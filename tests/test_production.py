@@ -13,8 +13,12 @@ from service.settings import ConfigError
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.ports import free_port
 
-SAFE = {"APP_ENV": "production", "TWILIO_AUTH_TOKEN": "a-real-token",
-        "TWILIO_VALIDATE_SIGNATURE": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
+SAFE = {
+    "APP_ENV": "production",
+    "TWILIO_AUTH_TOKEN": "a-real-token",
+    "TWILIO_VALIDATE_SIGNATURE": "1",
+    "REDIS_URL": "redis://127.0.0.1:1/0",
+}
 REFUSED = [  # (variable named in the refusal, how it is set)
     ("TWILIO_AUTH_TOKEN", {"TWILIO_AUTH_TOKEN": ""}),
     ("TWILIO_VALIDATE_SIGNATURE", {"TWILIO_VALIDATE_SIGNATURE": "0"}),
@@ -31,8 +35,11 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),
     ("LOG_FORMAT", {"LOG_FORMAT": "yaml"}),
 ]
-CASES = pytest.mark.parametrize("variable, setting", REFUSED, ids=[
-    f"{variable}={next(iter(setting.values()))}" for variable, setting in REFUSED])
+CASES = pytest.mark.parametrize(
+    "variable, setting",
+    REFUSED,
+    ids=[f"{variable}={next(iter(setting.values()))}" for variable, setting in REFUSED],
+)
 
 
 @CASES
@@ -71,9 +78,15 @@ def test_gunicorn_refuses_in_one_line_before_any_worker(variable, setting):
 
 def test_cli_refuses_in_one_line():
     env = {**hermetic_environment(), **SAFE, "TWILIO_AUTH_TOKEN": ""}
-    result = subprocess.run([bin_path("sms-sessions"), "run", "--port", str(free_port())], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [bin_path("sms-sessions"), "run", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "sms-sessions: refusing to start: TWILIO_AUTH_TOKEN is not set: APP_ENV=production "
-        "needs it to verify Twilio's signatures"]
+        "needs it to verify Twilio's signatures"
+    ]

@@ -15,8 +15,9 @@ from tests.support.programs import require_redis_tools
 from tests.support.waiting import wait_until
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0",
-                                 "unix:///tmp/redis.sock?db=0"])
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0", "unix:///tmp/redis.sock?db=0"]
+)
 def test_single_server_schemes_build_a_plain_client(url):
     client = connect(url, 0.5)
     assert type(client) is redis.Redis
@@ -42,17 +43,20 @@ def test_sentinel_default_port_and_db():
     assert pool.connection_kwargs["db"] == 0
 
 
-@pytest.mark.parametrize("url, says", [
-    ("memcached://127.0.0.1:11211", "unknown scheme"),
-    ("redis+sentinel://127.0.0.1:26379", "/service_name"),
-    ("redis+sentinel://127.0.0.1:26379/sms/x", "must be a number"),
-    ("redis+sentinel://127.0.0.1:26379/a/1/extra", "/service_name"),
-    ("redis+sentinel://127.0.0.1:notaport/sms", "host:port"),
-    ("redis+sentinel://127.0.0.1:26379,/sms", "host:port"),
-    ("redis+sentinel://127.0.0.1:26379/sms?ssl=1", "no query"),
-    ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
-    ("redis://127.0.0.1:notaport/0", "REDIS_URL"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("memcached://127.0.0.1:11211", "unknown scheme"),
+        ("redis+sentinel://127.0.0.1:26379", "/service_name"),
+        ("redis+sentinel://127.0.0.1:26379/sms/x", "must be a number"),
+        ("redis+sentinel://127.0.0.1:26379/a/1/extra", "/service_name"),
+        ("redis+sentinel://127.0.0.1:notaport/sms", "host:port"),
+        ("redis+sentinel://127.0.0.1:26379,/sms", "host:port"),
+        ("redis+sentinel://127.0.0.1:26379/sms?ssl=1", "no query"),
+        ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
+        ("redis://127.0.0.1:notaport/0", "REDIS_URL"),
+    ],
+)
 def test_malformed_url_stops_start_up_naming_redis_url(url, says):
     with pytest.raises(ConfigError) as raised:
         make_app(REDIS_URL=url.replace("127.0.0.1", "user:hunter2@127.0.0.1", 1))
@@ -74,16 +78,23 @@ def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers
 
     node = redis_processes("--cluster-enabled", "yes", "--save", "", "--appendonly", "no", port=port)
     node.client().execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)  # a one-node cluster
-    wait_until(lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
-               what="cluster_state:ok")
+    wait_until(
+        lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
+        what="cluster_state:ok",
+    )
     assert client.get("/readyz").status_code == 200
     assert b"Thanks" in post_signed(client, webhook_params()).data
     assert b"2 times" in post_signed(client, webhook_params()).data
 
 
-@pytest.mark.parametrize("error", [SlotNotCoveredError("slot 7 is not covered"),
-                                   RedisClusterException("all nodes failed"),
-                                   redis.ConnectionError("refused")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        SlotNotCoveredError("slot 7 is not covered"),
+        RedisClusterException("all nodes failed"),
+        redis.ConnectionError("refused"),
+    ],
+)
 @pytest.mark.parametrize("step", ["_open", "_save"])
 def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch, error, step):
     store = fake_app.extensions["sms.store"]

@@ -47,10 +47,11 @@ def test_message_with_a_stale_cookie_costs_two(client, round_trips):
 def test_refusals_and_health_cost_none(client, round_trips):
     params = webhook_params()
     for expected, send in (
-            (403, lambda: client.post("/sms", data=params)),  # unsigned
-            (403, lambda: client.post("/sms", data=params, headers={"X-Twilio-Signature": "forged"})),
-            (400, lambda: post_signed(client, {**params, "From": ""})),
-            (413, lambda: post_signed(client, {**params, "Body": "x" * 70000})),
-            (200, lambda: client.get("/healthz"))):
+        (403, lambda: client.post("/sms", data=params)),  # unsigned
+        (403, lambda: client.post("/sms", data=params, headers={"X-Twilio-Signature": "forged"})),
+        (400, lambda: post_signed(client, {**params, "From": ""})),
+        (413, lambda: post_signed(client, {**params, "Body": "x" * 70000})),
+        (200, lambda: client.get("/healthz")),
+    ):
         response, count = trips(round_trips, send)
         assert (response.status_code, count) == (expected, 0)

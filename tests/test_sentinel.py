@@ -52,8 +52,10 @@ def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
     with LiveServer(app) as server:
         twilio = TwilioSimulator(server.url, TOKEN)
         counts = [deliver(twilio, attempts) for _ in range(10)]
-        wait_until(lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
-                   what="SENTINEL FAILOVER accepted")
+        wait_until(
+            lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
+            what="SENTINEL FAILOVER accepted",
+        )
         while master_port(redis_sentinel) == old_master or len(counts) < 20:
             counts.append(deliver(twilio, attempts))
             assert len(counts) < 500, "Sentinel never switched"

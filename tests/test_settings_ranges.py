@@ -34,8 +34,11 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # was db 0, silently
     ("REDIS_URL", {"REDIS_URL": "rediss://127.0.0.1/0/1"}),
 ]
-CASES = pytest.mark.parametrize("variable, environment", OUT_OF_RANGE, ids=[
-    "-".join(f"{k}={v}" for k, v in environment.items()) for _, environment in OUT_OF_RANGE])
+CASES = pytest.mark.parametrize(
+    "variable, environment",
+    OUT_OF_RANGE,
+    ids=["-".join(f"{k}={v}" for k, v in environment.items()) for _, environment in OUT_OF_RANGE],
+)
 
 
 def refusal(text: str) -> str:
@@ -59,15 +62,22 @@ ONE_PER_VARIABLE = list({variable: (variable, env) for variable, env in reversed
 @pytest.mark.parametrize("variable, environment", ONE_PER_VARIABLE, ids=[v for v, _ in ONE_PER_VARIABLE])
 def test_the_cli_refuses_in_one_line(variable, environment):
     env = {**hermetic_environment(), "TWILIO_AUTH_TOKEN": TOKEN, **environment}
-    result = subprocess.run([bin_path("sms-sessions"), "conversations", "count"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [bin_path("sms-sessions"), "conversations", "count"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [refusal(result.stderr)]
     assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", result.stderr)
 
 
-@pytest.mark.parametrize("variable, environment", [OUT_OF_RANGE[1], OUT_OF_RANGE[9]],
-                         ids=["CONVERSATION_TTL", "REDIS_TIMEOUT"])
+@pytest.mark.parametrize(
+    "variable, environment", [OUT_OF_RANGE[1], OUT_OF_RANGE[9]], ids=["CONVERSATION_TTL", "REDIS_TIMEOUT"]
+)
 def test_gunicorn_master_refuses_in_one_line_before_any_worker(variable, environment):
     """The other cases run under gunicorn in tests/test_production.py."""
     server = Gunicorn(environment, config=GUNICORN_CONF)
@@ -83,14 +93,25 @@ def test_gunicorn_master_refuses_in_one_line_before_any_worker(variable, environ
 def test_the_worker_timeout_is_gunicorns():
     """LOCK_WAIT's bound uses WORKER_TIMEOUT: it must be what config/gunicorn.conf.py sets."""
     tree = ast.parse((ROOT / GUNICORN_CONF).read_text())
-    [timeout] = [node.value for node in tree.body if isinstance(node, ast.Assign)
-                 and [getattr(t, "id", None) for t in node.targets] == ["timeout"]]
+    [timeout] = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["timeout"]
+    ]
     assert ast.literal_eval(timeout) == WORKER_TIMEOUT
 
 
 def test_edges_of_the_ranges_are_accepted():
-    config = load({"CONVERSATION_TTL": "2592000", "LOCK_TTL": "0.1", "LOCK_WAIT": "8.8",
-                   "REDIS_TIMEOUT": "0.55", "MAX_BODY_BYTES": "32768", "PORT": "65535"})
+    config = load(
+        {
+            "CONVERSATION_TTL": "2592000",
+            "LOCK_TTL": "0.1",
+            "LOCK_WAIT": "8.8",
+            "REDIS_TIMEOUT": "0.55",
+            "MAX_BODY_BYTES": "32768",
+            "PORT": "65535",
+        }
+    )
     assert config["CONVERSATION_TTL"] == 2592000 and config["LOCK_WAIT"] == 8.8
     assert load({"LOCK_WAIT": "0.01", "REDIS_TIMEOUT": "0.01", "LOCK_TTL": "60"})["LOCK_TTL"] == 60
 
@@ -101,7 +122,7 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
     monkeypatch.setenv("CONVERSATION_TTL", "2592000")
     monkeypatch.setenv("LOCK_TTL", "0.1")
     client = make_app(REDIS_URL=redis_url).test_client()
-    for count in (1, 2):
+    for _ in (1, 2):
         response = post_signed(client, webhook_params())
         assert response.status_code == 200
         assert "Max-Age=2592000" in response.headers["Set-Cookie"]

@@ -7,7 +7,8 @@ from urllib.parse import quote
 
 import pytest
 from flask import Flask
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 from werkzeug.test import EnvironBuilder
 
@@ -17,8 +18,13 @@ from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 
 def test_twilios_documented_example_validates():
-    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234",
-              "From": "+14158675309", "To": "+18005551212"}
+    params = {
+        "CallSid": "CA1234567890ABCDE",
+        "Caller": "+14158675309",
+        "Digits": "1234",
+        "From": "+14158675309",
+        "To": "+18005551212",
+    }
     url = "https://mycompany.com/myapp.php?foo=1&bar=2"
     validator = RequestValidator("12345")
     assert validator.compute_signature(url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
@@ -27,18 +33,23 @@ def test_twilios_documented_example_validates():
 
 def test_documented_example_through_the_app(redis_url):
     """The app validates Twilio's own example request (with From/To it can act on)."""
-    app = make_app(REDIS_URL=redis_url, TWILIO_AUTH_TOKEN="12345",
-                   PUBLIC_BASE_URL="https://mycompany.com")
-    params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234",
-              "From": "+14158675309", "To": "+18005551212"}
+    app = make_app(REDIS_URL=redis_url, TWILIO_AUTH_TOKEN="12345", PUBLIC_BASE_URL="https://mycompany.com")
+    params = {
+        "CallSid": "CA1234567890ABCDE",
+        "Caller": "+14158675309",
+        "Digits": "1234",
+        "From": "+14158675309",
+        "To": "+18005551212",
+    }
     headers = {"X-Twilio-Signature": "RSOYDt4T1cUTdK1PDd93/VVr8B8="}
     # Twilio's example URL and params, so its signature is valid. The example has no
     # MessageSid: the 400 for it proves validation passed (the 403 check comes first).
     app.add_url_rule("/myapp.php", view_func=app.view_functions["webhook.sms"], methods=["POST"])
     response = app.test_client().post("/myapp.php?foo=1&bar=2", data=params, headers=headers)
     assert response.status_code == 400 and b"MessageSid" in response.data
-    forged = app.test_client().post("/myapp.php?foo=1&bar=2", data={**params, "Digits": "9999"},
-                                    headers=headers)
+    forged = app.test_client().post(
+        "/myapp.php?foo=1&bar=2", data={**params, "Digits": "9999"}, headers=headers
+    )
     assert forged.status_code == 403
 
 
@@ -46,9 +57,14 @@ def test_unsigned_and_wrongly_signed_are_403_with_no_redis_write(app, redis_clie
     client = app.test_client()
     params = webhook_params()
     unsigned = client.post("/sms", data=params)
-    wrong = client.post("/sms", data=params, headers={"X-Twilio-Signature": sign("http://localhost/sms", params, "other")})
-    tampered = client.post("/sms", data={**params, "Body": "changed"},
-                           headers={"X-Twilio-Signature": sign("http://localhost/sms", params)})
+    wrong = client.post(
+        "/sms", data=params, headers={"X-Twilio-Signature": sign("http://localhost/sms", params, "other")}
+    )
+    tampered = client.post(
+        "/sms",
+        data={**params, "Body": "changed"},
+        headers={"X-Twilio-Signature": sign("http://localhost/sms", params)},
+    )
     assert [r.status_code for r in (unsigned, wrong, tampered)] == [403, 403, 403]
     assert b"signature" in unsigned.data
     assert redis_client.dbsize() == 0
@@ -76,11 +92,16 @@ def test_behind_a_tls_proxy_with_public_base_url(redis_url):
     client = app.test_client()
     params = webhook_params()
     signature = sign("https://sms.example.com/sms", params)
-    response = client.post("/sms", data=params, base_url="http://10.0.0.5:8000",
-                           headers={"X-Twilio-Signature": signature})
+    response = client.post(
+        "/sms", data=params, base_url="http://10.0.0.5:8000", headers={"X-Twilio-Signature": signature}
+    )
     assert response.status_code == 200
-    as_seen = client.post("/sms", data=params, base_url="http://10.0.0.5:8000",
-                          headers={"X-Twilio-Signature": sign("http://10.0.0.5:8000/sms", params)})
+    as_seen = client.post(
+        "/sms",
+        data=params,
+        base_url="http://10.0.0.5:8000",
+        headers={"X-Twilio-Signature": sign("http://10.0.0.5:8000/sms", params)},
+    )
     assert as_seen.status_code == 403  # only the public URL is trusted
 
 
@@ -88,16 +109,19 @@ def test_public_base_url_keeps_the_query_string(redis_url):
     app = make_app(REDIS_URL=redis_url, PUBLIC_BASE_URL="https://sms.example.com/")
     params = webhook_params()
     signature = sign("https://sms.example.com/sms?tenant=a", params)
-    response = app.test_client().post("/sms?tenant=a", data=params,
-                                      headers={"X-Twilio-Signature": signature})
+    response = app.test_client().post("/sms?tenant=a", data=params, headers={"X-Twilio-Signature": signature})
     assert response.status_code == 200
 
 
 def test_behind_trusted_proxy_hops(redis_url):
     params = webhook_params()
     signature = sign("https://sms.example.com/sms", params)
-    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "sms.example.com",
-                 "X-Forwarded-For": "54.1.2.3", "X-Twilio-Signature": signature}
+    forwarded = {
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "sms.example.com",
+        "X-Forwarded-For": "54.1.2.3",
+        "X-Twilio-Signature": signature,
+    }
     trusting = make_app(REDIS_URL=redis_url, TRUSTED_PROXY_HOPS=1)
     assert trusting.test_client().post("/sms", data=params, headers=forwarded).status_code == 200
     untrusting = make_app(REDIS_URL=redis_url)
@@ -109,8 +133,10 @@ def test_sha256_shared_key_variant(redis_url):
     app = make_app(REDIS_URL=redis_url)
     params = webhook_params()
     signature = RequestValidator(TOKEN).compute_signature("http://localhost/sms", params, "HMAC_SHA256")
-    headers = {"X-Twilio-Signature": signature,
-               "X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"}
+    headers = {
+        "X-Twilio-Signature": signature,
+        "X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256",
+    }
     assert app.test_client().post("/sms", data=params, headers=headers).status_code == 200
     del headers["X-Twilio-Webhooks-Signature-Settings"]
     assert app.test_client().post("/sms", data=params, headers=headers).status_code == 403
@@ -128,8 +154,12 @@ def form(params: dict) -> bytes:
 
 
 def post_raw(app, body: bytes, signature: str, **headers):
-    return app.test_client().post("/sms", data=body, content_type="application/x-www-form-urlencoded",
-                                  headers={"X-Twilio-Signature": signature, **headers})
+    return app.test_client().post(
+        "/sms",
+        data=body,
+        content_type="application/x-www-form-urlencoded",
+        headers={"X-Twilio-Signature": signature, **headers},
+    )
 
 
 def test_signature_over_the_exact_url_is_accepted(fake_app):
@@ -144,12 +174,15 @@ def test_signature_over_the_url_with_explicit_port_is_still_accepted(fake_app):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("signature", [
-    sign("http://localhost/sms", webhook_params(message_sid="SMother")),  # other params
-    sign("http://localhost/sms", webhook_params(message_sid="SMfixed"), token="wrong-token"),
-    "not-base64-at-all",
-    "é",
-])
+@pytest.mark.parametrize(
+    "signature",
+    [
+        sign("http://localhost/sms", webhook_params(message_sid="SMother")),  # other params
+        sign("http://localhost/sms", webhook_params(message_sid="SMfixed"), token="wrong-token"),
+        "not-base64-at-all",
+        "é",
+    ],
+)
 def test_wrong_signature_is_refused(fake_app, signature):
     response = post_raw(fake_app, form(webhook_params(message_sid="SMfixed")), signature)
     assert response.status_code == 403
@@ -171,8 +204,12 @@ def test_repeated_field_is_signed_with_all_its_values(fake_app):
 
 def test_unsupported_algorithm_is_refused(fake_app):
     params = webhook_params()
-    response = post_raw(fake_app, form(params), sign("http://localhost/sms", params),
-                        **{SETTINGS_HEADER: "key=k,algorithm=HMAC_MD5"})
+    response = post_raw(
+        fake_app,
+        form(params),
+        sign("http://localhost/sms", params),
+        **{SETTINGS_HEADER: "key=k,algorithm=HMAC_MD5"},
+    )
     assert response.status_code == 403
 
 
@@ -182,12 +219,15 @@ def test_percent_encoded_utf8_in_any_field_is_accepted(fake_app):
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("body", [
-    b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=%C3",  # truncated sequence
-    b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&B%FFdy=x",  # in a name
-    b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=\xff",  # raw byte
-    b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=%C3&x=%A9",  # split by a separator
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=%C3",  # truncated sequence
+        b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&B%FFdy=x",  # in a name
+        b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=\xff",  # raw byte
+        b"From=%2B15551230001&To=%2B15550001111&MessageSid=SM1&Body=%C3&x=%A9",  # split by a separator
+    ],
+)
 def test_invalid_utf8_anywhere_is_400_before_the_signature(fake_app, body):
     response = post_raw(fake_app, body, "irrelevant")
     assert response.status_code == 400
@@ -201,9 +241,13 @@ fields_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 
 
 @settings(max_examples=300, deadline=None)
-@given(fields=st.lists(st.tuples(st.sampled_from(["Body", "From", "To", "MediaUrl0", "b", ""]) | fields_text,
-                                 fields_text), max_size=8),
-       url=st.sampled_from(["http://localhost/sms", "https://sms.example.com/sms?tenant=a&x=%C3%A9"]))
+@given(
+    fields=st.lists(
+        st.tuples(st.sampled_from(["Body", "From", "To", "MediaUrl0", "b", ""]) | fields_text, fields_text),
+        max_size=8,
+    ),
+    url=st.sampled_from(["http://localhost/sms", "https://sms.example.com/sms?tenant=a&x=%C3%A9"]),
+)
 def test_the_one_hmac_signs_what_twilios_validator_signs(fields, url):
     """Repeated names, repeated values, empty and non-ASCII ones: the same signature."""
     app = Flask(__name__)
@@ -221,6 +265,7 @@ def test_the_webhooks_parser_reads_forms_as_werkzeug_did(raw):
     if not _decodable(raw):
         assert parsed is None
         return
-    request = EnvironBuilder(method="POST", data=raw,
-                             content_type="application/x-www-form-urlencoded").get_request()
+    request = EnvironBuilder(
+        method="POST", data=raw, content_type="application/x-www-form-urlencoded"
+    ).get_request()
     assert parsed == list(request.form.items(multi=True))

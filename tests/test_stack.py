@@ -67,8 +67,9 @@ def test_compose_file_is_valid_and_wires_the_stack():
     compose = require_binary("docker-compose", "docker-compose")
     quiet = subprocess.run([compose, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert quiet.returncode == 0, quiet.stderr
-    rendered = subprocess.run([compose, "config"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, check=True).stdout
+    rendered = subprocess.run(
+        [compose, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert "image: redis:7" in rendered
     assert f"{ROOT}/config/redis.conf:/usr/local/etc/redis/redis.conf:ro" in rendered
     assert "redis-data:/data" in rendered
@@ -88,7 +89,9 @@ def test_compose_validation_catches_a_broken_file(tmp_path):
     (tmp_path / "docker-compose.yml").write_text(broken)
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "sms-sessions.env.example").write_text(ENV_EXAMPLE.read_text())
-    result = subprocess.run([compose, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [compose, "config", "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert "service_happy" in result.stderr
 
@@ -116,11 +119,16 @@ def test_dockerfile_installs_the_lock_then_the_wheel_as_non_root():
     assert code and min(code) > lock + 1
     # The code as its wheel only: no sources, build/ or *.egg-info copied into the image.
     assert [line for line in final if line.startswith("COPY")] == [
-        "COPY requirements.txt ./", "COPY --from=wheel /wheels /tmp/wheels", "COPY config ./config"]
+        "COPY requirements.txt ./",
+        "COPY --from=wheel /wheels /tmp/wheels",
+        "COPY config ./config",
+    ]
     assert "RUN pip install --no-deps /tmp/wheels/*.whl && rm -r /tmp/wheels" in final
     # A user and a group of its own, same ids, not a system account (ids above SYS_UID_MAX).
-    assert ("RUN groupadd --gid 10001 sms && useradd --uid 10001 --gid sms --no-create-home "
-            "--home-dir /nonexistent --shell /usr/sbin/nologin sms") in final
+    assert (
+        "RUN groupadd --gid 10001 sms && useradd --uid 10001 --gid sms --no-create-home "
+        "--home-dir /nonexistent --shell /usr/sbin/nologin sms"
+    ) in final
     assert "USER sms:sms" in final
     # The native stack below runs exactly this command and this healthcheck.
     assert dockerfile_cmd() == ["sms-sessions", "serve"]
@@ -165,9 +173,16 @@ class ImageCommand(Gunicorn):
         self.url = self.base + "/sms"
         self.env = {**hermetic_environment(), **env, "BIND": f"127.0.0.1:{self.port}"}
         self.args = [bin_path(dockerfile_cmd()[0]), *dockerfile_cmd()[1:]]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="image-", suffix=".log")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="image-", suffix=".log")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +213,11 @@ def test_native_stack_holds_a_conversation(stack, twilio):
     assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
     assert requests.get(server.base + "/readyz", timeout=5).json() == {"status": "ready"}
     replies = [twilio.send(REY, OURS, f"message {n}").reply for n in (1, 2, 3)]
-    assert replies == ["Thanks for the message, Rey!", "Rey has messaged +15550001111 2 times.",
-                       "Rey has messaged +15550001111 3 times."]
+    assert replies == [
+        "Thanks for the message, Rey!",
+        "Rey has messaged +15550001111 2 times.",
+        "Rey has messaged +15550001111 3 times.",
+    ]
     assert client.hget(KEYS.conversation(REY, OURS).state, "seq") == "3"
     # Redis runs on config/redis.conf: durable and never evicting.
     assert client.config_get("appendonly") == {"appendonly": "yes"}
@@ -213,8 +231,12 @@ def per_worker_messages(metrics_dir: Path) -> dict[str, float]:
     """Webhook requests counted by each worker's own file (pid → total)."""
     totals = {}
     for path in metrics_dir.glob("counter_*.db"):
-        samples = [s for metric in MultiProcessCollector.merge([str(path)], accumulate=True)
-                   for s in metric.samples if s.name == "sms_messages_received_total"]
+        samples = [
+            s
+            for metric in MultiProcessCollector.merge([str(path)], accumulate=True)
+            for s in metric.samples
+            if s.name == "sms_messages_received_total"
+        ]
         totals[path.stem.split("_")[-1]] = sum(s.value for s in samples)
     return totals
 
@@ -249,8 +271,12 @@ def test_metrics_add_up_across_two_workers(stack, twilio):
     duplicate = twilio.send(FINN, OURS, "two", message_sid=second.message_sid)
     forged = TwilioSimulator(server.url, "not-the-token").send(FINN, OURS, "forged")
     params = {"To": OURS, "Body": "no sender", "MessageSid": "SM" + secrets.token_hex(16)}
-    missing_from = requests.post(server.url, data=params, timeout=10, headers={
-        "X-Twilio-Signature": sign(server.url, params, server.env["TWILIO_AUTH_TOKEN"])})
+    missing_from = requests.post(
+        server.url,
+        data=params,
+        timeout=10,
+        headers={"X-Twilio-Signature": sign(server.url, params, server.env["TWILIO_AUTH_TOKEN"])},
+    )
     time.sleep(max(0.0, 0.3 - (time.monotonic() - polling_since)))  # held ≥ 0.3 s
     client.delete(held.lock)
     waiter.join(timeout=15)
@@ -270,10 +296,10 @@ def test_metrics_add_up_across_two_workers(stack, twilio):
     scrapes = [scrape(requests.get(server.base + "/metrics", timeout=5).text) for _ in range(6)]
     assert all(s == scrapes[0] for s in scrapes)  # whichever worker answers
     change = delta(scrapes[0], before)
-    assert {outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"]
-            for outcome in ("replied", "duplicate", "rejected_signature", "bad_request",
-                            "unavailable")} == {
-        "replied": 3 + extra, "duplicate": 1, "rejected_signature": 1, "bad_request": 1, "unavailable": 0}
+    assert {
+        outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"]
+        for outcome in ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")
+    } == {"replied": 3 + extra, "duplicate": 1, "rejected_signature": 1, "bad_request": 1, "unavailable": 0}
     assert change["sms_conversations_started_total"] == 2 + (extra > 0)
     assert change["sms_active_conversations"] == 2 + (extra > 0)
     assert change["sms_webhook_latency_seconds_count"] == 6 + extra
@@ -299,27 +325,40 @@ def test_stack_output_is_json_lines_without_numbers_bodies_or_token(stack, twili
     requests.get(f"{server.base}/ops/conversations/{REY}/{OURS}", timeout=10)  # numbers in a path
 
     # gunicorn writes a request's access line after its answer: wait for the last one.
-    output = wait_until(lambda: "/ops/conversations/" in server.output() and server.output(),
-                        seconds=10, what="the ops request's access line")
+    output = wait_until(
+        lambda: "/ops/conversations/" in server.output() and server.output(),
+        seconds=10,
+        what="the ops request's access line",
+    )
     for secret in (REY, FINN, POE, OURS, body, token, REY[1:], OURS[1:]):
         assert secret not in output
     lines = [json.loads(line) for line in output.splitlines()]  # every line, gunicorn's too
     webhook = {line["message_sid"]: line for line in lines if line["logger"] == "service.webhook"}
-    assert Tally(line["message_sid"] for line in lines if line["logger"] == "service.webhook")[
-        posted.message_sid] == 1
+    assert (
+        Tally(line["message_sid"] for line in lines if line["logger"] == "service.webhook")[
+            posted.message_sid
+        ]
+        == 1
+    )
     assert {key: webhook[posted.message_sid][key] for key in ("from", "to", "outcome", "status")} == {
-        "from": "+1555***0001", "to": "+1555***1111", "outcome": "replied", "status": 200}
+        "from": "+1555***0001",
+        "to": "+1555***1111",
+        "outcome": "replied",
+        "status": 200,
+    }
     assert webhook[params["MessageSid"]]["from"] == "+1555***0077"
     assert webhook[forged.message_sid]["outcome"] == "rejected_signature"
     assert all(isinstance(line["latency_ms"], float) for line in webhook.values())
-    assert {(webhook[sid]["method"], webhook[sid]["status"]) for sid in (
-        posted.message_sid, params["MessageSid"], forged.message_sid)} == {
-        ("POST", 200), ("GET", 200), ("POST", 403)}
+    assert {
+        (webhook[sid]["method"], webhook[sid]["status"])
+        for sid in (posted.message_sid, params["MessageSid"], forged.message_sid)
+    } == {("POST", 200), ("GET", 200), ("POST", 403)}
     assert all(line["remote"] == "127.0.0.1" for line in webhook.values())
     assert {line["logger"] for line in lines} >= {"gunicorn.error", "gunicorn.access", "service.webhook"}
     access = [line for line in lines if line["logger"] == "gunicorn.access"]
     assert {(line["method"], line["path"], line["status"]) for line in access} >= {
-        ("GET", "/ops/conversations/+1555***0001/+1555***1111", 404)}  # the path, never the query
+        ("GET", "/ops/conversations/+1555***0001/+1555***1111", 404)
+    }  # the path, never the query
     assert not [line for line in access if line["path"] == "/sms"]  # the webhook's own line is its one
     assert all(isinstance(line["duration_ms"], float) for line in access)
 
@@ -338,10 +377,15 @@ def logged_paths(server) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env, ready", [
-    ({"PORT": "{port}"}, True), ({"PORT": "{other}"}, False),
-    ({"BIND": "127.0.0.1:{port}"}, True), ({"BIND": "0.0.0.0:{port}", "PORT": "{other}"}, True),
-])
+@pytest.mark.parametrize(
+    "env, ready",
+    [
+        ({"PORT": "{port}"}, True),
+        ({"PORT": "{other}"}, False),
+        ({"BIND": "127.0.0.1:{port}"}, True),
+        ({"BIND": "0.0.0.0:{port}", "PORT": "{other}"}, True),
+    ],
+)
 def test_the_image_healthcheck_follows_port_and_bind(stack, env, ready):
     """The Dockerfile's HEALTHCHECK command, run as the container runs it."""
     server, _, _ = stack
@@ -350,8 +394,14 @@ def test_the_image_healthcheck_follows_port_and_bind(stack, env, ready):
         other = unused.getsockname()[1]
     values = {name: value.format(port=server.port, other=other) for name, value in env.items()}
     command = dockerfile_healthcheck()
-    check = subprocess.run([bin_path(command[0]), *command[1:]], cwd=ROOT, capture_output=True, text=True,
-                           env={**hermetic_environment(), **values}, timeout=30)
+    check = subprocess.run(
+        [bin_path(command[0]), *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**hermetic_environment(), **values},
+        timeout=30,
+    )
     assert (check.returncode == 0) is ready, check.stderr
     if not ready:
         assert check.stderr.startswith("not ready: ")

@@ -65,8 +65,9 @@ def store(fake_app):
 def test_lock_makes_a_second_opener_wait_then_give_up(store):
     keys = Keys().conversation("+15551230001", "+15550001111")
     held = store.open(keys, "SM1")
-    impatient = ConversationStore(store.client, ttl=60, lock_ttl=3, lock_wait=0.05,
-                                  redelivery_window=60, replies_kept=4)
+    impatient = ConversationStore(
+        store.client, ttl=60, lock_ttl=3, lock_wait=0.05, redelivery_window=60, replies_kept=4
+    )
     with pytest.raises(ConversationBusy):
         impatient.open(keys, "SM2")
     assert not store.client.exists(keys.queue)  # the impatient one left the line

@@ -118,11 +118,18 @@ def test_a_server_that_lost_the_scripts_gets_them_again(twilio, redis_client):
     assert messages(redis_client) == 3
 
 
-@pytest.mark.parametrize("config", [
-    {},
-    {"SESSION_COOKIE_SECURE": True, "SESSION_COOKIE_SAMESITE": "Lax",
-     "SESSION_COOKIE_DOMAIN": "sms.example.com", "SESSION_COOKIE_PATH": "/hooks"},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {
+            "SESSION_COOKIE_SECURE": True,
+            "SESSION_COOKIE_SAMESITE": "Lax",
+            "SESSION_COOKIE_DOMAIN": "sms.example.com",
+            "SESSION_COOKIE_PATH": "/hooks",
+        },
+    ],
+)
 @pytest.mark.parametrize("sid", ["Ab_-" * 10 + "xyz", 'hand "edited"; id é'])
 def test_cookie_is_the_one_werkzeug_writes(config, sid):
     """The cookie's attributes are written once a second: the header must still be what
@@ -134,9 +141,15 @@ def test_cookie_is_the_one_werkzeug_writes(config, sid):
         ours = interface.cookie(app, sid)
         expected = Response()
         expected.set_cookie(
-            "sms_session", sid, max_age=interface.ttl, httponly=True,
-            secure=interface.get_cookie_secure(app), samesite=interface.get_cookie_samesite(app),
-            domain=interface.get_cookie_domain(app), path=interface.get_cookie_path(app))
+            "sms_session",
+            sid,
+            max_age=interface.ttl,
+            httponly=True,
+            secure=interface.get_cookie_secure(app),
+            samesite=interface.get_cookie_samesite(app),
+            domain=interface.get_cookie_domain(app),
+            path=interface.get_cookie_path(app),
+        )
         if int(time.time()) == second:
             break
     assert ours == expected.headers["Set-Cookie"]
@@ -233,17 +246,22 @@ def test_different_pairs_do_not_wait_for_each_other(redis_url, redis_client):
     redis_client.set(held, "someone-else", px=60_000)
     with LiveServer(app) as server:
         results = {}
-        waiting = threading.Thread(target=lambda: results.update(
-            rey=TwilioSimulator(server.url, TOKEN, timeout=60).send(REY, OURS, "waits")))
+        waiting = threading.Thread(
+            target=lambda: results.update(
+                rey=TwilioSimulator(server.url, TOKEN, timeout=60).send(REY, OURS, "waits")
+            )
+        )
         waiting.start()
         friend = TwilioSimulator(server.url, TOKEN, timeout=10)
         replies = [friend.send(FRIEND, OURS, f"m{n}").reply for n in range(3)]
         assert redis_client.exists(held) and "rey" not in results  # Rey still waits
         redis_client.delete(held)
         waiting.join(timeout=30)
-    assert replies == ["Thanks for the message, Friend!",
-                       "Friend has messaged +15550001111 2 times.",
-                       "Friend has messaged +15550001111 3 times."]
+    assert replies == [
+        "Thanks for the message, Friend!",
+        "Friend has messaged +15550001111 2 times.",
+        "Friend has messaged +15550001111 3 times.",
+    ]
     assert results["rey"].reply == "Thanks for the message, Rey!"
 
 
@@ -312,9 +330,11 @@ def test_oversized_body_is_413(app, redis_client):
 
 def test_undecodable_body_is_400(app, redis_client):
     response = app.test_client().post(
-        "/sms", data=b"From=%FF%FE&To=%2B15550001111&MessageSid=SM1",
+        "/sms",
+        data=b"From=%FF%FE&To=%2B15550001111&MessageSid=SM1",
         content_type="application/x-www-form-urlencoded",
-        headers={"X-Twilio-Signature": "irrelevant"})
+        headers={"X-Twilio-Signature": "irrelevant"},
+    )
     assert response.status_code == 400
     assert b"UTF-8" in response.data
     assert redis_client.dbsize() == 0
@@ -347,13 +367,17 @@ def test_healthz_never_touches_redis():
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("edit", [
-    {"state": "[" * 100_000 + "]" * 100_000},  # deeper than any JSON decoder recurses
-    {"state": "not json"},
-    {"seq": "three"},
-    {"first_seen": "yesterday"},
-    {"m:SMjunk": "junk"},
-], ids=["deep-state", "not-json", "seq", "first-seen", "junk-reply"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"state": "[" * 100_000 + "]" * 100_000},  # deeper than any JSON decoder recurses
+        {"state": "not json"},
+        {"seq": "three"},
+        {"first_seen": "yesterday"},
+        {"m:SMjunk": "junk"},
+    ],
+    ids=["deep-state", "not-json", "seq", "first-seen", "junk-reply"],
+)
 def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_client, edit):
     """An operator's redis-cli typo never makes a 500 nor a pair stuck on 503: what cannot be
     read is reported and the conversation starts afresh; the next message counts on."""

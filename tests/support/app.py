@@ -22,8 +22,13 @@ def sign(url: str, params: dict, token: str = TOKEN) -> str:
 
 
 def webhook_params(sender="+15551230001", recipient="+15550001111", body="hi", message_sid=None, **extra):
-    params = {"From": sender, "To": recipient, "Body": body,
-              "MessageSid": message_sid or "SM" + os.urandom(16).hex(), "NumMedia": "0"}
+    params = {
+        "From": sender,
+        "To": recipient,
+        "Body": body,
+        "MessageSid": message_sid or "SM" + os.urandom(16).hex(),
+        "NumMedia": "0",
+    }
     params.update(extra)
     return params
 

@@ -61,8 +61,14 @@ class Gunicorn:
     file: ``output()`` reads it at any time. As a context manager it waits for ``/healthz``.
     """
 
-    def __init__(self, env: dict[str, str], workers: int = 2, config: str | None = None,
-                 extra_args: tuple[str, ...] = (), app: str = GUNICORN_APP):
+    def __init__(
+        self,
+        env: dict[str, str],
+        workers: int = 2,
+        config: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        app: str = GUNICORN_APP,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/sms"
         self.base = f"http://127.0.0.1:{self.port}"
@@ -77,9 +83,17 @@ class Gunicorn:
             args += ["-w", str(workers), "-b", address]
         args += [*extra_args, app]
         self.args = args
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="gunicorn-", suffix=".log")
-        self.process = subprocess.Popen(args, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        # The log outlives this call: it is read while the server runs, and closed with it.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="gunicorn-", suffix=".log")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def output(self) -> str:
         return Path(self.log.name).read_text()

@@ -15,8 +15,16 @@ from selenium.webdriver.chrome.service import Service
 
 from .programs import require_binary
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 WINDOW = (1280, 1100)  # the screenshot's size: the whole overview page
 
 
@@ -39,8 +47,10 @@ def screenshot(driver: webdriver.Chrome, path: Path, size: tuple[int, int] = WIN
     """A PNG of the page in a viewport of exactly ``size`` CSS pixels (the window's own size
     loses the height of the browser's frame), written to ``path``."""
     width, height = size
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
     try:
         png = driver.get_screenshot_as_png()
     finally:
@@ -51,10 +61,13 @@ def screenshot(driver: webdriver.Chrome, path: Path, size: tuple[int, int] = WIN
 
 def overflows_on_a_phone(driver: webdriver.Chrome, width: int = 375, height: int = 740) -> bool:
     """Whether the page scrolls sideways in a phone's viewport (a phone reads it badly)."""
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 2, "mobile": True},
+    )
     try:
         return driver.execute_script(
-            "return document.documentElement.scrollWidth > document.documentElement.clientWidth")
+            "return document.documentElement.scrollWidth > document.documentElement.clientWidth"
+        )
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -20,5 +20,6 @@ def _client(url: str) -> redis.Redis:
 
 
 def on_end(conversation, reason):
-    _client(os.environ["REDIS_URL"]).rpush("hook-calls", json.dumps(
-        {"id": conversation.sid, "reason": reason, "state": dict(conversation)}))
+    _client(os.environ["REDIS_URL"]).rpush(
+        "hook-calls", json.dumps({"id": conversation.sid, "reason": reason, "state": dict(conversation)})
+    )

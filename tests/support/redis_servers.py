@@ -40,8 +40,17 @@ class RedisProcess:
         self.port = port or free_port()
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.argv = [executable, *([config] if config else []), "--port", str(self.port),
-                     "--bind", self.host, "--dir", str(directory), *args]
+        self.argv = [
+            executable,
+            *([config] if config else []),
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(directory),
+            *args,
+        ]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -50,13 +59,19 @@ class RedisProcess:
 
     def client(self) -> redis.Redis:
         """No retries: redis-py's default backoff would turn each failed ping into seconds."""
-        return redis.Redis(host=self.host, port=self.port, decode_responses=True, socket_timeout=5,
-                           retry=Retry(NoBackoff(), 0))
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            decode_responses=True,
+            socket_timeout=5,
+            retry=Retry(NoBackoff(), 0),
+        )
 
-    def start(self) -> "RedisProcess":
-        log = open(self.directory / "server.log", "a")
-        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT)
+    def start(self) -> RedisProcess:
+        log = open(self.directory / "server.log", "a")  # noqa: SIM115 (the process keeps its own handle)
+        self.process = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         try:
             wait_until(lambda: self.client().ping(), what=f"redis on port {self.port}")
@@ -81,10 +96,16 @@ class RedisProcess:
 
 def commands_during(redis_client, action) -> Tally:
     """Redis commands the server executed while ``action`` ran (INFO itself left out)."""
+
     def calls():
         stats = redis_client.info("commandstats")
-        return Tally({name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()
-                      if name != "cmdstat_info"})
+        return Tally(
+            {
+                name.removeprefix("cmdstat_"): value["calls"]
+                for name, value in stats.items()
+                if name != "cmdstat_info"
+            }
+        )
 
     before = calls()
     action()
@@ -99,10 +120,12 @@ class Topology:
         self.nodes: list[RedisProcess] = []
         self.url = ""
 
-    def start(self, *args: str, port: int | None = None, config: str | None = None,
-              name: str | None = None) -> RedisProcess:
-        node = RedisProcess(self.directory / (name or f"node-{len(self.nodes)}"), *args, port=port,
-                            config=config)
+    def start(
+        self, *args: str, port: int | None = None, config: str | None = None, name: str | None = None
+    ) -> RedisProcess:
+        node = RedisProcess(
+            self.directory / (name or f"node-{len(self.nodes)}"), *args, port=port, config=config
+        )
         self.nodes.append(node)
         return node.start()
 
@@ -117,14 +140,34 @@ def redis_cluster(directory: Path):
     cluster = Topology(directory)
     try:
         for _ in range(3):
-            cluster.start("--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *NOT_DURABLE,
-                          port=free_cluster_port())
+            cluster.start(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                *NOT_DURABLE,
+                port=free_cluster_port(),
+            )
         addresses = [f"127.0.0.1:{node.port}" for node in cluster.nodes]
-        subprocess.run([shutil.which("redis-cli"), "--cluster", "create", *addresses,
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [
+                shutil.which("redis-cli"),
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         for node in cluster.nodes:
-            wait_until(lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
-                       what="cluster_state:ok")
+            wait_until(
+                lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
+                what="cluster_state:ok",
+            )
         cluster.url = "redis+cluster://" + ",".join(addresses)
         yield cluster
     finally:
@@ -149,21 +192,35 @@ def redis_sentinel(directory: Path):
     runs ``config/sentinel-reconfig.sh`` (which needs redis-cli).
     """
     setup = Topology(directory)
-    fenced = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10",
-              "--repl-diskless-sync-delay", "0", *NOT_DURABLE)
+    fenced = (
+        "--min-replicas-to-write",
+        "1",
+        "--min-replicas-max-lag",
+        "10",
+        "--repl-diskless-sync-delay",
+        "0",
+        *NOT_DURABLE,
+    )
     try:
         master = setup.start(*fenced)
         setup.start(*fenced, "--replicaof", "127.0.0.1", str(master.port))  # the replica
         wait_until(lambda: replicated_write(master.client()), what="a write confirmed by the replica")
         config = directory / "sentinel.conf"
-        config.write_text(f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"
-                          "sentinel down-after-milliseconds sms 1000\n"
-                          "sentinel failover-timeout sms 10000\n"
-                          f"sentinel client-reconfig-script sms {ROOT / 'config' / 'sentinel-reconfig.sh'}\n")
+        config.write_text(
+            f"sentinel monitor sms 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds sms 1000\n"
+            "sentinel failover-timeout sms 10000\n"
+            f"sentinel client-reconfig-script sms {ROOT / 'config' / 'sentinel-reconfig.sh'}\n"
+        )
         sentinel = setup.start("--sentinel", config=str(config), name="sentinel")
-        wait_until(lambda: [r for r in sentinel.client().sentinel_slaves("sms")
-                            if r["flags"] == "slave" and r["master-link-status"] == "ok"],
-                   what="Sentinel sees a good replica")
+        wait_until(
+            lambda: [
+                r
+                for r in sentinel.client().sentinel_slaves("sms")
+                if r["flags"] == "slave" and r["master-link-status"] == "ok"
+            ],
+            what="Sentinel sees a good replica",
+        )
         setup.sentinel = sentinel
         setup.url = f"redis+sentinel://127.0.0.1:{sentinel.port}/sms"
         yield setup
