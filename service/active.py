@@ -38,21 +38,22 @@ FIELDS = ("state", "seq", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
 
 PRUNE = """
--- KEYS: state hash, index shard (same hash tag). ARGV: member.
 -- Drops the index entry of a conversation whose state is gone, unless it came back meanwhile.
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-return redis.call('ZREM', KEYS[2], ARGV[1])
+local conversation, index = KEYS[1], KEYS[2]  -- the same hash tag
+local member = ARGV[1]
+if redis.call('EXISTS', conversation) == 1 then return 0 end
+return redis.call('ZREM', index, member)
 """
 
 
 AFTER = """
--- KEYS: index shard. ARGV: cursor expiry, cursor member, now ms, count.
 -- Up to count live entries (member, expiry) after (expiry, member) in the shard's descending
 -- order, in one atomic step. The start is found by rank: ZCOUNT gives the cursor's expiry
 -- group, a binary search in it the first member below the cursor's (compared byte by byte,
 -- as Redis orders them; Lua's < follows the locale). O(log N) whatever the shard's size,
 -- and right whether the cursor's own entry is still there, moved or gone.
-local key, member = KEYS[1], ARGV[2]
+local key = KEYS[1]  -- an index shard
+local expiry, member, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local function below(a, b)
   for i = 1, math.min(#a, #b) do
     local x, y = string.byte(a, i), string.byte(b, i)
@@ -60,16 +61,16 @@ local function below(a, b)
   end
   return #a < #b
 end
-local lo = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf')
-local hi = lo + redis.call('ZCOUNT', key, ARGV[1], ARGV[1])
+local lo = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
+local hi = lo + redis.call('ZCOUNT', key, expiry, expiry)
 while lo < hi do
   local mid = math.floor((lo + hi) / 2)
   if below(redis.call('ZRANGE', key, mid, mid, 'REV')[1], member) then hi = mid else lo = mid + 1 end
 end
-local found = redis.call('ZRANGE', key, lo, lo + tonumber(ARGV[4]) - 1, 'REV', 'WITHSCORES')
+local found = redis.call('ZRANGE', key, lo, lo + count - 1, 'REV', 'WITHSCORES')
 local live = {}
 for i = 1, #found, 2 do
-  if tonumber(found[i + 1]) <= tonumber(ARGV[3]) then break end
+  if tonumber(found[i + 1]) <= now then break end
   live[#live + 1] = found[i]
   live[#live + 1] = found[i + 1]
 end

@@ -14,9 +14,9 @@ back as it is; the key expires within a second should the DEL never arrive).
 import logging
 
 import redis
-from flask import Blueprint, Flask, current_app
+from flask import Blueprint, Flask
 
-from . import redis_client
+from . import conversations, redis_client
 from .logs import report
 from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
@@ -32,7 +32,7 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    key = current_app.extensions["sms.keys"].readiness
+    key = conversations.keys().readiness
     try:
         client = redis_client.client()
         client.set(key, "1", px=1000)  # SET is refused under OOM (DEL alone would not be)

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from service.keys import Keys
+from service.metrics import Outcome
 from tests.support.app import make_app, sign, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.prometheus import scrape
@@ -184,8 +185,8 @@ def test_other_methods_on_sms_are_405_logged_and_counted(served, redis_url, redi
     assert response.status_code == 405
     assert response.headers["Allow"] == "GET, POST"
     after = outcomes(served)
-    assert after["bad_request"] - before["bad_request"] == 1
-    assert after["replied"] == before["replied"]
+    assert after[Outcome.BAD_REQUEST] - before[Outcome.BAD_REQUEST] == 1
+    assert after[Outcome.REPLIED] == before[Outcome.REPLIED]
     [line] = new_lines(served, since)
     assert line["status"] == 405 and line["outcome"] == "bad_request"
     assert line["reason"] == "method not allowed"

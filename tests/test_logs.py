@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from service.logs import JsonFormatter
+from service.metrics import Outcome
 from service.settings import ConfigError, load
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
@@ -42,16 +43,24 @@ def requests_of_every_outcome(client):
     no_to = webhook_params(REY, OURS, BODY)
     del no_to["To"]
     return [
-        ("replied", MASKED, lambda: post_signed(client, replied)),
-        ("duplicate", MASKED, lambda: post_signed(client, replied)),
-        ("replied", MASKED, lambda: client.get(get_url, headers={"X-Twilio-Signature": sign(get_url, {})})),
+        (Outcome.REPLIED, MASKED, lambda: post_signed(client, replied)),
+        (Outcome.DUPLICATE, MASKED, lambda: post_signed(client, replied)),
         (
-            "rejected_signature",
+            Outcome.REPLIED,
+            MASKED,
+            lambda: client.get(get_url, headers={"X-Twilio-Signature": sign(get_url, {})}),
+        ),
+        (
+            Outcome.REJECTED_SIGNATURE,
             MASKED,
             lambda: client.post("/sms", data=replied, headers={"X-Twilio-Signature": "x"}),
         ),
-        ("bad_request", ("+1555***0001", "***"), lambda: post_signed(client, no_to)),
-        ("bad_request", (None, None), lambda: post_signed(client, webhook_params(REY, OURS, BODY * 5000))),
+        (Outcome.BAD_REQUEST, ("+1555***0001", "***"), lambda: post_signed(client, no_to)),
+        (
+            Outcome.BAD_REQUEST,
+            (None, None),
+            lambda: post_signed(client, webhook_params(REY, OURS, BODY * 5000)),
+        ),
     ]
 
 

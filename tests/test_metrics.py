@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 from service.keys import Keys
+from service.metrics import Outcome
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.prometheus import scrape
 
 REY, FINN, OURS = "+15551230001", "+15554440077", "+15550001111"
-OUTCOMES = ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")
 KEYS = Keys()
 
 
@@ -24,7 +24,7 @@ def metrics(client) -> dict[str, float]:
 
 
 def outcomes(samples) -> dict[str, float]:
-    return {o: samples[f"sms_messages_received_total{{outcome={o}}}"] for o in OUTCOMES}
+    return {o: samples[f"sms_messages_received_total{{outcome={o}}}"] for o in Outcome}
 
 
 def test_known_sequence_of_messages(app, redis_client):
@@ -49,11 +49,12 @@ def test_known_sequence_of_messages(app, redis_client):
 
     samples = metrics(client)
     assert outcomes(samples) == {
-        "replied": 3,
-        "duplicate": 1,
-        "rejected_signature": 1,
-        "bad_request": 2,
-        "unavailable": 0,
+        Outcome.REPLIED: 3,
+        Outcome.DUPLICATE: 1,
+        Outcome.REJECTED_SIGNATURE: 1,
+        Outcome.BAD_REQUEST: 2,
+        Outcome.UNAVAILABLE: 0,
+        Outcome.ERROR: 0,
     }
     assert samples["sms_conversations_started_total"] == 2
     assert samples["sms_active_conversations"] == 3

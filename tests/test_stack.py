@@ -28,6 +28,7 @@ import requests
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.keys import Keys
+from service.metrics import Outcome
 from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import sign
@@ -296,10 +297,14 @@ def test_metrics_add_up_across_two_workers(stack, twilio):
     scrapes = [scrape(requests.get(server.base + "/metrics", timeout=5).text) for _ in range(6)]
     assert all(s == scrapes[0] for s in scrapes)  # whichever worker answers
     change = delta(scrapes[0], before)
-    assert {
-        outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"]
-        for outcome in ("replied", "duplicate", "rejected_signature", "bad_request", "unavailable")
-    } == {"replied": 3 + extra, "duplicate": 1, "rejected_signature": 1, "bad_request": 1, "unavailable": 0}
+    assert {outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"] for outcome in Outcome} == {
+        Outcome.REPLIED: 3 + extra,
+        Outcome.DUPLICATE: 1,
+        Outcome.REJECTED_SIGNATURE: 1,
+        Outcome.BAD_REQUEST: 1,
+        Outcome.UNAVAILABLE: 0,
+        Outcome.ERROR: 0,
+    }
     assert change["sms_conversations_started_total"] == 2 + (extra > 0)
     assert change["sms_active_conversations"] == 2 + (extra > 0)
     assert change["sms_webhook_latency_seconds_count"] == 6 + extra
