@@ -17,24 +17,11 @@ from service.keys import Keys
 from service.ops import duration
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import LiveServer, bin_path, hermetic_environment
+from tests.support.app_servers import LiveServer, bin_path, hermetic_environment, sms_sessions
 from tests.support.ports import free_port
 from tests.support.programs import require_binary
 
 REY, OURS = "+15551230001", "+15550001111"
-
-
-def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    """The installed console script in its own process; only the settings given here."""
-    return subprocess.run(
-        [bin_path("sms-sessions"), *args],
-        env={**hermetic_environment(), **env},
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
 from tests.support import ROOT
 from tests.support.app import TOKEN
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for_http
 
@@ -36,34 +36,9 @@ def test_conversation_under_gunicorn_with_the_simulator(redis_url):
 
 def test_simulate_command_against_gunicorn(redis_url):
     with Gunicorn({"REDIS_URL": redis_url}) as server:
-        result = subprocess.run(
-            [
-                bin_path("sms-sessions"),
-                "simulate",
-                "--from",
-                REY,
-                "--to",
-                OURS,
-                "--url",
-                server.url,
-                "--message",
-                "hello",
-                "--repeat",
-                "3",
-            ],
-            env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        typed = subprocess.run(
-            [bin_path("sms-sessions"), "simulate", "--from", REY, "--to", OURS, "--url", server.url],
-            input="one more\n",
-            env={**server.env, "TWILIO_AUTH_TOKEN": TOKEN},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        talk = ("simulate", "--from", REY, "--to", OURS, "--url", server.url)
+        result = sms_sessions(*talk, "--message", "hello", "--repeat", "3", TWILIO_AUTH_TOKEN=TOKEN)
+        typed = sms_sessions(*talk, stdin="one more\n", TWILIO_AUTH_TOKEN=TOKEN)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "Thanks for the message, Rey!",
@@ -76,48 +51,17 @@ def test_simulate_command_against_gunicorn(redis_url):
 
 def test_simulate_with_the_wrong_token_is_refused(redis_url):
     with Gunicorn({"REDIS_URL": redis_url}) as server:
-        result = subprocess.run(
-            [
-                bin_path("sms-sessions"),
-                "simulate",
-                "--from",
-                REY,
-                "--to",
-                OURS,
-                "--url",
-                server.url,
-                "--message",
-                "hello",
-                "--auth-token",
-                "wrong",
-            ],
-            env=server.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = sms_sessions(
+            "simulate", "--from", REY, "--to", OURS, "--url", server.url, "--message", "hello",
+            "--auth-token", "wrong",
+        )  # fmt: skip
     assert result.returncode == 1
     assert "HTTP 403" in result.stderr
 
 
 def test_simulate_without_a_service_says_so_in_one_line():
-    result = subprocess.run(
-        [
-            bin_path("sms-sessions"),
-            "simulate",
-            "--from",
-            REY,
-            "--to",
-            OURS,
-            "--url",
-            f"http://127.0.0.1:{free_port()}/sms",
-            "--message",
-            "hello",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    url = f"http://127.0.0.1:{free_port()}/sms"
+    result = sms_sessions("simulate", "--from", REY, "--to", OURS, "--url", url, "--message", "hello")
     assert result.returncode == 1
     assert result.stderr.startswith("Error: no answer from http://127.0.0.1:")
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1

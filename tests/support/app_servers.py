@@ -123,3 +123,16 @@ class Gunicorn:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def sms_sessions(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """The installed console script in its own process; only the settings given here."""
+    return subprocess.run(
+        [bin_path("sms-sessions"), *args],
+        env={**hermetic_environment(), **env},
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
