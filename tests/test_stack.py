@@ -15,7 +15,6 @@ import runpy
 import secrets
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter as Tally
@@ -173,17 +172,7 @@ class ImageCommand(Gunicorn):
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/sms"
         self.env = {**hermetic_environment(), **env, "BIND": f"127.0.0.1:{self.port}"}
-        self.args = [bin_path(dockerfile_cmd()[0]), *dockerfile_cmd()[1:]]
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="image-", suffix=".log")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.launch([bin_path(dockerfile_cmd()[0]), *dockerfile_cmd()[1:]], prefix="image-")
 
 
 @pytest.fixture(scope="module")

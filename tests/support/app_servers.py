@@ -81,10 +81,13 @@ class Gunicorn:
             self.env["BIND"] = address
         else:
             args += ["-w", str(workers), "-b", address]
-        args += [*extra_args, app]
+        self.launch([*args, *extra_args, app], prefix="gunicorn-")
+
+    def launch(self, args: list[str], prefix: str) -> None:
+        """Starts ``args`` in the project directory with ``self.env``; output to a file that
+        ``output()`` reads (it outlives this call: closed with the server)."""
         self.args = args
-        # The log outlives this call: it is read while the server runs, and closed with it.
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="gunicorn-", suffix=".log")  # noqa: SIM115
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=prefix, suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(
             args,
             cwd=ROOT,
