@@ -7,8 +7,8 @@ check, is all that differs between the baselines.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flask import Flask, request, session
 

@@ -50,6 +50,14 @@ def check(measured: dict[str, float]) -> list[dict]:
     rows = []
     for goal in GOALS:
         value = measured.get(goal.key)
-        rows.append({"goal": goal.text, "key": goal.key, "target": goal.target, "issue": goal.issue,
-                     "measured": value, "met": None if value is None else goal.met(value)})
+        rows.append(
+            {
+                "goal": goal.text,
+                "key": goal.key,
+                "target": goal.target,
+                "issue": goal.issue,
+                "measured": value,
+                "met": None if value is None else goal.met(value),
+            }
+        )
     return rows

@@ -64,8 +64,15 @@ def pair_script(rng: random.Random, plan: dict) -> list[list[tuple[int, bool]]]:
 class Pair:
     """A (From, To) pair: its signed messages, its script, its cookie jar, its replies."""
 
-    def __init__(self, sender: str, plan: dict, rng: random.Random, validator: RequestValidator,
-                 account_sid: str, tag: str):
+    def __init__(
+        self,
+        sender: str,
+        plan: dict,
+        rng: random.Random,
+        validator: RequestValidator,
+        account_sid: str,
+        tag: str,
+    ):
         self.sender = sender
         self.steps = pair_script(rng, plan)
         self.jar: dict[bytes, bytes] = {}
@@ -78,11 +85,24 @@ class Pair:
         for index in range(total):
             sid = f"SM{tag}{index:08x}".ljust(34, "0")
             params = {
-                "ToCountry": "US", "ToState": "CA", "SmsMessageSid": sid, "NumMedia": "0",
-                "ToCity": "", "FromZip": "", "SmsSid": sid, "FromState": "CA",
-                "SmsStatus": "received", "FromCity": "", "Body": f"message {index + 1}",
-                "FromCountry": "US", "To": plan["recipient"], "ToZip": "", "NumSegments": "1",
-                "MessageSid": sid, "AccountSid": account_sid, "From": sender,
+                "ToCountry": "US",
+                "ToState": "CA",
+                "SmsMessageSid": sid,
+                "NumMedia": "0",
+                "ToCity": "",
+                "FromZip": "",
+                "SmsSid": sid,
+                "FromState": "CA",
+                "SmsStatus": "received",
+                "FromCity": "",
+                "Body": f"message {index + 1}",
+                "FromCountry": "US",
+                "To": plan["recipient"],
+                "ToZip": "",
+                "NumSegments": "1",
+                "MessageSid": sid,
+                "AccountSid": account_sid,
+                "From": sender,
                 "ApiVersion": "2010-04-01",
             }
             signature = validator.compute_signature(plan["url"], params)
@@ -102,13 +122,17 @@ class Generator:
         self.plan = plan
         url = urlsplit(plan["url"])
         self.address = (url.hostname, url.port)
-        self.head = (f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                     "Content-Type: application/x-www-form-urlencoded\r\nConnection: close").encode()
+        self.head = (
+            f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nConnection: close"
+        ).encode()
         rng = random.Random(plan.get("seed", 1))
         validator = RequestValidator(plan["token"])
         account_sid = "AC" + "b" * 32
-        self.pairs = [Pair(sender, plan, rng, validator, account_sid, f"{plan['run']:04x}{n:06x}")
-                      for n, sender in enumerate(plan["senders"])]
+        self.pairs = [
+            Pair(sender, plan, rng, validator, account_sid, f"{plan['run']:04x}{n:06x}")
+            for n, sender in enumerate(plan["senders"])
+        ]
         self.latencies: list[float] = []
         self.statuses: dict[int, int] = {}
         self.errors = 0
@@ -175,8 +199,10 @@ class Generator:
     def run(self) -> dict:
         concurrency = max(1, min(self.plan["concurrency"], len(self.pairs)))
         barrier = threading.Barrier(concurrency + 1)
-        threads = [threading.Thread(target=self.worker, args=(self.pairs[n::concurrency], barrier))
-                   for n in range(concurrency)]
+        threads = [
+            threading.Thread(target=self.worker, args=(self.pairs[n::concurrency], barrier))
+            for n in range(concurrency)
+        ]
         for thread in threads:
             thread.start()
         self.deadline = time.monotonic() + self.plan["deadline_s"]
@@ -194,8 +220,10 @@ class Generator:
             "statuses": {str(code): n for code, n in sorted(self.statuses.items())},
             "wall_s": wall,
             "throughput_rps": len(latencies) / wall if wall else 0.0,
-            "latency_ms": {name: percentile(latencies, q) * 1000
-                           for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))},
+            "latency_ms": {
+                name: percentile(latencies, q) * 1000
+                for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
+            },
             "cpu_s": cpu,
             "unique_messages": sum(pair.unique for pair in self.pairs),
             "redeliveries": sum(pair.redeliveries for pair in self.pairs),

@@ -1,4 +1,5 @@
-"""Operator queries at scale: count, first page, number search and expire-one with 1,000,000 live conversations.
+"""Operator queries at scale: count, first page, number search and expire-one, with 1,000,000
+live conversations.
 
 Starts a throwaway redis-server on a free loopback port (never 6379), fills it through the key
 schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries spread over the
@@ -61,17 +62,21 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
         last_seen = now - rng.randrange(int(ttl_ms * 0.9))
         messages = rng.randrange(1, 20)
         expiry = last_seen + ttl_ms
-        pipe.hset(conversation.state, mapping={
-            "sid": secrets.token_urlsafe(32),
-            "state": json.dumps({"messages": messages}),
-            "seq": messages,
-            "m:SM" + secrets.token_hex(16): f"{messages} Friend has messaged {recipient} "
-                                            f"{messages} times.",
-            "first_seen": last_seen - rng.randrange(ttl_ms), "last_seen": last_seen,
-        })
+        pipe.hset(
+            conversation.state,
+            mapping={
+                "sid": secrets.token_urlsafe(32),
+                "state": json.dumps({"messages": messages}),
+                "seq": messages,
+                "m:SM" + secrets.token_hex(16): f"{messages} Friend has messaged {recipient} "
+                f"{messages} times.",
+                "first_seen": last_seen - rng.randrange(ttl_ms),
+                "last_seen": last_seen,
+            },
+        )
         pipe.pexpireat(conversation.state, expiry)
-        pipe.zadd(conversation.index, {conversation.member: expiry})
-        newest[conversation.index] = max(newest.get(conversation.index, 0), expiry)
+        pipe.zadd(conversation.active, {conversation.member: expiry})
+        newest[conversation.active] = max(newest.get(conversation.active, 0), expiry)
         pairs.append((sender, recipient))
         if len(pipe) >= 3 * BATCH:
             pipe.execute()
@@ -88,8 +93,11 @@ def timed(call) -> float:
 
 
 def median_ms(samples: list[float]) -> dict:
-    return {"median": round(statistics.median(samples), 3), "max": round(max(samples), 3),
-            "runs": len(samples)}
+    return {
+        "median": round(statistics.median(samples), 3),
+        "max": round(max(samples), 3),
+        "runs": len(samples),
+    }
 
 
 def run(count: int, runs: int) -> dict:
@@ -111,17 +119,21 @@ def run(count: int, runs: int) -> dict:
             "redis_used_memory_mb": round(client.info("memory")["used_memory"] / 2**20),
             "count_ms": median_ms([timed(active.count) for _ in range(runs)]),
             "first_page_50_ms": median_ms([timed(lambda: active.page(50)) for _ in range(runs)]),
-            "next_page_50_ms": median_ms([timed(lambda: active.page(50, first.next_cursor))
-                                          for _ in range(runs)]),
-            "search_number_ms": median_ms([timed(lambda pair=pair: active.search(pair[0], 50))
-                                           for pair in victims]),
-            "search_last_4_digits_ms": median_ms([timed(lambda pair=pair: active.search(pair[0][-4:], 50))
-                                                  for pair in victims]),
+            "next_page_50_ms": median_ms(
+                [timed(lambda: active.page(50, first.next_cursor)) for _ in range(runs)]
+            ),
+            "search_number_ms": median_ms(
+                [timed(lambda pair=pair: active.search(pair[0], 50)) for pair in victims]
+            ),
+            "search_last_4_digits_ms": median_ms(
+                [timed(lambda pair=pair: active.search(pair[0][-4:], 50)) for pair in victims]
+            ),
             "expire_one_ms": median_ms([timed(lambda pair=pair: active.end(*pair)) for pair in victims]),
         }
         assert active.count() == count - runs, "expire did not end exactly the chosen conversations"
-        results["goals"] = {goal.key: {"target": goal.target, "met": goal.met(results[goal.key]["median"])}
-                            for goal in OPS}
+        results["goals"] = {
+            goal.key: {"target": goal.target, "met": goal.met(results[goal.key]["median"])} for goal in OPS
+        }
         return results
 
 

@@ -97,6 +97,7 @@ class Timers:
                 calls[component] += 1
                 if stack:
                     stack[-1][0] += elapsed + self.outer
+
         return timed
 
     def calibrate(self, runs: int = 20000) -> None:
@@ -135,10 +136,12 @@ _NEVER = object()  # iter(call, sentinel)'s sentinel: no call returns it
 
 def _through_predicate(iterator_type, keep: bool):
     """Runs the call as the predicate of ``iterator_type`` (filter, dropwhile…), result kept."""
+
     def via(call):
         result = []
         next(iterator_type(lambda item: result.append(item()) or keep, (call,)))
         return result[0]
+
     return via
 
 
@@ -210,6 +213,7 @@ class Trampolines:
                 return via(lambda: function(*args, **kwargs))
             finally:
                 stack.pop()
+
         return traced
 
     def calibrate(self, runs: int = 2000) -> None:
@@ -226,9 +230,15 @@ class Trampolines:
         self.calibration_calls = runs
 
     def report(self) -> list[dict]:
-        return [{"component": component, "caller": parent, "function": TRAMPOLINES[index][0],
-                 "calls": self.calls[(component, parent)]}
-                for (component, parent), index in self.pairs.items()]
+        return [
+            {
+                "component": component,
+                "caller": parent,
+                "function": TRAMPOLINES[index][0],
+                "calls": self.calls[(component, parent)],
+            }
+            for (component, parent), index in self.pairs.items()
+        ]
 
 
 def patch(timers, component: str, owner, name: str) -> None:
@@ -270,12 +280,15 @@ def instrument_service(timers, app) -> None:
     for owner in (prometheus.Counter, prometheus.Histogram):
         patch(timers, "metrics", owner, "inc" if owner is prometheus.Counter else "observe")
     patch(timers, "metrics", prometheus.MetricWrapperBase, "labels")
-    app.extensions["sms.store"].on_lock_wait = timers.wrap("metrics", app.extensions["sms.store"].on_lock_wait)
+    app.extensions["sms.store"].on_lock_wait = timers.wrap(
+        "metrics", app.extensions["sms.store"].on_lock_wait
+    )
     run = conversations.ConversationStore._run
     open_script, save_script = timers.wrap("redis:OPEN", run), timers.wrap("redis:SAVE", run)
 
     def scripts(store, script, keys, args):
         return (open_script if script is store._open else save_script)(store, script, keys, args)
+
     conversations.ConversationStore._run = scripts
     for name in ("open_session", "save_session"):
         patch(timers, "session", sessions.ConversationSessionInterface, name)
@@ -301,8 +314,11 @@ def instrument_baseline(timers, app, name: str) -> None:
         patch(timers, "signature", RequestValidator, "__init__")
         patch(timers, "signature", RequestValidator, "validate")
         patch(timers, "signature", werkzeug.sansio.request.Request, "url")
-    interface = (flask.sessions.SecureCookieSessionInterface if name == "cookie"
-                 else flask_session.base.ServerSideSessionInterface)
+    interface = (
+        flask.sessions.SecureCookieSessionInterface
+        if name == "cookie"
+        else flask_session.base.ServerSideSessionInterface
+    )
     for method in ("open_session", "save_session"):
         patch(timers, "session", interface, method)
     patch(timers, "redis", redis.Redis, "execute_command")
@@ -320,8 +336,11 @@ def build(name: str, redis_url: str):
         from service import create_app
 
         return create_app({"REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN})
-    module = {"validated": "bench.validated_app", "plain": "bench.plain_session_app",
-              "cookie": "bench.cookie_app"}[name]
+    module = {
+        "validated": "bench.validated_app",
+        "plain": "bench.plain_session_app",
+        "cookie": "bench.cookie_app",
+    }[name]
     return __import__(module, fromlist=["app"]).app
 
 
@@ -337,13 +356,21 @@ class Requests:
 
         from bench.loadgen import Pair
 
-        plan = {"messages": 10, "burst_first": 0, "burst": 0, "redeliver": 0.05, "url": URL,
-                "recipient": RECIPIENT}
+        plan = {
+            "messages": 10,
+            "burst_first": 0,
+            "burst": 0,
+            "redeliver": 0.05,
+            "url": URL,
+            "recipient": RECIPIENT,
+        }
         rng = random.Random(seed)
         validator = RequestValidator(TOKEN)
         unique = secrets.randbelow(10**6)
-        self.pairs = [Pair(f"+1557{unique:06d}{n:04d}", plan, rng, validator, "AC" + "b" * 32,
-                           f"{unique:06d}{n:04d}") for n in range(pairs)]
+        self.pairs = [
+            Pair(f"+1557{unique:06d}{n:04d}", plan, rng, validator, "AC" + "b" * 32, f"{unique:06d}{n:04d}")
+            for n in range(pairs)
+        ]
 
     def environs(self):
         """Yields (environ, pair): each pair's steps in turn, round-robin over the pairs."""
@@ -357,14 +384,28 @@ class Requests:
 def environ(pair, index: int) -> dict:
     body, signature = pair.signed[index]
     env = {
-        "REQUEST_METHOD": "POST", "SCRIPT_NAME": "", "PATH_INFO": "/sms", "QUERY_STRING": "",
-        "RAW_URI": "/sms", "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000",
-        "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "40000",
-        "HTTP_HOST": HOST, "CONTENT_TYPE": "application/x-www-form-urlencoded",
-        "CONTENT_LENGTH": str(len(body)), "HTTP_X_TWILIO_SIGNATURE": signature.decode(),
-        "HTTP_CONNECTION": "close", "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
-        "wsgi.url_scheme": "http", "wsgi.version": (1, 0), "wsgi.multithread": False,
-        "wsgi.multiprocess": True, "wsgi.run_once": False,
+        "REQUEST_METHOD": "POST",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": "/sms",
+        "QUERY_STRING": "",
+        "RAW_URI": "/sms",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8000",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "REMOTE_PORT": "40000",
+        "HTTP_HOST": HOST,
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": str(len(body)),
+        "HTTP_X_TWILIO_SIGNATURE": signature.decode(),
+        "HTTP_CONNECTION": "close",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.url_scheme": "http",
+        "wsgi.version": (1, 0),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
     }
     if pair.jar:
         env["HTTP_COOKIE"] = "; ".join(f"{k.decode()}={v.decode()}" for k, v in pair.jar.items())
@@ -378,7 +419,7 @@ def serve(app, requests: Requests) -> tuple[int, int, dict[int, int]]:
     for env, pair in requests.environs():
         answer: dict = {}
 
-        def start_response(status, headers, exc_info=None):
+        def start_response(status, headers, exc_info=None, answer=answer):
             answer["status"], answer["headers"] = status, headers
 
         started = clock()
@@ -427,16 +468,21 @@ def profile(name: str, redis_url: str, pairs: int, passes: int) -> dict:
 
     def median(component: str) -> float:
         return statistics.median(share.get(component, 0.0) for share in shares)
+
     return {
         "contender": name,
         "requests_per_pass": whole[0][0],
         "passes": passes,
         "cpu_us_per_request": round(statistics.median(cpu / count / 1000 for count, cpu, _ in whole), 1),
-        "components_us": {c: round(sum(median(k) for k in timers.own if k.partition(":")[0] == c), 1)
-                          for c in COMPONENTS},
-        "redis_scripts_us": {k.partition(":")[2]: round(median(k), 1)
-                             for k in timers.own if k.startswith("redis:")},
-        "instrumented_cpu_us_per_request": round(statistics.median(cpu / count / 1000 for count, cpu, _ in split), 1),
+        "components_us": {
+            c: round(sum(median(k) for k in timers.own if k.partition(":")[0] == c), 1) for c in COMPONENTS
+        },
+        "redis_scripts_us": {
+            k.partition(":")[2]: round(median(k), 1) for k in timers.own if k.startswith("redis:")
+        },
+        "instrumented_cpu_us_per_request": round(
+            statistics.median(cpu / count / 1000 for count, cpu, _ in split), 1
+        ),
         "timer_overhead_ns": {"inner": timers.inner, "outer": timers.outer},
     }
 
@@ -450,8 +496,11 @@ def traced_pass(name: str, redis_url: str, pairs: int) -> dict:
     trampolines.calibrate()
     result = serve(root, Requests(pairs, seed=91))
     answered(name, [result])
-    return {"requests": result[0], "pairs": trampolines.report(),
-            "calibration_calls": trampolines.calibration_calls}
+    return {
+        "requests": result[0],
+        "pairs": trampolines.report(),
+        "calibration_calls": trampolines.calibration_calls,
+    }
 
 
 def instructions(name: str, redis_url: str, pairs: int) -> dict:
@@ -461,16 +510,40 @@ def instructions(name: str, redis_url: str, pairs: int) -> dict:
     component called and of its caller."""
     with tempfile.TemporaryDirectory(prefix="sms-callgrind-") as directory:
         out, traced = Path(directory) / "callgrind.out", Path(directory) / "pairs.json"
-        subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no",
-                        *(f"--toggle-collect={function}" for function in (REQUEST, CALIBRATED, EMPTY)),
-                        "--compress-strings=no", f"--callgrind-out-file={out}", sys.executable,
-                        "-m", "bench.profile", "--contender", name, "--redis-url", redis_url,
-                        "--pairs", str(pairs), "--traced-pass", str(traced)],
-                       cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--collect-atstart=no",
+                *(f"--toggle-collect={function}" for function in (REQUEST, CALIBRATED, EMPTY)),
+                "--compress-strings=no",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "bench.profile",
+                "--contender",
+                name,
+                "--redis-url",
+                redis_url,
+                "--pairs",
+                str(pairs),
+                "--traced-pass",
+                str(traced),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         seen = calls_into(out, {function for function, _ in TRAMPOLINES})
         run = json.loads(traced.read_text())
-    shared = [f"{pair['function']} (callgrind saw {seen[pair['function']][0]} calls, the profile "
-              f"made {pair['calls']})" for pair in run["pairs"] if seen[pair["function"]][0] != pair["calls"]]
+    shared = [
+        f"{pair['function']} (callgrind saw {seen[pair['function']][0]} calls, the profile "
+        f"made {pair['calls']})"
+        for pair in run["pairs"]
+        if seen[pair["function"]][0] != pair["calls"]
+    ]
     if shared:
         raise RuntimeError("other code on the request path uses " + ", ".join(shared))
     requests, runs = run["requests"], run["calibration_calls"]
@@ -489,8 +562,9 @@ def instructions(name: str, redis_url: str, pairs: int) -> dict:
         "contender": name,
         "requests": requests,
         "instructions_per_request": round(sum(own.values())),
-        "components": {c: round(sum(v for k, v in own.items() if k.partition(":")[0] == c))
-                       for c in COMPONENTS},
+        "components": {
+            c: round(sum(v for k, v in own.items() if k.partition(":")[0] == c)) for c in COMPONENTS
+        },
         "redis_scripts": {k.partition(":")[2]: round(v) for k, v in own.items() if k.startswith("redis:")},
         "wrapped_calls_per_request": sum(p["calls"] for p in run["pairs"] if p["caller"] != "_calibration")
         / requests,
@@ -520,8 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--pairs", type=int, default=200, help="pairs of 10 messages per pass")
     parser.add_argument("--passes", type=int, default=3, help="passes with and without timers")
-    parser.add_argument("--instructions", action="store_true",
-                        help="instructions per component under callgrind instead of CPU µs")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="instructions per component under callgrind instead of CPU µs",
+    )
     parser.add_argument("--traced-pass", help=argparse.SUPPRESS)  # the run under callgrind
     parser.add_argument("--output", help="write the JSON here (stdout carries the app's log lines)")
     args = parser.parse_args(argv)
@@ -532,8 +609,9 @@ def main(argv: list[str] | None = None) -> None:
             stdout, sys.stdout = sys.stdout, log_lines
             try:
                 if args.traced_pass:
-                    Path(args.traced_pass).write_text(json.dumps(
-                        traced_pass(args.contender, args.redis_url, args.pairs)))
+                    Path(args.traced_pass).write_text(
+                        json.dumps(traced_pass(args.contender, args.redis_url, args.pairs))
+                    )
                     return
                 result = profile(args.contender, args.redis_url, args.pairs, args.passes)
             finally:

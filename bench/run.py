@@ -35,16 +35,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
 
 from bench import goals as bench_goals
-from bench.profile import CONTENDERS, COMPONENTS
+from bench.profile import COMPONENTS, CONTENDERS
+from service import settings
 from service.conversations import ConversationStore, Opened, now_ms
 from service.keys import Keys
-from service import settings
 from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
@@ -76,11 +76,29 @@ class Profile:
     instructions_pairs: int = 50  # the same under callgrind (0: not measured)
 
 
-FULL = Profile("full", conversations=400, messages=10, rounds=7, concurrency=8,
-               memory_conversations=100_000, ops_conversations=1_000_000, ops_runs=21)
-QUICK = Profile("quick", conversations=20, messages=4, rounds=1, concurrency=4,
-                memory_conversations=2_000, ops_conversations=1_000, ops_runs=3,
-                profile_pairs=10, profile_passes=1, instructions_pairs=0)
+FULL = Profile(
+    "full",
+    conversations=400,
+    messages=10,
+    rounds=7,
+    concurrency=8,
+    memory_conversations=100_000,
+    ops_conversations=1_000_000,
+    ops_runs=21,
+)
+QUICK = Profile(
+    "quick",
+    conversations=20,
+    messages=4,
+    rounds=1,
+    concurrency=4,
+    memory_conversations=2_000,
+    ops_conversations=1_000,
+    ops_runs=3,
+    profile_pairs=10,
+    profile_passes=1,
+    instructions_pairs=0,
+)
 
 
 class RedisServer:
@@ -97,8 +115,11 @@ class RedisServer:
         return info["used_cpu_user"] + info["used_cpu_sys"]
 
     def client_calls(self) -> dict[str, int]:
-        return {name[len("cmdstat_"):]: row["calls"]
-                for name, row in self.client.info("commandstats").items() if name != "cmdstat_info"}
+        return {
+            name[len("cmdstat_") :]: row["calls"]
+            for name, row in self.client.info("commandstats").items()
+            if name != "cmdstat_info"
+        }
 
     def stop(self) -> None:
         self.client.close()
@@ -126,13 +147,25 @@ SYNC = WorkerModel("sync")
 def shipped_model() -> WorkerModel:
     """The worker model ``config/gunicorn.conf.py`` ships, as gunicorn reads it."""
     with tempfile.TemporaryDirectory() as metrics:
-        env = {**hermetic_environment(), "WEB_CONCURRENCY": str(WORKERS), "TWILIO_AUTH_TOKEN": TOKEN,
-               "PROMETHEUS_MULTIPROC_DIR": metrics}
-        printed = subprocess.run([bin_path("gunicorn"), "--print-config", "-c", GUNICORN_CONF,
-                                  "service:create_app()"], cwd=ROOT, env=env, capture_output=True,
-                                 text=True, timeout=60, check=True).stdout
-    config = {name.strip(): value.strip() for name, _, value in
-              (line.partition("=") for line in printed.splitlines())}
+        env = {
+            **hermetic_environment(),
+            "WEB_CONCURRENCY": str(WORKERS),
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "PROMETHEUS_MULTIPROC_DIR": metrics,
+        }
+        printed = subprocess.run(
+            [bin_path("gunicorn"), "--print-config", "-c", GUNICORN_CONF, "service:create_app()"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    config = {
+        name.strip(): value.strip()
+        for name, _, value in (line.partition("=") for line in printed.splitlines())
+    }
     return WorkerModel(config["worker_class"], int(config["threads"]))
 
 
@@ -141,13 +174,20 @@ class Contender(Gunicorn):
     configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines)."""
 
     def __init__(self, name: str, model: WorkerModel, redis_url: str):
-        app, cookie = {"service": ("service:create_app()", "sms_session"),
-                       "validated": ("bench.validated_app:app", "session"),
-                       "plain": ("bench.plain_session_app:app", "session"),
-                       "cookie": ("bench.cookie_app:app", "session")}[name]
+        app, cookie = {
+            "service": ("service:create_app()", "sms_session"),
+            "validated": ("bench.validated_app:app", "session"),
+            "plain": ("bench.plain_session_app:app", "session"),
+            "cookie": ("bench.cookie_app:app", "session"),
+        }[name]
         env = {"TWILIO_AUTH_TOKEN": TOKEN, **({"REDIS_URL": redis_url} if name != "cookie" else {})}
-        super().__init__(env, workers=WORKERS, app=app, config=GUNICORN_CONF if name == "service" else None,
-                         extra_args=(*model.args(), "--log-level", "warning"))
+        super().__init__(
+            env,
+            workers=WORKERS,
+            app=app,
+            config=GUNICORN_CONF if name == "service" else None,
+            extra_args=(*model.args(), "--log-level", "warning"),
+        )
         self.name, self.model, self.cookie = name, model, cookie
 
     def cpu_seconds(self) -> float:
@@ -179,8 +219,15 @@ def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
     plan = {"url": contender.url, "token": TOKEN, "recipient": RECIPIENT, "deadline_s": 120, **plan}
     server_cpu, redis_cpu = contender.cpu_seconds(), redis_server.cpu_seconds()
     calls = redis_server.client_calls()
-    done = subprocess.run([sys.executable, "-m", "bench.loadgen"], input=json.dumps(plan), cwd=ROOT,
-                          capture_output=True, text=True, timeout=plan["deadline_s"] + 60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        input=json.dumps(plan),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=plan["deadline_s"] + 60,
+        check=True,
+    )
     result = json.loads(done.stdout)
     result["server_cpu_s"] = contender.cpu_seconds() - server_cpu
     result["redis_cpu_s"] = redis_server.cpu_seconds() - redis_cpu
@@ -208,24 +255,43 @@ def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
 def throughput_rounds(profile: Profile, contenders: list[Contender], redis_server: RedisServer) -> dict:
     """Every round drives every contender (under every worker model) in turn, the same load
     shape in a round; returns each one's results by model and name."""
-    load = {"messages": profile.messages, "burst_first": profile.burst_first, "burst": profile.burst,
-            "redeliver": profile.redeliver, "concurrency": profile.concurrency}
+    load = {
+        "messages": profile.messages,
+        "burst_first": profile.burst_first,
+        "burst": profile.burst,
+        "redeliver": profile.redeliver,
+        "concurrency": profile.concurrency,
+    }
     for number, contender in enumerate(contenders):  # warm-up: imports, pools, first requests
-        drive(contender, redis_server, {**load, "run": 90 + number, "messages": 2,
-                                        "senders": senders(90 + number, 4 * profile.concurrency)})
+        drive(
+            contender,
+            redis_server,
+            {
+                **load,
+                "run": 90 + number,
+                "messages": 2,
+                "senders": senders(90 + number, 4 * profile.concurrency),
+            },
+        )
     runs: dict[str, dict[str, list[dict]]] = {}
     for round_number in range(profile.rounds):
         for number, contender in enumerate(contenders):
             run = round_number * len(contenders) + number
             pairs = senders(run, profile.conversations)
-            result = drive(contender, redis_server,  # same seed in a round: the same load shape
-                           {**load, "run": run, "senders": pairs, "seed": round_number})
+            result = drive(
+                contender,
+                redis_server,  # same seed in a round: the same load shape
+                {**load, "run": run, "senders": pairs, "seed": round_number},
+            )
             if contender.name == "service":
                 result["stored"] = stored_counts(redis_server.client, pairs)
             runs.setdefault(contender.model.name, {}).setdefault(contender.name, []).append(result)
-            print(f"  round {round_number + 1} {contender.name:9s} {contender.model.name:11s} "
-                  f"{result['throughput_rps']:7.0f} req/s p50 {result['latency_ms']['p50']:6.2f} ms "
-                  f"p99 {result['latency_ms']['p99']:6.2f} ms", flush=True)
+            print(
+                f"  round {round_number + 1} {contender.name:9s} {contender.model.name:11s} "
+                f"{result['throughput_rps']:7.0f} req/s p50 {result['latency_ms']['p50']:6.2f} ms "
+                f"p99 {result['latency_ms']['p99']:6.2f} ms",
+                flush=True,
+            )
     return runs
 
 
@@ -254,12 +320,16 @@ def summarise_throughput(runs: dict[str, list[dict]]) -> dict:
             "server_core_share": sum(r["server_cpu_s"] for r in results) / wall,
         }
     ours = summary["service"]
-    ratios = {f"service/{name}": {
-        "throughput": ours["throughput_rps"] / other["throughput_rps"],
-        "p50": ours["p50_ms"] / other["p50_ms"],
-        "p99": ours["p99_ms"] / other["p99_ms"],
-        "app_cpu": ours["cpu_us_per_request"]["server"] / other["cpu_us_per_request"]["server"],
-    } for name, other in summary.items() if name != "service"}
+    ratios = {
+        f"service/{name}": {
+            "throughput": ours["throughput_rps"] / other["throughput_rps"],
+            "p50": ours["p50_ms"] / other["p50_ms"],
+            "p99": ours["p99_ms"] / other["p99_ms"],
+            "app_cpu": ours["cpu_us_per_request"]["server"] / other["cpu_us_per_request"]["server"],
+        }
+        for name, other in summary.items()
+        if name != "service"
+    }
     return {"contenders": summary, "ratios": ratios}
 
 
@@ -286,8 +356,10 @@ def correctness(runs: dict[str, list[dict]]) -> dict:
             "lost": sum(max(0, e - f) for e, f in zip(expected, final)),
             "double_counted": sum(max(0, f - e) for e, f in zip(expected, final)),
             "exact_conversations": sum(1 for e, f in zip(expected, final) if e == f),
-            "non_200": sum(n for code, n in merge_counts(r["statuses"] for r in results).items()
-                           if code != "200") + sum(r["errors"] for r in results),
+            "non_200": sum(
+                n for code, n in merge_counts(r["statuses"] for r in results).items() if code != "200"
+            )
+            + sum(r["errors"] for r in results),
         }
         if name == "service":
             stored = [r["stored"][sender] for r in results for sender in r["expected"]]
@@ -349,16 +421,23 @@ def round_trips(contender: Contender, redis_server: RedisServer) -> dict:
     twilio.send(sender, RECIPIENT, "again", message_sid=later.message_sid)
     monitor.mark("end")
     segments = monitor.segments()
-    return {label: {"round_trips": len(commands), "commands": commands}
-            for label, commands in segments.items()}
+    return {
+        label: {"round_trips": len(commands), "commands": commands} for label, commands in segments.items()
+    }
 
 
 def hot_conversation(contender: Contender, redis_server: RedisServer, hot: int) -> dict:
     """``hot`` messages to one pair at the same moment vs. the same number one after another."""
-    concurrent = drive(contender, redis_server, {"run": 70, "senders": ["+15559990070"],
-                                                 "script": [1, hot], "concurrency": 1})
-    sequential = drive(contender, redis_server, {"run": 71, "senders": ["+15559990071"],
-                                                 "script": [1] * (hot + 1), "concurrency": 1})
+    concurrent = drive(
+        contender,
+        redis_server,
+        {"run": 70, "senders": ["+15559990070"], "script": [1, hot], "concurrency": 1},
+    )
+    sequential = drive(
+        contender,
+        redis_server,
+        {"run": 71, "senders": ["+15559990071"], "script": [1] * (hot + 1), "concurrency": 1},
+    )
     return {
         "messages": hot,
         "concurrent_s": concurrent["step_seconds"][0][1],
@@ -390,19 +469,32 @@ def memory(redis_server: RedisServer, conversations: int) -> dict:
     steady = _memory_run(client, conversations, BURST_MESSAGES, 1, kept)
     burst = _memory_run(client, conversations, BURST_MESSAGES, window_ms, kept)
     cap = _memory_run(client, max(1, conversations // 50), kept, window_ms, kept)
-    return {"conversations": conversations, "redelivery_window_s": window_ms // 1000,
-            "replies_kept": kept, "first_message": steady[1], "steady": steady[BURST_MESSAGES],
-            "burst": burst[BURST_MESSAGES], "burst_cap": cap[kept]}
+    return {
+        "conversations": conversations,
+        "redelivery_window_s": window_ms // 1000,
+        "replies_kept": kept,
+        "first_message": steady[1],
+        "steady": steady[BURST_MESSAGES],
+        "burst": burst[BURST_MESSAGES],
+        "burst_cap": cap[kept],
+    }
 
 
-def _memory_run(client: redis.Redis, conversations: int, messages: int, window_ms: int,
-                kept: int) -> dict[int, dict]:
+def _memory_run(
+    client: redis.Redis, conversations: int, messages: int, window_ms: int, kept: int
+) -> dict[int, dict]:
     """``messages`` messages to each of ``conversations`` new conversations; the figures after
     the first and after the last, by messages so far."""
     client.flushall()
     defaults = settings.load({})
-    store = ConversationStore(client, ttl=defaults["CONVERSATION_TTL"], lock_ttl=5, lock_wait=5,
-                              redelivery_window=defaults["REDELIVERY_WINDOW"], replies_kept=kept)
+    store = ConversationStore(
+        client,
+        ttl=defaults["CONVERSATION_TTL"],
+        lock_ttl=5,
+        lock_wait=5,
+        redelivery_window=defaults["REDELIVERY_WINDOW"],
+        replies_kept=kept,
+    )
     store.window_ms = window_ms
     store.preload()
     keys = Keys()
@@ -413,16 +505,25 @@ def _memory_run(client: redis.Redis, conversations: int, messages: int, window_m
     for message in range(1, messages + 1):
         for start in range(0, conversations, 2000):
             pipe = client.pipeline(transaction=False)
-            for pair in pairs[start:start + 2000]:
+            for pair in pairs[start : start + 2000]:
                 token, message_sid = f"{message:016x}", f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
-                reply = ("Thanks for the message, Friend!" if message == 1
-                         else f"Friend has messaged {RECIPIENT} {message} times.")
+                reply = (
+                    "Thanks for the message, Friend!"
+                    if message == 1
+                    else f"Friend has messaged {RECIPIENT} {message} times."
+                )
                 opened = Opened(token, now=now_ms())
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
                 save_keys, save_args = store.save_call(
-                    pair, opened, sid=sids[pair.member], state="{}", fresh=message == 1,
-                    message_sid=message_sid, answer="t" + reply)
+                    pair,
+                    opened,
+                    sid=sids[pair.member],
+                    state="{}",
+                    fresh=message == 1,
+                    message_sid=message_sid,
+                    answer="t" + reply,
+                )
                 pipe.evalsha(store._save.sha, len(save_keys), *save_keys, *save_args)
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:
@@ -437,7 +538,7 @@ def _memory_run(client: redis.Redis, conversations: int, messages: int, window_m
                 "bytes_per_conversation": (used - baseline) / conversations,
                 "hash_encoding": client.object("encoding", sample),
                 "hash_memory_usage": client.memory_usage(sample),
-                "index_encoding": client.object("encoding", pairs[0].index),
+                "index_encoding": client.object("encoding", pairs[0].active),
                 # its 'started' event, kept EVENTS_RETENTION whether it lives on or not
                 "events_bytes_per_conversation": (client.memory_usage(keys.events, samples=0) or 0)
                 / conversations,
@@ -457,9 +558,24 @@ def ops_at_scale(profile: Profile) -> dict:
     """
     with tempfile.TemporaryDirectory() as directory:
         output = Path(directory) / "ops.json"
-        done = subprocess.run([sys.executable, "-m", "bench.ops_at_scale", "--output", str(output),
-                               "--conversations", str(profile.ops_conversations), "--runs", str(profile.ops_runs)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=420, env=hermetic_environment())
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.ops_at_scale",
+                "--output",
+                str(output),
+                "--conversations",
+                str(profile.ops_conversations),
+                "--runs",
+                str(profile.ops_runs),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=hermetic_environment(),
+        )
         try:
             result = json.loads(output.read_text())
         except (OSError, ValueError):
@@ -471,23 +587,47 @@ def ops_at_scale(profile: Profile) -> dict:
 def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     """``bench/profile.py`` for every contender: CPU µs per component, and instructions per
     component under callgrind when valgrind is installed (not in the quick run: minutes)."""
+
     def run(name: str, *options: str) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             out = Path(directory) / "profile.json"
-            subprocess.run([sys.executable, "-m", "bench.profile", "--contender", name,
-                            "--redis-url", redis_server.url, *options, "--output", str(out)],
-                           cwd=ROOT, check=True, capture_output=True, timeout=900, env=hermetic_environment())
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.profile",
+                    "--contender",
+                    name,
+                    "--redis-url",
+                    redis_server.url,
+                    *options,
+                    "--output",
+                    str(out),
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                timeout=900,
+                env=hermetic_environment(),
+            )
             return json.loads(out.read_text())
 
-    report = {"us": {name: run(name, "--pairs", str(profile.profile_pairs), "--passes",
-                               str(profile.profile_passes)) for name in CONTENDERS}}
+    report = {
+        "us": {
+            name: run(name, "--pairs", str(profile.profile_pairs), "--passes", str(profile.profile_passes))
+            for name in CONTENDERS
+        }
+    }
     if not profile.instructions_pairs or not shutil.which("valgrind"):
-        report["instructions"] = {"status": "not measured: " + (
-            "valgrind is not installed" if profile.instructions_pairs else "quick run")}
+        report["instructions"] = {
+            "status": "not measured: "
+            + ("valgrind is not installed" if profile.instructions_pairs else "quick run")
+        }
         return report
     with ThreadPoolExecutor(max_workers=2) as pool:  # one callgrind per core
-        counted = pool.map(lambda name: run(name, "--pairs", str(profile.instructions_pairs),
-                                            "--instructions"), CONTENDERS)
+        counted = pool.map(
+            lambda name: run(name, "--pairs", str(profile.instructions_pairs), "--instructions"), CONTENDERS
+        )
         report["instructions"] = dict(zip(CONTENDERS, counted))
     return report
 
@@ -531,14 +671,18 @@ def benchmark(profile: Profile) -> dict:
         workdir = Path(tmp)
         redis_server = RedisServer(workdir)
         cleanup.callback(redis_server.stop)
-        report: dict = {"profile": asdict(profile), "machine": machine(redis_server),
-                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "worker_models": {"shipped": shipped.name, "measured": [m.name for m in models]},
-                        "settings": {"gunicorn": f"{WORKERS} workers per contender, each worker model",
-                                     "service": "config/gunicorn.conf.py (its worker model overridden "
-                                                "by flags for the others)",
-                                     "redis": "one redis-server for all: config/redis.conf without persistence",
-                                     "load": "bench/loadgen.py, separate process"}}
+        report: dict = {
+            "profile": asdict(profile),
+            "machine": machine(redis_server),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "worker_models": {"shipped": shipped.name, "measured": [m.name for m in models]},
+            "settings": {
+                "gunicorn": f"{WORKERS} workers per contender, each worker model",
+                "service": "config/gunicorn.conf.py (its worker model overridden by flags for the others)",
+                "redis": "one redis-server for all: config/redis.conf without persistence",
+                "load": "bench/loadgen.py, separate process",
+            },
+        }
         with ExitStack() as servers:
             contenders = []
             for model in models:
@@ -547,16 +691,20 @@ def benchmark(profile: Profile) -> dict:
                     servers.callback(contenders[-1].stop)
             for contender in contenders:
                 contender.wait_ready()
-            print(f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
-                  f"{profile.messages} messages, {profile.concurrency} generator threads; worker models "
-                  + ", ".join(m.name for m in models), flush=True)
+            print(
+                f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
+                f"{profile.messages} messages, {profile.concurrency} generator threads; worker models "
+                + ", ".join(m.name for m in models),
+                flush=True,
+            )
             runs = throughput_rounds(profile, contenders, redis_server)
             report["throughput"] = {model: summarise_throughput(named) for model, named in runs.items()}
             report["correctness"] = {model: correctness(named) for model, named in runs.items()}
             as_shipped = {c.name: c for c in contenders if c.model == shipped}
             report["round_trips"] = {name: round_trips(as_shipped[name], redis_server) for name in CONTENDERS}
-            report["hot_conversation"] = {name: hot_conversation(as_shipped[name], redis_server, profile.hot)
-                                          for name in CONTENDERS}
+            report["hot_conversation"] = {
+                name: hot_conversation(as_shipped[name], redis_server, profile.hot) for name in CONTENDERS
+            }
         redis_server.client.flushall()
         report["cpu_profile"] = cpu_profile(profile, redis_server)
         report["memory"] = memory(redis_server, profile.memory_conversations)
@@ -571,53 +719,77 @@ def render(report: dict) -> str:
     """The human-readable summary printed at the end (the JSON file has everything)."""
     m = report["machine"]
     shipped = report["worker_models"]["shipped"]
-    out = [f"machine: {m['cpus']} CPUs, Python {m['python']}, Redis {m['redis']}, gunicorn "
-           f"{m['gunicorn_workers']} workers; the service ships {shipped}; profile {report['profile']['name']}"]
+    out = [
+        f"machine: {m['cpus']} CPUs, Python {m['python']}, Redis {m['redis']}, gunicorn "
+        f"{m['gunicorn_workers']} workers; the service ships {shipped}; profile {report['profile']['name']}"
+    ]
     for model, section in report["throughput"].items():
-        out.append(f"{model:11s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'RT/req':>7s}  "
-                   f"CPU us/req gen/app/redis, generator share of a core (ceiling req/s)")
+        out.append(
+            f"{model:11s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'RT/req':>7s}  "
+            f"CPU us/req gen/app/redis, generator share of a core (ceiling req/s)"
+        )
         for name, row in section["contenders"].items():
             cpu = row["cpu_us_per_request"]
-            out.append(f"  {name:9s} {row['throughput_rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
-                       f"{row['redis_round_trips_per_request']:7.2f}  {cpu['generator']:.0f}/{cpu['server']:.0f}/"
-                       f"{cpu['redis']:.0f}, {row['generator_core_share']:.2f} ({row['generator_ceiling_rps']:.0f})")
+            out.append(
+                f"  {name:9s} {row['throughput_rps']:8.0f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} "
+                f"{row['redis_round_trips_per_request']:7.2f}  {cpu['generator']:.0f}/{cpu['server']:.0f}/"
+                f"{cpu['redis']:.0f}, {row['generator_core_share']:.2f} ({row['generator_ceiling_rps']:.0f})"
+            )
         for pair, ratio in section["ratios"].items():
-            out.append(f"  {pair}: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
-                       f"p99 {ratio['p99']:.2f}x, app CPU {ratio['app_cpu']:.2f}x")
+            out.append(
+                f"  {pair}: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
+                f"p99 {ratio['p99']:.2f}x, app CPU {ratio['app_cpu']:.2f}x"
+            )
     for name, rows in report["round_trips"].items():
-        out.append(f"round trips {name}: " + ", ".join(
-            f"{label} {row['round_trips']} ({' '.join(row['commands'])})" for label, row in rows.items()))
+        out.append(
+            f"round trips {name}: "
+            + ", ".join(
+                f"{label} {row['round_trips']} ({' '.join(row['commands'])})" for label, row in rows.items()
+            )
+        )
     for model, named in report["correctness"].items():
         for name, row in named.items():
-            out.append(f"correctness {name} {model}: sent {row['messages_sent']} (+{row['redeliveries_sent']} "
-                       f"redeliveries), counted {row['final_count_total']}, lost {row['lost']}, "
-                       f"double-counted {row['double_counted']}, exact {row['exact_conversations']}/"
-                       f"{row['conversations']}, non-200 {row['non_200']}")
+            out.append(
+                f"correctness {name} {model}: sent {row['messages_sent']} (+{row['redeliveries_sent']} "
+                f"redeliveries), counted {row['final_count_total']}, lost {row['lost']}, "
+                f"double-counted {row['double_counted']}, exact {row['exact_conversations']}/"
+                f"{row['conversations']}, non-200 {row['non_200']}"
+            )
     for name, row in report["hot_conversation"].items():
-        out.append(f"hot {name}: {row['messages']} concurrent {row['concurrent_s'] * 1000:.0f} ms "
-                   f"(count {row['concurrent_final_count']}/{row['expected_count']}) vs sequential "
-                   f"{row['sequential_s'] * 1000:.0f} ms (count {row['sequential_final_count']})")
+        out.append(
+            f"hot {name}: {row['messages']} concurrent {row['concurrent_s'] * 1000:.0f} ms "
+            f"(count {row['concurrent_final_count']}/{row['expected_count']}) vs sequential "
+            f"{row['sequential_s'] * 1000:.0f} ms (count {row['sequential_final_count']})"
+        )
     profile = report["cpu_profile"]
     out.append(f"{'CPU per request':16s} {'total':>6s} " + " ".join(f"{c:>9s}" for c in COMPONENTS))
     for name, row in profile["us"].items():
-        out.append(f"  {name + ' us':14s} {row['cpu_us_per_request']:6.0f} "
-                   + " ".join(f"{row['components_us'][c]:9.1f}" for c in COMPONENTS))
+        out.append(
+            f"  {name + ' us':14s} {row['cpu_us_per_request']:6.0f} "
+            + " ".join(f"{row['components_us'][c]:9.1f}" for c in COMPONENTS)
+        )
     for name, row in profile["instructions"].items():
         if name == "status":
             out.append(f"  instructions: {row}")
             continue
-        out.append(f"  {name + ' kinstr':14s} {row['instructions_per_request'] / 1000:6.0f} "
-                   + " ".join(f"{row['components'][c] / 1000:9.1f}" for c in COMPONENTS))
+        out.append(
+            f"  {name + ' kinstr':14s} {row['instructions_per_request'] / 1000:6.0f} "
+            + " ".join(f"{row['components'][c] / 1000:9.1f}" for c in COMPONENTS)
+        )
     mem = report["memory"]
     for shape in ("first_message", "steady", "burst", "burst_cap"):
         row = mem[shape]
-        out.append(f"memory {shape} ({row['messages']} messages, {row['answers_kept']} answers kept, "
-                   f"{row['conversations']} conversations): {row['bytes_per_conversation']:.0f} B each "
-                   f"(hash {row['hash_encoding']}, {row['hash_memory_usage']} B; index "
-                   f"{row['index_encoding']}; started event {row['events_bytes_per_conversation']:.0f} B)")
+        out.append(
+            f"memory {shape} ({row['messages']} messages, {row['answers_kept']} answers kept, "
+            f"{row['conversations']} conversations): {row['bytes_per_conversation']:.0f} B each "
+            f"(hash {row['hash_encoding']}, {row['hash_memory_usage']} B; index "
+            f"{row['index_encoding']}; started event {row['events_bytes_per_conversation']:.0f} B)"
+        )
     ops = report["ops_at_scale"]
-    out.append(f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
-               f"{ops.get('figures', ops.get('reason'))}")
+    out.append(
+        f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
+        f"{ops.get('figures', ops.get('reason'))}"
+    )
     for goal in report["goals"]:
         measured = goal["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)
@@ -637,7 +809,7 @@ def main(argv: list[str] | None = None) -> None:
     # harness started is stopped by its ExitStack instead of being left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = benchmark(profile)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
     out = args.out or RESULTS / (f"{date}-quick.json" if args.quick else f"{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -21,17 +21,18 @@ from bench.baseline import add_counter_webhook
 
 def validate_twilio_request(f):
     """The guide's decorator: the view runs only for a request Twilio signed, else 403."""
+
     @wraps(f)
     def decorated_function(*args, **kwargs):
-        validator = RequestValidator(os.environ.get('TWILIO_AUTH_TOKEN'))
+        validator = RequestValidator(os.environ.get("TWILIO_AUTH_TOKEN"))
         request_valid = validator.validate(
-            request.url,
-            request.form,
-            request.headers.get('X-TWILIO-SIGNATURE', ''))
+            request.url, request.form, request.headers.get("X-TWILIO-SIGNATURE", "")
+        )
         if request_valid:
             return f(*args, **kwargs)
         else:
             return abort(403)
+
     return decorated_function
 
 

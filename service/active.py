@@ -237,7 +237,7 @@ class ActiveConversations:
         keys = self.keys.conversation(sender, recipient)
         pipe = self.client.pipeline(transaction=False)
         pipe.hmget(keys.state, FIELDS)
-        pipe.zscore(keys.index, keys.member)
+        pipe.zscore(keys.active, keys.member)
         values, expiry = pipe.execute()
         now = now_ms()
         if values[0] is None or expiry is None or expiry <= now:
@@ -351,7 +351,7 @@ class ActiveConversations:
         for entry, values in zip(entries, pipe.execute()):
             keys = self.keys.from_member(entry.member)
             if values[0] is None:
-                self._prune(keys=[keys.state, keys.index], args=[keys.member])
+                self._prune(keys=[keys.state, keys.active], args=[keys.member])
                 continue
             found.append(self._conversation(keys, values, math.ceil((entry.score - now) / 1000)))
         return found

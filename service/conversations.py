@@ -19,9 +19,8 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
 from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
@@ -117,7 +116,9 @@ local function finish(k, reason, ended_at, now)
 end
 """
 
-OPEN = HELPERS + """
+OPEN = (
+    HELPERS
+    + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
 -- first in line with the lock free, takes it and gets the conversation, which is ended first
@@ -169,8 +170,11 @@ redis.call('PEXPIRE', queue, patience_ms + lock_ms)
 redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
 return {'busy', redis.call('ZRANK', queue, token)}
 """
+)
 
-SAVE = HELPERS + """
+SAVE = (
+    HELPERS
+    + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the
 -- message in its minute; release the lock. Returns 'ended' if it ended a conversation, else
@@ -226,6 +230,7 @@ redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or ttl_ms + g
 redis.call('DEL', lock)
 return ended == 1 and 'ended' or 'saved'
 """
+)
 
 RELEASE = """
 -- A message that will not save: gives the lock back if it holds it, and leaves the line.
@@ -236,11 +241,14 @@ redis.call('ZREM', queue, token)
 redis.call('HDEL', waiters, token)
 """
 
-END = HELPERS + """
+END = (
+    HELPERS
+    + """
 -- An operator ends the conversation now ('operator'); one whose time already ran out ends as
 -- 'expired' at that time instead. The lock goes too, so that a message being handled answers
 -- 503 instead of bringing the conversation back. Returns 1 if it was live.
-local conversation, lock, index, events, ending, minutes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
+local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
 local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
@@ -253,11 +261,15 @@ if expiry <= now then
 end
 return finish(k, 'operator', now, now)
 """
+)
 
-EXPIRE = HELPERS + """
+EXPIRE = (
+    HELPERS
+    + """
 -- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
 -- message extended it meanwhile or is being handled now (it will extend or end it itself).
-local conversation, lock, index, events, ending, minutes = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
+local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
 local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
@@ -266,6 +278,7 @@ local expiry = tonumber(redis.call('ZSCORE', index, member))
 if not expiry or expiry > now or redis.call('EXISTS', lock) == 1 then return 0 end
 return finish(k, 'expired', expiry, now)
 """
+)
 
 
 class ConversationBusy(Exception):
@@ -308,10 +321,21 @@ class ConversationStore:
     # (a message or a sweep) still finds its state.
     GRACE = 24 * 3600
 
-    def __init__(self, client, *, ttl: int, lock_ttl: float, lock_wait: float,
-                 redelivery_window: int, replies_kept: int, events_max: int = 1_000_000,
-                 hooks: bool = False, wait_replicas: int = 0, wait_ms: int = 0,
-                 on_lock_wait: Callable[[float], None] = lambda seconds: None):
+    def __init__(
+        self,
+        client,
+        *,
+        ttl: int,
+        lock_ttl: float,
+        lock_wait: float,
+        redelivery_window: int,
+        replies_kept: int,
+        events_max: int = 1_000_000,
+        hooks: bool = False,
+        wait_replicas: int = 0,
+        wait_ms: int = 0,
+        on_lock_wait: Callable[[float], None] = lambda seconds: None,
+    ):
         """``hooks``: keep each ended conversation's final state for the end hook.
         ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
@@ -341,8 +365,9 @@ class ConversationStore:
             try:
                 script.sha = self.client.script_load(script.script)
             except UNAVAILABLE as error:
-                log.warning("could not preload Lua scripts (%s); they load on first use",
-                            type(error).__name__)
+                log.warning(
+                    "could not preload Lua scripts (%s); they load on first use", type(error).__name__
+                )
                 return
 
     def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
@@ -368,32 +393,95 @@ class ConversationStore:
             ahead = int(result[1])
             time.sleep(min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
 
-    def save(self, keys: ConversationKeys, opened: Opened, *, sid: str, state: str, fresh: bool,
-             message_sid: str, answer: str, end_reason: str | None = None) -> bool:
+    def save(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        sid: str,
+        state: str,
+        fresh: bool,
+        message_sid: str,
+        answer: str,
+        end_reason: str | None = None,
+    ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
         longer ours: nothing was written."""
-        result = self._run(self._save, *self.save_call(
-            keys, opened, sid=sid, state=state, fresh=fresh, message_sid=message_sid,
-            answer=answer, end_reason=end_reason))
+        result = self._run(
+            self._save,
+            *self.save_call(
+                keys,
+                opened,
+                sid=sid,
+                state=state,
+                fresh=fresh,
+                message_sid=message_sid,
+                answer=answer,
+                end_reason=end_reason,
+            ),
+        )
         if result == "lost":
             raise LockLost(keys.member)
         return result == "ended"
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
         """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
-        return ([keys.state, keys.lock, keys.queue, keys.waiters, keys.index, keys.events, keys.ending,
-                 keys.minutes],
-                [token, message_sid, keys.member, self.hooks, self.lock_ms,
-                 int(self.PATIENCE * 1000), self.ttl * 1000, self.events_max])
+        return (
+            [
+                keys.state,
+                keys.lock,
+                keys.queue,
+                keys.waiters,
+                keys.active,
+                keys.events,
+                keys.ending,
+                keys.minutes,
+            ],
+            [
+                token,
+                message_sid,
+                keys.member,
+                self.hooks,
+                self.lock_ms,
+                int(self.PATIENCE * 1000),
+                self.ttl * 1000,
+                self.events_max,
+            ],
+        )
 
-    def save_call(self, keys: ConversationKeys, opened: Opened, *, sid: str, state: str,
-                  fresh: bool, message_sid: str, answer: str,
-                  end_reason: str | None = None) -> tuple[list, list]:
+    def save_call(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        sid: str,
+        state: str,
+        fresh: bool,
+        message_sid: str,
+        answer: str,
+        end_reason: str | None = None,
+    ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
-        return ([keys.state, keys.lock, keys.index, keys.events, keys.ending, keys.minutes],
-                [opened.token, message_sid, keys.member, sid, state, answer, "1" if fresh else "0",
-                 end_reason or "", opened.now, self.hooks, self.ttl * 1000, self.GRACE * 1000,
-                 self.window_ms, self.replies_kept, self.events_max])
+        return (
+            [keys.state, keys.lock, keys.active, keys.events, keys.ending, keys.minutes],
+            [
+                opened.token,
+                message_sid,
+                keys.member,
+                sid,
+                state,
+                answer,
+                "1" if fresh else "0",
+                end_reason or "",
+                opened.now,
+                self.hooks,
+                self.ttl * 1000,
+                self.GRACE * 1000,
+                self.window_ms,
+                self.replies_kept,
+                self.events_max,
+            ],
+        )
 
     def _run(self, script, keys: list[str], args: list):
         """Runs ``script``; with ``wait_replicas``, pipelined with ``WAIT`` in the same round trip.
@@ -433,8 +521,7 @@ class ConversationStore:
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and
         index entry). True if it was live."""
-        return bool(self._run(self._end, self._ending_keys(keys),
-                              [keys.member, self.hooks, self.events_max]))
+        return bool(self._run(self._end, self._ending_keys(keys), [keys.member, self.hooks, self.events_max]))
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each
@@ -450,7 +537,7 @@ class ConversationStore:
 
     @staticmethod
     def _ending_keys(keys: ConversationKeys) -> list[str]:
-        return [keys.state, keys.lock, keys.index, keys.events, keys.ending, keys.minutes]
+        return [keys.state, keys.lock, keys.active, keys.events, keys.ending, keys.minutes]
 
 
 def decode_state(raw: str) -> dict | None:
@@ -492,8 +579,9 @@ def init_app(app: Flask) -> None:
     app.extensions["sms.keys"] = keys
     app.extensions["sms.store"] = store
     ended = app.extensions["sms.metrics"].conversations_ended.labels("operator")
-    app.extensions["sms.active"] = ActiveConversations(client, keys, store,
-                                                       app.extensions["sms.callers"], ended.inc)
+    app.extensions["sms.active"] = ActiveConversations(
+        client, keys, store, app.extensions["sms.callers"], ended.inc
+    )
     app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"])
 
 
@@ -505,6 +593,6 @@ def store() -> ConversationStore:
     return current_app.extensions["sms.store"]
 
 
-def active() -> "ActiveConversations":
+def active() -> ActiveConversations:
     """The operators' view of live conversations (CLI, API, metrics)."""
     return current_app.extensions["sms.active"]

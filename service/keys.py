@@ -27,8 +27,7 @@ stream directly.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 SHARDS = 100
@@ -54,6 +53,21 @@ class Keys:
 
     prefix: str = "sms:"
     cluster: bool = False
+    # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
+    # every message needs them, so they are built once.
+    _shard_keys: dict[str, tuple[str, str, str, str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_shard = {
+            shard: (
+                self.index(shard),
+                self.outbox(shard) if self.cluster else self.events,
+                self.ending(shard),
+                self.minutes(shard),
+            )
+            for shard in self.shards()
+        }
+        object.__setattr__(self, "_shard_keys", by_shard)  # frozen: set once, here
 
     @property
     def events(self) -> str:
@@ -79,21 +93,21 @@ class Keys:
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
 
-    def conversation(self, sender: str, recipient: str) -> "ConversationKeys":
+    def conversation(self, sender: str, recipient: str) -> ConversationKeys:
         shard = shard_of(sender)
         member = sender + SEPARATOR + recipient
         tagged = "{" + shard + "}:" + member
         prefix = self.prefix
-        return ConversationKeys(sender, recipient, member, prefix + "conv:" + tagged,
-                                prefix + "lock:" + tagged, prefix + "queue:" + tagged,
-                                prefix + "waiters:" + tagged, *self._shard_keys(shard))
-
-    @lru_cache(maxsize=SHARDS)
-    def _shard_keys(self, shard: str) -> tuple[str, str, str, str]:
-        """A shard's keys a conversation's scripts touch (index, events, ending, minutes):
-        a hundred shards, built once each (every message needs them)."""
-        return (self.index(shard), self.outbox(shard) if self.cluster else self.events,
-                self.ending(shard), self.minutes(shard))
+        return ConversationKeys(
+            sender,
+            recipient,
+            member,
+            prefix + "conv:" + tagged,
+            prefix + "lock:" + tagged,
+            prefix + "queue:" + tagged,
+            prefix + "waiters:" + tagged,
+            *self._shard_keys[shard],
+        )
 
     @property
     def readiness(self) -> str:
@@ -105,7 +119,7 @@ class Keys:
     def indexes(self) -> list[str]:
         return [self.index(shard) for shard in self.shards()]
 
-    def from_member(self, member: str) -> "ConversationKeys":
+    def from_member(self, member: str) -> ConversationKeys:
         sender, _, recipient = member.partition(SEPARATOR)
         return self.conversation(sender, recipient)
 
@@ -121,7 +135,7 @@ class ConversationKeys(NamedTuple):
     lock: str
     queue: str
     waiters: str
-    index: str
+    active: str  # its entry in the index shard (<prefix>active:{NN})
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str

@@ -15,7 +15,7 @@ import logging
 import re
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
 import click
@@ -44,7 +44,7 @@ def _scrubbed(value):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": scrub(record.getMessage()),
@@ -118,10 +118,10 @@ class _DevServerRequestLines(logging.Filter):
     QUERY = re.compile(r"\?[^\s\"]*")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s'):  # log_request's form
-            if getattr(_summarised, "request", False):
-                _summarised.request = False
-                return False
+        is_request_line = isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s')
+        if is_request_line and getattr(_summarised, "request", False):  # log_request's form
+            _summarised.request = False
+            return False
         record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
         return True
 
@@ -152,10 +152,22 @@ class GunicornLogger(GunicornBaseLogger):
             return
         status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
         method = environ.get("REQUEST_METHOD", "-")
-        self.access_log.info("%s %s %s", method, path, status, extra={"fields": {
-            "method": method, "path": path, "status": int(status), "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 2),
-            "remote": environ.get("REMOTE_ADDR", "-")}})
+        self.access_log.info(
+            "%s %s %s",
+            method,
+            path,
+            status,
+            extra={
+                "fields": {
+                    "method": method,
+                    "path": path,
+                    "status": int(status),
+                    "bytes": getattr(resp, "sent", None),
+                    "duration_ms": round(request_time.total_seconds() * 1000, 2),
+                    "remote": environ.get("REMOTE_ADDR", "-"),
+                }
+            },
+        )
 
 
 def open_summary(**fields) -> None:

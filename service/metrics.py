@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Callable
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,7 +26,6 @@ from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
-
 
 
 class Outcome(StrEnum):
@@ -61,16 +60,21 @@ class StoreGauges:
             count_redis_error()
             report(log, f"conversations not counted: Redis {type(error).__name__}")
             return
-        yield GaugeMetricFamily("sms_active_conversations",
-                                "Conversations whose time has not run out (counted from the index).",
-                                value=count)
+        yield GaugeMetricFamily(
+            "sms_active_conversations",
+            "Conversations whose time has not run out (counted from the index).",
+            value=count,
+        )
         for name, key, meaning in (
-                ("duration_seconds", "average_duration_s", "Average duration"),
-                ("messages", "average_messages", "Average messages")):
+            ("duration_seconds", "average_duration_s", "Average duration"),
+            ("messages", "average_messages", "Average messages"),
+        ):
             if last_hour[key] is not None:
-                yield GaugeMetricFamily(f"sms_conversations_ended_last_hour_{name}",
-                                        f"{meaning} of the conversations ended in the last hour.",
-                                        value=last_hour[key])
+                yield GaugeMetricFamily(
+                    f"sms_conversations_ended_last_hour_{name}",
+                    f"{meaning} of the conversations ended in the last hour.",
+                    value=last_hour[key],
+                )
 
 
 class Metrics:
@@ -83,27 +87,42 @@ class Metrics:
         self.active = gauges
         if registry is not None:  # first, so that a scrape reports its own Redis error
             registry.register(self.active)
-        self.messages = Counter("sms_messages_received", "Webhook requests, by outcome.",
-                                ["outcome"], registry=registry)
+        self.messages = Counter(
+            "sms_messages_received", "Webhook requests, by outcome.", ["outcome"], registry=registry
+        )
         # Each outcome's child, made once: labels() takes a lock and builds a key per call.
         self.by_outcome = {outcome: self.messages.labels(outcome) for outcome in Outcome}
         self.conversations_started = Counter(
-            "sms_conversations_started", "Conversations begun (first message, or after an end).",
-            registry=registry)
+            "sms_conversations_started",
+            "Conversations begun (first message, or after an end).",
+            registry=registry,
+        )
         self.conversations_ended = Counter(
-            "sms_conversations_ended", "Conversations ended, by reason.", ["reason"], registry=registry)
+            "sms_conversations_ended", "Conversations ended, by reason.", ["reason"], registry=registry
+        )
         for reason in END_REASONS:
             self.conversations_ended.labels(reason)
         self.end_hook_failures = Counter(
-            "sms_end_hook_failures", "End hook calls that raised.", registry=registry)
+            "sms_end_hook_failures", "End hook calls that raised.", registry=registry
+        )
         self.lock_wait = Histogram(
-            "sms_lock_wait_seconds", "Time a message waited for its conversation's lock.",
-            buckets=LOCK_WAIT_BUCKETS, registry=registry)
+            "sms_lock_wait_seconds",
+            "Time a message waited for its conversation's lock.",
+            buckets=LOCK_WAIT_BUCKETS,
+            registry=registry,
+        )
         self.latency = Histogram(
-            "sms_webhook_latency_seconds", "Webhook requests from routing to the saved answer.",
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self.redis_errors = Counter("sms_redis_errors", "Failed Redis calls, by the part that made them.",
-                                    ["source"], registry=registry)
+            "sms_webhook_latency_seconds",
+            "Webhook requests from routing to the saved answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "sms_redis_errors",
+            "Failed Redis calls, by the part that made them.",
+            ["source"],
+            registry=registry,
+        )
         for source in SOURCES:
             self.redis_errors.labels(source)
 
@@ -133,8 +152,8 @@ def metrics():
 
 def init_app(app: Flask) -> None:
     # The gauge counts through the operators' view, looked up when scraped.
-    gauges = StoreGauges(lambda: conversations.active().count(),
-                         lambda: lifecycle.history().stats())
+    gauges = StoreGauges(lambda: conversations.active().count(), lambda: lifecycle.history().stats())
     app.extensions["sms.metrics"] = Metrics(
-        gauges, multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
+        gauges, multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    )
     app.register_blueprint(bp)

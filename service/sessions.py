@@ -20,7 +20,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
@@ -69,7 +69,7 @@ class Binding:
 class ConversationSession(Conversation):
     """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
-    def __init__(self, interface: "ConversationSessionInterface", cookie: str | None):
+    def __init__(self, interface: ConversationSessionInterface, cookie: str | None):
         super().__init__(sid=cookie)
         self.interface = interface
         self.binding: Binding | None = None
@@ -77,7 +77,7 @@ class ConversationSession(Conversation):
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
 
-    def bind(self, message: Message) -> "ConversationSession":
+    def bind(self, message: Message) -> ConversationSession:
         """Round trip 1: waits for the conversation's turn and loads it into this session.
 
         ``answered`` is then the stored answer of a redelivered ``MessageSid`` (nothing locked),
@@ -103,8 +103,15 @@ class ConversationSession(Conversation):
         state = self.interface.serializer.encode(self)
         self.settled = True
         ended = self.interface.store.save(
-            bound.keys, bound.opened, sid=self.sid or "", state=state, fresh=self.fresh,
-            message_sid=bound.message.sid, answer=answer, end_reason=self.end_reason)
+            bound.keys,
+            bound.opened,
+            sid=self.sid or "",
+            state=state,
+            fresh=self.fresh,
+            message_sid=bound.message.sid,
+            answer=answer,
+            end_reason=self.end_reason,
+        )
         self.saved = True
         counters = metrics.current()
         if bound.opened.ended_overdue:
@@ -187,16 +194,23 @@ class ConversationSessionInterface(SessionInterface):
         second = int(time.time())
         written, attributes = self._attributes
         if written != second:
-            attributes = self._dump(app, "x", second)[len(COOKIE_NAME) + 2:]
+            attributes = self._dump(app, "x", second)[len(COOKIE_NAME) + 2 :]
             self._attributes = (second, attributes)
         return f"{COOKIE_NAME}={sid}{attributes}"
 
     def _dump(self, app: Flask, value: str, second: int) -> str:
-        return dump_cookie(COOKIE_NAME, value, max_age=self.ttl, expires=second + self.ttl,
-                           httponly=True, secure=self.get_cookie_secure(app),
-                           samesite=self.get_cookie_samesite(app),
-                           domain=self.get_cookie_domain(app), path=self.get_cookie_path(app))
+        return dump_cookie(
+            COOKIE_NAME,
+            value,
+            max_age=self.ttl,
+            expires=second + self.ttl,
+            httponly=True,
+            secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app),
+            domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app),
+        )
 
 
 def _moment(epoch_ms: int) -> datetime:
-    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc)
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)

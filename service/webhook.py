@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from typing import cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from flask import Blueprint, Flask, Response, current_app, g, request, request_finished, session
+from flask import Blueprint, Flask, Response, current_app, g, request_finished
+from flask.globals import app_ctx, request_ctx
 from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 
 from . import callers, handler, logs, signature
@@ -24,6 +26,7 @@ from .masking import mask
 from .metrics import Outcome
 from .metrics import current as current_metrics
 from .responses import memo, problem, recall, render, twiml
+from .sessions import ConversationSession
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
@@ -32,7 +35,6 @@ MAX_FIELD = 64
 PATH = "/sms"
 METHODS = ["GET", "POST"]  # Twilio calls a webhook with the one configured: no other runs it
 FORM = "application/x-www-form-urlencoded"  # how Twilio posts
-
 
 
 def _decodable(raw: bytes) -> bool:
@@ -97,7 +99,7 @@ def _start():
     itself or run the handler for a HEAD (a message counted that nobody reads the reply of).
     A query string is the GET form of a body, so it gets the same bound.
     """
-    req = request._get_current_object()  # once: each use of the proxy costs a lookup
+    req = request_ctx.request  # once: each use of the `request` proxy costs a lookup
     if req.path != PATH:
         return
     g.started = time.perf_counter()
@@ -113,7 +115,7 @@ def _start():
 @bp.route(PATH, methods=METHODS)
 def sms():
     """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
-    req, app = request._get_current_object(), current_app._get_current_object()
+    req, app = request_ctx.request, app_ctx.app  # once each, as in _start
     fields = _fields(req)
     if fields is None:
         return _refuse(400, "request is not valid UTF-8 form data")
@@ -131,7 +133,7 @@ def sms():
             return _refuse(400, reason)
     message = Message.from_params(params, callers.directory(app).name(sender))
 
-    conversation = session._get_current_object().bind(message)
+    conversation = cast(ConversationSession, request_ctx.session).bind(message)  # sessions.py's
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
         g.outcome = Outcome.DUPLICATE
         return twiml(recall(conversation.answered))
@@ -140,8 +142,9 @@ def sms():
         answer = render(reply)
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
         conversation.release()
-        logs.annotate(reason=f"the handler failed: {type(error).__name__}: {error}",
-                      error=traceback.format_exc())
+        logs.annotate(
+            reason=f"the handler failed: {type(error).__name__}: {error}", error=traceback.format_exc()
+        )
         return problem(500, "The conversation handler failed.")
     conversation.save(memo(reply))
     return twiml(answer)
@@ -182,9 +185,19 @@ def _finished(app: Flask, response: Response, **_) -> None:
     metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO
-    log.log(level, "webhook %s", result.value, extra={"fields": {
-        **logs.summary_fields(), "outcome": result, "status": status,
-        "latency_ms": round(seconds * 1000, 2)}})
+    log.log(
+        level,
+        "webhook %s",
+        result.value,
+        extra={
+            "fields": {
+                **logs.summary_fields(),
+                "outcome": result,
+                "status": status,
+                "latency_ms": round(seconds * 1000, 2),
+            }
+        },
+    )
 
 
 def init_app(app: Flask) -> None:

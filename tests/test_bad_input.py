@@ -73,7 +73,7 @@ def snapshot(redis_client, form) -> tuple:
         redis_client.dbsize(),
         redis_client.hgetall(keys.state),
         redis_client.exists(keys.lock),
-        redis_client.zscore(keys.index, keys.member),
+        redis_client.zscore(keys.active, keys.member),
     )
 
 

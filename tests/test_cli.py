@@ -183,8 +183,8 @@ def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
     for n in range(12):  # tags {01}, {02} and {03} only
         conversation = keys.conversation(f"+1555123{n:02d}{n % 3 + 1:02d}", OURS)
         planted[conversation.member] = now + 60_000 + 1000 * n
-        redis_client.zadd(conversation.index, {conversation.member: planted[conversation.member]})
-    redis_client.zadd(keys.conversation("+15551239903", OURS).index, {"lapsed|+1": now - 1000})
+        redis_client.zadd(conversation.active, {conversation.member: planted[conversation.member]})
+    redis_client.zadd(keys.conversation("+15551239903", OURS).active, {"lapsed|+1": now - 1000})
     script = readme_redis_cli_recipe("The 10 most recent")
     printed = subprocess.run(
         ["bash", "-c", script],

@@ -36,7 +36,7 @@ def plant(client, active, sender, recipient, expiry):
             "last_seen": expiry - 10000,
         },
     )
-    client.zadd(keys.index, {keys.member: expiry})
+    client.zadd(keys.active, {keys.member: expiry})
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_search_skips_lapsed_and_prunes_entries_whose_state_is_gone(active, redi
     gone = active.keys.conversation("+15558880001", OURS)
     redis_client.delete(gone.state)
     assert found(active, "0001") == [(REY, OURS)]
-    assert redis_client.zscore(gone.index, gone.member) is None
+    assert redis_client.zscore(gone.active, gone.member) is None
 
 
 def test_search_reads_only_the_shard_its_digits_name(active, redis_client):

@@ -253,7 +253,7 @@ def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, sto
     assert calls == ["hello"]  # the handler never saw the opt-out
     assert "state" not in stored(redis_client)
     keys = KEYS.conversation(REY, OURS)
-    assert redis_client.zscore(keys.index, keys.member) is None
+    assert redis_client.zscore(keys.active, keys.member) is None
     post_signed(client, webhook_params(body="back"))
     assert state(redis_client) == {"bodies": ["back"], "tally": {"chars": 4}}  # a new conversation
 

@@ -57,7 +57,7 @@ def plant_due(client, count: int, ended_ms_ago: int = 1000) -> list[str]:
                 "last_seen": now - 5000,
             },
         )
-        pipe.zadd(keys.index, {keys.member: now - ended_ms_ago})
+        pipe.zadd(keys.active, {keys.member: now - ended_ms_ago})
     pipe.execute()
     return [f"conv-{n}" for n in range(count)]
 

@@ -63,8 +63,8 @@ def plant(client, sender, recipient, expiry, messages=1):
         },
     )
     client.pexpireat(keys.state, expiry)
-    client.zadd(keys.index, {keys.member: expiry})
-    client.pexpireat(keys.index, max(expiry, client.pexpiretime(keys.index)))
+    client.zadd(keys.active, {keys.member: expiry})
+    client.pexpireat(keys.active, max(expiry, client.pexpiretime(keys.active)))
     return keys
 
 
@@ -199,7 +199,7 @@ def test_api_stats_list_show_delete(ops_app, redis_client, caplog):
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 1
     ended_keys = KEYS.conversation(REY, OURS)
     assert redis_client.hget(ended_keys.state, "state") is None  # only redelivery memory is left
-    assert redis_client.zscore(ended_keys.index, ended_keys.member) is None
+    assert redis_client.zscore(ended_keys.active, ended_keys.member) is None
     assert "+1555***0001 ended by an operator" in caplog.text and REY not in caplog.text
 
 
@@ -333,7 +333,7 @@ def test_entries_whose_state_is_gone_are_skipped_and_pruned(ops_app, redis_clien
     redis_client.delete(KEYS.conversation(FINN, OURS).state)  # e.g. deleted by hand
     rows, _ = api_pages(ops_app.test_client(), 1)
     assert [r["from"] for r in rows] == [REY, POE]
-    assert redis_client.zscore(KEYS.conversation(FINN, OURS).index, f"{FINN}|{OURS}") is None
+    assert redis_client.zscore(KEYS.conversation(FINN, OURS).active, f"{FINN}|{OURS}") is None
     assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 2}
 
 
@@ -351,7 +351,7 @@ def test_expired_by_operator_then_old_cookie_is_thanked_as_new(redis_url, redis_
         keys = KEYS.conversation(REY, OURS)
         assert redis_client.exists(keys.lock) == 0
         assert [field[:2] for field in redis_client.hkeys(keys.state)] == ["m:"] * 3  # answers only
-        assert redis_client.zscore(keys.index, keys.member) is None
+        assert redis_client.zscore(keys.active, keys.member) is None
         after = twilio.send(REY, OURS, "back again")
         assert after.cookie_sent == old_cookie
         assert after.reply == "Thanks for the message, Rey!"

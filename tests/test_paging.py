@@ -32,13 +32,13 @@ def plant(pipe, sender: str, expiry: int, recipient: str = OURS) -> None:
         },
     )
     pipe.pexpireat(keys.state, expiry)
-    pipe.zadd(keys.index, {keys.member: expiry})
+    pipe.zadd(keys.active, {keys.member: expiry})
 
 
 def end(pipe, sender: str) -> None:
     keys = KEYS.conversation(sender, OURS)
     pipe.delete(keys.state)
-    pipe.zrem(keys.index, keys.member)
+    pipe.zrem(keys.active, keys.member)
 
 
 def sender(rng: random.Random, tag: str) -> str:

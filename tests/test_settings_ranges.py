@@ -129,5 +129,5 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
     keys = Keys().conversation("+15551230001", "+15550001111")
     assert redis_client.hget(keys.state, "seq") == "2"
     assert redis_client.ttl(keys.state) >= 2592000
-    expiry = redis_client.zscore(keys.index, keys.member)
+    expiry = redis_client.zscore(keys.active, keys.member)
     assert abs(expiry - (time.time() + 2592000) * 1000) < 5000

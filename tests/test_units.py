@@ -16,7 +16,7 @@ from tests.support.app import post_signed, webhook_params
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
     keys = Keys().conversation("+15551230007", "+15550001111")
     assert shard_of("+15551230007") == "07" and "{07}" in keys.state
-    assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.index.encode())
+    assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.active.encode())
     assert Keys().from_member(keys.member) == keys
     assert len(set(Keys().indexes())) == 100
 

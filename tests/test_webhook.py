@@ -160,12 +160,12 @@ def test_ttl_is_four_hours_and_slides(twilio, redis_client):
     outlives that by a grace period, so that whoever ends it still finds its state."""
     keys = KEYS.conversation(REY, OURS)
     twilio.send(REY, OURS, "one")
-    first = redis_client.zscore(keys.index, keys.member)
+    first = redis_client.zscore(keys.active, keys.member)
     assert abs(first - (time.time() + 14400) * 1000) < 5000
     assert redis_client.ttl(keys.state) >= 14400
     time.sleep(0.01)
     twilio.send(REY, OURS, "two")
-    assert redis_client.zscore(keys.index, keys.member) > first
+    assert redis_client.zscore(keys.active, keys.member) > first
 
 
 def test_expired_conversation_starts_afresh(redis_url):
