@@ -16,7 +16,7 @@ import traceback
 from typing import cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from flask import Blueprint, Flask, Response, current_app, g, request_finished
+from flask import Blueprint, Flask, Response, current_app, g, request_finished, session
 from flask.globals import app_ctx, request_ctx
 from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 
@@ -133,7 +133,7 @@ def sms():
             return _refuse(400, reason)
     message = Message.from_params(params, callers.directory(app).name(sender))
 
-    conversation = cast(ConversationSession, request_ctx.session).bind(message)  # sessions.py's
+    conversation = cast(ConversationSession, session).bind(message)  # sessions.py's session
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
         g.outcome = Outcome.DUPLICATE
         return twiml(recall(conversation.answered))
