@@ -29,7 +29,7 @@ from .callers import Callers
 from .conversations import ConversationStore, decode_state, now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
-from .redis_client import UNAVAILABLE
+from .redis_client import UNAVAILABLE, Client
 
 log = logging.getLogger(__name__)
 SEARCHABLE = re.compile(r"\+?[0-9]+")
@@ -170,7 +170,7 @@ class ActiveConversations:
 
     def __init__(
         self,
-        client,
+        client: Client,
         keys: Keys,
         store: ConversationStore,
         callers: Callers,

@@ -27,8 +27,9 @@ from flask import Flask, current_app
 from redis import RedisError
 from redis.exceptions import NoScriptError
 
+from . import callers, handler, metrics, redis_client
 from .keys import ConversationKeys, Keys
-from .redis_client import UNAVAILABLE, is_cluster
+from .redis_client import UNAVAILABLE, Client, is_cluster
 
 if TYPE_CHECKING:
     from .active import ActiveConversations
@@ -323,7 +324,7 @@ class ConversationStore:
 
     def __init__(
         self,
-        client,
+        client: Client,
         *,
         ttl: int,
         lock_ttl: float,
@@ -560,7 +561,7 @@ def init_app(app: Flask) -> None:
     from .sessions import ConversationSessionInterface
 
     config = app.config
-    client = app.extensions["sms.redis"]
+    client = redis_client.client(app)
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     store = ConversationStore(
         client,
@@ -570,29 +571,27 @@ def init_app(app: Flask) -> None:
         redelivery_window=config["REDELIVERY_WINDOW"],
         replies_kept=config["REPLIES_KEPT"],
         events_max=config["EVENTS_MAX"],
-        hooks=app.extensions["sms.on_end"] is not None,
-        on_lock_wait=app.extensions["sms.metrics"].lock_wait.observe,
+        hooks=handler.end_hook(app) is not None,
+        on_lock_wait=metrics.current(app).lock_wait.observe,
         wait_replicas=config["REDIS_WAIT_REPLICAS"],
         wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
     )
     store.preload()
     app.extensions["sms.keys"] = keys
     app.extensions["sms.store"] = store
-    ended = app.extensions["sms.metrics"].conversations_ended.labels("operator")
-    app.extensions["sms.active"] = ActiveConversations(
-        client, keys, store, app.extensions["sms.callers"], ended.inc
-    )
+    ended = metrics.current(app).conversations_ended.labels("operator")
+    app.extensions["sms.active"] = ActiveConversations(client, keys, store, callers.directory(app), ended.inc)
     app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"])
 
 
-def keys() -> Keys:
-    return current_app.extensions["sms.keys"]
+def keys(app: Flask | None = None) -> Keys:
+    return (app or current_app).extensions["sms.keys"]
 
 
-def store() -> ConversationStore:
-    return current_app.extensions["sms.store"]
+def store(app: Flask | None = None) -> ConversationStore:
+    return (app or current_app).extensions["sms.store"]
 
 
-def active() -> ActiveConversations:
+def active(app: Flask | None = None) -> ActiveConversations:
     """The operators' view of live conversations (CLI, API, metrics)."""
-    return current_app.extensions["sms.active"]
+    return (app or current_app).extensions["sms.active"]

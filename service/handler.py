@@ -163,3 +163,7 @@ def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None 
 
 def current(app: Flask | None = None) -> Handler:
     return (app or current_app).extensions["sms.handler"]
+
+
+def end_hook(app: Flask | None = None) -> EndHook | None:
+    return (app or current_app).extensions["sms.on_end"]

@@ -27,12 +27,12 @@ import click
 from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
-from . import conversations, metrics
+from . import conversations, handler, metrics, redis_client
 from .active import iso
-from .conversations import ConversationStore, now_ms
-from .handler import END_REASONS, Conversation, EndHook
+from .conversations import now_ms
+from .handler import END_REASONS, Conversation
 from .keys import Keys
-from .redis_client import UNAVAILABLE
+from .redis_client import UNAVAILABLE, Client
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _duration(seconds: float) -> str:
 class History:
     """Reads the events and samples streams."""
 
-    def __init__(self, client, keys: Keys):
+    def __init__(self, client: Client, keys: Keys):
         self.client = client
         self.keys = keys
 
@@ -192,10 +192,10 @@ class Sweeper:
 
     def __init__(self, app: Flask):
         self.app = app
-        self.client = app.extensions["sms.redis"]
-        self.keys: Keys = app.extensions["sms.keys"]
-        self.store: ConversationStore = app.extensions["sms.store"]
-        self.on_end: EndHook | None = app.extensions["sms.on_end"]
+        self.client = redis_client.client(app)
+        self.keys = conversations.keys(app)
+        self.store = conversations.store(app)
+        self.on_end = handler.end_hook(app)
         self.interval = app.config["SWEEP_INTERVAL"]
         self.retention_ms = app.config["EVENTS_RETENTION"] * 1000
         self.token = secrets.token_hex(8)
@@ -310,8 +310,8 @@ def _moment(epoch_ms: int) -> datetime:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC)
 
 
-def history() -> History:
-    return current_app.extensions["sms.history"]
+def history(app: Flask | None = None) -> History:
+    return (app or current_app).extensions["sms.history"]
 
 
 def start_sweeper(app: Flask) -> Sweeper:
@@ -373,6 +373,6 @@ def sweep_command():
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["sms.history"] = History(app.extensions["sms.redis"], app.extensions["sms.keys"])
+    app.extensions["sms.history"] = History(redis_client.client(app), conversations.keys(app))
     app.cli.add_command(events_command)
     app.cli.add_command(sweep_command)

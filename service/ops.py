@@ -215,7 +215,7 @@ def duration(seconds: int) -> str:
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["sms.active"].preload()
+    active(app).preload()
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
-from flask import current_app
+from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
@@ -30,6 +30,12 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from .settings import ConfigError
+
+# What every module that talks to Redis is handed: a redis.Redis (one server, a Sentinel-managed
+# master, or fakeredis, a subclass) or a RedisCluster. Any to mypy: redis-py's stubs give every
+# command's reply as `Awaitable[Any] | Any` (sync and asyncio clients share them), which would
+# take a cast at each call; the name is for the reader and the signatures.
+Client: TypeAlias = Any
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ class SentinelMasterConnection(SentinelManagedConnection):
             raise
 
 
-def connect(url: str | None, timeout: float):
+def connect(url: str | None, timeout: float) -> Client:
     """A client for ``url`` (its form already passed ``check``); ``None`` means the embedded
     in-memory store (fakeredis)."""
     if not url:
@@ -240,7 +246,7 @@ def check(config) -> None:
         )
 
 
-def check_credentials(config, client=None) -> None:
+def check_credentials(config, client: Client | None = None) -> None:
     """Credentials Redis turns down (wrong or missing password, unknown user) are a bad
     setting, not an outage: refused in production (one line naming ``REDIS_URL``, never the
     password), a warning in development. Without this the service started and answered 503
@@ -252,7 +258,8 @@ def check_credentials(config, client=None) -> None:
     if not config["REDIS_URL"]:
         return
     own = client is None
-    client = connect(config["REDIS_URL"], config["REDIS_TIMEOUT"]) if own else client
+    if client is None:
+        client = connect(config["REDIS_URL"], config["REDIS_TIMEOUT"])
     try:
         client.ping()
     except redis.AuthenticationError as error:
@@ -270,9 +277,9 @@ def check_credentials(config, client=None) -> None:
 def init_app(app) -> None:
     check(app.config)
     app.extensions["sms.redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
-    check_credentials(app.config, app.extensions["sms.redis"])
+    check_credentials(app.config, client(app))
 
 
-def client():
+def client(app: Flask | None = None) -> Client:
     """The app's client: ``redis.Redis``, a Sentinel-managed one, or ``RedisCluster``."""
-    return current_app.extensions["sms.redis"]
+    return (app or current_app).extensions["sms.redis"]

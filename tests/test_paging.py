@@ -71,6 +71,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
 
     stop = threading.Event()
     racing = {"arrived": 0, "ended": 0}
+    rounds = threading.Semaphore(0)  # one per racing round: the walk takes one per page
 
     def race():
         """New conversations (later expiries, same shards) and ends, as fast as Redis takes them."""
@@ -88,6 +89,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
                 end(pipe, left.pop())
                 racing["ended"] += 1
             pipe.execute()
+            rounds.release()
             stop.wait(0.0005)  # leave the walker (and Redis) some of the machine's two cores
 
     active = make_app(REDIS_URL=redis_url).extensions["sms.active"]
@@ -100,6 +102,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
             listed += [f"{c.sender}|{c.recipient}" for c in page.conversations]
             if page.next_cursor is None:
                 break
+            assert rounds.acquire(timeout=10), "the race stopped"  # writes between every two pages
             page = active.page(limit, page.next_cursor)
             assert len(listed) < 10_000, "the walk does not end"
     finally:
