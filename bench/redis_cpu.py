@@ -13,8 +13,14 @@ Two measures, each the median of ``--repeats`` runs on ``--conversations`` new c
   time plus Redis' socket work (what the throughput runs' "Redis CPU per request" counts,
   without the contention).
 
+µs move with whatever else the machine runs (a few µs per call from one run to the next on a
+busy one); ``--instructions`` counts instead the instructions redis-server executes per call
+of each path under valgrind's callgrind (user space, the same however busy the machine is;
+one run), to compare scripts that differ by a command or two.
+
     .venv/bin/python -m bench.redis_cpu                          # 5,000 conversations, 5 runs
     .venv/bin/python -m bench.redis_cpu --conversations 1000 --repeats 3 --output FILE
+    .venv/bin/python -m bench.redis_cpu --instructions           # 1,000 conversations, callgrind
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import shutil
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import redis
@@ -31,7 +40,9 @@ import redis
 from service import settings
 from service.conversations import ConversationStore, Opened
 from service.keys import ConversationKeys, Keys
+from tests.support.ports import free_port
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
+from tests.support.waiting import wait_until
 
 RECIPIENT = "+15550001111"
 BATCH = 1000
@@ -76,22 +87,84 @@ def _message_sid(message: int, pair: ConversationKeys) -> str:
     return f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
 
 
+class Callgrind:
+    """redis-server under valgrind's callgrind on a free loopback port: instructions executed
+    between ``zero`` and ``count`` (``callgrind_control``; the server acts on it within its
+    next cron tick)."""
+
+    def __init__(self, workdir: Path):
+        self.port, self.workdir = free_port(), workdir
+        self.out = workdir / "callgrind.out"
+        self.process = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={self.out}",
+                shutil.which("redis-server") or "redis-server",
+                REDIS_CONF,
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir)),
+                *NOT_DURABLE,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port, decode_responses=True)
+        try:
+            wait_until(self.client.ping, seconds=60, what="redis-server under callgrind")
+        except BaseException:
+            self.stop()
+            raise
+        self.dumps = 0
+
+    def _control(self, option: str) -> None:
+        subprocess.run(["callgrind_control", option, str(self.process.pid)], check=True, capture_output=True)
+
+    def zero(self) -> None:
+        self._control("-z")
+
+    def count(self) -> int:
+        self._control("-d")
+        self.dumps += 1
+        dump = Path(f"{self.out}.{self.dumps}")
+        wait_until(dump.exists, what="callgrind's dump")
+        time.sleep(0.1)  # written whole before the next look
+        for line in dump.read_text().splitlines():
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dump}")
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.kill()
+        self.process.wait()
+
+
 class Paths:
     """One run of the per-script measure: every path's calls pipelined apart."""
 
-    def __init__(self, client: redis.Redis, store: ConversationStore, pairs: list[ConversationKeys]):
-        self.client, self.store, self.pairs = client, store, pairs
+    def __init__(
+        self,
+        client: redis.Redis,
+        store: ConversationStore,
+        pairs: list[ConversationKeys],
+        callgrind: Callgrind | None = None,
+    ):
+        self.client, self.store, self.pairs, self.callgrind = client, store, pairs, callgrind
         self.sids = {pair.member: secrets.token_urlsafe(32) for pair in pairs}
         self.figures: dict[str, dict] = {}
 
     def _measured(self, path: str, calls: list[tuple[str, list, list]]) -> list:
         before = _commandstats(self.client)
+        if self.callgrind:
+            self.callgrind.zero()
         replies = []
         for start in range(0, len(calls), BATCH):
             pipe = self.client.pipeline(transaction=False)
             for sha, keys, args in calls[start : start + BATCH]:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             replies += pipe.execute()
+        instructions = self.callgrind.count() if self.callgrind else 0
         after = _commandstats(self.client)
         delta = {
             name: (calls_after - before.get(name, (0, 0))[0], usec - before.get(name, (0, 0))[1])
@@ -101,6 +174,7 @@ class Paths:
         scripts, usec = delta.pop("evalsha")
         self.figures[path] = {
             "us_per_call": usec / scripts,
+            **({"instructions_per_call": round(instructions / scripts)} if self.callgrind else {}),
             "commands_per_call": {
                 name: round(count / scripts, 3) for name, (count, _) in sorted(delta.items()) if count
             },
@@ -204,6 +278,23 @@ def measure(client: redis.Redis, conversations: int, repeats: int) -> dict:
     }
 
 
+def instructions(conversations: int) -> dict:
+    """Instructions per call of each path, redis-server under callgrind (one run)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        server = Callgrind(Path(workdir))
+        try:
+            client = server.client
+            pairs = [Keys().conversation(f"+1557{n:07d}", RECIPIENT) for n in range(conversations)]
+            figures = Paths(client, _store(client), pairs, server).run()
+        finally:
+            server.stop()
+    return {
+        "conversations": conversations,
+        "instructions_per_call": {path: figures[path]["instructions_per_call"] for path in PATHS},
+        "commands_per_call": {path: figures[path]["commands_per_call"] for path in PATHS},
+    }
+
+
 def render(report: dict) -> str:
     lines = [
         f"Redis CPU, {report['conversations']} conversations, median of {report['repeats']} runs",
@@ -226,7 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, help="also write the report as JSON here")
+    parser.add_argument(
+        "--instructions", action="store_true", help="instructions per call under callgrind instead"
+    )
     args = parser.parse_args(argv)
+    if args.instructions:
+        counted = instructions(args.conversations if args.conversations != 5000 else 1000)
+        if args.output:
+            args.output.write_text(json.dumps(counted, indent=2) + "\n")
+        for path, count in counted["instructions_per_call"].items():
+            commands = " ".join(f"{n} {c:g}" for n, c in counted["commands_per_call"][path].items())
+            print(f"  {path:20s} {count:8,d} instructions/call  {commands}")
+        return
     with tempfile.TemporaryDirectory() as workdir:
         server = RedisProcess(Path(workdir), *NOT_DURABLE, config=REDIS_CONF).start()
         try:
