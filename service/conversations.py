@@ -41,12 +41,19 @@ local function now_ms()
   local clock = redis.call('TIME')
   return clock[1] * 1000 + math.floor(clock[2] / 1000)
 end
+-- Deletes the fields `names` of the hash `key`: one HDEL per thousand, not one per field.
+local function delete(key, names)
+  for i = 1, #names, 1000 do
+    redis.call('HDEL', key, unpack(names, i, math.min(i + 999, #names)))
+  end
+end
 -- The conversation's own fields go; the answers kept for redeliveries ('m:…') stay.
 local function forget(conversation)
-  local names = redis.call('HKEYS', conversation)
-  for i = 1, #names do
-    if string.sub(names[i], 1, 2) ~= 'm:' then redis.call('HDEL', conversation, names[i]) end
+  local doomed = {}
+  for _, name in ipairs(redis.call('HKEYS', conversation)) do
+    if string.sub(name, 1, 2) ~= 'm:' then doomed[#doomed + 1] = name end
   end
+  delete(conversation, doomed)
 end
 local function pair(member)
   local bar = string.find(member, '|', 1, true)
@@ -70,23 +77,27 @@ local function tally(minutes, now, counts)
   redis.call('HSET', minutes, slot, table.concat(fields, ' '))
   if new_minute then redis.call('PEXPIRE', minutes, 3660000) end
 end
--- Forgets the answers older than `horizon`, and the oldest beyond `keep`; returns the oldest
+-- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
+-- the conversation's own fields: what `forget` does, in the same read); returns the oldest
 -- kept answer's time (or false) and how many are kept.
-local function prune(conversation, horizon, keep)
+local function prune(conversation, horizon, keep, reset)
   local fields = redis.call('HGETALL', conversation)
-  local answers = {}
+  local answers, doomed = {}, {}
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 2) == 'm:' then
       local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
       if at == nil or at <= horizon then
-        redis.call('HDEL', conversation, fields[i])
+        doomed[#doomed + 1] = fields[i]
       else
         answers[#answers + 1] = {at, fields[i]}
       end
+    elseif reset then
+      doomed[#doomed + 1] = fields[i]
     end
   end
   table.sort(answers, function(a, b) return a[1] > b[1] end)
-  for i = keep + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
+  for i = keep + 1, #answers do doomed[#doomed + 1] = answers[i][2] end
+  delete(conversation, doomed)
   local kept = math.min(#answers, keep)
   return kept > 0 and answers[kept][1], kept
 end
@@ -131,11 +142,14 @@ local lock_ms, patience_ms, ttl_ms, events_max =
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
-local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
-if answered then  -- answered while this delivery waited, maybe: it leaves the line at once
+-- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
+-- but polls are rare: an uncontended message saves a call).
+local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
+                         'last_seen')
+if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
   redis.call('ZREM', queue, token)
   redis.call('HDEL', waiters, token)
-  return {'dup', (string.gsub(answered, '^%d+ ', '', 1)), redis.call('HGET', conversation, 'sid') or ''}
+  return {'dup', (string.gsub(found[1], '^%d+ ', '', 1)), found[2] or ''}
 end
 local now = now_ms()
 
@@ -151,14 +165,14 @@ if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lo
     redis.call('ZREM', queue, token)
     redis.call('HDEL', waiters, token)
   end
-  local found = redis.call('HMGET', conversation, 'sid', 'state', 'seq', 'first_seen', 'last_seen')
-  local expiry = tonumber(redis.call('ZSCORE', index, member))
-                 or (tonumber(found[5]) or now) + ttl_ms
-  if found[1] and expiry <= now then
-    local ended = finish(k, 'expired', expiry, now)
-    return {'ok', now, '', '', '', '', ended}
+  if found[2] then  -- only a stored conversation can have run out of time
+    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
+    if expiry <= now then
+      local ended = finish(k, 'expired', expiry, now)
+      return {'ok', now, '', '', '', '', ended}
+    end
   end
-  return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or '', 0}
+  return {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
 end
 
 if not redis.call('ZSCORE', queue, token) then
@@ -189,8 +203,12 @@ local ttl_ms, grace_ms, window_ms, kept, events_max =
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
-if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'saved' end
-if redis.call('GET', lock) ~= token then return 'lost' end
+-- The lock first: while it is ours this message cannot have been saved (a save releases it), so
+-- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
+-- lost saved it already).
+if redis.call('GET', lock) ~= token then
+  return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+end
 local now = now_ms()
 
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
@@ -200,25 +218,25 @@ local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers'
 -- are scanned only when one can be forgotten (out of the window, or over the cap).
 local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
 from, count = tonumber(from), tonumber(count)
-if not (from and count and from > now - window_ms and count < kept) then
-  from, count = prune(conversation, now - window_ms, kept - 1)
+-- A conversation's first message reads its hash once: the answers to keep, the rest (what an
+-- ended or unreadable conversation left) to go.
+local reset = fresh and keeps
+if reset or not (from and count and from > now - window_ms and count < kept) then
+  from, count = prune(conversation, now - window_ms, kept - 1, reset)
 end
 local answered = {'m:' .. message_sid, now .. ' ' .. answer}
 if keeps then
   if fresh then
     local sender, recipient = pair(member)
-    forget(conversation)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', started_at, 'conversation', sid)
+    answered[#answered + 1], answered[#answered + 2] = 'first_seen', started_at  -- in the one HSET
   end
-  redis.call('HSET', conversation, answered[1], answered[2], 'sid', sid, 'state', state,
-             'seq', (tonumber(found[1]) or 0) + 1, 'last_seen', now,
-             'answers', (from or now) .. ' ' .. (count + 1))
-  if fresh then redis.call('HSET', conversation, 'first_seen', started_at) end
+  redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
+             'last_seen', now, 'answers', (from or now) .. ' ' .. (count + 1), unpack(answered))
   redis.call('ZADD', index, now + ttl_ms, member)
-  if redis.call('PTTL', index) < ttl_ms + grace_ms then
-    redis.call('PEXPIRE', index, ttl_ms + grace_ms)
-  end
+  -- Every save moves the index's expiry (a PTTL first saved nothing: it is always below this).
+  redis.call('PEXPIRE', index, ttl_ms + grace_ms)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end
