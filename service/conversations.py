@@ -81,20 +81,22 @@ local function tally(minutes, now, counts)
     delete(minutes, doomed)
     redis.call('PEXPIRE', minutes, 3660000)
   end
+  return first
 end
 -- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
 -- the conversation's own fields: what `forget` does, in the same read); returns the oldest
--- kept answer's time (or false) and how many are kept.
+-- kept answer's time (its text, or false) and how many are kept.
 local function prune(conversation, horizon, keep, reset)
   local fields = redis.call('HGETALL', conversation)
   local answers, doomed = {}, {}
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 2) == 'm:' then
-      local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
+      local stamp = string.match(fields[i + 1], '^(%d+) ')
+      local at = tonumber(stamp)
       if at == nil or at <= horizon then
         doomed[#doomed + 1] = fields[i]
       else
-        answers[#answers + 1] = {at, fields[i]}
+        answers[#answers + 1] = {at, fields[i], stamp}
       end
     elseif reset then
       doomed[#doomed + 1] = fields[i]
@@ -104,7 +106,7 @@ local function prune(conversation, horizon, keep, reset)
   for i = keep + 1, #answers do doomed[#doomed + 1] = answers[i][2] end
   delete(conversation, doomed)
   local kept = math.min(#answers, keep)
-  return kept > 0 and answers[kept][1], kept
+  return kept > 0 and answers[kept][3], kept
 end
 -- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
 -- tally and, for the end hook, its final state, in the same atomic step as its fields and
@@ -202,7 +204,7 @@ SAVE = (
 local conversation, lock, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local fresh, end_reason, started_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
+local fresh, end_reason, opened_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 local ttl_ms, grace_ms, window_ms, kept, events_max =
   tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
 local k = {conversation = conversation, index = index, member = member, events = events,
@@ -214,36 +216,44 @@ local k = {conversation = conversation, index = index, member = member, events =
 if redis.call('GET', lock) ~= token then
   return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
 end
-local now = now_ms()
+-- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
+-- no TIME here, and its text is written as it came, never formatted from a number. Messages
+-- still get increasing times: the next one's OPEN takes the lock after this save released it.
+local now = tonumber(opened_at)
 
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
-tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
+local first_of_minute = tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
 local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
 -- are scanned only when one can be forgotten (out of the window, or over the cap).
 local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
-from, count = tonumber(from), tonumber(count)
+count = tonumber(count)
 -- A conversation's first message reads its hash once: the answers to keep, the rest (what an
 -- ended or unreadable conversation left) to go.
 local reset = fresh and keeps
-if reset or not (from and count and from > now - window_ms and count < kept) then
+if reset or not (from and count and tonumber(from) > now - window_ms and count < kept) then
   from, count = prune(conversation, now - window_ms, kept - 1, reset)
 end
-local answered = {'m:' .. message_sid, now .. ' ' .. answer}
+local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
+local added = 0
 if keeps then
   if fresh then
     local sender, recipient = pair(member)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
-               'to', recipient, 'messages', '1', 'started_at', started_at, 'conversation', sid)
-    answered[#answered + 1], answered[#answered + 2] = 'first_seen', started_at  -- in the one HSET
+               'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
+    answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
-             'last_seen', now, 'answers', (from or now) .. ' ' .. (count + 1), unpack(answered))
-  redis.call('ZADD', index, now + ttl_ms, member)
-  -- Every save moves the index's expiry (a PTTL first saved nothing: it is always below this).
-  redis.call('PEXPIRE', index, ttl_ms + grace_ms)
+             'last_seen', opened_at, 'answers', (from or opened_at) .. ' ' .. (count + 1), unpack(answered))
+  added = redis.call('ZADD', index, now + ttl_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
+end
+-- The index outlives its entries by GRACE (a day): its expiry moves with a new entry and with the
+-- first save of each minute in its tag, so at most a minute behind its latest entry's end, not
+-- on every save.
+if added == 1 or first_of_minute then
+  redis.call('PEXPIRE', index, ttl_ms + grace_ms)
 end
 local ended = 0
 if end_reason ~= '' then
@@ -326,7 +336,7 @@ class Opened:
     (as Redis holds them: the caller decodes, and treats what it cannot read as new)."""
 
     token: str
-    now: int = 0
+    now: int = 0  # Redis' clock when the lock was taken: the message's time, handed back to SAVE
     answered: str | None = None
     sid: str = ""
     state: str = ""

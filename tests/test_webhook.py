@@ -11,6 +11,7 @@ import pytest
 import redis
 from flask import Response
 
+from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
@@ -166,6 +167,25 @@ def test_ttl_is_four_hours_and_slides(twilio, redis_client):
     time.sleep(0.01)
     twilio.send(REY, OURS, "two")
     assert redis_client.zscore(keys.active, keys.member) > first
+
+
+def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
+    """A tag's index expires a grace period after its latest entry's end (so that the sweeper
+    finds every conversation); its expiry moves with a new entry and with the first save of
+    each minute in the tag, so it is never more than a minute behind."""
+    keys, grace_ms = KEYS.conversation(REY, OURS), ConversationStore.GRACE * 1000
+
+    def lead_ms() -> int:  # how long the index outlives its latest entry's end
+        latest = redis_client.zrange(keys.active, -1, -1, withscores=True)[0][1]
+        return int(time.time() * 1000 + redis_client.pttl(keys.active) - latest)
+
+    twilio.send(REY, OURS, "one")  # a new entry
+    assert lead_ms() > grace_ms - 5000
+    redis_client.pexpire(keys.active, 60_000)  # as if its expiry had last moved a day ago
+    twilio.send(REY, OURS, "two")  # the same minute: the index keeps its expiry
+    redis_client.delete(keys.minutes)  # a new minute for the tag
+    twilio.send(REY, OURS, "three")
+    assert lead_ms() > grace_ms - 5000
 
 
 def test_expired_conversation_starts_afresh(redis_url):
