@@ -40,6 +40,7 @@ import redis
 from service import settings
 from service.conversations import ConversationStore, Opened
 from service.keys import ConversationKeys, Keys
+from service.sessions import SESSION_ID_BYTES
 from tests.support.ports import free_port
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.waiting import wait_until
@@ -151,7 +152,7 @@ class Paths:
         callgrind: Callgrind | None = None,
     ):
         self.client, self.store, self.pairs, self.callgrind = client, store, pairs, callgrind
-        self.sids = {pair.member: secrets.token_urlsafe(32) for pair in pairs}
+        self.sids = {pair.member: secrets.token_urlsafe(SESSION_ID_BYTES) for pair in pairs}
         self.figures: dict[str, dict] = {}
 
     def _measured(self, path: str, calls: list[tuple[str, list, list]]) -> list:
@@ -220,7 +221,7 @@ class Paths:
 
 def per_message(client: redis.Redis, store: ConversationStore, pairs: list[ConversationKeys]) -> dict:
     """Redis CPU µs per message through the store's own calls, one round trip at a time."""
-    sids = {pair.member: secrets.token_urlsafe(32) for pair in pairs}
+    sids = {pair.member: secrets.token_urlsafe(SESSION_ID_BYTES) for pair in pairs}
     figures = {}
     for message, shape in ((1, "first"), (2, "later"), (2, "redelivery")):
         before = _cpu_seconds(client)

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import statistics
@@ -47,6 +48,7 @@ from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
 from service.conversations import ConversationStore, Opened, now_ms
 from service.keys import Keys
+from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
@@ -506,7 +508,7 @@ def _memory_run(
     keys = Keys()
     baseline = client.info("memory")["used_memory"]
     pairs = [keys.conversation(f"+1556{n:07d}", RECIPIENT) for n in range(conversations)]
-    sids = {pair.member: f"{n:043d}" for n, pair in enumerate(pairs)}
+    sids = {pair.member: secrets.token_urlsafe(SESSION_ID_BYTES) for pair in pairs}  # as the service's
     figures = {}
     for message in range(1, messages + 1):
         for start in range(0, conversations, 2000):
