@@ -3,7 +3,8 @@
 A conversation is one hash (see ``keys``): ``sid``, ``state`` (JSON), ``seq`` (its messages),
 ``first_seen``/``last_seen`` (epoch ms, Redis' clock) and one field ``m:<MessageSid>`` =
 ``"<ms> <answer>"`` per message answered within the redelivery window, so a redelivery is
-found with one HGET and no per-message key exists. docs/design.md tells the whole story.
+found with one HGET and no per-message key exists, and ``answers`` (the oldest one's ms and
+their number) while more than one is kept. docs/design.md tells the whole story.
 
 Why Lua: a message costs exactly two round trips. ``open`` answers a redelivery from memory,
 or queues for the conversation's lock in arrival order and, once first in line, takes it and
@@ -223,10 +224,13 @@ local now = tonumber(opened_at)
 
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
 local first_of_minute = tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
-local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers')
+local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
--- are scanned only when one can be forgotten (out of the window, or over the cap).
+-- are scanned only when one can be forgotten (out of the window, or over the cap). With one
+-- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
+-- message's, at last_seen.
 local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
+if not found[2] and found[3] then from, count = found[3], '1' end
 count = tonumber(count)
 -- A conversation's first message reads its hash once: the answers to keep, the rest (what an
 -- ended or unreadable conversation left) to go.
@@ -234,7 +238,11 @@ local reset = fresh and keeps
 if reset or not (from and count and tonumber(from) > now - window_ms and count < kept) then
   from, count = prune(conversation, now - window_ms, kept - 1, reset)
 end
+count = count + 1
 local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
+if count > 1 then
+  answered[3], answered[4] = 'answers', from .. ' ' .. count
+end
 local added = 0
 if keeps then
   if fresh then
@@ -244,7 +252,8 @@ if keeps then
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
-             'last_seen', opened_at, 'answers', (from or opened_at) .. ' ' .. (count + 1), unpack(answered))
+             'last_seen', opened_at, unpack(answered))
+  if count == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
   added = redis.call('ZADD', index, now + ttl_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])

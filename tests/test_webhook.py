@@ -322,6 +322,7 @@ def test_replay_memory_forgets_answers_older_than_the_window(redis_url, redis_cl
     time.sleep(1.1)
     post_signed(client, webhook_params())  # its save forgets the two answers now out of the window
     assert len([f for f in conversation(redis_client) if f.startswith("m:")]) == 1
+    assert "answers" not in conversation(redis_client)  # one kept: the last message's
     again = post_signed(client, old)  # too late to be recognised: Twilio never retries this late
     assert b"4 times" in again.data
 
@@ -425,10 +426,16 @@ def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client
 
 
 def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
-    """A conversation knows its oldest kept answer and how many it keeps ("answers"), so a
-    message within the window adds its answer without reading the others."""
+    """A conversation knows its oldest kept answer and how many it keeps ("answers", left out
+    while it keeps one: the last message's), so a message within the window adds its answer
+    without reading the others."""
     client = app.test_client()
-    for _ in range(5):
+    post_signed(client, webhook_params())
+    first = conversation(redis_client)
+    assert "answers" not in first
+    used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
+    assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{first['last_seen']} 2"
+    for _ in range(3):
         post_signed(client, webhook_params())
     oldest, count = conversation(redis_client)["answers"].split()
     assert count == "5" and int(oldest) <= int(conversation(redis_client)["last_seen"])
