@@ -500,10 +500,9 @@ def _memory_run(
         ttl=defaults["CONVERSATION_TTL"],
         lock_ttl=5,
         lock_wait=5,
-        redelivery_window=defaults["REDELIVERY_WINDOW"],
+        redelivery_window=window_ms / 1000,
         replies_kept=kept,
     )
-    store.window_ms = window_ms
     store.preload()
     keys = Keys()
     baseline = client.info("memory")["used_memory"]

@@ -20,9 +20,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from redis import RedisError
@@ -144,9 +144,9 @@ OPEN = (
 -- if its time ran out (its index score: last message + TTL).
 local conversation, lock, queue, waiters, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local token, message_sid, member, hooks = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lock_ms, patience_ms, ttl_ms, events_max =
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
+local hooks, lock_ms, patience_ms, ttl_ms, events_max =  -- settings, compiled in (`configured`)
+  '@hooks@', '@lock_ms@', @patience_ms@, @ttl_ms@, '@events_max@'
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
@@ -205,9 +205,9 @@ SAVE = (
 local conversation, lock, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local fresh, end_reason, opened_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
-local ttl_ms, grace_ms, window_ms, kept, events_max =
-  tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local fresh, end_reason, opened_at = ARGV[7] == '1', ARGV[8], ARGV[9]
+local hooks, ttl_ms, window_ms, kept, events_max, keep_px, window_px =  -- settings, compiled in
+  '@hooks@', @ttl_ms@, @window_ms@, @kept@, '@events_max@', '@keep_ms@', '@window_ms@'
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
@@ -262,13 +262,13 @@ end
 -- first save of each minute in its tag, so at most a minute behind its latest entry's end, not
 -- on every save.
 if added == 1 or first_of_minute then
-  redis.call('PEXPIRE', index, ttl_ms + grace_ms)
+  redis.call('PEXPIRE', index, keep_px)
 end
 local ended = 0
 if end_reason ~= '' then
   ended = finish(k, end_reason, now, now)
 end
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or ttl_ms + grace_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
 redis.call('DEL', lock)
 return ended == 1 and 'ended' or 'saved'
 """
@@ -291,7 +291,8 @@ END = (
 -- 503 instead of bringing the conversation back. Returns 1 if it was live.
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
-local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local member = ARGV[1]
+local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 local now = now_ms()
@@ -312,7 +313,8 @@ EXPIRE = (
 -- message extended it meanwhile or is being handled now (it will extend or end it itself).
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
-local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local member = ARGV[1]
+local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 local now = now_ms()
@@ -370,7 +372,7 @@ class ConversationStore:
         ttl: int,
         lock_ttl: float,
         lock_wait: float,
-        redelivery_window: int,
+        redelivery_window: float,
         replies_kept: int,
         events_max: int = 1_000_000,
         hooks: bool = False,
@@ -385,17 +387,51 @@ class ConversationStore:
         self.ttl = ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
-        self.window_ms = redelivery_window * 1000
+        self.window_ms = int(redelivery_window * 1000)
         self.replies_kept = replies_kept
         self.events_max = events_max
         self.hooks = "1" if hooks else "0"
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
-        self._open = client.register_script(OPEN)
-        self._save = client.register_script(SAVE)
+        settings: dict[str, int | str] = {
+            "hooks": self.hooks,
+            "lock_ms": self.lock_ms,
+            "patience_ms": int(self.PATIENCE * 1000),
+            "ttl_ms": ttl * 1000,
+            "keep_ms": (ttl + self.GRACE) * 1000,
+            "window_ms": self.window_ms,
+            "kept": replies_kept,
+            "events_max": events_max,
+        }
+        self._open = client.register_script(configured(OPEN, settings))
+        self._save = client.register_script(configured(SAVE, settings))
         self._release = client.register_script(RELEASE)
-        self._end = client.register_script(END)
-        self._expire = client.register_script(EXPIRE)
+        self._end = client.register_script(configured(END, settings))
+        self._expire = client.register_script(configured(EXPIRE, settings))
+
+    @classmethod
+    def from_config(
+        cls,
+        client,
+        config: Mapping[str, Any],
+        *,
+        hooks: bool = False,
+        on_lock_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> ConversationStore:
+        """The store the app's ``config`` (``settings.load``) describes."""
+        return cls(
+            client,
+            ttl=config["CONVERSATION_TTL"],
+            lock_ttl=config["LOCK_TTL"],
+            lock_wait=config["LOCK_WAIT"],
+            redelivery_window=config["REDELIVERY_WINDOW"],
+            replies_kept=config["REPLIES_KEPT"],
+            events_max=config["EVENTS_MAX"],
+            hooks=hooks,
+            on_lock_wait=on_lock_wait,
+            wait_replicas=config["REDIS_WAIT_REPLICAS"],
+            wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
+        )
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -479,16 +515,7 @@ class ConversationStore:
                 keys.ending,
                 keys.minutes,
             ],
-            [
-                token,
-                message_sid,
-                keys.member,
-                self.hooks,
-                self.lock_ms,
-                int(self.PATIENCE * 1000),
-                self.ttl * 1000,
-                self.events_max,
-            ],
+            [token, message_sid, keys.member],
         )
 
     def save_call(
@@ -516,12 +543,6 @@ class ConversationStore:
                 "1" if fresh else "0",
                 end_reason or "",
                 opened.now,
-                self.hooks,
-                self.ttl * 1000,
-                self.GRACE * 1000,
-                self.window_ms,
-                self.replies_kept,
-                self.events_max,
             ],
         )
 
@@ -563,13 +584,13 @@ class ConversationStore:
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and
         index entry). True if it was live."""
-        return bool(self._run(self._end, self._ending_keys(keys), [keys.member, self.hooks, self.events_max]))
+        return bool(self._run(self._end, self._ending_keys(keys), [keys.member]))
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each
         with its event; returns how many. One pipeline, except on a Cluster, where redis-py
         cannot pipeline scripts: one call each there."""
-        calls = [(self._ending_keys(keys), [keys.member, self.hooks, self.events_max]) for keys in due]
+        calls = [(self._ending_keys(keys), [keys.member]) for keys in due]
         if cluster:
             return sum(self._expire(keys=k, args=a) for k, a in calls)
         pipe = self.client.pipeline(transaction=False)
@@ -580,6 +601,18 @@ class ConversationStore:
     @staticmethod
     def _ending_keys(keys: ConversationKeys) -> list[str]:
         return [keys.state, keys.lock, keys.active, keys.events, keys.ending, keys.minutes]
+
+
+def configured(script: str, settings: dict[str, int | str]) -> str:
+    """``script`` with each ``@name@`` replaced by the store's setting: constants compiled into
+    the script rather than arguments sent with every call (Redis spends about a thousand
+    instructions on each argument, and a few thousand more to parse or format a number). A
+    store's scripts therefore have their own SHAs; stores with the same settings share them."""
+    for name, value in settings.items():
+        script = script.replace(f"@{name}@", str(value))
+    if "@" in script:
+        raise ValueError(f"a script's setting was not given: {script[script.index('@') :][:40]!r}")
+    return script
 
 
 def decode_state(raw: str) -> dict | None:
@@ -604,18 +637,11 @@ def init_app(app: Flask) -> None:
     config = app.config
     client = app.extensions["sms.redis"]
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
-    store = ConversationStore(
+    store = ConversationStore.from_config(
         client,
-        ttl=config["CONVERSATION_TTL"],
-        lock_ttl=config["LOCK_TTL"],
-        lock_wait=config["LOCK_WAIT"],
-        redelivery_window=config["REDELIVERY_WINDOW"],
-        replies_kept=config["REPLIES_KEPT"],
-        events_max=config["EVENTS_MAX"],
+        config,
         hooks=app.extensions["sms.on_end"] is not None,
         on_lock_wait=app.extensions["sms.metrics"].lock_wait.observe,
-        wait_replicas=config["REDIS_WAIT_REPLICAS"],
-        wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
     )
     store.preload()
     app.extensions["sms.keys"] = keys

@@ -313,6 +313,20 @@ def test_replay_memory_keeps_at_most_replies_kept_answers(redis_url, redis_clien
     assert redis_client.dbsize() == keys_after_one  # nothing per message
 
 
+def test_apps_with_different_settings_share_a_redis(redis_url, redis_client):
+    """A store's settings are compiled into its scripts: each app runs its own."""
+    few = make_app(REDIS_URL=redis_url, REPLIES_KEPT=2).test_client()
+    many = make_app(REDIS_URL=redis_url).test_client()
+    for _ in range(4):
+        assert post_signed(few, webhook_params(sender=REY)).status_code == 200
+        assert post_signed(many, webhook_params(sender=FRIEND)).status_code == 200
+    kept = {
+        sender: [f for f in conversation(redis_client, sender) if f.startswith("m:")]
+        for sender in (REY, FRIEND)
+    }
+    assert (len(kept[REY]), len(kept[FRIEND])) == (2, 4)
+
+
 def test_replay_memory_forgets_answers_older_than_the_window(redis_url, redis_client):
     app = make_app(REDIS_URL=redis_url, REDELIVERY_WINDOW=1)
     client = app.test_client()
