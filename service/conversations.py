@@ -36,12 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lua helpers shared by the scripts below (prepended to each).
-HELPERS = """
+# Lua helpers shared by the scripts below (prepended to each; each script defines only those it
+# may use: a function defined is a closure made on every call).
+NOW = """
 local function now_ms()
   local clock = redis.call('TIME')
   return clock[1] * 1000 + math.floor(clock[2] / 1000)
 end
+"""
+HELPERS = """
 -- Deletes the fields `names` of the hash `key`: one HDEL per thousand, not one per field.
 local function delete(key, names)
   for i = 1, #names, 1000 do
@@ -60,30 +63,55 @@ local function pair(member)
   local bar = string.find(member, '|', 1, true)
   return string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
 end
--- Per tag, one-minute tallies: field '<minute><code>' (minute: epoch ms // 60000; codes below)
--- counted by HINCRBY, so that a message costs one command and no parsing (a ring of 60 records
--- of 9 numbers, read and rewritten whole, cost a fifth of a save's instructions). The first count of
--- a field in its minute forgets the minutes older than an hour (an earlier version's records,
--- field 'minute % 60' = "<minute> <9 numbers>", once theirs are) and keeps the key an hour more.
-local TALLY = {messages = 'm', started = 's', expired = 'e', operator = 'o', ['opt-out'] = 'x',
-               handler = 'h', duration = 'd', ended_messages = 'n'}
-local function tally(minutes, now, counts)
-  local minute = math.floor(now / 60000)
-  local first = false
-  for name, add in pairs(counts) do
-    if add > 0 and redis.call('HINCRBY', minutes, minute .. TALLY[name], add) == add then first = true end
-  end
-  if first then
-    local fields, doomed = redis.call('HGETALL', minutes), {}
-    for i = 1, #fields, 2 do
-      local at = string.match(fields[i], '^(%d+)%a$') or string.match(fields[i + 1], '^(%d+) ')
-      if (tonumber(at) or 0) <= minute - 60 then doomed[#doomed + 1] = fields[i] end
-    end
-    delete(minutes, doomed)
-    redis.call('PEXPIRE', minutes, 3660000)
-  end
-  return first
+-- Per tag, one-minute tallies: field '<minute><code>' (minute: epoch ms // 60000; code m
+-- messages, s started, e o x h ended as expired, operator, opt-out, handler, d the ended ones'
+-- ms, n their messages) counted by HINCRBY, so that a message costs one command and no parsing
+-- (a ring of 60 records of 9 numbers, read and rewritten whole, cost a fifth of a save's
+-- instructions). `count` says whether it made the field, the first count of its minute: then
+-- `renew` forgets the minutes older than an hour (an earlier version's records, field
+-- 'minute % 60' = "<minute> <9 numbers>", once theirs are) and keeps the key an hour more.
+local function count(minutes, minute, code, add)
+  return add > 0 and redis.call('HINCRBY', minutes, minute .. code, add) == add
 end
+local function renew(minutes, minute)
+  local fields, doomed = redis.call('HGETALL', minutes), {}
+  for i = 1, #fields, 2 do
+    local at = string.match(fields[i], '^(%d+)%a$') or string.match(fields[i + 1], '^(%d+) ')
+    if (tonumber(at) or 0) <= minute - 60 then doomed[#doomed + 1] = fields[i] end
+  end
+  delete(minutes, doomed)
+  redis.call('PEXPIRE', minutes, 3660000)
+end
+-- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
+-- tally and, for the end hook, its final state, in the same atomic step as its fields and
+-- index entry going. `k`: the conversation's keys and the stream's settings.
+local REASONS = {expired = 'e', operator = 'o', ['opt-out'] = 'x', handler = 'h'}
+local function finish(k, reason, ended_at, now)
+  local found = redis.call('HMGET', k.conversation, 'sid', 'seq', 'first_seen', 'state')
+  redis.call('ZREM', k.index, k.member)
+  if not found[1] then
+    forget(k.conversation)
+    return 0
+  end
+  local sender, recipient = pair(k.member)
+  local messages, started_at = found[2] or '0', found[3] or '0'
+  redis.call('XADD', k.events, 'MAXLEN', '~', k.events_max, '*', 'type', 'ended', 'from', sender,
+             'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
+             'ended_at', ended_at, 'conversation', found[1])
+  local minute, code = math.floor(now / 60000), REASONS[reason]
+  local first = count(k.minutes, minute, code, 1)
+  first = count(k.minutes, minute, 'd', math.max(ended_at - (tonumber(started_at) or ended_at), 0)) or first
+  if count(k.minutes, minute, 'n', tonumber(messages) or 0) or first then renew(k.minutes, minute) end
+  if k.hooks == '1' then
+    redis.call('HSET', k.ending, found[1], cjson.encode({sender, recipient, reason, messages,
+               started_at, tostring(ended_at), found[4] or '{}'}))
+  end
+  forget(k.conversation)
+  return 1
+end
+"""
+
+PRUNE = """
 -- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
 -- the conversation's own fields: what `forget` does, in the same read); returns the oldest
 -- kept answer's time (its text, or false) and how many are kept.
@@ -109,34 +137,11 @@ local function prune(conversation, horizon, keep, reset)
   local kept = math.min(#answers, keep)
   return kept > 0 and answers[kept][3], kept
 end
--- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
--- tally and, for the end hook, its final state, in the same atomic step as its fields and
--- index entry going. `k`: the conversation's keys and the stream's settings.
-local function finish(k, reason, ended_at, now)
-  local found = redis.call('HMGET', k.conversation, 'sid', 'seq', 'first_seen', 'state')
-  redis.call('ZREM', k.index, k.member)
-  if not found[1] then
-    forget(k.conversation)
-    return 0
-  end
-  local sender, recipient = pair(k.member)
-  local messages, started_at = found[2] or '0', found[3] or '0'
-  redis.call('XADD', k.events, 'MAXLEN', '~', k.events_max, '*', 'type', 'ended', 'from', sender,
-             'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
-             'ended_at', ended_at, 'conversation', found[1])
-  tally(k.minutes, now, {[reason] = 1, duration = math.max(ended_at - (tonumber(started_at) or ended_at), 0),
-                         ended_messages = tonumber(messages) or 0})
-  if k.hooks == '1' then
-    redis.call('HSET', k.ending, found[1], cjson.encode({sender, recipient, reason, messages,
-               started_at, tostring(ended_at), found[4] or '{}'}))
-  end
-  forget(k.conversation)
-  return 1
-end
 """
 
 OPEN = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
@@ -147,8 +152,6 @@ local conversation, lock, queue, waiters, index, events, ending, minutes =
 local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
 local hooks, lock_ms, patience_ms, ttl_ms, events_max =  -- settings, compiled in (`configured`)
   '@hooks@', '@lock_ms@', @patience_ms@, @ttl_ms@, '@events_max@'
-local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
 -- but polls are rare: an uncontended message saves a call).
@@ -176,6 +179,8 @@ if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lo
   if found[2] then  -- only a stored conversation can have run out of time
     local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
     if expiry <= now then
+      local k = {conversation = conversation, index = index, member = member, events = events,
+                 ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
       local ended = finish(k, 'expired', expiry, now)
       return {'ok', now, '', '', '', '', ended}
     end
@@ -196,6 +201,7 @@ return {'busy', redis.call('ZRANK', queue, token)}
 
 SAVE = (
     HELPERS
+    + PRUNE
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the
@@ -208,8 +214,6 @@ local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3]
 local fresh, end_reason, opened_at = ARGV[7] == '1', ARGV[8], ARGV[9]
 local hooks, ttl_ms, window_ms, kept, events_max, keep_px, window_px =  -- settings, compiled in
   '@hooks@', @ttl_ms@, @window_ms@, @kept@, '@events_max@', '@keep_ms@', '@window_ms@'
-local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -223,7 +227,10 @@ end
 local now = tonumber(opened_at)
 
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
-local first_of_minute = tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
+local minute = math.floor(now / 60000)
+local first_of_minute = count(minutes, minute, 'm', 1)
+if fresh and keeps and count(minutes, minute, 's', 1) then first_of_minute = true end
+if first_of_minute then renew(minutes, minute) end
 local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
 -- are scanned only when one can be forgotten (out of the window, or over the cap). With one
@@ -266,6 +273,8 @@ if added == 1 or first_of_minute then
 end
 local ended = 0
 if end_reason ~= '' then
+  local k = {conversation = conversation, index = index, member = member, events = events,
+             ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
   ended = finish(k, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
@@ -284,7 +293,8 @@ redis.call('HDEL', waiters, token)
 """
 
 END = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- An operator ends the conversation now ('operator'); one whose time already ran out ends as
 -- 'expired' at that time instead. The lock goes too, so that a message being handled answers
@@ -307,7 +317,8 @@ return finish(k, 'operator', now, now)
 )
 
 EXPIRE = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
 -- message extended it meanwhile or is being handled now (it will extend or end it itself).
