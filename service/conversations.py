@@ -158,8 +158,9 @@ local hooks, lock_ms, patience_ms, ttl_ms, events_max =  -- settings, compiled i
 local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
                          'last_seen')
 if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
-  redis.call('ZREM', queue, token)
-  redis.call('HDEL', waiters, token)
+  if redis.call('ZREM', queue, token) == 1 then  -- a waiter's heartbeat goes with its ticket
+    redis.call('HDEL', waiters, token)
+  end
   return {'dup', (string.gsub(found[1], '^%d+ ', '', 1)), found[2] or ''}
 end
 local now = now_ms()
