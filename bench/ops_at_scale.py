@@ -26,6 +26,7 @@ from pathlib import Path
 from bench.goals import OPS
 from service import create_app, logs
 from service.conversations import now_ms
+from service.sessions import SESSION_ID_BYTES
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 
 OUR_NUMBERS = ("+15550001111", "+15550002222", "+15550003333")
@@ -65,7 +66,7 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
         pipe.hset(
             conversation.state,
             mapping={
-                "sid": secrets.token_urlsafe(32),
+                "sid": secrets.token_urlsafe(SESSION_ID_BYTES),
                 "state": json.dumps({"messages": messages}),
                 "seq": messages,
                 "m:SM" + secrets.token_hex(16): f"{messages} Friend has messaged {recipient} "

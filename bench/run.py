@@ -13,7 +13,8 @@ Each is driven by ``bench/loadgen.py`` in a separate process with the same Twili
 alternating contenders (and gunicorn worker models: the one ``config/gunicorn.conf.py`` ships
 and sync) over several rounds so that machine drift cancels; the report gives medians. Then
 round trips per message of each contender (counted by Redis's ``MONITOR``), a hot
-conversation, Redis memory per conversation, the operators' queries at 1M conversations
+conversation, Redis memory per conversation, Redis CPU per script and message
+(``bench/redis_cpu.py``), the operators' queries at 1M conversations
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
 (``bench/profile.py``) and the goals of ``bench/goals.py``. Report: stdout and a JSON file.
 """
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import statistics
@@ -41,10 +43,12 @@ from pathlib import Path
 import redis
 
 from bench import goals as bench_goals
+from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
 from service.conversations import ConversationStore, Opened, now_ms
 from service.keys import Keys
+from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
@@ -71,6 +75,8 @@ class Profile:
     burst: float = 0.1  # share of later messages that arrive as a pair of simultaneous ones
     redeliver: float = 0.05  # share of messages Twilio delivers a second time
     hot: int = 50
+    redis_cpu_conversations: int = 5000  # bench/redis_cpu.py: Redis CPU per script and message
+    redis_cpu_repeats: int = 5
     profile_pairs: int = 200  # bench/profile.py: pairs of 10 messages per pass
     profile_passes: int = 3
     instructions_pairs: int = 50  # the same under callgrind (0: not measured)
@@ -98,6 +104,8 @@ QUICK = Profile(
     profile_pairs=10,
     profile_passes=1,
     instructions_pairs=0,
+    redis_cpu_conversations=500,
+    redis_cpu_repeats=1,
 )
 
 
@@ -492,15 +500,14 @@ def _memory_run(
         ttl=defaults["CONVERSATION_TTL"],
         lock_ttl=5,
         lock_wait=5,
-        redelivery_window=defaults["REDELIVERY_WINDOW"],
+        redelivery_window=window_ms / 1000,
         replies_kept=kept,
     )
-    store.window_ms = window_ms
     store.preload()
     keys = Keys()
     baseline = client.info("memory")["used_memory"]
     pairs = [keys.conversation(f"+1556{n:07d}", RECIPIENT) for n in range(conversations)]
-    sids = {pair.member: f"{n:043d}" for n, pair in enumerate(pairs)}
+    sids = {pair.member: secrets.token_urlsafe(SESSION_ID_BYTES) for pair in pairs}  # as the service's
     figures = {}
     for message in range(1, messages + 1):
         for start in range(0, conversations, 2000):
@@ -708,6 +715,9 @@ def benchmark(profile: Profile) -> dict:
         redis_server.client.flushall()
         report["cpu_profile"] = cpu_profile(profile, redis_server)
         report["memory"] = memory(redis_server, profile.memory_conversations)
+        report["redis_cpu"] = redis_cpu.measure(
+            redis_server.client, profile.redis_cpu_conversations, profile.redis_cpu_repeats
+        )
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
     report["goals"] = goals(report)
@@ -785,6 +795,7 @@ def render(report: dict) -> str:
             f"(hash {row['hash_encoding']}, {row['hash_memory_usage']} B; index "
             f"{row['index_encoding']}; started event {row['events_bytes_per_conversation']:.0f} B)"
         )
+    out.append(redis_cpu.render(report["redis_cpu"]))
     ops = report["ops_at_scale"]
     out.append(
         f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "

@@ -3,7 +3,8 @@
 A conversation is one hash (see ``keys``): ``sid``, ``state`` (JSON), ``seq`` (its messages),
 ``first_seen``/``last_seen`` (epoch ms, Redis' clock) and one field ``m:<MessageSid>`` =
 ``"<ms> <answer>"`` per message answered within the redelivery window, so a redelivery is
-found with one HGET and no per-message key exists. docs/design.md tells the whole story.
+found with one HGET and no per-message key exists, and ``answers`` (the oldest one's ms and
+their number) while more than one is kept. docs/design.md tells the whole story.
 
 Why Lua: a message costs exactly two round trips. ``open`` answers a redelivery from memory,
 or queues for the conversation's lock in arrival order and, once first in line, takes it and
@@ -19,9 +20,9 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from redis import RedisError
@@ -36,64 +37,56 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Lua helpers shared by the scripts below (prepended to each).
-HELPERS = """
+# Lua helpers shared by the scripts below (prepended to each; each script defines only those it
+# may use: a function defined is a closure made on every call).
+NOW = """
 local function now_ms()
   local clock = redis.call('TIME')
   return clock[1] * 1000 + math.floor(clock[2] / 1000)
 end
+"""
+HELPERS = """
+-- Deletes the fields `names` of the hash `key`: one HDEL per thousand, not one per field.
+local function delete(key, names)
+  for i = 1, #names, 1000 do
+    redis.call('HDEL', key, unpack(names, i, math.min(i + 999, #names)))
+  end
+end
 -- The conversation's own fields go; the answers kept for redeliveries ('m:…') stay.
 local function forget(conversation)
-  local names = redis.call('HKEYS', conversation)
-  for i = 1, #names do
-    if string.sub(names[i], 1, 2) ~= 'm:' then redis.call('HDEL', conversation, names[i]) end
+  local doomed = {}
+  for _, name in ipairs(redis.call('HKEYS', conversation)) do
+    if string.sub(name, 1, 2) ~= 'm:' then doomed[#doomed + 1] = name end
   end
+  delete(conversation, doomed)
 end
 local function pair(member)
   local bar = string.find(member, '|', 1, true)
   return string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
 end
--- Per tag, a ring of 60 one-minute tallies (slot = minute % 60):
--- "<minute> <messages> <started> <expired> <operator> <opt-out> <handler> <ended ms> <ended messages>",
--- so that the last hour's figures are 100 small reads, whatever the traffic.
-local TALLY = {messages = 2, started = 3, expired = 4, operator = 5, ['opt-out'] = 6, handler = 7,
-               duration = 8, ended_messages = 9}
-local function tally(minutes, now, counts)
-  local minute = math.floor(now / 60000)
-  local slot = tostring(minute % 60)
-  local fields = {}
-  for value in string.gmatch(redis.call('HGET', minutes, slot) or '', '%d+') do
-    fields[#fields + 1] = tonumber(value)
-  end
-  local new_minute = fields[1] ~= minute or #fields ~= 9
-  if new_minute then fields = {minute, 0, 0, 0, 0, 0, 0, 0, 0} end
-  for name, add in pairs(counts) do fields[TALLY[name]] = fields[TALLY[name]] + add end
-  redis.call('HSET', minutes, slot, table.concat(fields, ' '))
-  if new_minute then redis.call('PEXPIRE', minutes, 3660000) end
+-- Per tag, one-minute tallies: field '<minute><code>' (minute: epoch ms // 60000; code m
+-- messages, s started, e o x h ended as expired, operator, opt-out, handler, d the ended ones'
+-- ms, n their messages) counted by HINCRBY, so that a message costs one command and no parsing
+-- (a ring of 60 records of 9 numbers, read and rewritten whole, cost a fifth of a save's
+-- instructions). `count` says whether it made the field, the first count of its minute: then
+-- `renew` forgets the minutes older than an hour (an earlier version's records, field
+-- 'minute % 60' = "<minute> <9 numbers>", once theirs are) and keeps the key an hour more.
+local function count(minutes, minute, code, add)
+  return add > 0 and redis.call('HINCRBY', minutes, minute .. code, add) == add
 end
--- Forgets the answers older than `horizon`, and the oldest beyond `keep`; returns the oldest
--- kept answer's time (or false) and how many are kept.
-local function prune(conversation, horizon, keep)
-  local fields = redis.call('HGETALL', conversation)
-  local answers = {}
+local function renew(minutes, minute)
+  local fields, doomed = redis.call('HGETALL', minutes), {}
   for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 2) == 'm:' then
-      local at = tonumber(string.match(fields[i + 1], '^(%d+) '))
-      if at == nil or at <= horizon then
-        redis.call('HDEL', conversation, fields[i])
-      else
-        answers[#answers + 1] = {at, fields[i]}
-      end
-    end
+    local at = string.match(fields[i], '^(%d+)%a$') or string.match(fields[i + 1], '^(%d+) ')
+    if (tonumber(at) or 0) <= minute - 60 then doomed[#doomed + 1] = fields[i] end
   end
-  table.sort(answers, function(a, b) return a[1] > b[1] end)
-  for i = keep + 1, #answers do redis.call('HDEL', conversation, answers[i][2]) end
-  local kept = math.min(#answers, keep)
-  return kept > 0 and answers[kept][1], kept
+  delete(minutes, doomed)
+  redis.call('PEXPIRE', minutes, 3660000)
 end
 -- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
 -- tally and, for the end hook, its final state, in the same atomic step as its fields and
 -- index entry going. `k`: the conversation's keys and the stream's settings.
+local REASONS = {expired = 'e', operator = 'o', ['opt-out'] = 'x', handler = 'h'}
 local function finish(k, reason, ended_at, now)
   local found = redis.call('HMGET', k.conversation, 'sid', 'seq', 'first_seen', 'state')
   redis.call('ZREM', k.index, k.member)
@@ -106,8 +99,10 @@ local function finish(k, reason, ended_at, now)
   redis.call('XADD', k.events, 'MAXLEN', '~', k.events_max, '*', 'type', 'ended', 'from', sender,
              'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
              'ended_at', ended_at, 'conversation', found[1])
-  tally(k.minutes, now, {[reason] = 1, duration = math.max(ended_at - (tonumber(started_at) or ended_at), 0),
-                         ended_messages = tonumber(messages) or 0})
+  local minute, code = math.floor(now / 60000), REASONS[reason]
+  local first = count(k.minutes, minute, code, 1)
+  first = count(k.minutes, minute, 'd', math.max(ended_at - (tonumber(started_at) or ended_at), 0)) or first
+  if count(k.minutes, minute, 'n', tonumber(messages) or 0) or first then renew(k.minutes, minute) end
   if k.hooks == '1' then
     redis.call('HSET', k.ending, found[1], cjson.encode({sender, recipient, reason, messages,
                started_at, tostring(ended_at), found[4] or '{}'}))
@@ -117,8 +112,37 @@ local function finish(k, reason, ended_at, now)
 end
 """
 
+PRUNE = """
+-- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
+-- the conversation's own fields: what `forget` does, in the same read); returns the oldest
+-- kept answer's time (its text, or false) and how many are kept.
+local function prune(conversation, horizon, keep, reset)
+  local fields = redis.call('HGETALL', conversation)
+  local answers, doomed = {}, {}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 'm:' then
+      local stamp = string.match(fields[i + 1], '^(%d+) ')
+      local at = tonumber(stamp)
+      if at == nil or at <= horizon then
+        doomed[#doomed + 1] = fields[i]
+      else
+        answers[#answers + 1] = {at, fields[i], stamp}
+      end
+    elseif reset then
+      doomed[#doomed + 1] = fields[i]
+    end
+  end
+  table.sort(answers, function(a, b) return a[1] > b[1] end)
+  for i = keep + 1, #answers do doomed[#doomed + 1] = answers[i][2] end
+  delete(conversation, doomed)
+  local kept = math.min(#answers, keep)
+  return kept > 0 and answers[kept][3], kept
+end
+"""
+
 OPEN = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
@@ -126,17 +150,19 @@ OPEN = (
 -- if its time ran out (its index score: last message + TTL).
 local conversation, lock, queue, waiters, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local token, message_sid, member, hooks = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lock_ms, patience_ms, ttl_ms, events_max =
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
+local hooks, lock_ms, patience_ms, ttl_ms, events_max =  -- settings, compiled in (`configured`)
+  '@hooks@', '@lock_ms@', @patience_ms@, @ttl_ms@, '@events_max@'
 
-local answered = redis.call('HGET', conversation, 'm:' .. message_sid)
-if answered then  -- answered while this delivery waited, maybe: it leaves the line at once
-  redis.call('ZREM', queue, token)
-  redis.call('HDEL', waiters, token)
-  return {'dup', (string.gsub(answered, '^%d+ ', '', 1)), redis.call('HGET', conversation, 'sid') or ''}
+-- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
+-- but polls are rare: an uncontended message saves a call).
+local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
+                         'last_seen')
+if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
+  if redis.call('ZREM', queue, token) == 1 then  -- a waiter's heartbeat goes with its ticket
+    redis.call('HDEL', waiters, token)
+  end
+  return {'dup', (string.gsub(found[1], '^%d+ ', '', 1)), found[2] or ''}
 end
 local now = now_ms()
 
@@ -152,14 +178,16 @@ if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lo
     redis.call('ZREM', queue, token)
     redis.call('HDEL', waiters, token)
   end
-  local found = redis.call('HMGET', conversation, 'sid', 'state', 'seq', 'first_seen', 'last_seen')
-  local expiry = tonumber(redis.call('ZSCORE', index, member))
-                 or (tonumber(found[5]) or now) + ttl_ms
-  if found[1] and expiry <= now then
-    local ended = finish(k, 'expired', expiry, now)
-    return {'ok', now, '', '', '', '', ended}
+  if found[2] then  -- only a stored conversation can have run out of time
+    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
+    if expiry <= now then
+      local k = {conversation = conversation, index = index, member = member, events = events,
+                 ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+      local ended = finish(k, 'expired', expiry, now)
+      return {'ok', now, '', '', '', '', ended}
+    end
   end
-  return {'ok', now, found[1] or '', found[2] or '', found[3] or '', found[4] or '', 0}
+  return {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
 end
 
 if not redis.call('ZSCORE', queue, token) then
@@ -175,6 +203,7 @@ return {'busy', redis.call('ZRANK', queue, token)}
 
 SAVE = (
     HELPERS
+    + PRUNE
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the
@@ -184,50 +213,73 @@ SAVE = (
 local conversation, lock, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local fresh, end_reason, started_at, hooks = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
-local ttl_ms, grace_ms, window_ms, kept, events_max =
-  tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+local fresh, end_reason, opened_at = ARGV[7] == '1', ARGV[8], ARGV[9]
+local hooks, ttl_ms, window_ms, kept, events_max, keep_px, window_px =  -- settings, compiled in
+  '@hooks@', @ttl_ms@, @window_ms@, @kept@, '@events_max@', '@keep_ms@', '@window_ms@'
 
-if redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 then return 'saved' end
-if redis.call('GET', lock) ~= token then return 'lost' end
-local now = now_ms()
+-- The lock first: while it is ours this message cannot have been saved (a save releases it), so
+-- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
+-- lost saved it already).
+if redis.call('GET', lock) ~= token then
+  return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+end
+-- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
+-- no TIME here, and its text is written as it came, never formatted from a number. Messages
+-- still get increasing times: the next one's OPEN takes the lock after this save released it.
+local now = tonumber(opened_at)
 
 local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
-tally(minutes, now, {messages = 1, started = (fresh and keeps) and 1 or 0})
-local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers')
+local minute = math.floor(now / 60000)
+local first_of_minute = count(minutes, minute, 'm', 1)
+if fresh and keeps and count(minutes, minute, 's', 1) then first_of_minute = true end
+if first_of_minute then renew(minutes, minute) end
+local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
--- are scanned only when one can be forgotten (out of the window, or over the cap).
+-- are scanned only when one can be forgotten (out of the window, or over the cap). With one
+-- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
+-- message's, at last_seen.
 local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
-from, count = tonumber(from), tonumber(count)
-if not (from and count and from > now - window_ms and count < kept) then
-  from, count = prune(conversation, now - window_ms, kept - 1)
+if not found[2] and found[3] then from, count = found[3], '1' end
+count = tonumber(count)
+-- A conversation's first message reads its hash once: the answers to keep, the rest (what an
+-- ended or unreadable conversation left) to go.
+local reset = fresh and keeps
+if reset or not (from and count and tonumber(from) > now - window_ms and count < kept) then
+  from, count = prune(conversation, now - window_ms, kept - 1, reset)
 end
-local answered = {'m:' .. message_sid, now .. ' ' .. answer}
+count = count + 1
+local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
+if count > 1 then
+  answered[3], answered[4] = 'answers', from .. ' ' .. count
+end
+local added = 0
 if keeps then
   if fresh then
     local sender, recipient = pair(member)
-    forget(conversation)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
-               'to', recipient, 'messages', '1', 'started_at', started_at, 'conversation', sid)
+               'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
+    answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
-  redis.call('HSET', conversation, answered[1], answered[2], 'sid', sid, 'state', state,
-             'seq', (tonumber(found[1]) or 0) + 1, 'last_seen', now,
-             'answers', (from or now) .. ' ' .. (count + 1))
-  if fresh then redis.call('HSET', conversation, 'first_seen', started_at) end
-  redis.call('ZADD', index, now + ttl_ms, member)
-  if redis.call('PTTL', index) < ttl_ms + grace_ms then
-    redis.call('PEXPIRE', index, ttl_ms + grace_ms)
-  end
+  redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
+             'last_seen', opened_at, unpack(answered))
+  if count == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
+  added = redis.call('ZADD', index, now + ttl_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end
+-- The index outlives its entries by GRACE (a day): its expiry moves with a new entry and with the
+-- first save of each minute in its tag, so at most a minute behind its latest entry's end, not
+-- on every save.
+if added == 1 or first_of_minute then
+  redis.call('PEXPIRE', index, keep_px)
+end
 local ended = 0
 if end_reason ~= '' then
+  local k = {conversation = conversation, index = index, member = member, events = events,
+             ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
   ended = finish(k, end_reason, now, now)
 end
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or ttl_ms + grace_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
 redis.call('DEL', lock)
 return ended == 1 and 'ended' or 'saved'
 """
@@ -243,14 +295,16 @@ redis.call('HDEL', waiters, token)
 """
 
 END = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- An operator ends the conversation now ('operator'); one whose time already ran out ends as
 -- 'expired' at that time instead. The lock goes too, so that a message being handled answers
 -- 503 instead of bringing the conversation back. Returns 1 if it was live.
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
-local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local member = ARGV[1]
+local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 local now = now_ms()
@@ -265,13 +319,15 @@ return finish(k, 'operator', now, now)
 )
 
 EXPIRE = (
-    HELPERS
+    NOW
+    + HELPERS
     + """
 -- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
 -- message extended it meanwhile or is being handled now (it will extend or end it itself).
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
-local member, hooks, events_max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local member = ARGV[1]
+local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
            ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
 local now = now_ms()
@@ -304,7 +360,7 @@ class Opened:
     (as Redis holds them: the caller decodes, and treats what it cannot read as new)."""
 
     token: str
-    now: int = 0
+    now: int = 0  # Redis' clock when the lock was taken: the message's time, handed back to SAVE
     answered: str | None = None
     sid: str = ""
     state: str = ""
@@ -329,7 +385,7 @@ class ConversationStore:
         ttl: int,
         lock_ttl: float,
         lock_wait: float,
-        redelivery_window: int,
+        redelivery_window: float,
         replies_kept: int,
         events_max: int = 1_000_000,
         hooks: bool = False,
@@ -344,17 +400,51 @@ class ConversationStore:
         self.ttl = ttl
         self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
-        self.window_ms = redelivery_window * 1000
+        self.window_ms = int(redelivery_window * 1000)
         self.replies_kept = replies_kept
         self.events_max = events_max
         self.hooks = "1" if hooks else "0"
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
-        self._open = client.register_script(OPEN)
-        self._save = client.register_script(SAVE)
+        settings: dict[str, int | str] = {
+            "hooks": self.hooks,
+            "lock_ms": self.lock_ms,
+            "patience_ms": int(self.PATIENCE * 1000),
+            "ttl_ms": ttl * 1000,
+            "keep_ms": (ttl + self.GRACE) * 1000,
+            "window_ms": self.window_ms,
+            "kept": replies_kept,
+            "events_max": events_max,
+        }
+        self._open = client.register_script(configured(OPEN, settings))
+        self._save = client.register_script(configured(SAVE, settings))
         self._release = client.register_script(RELEASE)
-        self._end = client.register_script(END)
-        self._expire = client.register_script(EXPIRE)
+        self._end = client.register_script(configured(END, settings))
+        self._expire = client.register_script(configured(EXPIRE, settings))
+
+    @classmethod
+    def from_config(
+        cls,
+        client: Client,
+        config: Mapping[str, Any],
+        *,
+        hooks: bool = False,
+        on_lock_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> ConversationStore:
+        """The store the app's ``config`` (``settings.load``) describes."""
+        return cls(
+            client,
+            ttl=config["CONVERSATION_TTL"],
+            lock_ttl=config["LOCK_TTL"],
+            lock_wait=config["LOCK_WAIT"],
+            redelivery_window=config["REDELIVERY_WINDOW"],
+            replies_kept=config["REPLIES_KEPT"],
+            events_max=config["EVENTS_MAX"],
+            hooks=hooks,
+            on_lock_wait=on_lock_wait,
+            wait_replicas=config["REDIS_WAIT_REPLICAS"],
+            wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
+        )
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -438,16 +528,7 @@ class ConversationStore:
                 keys.ending,
                 keys.minutes,
             ],
-            [
-                token,
-                message_sid,
-                keys.member,
-                self.hooks,
-                self.lock_ms,
-                int(self.PATIENCE * 1000),
-                self.ttl * 1000,
-                self.events_max,
-            ],
+            [token, message_sid, keys.member],
         )
 
     def save_call(
@@ -475,12 +556,6 @@ class ConversationStore:
                 "1" if fresh else "0",
                 end_reason or "",
                 opened.now,
-                self.hooks,
-                self.ttl * 1000,
-                self.GRACE * 1000,
-                self.window_ms,
-                self.replies_kept,
-                self.events_max,
             ],
         )
 
@@ -522,13 +597,13 @@ class ConversationStore:
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and
         index entry). True if it was live."""
-        return bool(self._run(self._end, self._ending_keys(keys), [keys.member, self.hooks, self.events_max]))
+        return bool(self._run(self._end, self._ending_keys(keys), [keys.member]))
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each
         with its event; returns how many. One pipeline, except on a Cluster, where redis-py
         cannot pipeline scripts: one call each there."""
-        calls = [(self._ending_keys(keys), [keys.member, self.hooks, self.events_max]) for keys in due]
+        calls = [(self._ending_keys(keys), [keys.member]) for keys in due]
         if cluster:
             return sum(self._expire(keys=k, args=a) for k, a in calls)
         pipe = self.client.pipeline(transaction=False)
@@ -539,6 +614,18 @@ class ConversationStore:
     @staticmethod
     def _ending_keys(keys: ConversationKeys) -> list[str]:
         return [keys.state, keys.lock, keys.active, keys.events, keys.ending, keys.minutes]
+
+
+def configured(script: str, settings: dict[str, int | str]) -> str:
+    """``script`` with each ``@name@`` replaced by the store's setting: constants compiled into
+    the script rather than arguments sent with every call (Redis spends about a thousand
+    instructions on each argument, and a few thousand more to parse or format a number). A
+    store's scripts therefore have their own SHAs; stores with the same settings share them."""
+    for name, value in settings.items():
+        script = script.replace(f"@{name}@", str(value))
+    if "@" in script:
+        raise ValueError(f"a script's setting was not given: {script[script.index('@') :][:40]!r}")
+    return script
 
 
 def decode_state(raw: str) -> dict | None:
@@ -563,18 +650,11 @@ def init_app(app: Flask) -> None:
     config = app.config
     client = redis_client.client(app)
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
-    store = ConversationStore(
+    store = ConversationStore.from_config(
         client,
-        ttl=config["CONVERSATION_TTL"],
-        lock_ttl=config["LOCK_TTL"],
-        lock_wait=config["LOCK_WAIT"],
-        redelivery_window=config["REDELIVERY_WINDOW"],
-        replies_kept=config["REPLIES_KEPT"],
-        events_max=config["EVENTS_MAX"],
+        config,
         hooks=handler.end_hook(app) is not None,
         on_lock_wait=metrics.current(app).lock_wait.observe,
-        wait_replicas=config["REDIS_WAIT_REPLICAS"],
-        wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
     )
     store.preload()
     app.extensions["sms.keys"] = keys

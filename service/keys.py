@@ -11,7 +11,7 @@ redis-cli can work the tag out by eye. There are 100 tags, so the active-convers
     <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
     <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
     <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
-    <prefix>minutes:{07}                           hash: minute % 60 → that minute's tallies
+    <prefix>minutes:{07}                           hash: <minute><code> → that minute's tally
     <prefix>ending:{07}                            hash: conversation id → its final state, for the end hook
     <prefix>events                                stream: lifecycle events (started, ended)
     <prefix>outbox:{07}                            stream: a Cluster's events on their way to <prefix>events

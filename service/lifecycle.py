@@ -40,8 +40,11 @@ DUE_PER_SHARD = 200  # conversations one sweep ends per index shard (the rest, n
 RELAY_PER_SHARD = 500
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 READ_BATCH = 1000
-# The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), after the minute itself.
+# The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), and their codes there
+# (field ``<minute><code>``, as the scripts' TALLY names them).
 TALLY = ("messages", "started", *END_REASONS, "duration_ms", "ended_messages")
+TALLY_CODES = "mseoxhdn"
+TALLIED = re.compile(r"([0-9]+)([a-z])")
 
 
 @dataclass(frozen=True)
@@ -163,15 +166,30 @@ class History:
         }
 
     def minute_tallies(self, first: int, last: int) -> Iterator[list[int]]:
-        """Every tag's tallies (in ``TALLY``'s order) of the minutes ``first`` to ``last``."""
+        """Every tag's tallies (in ``TALLY``'s order) of the minutes ``first`` to ``last``.
+
+        A tag's hash holds one field per minute and tally, ``<minute><code>`` (``TALLY_CODES``);
+        an earlier version wrote one record per minute, ``minute % 60`` = ``"<minute> <the
+        tallies in TALLY's order>"``, read here too until the scripts clear it.
+        """
         pipe = self.client.pipeline(transaction=False)
         for shard in self.keys.shards():
-            pipe.hvals(self.keys.minutes(shard))
-        for values in pipe.execute():
-            for value in values:
-                minute, *tally = (int(part) for part in value.split())
-                if first <= minute <= last and len(tally) == len(TALLY):
-                    yield tally
+            pipe.hgetall(self.keys.minutes(shard))
+        for fields in pipe.execute():
+            by_minute: dict[int, list[int]] = {}
+            for field, value in fields.items():
+                counted = TALLIED.fullmatch(field)
+                if counted and value.isdigit():
+                    minute, code = int(counted[1]), counted[2]
+                    if first <= minute <= last and code in TALLY_CODES:
+                        by_minute.setdefault(minute, [0] * len(TALLY))[TALLY_CODES.index(code)] += int(value)
+                elif field.isdigit():  # an earlier version's record
+                    numbers = value.split()
+                    if len(numbers) == len(TALLY) + 1 and all(n.isdigit() for n in numbers):
+                        minute, *tally = (int(n) for n in numbers)
+                        if first <= minute <= last:
+                            yield tally
+            yield from by_minute.values()
 
     def samples(self, since_ms: int) -> list[Sample]:
         entries = self.client.xrange(self.keys.samples, str(since_ms), "+")

@@ -38,6 +38,11 @@ from .redis_client import UNAVAILABLE
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
 URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # token_urlsafe's alphabet: a cookie value unquoted
+# A conversation's id: 128 random bits (22 characters), unique however many conversations there
+# are. It only names the conversation (its events, the end hook, the cookie's hint) and grants
+# nothing: the signed (From, To) pair finds the state. Stored twice (the hash and the started
+# event), so 256 bits cost 42 bytes per conversation for nothing.
+SESSION_ID_BYTES = 16
 
 
 class JsonSerializer(Serializer):
@@ -145,7 +150,7 @@ class ConversationSession(Conversation):
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
             self.fresh = True
-            self.sid = secrets.token_urlsafe(32)
+            self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
             self.messages = 1
             self.started_at = _moment(opened.now)
             return

@@ -26,6 +26,7 @@ SECTIONS = {
     "hot_conversation",
     "cpu_profile",
     "memory",
+    "redis_cpu",
     "ops_at_scale",
     "goals",
 }
@@ -67,6 +68,7 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         assert profiled["cpu_us_per_request"] > 0 and sum(profiled["components_us"].values()) > 0
     for shape in ("first_message", "steady", "burst", "burst_cap"):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
+    assert all(isinstance(v, float) for v in report["redis_cpu"]["cpu_us_per_message"].values())
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
     assert all(
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from redis.cluster import RedisCluster
 
-from service.conversations import END, EXPIRE, OPEN, RELEASE, SAVE
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
@@ -42,7 +41,8 @@ def cluster_app(redis_cluster):
 def test_scripts_are_preloaded_on_every_primary(cluster_app, redis_cluster):
     import hashlib
 
-    scripts = (OPEN, SAVE, RELEASE, END, EXPIRE)
+    store = cluster_app[0].extensions["sms.store"]
+    scripts = [s.script for s in (store._open, store._save, store._release, store._end, store._expire)]
     shas = [hashlib.sha1(script.encode()).hexdigest() for script in scripts]
     for node in redis_cluster.nodes:
         assert node.client().script_exists(*shas) == [True] * len(scripts)

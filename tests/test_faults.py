@@ -7,7 +7,6 @@ The app runs under gunicorn as in production; the Twilio side redelivers a messa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import socket
@@ -17,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
-from service.conversations import SAVE
+from service import settings
+from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
 from tests.support.app import TOKEN
@@ -126,11 +127,12 @@ class FreezingProxy:
     sits between its two round trips, holding the conversation's lock, ready to be killed.
     """
 
-    def __init__(self, upstream_port: int):
+    def __init__(self, upstream_port: int, env: dict[str, str]):
         self.upstream_port = upstream_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.save_sha = hashlib.sha1(SAVE.encode()).hexdigest().encode()
+        store = ConversationStore.from_config(redis.Redis(), settings.load(env))  # the app's scripts
+        self.save_sha = store._save.sha.encode()
         self.freeze_save = threading.Event()
         self.frozen = threading.Event()
         self.sockets: list[socket.socket] = []
@@ -183,13 +185,13 @@ def gunicorn_workers(master_pid: int) -> list[int]:
 
 def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_server, redis_client):
     sender = "+15554200002"
-    proxy = FreezingProxy(redis_server.port)
     env = {
-        "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0",
         "REDIS_TIMEOUT": "4",
         "LOCK_TTL": "4",
         "LOCK_WAIT": "0.2",
     }  # the lock outlives the kill
+    proxy = FreezingProxy(redis_server.port, env)
+    env["REDIS_URL"] = f"redis://127.0.0.1:{proxy.port}/0"
     statuses: list[int] = []
     try:
         with Gunicorn(env, workers=1) as gunicorn:

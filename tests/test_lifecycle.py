@@ -272,7 +272,8 @@ def test_a_sweep_costs_the_same_for_100_or_2000_live_conversations(app, redis_cl
         tallies.append(commands_during(redis_client, Sweeper(app).sweep))
         redis_client.flushall()
     assert tallies[0] == tallies[1]
-    assert not {"keys", "scan", "zrange", "hgetall"} & set(tallies[1])
+    assert not {"keys", "scan", "zrange"} & set(tallies[1])
+    assert tallies[1]["hgetall"] <= 100  # the sample's minute: each tag's tallies, bounded by the hour
 
 
 def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
@@ -347,4 +348,30 @@ def test_the_last_hour_costs_the_same_for_ten_or_five_hundred_conversations(app,
         tallies.append(commands_during(redis_client, lambda: found.append(history.stats())))
         assert found[0]["started"] == total
         redis_client.flushall()
-    assert tallies[0] == tallies[1] == {"hvals": 100}
+    assert tallies[0] == tallies[1] == {"hgetall": 100}
+
+
+def test_every_tally_is_read_back_with_an_earlier_versions_records(redis_url, redis_client):
+    """Each end reason, started, messages and the ended ones' messages go to their own field of
+    the minute; a record an earlier version wrote (one per minute, 9 numbers) is read too."""
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1}, handler=notebook
+    )
+    twilio = TwilioSimulator.for_app(app)
+    senders = [f"+15551230{n}" for n in range(101, 105)]
+    for sender in senders:
+        twilio.send(sender, OURS, "hi")
+    twilio.send(senders[0], OURS, "bye")  # handler, 2 messages
+    twilio.send(senders[1], OURS, "STOP")  # opt-out, 2 messages
+    assert app.extensions["sms.store"].end(KEYS.conversation(senders[2], OURS))  # operator, 1
+    time.sleep(1.1)
+    assert Sweeper(app).sweep() == 1  # expired, 1
+    earlier = f"{now_ms() // 60000} 4 1 1 0 0 0 60000 3"  # 1 started, 1 expired after 3 messages
+    redis_client.hset(KEYS.minutes("42"), "17", earlier)
+    stats = app.extensions["sms.history"].stats()
+    assert stats["started"] == 5
+    assert stats["ended"] == {"handler": 1, "opt-out": 1, "operator": 1, "expired": 2}
+    assert stats["average_messages"] == round((2 + 2 + 1 + 1 + 3) / 5, 2)
+    with app.app_context():
+        messages = sum(tally[0] for tally in app.extensions["sms.history"].minute_tallies(0, now_ms()))
+    assert messages == 4 + 2 + 4

@@ -11,6 +11,7 @@ import pytest
 import redis
 from flask import Response
 
+from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
@@ -93,7 +94,7 @@ def test_state_is_json_text_and_cookie_holds_only_the_session_id(twilio, redis_c
     assert json.loads(stored["state"]) == {} and stored["seq"] == "2"  # the counter keeps no state
     cookie = twilio.cookie_for(REY, OURS)
     assert cookie == stored["sid"] == delivery.cookie_sent
-    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", cookie)  # token_urlsafe(32): 256 random bits
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", cookie)  # token_urlsafe(16): 128 random bits
     third = twilio.send(REY, OURS, "three")
     assert third.cookie_sent == cookie == twilio.cookie_for(REY, OURS)  # same id while state changes
     assert messages(redis_client) == 3
@@ -166,6 +167,25 @@ def test_ttl_is_four_hours_and_slides(twilio, redis_client):
     time.sleep(0.01)
     twilio.send(REY, OURS, "two")
     assert redis_client.zscore(keys.active, keys.member) > first
+
+
+def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
+    """A tag's index expires a grace period after its latest entry's end (so that the sweeper
+    finds every conversation); its expiry moves with a new entry and with the first save of
+    each minute in the tag, so it is never more than a minute behind."""
+    keys, grace_ms = KEYS.conversation(REY, OURS), ConversationStore.GRACE * 1000
+
+    def lead_ms() -> int:  # how long the index outlives its latest entry's end
+        latest = redis_client.zrange(keys.active, -1, -1, withscores=True)[0][1]
+        return int(time.time() * 1000 + redis_client.pttl(keys.active) - latest)
+
+    twilio.send(REY, OURS, "one")  # a new entry
+    assert lead_ms() > grace_ms - 5000
+    redis_client.pexpire(keys.active, 60_000)  # as if its expiry had last moved a day ago
+    twilio.send(REY, OURS, "two")  # the same minute: the index keeps its expiry
+    redis_client.delete(keys.minutes)  # a new minute for the tag
+    twilio.send(REY, OURS, "three")
+    assert lead_ms() > grace_ms - 5000
 
 
 def test_expired_conversation_starts_afresh(redis_url):
@@ -293,6 +313,20 @@ def test_replay_memory_keeps_at_most_replies_kept_answers(redis_url, redis_clien
     assert redis_client.dbsize() == keys_after_one  # nothing per message
 
 
+def test_apps_with_different_settings_share_a_redis(redis_url, redis_client):
+    """A store's settings are compiled into its scripts: each app runs its own."""
+    few = make_app(REDIS_URL=redis_url, REPLIES_KEPT=2).test_client()
+    many = make_app(REDIS_URL=redis_url).test_client()
+    for _ in range(4):
+        assert post_signed(few, webhook_params(sender=REY)).status_code == 200
+        assert post_signed(many, webhook_params(sender=FRIEND)).status_code == 200
+    kept = {
+        sender: [f for f in conversation(redis_client, sender) if f.startswith("m:")]
+        for sender in (REY, FRIEND)
+    }
+    assert (len(kept[REY]), len(kept[FRIEND])) == (2, 4)
+
+
 def test_replay_memory_forgets_answers_older_than_the_window(redis_url, redis_client):
     app = make_app(REDIS_URL=redis_url, REDELIVERY_WINDOW=1)
     client = app.test_client()
@@ -302,6 +336,7 @@ def test_replay_memory_forgets_answers_older_than_the_window(redis_url, redis_cl
     time.sleep(1.1)
     post_signed(client, webhook_params())  # its save forgets the two answers now out of the window
     assert len([f for f in conversation(redis_client) if f.startswith("m:")]) == 1
+    assert "answers" not in conversation(redis_client)  # one kept: the last message's
     again = post_signed(client, old)  # too late to be recognised: Twilio never retries this late
     assert b"4 times" in again.data
 
@@ -405,10 +440,16 @@ def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client
 
 
 def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
-    """A conversation knows its oldest kept answer and how many it keeps ("answers"), so a
-    message within the window adds its answer without reading the others."""
+    """A conversation knows its oldest kept answer and how many it keeps ("answers", left out
+    while it keeps one: the last message's), so a message within the window adds its answer
+    without reading the others."""
     client = app.test_client()
-    for _ in range(5):
+    post_signed(client, webhook_params())
+    first = conversation(redis_client)
+    assert "answers" not in first
+    used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
+    assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{first['last_seen']} 2"
+    for _ in range(3):
         post_signed(client, webhook_params())
     oldest, count = conversation(redis_client)["answers"].split()
     assert count == "5" and int(oldest) <= int(conversation(redis_client)["last_seen"])
