@@ -185,19 +185,13 @@ def _finished(app: Flask, response: Response, **_) -> None:
     metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO
-    log.log(
-        level,
-        "webhook %s",
-        result.value,
-        extra={
-            "fields": {
-                **logs.summary_fields(),
-                "outcome": result,
-                "status": status,
-                "latency_ms": round(seconds * 1000, 2),
-            }
-        },
-    )
+    fields = {
+        **logs.summary_fields(),
+        "outcome": result,
+        "status": status,
+        "latency_ms": round(seconds * 1000, 2),
+    }
+    logs.write(log, level, "webhook " + result.value, fields)
 
 
 def init_app(app: Flask) -> None:
