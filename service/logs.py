@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
 import click
 import orjson
-from flask import Flask, g, has_request_context
+from flask import Flask
 from gunicorn.glogging import Logger as GunicornBaseLogger
 
 from .masking import mask
@@ -288,17 +289,28 @@ def _sole_handler(logger: logging.Logger, level: int) -> _Handler | None:
     return found
 
 
-def open_summary(**fields) -> None:
-    """Starts collecting fields for the current request's one summary line."""
-    g.log_fields = fields
+# The current webhook request's summary fields (None outside one): a context variable set by
+# the webhook's WSGI layer, since its line is opened before Flask's contexts and written after.
+_summary: ContextVar[dict | None] = ContextVar("sms_summary", default=None)
+
+
+def open_summary(fields: dict) -> Token:
+    """Starts collecting ``fields`` (the dict itself) for the current request's one summary
+    line; ``close_summary`` with the token returned ends it."""
     _summarised.request = True
+    return _summary.set(fields)
+
+
+def close_summary(token: Token) -> None:
+    _summary.reset(token)
 
 
 def annotate(**fields) -> bool:
     """Adds fields to the current request's summary line; False when none will be written."""
-    if not has_request_context() or "log_fields" not in g:
+    summary = _summary.get()
+    if summary is None:
         return False
-    g.log_fields.update(fields)
+    summary.update(fields)
     return True
 
 
@@ -310,7 +322,7 @@ def report(logger: logging.Logger, problem: str) -> None:
 
 
 def summary_fields() -> dict:
-    return g.get("log_fields", {})
+    return _summary.get() or {}
 
 
 def init_app(app: Flask) -> None:

@@ -76,6 +76,15 @@ def unavailable() -> Response:
     return response
 
 
+def http_error(error: HTTPException) -> Response:
+    """The exception's own headers (a 405's ``Allow``) with a plain-text reason."""
+    response = problem(error.code or 500, error.description or error.name)
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
 
@@ -97,11 +106,4 @@ def init_app(app: Flask) -> None:
         report(log, "could not save the conversation: its lock lapsed or it was ended meanwhile")
         return unavailable()
 
-    @app.errorhandler(HTTPException)
-    def http_error(error):
-        """The exception's own headers (a 405's ``Allow``) with a plain-text reason."""
-        response = problem(error.code or 500, error.description or error.name)
-        for name, value in error.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
+    app.register_error_handler(HTTPException, http_error)
