@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from flask import Flask
@@ -269,3 +269,22 @@ def test_the_webhooks_parser_reads_forms_as_werkzeug_did(raw):
         method="POST", data=raw, content_type="application/x-www-form-urlencoded"
     ).get_request()
     assert parsed == list(request.form.items(multi=True))
+
+
+# Pieces of a body: separators, pluses literal and encoded, escapes valid, cut short or
+# invalid, literal UTF-8 and bytes that are not (a lone lead byte, a lone continuation byte).
+FORM_PIECES = [b"a", b"=", b"&", b"+", b" ", b"%2B", b"%26", b"%3D", b"%3d", b"%C3%A9", b"%C3", b"%A9"]
+FORM_PIECES += [b"%zz", b"%", b"%25", b"%0", "é".encode(), b"\xc3", b"\xa9"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=st.lists(st.sampled_from(FORM_PIECES), max_size=16))
+def test_the_webhooks_parser_reads_what_parse_qsl_reads(pieces):
+    """Decoded in one pass or field by field, the same fields as the stdlib's strict parser
+    (encoded separators, encoded and literal pluses, escapes cut short or invalid)."""
+    raw = b"".join(pieces)
+    try:
+        expected = parse_qsl(raw.decode(), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        expected = None
+    assert _parsed(raw) == expected
