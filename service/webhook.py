@@ -91,6 +91,22 @@ def _fields(req) -> list[tuple[str, str]] | None:
     return list(req.form.items(multi=True)) if _decodable(body) else None
 
 
+def _problem(sender: str, recipient: str, message_sid: str) -> str | None:
+    """What is wrong with the first of From, To and MessageSid that is missing or malformed.
+    The three are checked at once, one pass over them joined (a property of each character),
+    and alone only to name the one at fault (three calls of four checks each were twice the
+    cost)."""
+    if 0 < len(sender) <= MAX_FIELD and 0 < len(recipient) <= MAX_FIELD and 0 < len(message_sid) <= MAX_FIELD:
+        joined = sender + recipient + message_sid
+        if "|" not in joined and " " not in joined and joined.isprintable():
+            return None
+    for name, value in (("From", sender), ("To", recipient), ("MessageSid", message_sid)):
+        reason = _field_problem(name, value)
+        if reason:
+            return reason
+    return None
+
+
 def _field_problem(name: str, value: str) -> str | None:
     if not value:
         return f"missing {name}"
@@ -163,10 +179,9 @@ def sms():
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
     if not signature.check(app).is_valid(req, fields if req.method == "POST" else ()):
         return _refuse(403, "invalid or missing Twilio signature")
-    for name, value in (("From", sender), ("To", recipient), ("MessageSid", message_sid)):
-        reason = _field_problem(name, value)
-        if reason:
-            return _refuse(400, reason)
+    reason = _problem(sender, recipient, message_sid)
+    if reason:
+        return _refuse(400, reason)
     message = Message.from_params(params, callers.directory(app).name(sender))
 
     conversation = cast(ConversationSession, request_ctx.session).bind(message)  # sessions.py's

@@ -13,7 +13,7 @@ from twilio.request_validator import RequestValidator
 from werkzeug.test import EnvironBuilder
 
 from service.signature import FormValues, SignatureCheck
-from service.webhook import _decodable, _parsed
+from service.webhook import MAX_FIELD, _decodable, _field_problem, _parsed, _problem
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 
@@ -288,3 +288,13 @@ def test_the_webhooks_parser_reads_what_parse_qsl_reads(pieces):
     except UnicodeDecodeError:
         expected = None
     assert _parsed(raw) == expected
+
+
+FIELD = st.text(st.sampled_from("+15a|\x00\u2028 é"), max_size=8) | st.just("+1" * (MAX_FIELD // 2 + 1))
+
+
+@given(sender=FIELD, recipient=FIELD, message_sid=FIELD)
+def test_the_three_fields_checked_at_once_as_one_by_one(sender, recipient, message_sid):
+    named = (("From", sender), ("To", recipient), ("MessageSid", message_sid))
+    first = next((r for r in (_field_problem(n, v) for n, v in named) if r), None)
+    assert _problem(sender, recipient, message_sid) == first
