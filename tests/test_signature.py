@@ -298,3 +298,27 @@ def test_the_three_fields_checked_at_once_as_one_by_one(sender, recipient, messa
     named = (("From", sender), ("To", recipient), ("MessageSid", message_sid))
     first = next((r for r in (_field_problem(n, v) for n, v in named) if r), None)
     assert _problem(sender, recipient, message_sid) == first
+
+
+def test_origins_remembered_are_still_each_request_s_own(redis_url):
+    """Checked and quoted once per origin, the URL signed is still the request's: a request
+    to another host is refused with that host's signature unless it is its own, a malformed
+    Host is still a 400, and made-up hosts do not grow what is remembered."""
+    from service import signature
+
+    client = make_app(REDIS_URL=redis_url).test_client()
+    for n in range(signature.REMEMBERED + 5):
+        params = webhook_params()
+        url = f"http://host{n % 3}.example:8000/sms"
+        good = {"X-Twilio-Signature": sign(url, params)}
+        assert (
+            client.post("/sms", data=params, base_url=url.removesuffix("/sms"), headers=good).status_code
+            == 200
+        )
+        other = f"http://made-up-{n}.example/sms"
+        assert (
+            client.post("/sms", data=params, base_url=other.removesuffix("/sms"), headers=good).status_code
+            == 403
+        )
+        assert client.post("/sms", data=params, headers={**good, "Host": "[::1"}).status_code == 400
+    assert len(signature._ORIGINS) <= signature.REMEMBERED
