@@ -509,3 +509,16 @@ def test_an_exception_flask_lets_through_still_has_its_line(redis_url, summaries
         post_signed(app.test_client(), webhook_params(REY, OURS, "hi"))
     [line] = summaries()
     assert (line["outcome"], line["status"]) == ("error", 500)
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "HEAD"])
+def test_the_service_s_answers_leave_as_werkzeug_would_send_them(method):
+    """``Reply`` skips werkzeug's general WSGI response: the same status, headers and body."""
+    from service.responses import twiml, unavailable
+
+    environ = {"REQUEST_METHOD": method, "SERVER_NAME": "localhost", "SERVER_PORT": "80"}
+    for reply in (twiml("<Response/>"), unavailable()):
+        reply.headers.add("Set-Cookie", "sms_session=abc; HttpOnly")
+        ours = reply.get_wsgi_response(environ)
+        werkzeugs = Response.get_wsgi_response(reply, environ)
+        assert (b"".join(ours[0]), ours[1], ours[2]) == (b"".join(werkzeugs[0]), werkzeugs[1], werkzeugs[2])
