@@ -171,9 +171,11 @@ def sms():
     fields = _fields(req)
     if fields is None:
         return _refuse(400, "request is not valid UTF-8 form data")
-    params: dict[str, str] = {}
-    for name, value in fields:  # the first of a repeated field, as werkzeug's MultiDict.get
-        params.setdefault(name, value)
+    params = dict(fields)  # in C; with a repeated field, the first one, as werkzeug's MultiDict.get:
+    if len(params) != len(fields):
+        params = {}
+        for name, value in fields:
+            params.setdefault(name, value)
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})

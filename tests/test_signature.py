@@ -322,3 +322,17 @@ def test_origins_remembered_are_still_each_request_s_own(redis_url):
         )
         assert client.post("/sms", data=params, headers={**good, "Host": "[::1"}).status_code == 400
     assert len(signature._ORIGINS) <= signature.REMEMBERED
+
+
+def test_a_repeated_field_reaches_the_handler_as_its_first_value(redis_url):
+    """As werkzeug's MultiDict.get: the first Body of two, in the fields' order."""
+    seen = []
+    app = make_app(REDIS_URL=redis_url)
+    app.extensions["sms.handler"] = lambda message, conversation: seen.append(message) or "ok"
+    params = webhook_params(body="first")
+    body = form(params) + b"&Body=second&Zeta=z"
+    good = sign("http://localhost/sms", FormValues.of([*params.items(), ("Body", "second"), ("Zeta", "z")]))
+    assert post_raw(app, body, good).status_code == 200
+    [message] = seen
+    assert message.body == "first"
+    assert list(message.params) == [*params, "Zeta"]
