@@ -336,3 +336,27 @@ def test_a_repeated_field_reaches_the_handler_as_its_first_value(redis_url):
     [message] = seen
     assert message.body == "first"
     assert list(message.params) == [*params, "Zeta"]
+
+
+def test_the_body_read_in_one_call_is_still_the_request_s(redis_url):
+    """Read from the server's stream directly, the body is still what ``request.get_data()``
+    gives later; a body shorter than its Content-Length is the 400 werkzeug's stream gave."""
+    import io
+
+    from flask import request
+
+    bodies = []
+    app = make_app(REDIS_URL=redis_url)
+    app.extensions["sms.handler"] = lambda message, conversation: bodies.append(request.get_data()) or "ok"
+    params = webhook_params()
+    body = form(params)
+    assert post_raw(app, body, sign("http://localhost/sms", params)).status_code == 200
+    assert bodies == [body]
+    short = app.test_client().post(
+        "/sms",
+        input_stream=io.BytesIO(body[:-5]),
+        content_type="application/x-www-form-urlencoded",
+        environ_overrides={"CONTENT_LENGTH": str(len(body))},
+        headers={"X-Twilio-Signature": sign("http://localhost/sms", params)},
+    )
+    assert short.status_code == 400
