@@ -45,10 +45,10 @@ def create_app(
     handlers.init_app(app, handler, on_end)
     conversations.init_app(app)
     lifecycle.init_app(app)
+    webhook.init_app(app)  # before signature's ProxyFix, so that its layer sees the client's address
     signature.init_app(app)
     responses.init_app(app)
     health.init_app(app)
-    webhook.init_app(app)
     ops.init_app(app)
     console.init_app(app)
     return app

@@ -15,11 +15,15 @@ import logging
 import re
 import sys
 import threading
+import time
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
 import click
-from flask import Flask, g, has_request_context
+import orjson
+from flask import Flask
 from gunicorn.glogging import Logger as GunicornBaseLogger
 
 from .masking import mask
@@ -32,6 +36,12 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 PROBE_PATHS = ("/healthz", "/readyz")  # service/health.py
 
 
+# What every phone number and terminal colour has: a text without it needs no scrubbing.
+SUSPECT = re.compile(r"\d{8}|\x1b")
+# ASCII text with each digit made 0 and all else not (a regex scan costs 10 ns a character).
+DIGITS = bytes(48 if 48 <= byte <= 57 else 46 for byte in range(256))
+
+
 def scrub(text: str) -> str:
     """``text`` with every phone number masked and terminal colours removed."""
     return PHONE_NUMBER.sub(lambda found: mask(unquote(found.group())), ANSI_ESCAPE.sub("", text))
@@ -41,33 +51,97 @@ def _scrubbed(value):
     return scrub(value) if isinstance(value, str) else value
 
 
+def _clean(message: str, fields: dict) -> tuple[str, dict]:
+    """``message`` and ``fields`` scrubbed, the usual line settled without substitutions
+    (each field's own two were a fifth of the webhook's log line): a value of letters and
+    digits alone (a MessageSid, a method) holds a number only when it is all digits, since a
+    number starts after a character that is not a word's; the rest is searched at once, for
+    what every number and colour has."""
+    texts = [message]
+    for value in fields.values():
+        if isinstance(value, str) and not (value.isalnum() and not value.isdecimal()):
+            texts.append(value)
+    text = "\n".join(texts)
+    if text.isascii():
+        suspect = "\x1b" in text or b"00000000" in text.encode().translate(DIGITS)
+    else:
+        suspect = SUSPECT.search(text) is not None
+    if not suspect:
+        return message, fields
+    return scrub(message), {key: _scrubbed(value) for key, value in fields.items()}
+
+
+class _Moments:
+    """A line's time, its second written once per second (``datetime`` and ``isoformat`` for
+    every line cost more than the rest of its head): ``2026-11-25T12:42:21.906+00:00`` in UTC
+    for JSON, ``2026-11-25 12:42:21.906`` in local time for text."""
+
+    def __init__(self, utc: bool):
+        self.utc = utc
+        self.second = (-1, "")  # (epoch second, its text)
+        self.milliseconds = [f".{n:03d}" + ("+00:00" if utc else "") for n in range(1000)]
+
+    def __call__(self, created: float) -> str:
+        second, milliseconds = divmod(int(created * 1000), 1000)
+        written, text = self.second
+        if written != second:
+            if self.utc:
+                text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            else:
+                text = datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")
+            self.second = (second, text)
+        return text + self.milliseconds[milliseconds]
+
+
+def _default(value):
+    return str(value)
+
+
+def json_line(created: float, level: str, logger: str, message: str, fields: dict, error: str | None) -> str:
+    """One JSON line; the formatter's and the webhook's direct line alike (orjson: the
+    stdlib's encoder was a sixth of the webhook's log line)."""
+    message, fields = _clean(message, fields)
+    line = {"time": _utc(created), "level": level.lower(), "logger": logger, "message": message, **fields}
+    if error is not None:
+        line["error"] = scrub(error)
+    try:
+        return orjson.dumps(line, default=_default).decode()
+    except (orjson.JSONEncodeError, TypeError):  # an int over 64 bits, a key that is not text
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def text_line(created: float, level: str, logger: str, message: str, fields: dict, error: str | None) -> str:
+    message, fields = _clean(message, fields)
+    line = f"{_local(created)} {level} {logger}: {message}" + "".join(
+        f" {key}={value}" for key, value in fields.items()
+    )
+    if error is not None:
+        line += "\n" + scrub(error)
+    return line
+
+
+_utc, _local = _Moments(utc=True), _Moments(utc=False)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": scrub(record.getMessage()),
-        }
-        line.update({key: _scrubbed(value) for key, value in getattr(record, "fields", {}).items()})
-        if record.exc_info:
-            line["error"] = scrub(self.formatException(record.exc_info))
-        return json.dumps(line, ensure_ascii=False, default=str)
+        error = self.formatException(record.exc_info) if record.exc_info else None
+        fields = getattr(record, "fields", {})
+        return json_line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
 
 
 class TextFormatter(logging.Formatter):
     """``2026-11-25 12:42:21.906 INFO service.webhook: webhook replied from=+1555***0001 …``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.fromtimestamp(record.created).isoformat(sep=" ", timespec="milliseconds")
-        fields = "".join(f" {key}={_scrubbed(value)}" for key, value in getattr(record, "fields", {}).items())
-        line = f"{moment} {record.levelname} {record.name}: {scrub(record.getMessage())}{fields}"
-        if record.exc_info:
-            line += "\n" + scrub(self.formatException(record.exc_info))
-        return line
+        error = self.formatException(record.exc_info) if record.exc_info else None
+        fields = getattr(record, "fields", {})
+        return text_line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
 
 
 FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
+# The same lines without a record (``write``).
+LINES: dict[type, Callable[..., str]] = {JsonFormatter: json_line, TextFormatter: text_line}
 
 
 class _Quiet:
@@ -170,17 +244,73 @@ class GunicornLogger(GunicornBaseLogger):
         )
 
 
-def open_summary(**fields) -> None:
-    """Starts collecting fields for the current request's one summary line."""
-    g.log_fields = fields
+def write(logger: logging.Logger, level: int, message: str, fields: dict) -> None:
+    """The line ``logger.log(level, message, extra={"fields": fields})`` writes, written here
+    when the service's handler is the only one it would reach (as under gunicorn and ``make
+    run``): no LogRecord, no handler chain (the logging machinery was half of the webhook's
+    log line). Otherwise (a test's capturing handler, another handler, a filter, the logger
+    or the level turned off) it goes through logging. Same format, same masking either way."""
+    handler = _sole_handler(logger, level)
+    line = LINES.get(type(handler.formatter)) if handler is not None else None
+    if handler is None or line is None:
+        logger.log(level, message, extra={"fields": fields})
+        return
+    handler.acquire()
+    try:
+        stream = handler.stream
+        stream.write(
+            line(time.time(), logging.getLevelName(level), logger.name, message, fields, None) + "\n"
+        )
+        stream.flush()
+    except RecursionError:  # as logging's own handlers do
+        raise
+    except Exception:
+        handler.handleError(logger.makeRecord(logger.name, level, "", 0, message, (), None))
+    finally:
+        handler.release()
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> _Handler | None:
+    """The service's handler when it alone would write ``logger``'s record at ``level``."""
+    if logger.filters or not logger.isEnabledFor(level):
+        return None
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None or type(handler) is not _Handler:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if found is None or found.filters or level < found.level or level < _Quiet.level:
+        return None
+    return found
+
+
+# The current webhook request's summary fields (None outside one): a context variable set by
+# the webhook's WSGI layer, since its line is opened before Flask's contexts and written after.
+_summary: ContextVar[dict | None] = ContextVar("sms_summary", default=None)
+
+
+def open_summary(fields: dict) -> Token:
+    """Starts collecting ``fields`` (the dict itself) for the current request's one summary
+    line; ``close_summary`` with the token returned ends it."""
     _summarised.request = True
+    return _summary.set(fields)
+
+
+def close_summary(token: Token) -> None:
+    _summary.reset(token)
 
 
 def annotate(**fields) -> bool:
     """Adds fields to the current request's summary line; False when none will be written."""
-    if not has_request_context() or "log_fields" not in g:
+    summary = _summary.get()
+    if summary is None:
         return False
-    g.log_fields.update(fields)
+    summary.update(fields)
     return True
 
 
@@ -192,7 +322,7 @@ def report(logger: logging.Logger, problem: str) -> None:
 
 
 def summary_fields() -> dict:
-    return g.get("log_fields", {})
+    return _summary.get() or {}
 
 
 def init_app(app: Flask) -> None:

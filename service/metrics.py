@@ -113,7 +113,7 @@ class Metrics:
         )
         self.latency = Histogram(
             "sms_webhook_latency_seconds",
-            "Webhook requests from routing to the saved answer.",
+            "Webhook requests, from the app receiving them to their final response.",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -10,7 +11,10 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
+from service import logs
 from service.logs import JsonFormatter
 from service.metrics import Outcome
 from service.settings import ConfigError, load
@@ -82,6 +86,103 @@ def test_one_json_line_per_webhook_request(app, lines):
         assert line["logger"] == "service.webhook" and line["level"] == "info"
         assert (line.get("from"), line.get("to")) == masked
         assert isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
+
+
+@pytest.fixture
+def direct(monkeypatch, capsys):
+    """``with direct() as take``: the service's handler alone on the root logger, as under
+    gunicorn (pytest's capturing handlers, added for the test's call, set aside meanwhile), so
+    that the webhook writes its line itself: no LogRecord may be made for it. ``take()``: the
+    lines written to stdout since the last call."""
+    made = logging.Logger.makeRecord
+
+    def no_record(self, name, *args, **kwargs):
+        assert name != "service.webhook", "the webhook's line went through logging"
+        return made(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "makeRecord", no_record)
+
+    @contextlib.contextmanager
+    def alone():
+        root = logging.getLogger()
+        kept = root.handlers[:]
+        root.handlers[:] = [h for h in kept if type(h) is logs._Handler]
+        capsys.readouterr()
+        try:
+            yield lambda: capsys.readouterr().out.splitlines()
+        finally:
+            root.handlers[:] = kept
+
+    return alone
+
+
+def test_direct_lines_are_the_same_lines(redis_url, direct):
+    """Written without a record, the webhook's line is still one per request, with the same
+    fields, masking and form as the formatter's."""
+    client = make_app(REDIS_URL=redis_url).test_client()
+    with direct() as take:
+        for expected, masked, send in requests_of_every_outcome(client):
+            send()
+            taken = take()
+            assert len(taken) == 1, taken
+            assert_clean(taken[0])
+            line = json.loads(taken[0])
+            assert line["outcome"] == expected and line["logger"] == "service.webhook"
+            assert (line.get("from"), line.get("to")) == masked
+            assert isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
+            record = logging.makeLogRecord({"name": "service.webhook", "levelname": "INFO"})
+            fields = {k: v for k, v in line.items() if k not in ("time", "level", "logger", "message")}
+            record.msg, record.fields = line["message"], fields
+            assert taken[0].partition(",")[2] == JsonFormatter().format(record).partition(",")[2]
+
+
+def test_direct_lines_mask_numbers_in_any_field(redis_url, direct):
+    """A forged request may put a number where none is expected (its MessageSid)."""
+    client = make_app(REDIS_URL=redis_url).test_client()
+    params = webhook_params(REY, OURS, BODY, message_sid=OURS)
+    with direct() as take:
+        client.post("/sms", data=params, headers={"X-Twilio-Signature": "x"})
+        [taken] = take()
+    assert_clean(taken)
+    assert json.loads(taken)["message_sid"] == MASKED[1]
+
+
+def test_direct_text_lines(redis_url, direct):
+    client = make_app(REDIS_URL=redis_url, LOG_FORMAT="text").test_client()
+    with direct() as take:
+        post_signed(client, webhook_params(REY, OURS, BODY))
+        [line] = take()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO service\.webhook: webhook replied "
+        r"method=POST remote=127\.0\.0\.1 message_sid=SM\w+ from=\+1555\*\*\*0001 "
+        r"to=\+1555\*\*\*1111 outcome=replied status=200 latency_ms=[\d.]+",
+        line,
+    ), line
+
+
+def test_a_line_s_time(monkeypatch):
+    """Written once a second, the time is still isoformat's, to the millisecond."""
+    for moment in (0.0, 1764160941.9066, 1764160941.0004, 1764160942.9999):
+        record = logging.makeLogRecord({"name": "x", "levelname": "INFO", "msg": "m"})
+        record.created = moment
+        expected = logs.datetime.fromtimestamp(int(moment * 1000) / 1000, logs.UTC)
+        assert json.loads(JsonFormatter().format(record))["time"] == expected.isoformat(
+            timespec="milliseconds"
+        )
+
+
+TEXT = st.text(alphabet=st.sampled_from("0123456789+%2Bb_a \x1b[m٣.*"), max_size=40)
+
+
+@given(message=TEXT, values=st.lists(TEXT, max_size=4))
+def test_a_line_skips_scrubbing_only_when_scrubbing_changes_nothing(message, values):
+    """``_clean``'s shortcuts give what scrubbing every field gives (digits of any script,
+    numbers at a field's edges, colours)."""
+    fields = {f"f{n}": value for n, value in enumerate(values)} | {"n": 12345678}
+    assert logs._clean(message, fields) == (
+        logs.scrub(message),
+        {key: logs._scrubbed(value) for key, value in fields.items()},
+    )
 
 
 def test_refusals_and_failures_say_why_in_the_same_line(lines):

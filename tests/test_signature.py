@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from flask import Flask
@@ -13,7 +13,7 @@ from twilio.request_validator import RequestValidator
 from werkzeug.test import EnvironBuilder
 
 from service.signature import FormValues, SignatureCheck
-from service.webhook import _decodable, _parsed
+from service.webhook import MAX_FIELD, _decodable, _field_problem, _parsed, _problem
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
 
@@ -269,3 +269,94 @@ def test_the_webhooks_parser_reads_forms_as_werkzeug_did(raw):
         method="POST", data=raw, content_type="application/x-www-form-urlencoded"
     ).get_request()
     assert parsed == list(request.form.items(multi=True))
+
+
+# Pieces of a body: separators, pluses literal and encoded, escapes valid, cut short or
+# invalid, literal UTF-8 and bytes that are not (a lone lead byte, a lone continuation byte).
+FORM_PIECES = [b"a", b"=", b"&", b"+", b" ", b"%2B", b"%26", b"%3D", b"%3d", b"%C3%A9", b"%C3", b"%A9"]
+FORM_PIECES += [b"%zz", b"%", b"%25", b"%0", "é".encode(), b"\xc3", b"\xa9"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=st.lists(st.sampled_from(FORM_PIECES), max_size=16))
+def test_the_webhooks_parser_reads_what_parse_qsl_reads(pieces):
+    """Decoded in one pass or field by field, the same fields as the stdlib's strict parser
+    (encoded separators, encoded and literal pluses, escapes cut short or invalid)."""
+    raw = b"".join(pieces)
+    try:
+        expected = parse_qsl(raw.decode(), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        expected = None
+    assert _parsed(raw) == expected
+
+
+FIELD = st.text(st.sampled_from("+15a|\x00\u2028 é"), max_size=8) | st.just("+1" * (MAX_FIELD // 2 + 1))
+
+
+@given(sender=FIELD, recipient=FIELD, message_sid=FIELD)
+def test_the_three_fields_checked_at_once_as_one_by_one(sender, recipient, message_sid):
+    named = (("From", sender), ("To", recipient), ("MessageSid", message_sid))
+    first = next((r for r in (_field_problem(n, v) for n, v in named) if r), None)
+    assert _problem(sender, recipient, message_sid) == first
+
+
+def test_origins_remembered_are_still_each_request_s_own(redis_url):
+    """Checked and quoted once per origin, the URL signed is still the request's: a request
+    to another host is refused with that host's signature unless it is its own, a malformed
+    Host is still a 400, and made-up hosts do not grow what is remembered."""
+    from service import signature
+
+    client = make_app(REDIS_URL=redis_url).test_client()
+    for n in range(signature.REMEMBERED + 5):
+        params = webhook_params()
+        url = f"http://host{n % 3}.example:8000/sms"
+        good = {"X-Twilio-Signature": sign(url, params)}
+        assert (
+            client.post("/sms", data=params, base_url=url.removesuffix("/sms"), headers=good).status_code
+            == 200
+        )
+        other = f"http://made-up-{n}.example/sms"
+        assert (
+            client.post("/sms", data=params, base_url=other.removesuffix("/sms"), headers=good).status_code
+            == 403
+        )
+        assert client.post("/sms", data=params, headers={**good, "Host": "[::1"}).status_code == 400
+    assert len(signature._ORIGINS) <= signature.REMEMBERED
+
+
+def test_a_repeated_field_reaches_the_handler_as_its_first_value(redis_url):
+    """As werkzeug's MultiDict.get: the first Body of two, in the fields' order."""
+    seen = []
+    app = make_app(REDIS_URL=redis_url)
+    app.extensions["sms.handler"] = lambda message, conversation: seen.append(message) or "ok"
+    params = webhook_params(body="first")
+    body = form(params) + b"&Body=second&Zeta=z"
+    good = sign("http://localhost/sms", FormValues.of([*params.items(), ("Body", "second"), ("Zeta", "z")]))
+    assert post_raw(app, body, good).status_code == 200
+    [message] = seen
+    assert message.body == "first"
+    assert list(message.params) == [*params, "Zeta"]
+
+
+def test_the_body_read_in_one_call_is_still_the_request_s(redis_url):
+    """Read from the server's stream directly, the body is still what ``request.get_data()``
+    gives later; a body shorter than its Content-Length is the 400 werkzeug's stream gave."""
+    import io
+
+    from flask import request
+
+    bodies = []
+    app = make_app(REDIS_URL=redis_url)
+    app.extensions["sms.handler"] = lambda message, conversation: bodies.append(request.get_data()) or "ok"
+    params = webhook_params()
+    body = form(params)
+    assert post_raw(app, body, sign("http://localhost/sms", params)).status_code == 200
+    assert bodies == [body]
+    short = app.test_client().post(
+        "/sms",
+        input_stream=io.BytesIO(body[:-5]),
+        content_type="application/x-www-form-urlencoded",
+        environ_overrides={"CONTENT_LENGTH": str(len(body))},
+        headers={"X-Twilio-Signature": sign("http://localhost/sms", params)},
+    )
+    assert short.status_code == 400

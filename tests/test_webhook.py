@@ -455,3 +455,111 @@ def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
     assert count == "5" and int(oldest) <= int(conversation(redis_client)["last_seen"])
     used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
     assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{oldest} 6"
+
+
+# --- The webhook's WSGI layer: one line and one count per request, whatever answered it -----
+
+
+@pytest.fixture
+def summaries(caplog):
+    """The webhook's summary lines (their fields) since the last call."""
+    caplog.set_level("INFO")
+
+    def take():
+        taken = [r.fields for r in caplog.records if r.name == "service.webhook"]
+        caplog.clear()
+        return taken
+
+    return take
+
+
+def counted(client) -> dict[str, float]:
+    from tests.support.prometheus import scrape
+
+    samples = scrape(client.get("/metrics").get_data(as_text=True))
+    return {k: v for k, v in samples.items() if k.startswith("sms_messages_received_total")}
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "HEAD", "PUT", "DELETE", "PATCH", "post"])
+def test_other_methods_are_405_with_allow_logged_and_counted(redis_url, redis_client, summaries, method):
+    client = make_app(REDIS_URL=redis_url).test_client()
+    before = counted(client)
+    summaries()
+    response = client.open("/sms", method=method, data=webhook_params(REY, OURS, "hi"))
+    if method == "post":  # werkzeug reads the method in capitals: a POST, unsigned
+        assert response.status_code == 403
+        return
+    assert (response.status_code, response.headers["Allow"]) == (405, "GET, POST")
+    [line] = summaries()
+    assert line["method"] == method and line["reason"] == "method not allowed"
+    assert (line["outcome"], line["status"], line["remote"]) == ("bad_request", 405, "127.0.0.1")
+    after = counted(client)
+    key = "sms_messages_received_total{outcome=bad_request}"
+    assert after[key] - before[key] == 1
+    assert sum(after.values()) - sum(before.values()) == 1
+    assert redis_client.keys(KEYS.prefix + "conv:*") == []
+
+
+def test_query_string_over_the_bound_is_414_logged_and_counted(redis_url, summaries):
+    client = make_app(REDIS_URL=redis_url, MAX_BODY_BYTES=100).test_client()
+    summaries()
+    assert client.get("/sms?" + "x" * 101).status_code == 414
+    [line] = summaries()
+    assert (line["outcome"], line["status"], line["reason"]) == (
+        "bad_request",
+        414,
+        "query string over MAX_BODY_BYTES",
+    )
+    assert counted(client)["sms_messages_received_total{outcome=bad_request}"] == 1
+
+
+def test_the_path_as_routing_sees_it_and_no_other(redis_url, summaries):
+    """``//sms`` is /sms to werkzeug (a line); other paths get none, and a problem reported
+    after a webhook request, on the same thread, is a line of its own, not the last one's."""
+    from service import logs
+
+    client = make_app(REDIS_URL=redis_url).test_client()
+    summaries()
+    assert client.put("/sms", environ_overrides={"PATH_INFO": "//sms"}).status_code == 405
+    assert [line["status"] for line in summaries()] == [405]
+    client.get("/healthz")
+    client.put("/sms/")
+    assert summaries() == []
+    assert logs.annotate(reason="x") is False
+
+
+def test_the_line_names_the_forwarded_client(redis_url, summaries):
+    client = make_app(REDIS_URL=redis_url, TRUSTED_PROXY_HOPS=1).test_client()
+    summaries()
+    client.put("/sms", headers={"X-Forwarded-For": "203.0.113.9"})
+    [line] = summaries()
+    assert line["remote"] == "203.0.113.9"
+
+
+def test_an_exception_flask_lets_through_still_has_its_line(redis_url, summaries):
+    """Under PROPAGATE_EXCEPTIONS (testing) Flask re-raises: the line still says 500, error."""
+
+    def broken(message, conversation):
+        raise RuntimeError("boom")
+
+    app = make_app(REDIS_URL=redis_url)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    app.view_functions["webhook.sms"] = lambda: 1 / 0
+    summaries()
+    with pytest.raises(ZeroDivisionError):
+        post_signed(app.test_client(), webhook_params(REY, OURS, "hi"))
+    [line] = summaries()
+    assert (line["outcome"], line["status"]) == ("error", 500)
+
+
+@pytest.mark.parametrize("method", ["POST", "GET", "HEAD"])
+def test_the_service_s_answers_leave_as_werkzeug_would_send_them(method):
+    """``Reply`` skips werkzeug's general WSGI response: the same status, headers and body."""
+    from service.responses import twiml, unavailable
+
+    environ = {"REQUEST_METHOD": method, "SERVER_NAME": "localhost", "SERVER_PORT": "80"}
+    for reply in (twiml("<Response/>"), unavailable()):
+        reply.headers.add("Set-Cookie", "sms_session=abc; HttpOnly")
+        ours = reply.get_wsgi_response(environ)
+        werkzeugs = Response.get_wsgi_response(reply, environ)
+        assert (b"".join(ours[0]), ours[1], ours[2]) == (b"".join(werkzeugs[0]), werkzeugs[1], werkzeugs[2])
