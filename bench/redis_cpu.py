@@ -52,16 +52,7 @@ MESSAGES = ("first", "later", "redelivery")
 
 
 def _store(client: redis.Redis) -> ConversationStore:
-    defaults = settings.load({})
-    store = ConversationStore(
-        client,
-        ttl=defaults["CONVERSATION_TTL"],
-        lock_ttl=defaults["LOCK_TTL"],
-        lock_wait=defaults["LOCK_WAIT"],
-        redelivery_window=defaults["REDELIVERY_WINDOW"],
-        replies_kept=defaults["REPLIES_KEPT"],
-        events_max=defaults["EVENTS_MAX"],
-    )
+    store = ConversationStore.from_config(client, settings.load({}))  # the default settings
     store.preload()
     return store
 
