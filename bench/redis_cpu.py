@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -41,7 +40,6 @@ from service import settings
 from service.conversations import ConversationStore, Opened
 from service.keys import ConversationKeys, Keys
 from service.sessions import SESSION_ID_BYTES
-from tests.support.ports import free_port
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.waiting import wait_until
 
@@ -85,32 +83,15 @@ class Callgrind:
     next cron tick)."""
 
     def __init__(self, workdir: Path):
-        self.port, self.workdir = free_port(), workdir
         self.out = workdir / "callgrind.out"
-        self.process = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={self.out}",
-                shutil.which("redis-server") or "redis-server",
-                REDIS_CONF,
-                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(workdir)),
-                *NOT_DURABLE,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.client = redis.Redis(port=self.port, decode_responses=True)
-        try:
-            wait_until(self.client.ping, seconds=60, what="redis-server under callgrind")
-        except BaseException:
-            self.stop()
-            raise
+        valgrind = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}")
+        self.server = RedisProcess(workdir, *NOT_DURABLE, config=REDIS_CONF, under=valgrind).start(seconds=60)
+        self.client = redis.Redis(port=self.server.port, decode_responses=True)
         self.dumps = 0
 
     def _control(self, option: str) -> None:
-        subprocess.run(["callgrind_control", option, str(self.process.pid)], check=True, capture_output=True)
+        pid = str(self.server.process.pid)
+        subprocess.run(["callgrind_control", option, pid], check=True, capture_output=True)
 
     def zero(self) -> None:
         self._control("-z")
@@ -128,8 +109,7 @@ class Callgrind:
 
     def stop(self) -> None:
         self.client.close()
-        self.process.kill()
-        self.process.wait()
+        self.server.kill()
 
 
 class Paths:

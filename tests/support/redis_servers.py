@@ -32,7 +32,15 @@ class RedisProcess:
     arguments override the file's, so ``*NOT_DURABLE`` turns its persistence off).
     """
 
-    def __init__(self, directory: Path, *args: str, port: int | None = None, config: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        port: int | None = None,
+        config: str | None = None,
+        under: tuple[str, ...] = (),
+    ):
+        """``under``: a command to run redis-server under (the bench's valgrind)."""
         executable = shutil.which("redis-server")
         if not executable:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -41,6 +49,7 @@ class RedisProcess:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.argv = [
+            *under,
             executable,
             *([config] if config else []),
             "--port",
@@ -67,14 +76,14 @@ class RedisProcess:
             retry=Retry(NoBackoff(), 0),
         )
 
-    def start(self) -> RedisProcess:
+    def start(self, seconds: float = 30) -> RedisProcess:
         log = open(self.directory / "server.log", "a")  # noqa: SIM115 (the process keeps its own handle)
         self.process = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         try:
-            wait_until(lambda: self.client().ping(), what=f"redis on port {self.port}")
+            wait_until(lambda: self.client().ping(), seconds, what=f"redis on port {self.port}")
         except BaseException:
             self.kill()  # one that never answered is not left behind
             raise
