@@ -16,32 +16,33 @@ from service.signature import FormValues, SignatureCheck
 from service.webhook import MAX_FIELD, _decodable, _field_problem, _parsed, _problem
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 
+# Twilio's documented example of a signed request: its auth token, URL, params and signature.
+EXAMPLE_TOKEN, EXAMPLE_URL, EXAMPLE_SIGNATURE = (
+    "12345",
+    "https://mycompany.com/myapp.php?foo=1&bar=2",
+    "RSOYDt4T1cUTdK1PDd93/VVr8B8=",
+)
+EXAMPLE_PARAMS = {
+    "CallSid": "CA1234567890ABCDE",
+    "Caller": "+14158675309",
+    "Digits": "1234",
+    "From": "+14158675309",
+    "To": "+18005551212",
+}
+
 
 def test_twilios_documented_example_validates():
-    params = {
-        "CallSid": "CA1234567890ABCDE",
-        "Caller": "+14158675309",
-        "Digits": "1234",
-        "From": "+14158675309",
-        "To": "+18005551212",
-    }
-    url = "https://mycompany.com/myapp.php?foo=1&bar=2"
-    validator = RequestValidator("12345")
-    assert validator.compute_signature(url, params) == "RSOYDt4T1cUTdK1PDd93/VVr8B8="
-    assert validator.validate(url, params, "RSOYDt4T1cUTdK1PDd93/VVr8B8=")
+    validator = RequestValidator(EXAMPLE_TOKEN)
+    assert validator.compute_signature(EXAMPLE_URL, EXAMPLE_PARAMS) == EXAMPLE_SIGNATURE
+    assert validator.validate(EXAMPLE_URL, EXAMPLE_PARAMS, EXAMPLE_SIGNATURE)
 
 
 def test_documented_example_through_the_app(redis_url):
     """The app validates Twilio's own example request (with From/To it can act on)."""
-    app = make_app(REDIS_URL=redis_url, TWILIO_AUTH_TOKEN="12345", PUBLIC_BASE_URL="https://mycompany.com")
-    params = {
-        "CallSid": "CA1234567890ABCDE",
-        "Caller": "+14158675309",
-        "Digits": "1234",
-        "From": "+14158675309",
-        "To": "+18005551212",
-    }
-    headers = {"X-Twilio-Signature": "RSOYDt4T1cUTdK1PDd93/VVr8B8="}
+    app = make_app(
+        REDIS_URL=redis_url, TWILIO_AUTH_TOKEN=EXAMPLE_TOKEN, PUBLIC_BASE_URL="https://mycompany.com"
+    )
+    params, headers = EXAMPLE_PARAMS, {"X-Twilio-Signature": EXAMPLE_SIGNATURE}
     # Twilio's example URL and params, so its signature is valid. The example has no
     # MessageSid: the 400 for it proves validation passed (the 403 check comes first).
     app.add_url_rule("/myapp.php", view_func=app.view_functions["webhook.sms"], methods=["POST"])
