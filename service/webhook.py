@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 from flask import Blueprint, Flask, Response, session
 from flask.globals import app_ctx, request_ctx
-from werkzeug.exceptions import ClientDisconnected, MethodNotAllowed, RequestURITooLarge
+from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 
 from . import callers, handler, logs, signature
 from .handler import Message
@@ -85,29 +85,10 @@ def _fields(req) -> list[tuple[str, str]] | None:
         return _parsed(query)
     if query and not _decodable(query):  # the signed URL carries it
         return None
+    body = req.get_data(cache=True)  # read at once (BoundedRequest.stream)
     if req.mimetype == FORM:
-        return _parsed(_form_body(req))
-    body = req.get_data(cache=True)
+        return _parsed(body)
     return list(req.form.items(multi=True)) if _decodable(body) else None
-
-
-def _form_body(req) -> bytes:
-    """The body, read from the server's stream in one call when its length is given and within
-    ``MAX_BODY_BYTES`` (werkzeug's ``LimitedStream`` read it through a Python loop of
-    ``readinto`` calls: the better part of the webhook's form reading). Anything else goes
-    through werkzeug: a length over the limit (413), none (chunked: ``BoundedRequest``)."""
-    environ = req.environ
-    length, limit = environ.get("CONTENT_LENGTH", ""), req.max_content_length
-    if not (length.isascii() and length.isdigit()) or "HTTP_TRANSFER_ENCODING" in environ or limit is None:
-        return req.get_data(cache=True)
-    size = int(length)
-    if size > limit:
-        return req.get_data(cache=True)
-    body = environ["wsgi.input"].read(size)
-    if len(body) < size and "wsgi.input_terminated" not in environ:
-        raise ClientDisconnected()  # as LimitedStream: the client left mid-body
-    req._cached_data = body  # get_data's cache: whatever reads the body later gets it
-    return body
 
 
 def _problem(sender: str, recipient: str, message_sid: str) -> str | None:
