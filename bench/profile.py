@@ -274,7 +274,7 @@ def instrument_service(timers, app) -> None:
 
     patch(timers, "signature", signature.SignatureCheck, "is_valid")
     patch(timers, "form", webhook, "_fields")
-    for name in ("open_summary", "annotate", "summary_fields", "write"):
+    for name in ("open_summary", "annotate", "write"):
         patch(timers, "log", logs, name)
     patch(timers, "log", webhook, "mask")
     for owner in (prometheus.Counter, prometheus.Histogram):

@@ -111,6 +111,7 @@ def json_line(created: float, level: str, logger: str, message: str, fields: dic
 
 
 def text_line(created: float, level: str, logger: str, message: str, fields: dict, error: str | None) -> str:
+    """``2026-11-25 12:42:21.906 INFO service.webhook: webhook replied from=+1555***0001 …``"""
     message, fields = _clean(message, fields)
     line = f"{_local(created)} {level} {logger}: {message}" + "".join(
         f" {key}={value}" for key, value in fields.items()
@@ -123,25 +124,21 @@ def text_line(created: float, level: str, logger: str, message: str, fields: dic
 _utc, _local = _Moments(utc=True), _Moments(utc=False)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        error = self.formatException(record.exc_info) if record.exc_info else None
-        fields = getattr(record, "fields", {})
-        return json_line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
+class LineFormatter(logging.Formatter):
+    """A record as ``line`` (``json_line`` or ``text_line``) writes it; ``write`` calls the same
+    function without a record."""
 
-
-class TextFormatter(logging.Formatter):
-    """``2026-11-25 12:42:21.906 INFO service.webhook: webhook replied from=+1555***0001 …``"""
+    def __init__(self, line: Callable[..., str]):
+        super().__init__()
+        self.line = line
 
     def format(self, record: logging.LogRecord) -> str:
         error = self.formatException(record.exc_info) if record.exc_info else None
         fields = getattr(record, "fields", {})
-        return text_line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
 
 
-FORMATTERS = {"json": JsonFormatter, "text": TextFormatter}
-# The same lines without a record (``write``).
-LINES: dict[type, Callable[..., str]] = {JsonFormatter: json_line, TextFormatter: text_line}
+LINES = {"json": json_line, "text": text_line}  # LOG_FORMAT → its line
 
 
 class _Quiet:
@@ -166,7 +163,7 @@ class _Handler(logging.StreamHandler):
 
     def __init__(self):
         super().__init__()
-        self.setFormatter(JsonFormatter())
+        self.setFormatter(LineFormatter(json_line))
 
     @property
     def stream(self):
@@ -186,6 +183,15 @@ class _Handler(logging.StreamHandler):
 _summarised = threading.local()
 
 
+def _take_summarised() -> bool:
+    """Whether this thread's last request wrote its own summary line (its server's request
+    line is then left out); cleared as it is read."""
+    if getattr(_summarised, "request", False):
+        _summarised.request = False
+        return True
+    return False
+
+
 class _DevServerRequestLines(logging.Filter):
     """werkzeug's request lines (``make run``), without query strings."""
 
@@ -193,8 +199,7 @@ class _DevServerRequestLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         is_request_line = isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s')
-        if is_request_line and getattr(_summarised, "request", False):  # log_request's form
-            _summarised.request = False
+        if is_request_line and _take_summarised():  # log_request's form
             return False
         record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
         return True
@@ -212,15 +217,14 @@ class GunicornLogger(GunicornBaseLogger):
         super().setup(cfg)
         from .settings import load  # the master checked every setting before this runs
 
-        formatter = FORMATTERS[load()["LOG_FORMAT"]]()
+        formatter = LineFormatter(LINES[load()["LOG_FORMAT"]])
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
                 handler.setFormatter(formatter)
 
     def access(self, resp, req, environ, request_time):
         path = environ.get("PATH_INFO", "")
-        if getattr(_summarised, "request", False):  # gunicorn logs it on the thread that served it
-            _summarised.request = False
+        if _take_summarised():  # gunicorn logs it on the thread that served it
             return
         if not self.access_log_enabled or path in PROBE_PATHS:
             return
@@ -251,15 +255,16 @@ def write(logger: logging.Logger, level: int, message: str, fields: dict) -> Non
     log line). Otherwise (a test's capturing handler, another handler, a filter, the logger
     or the level turned off) it goes through logging. Same format, same masking either way."""
     handler = _sole_handler(logger, level)
-    line = LINES.get(type(handler.formatter)) if handler is not None else None
-    if handler is None or line is None:
+    formatter = handler.formatter if handler is not None else None
+    if handler is None or not isinstance(formatter, LineFormatter):
         logger.log(level, message, extra={"fields": fields})
         return
     handler.acquire()
     try:
         stream = handler.stream
         stream.write(
-            line(time.time(), logging.getLevelName(level), logger.name, message, fields, None) + "\n"
+            formatter.line(time.time(), logging.getLevelName(level), logger.name, message, fields, None)
+            + "\n"
         )
         stream.flush()
     except RecursionError:  # as logging's own handlers do
@@ -321,10 +326,6 @@ def report(logger: logging.Logger, problem: str) -> None:
         logger.warning(problem)
 
 
-def summary_fields() -> dict:
-    return _summary.get() or {}
-
-
 def init_app(app: Flask) -> None:
     """Installs the handler on the root logger once per process (apps may be many), in the
     form the app's ``LOG_FORMAT`` asks for.
@@ -342,5 +343,5 @@ def init_app(app: Flask) -> None:
         handler = _Handler()
         root.addHandler(handler)
         logging.getLogger("werkzeug").addFilter(_DevServerRequestLines())
-    handler.setFormatter(FORMATTERS[app.config["LOG_FORMAT"]]())
+    handler.setFormatter(LineFormatter(LINES[app.config["LOG_FORMAT"]]))
     root.setLevel(logging.INFO)

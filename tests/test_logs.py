@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import logs
-from service.logs import JsonFormatter
+from service.logs import LineFormatter, json_line
 from service.metrics import Outcome
 from service.settings import ConfigError, load
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
@@ -35,7 +35,7 @@ TEXT_LINE = (
 def lines(caplog):
     """The JSON lines logged (by the service, or ``logger``) since the last call."""
     caplog.set_level(logging.INFO)
-    formatter = JsonFormatter()
+    formatter = LineFormatter(json_line)
 
     def take(logger="service"):
         taken = [formatter.format(r) for r in caplog.records if r.name.startswith(logger)]
@@ -139,7 +139,7 @@ def test_direct_lines_are_the_same_lines(redis_url, direct):
             record = logging.makeLogRecord({"name": "service.webhook", "levelname": "INFO"})
             fields = {k: v for k, v in line.items() if k not in ("time", "level", "logger", "message")}
             record.msg, record.fields = line["message"], fields
-            assert taken[0].partition(",")[2] == JsonFormatter().format(record).partition(",")[2]
+            assert taken[0].partition(",")[2] == LineFormatter(json_line).format(record).partition(",")[2]
 
 
 def test_direct_lines_mask_numbers_in_any_field(redis_url, direct):
@@ -167,7 +167,7 @@ def test_a_line_s_time(monkeypatch):
         record = logging.makeLogRecord({"name": "x", "levelname": "INFO", "msg": "m"})
         record.created = moment
         expected = logs.datetime.fromtimestamp(int(moment * 1000) / 1000, logs.UTC)
-        assert json.loads(JsonFormatter().format(record))["time"] == expected.isoformat(
+        assert json.loads(LineFormatter(json_line).format(record))["time"] == expected.isoformat(
             timespec="milliseconds"
         )
 
