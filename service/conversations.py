@@ -85,7 +85,7 @@ local function renew(minutes, minute)
 end
 -- Ends the conversation stored in `k.conversation`, if there is one: its 'ended' event, its
 -- tally and, for the end hook, its final state, in the same atomic step as its fields and
--- index entry going. `k`: the conversation's keys and the stream's settings.
+-- index entry going. `k`: the conversation's keys.
 local REASONS = {expired = 'e', operator = 'o', ['opt-out'] = 'x', handler = 'h'}
 local function finish(k, reason, ended_at, now)
   local found = redis.call('HMGET', k.conversation, 'sid', 'seq', 'first_seen', 'state')
@@ -96,14 +96,14 @@ local function finish(k, reason, ended_at, now)
   end
   local sender, recipient = pair(k.member)
   local messages, started_at = found[2] or '0', found[3] or '0'
-  redis.call('XADD', k.events, 'MAXLEN', '~', k.events_max, '*', 'type', 'ended', 'from', sender,
+  redis.call('XADD', k.events, 'MAXLEN', '~', '@events_max@', '*', 'type', 'ended', 'from', sender,
              'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
              'ended_at', ended_at, 'conversation', found[1])
   local minute, code = math.floor(now / 60000), REASONS[reason]
   local first = count(k.minutes, minute, code, 1)
   first = count(k.minutes, minute, 'd', math.max(ended_at - (tonumber(started_at) or ended_at), 0)) or first
   if count(k.minutes, minute, 'n', tonumber(messages) or 0) or first then renew(k.minutes, minute) end
-  if k.hooks == '1' then
+  if '@hooks@' == '1' then  -- settings, compiled in (`configured`)
     redis.call('HSET', k.ending, found[1], cjson.encode({sender, recipient, reason, messages,
                started_at, tostring(ended_at), found[4] or '{}'}))
   end
@@ -151,8 +151,7 @@ OPEN = (
 local conversation, lock, queue, waiters, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local token, message_sid, member = ARGV[1], ARGV[2], ARGV[3]
-local hooks, lock_ms, patience_ms, ttl_ms, events_max =  -- settings, compiled in (`configured`)
-  '@hooks@', '@lock_ms@', @patience_ms@, @ttl_ms@, '@events_max@'
+local lock_ms, patience_ms, ttl_ms = '@lock_ms@', @patience_ms@, @ttl_ms@  -- settings, compiled in
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
 -- but polls are rare: an uncontended message saves a call).
@@ -182,7 +181,7 @@ if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lo
     local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
     if expiry <= now then
       local k = {conversation = conversation, index = index, member = member, events = events,
-                 ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+                 ending = ending, minutes = minutes}
       local ended = finish(k, 'expired', expiry, now)
       return {'ok', now, '', '', '', '', ended}
     end
@@ -214,8 +213,8 @@ local conversation, lock, index, events, ending, minutes =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local fresh, end_reason, opened_at = ARGV[7] == '1', ARGV[8], ARGV[9]
-local hooks, ttl_ms, window_ms, kept, events_max, keep_px, window_px =  -- settings, compiled in
-  '@hooks@', @ttl_ms@, @window_ms@, @kept@, '@events_max@', '@keep_ms@', '@window_ms@'
+local ttl_ms, window_ms, kept, keep_px, window_px =  -- settings, compiled in (`configured`)
+  @ttl_ms@, @window_ms@, @kept@, '@keep_ms@', '@window_ms@'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -238,31 +237,31 @@ local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers'
 -- are scanned only when one can be forgotten (out of the window, or over the cap). With one
 -- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
 -- message's, at last_seen.
-local from, count = string.match(found[2] or '', '^(%d+) (%d+)$')
-if not found[2] and found[3] then from, count = found[3], '1' end
-count = tonumber(count)
+local oldest, held = string.match(found[2] or '', '^(%d+) (%d+)$')
+if not found[2] and found[3] then oldest, held = found[3], '1' end
+held = tonumber(held)
 -- A conversation's first message reads its hash once: the answers to keep, the rest (what an
 -- ended or unreadable conversation left) to go.
 local reset = fresh and keeps
-if reset or not (from and count and tonumber(from) > now - window_ms and count < kept) then
-  from, count = prune(conversation, now - window_ms, kept - 1, reset)
+if reset or not (oldest and held and tonumber(oldest) > now - window_ms and held < kept) then
+  oldest, held = prune(conversation, now - window_ms, kept - 1, reset)
 end
-count = count + 1
+held = held + 1
 local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
-if count > 1 then
-  answered[3], answered[4] = 'answers', from .. ' ' .. count
+if held > 1 then
+  answered[3], answered[4] = 'answers', oldest .. ' ' .. held
 end
 local added = 0
 if keeps then
   if fresh then
     local sender, recipient = pair(member)
-    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
+    redis.call('XADD', events, 'MAXLEN', '~', '@events_max@', '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
-  if count == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
+  if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
   added = redis.call('ZADD', index, now + ttl_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
@@ -276,7 +275,7 @@ end
 local ended = 0
 if end_reason ~= '' then
   local k = {conversation = conversation, index = index, member = member, events = events,
-             ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+             ending = ending, minutes = minutes}
   ended = finish(k, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
@@ -304,9 +303,8 @@ END = (
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
 local member = ARGV[1]
-local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+           ending = ending, minutes = minutes}
 local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member)) or now + 1
 redis.call('DEL', lock)
@@ -327,9 +325,8 @@ EXPIRE = (
 local conversation, lock, index = KEYS[1], KEYS[2], KEYS[3]
 local events, ending, minutes = KEYS[4], KEYS[5], KEYS[6]
 local member = ARGV[1]
-local hooks, events_max = '@hooks@', '@events_max@'  -- settings, compiled in (`configured`)
 local k = {conversation = conversation, index = index, member = member, events = events,
-           ending = ending, minutes = minutes, events_max = events_max, hooks = hooks}
+           ending = ending, minutes = minutes}
 local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member))
 if not expiry or expiry > now or redis.call('EXISTS', lock) == 1 then return 0 end
@@ -397,22 +394,17 @@ class ConversationStore:
         ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
         self.on_lock_wait = on_lock_wait
-        self.ttl = ttl
-        self.lock_ms = int(lock_ttl * 1000)
         self.lock_wait = lock_wait
-        self.window_ms = int(redelivery_window * 1000)
-        self.replies_kept = replies_kept
-        self.events_max = events_max
-        self.hooks = "1" if hooks else "0"
+        self.events_max = events_max  # the sweeper's relay trims as the scripts do
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
         settings: dict[str, int | str] = {
-            "hooks": self.hooks,
-            "lock_ms": self.lock_ms,
+            "hooks": "1" if hooks else "0",
+            "lock_ms": int(lock_ttl * 1000),
             "patience_ms": int(self.PATIENCE * 1000),
             "ttl_ms": ttl * 1000,
             "keep_ms": (ttl + self.GRACE) * 1000,
-            "window_ms": self.window_ms,
+            "window_ms": int(redelivery_window * 1000),
             "kept": replies_kept,
             "events_max": events_max,
         }

@@ -135,7 +135,7 @@ class ConversationKeys(NamedTuple):
     lock: str
     queue: str
     waiters: str
-    active: str  # its entry in the index shard (<prefix>active:{NN})
+    active: str  # the index shard that lists it (<prefix>active:{NN}, Keys.index); member is its entry
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str

@@ -81,7 +81,6 @@ class Metrics:
     """The service's metrics; in multiprocess mode they live in files, not in a registry."""
 
     def __init__(self, gauges: StoreGauges, multiprocess: bool):
-        self.multiprocess = multiprocess
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
         self.active = gauges

@@ -117,9 +117,9 @@ class SignatureCheck:
     def __init__(self, app: Flask):
         self.enabled = app.config["TWILIO_VALIDATE_SIGNATURE"]
         token = app.config["TWILIO_AUTH_TOKEN"]
-        self.token = token.encode("utf-8") if token else b""  # unused without a token
-        # Keyed once, copied per message: a keyed HMAC's set-up was most of its cost.
-        self.keyed = hmac.new(self.token, digestmod="sha1")
+        # Keyed once, copied per message: a keyed HMAC's set-up was most of its cost (unused
+        # without a token).
+        self.keyed = hmac.new(token.encode("utf-8") if token else b"", digestmod="sha1")
         self.validator = RequestValidator(token) if token else None
         self.public_base_url = app.config["PUBLIC_BASE_URL"]
 

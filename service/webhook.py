@@ -3,7 +3,7 @@
 Order matters: everything that can refuse a request (size, encoding, signature, fields) runs
 before the conversation is bound, so a bad or forged request costs no Redis round trip.
 
-Every webhook request ends in one JSON log line and its metrics (outcome, latency), written
+Every webhook request ends in one log line and its metrics (outcome, latency), written
 by its WSGI layer (``Webhook``) once the response is final, whatever answered it (the view,
 an error handler: a Redis failure or a lost lock while saving is a 503, or the layer itself).
 """
@@ -142,7 +142,7 @@ class Webhook:
             return self.wsgi_app(environ, start_response)
         started = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET").upper()
-        fields = {"method": method, "remote": None}  # the address once ProxyFix has set it
+        fields = {"method": method, "remote": environ.get("REMOTE_ADDR")}  # ProxyFix ran outside
         token = logs.open_summary(fields)
         statuses: list[str] = []
 
@@ -159,7 +159,6 @@ class Webhook:
                 return http_error(RequestURITooLarge())(environ, start)
             return self.wsgi_app(environ, start)
         finally:  # an exception Flask let through (testing, a bug of its own) is a 500
-            fields["remote"] = environ.get("REMOTE_ADDR")
             logs.close_summary(token)
             _finished(self.app, int(statuses[-1][:3]) if statuses else 500, fields, started)
 
