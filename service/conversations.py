@@ -560,20 +560,16 @@ class ConversationStore:
         promoted WAIT returns 0, and that memory may be about to vanish. Idle connections are
         then dropped, so that the next one asks Sentinel where the master is.
         """
-        if not self.wait_replicas:  # redis-py's Script.__call__, less its per-call import
+        for attempt in (1, 2):  # redis-py's Script.__call__, less its per-call import
             try:
-                return self.client.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:  # a server that lost the scripts (restart, failover)
-                script.sha = self.client.script_load(script.script)
-                return self.client.evalsha(script.sha, len(keys), *keys, *args)
-        for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.wait(self.wait_replicas, self.wait_ms)
-            try:
+                if not self.wait_replicas:
+                    return self.client.evalsha(script.sha, len(keys), *keys, *args)
+                pipe = self.client.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.wait(self.wait_replicas, self.wait_ms)
                 result, acknowledged = pipe.execute()
                 break
-            except NoScriptError:
+            except NoScriptError:  # a server that lost the scripts (restart, failover)
                 if attempt == 2:
                     raise
                 script.sha = self.client.script_load(script.script)
