@@ -561,9 +561,6 @@ def test_the_line_names_the_forwarded_client(redis_url, summaries):
 def test_an_exception_flask_lets_through_still_has_its_line(redis_url, summaries):
     """Under PROPAGATE_EXCEPTIONS (testing) Flask re-raises: the line still says 500, error."""
 
-    def broken(message, conversation):
-        raise RuntimeError("boom")
-
     app = make_app(REDIS_URL=redis_url)
     app.config["PROPAGATE_EXCEPTIONS"] = True
     app.view_functions["webhook.sms"] = lambda: 1 / 0
