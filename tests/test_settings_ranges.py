@@ -34,6 +34,19 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("PORT", {"PORT": "99999"}),
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # was db 0, silently
     ("REDIS_URL", {"REDIS_URL": "rediss://127.0.0.1/0/1"}),
+    # Just outside each bound (the edges themselves: test_edges_of_the_ranges_are_accepted).
+    ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "0"}),
+    ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "3601"}),
+    ("REPLIES_KEPT", {"REPLIES_KEPT": "0"}),
+    ("REPLIES_KEPT", {"REPLIES_KEPT": "10001"}),
+    ("SWEEP_INTERVAL", {"SWEEP_INTERVAL": "0.049"}),
+    ("SWEEP_INTERVAL", {"SWEEP_INTERVAL": "3600.1"}),
+    ("EVENTS_RETENTION", {"EVENTS_RETENTION": "0"}),
+    ("EVENTS_RETENTION", {"EVENTS_RETENTION": "31622401"}),  # 366 days and a second
+    ("EVENTS_MAX", {"EVENTS_MAX": "9"}),
+    ("EVENTS_MAX", {"EVENTS_MAX": "100000001"}),
+    ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "59"}),
+    ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "604801"}),
 ]
 CASES = pytest.mark.parametrize(
     "variable, environment",
@@ -115,6 +128,26 @@ def test_edges_of_the_ranges_are_accepted():
     )
     assert config["CONVERSATION_TTL"] == 2592000 and config["LOCK_WAIT"] == 8.8
     assert load({"LOCK_WAIT": "0.01", "REDIS_TIMEOUT": "0.01", "LOCK_TTL": "60"})["LOCK_TTL"] == 60
+    for edges in (
+        {
+            "REDELIVERY_WINDOW": 1,
+            "REPLIES_KEPT": 1,
+            "SWEEP_INTERVAL": 0.05,
+            "EVENTS_RETENTION": 1,
+            "EVENTS_MAX": 10,
+            "CONSOLE_SESSION_TTL": 60,
+        },
+        {
+            "REDELIVERY_WINDOW": 3600,
+            "REPLIES_KEPT": 10_000,
+            "SWEEP_INTERVAL": 3600,
+            "EVENTS_RETENTION": 366 * 24 * 3600,
+            "EVENTS_MAX": 100_000_000,
+            "CONSOLE_SESSION_TTL": 604_800,
+        },
+    ):
+        config = load({name: str(value) for name, value in edges.items()})
+        assert {name: config[name] for name in edges} == edges
 
 
 def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeypatch):
