@@ -19,6 +19,7 @@ from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, bin_path
+from tests.support.conversations import plant
 from tests.support.programs import require_redis_server
 from tests.support.redis_servers import commands_during
 
@@ -47,25 +48,6 @@ def converse_in_order(app, *senders):
         saved_by = now_ms()  # the message was saved at or before this millisecond
         while now_ms() <= saved_by:
             time.sleep(0.001)
-
-
-def plant(client, sender, recipient, expiry, messages=1):
-    """A conversation written straight through the key schema, with a chosen expiry (ms)."""
-    keys = KEYS.conversation(sender, recipient)
-    client.hset(
-        keys.state,
-        mapping={
-            "sid": "s",
-            "state": json.dumps({"messages": messages}),
-            "seq": messages,
-            "first_seen": expiry - 20000,
-            "last_seen": expiry - 10000,
-        },
-    )
-    client.pexpireat(keys.state, expiry)
-    client.zadd(keys.active, {keys.member: expiry})
-    client.pexpireat(keys.active, max(expiry, client.pexpiretime(keys.active)))
-    return keys
 
 
 def cli(app, *args):
