@@ -18,7 +18,7 @@ from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import LiveServer, bin_path
+from tests.support.app_servers import LiveServer, sms_sessions
 from tests.support.conversations import plant
 from tests.support.programs import require_redis_server
 from tests.support.redis_servers import commands_during
@@ -57,14 +57,7 @@ def cli(app, *args):
 
 def console(redis_url, *args, **env):
     """The installed ``sms-sessions`` console script, in its own process, in the service's env."""
-    return subprocess.run(
-        [bin_path("sms-sessions"), "conversations", *args],
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return sms_sessions("conversations", *args, REDIS_URL=redis_url, TWILIO_AUTH_TOKEN=TOKEN, **env)
 
 
 def api_pages(client, limit):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from service.keys import Keys
 from service.settings import WORKER_TIMEOUT, ConfigError, load
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
 
 OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that is refused)
     ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),  # cookie expiry in year 33715
@@ -75,15 +74,7 @@ ONE_PER_VARIABLE = list({variable: (variable, env) for variable, env in reversed
 
 @pytest.mark.parametrize("variable, environment", ONE_PER_VARIABLE, ids=[v for v, _ in ONE_PER_VARIABLE])
 def test_the_cli_refuses_in_one_line(variable, environment):
-    env = {**hermetic_environment(), "TWILIO_AUTH_TOKEN": TOKEN, **environment}
-    result = subprocess.run(
-        [bin_path("sms-sessions"), "conversations", "count"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = sms_sessions("conversations", "count", TWILIO_AUTH_TOKEN=TOKEN, **environment)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [refusal(result.stderr)]
     assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", result.stderr)
