@@ -518,17 +518,7 @@ def instructions(name: str, redis_url: str, pairs: int) -> dict:
                 *(f"--toggle-collect={function}" for function in (REQUEST, CALIBRATED, EMPTY)),
                 "--compress-strings=no",
                 f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                "bench.profile",
-                "--contender",
-                name,
-                "--redis-url",
-                redis_url,
-                "--pairs",
-                str(pairs),
-                "--traced-pass",
-                str(traced),
+                *command(name, redis_url, "--pairs", str(pairs), "--traced-pass", str(traced)),
             ],
             cwd=ROOT,
             check=True,
@@ -586,6 +576,12 @@ def calls_into(callgrind_out: Path, functions: set[str]) -> dict[str, tuple[int,
                 seen[callee][0] += int(line[6:].split()[0])
                 seen[callee][1] += int(next(lines).split()[-1])
     return {function: (calls, cost) for function, (calls, cost) in seen.items()}
+
+
+def command(name: str, redis_url: str, *options: str) -> list[str]:
+    """This module run for contender ``name`` against ``redis_url``, with ``options`` (those
+    ``main`` reads below)."""
+    return [sys.executable, "-m", "bench.profile", "--contender", name, "--redis-url", redis_url, *options]
 
 
 def main(argv: list[str] | None = None) -> None:

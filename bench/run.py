@@ -43,6 +43,7 @@ from pathlib import Path
 import redis
 
 from bench import goals as bench_goals
+from bench import profile as bench_profile
 from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
@@ -599,18 +600,7 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             out = Path(directory) / "profile.json"
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.profile",
-                    "--contender",
-                    name,
-                    "--redis-url",
-                    redis_server.url,
-                    *options,
-                    "--output",
-                    str(out),
-                ],
+                bench_profile.command(name, redis_server.url, *options, "--output", str(out)),
                 cwd=ROOT,
                 check=True,
                 capture_output=True,

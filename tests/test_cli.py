@@ -18,6 +18,7 @@ from service.ops import duration
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, bin_path, hermetic_environment, sms_sessions
+from tests.support.conversations import plant
 from tests.support.ports import free_port
 from tests.support.programs import require_binary
 
@@ -163,7 +164,7 @@ def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def readme_redis_cli_recipe(title: str) -> str:
+def operating_redis_cli_recipe(title: str) -> str:
     """docs/operating.md's redis-cli set-up lines and the recipe under the comment ``title``."""
     block = (
         (ROOT / "docs" / "operating.md").read_text().split("## Plain redis-cli", 1)[1].split("```sh\n", 1)[1]
@@ -175,7 +176,7 @@ def readme_redis_cli_recipe(title: str) -> str:
 
 
 @pytest.mark.slow
-def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
+def test_operating_most_recent_recipe_with_empty_tags(redis_url, redis_client):
     """Run as printed, against a real Redis where most of the 100 tags are empty."""
     require_binary("redis-cli", "redis-tools")
     keys, now = Keys(), int(time.time() * 1000)
@@ -185,7 +186,7 @@ def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
         planted[conversation.member] = now + 60_000 + 1000 * n
         redis_client.zadd(conversation.active, {conversation.member: planted[conversation.member]})
     redis_client.zadd(keys.conversation("+15551239903", OURS).active, {"lapsed|+1": now - 1000})
-    script = readme_redis_cli_recipe("The 10 most recent")
+    script = operating_redis_cli_recipe("The 10 most recent")
     printed = subprocess.run(
         ["bash", "-c", script],
         env={**hermetic_environment(), "REDIS_URL": redis_url},
@@ -196,3 +197,51 @@ def test_readme_most_recent_recipe_with_empty_tags(redis_url, redis_client):
     assert printed.returncode == 0, printed.stderr
     newest = sorted(planted.items(), key=lambda item: -item[1])[:10]
     assert printed.stdout.splitlines() == [f"{member}\t{score}" for member, score in newest]
+
+
+def run_recipe(title: str, redis_url: str) -> subprocess.CompletedProcess:
+    """docs/operating.md's recipe under ``title``, run as printed against ``redis_url``."""
+    require_binary("redis-cli", "redis-tools")
+    return subprocess.run(
+        ["bash", "-c", operating_redis_cli_recipe(title)],
+        env={**hermetic_environment(), "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_operating_count_recipe_agrees_with_the_service(redis_url, redis_client):
+    """Live conversations in a few tags (and lapsed ones beside them): the recipe's sum is the
+    service's count and the CLI's."""
+    now = int(time.time() * 1000)
+    for n in range(9):  # tags {01}, {02} and {03}: 3 live each
+        plant(redis_client, f"+1555123{n:02d}{n % 3 + 1:02d}", OURS, now + 600_000 + n)
+    for n in range(4):  # lapsed, in the same tags and one of their own
+        plant(redis_client, f"+1555777{n:02d}{n + 1:02d}", OURS, now - 1000 - n)
+    printed = run_recipe("Count live conversations", redis_url)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == "9\n"
+    assert make_app(REDIS_URL=redis_url).extensions["sms.active"].count() == 9
+    assert sms_sessions("conversations", "count", REDIS_URL=redis_url).stdout == "9\n"
+
+
+@pytest.mark.slow
+def test_operating_end_one_recipe_lets_the_sweeper_end_it(redis_url, redis_client):
+    """The recipe makes the conversation it names due now; the next sweep ends it: one
+    ``ended`` event, reason ``expired``."""
+    from service.lifecycle import Sweeper
+
+    app = make_app(REDIS_URL=redis_url)
+    client = app.test_client()
+    for _ in range(2):
+        assert post_signed(client, webhook_params(REY, OURS)).status_code == 200
+    ended = run_recipe("End one", redis_url)
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout == "0\n"  # ZADD XX changes a score: nothing added
+    Sweeper(app).sweep()
+    events = [fields for _, fields in redis_client.xrange(Keys().events)]
+    [end] = [e for e in events if e["type"] == "ended"]
+    assert (end["from"], end["to"], end["reason"], end["messages"]) == (REY, OURS, "expired", "2")
+    assert app.extensions["sms.active"].count() == 0

@@ -18,25 +18,10 @@ from service.console import PLOT, chart
 from service.conversations import now_ms
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer
+from tests.support.conversations import plant
 from tests.support.redis_servers import commands_during
 
 REY, FINN, POE, OURS, OTHER = "+15551230001", "+15551230002", "+15551230003", "+15550001111", "+15550002222"
-
-
-def plant(client, active, sender, recipient, expiry):
-    """A live conversation written through the key schema, with a chosen expiry (ms)."""
-    keys = active.keys.conversation(sender, recipient)
-    client.hset(
-        keys.state,
-        mapping={
-            "sid": "s",
-            "state": "{}",
-            "seq": 1,
-            "first_seen": expiry - 20000,
-            "last_seen": expiry - 10000,
-        },
-    )
-    client.zadd(keys.active, {keys.member: expiry})
 
 
 @pytest.fixture
@@ -53,13 +38,15 @@ def found(active, number, limit=50):
 
 def test_search_by_full_number_or_suffix_most_recent_first(active, redis_client):
     expiry = now_ms() + 600_000
-    plant(redis_client, active, REY, OURS, expiry - 3)
-    plant(redis_client, active, REY, OTHER, expiry - 1)
-    plant(redis_client, active, "whatsapp:" + REY, "whatsapp:" + OURS, expiry - 2)
-    plant(redis_client, active, "+15559990001", OURS, expiry)  # same last 4 digits
-    plant(redis_client, active, "+449990101", OURS, expiry - 4)  # same tag, other suffix
-    plant(redis_client, active, "+215551230001", OURS, expiry - 5)  # ends with REY's digits
-    plant(redis_client, active, FINN, OURS, expiry)  # another tag
+    plant(redis_client, REY, OURS, expiry - 3, keys=active.keys, state={})
+    plant(redis_client, REY, OTHER, expiry - 1, keys=active.keys, state={})
+    plant(redis_client, "whatsapp:" + REY, "whatsapp:" + OURS, expiry - 2, keys=active.keys, state={})
+    plant(redis_client, "+15559990001", OURS, expiry, keys=active.keys, state={})  # same last 4 digits
+    plant(redis_client, "+449990101", OURS, expiry - 4, keys=active.keys, state={})  # same tag, other suffix
+    plant(
+        redis_client, "+215551230001", OURS, expiry - 5, keys=active.keys, state={}
+    )  # ends with REY's digits
+    plant(redis_client, FINN, OURS, expiry, keys=active.keys, state={})  # another tag
     assert found(active, REY) == [(REY, OTHER), ("whatsapp:" + REY, "whatsapp:" + OURS), (REY, OURS)]
     assert found(active, "+1 (555) 123-0001") == found(active, REY)
     assert found(active, "1230001") == [
@@ -82,9 +69,9 @@ def test_search_by_full_number_or_suffix_most_recent_first(active, redis_client)
 
 def test_search_skips_lapsed_and_prunes_entries_whose_state_is_gone(active, redis_client):
     now = now_ms()
-    plant(redis_client, active, REY, OURS, now + 600_000)
-    plant(redis_client, active, "+15559990001", OURS, now - 1000)  # lapsed
-    plant(redis_client, active, "+15558880001", OURS, now + 600_000)
+    plant(redis_client, REY, OURS, now + 600_000, keys=active.keys, state={})
+    plant(redis_client, "+15559990001", OURS, now - 1000, keys=active.keys, state={})  # lapsed
+    plant(redis_client, "+15558880001", OURS, now + 600_000, keys=active.keys, state={})
     gone = active.keys.conversation("+15558880001", OURS)
     redis_client.delete(gone.state)
     assert found(active, "0001") == [(REY, OURS)]
@@ -96,7 +83,7 @@ def test_search_reads_only_the_shard_its_digits_name(active, redis_client):
     or a per-shard walk."""
     expiry = now_ms() + 600_000
     for n in range(2000):
-        plant(redis_client, active, f"+1555{n:07d}", OURS, expiry - n)
+        plant(redis_client, f"+1555{n:07d}", OURS, expiry - n, keys=active.keys, state={})
     tally = commands_during(redis_client, lambda: active.search("42", 50))
     assert tally == {"zscan": 1, "hmget": 20}  # the 20 senders ending in 42, one read each
 
@@ -299,7 +286,8 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     text = shown.get_data(as_text=True)
     assert shown.status_code == 200 and f"{REY} → {OURS}" in text
     assert '<dd id="messages">3</dd>' in text and "Yes, end it" in text
-    assert "{}" in text  # the counter keeps no state of its own
+    state = re.search(r'<pre class="state"[^>]*>(.*?)</pre>', text, re.S)
+    assert state and html.unescape(state.group(1)) == "{}"  # the counter keeps no state of its own
 
     ended = client.post("/console/conversation/end", data={"from": REY, "to": OURS, "csrf": csrf})
     assert ended.status_code == 303 and ended.headers["Location"] == "/console/?ended=1"
@@ -393,7 +381,7 @@ def test_pages_follow_the_cursor(console_app, redis_client):
     expiry = now_ms() + 600_000
     senders = [f"+1555000{n:04d}" for n in range(60)]
     for n, sender in enumerate(senders):
-        plant(redis_client, active, sender, OURS, expiry - n)
+        plant(redis_client, sender, OURS, expiry - n, keys=active.keys, state={})
     client = console_app.test_client()
     sign_in(client)
     first = client.get("/console/").get_data(as_text=True)

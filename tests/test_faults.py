@@ -121,10 +121,14 @@ def test_stalled_redis_answers_503_and_workers_stay_free(redis_url, redis_client
 
 
 class FreezingProxy:
-    """A TCP proxy in front of Redis that can hold back the SAVE script of one message.
+    """A TCP proxy in front of Redis that can hold back the SAVE script of one message, or
+    lose SAVE's replies.
 
     With ``freeze_save`` set, the first ``EVALSHA <save sha>`` is never forwarded: the worker
     sits between its two round trips, holding the conversation's lock, ready to be killed.
+    With ``lose_save_replies`` at n, the next n ``EVALSHA <save sha>`` are forwarded, so Redis
+    runs them, but their replies are dropped: the connection is then cut (``cut_on_loss``) or
+    left silent until the client's read times out.
     """
 
     def __init__(self, upstream_port: int, env: dict[str, str]):
@@ -135,6 +139,10 @@ class FreezingProxy:
         self.save_sha = store._save.sha.encode()
         self.freeze_save = threading.Event()
         self.frozen = threading.Event()
+        self.lose_save_replies = 0
+        self.cut_on_loss = True
+        self.lost_replies = 0
+        self.losing: set[socket.socket] = set()  # upstream connections whose next reply is dropped
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -155,6 +163,15 @@ class FreezingProxy:
                 if to_redis and self.freeze_save.is_set() and self.save_sha in data:
                     self.freeze_save.clear()
                     self.frozen.set()
+                    continue
+                if to_redis and self.lose_save_replies and self.save_sha in data:
+                    self.lose_save_replies -= 1
+                    self.losing.add(target)
+                elif not to_redis and source in self.losing:
+                    self.losing.discard(source)
+                    self.lost_replies += 1
+                    if self.cut_on_loss:
+                        break  # both ends shut below
                     continue
                 target.sendall(data)
         except OSError:
@@ -218,6 +235,38 @@ def test_worker_killed_holding_the_lock_lapses_and_counting_continues(redis_serv
     assert counts == list(range(1, 8))  # the killed message counted once, when answered 200
     assert statuses.count(200) == 7 and set(statuses) <= {200, 503}
     assert stored_count(redis_client, sender) == 7
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["connection-cut", "read-timeout"])
+def test_a_save_whose_reply_is_lost_is_counted_once(redis_server, redis_client, cut):
+    """docs/deploying.md: Redis applied the save but its reply never came back; the message is
+    counted although answered 503, and Twilio's redelivery of its MessageSid gets the stored
+    reply without counting it again. A cut connection is retried once by redis-py on a fresh
+    one (that SAVE finds the message saved): its reply is lost too."""
+    sender = "+15554300003"
+    env = {"REDIS_TIMEOUT": "0.5"}
+    proxy = FreezingProxy(redis_server.port, env)
+    proxy.cut_on_loss = cut
+    env["REDIS_URL"] = f"redis://127.0.0.1:{proxy.port}/0"
+    try:
+        with Gunicorn(env, workers=1) as gunicorn:
+            twilio = TwilioSimulator(gunicorn.url, TOKEN, timeout=30)
+            answers: list[requests.Response] = []
+            twilio.http.hooks["response"].append(lambda response, *args, **kwargs: answers.append(response))
+            assert twilio.send(sender, OURS, "one").status == 200
+            proxy.lose_save_replies = 2 if cut else 1
+            message_sid = new_message_sid()
+            lost = twilio.send(sender, OURS, "two", message_sid=message_sid)
+            assert (lost.status, answers[-1].headers.get("Retry-After")) == (503, "1")
+            assert proxy.lost_replies == (2 if cut else 1) and proxy.lose_save_replies == 0
+            assert stored_count(redis_client, sender) == 2  # counted although answered 503
+            stored = redis_client.hget(KEYS.conversation(sender, OURS).state, f"m:{message_sid}")
+            again = twilio.send(sender, OURS, "two", message_sid=message_sid)
+            assert (again.status, again.reply) == (200, f"Friend has messaged {OURS} 2 times.")
+            assert stored is not None and stored.endswith(again.reply)  # the answer SAVE stored
+            assert stored_count(redis_client, sender) == 2  # not counted twice
+    finally:
+        proxy.close()
 
 
 def _swallow(twilio, sender, message_sid):

@@ -4,7 +4,6 @@ what is saved, and the guarantees that hold for any handler."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from types import MappingProxyType
 
@@ -16,9 +15,8 @@ from service.handler import Message
 from service.keys import Keys
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
-from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import LiveServer, bin_path
+from tests.support.app_servers import LiveServer, sms_sessions
 from tests.support.waiting import wait_until
 
 REY, OURS = "+15551230001", "+15550001111"
@@ -322,23 +320,8 @@ def test_sms_handler_from_the_environment(monkeypatch, redis_url):
 
 @pytest.mark.slow
 def test_simulate_runs_a_handler_in_process_without_a_server():
-    result = subprocess.run(
-        [
-            bin_path("sms-sessions"),
-            "simulate",
-            "--handler",
-            "examples.survey:handle",
-            "--from",
-            REY,
-            "--to",
-            OURS,
-        ],
-        input="hi\nRey\nteal\n5\n",
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    survey = ("--handler", "examples.survey:handle", "--from", REY, "--to", OURS)
+    result = sms_sessions("simulate", *survey, stdin="hi\nRey\nteal\n5\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-4:] == [
         "Hi! Three quick questions. What should we call you?",

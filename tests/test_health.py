@@ -4,7 +4,6 @@ up, down, refusing writes, and turning the service's credentials down."""
 from __future__ import annotations
 
 import re
-import subprocess
 from collections import Counter as Tally
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from service import create_app
 from service.settings import ConfigError
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
 from tests.support.redis_servers import REDIS_CONF, commands_during
 from tests.support.waiting import wait_until
 
@@ -161,11 +160,5 @@ def test_gunicorn_and_the_cli_refuse_refused_credentials_in_one_line(protected_r
         lines[0],
     )
     assert "Traceback" not in output and "Booting worker" not in output and "wrong" not in lines[0]
-    cli = subprocess.run(
-        [bin_path("sms-sessions"), "conversations", "count"],
-        env={**hermetic_environment(), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = sms_sessions("conversations", "count", **env)
     assert cli.returncode == 1 and cli.stderr.splitlines() == lines

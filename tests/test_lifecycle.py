@@ -20,6 +20,7 @@ from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.conversations import plant
 from tests.support.redis_servers import commands_during
 from tests.support.waiting import wait_until
 
@@ -46,18 +47,17 @@ def plant_due(client, count: int, ended_ms_ago: int = 1000) -> list[str]:
     now = now_ms()
     pipe = client.pipeline(transaction=False)
     for n in range(count):
-        keys = KEYS.conversation(f"+1556{n:07d}", OURS)
-        pipe.hset(
-            keys.state,
-            mapping={
-                "sid": f"conv-{n}",
-                "state": json.dumps({"n": n}),
-                "seq": 2,
-                "first_seen": now - 9000,
-                "last_seen": now - 5000,
-            },
+        plant(
+            pipe,
+            f"+1556{n:07d}",
+            OURS,
+            now - ended_ms_ago,
+            sid=f"conv-{n}",
+            state={"n": n},
+            seq=2,
+            first_seen=now - 9000,
+            last_seen=now - 5000,
         )
-        pipe.zadd(keys.active, {keys.member: now - ended_ms_ago})
     pipe.execute()
     return [f"conv-{n}" for n in range(count)]
 

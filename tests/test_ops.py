@@ -18,7 +18,8 @@ from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import LiveServer, bin_path
+from tests.support.app_servers import LiveServer, sms_sessions
+from tests.support.conversations import plant
 from tests.support.programs import require_redis_server
 from tests.support.redis_servers import commands_during
 
@@ -49,25 +50,6 @@ def converse_in_order(app, *senders):
             time.sleep(0.001)
 
 
-def plant(client, sender, recipient, expiry, messages=1):
-    """A conversation written straight through the key schema, with a chosen expiry (ms)."""
-    keys = KEYS.conversation(sender, recipient)
-    client.hset(
-        keys.state,
-        mapping={
-            "sid": "s",
-            "state": json.dumps({"messages": messages}),
-            "seq": messages,
-            "first_seen": expiry - 20000,
-            "last_seen": expiry - 10000,
-        },
-    )
-    client.pexpireat(keys.state, expiry)
-    client.zadd(keys.active, {keys.member: expiry})
-    client.pexpireat(keys.active, max(expiry, client.pexpiretime(keys.active)))
-    return keys
-
-
 def cli(app, *args):
     result = app.test_cli_runner().invoke(args=["conversations", *args])
     return result
@@ -75,14 +57,7 @@ def cli(app, *args):
 
 def console(redis_url, *args, **env):
     """The installed ``sms-sessions`` console script, in its own process, in the service's env."""
-    return subprocess.run(
-        [bin_path("sms-sessions"), "conversations", *args],
-        env={"PATH": "/usr/bin:/bin", "REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": TOKEN, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return sms_sessions("conversations", *args, REDIS_URL=redis_url, TWILIO_AUTH_TOKEN=TOKEN, **env)
 
 
 def api_pages(client, limit):

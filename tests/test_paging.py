@@ -3,7 +3,6 @@ stays put is listed exactly once, and the order holds, whatever changes around t
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 
@@ -12,27 +11,11 @@ import pytest
 from service.conversations import now_ms
 from service.keys import Keys, shard_of
 from tests.support.app import make_app
+from tests.support.conversations import plant
 
 KEYS = Keys()
 OURS, OTHER = "+15550001111", "+15550002222"  # OTHER: the racing arrivals' pairs are all new
 TAGS = ("07", "42", "99", "00")  # few shards, so that writes land next to the cursor
-
-
-def plant(pipe, sender: str, expiry: int, recipient: str = OURS) -> None:
-    """A conversation written through the key schema with a chosen expiry (ms)."""
-    keys = KEYS.conversation(sender, recipient)
-    pipe.hset(
-        keys.state,
-        mapping={
-            "sid": "s",
-            "state": json.dumps({"messages": 1}),
-            "seq": 1,
-            "first_seen": expiry - 20000,
-            "last_seen": expiry - 10000,
-        },
-    )
-    pipe.pexpireat(keys.state, expiry)
-    pipe.zadd(keys.active, {keys.member: expiry})
 
 
 def end(pipe, sender: str) -> None:
@@ -64,9 +47,9 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
     doomed = [s for s in doomed if s not in stay]
     pipe = redis_client.pipeline(transaction=False)
     for number, expiry in stay.items():
-        plant(pipe, number, expiry)
+        plant(pipe, number, OURS, expiry)
     for number in doomed:
-        plant(pipe, number, base + rng.randrange(25))
+        plant(pipe, number, OURS, base + rng.randrange(25))
     pipe.execute()
 
     stop = threading.Event()
@@ -82,7 +65,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
             pipe = redis_client.pipeline(transaction=False)
             for _ in range(5):
                 plant(
-                    pipe, sender(race_rng, race_rng.choice(TAGS)), base + 100 + race_rng.randrange(25), OTHER
+                    pipe, sender(race_rng, race_rng.choice(TAGS)), OTHER, base + 100 + race_rng.randrange(25)
                 )
                 racing["arrived"] += 1
             if left:

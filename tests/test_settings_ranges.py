@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 import time
 
 import pytest
 
 from service import create_app
+from service.conversations import ConversationStore
 from service.keys import Keys
 from service.settings import WORKER_TIMEOUT, ConfigError, load
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
 
 OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that is refused)
     ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),  # cookie expiry in year 33715
@@ -33,6 +33,19 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("PORT", {"PORT": "99999"}),
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # was db 0, silently
     ("REDIS_URL", {"REDIS_URL": "rediss://127.0.0.1/0/1"}),
+    # Just outside each bound (the edges themselves: test_edges_of_the_ranges_are_accepted).
+    ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "0"}),
+    ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "3601"}),
+    ("REPLIES_KEPT", {"REPLIES_KEPT": "0"}),
+    ("REPLIES_KEPT", {"REPLIES_KEPT": "10001"}),
+    ("SWEEP_INTERVAL", {"SWEEP_INTERVAL": "0.049"}),
+    ("SWEEP_INTERVAL", {"SWEEP_INTERVAL": "3600.1"}),
+    ("EVENTS_RETENTION", {"EVENTS_RETENTION": "0"}),
+    ("EVENTS_RETENTION", {"EVENTS_RETENTION": "31622401"}),  # 366 days and a second
+    ("EVENTS_MAX", {"EVENTS_MAX": "9"}),
+    ("EVENTS_MAX", {"EVENTS_MAX": "100000001"}),
+    ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "59"}),
+    ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "604801"}),
 ]
 CASES = pytest.mark.parametrize(
     "variable, environment",
@@ -61,15 +74,7 @@ ONE_PER_VARIABLE = list({variable: (variable, env) for variable, env in reversed
 
 @pytest.mark.parametrize("variable, environment", ONE_PER_VARIABLE, ids=[v for v, _ in ONE_PER_VARIABLE])
 def test_the_cli_refuses_in_one_line(variable, environment):
-    env = {**hermetic_environment(), "TWILIO_AUTH_TOKEN": TOKEN, **environment}
-    result = subprocess.run(
-        [bin_path("sms-sessions"), "conversations", "count"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = sms_sessions("conversations", "count", TWILIO_AUTH_TOKEN=TOKEN, **environment)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [refusal(result.stderr)]
     assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", result.stderr)
@@ -114,6 +119,26 @@ def test_edges_of_the_ranges_are_accepted():
     )
     assert config["CONVERSATION_TTL"] == 2592000 and config["LOCK_WAIT"] == 8.8
     assert load({"LOCK_WAIT": "0.01", "REDIS_TIMEOUT": "0.01", "LOCK_TTL": "60"})["LOCK_TTL"] == 60
+    for edges in (
+        {
+            "REDELIVERY_WINDOW": 1,
+            "REPLIES_KEPT": 1,
+            "SWEEP_INTERVAL": 0.05,
+            "EVENTS_RETENTION": 1,
+            "EVENTS_MAX": 10,
+            "CONSOLE_SESSION_TTL": 60,
+        },
+        {
+            "REDELIVERY_WINDOW": 3600,
+            "REPLIES_KEPT": 10_000,
+            "SWEEP_INTERVAL": 3600,
+            "EVENTS_RETENTION": 366 * 24 * 3600,
+            "EVENTS_MAX": 100_000_000,
+            "CONSOLE_SESSION_TTL": 604_800,
+        },
+    ):
+        config = load({name: str(value) for name, value in edges.items()})
+        assert {name: config[name] for name in edges} == edges
 
 
 def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeypatch):
@@ -128,6 +153,10 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
         assert "Max-Age=2592000" in response.headers["Set-Cookie"]
     keys = Keys().conversation("+15551230001", "+15550001111")
     assert redis_client.hget(keys.state, "seq") == "2"
-    assert redis_client.ttl(keys.state) >= 2592000
+    assert (
+        2592000 + ConversationStore.GRACE - 5
+        <= redis_client.ttl(keys.state)
+        <= 2592000 + ConversationStore.GRACE
+    )
     expiry = redis_client.zscore(keys.active, keys.member)
     assert abs(expiry - (time.time() + 2592000) * 1000) < 5000

@@ -3,6 +3,7 @@
 - ``app``: the app with a test token, signed webhook requests;
 - ``app_servers``: the app on real sockets, in a thread (``LiveServer``) or under gunicorn;
 - ``redis_servers``: redis-server processes, Cluster and Sentinel topologies;
+- ``conversations``: conversations planted straight through the key schema (``plant``);
 - ``programs``: the programs a test needs, or a skip (a failure under ``REQUIRE_REDIS=1``);
 - ``ports``, ``waiting``: free loopback ports, bounded waits;
 - ``prometheus``: the text format read back into samples;
