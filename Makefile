@@ -1,4 +1,4 @@
-# Everything a developer needs; Python 3.11, 3.12 or 3.13 has to be on the machine.
+# Everything a developer needs; Python 3.11 or newer has to be on the machine (CI tests 3.11, 3.13).
 # PYTHON: the first of these that runs and is 3.11 or newer (`make install PYTHON=…` to choose).
 PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && command -v $$p && break; done)
@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 # Built from scratch from the lock, and removed again if any step fails: a .venv is either
 # complete or absent, never half-installed. A Python older than 3.11 stops make in one line.
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
-	$(if $(filter True,$(PYTHON_OK)),,$(error Python 3.11 to 3.13 is needed; PYTHON=$(PYTHON) is $(PYTHON_VERSION): make install PYTHON=/path/to/python3.11))
+	$(if $(filter True,$(PYTHON_OK)),,$(error Python 3.11 or newer is needed; PYTHON=$(PYTHON) is $(PYTHON_VERSION): make install PYTHON=/path/to/python3.11))
 	rm -rf $(VENV)
 	{ $(PYTHON) -m venv $(VENV) \
 	  && $(BIN)/pip install --quiet --require-hashes -r requirements-dev.txt \

@@ -49,13 +49,12 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 _made_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(METRICS_PREFIX)
 
 from service import check_environment  # noqa: E402  (after the metrics directory)
-from service.settings import ConfigError, load  # noqa: E402
+from service.settings import ConfigError, bind_address  # noqa: E402
 
 # Every setting is checked once, here in the master, before gunicorn starts anything: a bad
 # one is one line naming it, not a traceback from this file or one per worker.
 try:
-    check_environment()
-    _settings = load()
+    _settings = check_environment()
 except ConfigError as error:
     print(f"sms-sessions: refusing to start: {error}", file=sys.stderr, flush=True)
     if _made_metrics_dir:
@@ -102,7 +101,7 @@ class BodyFirst:
 
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
-bind = _settings["BIND"] or f"0.0.0.0:{_settings['PORT']}"
+bind = bind_address(_settings)
 
 # Twilio gives up after 15 s. A request is bounded well below that (LOCK_WAIT 5 s plus short
 # Redis timeouts); a worker whose main loop is silent for 10 s is stuck and gets replaced.

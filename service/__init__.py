@@ -54,9 +54,9 @@ def create_app(
     return app
 
 
-def check_environment() -> None:
+def check_environment() -> dict:
     """What ``create_app`` would refuse, found without building the app (gunicorn's master
-    runs it once, so a refusal is one line instead of a traceback per worker)."""
+    runs it once, so a refusal is one line instead of a traceback per worker); the settings."""
     config = settings.load()
     settings.check(config)
     redis_client.check(config)
@@ -64,3 +64,4 @@ def check_environment() -> None:
         redis_client.check_credentials(config)
     callers.Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])
+    return config

@@ -1,9 +1,11 @@
-"""Live conversations as operators see them: count, page, read and end, from the active index.
+"""Live conversations as operators see them: count, page, search, read and end, from the
+active index.
 
 The index is 100 sorted sets (one per hash tag) of ``<from>|<to>`` scored by expiry in epoch
 ms, so "live" means score > now. Every command here names a single key (or, for the prune
 script, keys of one hash tag), and the per-shard commands go in one pipeline: the same code
-runs on one Redis and on a Cluster, and never needs ``KEYS`` or ``SCAN``.
+runs on one Redis and on a Cluster, and never needs ``KEYS`` or a keyspace ``SCAN`` (a search
+``ZSCAN``s the one shard its digits name).
 
 Order is most recent first: expiry descending, then shard descending, then member descending
 (Redis' own order inside a shard). The cursor is the last entry returned, so paging is keyset

@@ -16,7 +16,7 @@ import click
 import requests
 from flask.cli import ScriptInfo, run_command
 
-from . import check_environment, create_app, logs
+from . import create_app, logs, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
 from .ops import conversations_cli
@@ -67,10 +67,11 @@ for command in (conversations_cli, events_command, sweep_command):
 def serve(config):
     """Serve in production: gunicorn with its configuration (what the image runs).
 
-    Settings are checked first, so a bad one is one line; gunicorn itself would stop with a
-    traceback on a malformed WEB_CONCURRENCY, which it reads when imported.
+    The settings are read first, so a bad one is one line: gunicorn itself would stop with a
+    traceback on a malformed WEB_CONCURRENCY, which it reads when imported, before its
+    configuration file checks everything else.
     """
-    check_environment()
+    settings.load()
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", config, "service:create_app()"])
 
 

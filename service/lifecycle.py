@@ -41,7 +41,7 @@ RELAY_PER_SHARD = 500
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 READ_BATCH = 1000
 # The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), and their codes there
-# (field ``<minute><code>``, as the scripts' TALLY names them).
+# (field ``<minute><code>``, as the `count` helper of service/conversations.py's scripts says).
 TALLY = ("messages", "started", *END_REASONS, "duration_ms", "ended_messages")
 TALLY_CODES = "mseoxhdn"
 TALLIED = re.compile(r"([0-9]+)([a-z])")
@@ -118,7 +118,7 @@ def _duration(seconds: float) -> str:
 
 
 class History:
-    """Reads the events and samples streams."""
+    """Reads the events and samples streams, and the per-tag minute tallies."""
 
     def __init__(self, client: Client, keys: Keys):
         self.client = client

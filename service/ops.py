@@ -1,4 +1,5 @@
-"""Operators' two ways in: the JSON API under ``/ops`` and ``sms-sessions conversations``.
+"""Operators' JSON API under ``/ops`` and ``sms-sessions conversations`` (the console,
+``console.py``, is the third way in).
 
 Both read the same ``ActiveConversations`` and print the same JSON objects. The API is off
 until ``OPS_TOKEN`` is set (no route at all: 404 whatever the method, so nothing reveals it)

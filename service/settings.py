@@ -54,16 +54,13 @@ _positive_int = _number(int, lambda n: n > 0, "must be a positive whole number")
 _non_negative_int = _number(int, lambda n: n >= 0, "must be 0 or more")
 
 
-def _env_name(value: str) -> str:
-    if value not in {"development", "production"}:
-        raise ValueError("must be 'development' or 'production'")
-    return value
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError("must be " + " or ".join(f"'{choice}'" for choice in choices))
+        return value
 
-
-def _log_format(value: str) -> str:
-    if value not in {"json", "text"}:
-        raise ValueError("must be 'json' or 'text'")
-    return value
+    return parse
 
 
 def _text(value: str) -> str:
@@ -99,7 +96,7 @@ SETTINGS = [
     Setting(
         "APP_ENV",
         "development",
-        _env_name,
+        _one_of("development", "production"),
         "`production` refuses to start without `TWILIO_AUTH_TOKEN`, with "
         "`TWILIO_VALIDATE_SIGNATURE=0`, without `REDIS_URL` (the embedded store) or when "
         "Redis turns its credentials down; `development` only warns.",
@@ -238,7 +235,7 @@ SETTINGS = [
     Setting(
         "LOG_FORMAT",
         "json",
-        _log_format,
+        _one_of("json", "text"),
         "`json`: one JSON object per line, for log pipelines; `text`: readable lines for a "
         "terminal (`make run` sets it). Either way phone numbers are masked.",
     ),
@@ -297,6 +294,12 @@ def table() -> str:
             "",
         ]
     )
+
+
+def bind_address(config: Mapping[str, Any]) -> str:
+    """Where gunicorn listens (config/gunicorn.conf.py) and the healthcheck asks: ``BIND`` if
+    set, else every interface on ``PORT``."""
+    return config["BIND"] or f"0.0.0.0:{config['PORT']}"
 
 
 def check(config: dict[str, Any]) -> None:

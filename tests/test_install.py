@@ -100,7 +100,7 @@ def test_make_install_refuses_an_old_python_in_one_line(tmp_path):
     assert result.returncode != 0
     [line] = result.stderr.splitlines()
     assert line.endswith(
-        f"*** Python 3.11 to 3.13 is needed; PYTHON={old} is Python 3.10.13: "
+        f"*** Python 3.11 or newer is needed; PYTHON={old} is Python 3.10.13: "
         "make install PYTHON=/path/to/python3.11.  Stop."
     )
     assert not venv.exists()
