@@ -23,7 +23,7 @@ from .ops import conversations_cli
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 
-OPERATORS = ("conversations", "events")
+OPERATORS = (conversations_cli.name, events_command.name)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")

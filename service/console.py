@@ -109,24 +109,15 @@ def protect(response):
 
 def _set_cookie(response, session: dict | None) -> None:
     config = current_app.config
-    if session is None:
-        response.delete_cookie(
-            COOKIE,
-            path=bp.url_prefix,
-            httponly=True,
-            samesite="Strict",
-            secure=config["SESSION_COOKIE_SECURE"],
-        )
-        return
-    response.set_cookie(
-        COOKIE,
-        _signer().dumps(session),
-        max_age=config["CONSOLE_SESSION_TTL"],
-        path=bp.url_prefix,
-        httponly=True,
-        samesite="Strict",
-        secure=config["SESSION_COOKIE_SECURE"],
+    options = dict(
+        path=bp.url_prefix, httponly=True, samesite="Strict", secure=config["SESSION_COOKIE_SECURE"]
     )
+    if session is None:
+        response.delete_cookie(COOKIE, **options)
+    else:
+        response.set_cookie(
+            COOKIE, _signer().dumps(session), max_age=config["CONSOLE_SESSION_TTL"], **options
+        )
 
 
 def page(template: str, status: int = 200, **context):

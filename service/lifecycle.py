@@ -30,7 +30,7 @@ from flask.cli import ScriptInfo, with_appcontext
 from . import conversations, handler, metrics, redis_client
 from .active import iso
 from .conversations import now_ms
-from .handler import END_REASONS, Conversation
+from .handler import END_REASONS, Conversation, EndHook
 from .keys import Keys
 from .redis_client import UNAVAILABLE, Client
 
@@ -191,6 +191,22 @@ class History:
                             yield tally
             yield from by_minute.values()
 
+    def messages_in(self, minute: int) -> int:
+        """Messages saved in ``minute`` over every tag: one field of each tag's tallies (and an
+        earlier version's record of that minute), not the whole hour ``minute_tallies`` reads."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shards():
+            pipe.hmget(self.keys.minutes(shard), f"{minute}m", str(minute % 60))
+        total = 0
+        for counted, record in pipe.execute():
+            if counted and counted.isdigit():
+                total += int(counted)
+            numbers = (record or "").split()
+            old = len(numbers) == len(TALLY) + 1 and all(n.isdigit() for n in numbers)
+            if old and int(numbers[0]) == minute:  # an earlier version's record: messages first
+                total += int(numbers[1])
+        return total
+
     def samples(self, since_ms: int) -> list[Sample]:
         entries = self.client.xrange(self.keys.samples, str(since_ms), "+")
         return [
@@ -226,7 +242,7 @@ class Sweeper:
             if self.keys.cluster:
                 self._relay()
             if self.on_end is not None:
-                self._run_hooks()
+                self._run_hooks(self.on_end)
             self.client.xtrim(self.keys.events, minid=str(now_ms() - self.retention_ms), approximate=False)
             self._sample()
         return ended
@@ -253,7 +269,7 @@ class Sweeper:
                 self.client.xadd(self.keys.events, fields, maxlen=self.store.events_max, approximate=True)
             self.client.xdel(self.keys.outbox(shard), *[entry_id for entry_id, _ in entries])
 
-    def _run_hooks(self) -> None:
+    def _run_hooks(self, hook: EndHook) -> None:
         pipe = self.client.pipeline(transaction=False)
         for shard in self.keys.shards():
             pipe.hgetall(self.keys.ending(shard))
@@ -261,12 +277,10 @@ class Sweeper:
             if ending and not self._holds_lease():
                 return  # another sweeper took over; it runs what is left
             for conversation_id, raw in ending.items():
-                self._call_hook(conversation_id, raw)
+                self._call_hook(hook, conversation_id, raw)
                 self.client.hdel(self.keys.ending(shard), conversation_id)
 
-    def _call_hook(self, conversation_id: str, raw: str) -> None:
-        if self.on_end is None:
-            return
+    def _call_hook(self, hook: EndHook, conversation_id: str, raw: str) -> None:
         try:
             sender, recipient, reason, messages, started_at, ended_at, state = json.loads(raw)
             final = Conversation(
@@ -278,7 +292,7 @@ class Sweeper:
                 started_at=_moment(_int(started_at)),
             )
             final.ended_at = _moment(_int(ended_at))
-            self.on_end(final, reason)
+            hook(final, reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             metrics.current().end_hook_failures.inc()
             log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)
@@ -289,10 +303,8 @@ class Sweeper:
         last = self.client.xrevrange(self.keys.samples, "+", "-", count=1)
         if last and int(last[0][0].split("-")[0]) // 60000 == now // 60000:
             return
-        last_minute = now // 60000 - 1
-        history = History(self.client, self.keys)
-        messages = sum(tally[0] for tally in history.minute_tallies(last_minute, last_minute))
-        live = conversations.active().count()
+        messages = history(self.app).messages_in(now // 60000 - 1)
+        live = conversations.active(self.app).count()
         self.client.xadd(
             self.keys.samples, {"live": live, "messages": messages}, maxlen=SAMPLES_KEPT, approximate=True
         )

@@ -375,3 +375,22 @@ def test_every_tally_is_read_back_with_an_earlier_versions_records(redis_url, re
     with app.app_context():
         messages = sum(tally[0] for tally in app.extensions["sms.history"].minute_tallies(0, now_ms()))
     assert messages == 4 + 2 + 4
+
+
+def test_the_sample_counts_a_minutes_messages_from_one_field_per_tag(app, redis_client):
+    """The sweeper's per-minute sample reads the minute's message count (and an earlier
+    version's record of it) with one HMGET per tag, and agrees with the whole hour's read."""
+    client, history = app.test_client(), app.extensions["sms.history"]
+    first = now_ms() // 60000
+    for n in range(7):
+        post_signed(client, webhook_params(sender=f"+1555{n:07d}"))
+    last = now_ms() // 60000
+    old = first - 3  # an earlier version's record: '<minute % 60>' = "<minute> <messages> …"
+    redis_client.hset(Keys().minutes("42"), str(old % 60), f"{old} 5 0 0 0 0 0 0 0")
+    found = []
+    read = commands_during(
+        redis_client, lambda: found.extend(history.messages_in(m) for m in range(first, last + 1))
+    )
+    assert sum(found) == 7 == sum(t[0] for t in history.minute_tallies(first, last))
+    assert read == {"hmget": 100 * len(found)}
+    assert history.messages_in(old) == 5
