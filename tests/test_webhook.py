@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -535,7 +536,7 @@ def test_query_string_over_the_bound_is_414_logged_and_counted(redis_url, summar
     assert counted(client)["sms_messages_received_total{outcome=bad_request}"] == 1
 
 
-def test_the_path_as_routing_sees_it_and_no_other(redis_url, summaries):
+def test_the_path_as_routing_sees_it_and_no_other(redis_url, summaries, caplog):
     """``//sms`` is /sms to werkzeug (a line); other paths get none, and a problem reported
     after a webhook request, on the same thread, is a line of its own, not the last one's."""
     from service import logs
@@ -548,6 +549,11 @@ def test_the_path_as_routing_sees_it_and_no_other(redis_url, summaries):
     client.put("/sms/")
     assert summaries() == []
     assert logs.annotate(reason="x") is False
+    logs.report(logging.getLogger("service.later"), "a problem after the request")
+    assert summaries() == []
+    assert [r.getMessage() for r in caplog.records if r.name == "service.later"] == [
+        "a problem after the request"
+    ]
 
 
 def test_the_line_names_the_forwarded_client(redis_url, summaries):
