@@ -550,10 +550,10 @@ def test_the_path_as_routing_sees_it_and_no_other(redis_url, summaries, caplog):
     assert summaries() == []
     assert logs.annotate(reason="x") is False
     logs.report(logging.getLogger("service.later"), "a problem after the request")
-    assert summaries() == []
     assert [r.getMessage() for r in caplog.records if r.name == "service.later"] == [
         "a problem after the request"
     ]
+    assert summaries() == []
 
 
 def test_the_line_names_the_forwarded_client(redis_url, summaries):
