@@ -16,7 +16,7 @@ import struct
 
 import pytest
 import requests
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
@@ -63,10 +63,21 @@ class Console:
 
     def wait(self, condition, seconds=20):
         """Until ``condition``; an element the page replaced meanwhile (a navigation, a
-        refresh) is looked up again at the next poll."""
+        refresh) is looked up again at the next poll. Chromium's driver may report one replaced
+        between its lookup and its read as an "unhandled inspector error" (the node is gone),
+        not as a stale element."""
+
+        def settled(driver):
+            try:
+                return condition(driver)
+            except WebDriverException as error:
+                if "unhandled inspector error" in str(error):
+                    return False
+                raise
+
         return WebDriverWait(
             self.browser, seconds, ignored_exceptions=(StaleElementReferenceException,)
-        ).until(condition)
+        ).until(settled)
 
     def find(self, css):
         return self.browser.find_element(By.CSS_SELECTOR, css)
