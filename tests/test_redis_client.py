@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
+
 import pytest
 import redis
+from redis.connection import SSLConnection
 from redis.exceptions import RedisClusterException, SlotNotCoveredError
 from redis.sentinel import SentinelConnectionPool
 
-from service.redis_client import SentinelMasterConnection, connect
+from service.redis_client import SentinelMasterConnection, TimedConnection, TimedUnixConnection, connect
 from service.settings import ConfigError
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.ports import free_cluster_port
@@ -16,13 +21,57 @@ from tests.support.waiting import wait_until
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://127.0.0.1:6390/0", "rediss://127.0.0.1:6390/0", "unix:///tmp/redis.sock?db=0"]
+    "url, connection",
+    [
+        ("redis://127.0.0.1:6390/0", TimedConnection),
+        ("rediss://127.0.0.1:6390/0", SSLConnection),  # an SSLSocket keeps Python's timeouts
+        ("unix:///tmp/redis.sock?db=0", TimedUnixConnection),
+    ],
 )
-def test_single_server_schemes_build_a_plain_client(url):
+def test_single_server_schemes_build_a_plain_client(url, connection):
     client = connect(url, 0.5)
     assert type(client) is redis.Redis
+    assert client.connection_pool.connection_class is connection
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == 0.5 and kwargs["decode_responses"] is True
+
+
+def test_the_kernel_keeps_the_socket_timeout_and_a_stall_still_times_out(redis_url, redis_client):
+    """No poll before every send and receive (TimedSocket): the descriptor blocks, with the
+    timeout as SO_RCVTIMEO/SO_SNDTIMEO; a stalled Redis is still a TimeoutError, not retried
+    (a script may have run), and the connection serves again once Redis answers."""
+    client = connect(redis_url, 0.3)
+    assert client.ping()
+    connection = client.connection_pool.get_connection()
+    try:
+        descriptor = connection._sock.fileno()
+        assert os.get_blocking(descriptor)
+        expected = struct.pack("ll", 0, 300_000)
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            assert connection._sock.getsockopt(socket.SOL_SOCKET, option, len(expected)) == expected
+    finally:
+        client.connection_pool.release(connection)
+    connections = redis_client.info("stats")["total_connections_received"]
+    redis_client.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    with pytest.raises(redis.TimeoutError):
+        client.get("paused")
+    redis_client.execute_command("CLIENT", "UNPAUSE")
+    # a ConnectionError would have been retried on a fresh connection
+    assert redis_client.info("stats")["total_connections_received"] == connections
+    assert client.set("after", "1") and client.get("after") == "1"
+    assert os.get_blocking(client.connection_pool.get_connection()._sock.fileno())
+
+
+def test_a_pooled_connection_with_unread_data_is_replaced(redis_url):
+    """redis-py peeks at a pooled connection before lending it (a non-waiting receive here):
+    one left with an unread reply is dropped for a fresh one, not read from."""
+    client = connect(redis_url, 0.3)
+    client.set("k", "v")
+    connection = client.connection_pool.get_connection()
+    connection.send_command("GET", "k")  # its reply left unread
+    client.connection_pool.release(connection)
+    assert client.get("k") == "v"
+    assert os.get_blocking(client.connection_pool.get_connection()._sock.fileno())
 
 
 def test_sentinel_url_names_sentinels_service_db_and_credentials():
