@@ -246,10 +246,11 @@ def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
 
 def round_trips_made(before: dict[str, int], after: dict[str, int]) -> int:
     """Commands clients sent between two ``INFO commandstats``. Commands a Lua script runs are
-    listed there too, so where scripts ran only EVALSHA/EVAL count."""
+    listed there too, so where scripts ran only EVALSHA/EVAL count, and BLPOP (a waiter's wait
+    for its turn: no script runs it)."""
     delta = {name: calls - before.get(name, 0) for name, calls in after.items()}
     scripted = delta.get("evalsha", 0) + delta.get("eval", 0)
-    return scripted if scripted else sum(delta.values())
+    return scripted + delta.get("blpop", 0) if scripted else sum(delta.values())
 
 
 def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:

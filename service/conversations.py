@@ -112,6 +112,28 @@ local function finish(k, reason, ended_at, now)
 end
 """
 
+LINE = """
+-- The first in line whose heartbeat is still on (the others gave up: they leave it).
+local function head_of(queue, waiters, token, now)
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  while head and head ~= token and (tonumber(redis.call('HGET', waiters, head)) or 0) <= now do
+    redis.call('ZREM', queue, head)
+    redis.call('HDEL', waiters, head)
+    head = redis.call('ZRANGE', queue, 0, 0)[1]
+  end
+  return head
+end
+-- Hands the turn to the first in line (its BLPOP on `wake .. token` returns at once) when the
+-- lock's holder was marked ('+': someone queued behind it), so that it need not poll.
+local function hand_over(queue, waiters, wake, now)
+  local head = head_of(queue, waiters, nil, now)
+  if head then
+    redis.call('RPUSH', wake .. head, '1')
+    redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
+  end
+end
+"""
+
 PRUNE = """
 -- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
 -- the conversation's own fields: what `forget` does, in the same read); returns the oldest
@@ -143,6 +165,7 @@ end
 OPEN = (
     NOW
     + HELPERS
+    + LINE
     + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
@@ -165,14 +188,11 @@ if found[1] then  -- answered while this delivery waited, maybe: it leaves the l
 end
 local now = now_ms()
 
-local head = redis.call('ZRANGE', queue, 0, 0)[1]
-while head and head ~= token and (tonumber(redis.call('HGET', waiters, head)) or 0) <= now do
-  redis.call('ZREM', queue, head)
-  redis.call('HDEL', waiters, head)
-  head = redis.call('ZRANGE', queue, 0, 0)[1]
-end
-
-if (not head or head == token) and redis.call('SET', lock, token, 'NX', 'PX', lock_ms) then
+local head = head_of(queue, waiters, token, now)
+-- The lock holds its holder's token, marked '+' while someone waits behind it: its save then
+-- hands the turn over (hand_over) instead of leaving the next in line to poll.
+local mine = head == token and redis.call('ZCARD', queue) > 1 and token .. '+' or token
+if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', lock_ms) then
   if head then
     redis.call('ZREM', queue, token)
     redis.call('HDEL', waiters, token)
@@ -194,6 +214,8 @@ if not redis.call('ZSCORE', queue, token) then
   redis.call('ZADD', queue, (tonumber(last[2]) or 0) + 1, token)
 end
 redis.call('HSET', waiters, token, now + patience_ms)
+local holder = redis.call('GET', lock)
+if holder and string.sub(holder, -1) ~= '+' then redis.call('SET', lock, holder .. '+', 'KEEPTTL') end
 redis.call('PEXPIRE', queue, patience_ms + lock_ms)
 redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
 return {'busy', redis.call('ZRANK', queue, token)}
@@ -202,6 +224,7 @@ return {'busy', redis.call('ZRANK', queue, token)}
 
 SAVE = (
     HELPERS
+    + LINE
     + PRUNE
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
@@ -209,8 +232,8 @@ SAVE = (
 -- message in its minute; release the lock. Returns 'ended' if it ended a conversation, else
 -- 'saved' ('lost': nothing written). Nothing here can fail half-way: every value is checked or
 -- bounded before the first write.
-local conversation, lock, index, events, ending, minutes =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local conversation, lock, index, events, ending, minutes, queue, waiters, wake =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local token, message_sid, member, sid, state, answer = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local fresh, end_reason, opened_at = ARGV[7] == '1', ARGV[8], ARGV[9]
 local ttl_ms, window_ms, kept, keep_px, window_px =  -- settings, compiled in (`configured`)
@@ -219,7 +242,8 @@ local ttl_ms, window_ms, kept, keep_px, window_px =  -- settings, compiled in (`
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
 -- lost saved it already).
-if redis.call('GET', lock) ~= token then
+local holder = redis.call('GET', lock)
+if holder ~= token and holder ~= token .. '+' then
   return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
 end
 -- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
@@ -280,18 +304,28 @@ if end_reason ~= '' then
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
 redis.call('DEL', lock)
+if holder ~= token then hand_over(queue, waiters, wake, now) end
 return ended == 1 and 'ended' or 'saved'
 """
 )
 
-RELEASE = """
--- A message that will not save: gives the lock back if it holds it, and leaves the line.
-local lock, queue, waiters = KEYS[1], KEYS[2], KEYS[3]
+RELEASE = (
+    NOW
+    + LINE
+    + """
+-- A message that will not save: leaves the line, and gives the lock back if it holds it (the
+-- turn to the next in line, if one waits).
+local lock, queue, waiters, wake = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token = ARGV[1]
-if redis.call('GET', lock) == token then redis.call('DEL', lock) end
 redis.call('ZREM', queue, token)
 redis.call('HDEL', waiters, token)
+local holder = redis.call('GET', lock)
+if holder == token or holder == token .. '+' then
+  redis.call('DEL', lock)
+  if holder ~= token then hand_over(queue, waiters, wake, now_ms()) end
+end
 """
+)
 
 END = (
     NOW
@@ -388,6 +422,7 @@ class ConversationStore:
         hooks: bool = False,
         wait_replicas: int = 0,
         wait_ms: int = 0,
+        read_timeout: float = 0.5,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
     ):
         """``hooks``: keep each ended conversation's final state for the end hook.
@@ -395,6 +430,7 @@ class ConversationStore:
         self.client = client
         self.on_lock_wait = on_lock_wait
         self.lock_wait = lock_wait
+        self.blocking = read_timeout > self.POLL_MAX + 0.15
         self.events_max = events_max  # the sweeper's relay trims as the scripts do
         self.wait_replicas = wait_replicas
         self.wait_ms = wait_ms
@@ -410,7 +446,7 @@ class ConversationStore:
         }
         self._open = client.register_script(configured(OPEN, settings))
         self._save = client.register_script(configured(SAVE, settings))
-        self._release = client.register_script(RELEASE)
+        self._release = client.register_script(configured(RELEASE, settings))
         self._end = client.register_script(configured(END, settings))
         self._expire = client.register_script(configured(EXPIRE, settings))
 
@@ -436,6 +472,7 @@ class ConversationStore:
             on_lock_wait=on_lock_wait,
             wait_replicas=config["REDIS_WAIT_REPLICAS"],
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
+            read_timeout=config["REDIS_TIMEOUT"],
         )
 
     def preload(self) -> None:
@@ -477,7 +514,16 @@ class ConversationStore:
                 self.release(keys, token)
                 raise ConversationBusy(keys.member)
             ahead = int(result[1])
-            time.sleep(min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
+            self._wait_turn(keys.wake + token, min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
+
+    def _wait_turn(self, wake: str, seconds: float) -> None:
+        """Until the lock's holder hands the turn over (its save pushes to ``wake``: no need to
+        poll to learn it) or ``seconds`` pass; then ``open`` asks again. Sleeps instead where
+        Redis could answer a BLPOP later than the read timeout (its timer ticks every 100 ms)."""
+        if self.blocking and seconds >= 0.001:  # BLPOP's 0 would mean forever
+            self.client.blpop([wake], timeout=seconds)
+        else:
+            time.sleep(seconds)
 
     def save(
         self,
@@ -540,7 +586,17 @@ class ConversationStore:
     ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
         return (
-            [keys.state, keys.lock, keys.active, keys.events, keys.ending, keys.minutes],
+            [
+                keys.state,
+                keys.lock,
+                keys.active,
+                keys.events,
+                keys.ending,
+                keys.minutes,
+                keys.queue,
+                keys.waiters,
+                keys.wake,
+            ],
             [
                 opened.token,
                 message_sid,
@@ -583,7 +639,7 @@ class ConversationStore:
 
     def release(self, keys: ConversationKeys, token: str) -> None:
         """Gives the lock back without saving, or leaves the line."""
-        self._release(keys=[keys.lock, keys.queue, keys.waiters], args=[token])
+        self._release(keys=[keys.lock, keys.queue, keys.waiters, keys.wake], args=[token])
 
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and

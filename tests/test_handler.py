@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from types import MappingProxyType
 
 import pytest
 from twilio.twiml.messaging_response import MessagingResponse
 
 from service import create_app
+from service.conversations import ConversationStore
 from service.handler import Message
 from service.keys import Keys
+from service.redis_client import connect
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
@@ -216,6 +219,54 @@ def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_clien
             thread.join()
     assert state(redis_client)["bodies"] == [f"m{i}" for i in range(8)]
     assert not redis_client.exists(keys.queue) and not redis_client.exists(keys.waiters)
+
+
+class Patient(ConversationStore):
+    """Asks again only every 6 s: only a hand-over explains a turn taken sooner."""
+
+    POLL_FIRST = POLL_MAX = 6.0
+
+
+@pytest.mark.parametrize("gives_back", ["save", "release"])
+def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_back):
+    """docs/design.md: the holder's save (or its release, a failed handler) wakes the first in
+    line, who takes the lock marked for the one still behind it, whose save wakes that one:
+    two queued messages take their turns at once, not at their next ask 6 s later."""
+    store = Patient(
+        connect(redis_url, 10),
+        ttl=3600,
+        lock_ttl=30,
+        lock_wait=30,
+        redelivery_window=60,
+        replies_kept=100,
+        read_timeout=10,
+    )
+    store.preload()
+    keys = KEYS.conversation(REY, OURS)
+    holder = store.open(keys, "SM0")
+    taken: list[int] = []
+
+    def next_in_line(number: int) -> None:
+        opened = store.open(keys, f"SM{number}")
+        taken.append(number)
+        store.save(keys, opened, sid="s", state="{}", fresh=False, message_sid=f"SM{number}", answer="a")
+
+    waiters = [threading.Thread(target=next_in_line, args=(number,)) for number in (1, 2)]
+    for number, waiter in enumerate(waiters, 1):
+        waiter.start()
+        wait_until(
+            lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"message {number} in line"
+        )
+    if gives_back == "save":
+        store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM0", answer="a")
+    else:
+        store.release(keys, holder.token)
+    handed_over_by = time.monotonic() + 4  # both, in all: a single ask would come at 6 s
+    for waiter in waiters:
+        waiter.join(timeout=max(0.0, handed_over_by - time.monotonic()))
+    assert taken == [1, 2] and not any(waiter.is_alive() for waiter in waiters)
+    assert redis_client.hget(keys.state, "seq") == ("3" if gives_back == "save" else "2")
+    assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
 
 
 def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
