@@ -197,12 +197,15 @@ def test_30_simultaneous_messages_leave_30_entries(app_with, redis_client):
     assert sorted(state(redis_client)["bodies"]) == sorted(f"m{i}" for i in range(30))
 
 
-def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_client):
+@pytest.mark.parametrize("read_timeout", [0.5, 0.1], ids=["handed-over", "sleeping-between-asks"])
+def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_client, read_timeout):
     """The lock is held; eight messages arrive one after another and wait; once it is free
-    they are applied in the order they arrived, not in whatever order their polls land."""
+    they are applied in the order they arrived, not in whatever order their asks land: each
+    save handing the turn over, or (REDIS_TIMEOUT under 0.2 s, too short for a BLPOP) each
+    waiter sleeping between its asks."""
     keys = KEYS.conversation(REY, OURS)
     redis_client.set(keys.lock, "held-by-someone", px=60_000)
-    with LiveServer(app_with(notebook, LOCK_WAIT=20.0)) as server:
+    with LiveServer(app_with(notebook, LOCK_WAIT=20.0, REDIS_TIMEOUT=read_timeout)) as server:
         twilio = TwilioSimulator(server.url, TOKEN, timeout=30)
         threads = []
         for index in range(8):

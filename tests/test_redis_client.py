@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 
@@ -66,11 +67,12 @@ def test_a_pooled_connection_with_unread_data_is_replaced(redis_url):
     """redis-py peeks at a pooled connection before lending it (a non-waiting receive here):
     one left with an unread reply is dropped for a fresh one, not read from."""
     client = connect(redis_url, 0.3)
-    client.set("k", "v")
+    client.mset({"k": "v", "stale": "left unread"})
     connection = client.connection_pool.get_connection()
-    connection.send_command("GET", "k")  # its reply left unread
+    connection.send_command("GET", "stale")  # its reply left unread
+    assert select.select([connection._sock], [], [], 5)[0]  # and already there to be found
     client.connection_pool.release(connection)
-    assert client.get("k") == "v"
+    assert client.get("k") == "v"  # read from that connection, this would be "left unread"
     assert os.get_blocking(client.connection_pool.get_connection()._sock.fileno())
 
 
