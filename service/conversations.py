@@ -38,11 +38,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Lua helpers shared by the scripts below (prepended to each; each script defines only those it
-# may use: a function defined is a closure made on every call).
+# may use: a function defined is a closure made on every call, so a script's uncommon helpers
+# are made only on a path that needs them: `on_demand`).
 NOW = """
 local function now_ms()
   local clock = redis.call('TIME')
   return clock[1] * 1000 + math.floor(clock[2] / 1000)
+end
+"""
+COUNT = """
+-- Per tag, one-minute tallies: field '<minute><code>' (minute: epoch ms // 60000; code m
+-- messages, s started, e o x h ended as expired, operator, opt-out, handler, d the ended ones'
+-- ms, n their messages) counted by HINCRBY, so that a message costs one command and no parsing
+-- (a ring of 60 records of 9 numbers, read and rewritten whole, cost a fifth of a save's
+-- instructions). `count` says whether it made the field, the first count of its minute: then
+-- `renew` forgets the minutes older than an hour (an earlier version's records, field
+-- 'minute % 60' = "<minute> <9 numbers>", once theirs are) and keeps the key an hour more.
+local function count(minutes, minute, code, add)
+  return add > 0 and redis.call('HINCRBY', minutes, minute .. code, add) == add
 end
 """
 HELPERS = """
@@ -63,16 +76,6 @@ end
 local function pair(member)
   local bar = string.find(member, '|', 1, true)
   return string.sub(member, 1, bar - 1), string.sub(member, bar + 1)
-end
--- Per tag, one-minute tallies: field '<minute><code>' (minute: epoch ms // 60000; code m
--- messages, s started, e o x h ended as expired, operator, opt-out, handler, d the ended ones'
--- ms, n their messages) counted by HINCRBY, so that a message costs one command and no parsing
--- (a ring of 60 records of 9 numbers, read and rewritten whole, cost a fifth of a save's
--- instructions). `count` says whether it made the field, the first count of its minute: then
--- `renew` forgets the minutes older than an hour (an earlier version's records, field
--- 'minute % 60' = "<minute> <9 numbers>", once theirs are) and keeps the key an hour more.
-local function count(minutes, minute, code, add)
-  return add > 0 and redis.call('HINCRBY', minutes, minute .. code, add) == add
 end
 local function renew(minutes, minute)
   local fields, doomed = redis.call('HGETALL', minutes), {}
@@ -112,7 +115,7 @@ local function finish(k, reason, ended_at, now)
 end
 """
 
-LINE = """
+HEAD = """
 -- The first in line whose heartbeat is still on (the others gave up: they leave it).
 local function head_of(queue, waiters, token, now)
   local head = redis.call('ZRANGE', queue, 0, 0)[1]
@@ -123,6 +126,8 @@ local function head_of(queue, waiters, token, now)
   end
   return head
 end
+"""
+HAND = """
 -- Hands the turn to the first in line (its BLPOP on `wake .. token` returns at once) when the
 -- lock's holder was marked ('+': someone queued behind it), so that it need not poll.
 local function hand_over(queue, waiters, wake, now)
@@ -133,6 +138,19 @@ local function hand_over(queue, waiters, wake, now)
   end
 end
 """
+
+
+def on_demand(source: str, *names: str) -> str:
+    """Lua: the helpers ``names`` of ``source`` made the first time a script's path asks for one
+    (``helpers().finish(…)``), not on every call: made on every call, a closure each and
+    ``REASONS``'s table were 4–10 % of a script's instructions on the usual paths."""
+    made = ", ".join(f"{name} = {name}" for name in names)
+    return (
+        "local made\nlocal function helpers()\n  if not made then\n"
+        + source
+        + f"  made = {{{made}}}\n  end\n  return made\nend\n"
+    )
+
 
 PRUNE = """
 -- Forgets the answers older than `horizon`, and the oldest beyond `keep` (and, with `reset`,
@@ -164,8 +182,8 @@ end
 
 OPEN = (
     NOW
-    + HELPERS
-    + LINE
+    + HEAD
+    + on_demand(COUNT + HELPERS, "finish")
     + """
 -- Round trip 1. A redelivered MessageSid gets its stored answer. Otherwise the message queues
 -- for the lock in arrival order (a ticket lock: a waiter that stopped asking drops out) and,
@@ -202,7 +220,7 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
     if expiry <= now then
       local k = {conversation = conversation, index = index, member = member, events = events,
                  ending = ending, minutes = minutes}
-      local ended = finish(k, 'expired', expiry, now)
+      local ended = helpers().finish(k, 'expired', expiry, now)
       return {'ok', now, '', '', '', '', ended}
     end
   end
@@ -223,9 +241,8 @@ return {'busy', redis.call('ZRANK', queue, token)}
 )
 
 SAVE = (
-    HELPERS
-    + LINE
-    + PRUNE
+    COUNT
+    + on_demand(HELPERS + HEAD + HAND + PRUNE, "renew", "pair", "prune", "finish", "hand_over")
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the
@@ -255,7 +272,7 @@ local keeps = not (fresh and end_reason == 'opt-out')  -- an opt-out with no con
 local minute = math.floor(now / 60000)
 local first_of_minute = count(minutes, minute, 'm', 1)
 if fresh and keeps and count(minutes, minute, 's', 1) then first_of_minute = true end
-if first_of_minute then renew(minutes, minute) end
+if first_of_minute then helpers().renew(minutes, minute) end
 local found = fresh and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
 -- are scanned only when one can be forgotten (out of the window, or over the cap). With one
@@ -268,7 +285,7 @@ held = tonumber(held)
 -- ended or unreadable conversation left) to go.
 local reset = fresh and keeps
 if reset or not (oldest and held and tonumber(oldest) > now - window_ms and held < kept) then
-  oldest, held = prune(conversation, now - window_ms, kept - 1, reset)
+  oldest, held = helpers().prune(conversation, now - window_ms, kept - 1, reset)
 end
 held = held + 1
 local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
@@ -278,7 +295,7 @@ end
 local added = 0
 if keeps then
   if fresh then
-    local sender, recipient = pair(member)
+    local sender, recipient = helpers().pair(member)
     redis.call('XADD', events, 'MAXLEN', '~', '@events_max@', '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
@@ -300,18 +317,19 @@ local ended = 0
 if end_reason ~= '' then
   local k = {conversation = conversation, index = index, member = member, events = events,
              ending = ending, minutes = minutes}
-  ended = finish(k, end_reason, now, now)
+  ended = helpers().finish(k, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
 redis.call('DEL', lock)
-if holder ~= token then hand_over(queue, waiters, wake, now) end
+if holder ~= token then helpers().hand_over(queue, waiters, wake, now) end
 return ended == 1 and 'ended' or 'saved'
 """
 )
 
 RELEASE = (
     NOW
-    + LINE
+    + HEAD
+    + HAND
     + """
 -- A message that will not save: leaves the line, and gives the lock back if it holds it (the
 -- turn to the next in line, if one waits).
@@ -329,6 +347,7 @@ end
 
 END = (
     NOW
+    + COUNT
     + HELPERS
     + """
 -- An operator ends the conversation now ('operator'); one whose time already ran out ends as
@@ -352,6 +371,7 @@ return finish(k, 'operator', now, now)
 
 EXPIRE = (
     NOW
+    + COUNT
     + HELPERS
     + """
 -- The sweeper ends a conversation whose time ran out ('expired', at that time), unless a
