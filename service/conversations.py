@@ -128,14 +128,42 @@ local function head_of(queue, waiters, token, now)
 end
 """
 HAND = """
--- Hands the turn to the first in line (its BLPOP on `wake .. token` returns at once) when the
--- lock's holder was marked ('+': someone queued behind it), so that it need not poll.
+-- A release's hand-over: wakes the first in line (its BLPOP on `wake .. token` returns '1' at
+-- once: it asks again) when the lock's holder was marked ('+': someone queued behind it).
 local function hand_over(queue, waiters, wake, now)
   local head = head_of(queue, waiters, nil, now)
   if head then
     redis.call('RPUSH', wake .. head, '1')
     redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
   end
+end
+"""
+GIVE = """
+-- A save's hand-over: the lock goes straight to the first in line with what its OPEN would
+-- have returned, pushed to its wake-up list, so that it starts without asking again: the
+-- conversation as this save left it, or the stored answer if its MessageSid (its token's
+-- first part) was answered while it waited, a redelivery behind the original (then the next
+-- in line gets the turn). No one in line: the lock is freed.
+local function give(conversation, lock, queue, waiters, wake)
+  local now = now_ms()
+  local head = head_of(queue, waiters, nil, now)
+  while head do
+    redis.call('ZREM', queue, head)
+    redis.call('HDEL', waiters, head)
+    local found = redis.call('HMGET', conversation, 'm:' .. (string.match(head, '^(.*):%x+$') or ''),
+                             'sid', 'state', 'seq', 'first_seen')
+    local turn = {'dup', found[1] and (string.gsub(found[1], '^%d+ ', '', 1)), found[2] or ''}
+    if not found[1] then
+      local behind = redis.call('ZCARD', queue) > 0
+      redis.call('SET', lock, behind and head .. '+' or head, 'PX', '@lock_ms@')
+      turn = {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
+    end
+    redis.call('RPUSH', wake .. head, cjson.encode(turn))
+    redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
+    if not found[1] then return end
+    head = head_of(queue, waiters, nil, now)
+  end
+  redis.call('DEL', lock)
 end
 """
 
@@ -227,12 +255,15 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
   return {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
 end
 
+local holder = redis.call('GET', lock)
+if holder == token or holder == token .. '+' then  -- handed over by a save while its BLPOP had given up
+  return {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
+end
 if not redis.call('ZSCORE', queue, token) then
   local last = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')
   redis.call('ZADD', queue, (tonumber(last[2]) or 0) + 1, token)
 end
 redis.call('HSET', waiters, token, now + patience_ms)
-local holder = redis.call('GET', lock)
 if holder and string.sub(holder, -1) ~= '+' then redis.call('SET', lock, holder .. '+', 'KEEPTTL') end
 redis.call('PEXPIRE', queue, patience_ms + lock_ms)
 redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
@@ -242,7 +273,7 @@ return {'busy', redis.call('ZRANK', queue, token)}
 
 SAVE = (
     COUNT
-    + on_demand(HELPERS + HEAD + HAND + PRUNE, "renew", "pair", "prune", "finish", "hand_over")
+    + on_demand(HELPERS + NOW + HEAD + GIVE + PRUNE, "renew", "pair", "prune", "finish", "give")
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the
@@ -320,8 +351,11 @@ if end_reason ~= '' then
   ended = helpers().finish(k, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_px or keep_px)
-redis.call('DEL', lock)
-if holder ~= token then helpers().hand_over(queue, waiters, wake, now) end
+if holder == token then
+  redis.call('DEL', lock)
+else  -- marked: someone waits
+  helpers().give(conversation, lock, queue, waiters, wake)
+end
 return ended == 1 and 'ended' or 'saved'
 """
 )
@@ -514,14 +548,15 @@ class ConversationStore:
         """Round trip 1 (more only while the message waits its turn, asking again the sooner
         the nearer it is to the front)."""
         # Tells this message's turn from others' (unguessable is not needed: no request names
-        # it). Not os.urandom: its system call lets go of the GIL, a thread switch per message.
-        # random reseeds in each forked worker.
-        token = f"{random.getrandbits(64):016x}"
+        # it), and names the message, so that a save handing the lock over can tell whether it
+        # was answered meanwhile. Not os.urandom: its system call lets go of the GIL, a thread
+        # switch per message. random reseeds in each forked worker.
+        token = f"{message_sid}:{random.getrandbits(64):016x}"
         started = time.monotonic()
         deadline = started + self.lock_wait
         script_keys, args = self.open_call(keys, message_sid, token)
+        result = self._run(self._open, script_keys, args)
         while True:
-            result = self._run(self._open, script_keys, args)
             if result[0] == "dup":  # answered from memory: no lock taken
                 return Opened(token, answered=result[1], sid=result[2])
             if result[0] == "ok":
@@ -534,16 +569,24 @@ class ConversationStore:
                 self.release(keys, token)
                 raise ConversationBusy(keys.member)
             ahead = int(result[1])
-            self._wait_turn(keys.wake + token, min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX))
+            turn = self._wait_turn(
+                keys.wake + token, min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX)
+            )
+            result = turn or self._run(self._open, script_keys, args)
 
-    def _wait_turn(self, wake: str, seconds: float) -> None:
-        """Until the lock's holder hands the turn over (its save pushes to ``wake``: no need to
-        poll to learn it) or ``seconds`` pass; then ``open`` asks again. Sleeps instead where
-        Redis could answer a BLPOP later than the read timeout (its timer ticks every 100 ms)."""
+    def _wait_turn(self, wake: str, seconds: float) -> list | None:
+        """Until the lock's holder hands the turn over or ``seconds`` pass. A save hands over
+        the lock itself with what OPEN would have returned (returned here: no need to ask
+        again); a release only wakes it to ask again (None, as after ``seconds``). Sleeps
+        instead where Redis could answer a BLPOP later than the read timeout (its timer ticks
+        every 100 ms)."""
         if self.blocking and seconds >= 0.001:  # BLPOP's 0 would mean forever
-            self.client.blpop([wake], timeout=seconds)
+            popped = self.client.blpop([wake], timeout=seconds)
+            if popped and popped[1] != "1":
+                return json.loads(popped[1])
         else:
             time.sleep(seconds)
+        return None
 
     def save(
         self,

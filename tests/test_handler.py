@@ -272,6 +272,98 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
 
 
+class Counting(Patient):
+    """Counts the OPEN script's runs: a turn handed over with its state needs no second one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opens = 0
+
+    def _run(self, script, *args):
+        self.opens += script is self._open
+        return super()._run(script, *args)
+
+
+def patient_store(redis_url) -> Counting:
+    store = Counting(
+        connect(redis_url, 10),
+        ttl=3600,
+        lock_ttl=30,
+        lock_wait=30,
+        redelivery_window=60,
+        replies_kept=100,
+        read_timeout=10,
+    )
+    store.preload()
+    return store
+
+
+def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_url, redis_client):
+    """docs/design.md: the waiter gets the lock and the saved state from the save itself, in
+    its wake-up list: one OPEN in all (its first ask), and the state the holder just wrote."""
+    store = patient_store(redis_url)
+    keys = KEYS.conversation(REY, OURS)
+    holder = store.open(keys, "SM0")
+    handed: list = []
+    waiter = threading.Thread(target=lambda: handed.append(store.open(keys, "SM1")))
+    waiter.start()
+    wait_until(lambda: redis_client.zcard(keys.queue) == 1, seconds=10, what="the waiter in line")
+    opens_before = store.opens
+    state = '{"n": 1, "name": "Zo\u00eb \\"\u2603\\" /"}'  # passed on exactly, as JSON inside JSON
+    store.save(keys, holder, sid="s0", state=state, fresh=True, message_sid="SM0", answer="a0")
+    waiter.join(timeout=4)  # its next ask would come 6 s later
+    assert not waiter.is_alive() and store.opens == opens_before
+    (opened,) = handed
+    assert (opened.sid, opened.state, opened.seq, opened.answered) == ("s0", state, "1", None)
+    assert opened.now >= holder.now
+    assert redis_client.get(keys.lock) == opened.token  # nobody behind it: unmarked
+    store.save(keys, opened, sid="s0", state='{"n": 2}', fresh=False, message_sid="SM1", answer="a1")
+    assert redis_client.hget(keys.state, "seq") == "2"
+    assert not redis_client.exists(keys.lock, keys.queue, keys.waiters, keys.wake + opened.token)
+
+
+def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_over(redis_url, redis_client):
+    """Twilio redelivers SM1 while SM1 is being answered: the redelivery waits in line, and the
+    save of the original hands it the stored answer (not the lock), and the lock to the next."""
+    store = patient_store(redis_url)
+    keys = KEYS.conversation(REY, OURS)
+    holder = store.open(keys, "SM1")
+    results: dict[str, object] = {}
+
+    def deliver(message_sid: str, name: str) -> None:
+        results[name] = store.open(keys, message_sid)
+
+    threads = []
+    for number, (message_sid, name) in enumerate((("SM1", "redelivery"), ("SM2", "next")), 1):
+        threads.append(threading.Thread(target=deliver, args=(message_sid, name)))
+        threads[-1].start()
+        wait_until(lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"{name} in line")
+    opens_before = store.opens
+    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM1", answer="first answer")
+    for thread in threads:
+        thread.join(timeout=4)
+    assert not any(thread.is_alive() for thread in threads) and store.opens == opens_before
+    assert results["redelivery"].answered == "first answer"
+    assert results["next"].answered is None and redis_client.get(keys.lock) == results["next"].token
+
+
+def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_next_ask(
+    redis_url, redis_client
+):
+    """A waiter whose BLPOP gave up just before the save handed it the lock finds the lock its
+    own at its next ask, instead of queueing again behind itself."""
+    store = patient_store(redis_url)
+    keys = KEYS.conversation(REY, OURS)
+    holder = store.open(keys, "SM0")
+    script_keys, args = store.open_call(keys, "SM1", "SM1:00000000000000aa")
+    assert store._run(store._open, script_keys, args)[0] == "busy"
+    store.save(keys, holder, sid="s", state='{"n": 1}', fresh=True, message_sid="SM0", answer="a0")
+    assert redis_client.get(keys.lock) == "SM1:00000000000000aa"
+    again = store._run(store._open, script_keys, args)
+    assert again[0] == "ok" and again[3] == '{"n": 1}'
+    assert not redis_client.exists(keys.queue, keys.waiters)
+
+
 def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
     """A worker that died while waiting must not hold up the messages behind it forever."""
     keys = KEYS.conversation(REY, OURS)
