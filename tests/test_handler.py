@@ -230,12 +230,20 @@ class Patient(ConversationStore):
     POLL_FIRST = POLL_MAX = 6.0
 
 
-@pytest.mark.parametrize("gives_back", ["save", "release"])
-def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_back):
-    """docs/design.md: the holder's save (or its release, a failed handler) wakes the first in
-    line, who takes the lock marked for the one still behind it, whose save wakes that one:
-    two queued messages take their turns at once, not at their next ask 6 s later."""
-    store = Patient(
+class Counting(Patient):
+    """Counts the OPEN script's runs: a turn handed over with its state needs no second one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opens = 0
+
+    def _run(self, script, *args):
+        self.opens += script is self._open
+        return super()._run(script, *args)
+
+
+def patient_store(redis_url) -> Counting:
+    store = Counting(
         connect(redis_url, 10),
         ttl=3600,
         lock_ttl=30,
@@ -245,6 +253,16 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
         read_timeout=10,
     )
     store.preload()
+    return store
+
+
+@pytest.mark.parametrize("gives_back", ["save", "release"])
+def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_back):
+    """docs/design.md: the holder's save hands the lock to the first in line (its release, a
+    failed handler, wakes it to ask again), marked for the one still behind it, whose save
+    hands it on: two queued messages take their turns at once, not at their next ask 6 s
+    later."""
+    store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
     holder = store.open(keys, "SM0")
     taken: list[int] = []
@@ -270,32 +288,6 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     assert taken == [1, 2] and not any(waiter.is_alive() for waiter in waiters)
     assert redis_client.hget(keys.state, "seq") == ("3" if gives_back == "save" else "2")
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
-
-
-class Counting(Patient):
-    """Counts the OPEN script's runs: a turn handed over with its state needs no second one."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.opens = 0
-
-    def _run(self, script, *args):
-        self.opens += script is self._open
-        return super()._run(script, *args)
-
-
-def patient_store(redis_url) -> Counting:
-    store = Counting(
-        connect(redis_url, 10),
-        ttl=3600,
-        lock_ttl=30,
-        lock_wait=30,
-        redelivery_window=60,
-        replies_kept=100,
-        read_timeout=10,
-    )
-    store.preload()
-    return store
 
 
 def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_url, redis_client):
