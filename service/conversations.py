@@ -148,10 +148,16 @@ local function give(conversation, lock, queue, waiters, wake)
   local now = now_ms()
   local head = head_of(queue, waiters, nil, now)
   while head do
+    local message_sid = string.match(head, '^(.*):%x+$')
+    if not message_sid then  -- an earlier version's waiter (a rolling deploy): it asks again
+      redis.call('DEL', lock)
+      redis.call('RPUSH', wake .. head, '1')
+      redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
+      return
+    end
     redis.call('ZREM', queue, head)
     redis.call('HDEL', waiters, head)
-    local found = redis.call('HMGET', conversation, 'm:' .. (string.match(head, '^(.*):%x+$') or ''),
-                             'sid', 'state', 'seq', 'first_seen')
+    local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen')
     local turn = {'dup', found[1] and (string.gsub(found[1], '^%d+ ', '', 1)), found[2] or ''}
     if not found[1] then
       local behind = redis.call('ZCARD', queue) > 0

@@ -356,6 +356,21 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
     assert not redis_client.exists(keys.queue, keys.waiters)
 
 
+def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_client):
+    """During a rolling deploy a waiter from a worker still on the earlier version (its token a
+    bare 16 hex digits, and it would not read a handed-over state) is only woken, as before:
+    the lock is freed for its next ask."""
+    store = patient_store(redis_url)
+    keys = KEYS.conversation(REY, OURS)
+    holder = store.open(keys, "SM0")
+    script_keys, args = store.open_call(keys, "SM1", "00000000000000bb")
+    assert store._run(store._open, script_keys, args)[0] == "busy"
+    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM0", answer="a0")
+    assert not redis_client.exists(keys.lock)
+    assert redis_client.lrange(keys.wake + "00000000000000bb", 0, -1) == ["1"]
+    assert store._run(store._open, script_keys, args)[0] == "ok"
+
+
 def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
     """A worker that died while waiting must not hold up the messages behind it forever."""
     keys = KEYS.conversation(REY, OURS)
