@@ -9,7 +9,8 @@ their number) while more than one is kept. docs/design.md tells the whole story.
 Why Lua: a message costs exactly two round trips. ``open`` answers a redelivery from memory,
 or queues for the conversation's lock in arrival order and, once first in line, takes it and
 returns the conversation; ``save`` checks the lock is still ours, writes the state (or ends
-the conversation), the answer's memory and the index, and releases the lock. A crashed
+the conversation), the answer's memory and the index, and releases the lock, or hands it with
+the conversation to the first in line, which then starts without asking again. A crashed
 holder's lock lapses after ``lock_ttl``; a crashed waiter drops out of line once it stops
 asking.
 """
