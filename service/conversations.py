@@ -129,14 +129,16 @@ local function head_of(queue, waiters, token, now)
 end
 """
 HAND = """
--- A release's hand-over: wakes the first in line (its BLPOP on `wake .. token` returns '1' at
--- once: it asks again) when the lock's holder was marked ('+': someone queued behind it).
+-- Pushes `turn` to the wake-up list of the waiter `head` (its BLPOP on `wake .. head` returns it).
+local function wake_up(wake, head, turn)
+  redis.call('RPUSH', wake .. head, turn)
+  redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
+end
+-- A release's hand-over: wakes the first in line (it gets '1': it asks again) when the lock's
+-- holder was marked ('+': someone queued behind it).
 local function hand_over(queue, waiters, wake, now)
   local head = head_of(queue, waiters, nil, now)
-  if head then
-    redis.call('RPUSH', wake .. head, '1')
-    redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
-  end
+  if head then wake_up(wake, head, '1') end
 end
 """
 GIVE = """
@@ -150,11 +152,9 @@ local function give(conversation, lock, queue, waiters, wake)
   local head = head_of(queue, waiters, nil, now)
   while head do
     local message_sid = string.match(head, '^(.*):%x+$')
-    if not message_sid then  -- an earlier version's waiter (a rolling deploy): it asks again
+    if not message_sid then  -- an earlier version's waiter (a rolling deploy): as a release
       redis.call('DEL', lock)
-      redis.call('RPUSH', wake .. head, '1')
-      redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
-      return
+      return wake_up(wake, head, '1')
     end
     redis.call('ZREM', queue, head)
     redis.call('HDEL', waiters, head)
@@ -165,8 +165,7 @@ local function give(conversation, lock, queue, waiters, wake)
       redis.call('SET', lock, behind and head .. '+' or head, 'PX', '@lock_ms@')
       turn = {'ok', now, found[2] or '', found[3] or '', found[4] or '', found[5] or '', 0}
     end
-    redis.call('RPUSH', wake .. head, cjson.encode(turn))
-    redis.call('PEXPIRE', wake .. head, @patience_ms@ + @lock_ms@)
+    wake_up(wake, head, cjson.encode(turn))
     if not found[1] then return end
     head = head_of(queue, waiters, nil, now)
   end
@@ -280,7 +279,7 @@ return {'busy', redis.call('ZRANK', queue, token)}
 
 SAVE = (
     COUNT
-    + on_demand(HELPERS + NOW + HEAD + GIVE + PRUNE, "renew", "pair", "prune", "finish", "give")
+    + on_demand(HELPERS + NOW + HEAD + HAND + GIVE + PRUNE, "renew", "pair", "prune", "finish", "give")
     + """
 -- Round trip 2, only while the lock is still ours: write the conversation (its 'started' event
 -- on its first message), or end it; remember the answer under its MessageSid; count the

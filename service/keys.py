@@ -10,7 +10,7 @@ redis-cli can work the tag out by eye. There are 100 tags, so the active-convers
     <prefix>lock:{07}:+15551230007|+15550001111     string: the holder's token, short PX expiry
     <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
     <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
-    <prefix>wake:{07}:+15551230007|+15550001111:<token>  list: a waiter's turn, handed over
+    <prefix>wake:{07}:+15551230007|+15550001111:<token>  list: a waiter's turn (a save's: the lock, as JSON)
     <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
     <prefix>minutes:{07}                           hash: <minute><code> → that minute's tally
     <prefix>ending:{07}                            hash: conversation id → its final state, for the end hook

@@ -339,6 +339,16 @@ def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_
     assert results["next"].answered is None and redis_client.get(keys.lock) == results["next"].token
 
 
+def queued_behind_a_save(store: Counting, keys, token: str, state: str) -> tuple[list, list]:
+    """A waiter with ``token`` asks once (in line, then not listening), and the holder saves
+    ``state``; returns the waiter's OPEN call, to ask again."""
+    holder = store.open(keys, "SM0")
+    script_keys, args = store.open_call(keys, "SM1", token)
+    assert store._run(store._open, script_keys, args)[0] == "busy"
+    store.save(keys, holder, sid="s", state=state, fresh=True, message_sid="SM0", answer="a0")
+    return script_keys, args
+
+
 def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_next_ask(
     redis_url, redis_client
 ):
@@ -346,10 +356,7 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
     own at its next ask, instead of queueing again behind itself."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
-    holder = store.open(keys, "SM0")
-    script_keys, args = store.open_call(keys, "SM1", "SM1:00000000000000aa")
-    assert store._run(store._open, script_keys, args)[0] == "busy"
-    store.save(keys, holder, sid="s", state='{"n": 1}', fresh=True, message_sid="SM0", answer="a0")
+    script_keys, args = queued_behind_a_save(store, keys, "SM1:00000000000000aa", '{"n": 1}')
     assert redis_client.get(keys.lock) == "SM1:00000000000000aa"
     again = store._run(store._open, script_keys, args)
     assert again[0] == "ok" and again[3] == '{"n": 1}'
@@ -362,10 +369,7 @@ def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_c
     the lock is freed for its next ask."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
-    holder = store.open(keys, "SM0")
-    script_keys, args = store.open_call(keys, "SM1", "00000000000000bb")
-    assert store._run(store._open, script_keys, args)[0] == "busy"
-    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM0", answer="a0")
+    script_keys, args = queued_behind_a_save(store, keys, "00000000000000bb", "{}")
     assert not redis_client.exists(keys.lock)
     assert redis_client.lrange(keys.wake + "00000000000000bb", 0, -1) == ["1"]
     assert store._run(store._open, script_keys, args)[0] == "ok"
