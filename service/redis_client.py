@@ -52,6 +52,10 @@ CLUSTER_SCHEME = "redis+cluster"
 DEFAULT_PORTS = {SENTINEL_SCHEME: 26379, CLUSTER_SCHEME: 6379}
 
 
+# The flag as a plain int: or-ing socket's IntFlag runs enum's Python code on every peek.
+DONTWAIT = int(socket.MSG_DONTWAIT)
+
+
 class TimedSocket(socket.socket):
     """A blocking socket whose read and write timeouts the kernel keeps (``SO_RCVTIMEO``,
     ``SO_SNDTIMEO``), for redis-py's connections.
@@ -91,13 +95,13 @@ class TimedSocket(socket.socket):
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         try:
-            return super().recv(size, flags | (socket.MSG_DONTWAIT if self._peeking else 0))
+            return super().recv(size, flags | (DONTWAIT if self._peeking else 0))
         except BlockingIOError as error:
             raise self._timed_out(error) from None
 
     def recv_into(self, buffer, size: int = 0, flags: int = 0) -> int:
         try:
-            return super().recv_into(buffer, size, flags | (socket.MSG_DONTWAIT if self._peeking else 0))
+            return super().recv_into(buffer, size, flags | (DONTWAIT if self._peeking else 0))
         except BlockingIOError as error:
             raise self._timed_out(error) from None
 
