@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bench.goals import REFERENCES
 from tests.support import ROOT
 from tests.support.programs import require_redis_server
 
@@ -29,6 +30,7 @@ SECTIONS = {
     "redis_cpu",
     "ops_at_scale",
     "goals",
+    "references",
 }
 CONTENDERS = ("service", "validated", "plain", "cookie")
 
@@ -75,4 +77,6 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
     )
     assert all(isinstance(goal["met"], bool) for goal in report["goals"])
+    assert {row["key"] for row in report["references"]} == set(REFERENCES)
+    assert all(isinstance(row["measured"], float) and "met" not in row for row in report["references"])
     assert "goal" in done.stdout and "machine:" in done.stdout
