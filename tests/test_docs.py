@@ -14,6 +14,7 @@ from tests.support import ROOT
 PAGES = [
     ROOT / "README.md",
     ROOT / "BENCHMARKS.md",
+    ROOT / "CHANGES.md",
     ROOT / "bench" / "NOTES.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
