@@ -328,15 +328,9 @@ def report(logger: logging.Logger, problem: str) -> None:
 
 def init_app(app: Flask) -> None:
     """Installs the handler on the root logger once per process (apps may be many), in the
-    form the app's ``LOG_FORMAT`` asks for.
-
-    No line says where in the source it was logged from, nor the thread or multiprocessing
-    process: logging then skips collecting them for every record (the logging HOWTO's
-    "Optimization"; the caller's frame walk was a tenth of the webhook's log line).
+    form the app's ``LOG_FORMAT`` asks for. Logging's process-wide switches stay as they are:
+    a bot author's own loggers keep the caller, thread and process of their records.
     """
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, _Handler)), None)
     if handler is None:

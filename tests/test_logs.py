@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 from urllib.parse import urlencode
 
 import pytest
@@ -14,7 +15,7 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import logs
+from service import create_app, logs
 from service.logs import LineFormatter, json_line
 from service.metrics import Outcome
 from service.settings import ConfigError, load
@@ -271,3 +272,28 @@ def test_text_lines_for_a_terminal(capsys):
 def test_log_format_is_json_or_text():
     with pytest.raises(ConfigError, match=r"^LOG_FORMAT='yaml': must be 'json' or 'text'$"):
         load({"LOG_FORMAT": "yaml"})
+
+
+def test_a_handler_s_own_logger_still_gets_where_it_logged_from(redis_url):
+    """The service changes none of logging's process-wide switches: a record of a bot
+    author's logger carries its file, line, function and thread for a formatter that asks."""
+    bot_log = logging.getLogger("mybot")
+    records = []
+    recorder = logging.Handler()
+    recorder.emit = records.append
+    bot_log.addHandler(recorder)
+
+    def handle(message, conversation):
+        bot_log.warning("handling")
+        return "ok"
+
+    try:
+        app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handle)
+        answer = post_signed(app.test_client(), webhook_params())
+    finally:
+        bot_log.removeHandler(recorder)
+    assert answer.status_code == 200, answer.data
+    [record] = records
+    where = logging.Formatter("%(filename)s:%(funcName)s:%(threadName)s").format(record)
+    assert where == f"test_logs.py:handle:{threading.current_thread().name}"
+    assert record.lineno == handle.__code__.co_firstlineno + 1
