@@ -54,6 +54,7 @@ from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
+from tests.support.replies import count_reply, thanks
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -517,11 +518,7 @@ def _memory_run(
             pipe = client.pipeline(transaction=False)
             for pair in pairs[start : start + 2000]:
                 token, message_sid = f"{message:016x}", f"SM{message:08x}{pair.sender[2:]}".ljust(34, "0")
-                reply = (
-                    "Thanks for the message, Friend!"
-                    if message == 1
-                    else f"Friend has messaged {RECIPIENT} {message} times."
-                )
+                reply = thanks("Friend") if message == 1 else count_reply("Friend", message, RECIPIENT)
                 opened = Opened(token, now=now_ms())
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)

@@ -31,7 +31,8 @@ def test_single_server_schemes_build_a_plain_client(url, connection):
     assert type(client) is redis.Redis
     assert client.connection_pool.connection_class is connection
     kwargs = client.connection_pool.connection_kwargs
-    assert kwargs["socket_timeout"] == 0.5 and kwargs["decode_responses"] is True
+    assert kwargs["socket_timeout"] == 0.5
+    assert kwargs["decode_responses"] is True
 
 
 def test_a_stalled_redis_times_out_without_a_retry_and_the_connection_serves_again(redis_url, redis_client):
@@ -46,7 +47,8 @@ def test_a_stalled_redis_times_out_without_a_retry_and_the_connection_serves_aga
     redis_client.execute_command("CLIENT", "UNPAUSE")
     # a ConnectionError would have been retried on a fresh connection
     assert redis_client.info("stats")["total_connections_received"] == connections
-    assert client.set("after", "1") and client.get("after") == "1"
+    assert client.set("after", "1")
+    assert client.get("after") == "1"
 
 
 def test_a_pooled_connection_with_unread_data_is_replaced(redis_url):
@@ -64,9 +66,11 @@ def test_a_pooled_connection_with_unread_data_is_replaced(redis_url):
 def test_sentinel_url_names_sentinels_service_db_and_credentials():
     client = connect("redis+sentinel://:s%40cret@127.0.0.1:26390,[::1]:26391/sms/2", 0.25)
     pool = client.connection_pool
-    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "sms"
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "sms"
     assert pool.connection_class is SentinelMasterConnection
-    assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "s@cret"
+    assert pool.connection_kwargs["db"] == 2
+    assert pool.connection_kwargs["password"] == "s@cret"
     assert pool.connection_kwargs["socket_timeout"] == 0.25
     sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
     assert [(s["host"], s["port"]) for s in sentinels] == [("127.0.0.1", 26390), ("::1", 26391)]
@@ -97,7 +101,9 @@ def test_malformed_url_stops_start_up_naming_redis_url(url, says):
     with pytest.raises(ConfigError) as raised:
         make_app(REDIS_URL=url.replace("127.0.0.1", "user:hunter2@127.0.0.1", 1))
     message = str(raised.value)
-    assert message.startswith("REDIS_URL") and says in message and "\n" not in message
+    assert message.startswith("REDIS_URL")
+    assert says in message
+    assert "\n" not in message
     assert "hunter2" not in message
 
 
