@@ -14,6 +14,7 @@ from flask import Flask, request, session
 
 from service.callers import Callers
 from service.responses import twiml
+from tests.support.replies import count_reply, thanks
 
 CALLERS_FILE = Path(__file__).resolve().parent.parent / "config" / "callers.json"
 
@@ -30,8 +31,8 @@ def add_counter_webhook(app: Flask, guard: Callable = lambda view: view) -> Flas
         session["counter"] = counter
         name = callers.name(sender)
         if counter == 1:
-            return twiml(f"Thanks for the message, {name}!")
-        return twiml(f"{name} has messaged {recipient} {counter} times.")
+            return twiml(thanks(name))
+        return twiml(count_reply(name, counter, recipient))
 
     @app.get("/healthz")
     def healthz():

@@ -28,16 +28,18 @@ from urllib.parse import urlencode, urlsplit
 
 from twilio.request_validator import RequestValidator
 
-COUNT = re.compile(rb"(\d+) times\.")
-THANKS = b"Thanks for the message"
+from tests.support.replies import COUNTED, THANKS
+
+COUNT = re.compile(COUNTED.pattern.encode())
+FIRST = THANKS.encode()
 
 
 def reply_count(body: bytes) -> int | None:
     """The message count a reply states ("Thanks…" is the first), None for anything else."""
-    if THANKS in body:
+    if FIRST in body:
         return 1
     match = COUNT.search(body)
-    return int(match.group(1)) if match else None
+    return int(match["times"]) if match else None
 
 
 def pair_script(rng: random.Random, plan: dict) -> list[list[tuple[int, bool]]]:

@@ -28,6 +28,7 @@ from service import create_app, logs
 from service.conversations import now_ms
 from service.sessions import SESSION_ID_BYTES
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
+from tests.support.replies import count_reply
 
 OUR_NUMBERS = ("+15550001111", "+15550002222", "+15550003333")
 BATCH = 5000
@@ -69,8 +70,7 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
                 "sid": secrets.token_urlsafe(SESSION_ID_BYTES),
                 "state": json.dumps({"messages": messages}),
                 "seq": messages,
-                "m:SM" + secrets.token_hex(16): f"{messages} Friend has messaged {recipient} "
-                f"{messages} times.",
+                "m:SM" + secrets.token_hex(16): f"{messages} " + count_reply("Friend", messages, recipient),
                 "first_seen": last_seen - rng.randrange(ttl_ms),
                 "last_seen": last_seen,
             },

@@ -41,6 +41,7 @@ from service.conversations import ConversationStore, Opened
 from service.keys import ConversationKeys, Keys
 from service.sessions import SESSION_ID_BYTES
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
+from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_until
 
 RECIPIENT = "+15550001111"
@@ -68,9 +69,7 @@ def _cpu_seconds(client: redis.Redis) -> float:
 
 
 def _reply(message: int) -> str:
-    return (
-        "tThanks for the message, Friend!" if message == 1 else f"tFriend has messaged {RECIPIENT} 2 times."
-    )
+    return "t" + (thanks("Friend") if message == 1 else count_reply("Friend", 2, RECIPIENT))
 
 
 def _message_sid(message: int, pair: ConversationKeys) -> str:

@@ -53,7 +53,7 @@ def _scrubbed(value):
 
 def _clean(message: str, fields: dict) -> tuple[str, dict]:
     """``message`` and ``fields`` scrubbed, the usual line settled without substitutions
-    (each field's own two were a fifth of the webhook's log line): a value of letters and
+    (two regex passes per field would be most of a line's cost): a value of letters and
     digits alone (a MessageSid, a method) holds a number only when it is all digits, since a
     number starts after a character that is not a word's; the rest is searched at once, for
     what every number and colour has."""
@@ -98,8 +98,8 @@ def _default(value):
 
 
 def json_line(created: float, level: str, logger: str, message: str, fields: dict, error: str | None) -> str:
-    """One JSON line; the formatter's and the webhook's direct line alike (orjson: the
-    stdlib's encoder was a sixth of the webhook's log line)."""
+    """One JSON line; the formatter's and the webhook's direct line alike (orjson, which
+    encodes a line in one C call)."""
     message, fields = _clean(message, fields)
     line = {"time": _utc(created), "level": level.lower(), "logger": logger, "message": message, **fields}
     if error is not None:
@@ -210,7 +210,8 @@ class GunicornLogger(GunicornBaseLogger):
 
     Access lines name the path only (never the query), with method, status, size and duration
     as fields. Health probes get none, and neither does a webhook request: its own summary line
-    (method, status, latency, client) is its one line (a second one cost ~100 µs a message).
+    (method, status, latency, client) is its one line (a second would cost a
+    formatted record per message).
     """
 
     def setup(self, cfg):
@@ -251,8 +252,8 @@ class GunicornLogger(GunicornBaseLogger):
 def write(logger: logging.Logger, level: int, message: str, fields: dict) -> None:
     """The line ``logger.log(level, message, extra={"fields": fields})`` writes, written here
     when the service's handler is the only one it would reach (as under gunicorn and ``make
-    run``): no LogRecord, no handler chain (the logging machinery was half of the webhook's
-    log line). Otherwise (a test's capturing handler, another handler, a filter, the logger
+    run``): no LogRecord, no handler chain (logging's machinery, not the line, would be most
+    of its cost). Otherwise (a test's capturing handler, another handler, a filter, the logger
     or the level turned off) it goes through logging. Same format, same masking either way."""
     handler = _sole_handler(logger, level)
     formatter = handler.formatter if handler is not None else None
@@ -328,15 +329,9 @@ def report(logger: logging.Logger, problem: str) -> None:
 
 def init_app(app: Flask) -> None:
     """Installs the handler on the root logger once per process (apps may be many), in the
-    form the app's ``LOG_FORMAT`` asks for.
-
-    No line says where in the source it was logged from, nor the thread or multiprocessing
-    process: logging then skips collecting them for every record (the logging HOWTO's
-    "Optimization"; the caller's frame walk was a tenth of the webhook's log line).
+    form the app's ``LOG_FORMAT`` asks for. Logging's process-wide switches stay as they are:
+    a bot author's own loggers keep the caller, thread and process of their records.
     """
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, _Handler)), None)
     if handler is None:

@@ -6,8 +6,8 @@
 - ``redis+cluster://host:port[,host:port…]``: ``RedisCluster``, which routes each script by
   the hash tag its keys share.
 
-Short socket timeouts turn a dead or stalled Redis into a fast 503 instead of a hung worker;
-the kernel keeps them (``TimedSocket``). One retry on a connection error lets a pooled
+Short socket timeouts turn a dead or stalled Redis into a fast 503 instead of a hung worker.
+One retry on a connection error lets a pooled
 connection that Redis closed (restart, failover) reconnect transparently. Timeouts are not
 retried, since a script may already have run (RedisCluster retries them once on its own; the
 scripts are safe to run twice).
@@ -16,8 +16,6 @@ scripts are safe to run twice).
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 import threading
 from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
@@ -27,7 +25,7 @@ from flask import Flask, current_app
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
-from redis.connection import Connection, Encoder, UnixDomainSocketConnection, parse_url
+from redis.connection import Encoder, parse_url
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
@@ -52,94 +50,7 @@ CLUSTER_SCHEME = "redis+cluster"
 DEFAULT_PORTS = {SENTINEL_SCHEME: 26379, CLUSTER_SCHEME: 6379}
 
 
-# The flag as a plain int: or-ing socket's IntFlag runs enum's Python code on every peek.
-DONTWAIT = int(socket.MSG_DONTWAIT)
-
-
-class TimedSocket(socket.socket):
-    """A blocking socket whose read and write timeouts the kernel keeps (``SO_RCVTIMEO``,
-    ``SO_SNDTIMEO``), for redis-py's connections.
-
-    Python keeps a socket's timeout itself by polling before every send and receive, and
-    redis-py peeks at a pooled connection by switching it to non-blocking and back: each of
-    those system calls lets go of the GIL, which under gthread workers can be a thread switch.
-    A round trip made 7 system calls; here 3 (send, receive, the peek: a receive that does not
-    wait, ``MSG_DONTWAIT``). A timeout still raises TimeoutError, as redis-py expects.
-    """
-
-    __slots__ = ("_timeout", "_peeking")
-    _timeout: float | None
-    _peeking: bool
-
-    @classmethod
-    def adopt(cls, sock: socket.socket) -> TimedSocket:
-        timeout = sock.gettimeout()
-        adopted = cls(sock.family, sock.type, sock.proto, sock.detach())
-        adopted._timeout, adopted._peeking = None, False
-        adopted.settimeout(timeout)
-        return adopted
-
-    def settimeout(self, seconds: float | None) -> None:
-        self._peeking = seconds == 0
-        if self._peeking or seconds == self._timeout:
-            return
-        whole, fraction = divmod(seconds or 0, 1)
-        limit = struct.pack("ll", int(whole), int(fraction * 1_000_000))  # struct timeval; 0: none
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-        self._timeout = seconds
-        super().settimeout(None)
-
-    def gettimeout(self) -> float | None:
-        return 0.0 if self._peeking else self._timeout
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        try:
-            return super().recv(size, flags | (DONTWAIT if self._peeking else 0))
-        except BlockingIOError as error:
-            raise self._timed_out(error) from None
-
-    def recv_into(self, buffer, size: int = 0, flags: int = 0) -> int:
-        try:
-            return super().recv_into(buffer, size, flags | (DONTWAIT if self._peeking else 0))
-        except BlockingIOError as error:
-            raise self._timed_out(error) from None
-
-    def sendall(self, data, flags: int = 0) -> None:
-        try:
-            super().sendall(data, flags)
-        except BlockingIOError as error:
-            raise self._timed_out(error) from None
-
-    def _timed_out(self, error: BlockingIOError) -> OSError:
-        """What Python raises on a socket with a timeout: nothing there when peeking, else a
-        timeout (the kernel's limit passed)."""
-        return error if self._peeking else TimeoutError("timed out")
-
-
-class KernelTimeouts:
-    """redis-py connection mixin: its socket a ``TimedSocket`` once connected (connecting
-    keeps Python's own timeout: it happens once per connection)."""
-
-    def _connect(self):
-        return TimedSocket.adopt(super()._connect())  # type: ignore[misc]
-
-
-class TimedConnection(KernelTimeouts, Connection):
-    pass
-
-
-class TimedUnixConnection(KernelTimeouts, UnixDomainSocketConnection):
-    pass
-
-
-# The connection classes redis-py picks by scheme, and ours for each. TLS keeps Python's
-# timeouts (an SSLSocket reads and writes records of its own), and so does a Cluster (redis-py
-# builds its nodes' connections itself).
-TIMED = {Connection: TimedConnection, UnixDomainSocketConnection: TimedUnixConnection}
-
-
-class SentinelMasterConnection(KernelTimeouts, SentinelManagedConnection):
+class SentinelMasterConnection(SentinelManagedConnection):
     """A connection to Sentinel's master that also leaves a master refusing NOREPLICAS.
 
     redis-py already re-asks Sentinel when the old master answers READONLY (demoted). With
@@ -178,10 +89,7 @@ def connect(url: str | None, timeout: float) -> Client:
     retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     scheme = url.partition("://")[0].lower()
     if scheme in SINGLE_SCHEMES:
-        single = redis.Redis.from_url(url, retry=retry, **options)
-        pool = single.connection_pool  # no connection made yet; the scheme chose the class
-        pool.connection_class = TIMED.get(pool.connection_class, pool.connection_class)
-        return single
+        return redis.Redis.from_url(url, retry=retry, **options)
     if scheme == SENTINEL_SCHEME:
         nodes, credentials, path = _parse_multi_host(url)
         service, db = _sentinel_path(path)

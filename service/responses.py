@@ -64,8 +64,9 @@ class Reply(Response):
     """The service's own answers: a body of one string and headers set here and by the
     session's cookie. Handed to the server as they are, without werkzeug's general
     ``get_wsgi_response`` (a copy of the headers, Location fixes, the length counted again, a
-    closing iterator: a tenth of Flask's and werkzeug's share of a message), except for a HEAD,
-    a body replaced by a stream or an iterator, or anything to call on close."""
+    closing iterator: work these answers never need), except for a HEAD, a body replaced by a
+    stream or an iterator, or anything to call on close. docs/design.md's overrides table says
+    what it is worth and the test that pins it."""
 
     def get_wsgi_response(self, environ):
         if environ.get("REQUEST_METHOD") == "HEAD" or type(self.response) is not list or self._on_close:

@@ -2,7 +2,7 @@
 topologies. What they are built from lives in ``tests/support/``.
 
 Without ``redis-server`` the integration tests skip with a printed reason, unless
-``REQUIRE_REDIS=1`` (CI), where that is a failure.
+``REQUIRE_PROGRAMS=1`` (CI), where that is a failure (``tests/support/programs.py``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bench.goals import REFERENCES
 from tests.support import ROOT
 from tests.support.programs import require_redis_server
 
@@ -29,6 +30,7 @@ SECTIONS = {
     "redis_cpu",
     "ops_at_scale",
     "goals",
+    "references",
 }
 CONTENDERS = ("service", "validated", "plain", "cookie")
 
@@ -49,7 +51,8 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     assert set(report) >= SECTIONS
     assert {"cpus", "python", "redis"} <= set(report["machine"])
     models = report["worker_models"]["measured"]
-    assert report["worker_models"]["shipped"] == models[0] and "sync" in models
+    assert report["worker_models"]["shipped"] == models[0]
+    assert "sync" in models
     assert set(report["throughput"]) == set(report["correctness"]) == set(models)
     for model in models:
         for name in CONTENDERS:
@@ -65,7 +68,8 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         assert all(isinstance(v["round_trips"], int) for v in report["round_trips"][name].values())
         assert isinstance(report["hot_conversation"][name]["concurrent_s"], float)
         profiled = report["cpu_profile"]["us"][name]
-        assert profiled["cpu_us_per_request"] > 0 and sum(profiled["components_us"].values()) > 0
+        assert profiled["cpu_us_per_request"] > 0
+        assert sum(profiled["components_us"].values()) > 0
     for shape in ("first_message", "steady", "burst", "burst_cap"):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
     assert all(isinstance(v, float) for v in report["redis_cpu"]["cpu_us_per_message"].values())
@@ -75,4 +79,7 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
     )
     assert all(isinstance(goal["met"], bool) for goal in report["goals"])
-    assert "goal" in done.stdout and "machine:" in done.stdout
+    assert {row["key"] for row in report["references"]} == set(REFERENCES)
+    assert all(isinstance(row["measured"], float) and "met" not in row for row in report["references"])
+    assert "goal" in done.stdout
+    assert "machine:" in done.stdout

@@ -19,9 +19,8 @@ from service.conversations import now_ms
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.conversations import plant
+from tests.support.numbers import FINN, OTHER, OURS, POE, REY
 from tests.support.redis_servers import commands_during
-
-REY, FINN, POE, OURS, OTHER = "+15551230001", "+15551230002", "+15551230003", "+15550001111", "+15550002222"
 
 
 @pytest.fixture
@@ -62,7 +61,8 @@ def test_search_by_full_number_or_suffix_most_recent_first(active, redis_client)
         (REY, OURS),
         ("+215551230001", OURS),
     ]
-    assert len(found(active, "01")) == 6 and found(active, "02") == [(FINN, OURS)]
+    assert len(found(active, "01")) == 6
+    assert found(active, "02") == [(FINN, OURS)]
     assert found(active, "0001", limit=2) == [("+15559990001", OURS), (REY, OTHER)]
     assert found(active, "+15559990002") == []
 
@@ -156,14 +156,19 @@ def test_sign_in_sets_a_strict_expiring_cookie_of_its_own(console_app):
     form = client.get("/console/sign-in")
     first = cookie_header(form)
     signed_in = client.post("/console/sign-in", data={"token": OPS, "csrf": csrf_of(form)})
-    assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/console/"
+    assert signed_in.status_code == 303
+    assert signed_in.headers["Location"] == "/console/"
     cookie = cookie_header(signed_in)
     for attribute in ("HttpOnly", "SameSite=Strict", "Path=/console", "Max-Age=28800"):
-        assert attribute in cookie and attribute in first
-    assert "Secure" not in cookie and "sms_session" not in signed_in.headers.get("Set-Cookie", "")
-    assert OPS not in cookie and cookie.split(";")[0] != first.split(";")[0]
+        assert attribute in cookie
+        assert attribute in first
+    assert "Secure" not in cookie
+    assert "sms_session" not in signed_in.headers.get("Set-Cookie", "")
+    assert OPS not in cookie
+    assert cookie.split(";")[0] != first.split(";")[0]
     page = client.get("/console/")
-    assert page.status_code == 200 and "Live conversations" in page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "Live conversations" in page.get_data(as_text=True)
     assert csrf_of(page) != csrf_of(form)  # a new CSRF token once signed in
 
 
@@ -180,7 +185,8 @@ def test_wrong_token_is_401_with_one_log_line(console_app, caplog):
         assert sign_in(client, wrong) is None
         form = client.get("/console/sign-in")
         response = client.post("/console/sign-in", data={"token": wrong, "csrf": csrf_of(form)})
-        assert response.status_code == 401 and "Wrong token." in response.get_data(as_text=True)
+        assert response.status_code == 401
+        assert "Wrong token." in response.get_data(as_text=True)
         assert client.get("/console/").status_code == 303
     assert [r.getMessage() for r in caplog.records if r.name == "service.console"] == [
         "console sign-in refused: wrong ops token"
@@ -201,7 +207,8 @@ def test_sign_out_and_expiry_and_token_rotation_sign_out(console_app, redis_url,
     csrf = sign_in(client)
     assert client.post("/console/sign-out", data={}).status_code == 403  # CSRF here too
     out = client.post("/console/sign-out", data={"csrf": csrf})
-    assert out.status_code == 303 and "sms_console=;" in cookie_header(out)
+    assert out.status_code == 303
+    assert "sms_console=;" in cookie_header(out)
     assert client.get("/console/").status_code == 303
 
     rotated = make_app(REDIS_URL=redis_url, OPS_TOKEN="another-token").test_client()
@@ -233,13 +240,16 @@ def test_every_console_page_is_protected_and_uncached(console_app):
     assert [r.status_code for r in responses] == [303, 200, 200, 200, 403, 404]
     for response in responses:
         policy = response.headers["Content-Security-Policy"]
-        assert "'unsafe-inline'" not in policy and "script-src 'self'" in policy
-        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert "'unsafe-inline'" not in policy
+        assert "script-src 'self'" in policy
+        assert "default-src 'none'" in policy
+        assert "frame-ancestors 'none'" in policy
         assert response.headers["X-Frame-Options"] == "DENY"
         assert response.headers["Cache-Control"] == "no-store"
         assert response.headers["Referrer-Policy"] == "no-referrer"
     asset = client.get("/console/static/console.js")
-    assert asset.status_code == 200 and asset.headers["X-Content-Type-Options"] == "nosniff"
+    assert asset.status_code == 200
+    assert asset.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
@@ -276,33 +286,44 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     csrf = sign_in(client)
     listed = client.get("/console/").get_data(as_text=True)
     assert '<dd id="live-count">2</dd>' in listed
-    assert listed.index(FINN) < listed.index(REY) and "Rey" in listed and "Finn" in listed
+    assert listed.index(FINN) < listed.index(REY)
+    assert "Rey" in listed
+    assert "Finn" in listed
     searched = client.get("/console/", query_string={"q": "0001"}).get_data(as_text=True)
-    assert REY in searched and FINN not in searched
+    assert REY in searched
+    assert FINN not in searched
     refused = client.get("/console/", query_string={"q": "1"})
-    assert refused.status_code == 400 and "at least the last two digits" in refused.get_data(as_text=True)
+    assert refused.status_code == 400
+    assert "at least the last two digits" in refused.get_data(as_text=True)
 
     shown = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     text = shown.get_data(as_text=True)
-    assert shown.status_code == 200 and f"{REY} → {OURS}" in text
-    assert '<dd id="messages">3</dd>' in text and "Yes, end it" in text
+    assert shown.status_code == 200
+    assert f"{REY} → {OURS}" in text
+    assert '<dd id="messages">3</dd>' in text
+    assert "Yes, end it" in text
     state = re.search(r'<pre class="state"[^>]*>(.*?)</pre>', text, re.S)
-    assert state and html.unescape(state.group(1)) == "{}"  # the counter keeps no state of its own
+    assert state
+    assert html.unescape(state.group(1)) == "{}"  # the counter keeps no state of its own
 
     ended = client.post("/console/conversation/end", data={"from": REY, "to": OURS, "csrf": csrf})
-    assert ended.status_code == 303 and ended.headers["Location"] == "/console/?ended=1"
+    assert ended.status_code == 303
+    assert ended.headers["Location"] == "/console/?ended=1"
     after = client.get("/console/?ended=1").get_data(as_text=True)
-    assert "The conversation was ended." in after and REY not in section(after, "live")
+    assert "The conversation was ended." in after
+    assert REY not in section(after, "live")
     [ended_row] = re.findall(r"<tr>.*?</tr>", section(after, "recent").split("<tbody>")[1], re.S)
     assert [html.unescape(cell) for cell in re.findall(r"<td[^>]*>(?:<time[^>]*>)?(.*?)<", ended_row)][
         :5
     ] == [REY, OURS, "operator", "0 s", "3"]
     assert re.search(r'<dd id="ended-count">1<small>operator 1</small>', after)
     again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
-    assert again.status_code == 404 and "it ended or expired" in again.get_data(as_text=True)
+    assert again.status_code == 404
+    assert "it ended or expired" in again.get_data(as_text=True)
     assert console_app.extensions["sms.active"].get(REY, OURS) is None
     assert "conversation of +1555***0001 ended by an operator" in caplog.text
-    assert REY not in caplog.text and FINN not in caplog.text
+    assert REY not in caplog.text
+    assert FINN not in caplog.text
 
 
 def section(page: str, section_id: str) -> str:
@@ -370,7 +391,8 @@ def test_bad_requests_are_400_with_a_reason(console_app, caplog):
     ):
         caplog.clear()
         response = client.get("/console/", query_string=query)
-        assert response.status_code == 400 and reason in response.get_data(as_text=True)
+        assert response.status_code == 400
+        assert reason in response.get_data(as_text=True)
         assert len([r for r in caplog.records if r.name == "service.console"]) == 1
     missing = client.get("/console/conversation", query_string={"from": REY})
     assert missing.status_code == 400
@@ -389,7 +411,8 @@ def test_pages_follow_the_cursor(console_app, redis_client):
     second = client.get("/console/?cursor=" + cursor).get_data(as_text=True)
     assert [s for s in senders if s in first] == senders[:50]
     assert [s for s in senders if s in second] == senders[50:]
-    assert 'rel="next"' not in second and ">First page<" in second
+    assert 'rel="next"' not in second
+    assert ">First page<" in second
 
 
 def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
@@ -404,11 +427,13 @@ def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
         browser.post(f"{base}/console/sign-in", data={"token": OPS, "csrf": csrf}, timeout=10)
         csrf = CSRF.search(browser.get(f"{base}/console/", params={"q": REY}, timeout=10).text).group(1)
         shown = browser.get(f"{base}/console/conversation", params={"from": REY, "to": OURS}, timeout=10)
-        assert shown.status_code == 200 and REY in shown.text
+        assert shown.status_code == 200
+        assert REY in shown.text
         ended = browser.post(
             f"{base}/console/conversation/end", timeout=10, data={"from": REY, "to": OURS, "csrf": csrf}
         )
-        assert ended.status_code == 200 and ended.url.endswith("/console/?ended=1")
+        assert ended.status_code == 200
+        assert ended.url.endswith("/console/?ended=1")
     lines = [record.getMessage() for record in caplog.records]
     assert any("GET /console/conversation HTTP/1.1" in line for line in lines)
     assert any("+1555***0001 ended by an operator" in line for line in lines)
@@ -422,5 +447,7 @@ def test_redis_down_is_503_and_the_page_stays_protected():
     form = client.get("/console/sign-in")  # signing in needs no Redis
     assert client.post("/console/sign-in", data={"token": OPS, "csrf": csrf_of(form)}).status_code == 303
     response = client.get("/console/")
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
-    assert response.headers["Cache-Control"] == "no-store" and response.headers["X-Frame-Options"] == "DENY"
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Frame-Options"] == "DENY"

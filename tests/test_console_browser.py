@@ -28,11 +28,11 @@ from tests.support import ROOT
 from tests.support.app import TOKEN
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.browser import WINDOW, overflows_on_a_phone, screenshot
+from tests.support.numbers import FINN, OURS, POE, REY
 
 pytestmark = pytest.mark.slow
 
 OPS = "browser-test-ops-token"
-REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
 NUMBERS = (REY, FINN, POE, OURS)
 
 
@@ -235,7 +235,8 @@ def test_the_chart_renders(console, redis_client):
     line = console.wait(seen.visibility_of_element_located((By.CSS_SELECTOR, "#chart-live polyline")))
     assert len(line.get_attribute("points").split()) >= 359  # 6 h of minutes (and the sweeper's)
     drawn = console.browser.execute_script("return arguments[0].getBBox()", line)
-    assert drawn["width"] > 500 and drawn["height"] > 50  # in viewBox units: spans the plot
+    assert drawn["width"] > 500
+    assert drawn["height"] > 50  # in viewBox units: spans the plot
     assert console.find("#chart-live").size["width"] > 300  # on screen
     title = console.find("#chart-live title").get_attribute("textContent")
     assert title == "Live conversations, last 6 hours"
@@ -270,7 +271,8 @@ def test_screenshot_at_a_fixed_size_and_readable_on_a_phone(console, redis_clien
         else tmp_path / "console.png"
     )
     png = screenshot(console.browser, target)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == WINDOW
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == WINDOW
     assert not overflows_on_a_phone(console.browser)
     console.find("#live tbody a").click()
     console.wait(seen.presence_of_element_located((By.CSS_SELECTOR, "pre.state")))

@@ -11,7 +11,13 @@ import pytest
 from service.settings import SETTINGS, table
 from tests.support import ROOT
 
-PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "BENCHMARKS.md",
+    ROOT / "CHANGES.md",
+    ROOT / "bench" / "NOTES.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -26,8 +32,17 @@ def anchors(page: Path) -> set[str]:
 
 def test_readme_is_a_short_front_door_with_the_two_commands():
     readme = (ROOT / "README.md").read_text()
-    assert "make run" in readme and "make test" in readme
+    assert "make run" in readme
+    assert "make test" in readme
     assert len(readme.splitlines()) <= 200
+
+
+def test_the_benchmarks_page_is_short_and_its_lab_notes_are_apart():
+    page = (ROOT / "BENCHMARKS.md").read_text()
+    assert len(page.splitlines()) <= 200
+    assert "## Goals" in page
+    assert "## Reproducing" in page
+    assert "(bench/NOTES.md)" in page
 
 
 def test_the_configuration_page_is_written_from_the_settings():

@@ -14,12 +14,12 @@ from service.simulator import TwilioSimulator, new_message_sid
 from tests.support import ROOT
 from tests.support.app import TOKEN
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
+from tests.support.numbers import OURS, REY
 from tests.support.ports import free_port
+from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_for_http
 
 pytestmark = pytest.mark.slow  # gunicorn and the sms-sessions command in subprocesses
-
-REY, OURS = "+15551230001", "+15550001111"
 
 
 def test_conversation_under_gunicorn_with_the_simulator(redis_url):
@@ -28,10 +28,8 @@ def test_conversation_under_gunicorn_with_the_simulator(redis_url):
         replies = [twilio.send(REY, OURS, f"message {n}").reply for n in range(1, 5)]
         redelivered = twilio.send(REY, OURS, "again", message_sid="SMrepeat")
         repeat = twilio.send(REY, OURS, "again", message_sid="SMrepeat")
-    assert replies == ["Thanks for the message, Rey!"] + [
-        f"Rey has messaged +15550001111 {n} times." for n in (2, 3, 4)
-    ]
-    assert redelivered.reply == repeat.reply == "Rey has messaged +15550001111 5 times."
+    assert replies == [thanks("Rey")] + [count_reply("Rey", n) for n in (2, 3, 4)]
+    assert redelivered.reply == repeat.reply == count_reply("Rey", 5)
 
 
 def test_simulate_command_against_gunicorn(redis_url):
@@ -41,12 +39,12 @@ def test_simulate_command_against_gunicorn(redis_url):
         typed = sms_sessions(*talk, stdin="one more\n", TWILIO_AUTH_TOKEN=TOKEN)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "Thanks for the message, Rey!",
-        "Rey has messaged +15550001111 2 times.",
-        "Rey has messaged +15550001111 3 times.",
+        thanks("Rey"),
+        count_reply("Rey", 2),
+        count_reply("Rey", 3),
     ]
     # A new simulator process has no cookie: the pair still finds the conversation.
-    assert typed.stdout.splitlines() == ["Rey has messaged +15550001111 4 times."]
+    assert typed.stdout.splitlines() == [count_reply("Rey", 4)]
 
 
 def test_simulate_with_the_wrong_token_is_refused(redis_url):
@@ -64,7 +62,8 @@ def test_simulate_without_a_service_says_so_in_one_line():
     result = sms_sessions("simulate", "--from", REY, "--to", OURS, "--url", url, "--message", "hello")
     assert result.returncode == 1
     assert result.stderr.startswith("Error: no answer from http://127.0.0.1:")
-    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_client):

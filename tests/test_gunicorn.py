@@ -18,10 +18,11 @@ from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
+from tests.support.numbers import OURS, REY
 from tests.support.prometheus import scrape
+from tests.support.replies import count_reply
 from tests.support.waiting import wait_until
 
-REY, OURS = "+15551230001", "+15550001111"
 WORKERS = 2
 TIMEOUT = 10  # config/gunicorn.conf.py's worker timeout
 
@@ -61,10 +62,7 @@ def test_stalled_clients_do_not_stop_the_service(redis_url, redis_client):
                 )
             assert [d.status for d in burst] == [200] * 8
             time.sleep(TIMEOUT + 1)  # a stalled sync worker would be killed by now
-            assert (
-                twilio.send(REY, OURS, "after the worker timeout").reply
-                == "Rey has messaged +15550001111 12 times."
-            )
+            assert twilio.send(REY, OURS, "after the worker timeout").reply == count_reply("Rey", 12)
         finally:
             for sock in stalled:
                 sock.close()
@@ -72,7 +70,8 @@ def test_stalled_clients_do_not_stop_the_service(redis_url, redis_client):
         counted = scrape(requests.get(server.base + "/metrics", timeout=5).text)
         assert counted["sms_messages_received_total{outcome=replied}"] == 12
         output = server.output()
-        assert "WORKER TIMEOUT" not in output and "Traceback" not in output
+        assert "WORKER TIMEOUT" not in output
+        assert "Traceback" not in output
 
 
 def owner_locked(directory: Path) -> bool:
@@ -98,14 +97,16 @@ def test_metrics_directories_of_dead_masters_are_removed_at_start(tmp_path):
         [killed_dir] = made() - {foreign}
         with Gunicorn(env, workers=1, config=GUNICORN_CONF):
             [running_dir] = made() - {foreign, killed_dir}
-            assert killed_dir.exists() and owner_locked(killed_dir)  # the other one's: kept
+            assert killed_dir.exists()
+            assert owner_locked(killed_dir)  # the other one's: kept
             os.kill(killed.process.pid, signal.SIGKILL)
             killed.process.wait(timeout=10)
             wait_until(lambda: not owner_locked(killed_dir), what="the killed master's workers gone")
             assert killed_dir.exists()  # nobody cleaned up
             with Gunicorn(env, workers=1, config=GUNICORN_CONF):
                 assert not killed_dir.exists()
-                assert running_dir.exists() and foreign.exists()
+                assert running_dir.exists()
+                assert foreign.exists()
         wait_until(lambda: not running_dir.exists(), what="a clean stop removing its own")
 
 

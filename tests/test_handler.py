@@ -20,9 +20,10 @@ from service.settings import ConfigError
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
+from tests.support.numbers import OURS, REY
+from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_until
 
-REY, OURS = "+15551230001", "+15550001111"
 KEYS = Keys()
 
 
@@ -77,12 +78,15 @@ def test_what_the_handler_sees(app_with, tmp_path):
     (first, messages, is_new, started), (second, messages2, is_new2, started2) = seen
     assert (first.sender, first.recipient, first.body, first.caller_name) == (REY, OURS, "look", "Rey")
     assert first.media == ("https://api.twilio.com/m/ME1", "https://api.twilio.com/m/ME2")
-    assert first.sid.startswith("SM") and first.params["MessageSid"] == first.sid
-    assert first.params["NumSegments"] == "1" and isinstance(first.params, MappingProxyType)
+    assert first.sid.startswith("SM")
+    assert first.params["MessageSid"] == first.sid
+    assert first.params["NumSegments"] == "1"
+    assert isinstance(first.params, MappingProxyType)
     with pytest.raises(TypeError):
         first.params["Body"] = "changed"  # read-only
     assert (messages, is_new, messages2, is_new2) == (1, True, 2, False)
-    assert started == started2 and started.tzinfo is not None
+    assert started == started2
+    assert started.tzinfo is not None
 
 
 def test_no_reply_still_saves_the_state(app_with, redis_client):
@@ -91,7 +95,8 @@ def test_no_reply_still_saves_the_state(app_with, redis_client):
 
     client = app_with(silent).test_client()
     response = post_signed(client, webhook_params())
-    assert response.status_code == 200 and response.data.endswith(b"<Response />")
+    assert response.status_code == 200
+    assert response.data.endswith(b"<Response />")
     post_signed(client, webhook_params())
     assert state(redis_client) == {"seen": 2}
 
@@ -124,7 +129,8 @@ def test_end_makes_this_message_the_last(app_with, redis_client):
         "bye after 2",
         "question?",
     ]
-    assert state(redis_client) == {"asked": True} and stored(redis_client)["seq"] == "1"
+    assert state(redis_client) == {"asked": True}
+    assert stored(redis_client)["seq"] == "1"
 
 
 def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client, capsys):
@@ -140,12 +146,16 @@ def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client,
     before = stored(redis_client)
     capsys.readouterr()
     failed = post_signed(client, webhook_params(body="boom"))
-    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert failed.status_code == 500
+    assert b"handler failed" in failed.data
     assert stored(redis_client) == before  # no state, no reply memory, no count
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)  # released at once
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 1 and lines[0]["outcome"] == "error" and lines[0]["level"] == "error"
-    assert "ValueError: cannot handle boom" in lines[0]["error"] and "Traceback" in lines[0]["error"]
+    assert len(lines) == 1
+    assert lines[0]["outcome"] == "error"
+    assert lines[0]["level"] == "error"
+    assert "ValueError: cannot handle boom" in lines[0]["error"]
+    assert "Traceback" in lines[0]["error"]
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'sms_messages_received_total{outcome="error"} 1.0' in metrics
     assert post_signed(client, webhook_params(body="after")).status_code == 200
@@ -174,7 +184,9 @@ def test_a_redelivery_gets_the_first_answer_without_calling_the_handler(app_with
     twilio = TwilioSimulator.for_app(app_with(counting))
     first = twilio.send(REY, OURS, "x")
     again = twilio.send(REY, OURS, "x", message_sid=first.message_sid)
-    assert again.status == 200 and again.reply == "call 1" and calls == [first.message_sid]
+    assert again.status == 200
+    assert again.reply == "call 1"
+    assert calls == [first.message_sid]
 
 
 def test_30_simultaneous_messages_leave_30_entries(app_with, redis_client):
@@ -221,7 +233,8 @@ def test_messages_that_queued_are_handled_in_arrival_order(app_with, redis_clien
         for thread in threads:
             thread.join()
     assert state(redis_client)["bodies"] == [f"m{i}" for i in range(8)]
-    assert not redis_client.exists(keys.queue) and not redis_client.exists(keys.waiters)
+    assert not redis_client.exists(keys.queue)
+    assert not redis_client.exists(keys.waiters)
 
 
 class Patient(ConversationStore):
@@ -285,7 +298,8 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     handed_over_by = time.monotonic() + 4  # both, in all: a single ask would come at 6 s
     for waiter in waiters:
         waiter.join(timeout=max(0.0, handed_over_by - time.monotonic()))
-    assert taken == [1, 2] and not any(waiter.is_alive() for waiter in waiters)
+    assert taken == [1, 2]
+    assert not any(waiter.is_alive() for waiter in waiters)
     assert redis_client.hget(keys.state, "seq") == ("3" if gives_back == "save" else "2")
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
 
@@ -304,7 +318,8 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     state = '{"n": 1, "name": "Zo\u00eb \\"\u2603\\" /"}'  # passed on exactly, as JSON inside JSON
     store.save(keys, holder, sid="s0", state=state, fresh=True, message_sid="SM0", answer="a0")
     waiter.join(timeout=4)  # its next ask would come 6 s later
-    assert not waiter.is_alive() and store.opens == opens_before
+    assert not waiter.is_alive()
+    assert store.opens == opens_before
     (opened,) = handed
     assert (opened.sid, opened.state, opened.seq, opened.answered) == ("s0", state, "1", None)
     assert opened.now >= holder.now
@@ -334,9 +349,11 @@ def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_
     store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM1", answer="first answer")
     for thread in threads:
         thread.join(timeout=4)
-    assert not any(thread.is_alive() for thread in threads) and store.opens == opens_before
+    assert not any(thread.is_alive() for thread in threads)
+    assert store.opens == opens_before
     assert results["redelivery"].answered == "first answer"
-    assert results["next"].answered is None and redis_client.get(keys.lock) == results["next"].token
+    assert results["next"].answered is None
+    assert redis_client.get(keys.lock) == results["next"].token
 
 
 def queued_behind_a_save(store: Counting, keys, token: str, state: str) -> tuple[list, list]:
@@ -359,7 +376,8 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
     script_keys, args = queued_behind_a_save(store, keys, "SM1:00000000000000aa", '{"n": 1}')
     assert redis_client.get(keys.lock) == "SM1:00000000000000aa"
     again = store._run(store._open, script_keys, args)
-    assert again[0] == "ok" and again[3] == '{"n": 1}'
+    assert again[0] == "ok"
+    assert again[3] == '{"n": 1}'
     assert not redis_client.exists(keys.queue, keys.waiters)
 
 
@@ -404,7 +422,8 @@ def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, sto
     client = app_with(handler).test_client()
     post_signed(client, webhook_params(body="hello"))
     answer = post_signed(client, webhook_params(**stop))
-    assert answer.status_code == 200 and answer.data.endswith(b"<Response />")
+    assert answer.status_code == 200
+    assert answer.data.endswith(b"<Response />")
     assert calls == ["hello"]  # the handler never saw the opt-out
     assert "state" not in stored(redis_client)
     keys = KEYS.conversation(REY, OURS)
@@ -436,8 +455,8 @@ def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_
     callers.write_text(json.dumps({REY: "Rey"}))
     twilio = TwilioSimulator.for_app(app_with(None, CALLERS_FILE=str(callers)))
     sender, recipient = f"whatsapp:{REY}", f"whatsapp:{OURS}"
-    assert twilio.send(sender, recipient, "hi").reply == "Thanks for the message, Rey!"
-    assert twilio.send(sender, recipient, "hi").reply == f"Rey has messaged {recipient} 2 times."
+    assert twilio.send(sender, recipient, "hi").reply == thanks("Rey")
+    assert twilio.send(sender, recipient, "hi").reply == count_reply("Rey", 2, recipient)
     assert redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") == "2"
 
 
@@ -451,7 +470,8 @@ def test_operators_see_any_handlers_state_and_count(app_with):
         .get(f"/ops/conversations/{REY}/{OURS}", headers={"Authorization": "Bearer ops"})
         .get_json()
     )
-    assert shown["messages"] == 2 and shown["state"] == {"bodies": ["a", "b"], "tally": {"chars": 2}}
+    assert shown["messages"] == 2
+    assert shown["state"] == {"bodies": ["a", "b"], "tally": {"chars": 2}}
 
 
 @pytest.mark.parametrize(
@@ -466,7 +486,8 @@ def test_a_bad_sms_handler_stops_start_up_in_one_line(monkeypatch, spec, complai
     monkeypatch.setenv("SMS_HANDLER", spec)
     with pytest.raises(ConfigError, match=complaint) as refused:
         create_app({"TWILIO_AUTH_TOKEN": TOKEN})
-    assert str(refused.value).startswith(f"SMS_HANDLER={spec!r}") and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(f"SMS_HANDLER={spec!r}")
+    assert "\n" not in str(refused.value)
 
 
 def test_sms_handler_from_the_environment(monkeypatch, redis_url):
@@ -493,7 +514,8 @@ def test_message_from_params_reads_keywords_and_media():
         {"From": REY, "To": OURS, "Body": " Stop", "MessageSid": "SM1", "NumMedia": "2", "MediaUrl0": "u0"},
         "Rey",
     )
-    assert message.opt_out == "STOP" and message.media == ("u0",)
+    assert message.opt_out == "STOP"
+    assert message.media == ("u0",)
     assert Message.from_params({"NumMedia": "lots"}, "x").media == ()
     assert Message.from_params({"Body": "stop it"}, "x").opt_out is None
 
@@ -510,4 +532,5 @@ def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_c
     assert redis_client.zrange(keys.queue, 0, -1) == ["redelivery-token"]
     store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SMfirst", answer="tok")
     assert store._run(store._open, *waiting)[0] == "dup"
-    assert not redis_client.exists(keys.queue) and not redis_client.exists(keys.waiters)
+    assert not redis_client.exists(keys.queue)
+    assert not redis_client.exists(keys.waiters)

@@ -21,10 +21,10 @@ from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.conversations import plant
+from tests.support.numbers import FINN, OURS, REY
 from tests.support.redis_servers import commands_during
 from tests.support.waiting import wait_until
 
-REY, FINN, OURS = "+15551230001", "+15551230002", "+15550001111"
 KEYS = Keys()
 OPS = {"Authorization": "Bearer ops"}
 
@@ -67,8 +67,10 @@ def test_a_conversation_starts_once_and_its_event_names_it(app, redis_client):
     for body in ("one", "two", "three"):
         twilio.send(REY, OURS, body)
     [started] = events(redis_client)
-    assert started["type"] == "started" and (started["from"], started["to"]) == (REY, OURS)
-    assert started["messages"] == "1" and started["conversation"] == twilio.cookie_for(REY, OURS)
+    assert started["type"] == "started"
+    assert (started["from"], started["to"]) == (REY, OURS)
+    assert started["messages"] == "1"
+    assert started["conversation"] == twilio.cookie_for(REY, OURS)
     assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).state, "first_seen")
 
 
@@ -97,7 +99,8 @@ def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
         ("expired", "1"),
     ]
     started = events(redis_client, "started")
-    assert len(started) == 5 and len({e["conversation"] for e in started}) == 5
+    assert len(started) == 5
+    assert len({e["conversation"] for e in started}) == 5
     assert [e["conversation"] for e in ended] == [e["conversation"] for e in started[:4]]
     assert int(ended[-1]["ended_at"]) == last_seen + 1000  # its last message + TTL
 
@@ -231,7 +234,8 @@ def test_a_sweeper_killed_mid_sweep_loses_and_doubles_nothing(redis_url, redis_c
         pass
     assert sorted(e["conversation"] for e in events(redis_client, "ended")) == sorted(ids)
     hooked = [json.loads(call)["id"] for call in redis_client.lrange("hook-calls", 0, -1)]
-    assert sorted(set(hooked)) == sorted(ids) and len(hooked) <= len(ids) + 1
+    assert sorted(set(hooked)) == sorted(ids)
+    assert len(hooked) <= len(ids) + 1
 
 
 def test_events_and_ends_survive_a_redis_crash(redis_processes):
@@ -248,7 +252,8 @@ def test_events_and_ends_survive_a_redis_crash(redis_processes):
     kept = server.client()
     assert len(events(kept, "started")) == 5
     ended = events(kept, "ended")
-    assert len(ended) == 5 and len({e["conversation"] for e in ended}) == 5
+    assert len(ended) == 5
+    assert len({e["conversation"] for e in ended}) == 5
 
 
 def test_retention_trims_by_age_and_by_length(redis_url, redis_client):
@@ -284,10 +289,14 @@ def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert [(e["type"], e.get("reason")) for e in lines] == [("started", None), ("ended", "operator")]
     text = runner.invoke(args=["events"]).stdout.splitlines()
-    assert "started" in text[0] and f"{REY} → {OURS}" in text[0]
-    assert "reason=operator" in text[1] and "lasted=0:00:00" in text[1]
+    assert "started" in text[0]
+    assert f"{REY} → {OURS}" in text[0]
+    assert "reason=operator" in text[1]
+    assert "lasted=0:00:00" in text[1]
     assert runner.invoke(args=["events", "--since", "soon"]).exit_code == 2
-    assert parse_duration("15m") == 900 and parse_duration("2h") == 7200 and parse_duration("90") == 90
+    assert parse_duration("15m") == 900
+    assert parse_duration("2h") == 7200
+    assert parse_duration("90") == 90
 
 
 def test_follow_waits_for_the_next_event(app, redis_client):
@@ -313,7 +322,8 @@ def test_stats_and_metrics_report_the_lifecycle(redis_url):
     client = app.test_client()
     stats = client.get("/ops/stats", headers=OPS).get_json()
     assert stats["active"] == 1
-    assert stats["last_hour"]["started"] == 2 and stats["last_hour"]["ended"] == {"handler": 1}
+    assert stats["last_hour"]["started"] == 2
+    assert stats["last_hour"]["ended"] == {"handler": 1}
     assert stats["last_hour"]["average_messages"] == 3
     metrics = client.get("/metrics").get_data(as_text=True)
     assert "sms_conversations_started_total 2.0" in metrics

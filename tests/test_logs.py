@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 from urllib.parse import urlencode
 
 import pytest
@@ -14,13 +15,13 @@ import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import logs
+from service import create_app, logs
 from service.logs import LineFormatter, json_line
 from service.metrics import Outcome
 from service.settings import ConfigError, load
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.numbers import OURS, REY
 
-REY, OURS = "+15551230001", "+15550001111"
 MASKED = ("+1555***0001", "+1555***1111")
 BODY = "my secret is " + secrets.token_hex(4)
 # The webhook's line in the text format (LOG_FORMAT=text), every number masked.
@@ -89,9 +90,11 @@ def test_one_json_line_per_webhook_request(app, lines):
         line = json.loads(taken[0])
         assert_clean(taken[0])
         assert line["outcome"] == expected
-        assert line["logger"] == "service.webhook" and line["level"] == "info"
+        assert line["logger"] == "service.webhook"
+        assert line["level"] == "info"
         assert (line.get("from"), line.get("to")) == masked
-        assert isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
+        assert isinstance(line["status"], int)
+        assert isinstance(line["latency_ms"], float)
 
 
 @pytest.fixture
@@ -133,9 +136,11 @@ def test_direct_lines_are_the_same_lines(redis_url, direct):
             assert len(taken) == 1, taken
             assert_clean(taken[0])
             line = json.loads(taken[0])
-            assert line["outcome"] == expected and line["logger"] == "service.webhook"
+            assert line["outcome"] == expected
+            assert line["logger"] == "service.webhook"
             assert (line.get("from"), line.get("to")) == masked
-            assert isinstance(line["status"], int) and isinstance(line["latency_ms"], float)
+            assert isinstance(line["status"], int)
+            assert isinstance(line["latency_ms"], float)
             record = logging.makeLogRecord({"name": "service.webhook", "levelname": "INFO"})
             fields = {k: v for k, v in line.items() if k not in ("time", "level", "logger", "message")}
             record.msg, record.fields = line["message"], fields
@@ -271,3 +276,28 @@ def test_text_lines_for_a_terminal(capsys):
 def test_log_format_is_json_or_text():
     with pytest.raises(ConfigError, match=r"^LOG_FORMAT='yaml': must be 'json' or 'text'$"):
         load({"LOG_FORMAT": "yaml"})
+
+
+def test_a_handler_s_own_logger_still_gets_where_it_logged_from(redis_url):
+    """The service changes none of logging's process-wide switches: a record of a bot
+    author's logger carries its file, line, function and thread for a formatter that asks."""
+    bot_log = logging.getLogger("mybot")
+    records = []
+    recorder = logging.Handler()
+    recorder.emit = records.append
+    bot_log.addHandler(recorder)
+
+    def handle(message, conversation):
+        bot_log.warning("handling")
+        return "ok"
+
+    try:
+        app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handle)
+        answer = post_signed(app.test_client(), webhook_params())
+    finally:
+        bot_log.removeHandler(recorder)
+    assert answer.status_code == 200, answer.data
+    [record] = records
+    where = logging.Formatter("%(filename)s:%(funcName)s:%(threadName)s").format(record)
+    assert where == f"test_logs.py:handle:{threading.current_thread().name}"
+    assert record.lineno == handle.__code__.co_firstlineno + 1

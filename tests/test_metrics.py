@@ -10,9 +10,9 @@ import time
 from service.keys import Keys
 from service.metrics import Outcome
 from tests.support.app import make_app, post_signed, webhook_params
+from tests.support.numbers import FINN, OURS, REY
 from tests.support.prometheus import scrape
 
-REY, FINN, OURS = "+15551230001", "+15554440077", "+15550001111"
 KEYS = Keys()
 
 
@@ -104,7 +104,8 @@ def test_busy_conversation_is_unavailable_and_its_wait_observed(redis_url, redis
     client = make_app(REDIS_URL=redis_url, LOCK_WAIT=0.05).test_client()
     redis_client.set(KEYS.conversation(REY, OURS).lock, "another-request", px=10_000)
     response = post_signed(client, webhook_params(REY))
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
     samples = metrics(client)
     assert outcomes(samples)["unavailable"] == 1
     assert samples["sms_lock_wait_seconds_count"] == 1

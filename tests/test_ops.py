@@ -20,10 +20,11 @@ from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
 from tests.support.conversations import plant
+from tests.support.numbers import FINN, OURS, POE, REY
 from tests.support.programs import require_redis_server
 from tests.support.redis_servers import commands_during
+from tests.support.replies import thanks
 
-REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
 OPS = "ops-test-token"
 AUTH = {"Authorization": f"Bearer {OPS}"}
 KEYS = Keys()
@@ -87,17 +88,21 @@ def test_cli_count_list_show_expire(ops_app):
     assert [(r["from"], r["name"], r["messages"]) for r in listed] == [(FINN, "Finn", 1), (REY, "Rey", 3)]
     assert set(listed[0]) == FIELDS
     assert 14390 <= listed[1]["expires_in"] <= 14400
-    assert listed[1]["first_seen"].endswith("Z") and listed[1]["first_seen"] <= listed[1]["last_seen"]
+    assert listed[1]["first_seen"].endswith("Z")
+    assert listed[1]["first_seen"] <= listed[1]["last_seen"]
     table = cli(ops_app, "list").stdout.splitlines()
     assert table[0].split()[:4] == ["FROM", "TO", "NAME", "MESSAGES"]
     assert table[1].split()[:4] == [FINN, OURS, "Finn", "1"]
 
     shown = json.loads(cli(ops_app, "show", REY, OURS, "--json").stdout)
-    assert shown["state"] == {} and shown["messages"] == 3 and set(shown) == FIELDS | {"state"}
+    assert shown["state"] == {}
+    assert shown["messages"] == 3
+    assert set(shown) == FIELDS | {"state"}
     assert "messages: 3\n" in cli(ops_app, "show", REY, OURS).stdout
 
     ended = cli(ops_app, "expire", REY, OURS)
-    assert ended.exit_code == 0 and REY in ended.stdout
+    assert ended.exit_code == 0
+    assert REY in ended.stdout
     assert cli(ops_app, "count").stdout == "1\n"
     assert [r["from"] for r in json.loads(cli(ops_app, "list", "--json").stdout)] == [FINN]
 
@@ -144,7 +149,8 @@ def test_cli_pages_with_the_printed_cursor(ops_app):
 def test_cli_without_redis_url_warns_it_sees_only_its_own_store():
     result = cli(make_app(), "count")
     assert result.stdout == "0\n"
-    assert "REDIS_URL is not set" in result.stderr and "make run" in result.stderr
+    assert "REDIS_URL is not set" in result.stderr
+    assert "make run" in result.stderr
 
 
 def test_cli_with_redis_down_says_so_in_one_line():
@@ -165,24 +171,29 @@ def test_api_stats_list_show_delete(ops_app, redis_client, caplog):
     stats = client.get("/ops/stats", headers=AUTH).get_json()
     assert (stats["active"], stats["indexed"], stats["last_hour"]["started"]) == (2, 2, 2)
     body = client.get("/ops/conversations", headers=AUTH).get_json()
-    assert [r["from"] for r in body["conversations"]] == [POE, REY] and body["next_cursor"] is None
+    assert [r["from"] for r in body["conversations"]] == [POE, REY]
+    assert body["next_cursor"] is None
     shown = client.get(f"/ops/conversations/{REY}/{OURS}", headers=AUTH)
-    assert shown.status_code == 200 and shown.get_json()["messages"] == 2
+    assert shown.status_code == 200
+    assert shown.get_json()["messages"] == 2
     assert shown.get_json()["name"] == "Rey"
     ended = client.delete(f"/ops/conversations/{REY}/{OURS}", headers=AUTH)
-    assert ended.status_code == 200 and ended.get_json()["ended"] is True
+    assert ended.status_code == 200
+    assert ended.get_json()["ended"] is True
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 1
     ended_keys = KEYS.conversation(REY, OURS)
     assert redis_client.hget(ended_keys.state, "state") is None  # only redelivery memory is left
     assert redis_client.zscore(ended_keys.active, ended_keys.member) is None
-    assert "+1555***0001 ended by an operator" in caplog.text and REY not in caplog.text
+    assert "+1555***0001 ended by an operator" in caplog.text
+    assert REY not in caplog.text
 
 
 def test_api_unknown_pair_is_404(ops_app):
     client = ops_app.test_client()
     assert client.get(f"/ops/conversations/{POE}/{OURS}", headers=AUTH).status_code == 404
     deleted = client.delete(f"/ops/conversations/{POE}/{OURS}", headers=AUTH)
-    assert deleted.status_code == 404 and "error" in deleted.get_json()
+    assert deleted.status_code == 404
+    assert "error" in deleted.get_json()
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong", f"Basic {OPS}", f"Bearer {OPS}x", "Bearer"])
@@ -225,13 +236,15 @@ def test_api_opens_no_session_and_touches_no_conversation(ops_app, redis_client)
 )
 def test_api_bad_paging_parameters_are_400(ops_app, query):
     response = ops_app.test_client().get("/ops/conversations", query_string=query, headers=AUTH)
-    assert response.status_code == 400 and "error" in response.get_json()
+    assert response.status_code == 400
+    assert "error" in response.get_json()
 
 
 def test_api_on_redis_down_is_503():
     app = make_app(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.2, OPS_TOKEN=OPS)
     response = app.test_client().get("/ops/stats", headers=AUTH)
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
 
 
 # --- Ordering and paging ---------------------------------------------------------------------
@@ -329,11 +342,11 @@ def test_expired_by_operator_then_old_cookie_is_thanked_as_new(redis_url, redis_
         assert redis_client.zscore(keys.active, keys.member) is None
         after = twilio.send(REY, OURS, "back again")
         assert after.cookie_sent == old_cookie
-        assert after.reply == "Thanks for the message, Rey!"
+        assert after.reply == thanks("Rey")
         assert twilio.cookie_for(REY, OURS) != old_cookie
         # and through the API the same way
         assert app.test_client().delete(f"/ops/conversations/{REY}/{OURS}", headers=AUTH).status_code == 200
-        assert twilio.send(REY, OURS, "once more").reply == "Thanks for the message, Rey!"
+        assert twilio.send(REY, OURS, "once more").reply == thanks("Rey")
 
 
 def test_every_conversation_lapses(redis_url, redis_client):
@@ -424,11 +437,13 @@ def test_a_page_costs_the_same_commands_for_100_or_2000_conversations(ops_app, r
         redis_client.flushall()
     assert tallies[0] == tallies[1]
     assert not {"keys", "scan", "zcard"} & set(tallies[1])  # no whole-index reads
-    assert tallies[1]["hmget"] == 100 and tallies[1]["evalsha"] == 1
+    assert tallies[1]["hmget"] == 100
+    assert tallies[1]["evalsha"] == 1
 
 
 def test_cli_expire_json(ops_app):
     text_messages(ops_app, REY, 1)
     ended = cli(ops_app, "expire", REY, OURS, "--json")
-    assert ended.exit_code == 0 and json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
+    assert ended.exit_code == 0
+    assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
     assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 0}

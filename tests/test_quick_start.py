@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import ROOT
 from tests.support.ports import free_port
+from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_for_http
 
 README = (ROOT / "README.md").read_text()
@@ -56,8 +57,8 @@ def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
         served = server.communicate(timeout=30)[0]
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "Thanks for the message, Rey!",
-        "Rey has messaged +15550001111 2 times.",
+        thanks("Rey"),
+        count_reply("Rey", 2),
     ]
     # A developer's terminal: readable lines, one per message, no JSON, no colour escapes.
     webhook = [line for line in served.splitlines() if "service.webhook" in line]
@@ -70,4 +71,6 @@ def test_make_run_then_simulate_on_a_clean_checkout(tmp_path):
         )
         for line in webhook
     )
-    assert '{"time"' not in served and "\x1b[" not in served and "POST /sms" not in served
+    assert '{"time"' not in served
+    assert "\x1b[" not in served
+    assert "POST /sms" not in served

@@ -34,14 +34,17 @@ def test_first_later_and_redelivered_message(client, round_trips):
     later, later_trips = trips(round_trips, lambda: post_signed(client, webhook_params()))
     again, again_trips = trips(round_trips, lambda: post_signed(client, first_params))
     assert [first.status_code, later.status_code, again.status_code] == [200, 200, 200]
-    assert b"Thanks" in first.data and b"2 times" in later.data and again.data == first.data
+    assert b"Thanks" in first.data
+    assert b"2 times" in later.data
+    assert again.data == first.data
     assert (first_trips, later_trips, again_trips) == (2, 2, 1)
 
 
 def test_message_with_a_stale_cookie_costs_two(client, round_trips):
     post_signed(client, webhook_params())
     response, count = trips(round_trips, lambda: post_signed(client, webhook_params(), cookie="stale"))
-    assert b"2 times" in response.data and count == 2
+    assert b"2 times" in response.data
+    assert count == 2
 
 
 def test_refusals_and_health_cost_none(client, round_trips):

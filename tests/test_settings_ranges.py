@@ -66,7 +66,8 @@ def test_create_app_refuses_in_one_line(monkeypatch, variable, environment):
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as refused:
         create_app()
-    assert re.match(rf"{variable}[ =:]", str(refused.value)) and "\n" not in str(refused.value)
+    assert re.match(rf"{variable}[ =:]", str(refused.value))
+    assert "\n" not in str(refused.value)
 
 
 ONE_PER_VARIABLE = list({variable: (variable, env) for variable, env in reversed(OUT_OF_RANGE)}.values())
@@ -92,7 +93,8 @@ def test_gunicorn_master_refuses_in_one_line_before_any_worker(variable, environ
         server.stop()  # one that started after all is not left running
     output = server.output()
     assert re.match(rf"sms-sessions: refusing to start: {variable}[ =:]", refusal(output))
-    assert "Traceback" not in output and "Booting worker" not in output
+    assert "Traceback" not in output
+    assert "Booting worker" not in output
 
 
 def test_the_worker_timeout_is_gunicorns():
@@ -117,7 +119,8 @@ def test_edges_of_the_ranges_are_accepted():
             "PORT": "65535",
         }
     )
-    assert config["CONVERSATION_TTL"] == 2592000 and config["LOCK_WAIT"] == 8.8
+    assert config["CONVERSATION_TTL"] == 2592000
+    assert config["LOCK_WAIT"] == 8.8
     assert load({"LOCK_WAIT": "0.01", "REDIS_TIMEOUT": "0.01", "LOCK_TTL": "60"})["LOCK_TTL"] == 60
     for edges in (
         {

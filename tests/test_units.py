@@ -15,7 +15,8 @@ from tests.support.app import post_signed, webhook_params
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
     keys = Keys().conversation("+15551230007", "+15550001111")
-    assert shard_of("+15551230007") == "07" and "{07}" in keys.state
+    assert shard_of("+15551230007") == "07"
+    assert "{07}" in keys.state
     assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.active.encode())
     assert Keys().from_member(keys.member) == keys
     assert len(set(Keys().indexes())) == 100
@@ -23,12 +24,14 @@ def test_all_keys_of_a_conversation_share_one_cluster_slot():
 
 def test_shard_tag_is_digits_only():
     assert shard_of("whatsapp:+447700900123") == "23"
-    assert shard_of("+1") == "01" and shard_of("") == "00"
+    assert shard_of("+1") == "01"
+    assert shard_of("") == "00"
 
 
 def test_settings_defaults_and_bad_values():
     config = load({})
-    assert config["CONVERSATION_TTL"] == 14400 and config["TWILIO_VALIDATE_SIGNATURE"] is True
+    assert config["CONVERSATION_TTL"] == 14400
+    assert config["TWILIO_VALIDATE_SIGNATURE"] is True
     assert load({"CONVERSATION_TTL": "60", "TWILIO_VALIDATE_SIGNATURE": "off"})["CONVERSATION_TTL"] == 60
     with pytest.raises(ConfigError, match="CONVERSATION_TTL"):
         load({"CONVERSATION_TTL": "four hours"})
@@ -47,8 +50,10 @@ def test_missing_callers_file_stops_start_naming_the_variable(tmp_path):
 
 def test_mask_hides_the_middle_of_numbers():
     assert mask("+15551230001") == "+1555***0001"
-    assert "1230" not in mask("+15551230001") and mask("12") == "***"
-    assert mask("+12345678") == "***5678" and mask("+123456789") == "***6789"
+    assert "1230" not in mask("+15551230001")
+    assert mask("12") == "***"
+    assert mask("+12345678") == "***5678"
+    assert mask("+123456789") == "***6789"
 
 
 def test_embedded_store_serves_a_conversation(fake_app):
@@ -104,7 +109,8 @@ def test_simulator_forgets_the_cookie_after_four_hours():
 
 def test_reply_text_reads_twiml():
     assert reply_text('<?xml version="1.0"?><Response><Message>Hi</Message></Response>') == "Hi"
-    assert reply_text("<Response/>") is None and reply_text("not xml") is None
+    assert reply_text("<Response/>") is None
+    assert reply_text("not xml") is None
 
 
 def test_session_serializer_is_json_only_and_refuses_a_pickle(fake_app, tmp_path):

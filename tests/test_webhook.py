@@ -17,17 +17,11 @@ from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 from tests.support.app_servers import LiveServer
+from tests.support.numbers import FRIEND, OURS, REY
 from tests.support.redis_servers import commands_during
+from tests.support.replies import count_in, count_reply, thanks
 
-REY, FRIEND, OURS = "+15551230001", "+15559870042", "+15550001111"
 KEYS = Keys()
-
-
-def count_in(reply: str) -> int:
-    """The message number a reply announces (1 for the thank-you)."""
-    if reply.startswith("Thanks for the message"):
-        return 1
-    return int(re.search(r"messaged \S+ (\d+) times", reply).group(1))
 
 
 def conversation(redis_client, sender=REY, recipient=OURS) -> dict:
@@ -43,18 +37,19 @@ def test_first_message_is_thanked_by_name_then_counted(twilio):
     first = twilio.send(REY, OURS, "hello")
     second = twilio.send(REY, OURS, "again")
     third = twilio.send(REY, OURS, "and again")
-    assert first.reply == "Thanks for the message, Rey!"
-    assert second.reply == "Rey has messaged +15550001111 2 times."
-    assert third.reply == "Rey has messaged +15550001111 3 times."
+    assert first.reply == thanks("Rey")
+    assert second.reply == count_reply("Rey", 2)
+    assert third.reply == count_reply("Rey", 3)
 
 
 def test_unknown_sender_is_friend_and_reply_is_twiml(twilio):
     delivery = twilio.send(FRIEND, OURS, "hi")
-    assert delivery.reply == "Thanks for the message, Friend!"
+    assert delivery.reply == thanks("Friend")
     response = twilio.http.post(twilio.url, data={})  # unsigned: just to read headers below
     assert response.status_code == 403
     ok = twilio.send(FRIEND, OURS, "hi again")
-    assert ok.body.startswith("<?xml") and "<Response><Message>" in ok.body
+    assert ok.body.startswith("<?xml")
+    assert "<Response><Message>" in ok.body
 
 
 def test_reply_content_type_is_text_xml(app):
@@ -68,12 +63,12 @@ def test_callers_file_is_configurable(redis_url, tmp_path):
     callers.write_text(json.dumps({FRIEND: "Zorii"}))
     app = make_app(REDIS_URL=redis_url, CALLERS_FILE=str(callers))
     response = post_signed(app.test_client(), webhook_params(sender=FRIEND))
-    assert b"Thanks for the message, Zorii!" in response.data
+    assert thanks("Zorii").encode() in response.data
 
 
 def test_get_webhook_is_signed_over_the_query_and_counts(app):
     client = app.test_client()
-    for expected in ("Thanks for the message, Rey!", "Rey has messaged +15550001111 2 times."):
+    for expected in (thanks("Rey"), count_reply("Rey", 2)):
         params = webhook_params()
         query = "&".join(f"{k}={v}".replace("+", "%2B") for k, v in params.items())
         url = f"http://localhost/sms?{query}"
@@ -85,14 +80,15 @@ def test_get_webhook_is_signed_over_the_query_and_counts(app):
 def test_mms_with_empty_body_counts_like_any_message(twilio):
     twilio.send(REY, OURS, "text")
     mms = twilio.send(REY, OURS, "", media=["https://api.twilio.com/media/ME1"])
-    assert mms.reply == "Rey has messaged +15550001111 2 times."
+    assert mms.reply == count_reply("Rey", 2)
 
 
 def test_state_is_json_text_and_cookie_holds_only_the_session_id(twilio, redis_client):
     twilio.send(REY, OURS, "one")
     delivery = twilio.send(REY, OURS, "two")
     stored = conversation(redis_client)
-    assert json.loads(stored["state"]) == {} and stored["seq"] == "2"  # the counter keeps no state
+    assert json.loads(stored["state"]) == {}
+    assert stored["seq"] == "2"  # the counter keeps no state
     cookie = twilio.cookie_for(REY, OURS)
     assert cookie == stored["sid"] == delivery.cookie_sent
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", cookie)  # token_urlsafe(16): 128 random bits
@@ -104,7 +100,9 @@ def test_state_is_json_text_and_cookie_holds_only_the_session_id(twilio, redis_c
 def test_cookie_attributes(app):
     response = post_signed(app.test_client(), webhook_params())
     header = response.headers["Set-Cookie"]
-    assert "HttpOnly" in header and "Max-Age=14400" in header and "Secure" not in header
+    assert "HttpOnly" in header
+    assert "Max-Age=14400" in header
+    assert "Secure" not in header
     secure = make_app(REDIS_URL=app.config["REDIS_URL"], SESSION_COOKIE_SECURE=True)
     assert "Secure" in post_signed(secure.test_client(), webhook_params()).headers["Set-Cookie"]
 
@@ -114,9 +112,9 @@ def test_a_server_that_lost_the_scripts_gets_them_again(twilio, redis_client):
     meets NOSCRIPT, loads the script and still answers, counted once."""
     twilio.send(REY, OURS, "hello")
     redis_client.script_flush()
-    assert twilio.send(REY, OURS, "again").reply == "Rey has messaged +15550001111 2 times."
+    assert twilio.send(REY, OURS, "again").reply == count_reply("Rey", 2)
     redis_client.script_flush()
-    assert twilio.send(REY, OURS, "and again").reply == "Rey has messaged +15550001111 3 times."
+    assert twilio.send(REY, OURS, "and again").reply == count_reply("Rey", 3)
     assert messages(redis_client) == 3
 
 
@@ -192,7 +190,8 @@ def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
     if sorted(tallies.values()) == [2]:
         assert 0 < redis_client.pttl(keys.active) <= 60_000
     else:
-        assert sorted(tallies.values()) == [1, 1] and lead_ms() > grace_ms - 5000
+        assert sorted(tallies.values()) == [1, 1]
+        assert lead_ms() > grace_ms - 5000
     redis_client.delete(keys.minutes)  # a new minute for the tag
     twilio.send(REY, OURS, "three")
     assert lead_ms() > grace_ms - 5000
@@ -203,24 +202,24 @@ def test_expired_conversation_starts_afresh(redis_url):
     with LiveServer(app) as server:
         twilio = TwilioSimulator(server.url, TOKEN)
         twilio.send(REY, OURS, "one")
-        assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+        assert twilio.send(REY, OURS, "two").reply == count_reply("Rey", 2)
         time.sleep(1.2)
         # Twilio still holds the cookie (4 h), but the conversation has lapsed on our side.
         after = twilio.send(REY, OURS, "three")
         assert after.cookie_sent is not None
-        assert after.reply == "Thanks for the message, Rey!"
+        assert after.reply == thanks("Rey")
 
 
 def test_lost_cookie_does_not_split_the_conversation(twilio):
     twilio.send(REY, OURS, "one")
     twilio.cookies.clear()
-    assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+    assert twilio.send(REY, OURS, "two").reply == count_reply("Rey", 2)
 
 
 def test_forged_cookie_is_ignored_and_replaced(twilio, redis_client):
     twilio.send(REY, OURS, "one")
     delivery = twilio.send(REY, OURS, "two", cookie="forged-session-id")
-    assert delivery.reply.endswith("2 times.")
+    assert delivery.reply == count_reply("Rey", 2)
     assert twilio.cookie_for(REY, OURS) == conversation(redis_client)["sid"]
 
 
@@ -229,8 +228,8 @@ def test_other_pairs_cookie_neither_leaks_nor_splits(twilio, redis_client):
         twilio.send(REY, OURS, "rey")
     rey_cookie = twilio.cookie_for(REY, OURS)
     other = twilio.send(FRIEND, OURS, "hi", cookie=rey_cookie)
-    assert other.reply == "Thanks for the message, Friend!"  # not Rey's 4th message
-    assert twilio.send(REY, OURS, "rey").reply.endswith("4 times.")
+    assert other.reply == thanks("Friend")  # not Rey's 4th message
+    assert twilio.send(REY, OURS, "rey").reply == count_reply("Rey", 4)
     assert conversation(redis_client, FRIEND)["sid"] != rey_cookie
     assert messages(redis_client) == 4
 
@@ -256,7 +255,7 @@ def test_burst_of_30_first_messages_is_counted_1_to_30(live_server):
     deliveries = _concurrently(30, lambda i: sims[i].send(REY, OURS, f"burst {i}"))
     assert [d.status for d in deliveries] == [200] * 30
     assert sorted(count_in(d.reply) for d in deliveries) == list(range(1, 31))
-    assert sims[0].send(REY, OURS, "next").reply.endswith("31 times.")
+    assert sims[0].send(REY, OURS, "next").reply == count_reply("Rey", 31)
 
 
 def test_40_concurrent_messages_with_the_cookie_are_all_counted(live_server, redis_client):
@@ -284,29 +283,31 @@ def test_different_pairs_do_not_wait_for_each_other(redis_url, redis_client):
         waiting.start()
         friend = TwilioSimulator(server.url, TOKEN, timeout=10)
         replies = [friend.send(FRIEND, OURS, f"m{n}").reply for n in range(3)]
-        assert redis_client.exists(held) and "rey" not in results  # Rey still waits
+        assert redis_client.exists(held)
+        assert "rey" not in results  # Rey still waits
         redis_client.delete(held)
         waiting.join(timeout=30)
     assert replies == [
-        "Thanks for the message, Friend!",
-        "Friend has messaged +15550001111 2 times.",
-        "Friend has messaged +15550001111 3 times.",
+        thanks("Friend"),
+        count_reply("Friend", 2),
+        count_reply("Friend", 3),
     ]
-    assert results["rey"].reply == "Thanks for the message, Rey!"
+    assert results["rey"].reply == thanks("Rey")
 
 
 def test_redelivery_gets_the_same_reply_and_counts_once(twilio, redis_client):
     first = twilio.send(REY, OURS, "one")
     again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
-    assert again.status == 200 and again.reply == first.reply == "Thanks for the message, Rey!"
-    assert twilio.send(REY, OURS, "two").reply.endswith("2 times.")
+    assert again.status == 200
+    assert again.reply == first.reply == thanks("Rey")
+    assert twilio.send(REY, OURS, "two").reply == count_reply("Rey", 2)
     assert messages(redis_client) == 2
 
 
 def test_concurrent_redeliveries_count_once(live_server, redis_client):
     sims = [TwilioSimulator(live_server.url, TOKEN) for _ in range(10)]
     deliveries = _concurrently(10, lambda i: sims[i].send(REY, OURS, "x", message_sid="SMsame"))
-    assert {d.reply for d in deliveries} == {"Thanks for the message, Rey!"}
+    assert {d.reply for d in deliveries} == {thanks("Rey")}
     assert messages(redis_client) == 1
 
 
@@ -402,8 +403,9 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
     delivery = twilio.send(REY, OURS, "two")
     assert delivery.status == 200
     assert not marker.exists()
-    assert delivery.reply == "Thanks for the message, Rey!"  # unreadable state starts afresh
-    assert messages(redis_client) == 1 and json.loads(conversation(redis_client)["state"]) == {}
+    assert delivery.reply == thanks("Rey")  # unreadable state starts afresh
+    assert messages(redis_client) == 1
+    assert json.loads(conversation(redis_client)["state"]) == {}
 
 
 def test_healthz_never_touches_redis():
@@ -433,9 +435,9 @@ def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_cli
     after = twilio.send(REY, OURS, "three")
     assert after.status == 200
     if "m:SMjunk" in edit:  # a junk reply field costs nothing: the count goes on
-        assert after.reply.endswith("3 times.")
+        assert after.reply == count_reply("Rey", 3)
     else:
-        assert after.reply == "Thanks for the message, Rey!"
+        assert after.reply == thanks("Rey")
     assert not redis_client.exists(keys.lock)  # the save went through and released the lock
     assert twilio.send(REY, OURS, "four").status == 200
 
@@ -445,8 +447,9 @@ def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client
     first = twilio.send(REY, OURS, "one")
     redis_client.hdel(keys.state, "sid")
     again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
-    assert again.status == 200 and again.reply == first.reply
-    assert twilio.send(REY, OURS, "two").reply == "Thanks for the message, Rey!"  # no sid: afresh
+    assert again.status == 200
+    assert again.reply == first.reply
+    assert twilio.send(REY, OURS, "two").reply == thanks("Rey")  # no sid: afresh
 
 
 def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
@@ -458,13 +461,16 @@ def test_answers_are_scanned_only_when_one_can_be_forgotten(app, redis_client):
     first = conversation(redis_client)
     assert "answers" not in first
     used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
-    assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{first['last_seen']} 2"
+    assert "hgetall" not in used
+    assert conversation(redis_client)["answers"] == f"{first['last_seen']} 2"
     for _ in range(3):
         post_signed(client, webhook_params())
     oldest, count = conversation(redis_client)["answers"].split()
-    assert count == "5" and int(oldest) <= int(conversation(redis_client)["last_seen"])
+    assert count == "5"
+    assert int(oldest) <= int(conversation(redis_client)["last_seen"])
     used = commands_during(redis_client, lambda: post_signed(client, webhook_params()))
-    assert "hgetall" not in used and conversation(redis_client)["answers"] == f"{oldest} 6"
+    assert "hgetall" not in used
+    assert conversation(redis_client)["answers"] == f"{oldest} 6"
 
 
 # --- The webhook's WSGI layer: one line and one count per request, whatever answered it -----
@@ -498,7 +504,8 @@ def test_other_methods_are_405_with_allow_logged_and_counted(redis_url, redis_cl
     response = client.open("/sms", method=method, data=webhook_params(REY, OURS, "hi"))
     assert (response.status_code, response.headers["Allow"]) == (405, "GET, POST")
     [line] = summaries()
-    assert line["method"] == method and line["reason"] == "method not allowed"
+    assert line["method"] == method
+    assert line["reason"] == "method not allowed"
     assert (line["outcome"], line["status"], line["remote"]) == ("bad_request", 405, "127.0.0.1")
     after = counted(client)
     key = "sms_messages_received_total{outcome=bad_request}"

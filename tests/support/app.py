@@ -7,6 +7,7 @@ import os
 from twilio.request_validator import RequestValidator
 
 from service import create_app
+from tests.support.numbers import OURS, REY
 
 TOKEN = "test-auth-token"
 
@@ -21,7 +22,7 @@ def sign(url: str, params: dict, token: str = TOKEN) -> str:
     return RequestValidator(token).compute_signature(url, params)
 
 
-def webhook_params(sender="+15551230001", recipient="+15550001111", body="hi", message_sid=None, **extra):
+def webhook_params(sender=REY, recipient=OURS, body="hi", message_sid=None, **extra):
     params = {
         "From": sender,
         "To": recipient,

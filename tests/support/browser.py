@@ -29,7 +29,7 @@ WINDOW = (1280, 1100)  # the screenshot's size: the whole overview page
 
 
 def chromium(profile: Path) -> webdriver.Chrome:
-    """A headless Chromium at ``WINDOW``; skips (fails under ``REQUIRE_REDIS=1``) when the
+    """A headless Chromium at ``WINDOW``; skips (fails under ``REQUIRE_PROGRAMS=1``) when the
     browser or its driver is not installed."""
     browser = require_binary("chromium", "chromium")
     driver = require_binary("chromedriver", "chromium-driver")
