@@ -266,19 +266,10 @@ class Delivery:
 
         Lists the account's messages to ``to`` (and from ``from_`` or ``TWILIO_FROM_NUMBER``,
         unless a Messaging Service picks the sender), sent on or after ``since``'s day, newest
-        first, and compares body and ``date_created`` (less ``CLOCK_SKEW``) itself. What it
-        cannot settle, so that a resend may still duplicate or a message go missing:
-
-        - two messages with the same body to the same number in the window, neither of
-          whose SIDs is known: the first found is returned for either;
-        - a message Twilio stored but does not list yet, or one still queued without a
-          ``date_sent`` that Twilio's DateSent filter leaves out: not found;
-        - a template (ContentSid) or a message whose body Twilio altered (``SmartEncoded``,
-          ``ShortenUrls``): the body differs, not found;
-        - beyond ``LOOKUP_LIMIT`` newer messages to the same number: not found.
-
-        The StatusCallback marker (``callback_url``) closes most of these: the callbacks of a
-        stored message name the outbound message whatever happened to the create's answer.
+        first, and compares body and ``date_created`` (less ``CLOCK_SKEW``) itself. What that
+        cannot settle (the same body twice in the window, a message not listed yet, an
+        altered body, more than ``LOOKUP_LIMIT`` newer messages) is in docs/outbound.md,
+        "A lost answer"; the StatusCallback marker (``callback_url``) closes most of it.
         """
         known = set(exclude)
         earliest = since.astimezone(UTC) - CLOCK_SKEW

@@ -210,7 +210,7 @@ SETTINGS = [
         None,
         _base_url,
         "Where Twilio's REST API is called instead of `https://api.twilio.com`: the stand-in "
-        '(docs/operating.md, "The Twilio stand-in"), e.g. `http://127.0.0.1:8765`. Refused with '
+        "(docs/outbound.md), e.g. `http://127.0.0.1:8765`. Refused with "
         "`APP_ENV=production`.",
     ),
     Setting(

@@ -1,39 +1,13 @@
 """A local stand-in for Twilio's Messages API, for development and tests (Twilio is not
 reachable from them): ``python -m service.twilio_standin --port 8765``.
 
-What it emulates, as twilio-python 9 calls it (``twilio.rest.Client`` pointed at it by
-``service.delivery``): ``POST /2010-04-01/Accounts/{AccountSid}/Messages.json`` (To, From or
-MessagingServiceSid, Body, MediaUrl repeated, StatusCallback, ContentSid + ContentVariables),
-``GET …/Messages/{Sid}.json`` and ``GET …/Messages.json`` filtered by To, From and
-DateSent / DateSent< / DateSent> with Twilio's paging (PageSize, Page, PageToken, newest
-first). HTTP basic auth as the account SID with its auth token, or an API key SID (``SK…``)
-with its secret; anything else is 401 with Twilio's error 20003. Message resources and error
-bodies (``{"code", "message", "more_info", "status"}``) have Twilio's shapes and codes.
-
-After a create, a background thread moves the message through queued → sent → delivered
-(or failed/undelivered with an ErrorCode) and posts each status to its StatusCallback,
-form-encoded and signed with ``X-Twilio-Signature`` by the account's auth token, as Twilio
-does; it does not retry a callback that fails (Twilio does not either).
-
-Faults, deterministic, for tests and developers (docs/operating.md, "The Twilio stand-in"):
-
-- Twilio's magic test numbers as To: ``+15005550001`` is refused with 21211 (invalid
-  number), ``+15005550004`` with 21610 (the recipient opted out).
-- ``POST /_standin/faults`` with a JSON rule: ``to`` (one destination; all without),
-  ``count`` (how many creates it applies to; all without) and one effect:
-  ``{"answer": 429|500|503}`` refuses the create (20429, 20500); ``{"error": CODE}`` refuses
-  it with a permanent error (21211, 21602, 21608, 21610, 21614, 21617); ``{"lose_answer":
-  true}`` stores the message, then closes the connection without an answer; ``{"delay":
-  SECONDS}`` stores it and answers that much later; ``{"fail": CODE}`` accepts it, then it
-  ends ``undelivered`` (30003, 30005, 30006, 30007) or ``failed`` (30008, 63016) with that
-  ErrorCode; ``{"window_closed": true}`` makes every free-form WhatsApp message (a Body,
-  no ContentSid) fail with 63016, outside the 24 h window, while a ContentSid template
-  passes; ``{"callbacks": "reversed"}`` posts the statuses in reverse order.
-  Rules are checked in the order they were added; one that refuses a create ends the check.
-  ``GET`` lists them, ``DELETE`` removes them all.
-- ``GET /_standin/messages?to=NUMBER``: what reached that phone (the delivered messages,
-  oldest first); without ``to``, every message the stand-in holds, whatever its status.
-- ``POST /_standin/reset``: forgets messages and rules.
+It answers twilio-python 9's calls (``twilio.rest.Client`` pointed at it by
+``service.delivery``) with Twilio's shapes: create, fetch and list messages under
+``/2010-04-01/Accounts/{AccountSid}/``, basic auth by auth token or API key, Twilio's error
+bodies and codes. A background thread moves each message through its statuses and posts them
+to its StatusCallback, signed as Twilio signs them. Faults a test asks for (Twilio's magic
+numbers, rules posted to ``/_standin/faults``) are deterministic; ``/_standin/messages`` is
+the inbox of each simulated phone. docs/outbound.md describes all of it.
 
 The control endpoints have no authentication: the stand-in listens on 127.0.0.1 unless told
 otherwise. It serves on werkzeug's threaded server, whose socket a lost answer closes.
@@ -42,6 +16,7 @@ otherwise. It serves on werkzeug's threaded server, whose socket a lost answer c
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import queue
@@ -237,9 +212,10 @@ class Standin:
         auth = request.authorization
         if auth is None or auth.type != "basic" or account_sid != self.account_sid:
             return False
-        if auth.username == self.account_sid:
-            return auth.password == self.auth_token
-        return auth.username in self.api_keys and auth.password == self.api_keys[auth.username]
+        secret = (
+            self.auth_token if auth.username == self.account_sid else self.api_keys.get(auth.username or "")
+        )
+        return secret is not None and hmac.compare_digest((auth.password or "").encode(), secret.encode())
 
     # -- faults --------------------------------------------------------------------------
 
