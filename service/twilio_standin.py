@@ -512,14 +512,20 @@ def _day_or_moment(value: str | None) -> tuple[datetime, datetime] | None:
 
 
 def create_standin(
-    account_sid: str, auth_token: str, api_keys: dict[str, str] | None = None, log_format: str = "text"
+    account_sid: str,
+    auth_token: str,
+    api_keys: dict[str, str] | None = None,
+    log_format: str | None = None,
 ) -> Flask:
     """The stand-in as a Flask app (its state in ``app.extensions["twilio_standin"]``):
     ``auth_token`` authenticates the account and signs its status callbacks, ``api_keys``
-    maps API key SIDs (``SK…``) to their secrets."""
+    maps API key SIDs (``SK…``) to their secrets; ``log_format`` (``json`` or ``text``), when
+    given, installs the service's log lines (phone numbers masked, request lines without their
+    query strings) on the process, as ``python -m`` does."""
     app = Flask(__name__, static_folder=None)
-    app.config["LOG_FORMAT"] = log_format
-    logs.init_app(app)  # phone numbers masked, request lines without their query strings
+    if log_format:
+        app.config["LOG_FORMAT"] = log_format
+        logs.init_app(app)
     standin = Standin(account_sid, auth_token, api_keys)
     app.extensions["twilio_standin"] = standin
     messages = f"/{API_VERSION}/Accounts/<account_sid>/Messages"
@@ -593,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(":" not in key for key in options.api_key):
         parser.error("--api-key is SK…:SECRET")
     keys = dict(key.split(":", 1) for key in options.api_key)
-    app = create_standin(options.account_sid, options.auth_token, keys)
+    app = create_standin(options.account_sid, options.auth_token, keys, log_format="text")
     server = make_server(options.host, options.port, app, threaded=True)
     print(
         f"Twilio stand-in on http://{options.host}:{server.server_port} for account "
