@@ -57,7 +57,8 @@ def stored(standin, to: str = PHONE) -> list[dict]:
 
 def test_an_accepted_message_has_twilios_sid_and_status(delivery, standin):
     outcome = delivery.send(PHONE, "Your table is ready")
-    assert isinstance(outcome, Accepted) and re.fullmatch(r"SM[0-9a-f]{32}", outcome.sid)
+    assert isinstance(outcome, Accepted)
+    assert re.fullmatch(r"SM[0-9a-f]{32}", outcome.sid)
     assert outcome.status == "queued"
     [message] = stored(standin)
     assert (message["sid"], message["from"], message["body"]) == (
@@ -72,14 +73,17 @@ def test_a_message_names_its_own_sender_or_goes_through_the_messaging_service(st
     assert isinstance(delivery.send(PHONE, "a", from_="+15550002222"), Accepted)
     pooled = Delivery.from_config(standin.config(TWILIO_MESSAGING_SERVICE_SID="MG" + "3" * 32))
     outcome = pooled.send(PHONE, "b")
-    assert isinstance(outcome, Accepted) and outcome.status == "queued"  # From given: no pool pick
+    assert isinstance(outcome, Accepted)
+    assert outcome.status == "queued"  # From given: no pool pick
     pooled_only = Delivery.from_config(
         standin.config(TWILIO_MESSAGING_SERVICE_SID="MG" + "3" * 32, TWILIO_FROM_NUMBER=None)
     )
     outcome = pooled_only.send(PHONE, "c")
-    assert isinstance(outcome, Accepted) and outcome.status == "accepted"  # the pool picks
+    assert isinstance(outcome, Accepted)
+    assert outcome.status == "accepted"  # the pool picks
     senders = [m["from"] for m in stored(standin)]
-    assert senders[:2] == ["+15550002222", OUR_NUMBER] and senders[2] == "MG" + "3" * 32
+    assert senders[:2] == ["+15550002222", OUR_NUMBER]
+    assert senders[2] == "MG" + "3" * 32
 
 
 @pytest.mark.parametrize(
@@ -98,8 +102,10 @@ def test_each_permanent_refusal_is_classified_with_its_code(delivery, standin, t
     if fault:
         standin.fault(to=to, **fault)
     outcome = delivery.send(to, body)
-    assert isinstance(outcome, Permanent) and outcome.code == code
-    assert outcome.message and not outcome.message.startswith("Unable to")  # Twilio's own words
+    assert isinstance(outcome, Permanent)
+    assert outcome.code == code
+    assert outcome.message
+    assert not outcome.message.startswith("Unable to")  # Twilio's own words
     assert standin.inbox() == []
 
 
@@ -158,7 +164,8 @@ def test_a_refused_credential_waits_for_the_operator(standin):
 
 def test_an_api_key_sends_for_the_account(standin):
     delivery = Delivery.from_config(standin.config(TWILIO_API_KEY=API_KEY, TWILIO_API_SECRET=API_SECRET))
-    assert delivery.twilio.username == API_KEY and delivery.twilio.account_sid == ACCOUNT_SID
+    assert delivery.twilio.username == API_KEY
+    assert delivery.twilio.account_sid == ACCOUNT_SID
     assert isinstance(delivery.send(PHONE, "x"), Accepted)
 
 
@@ -167,10 +174,13 @@ def test_a_lost_answer_is_retried_and_find_sent_finds_the_stored_message(deliver
     delivery.send(PHONE, "earlier, same number")
     standin.fault(count=1, lose_answer=True)
     outcome = delivery.send(PHONE, "Your code is 1234")
-    assert isinstance(outcome, RetryLater) and outcome.maybe_accepted and outcome.code is None
+    assert isinstance(outcome, RetryLater)
+    assert outcome.maybe_accepted
+    assert outcome.code is None
     [held] = [m for m in stored(standin) if m["body"] == "Your code is 1234"]  # Twilio has it
     found = delivery.find_sent(PHONE, "Your code is 1234", since)
-    assert isinstance(found, Accepted) and found.sid == held["sid"]
+    assert isinstance(found, Accepted)
+    assert found.sid == held["sid"]
     assert delivery.find_sent(PHONE, "Your code is 1234", since, exclude=[held["sid"]]) is None
     assert delivery.find_sent(PHONE, "never sent", since) is None
     assert delivery.find_sent("+15551230002", "Your code is 1234", since) is None
@@ -230,7 +240,8 @@ def test_regional_hosts_are_redirected_too(standin, monkeypatch):
 def test_without_a_base_url_the_client_is_twilios_own():
     config = load({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN})
     http = client(config).http_client
-    assert type(http) is TwilioHttpClient and http.timeout == 10.0
+    assert type(http) is TwilioHttpClient
+    assert http.timeout == 10.0
 
 
 def test_a_client_needs_an_account_and_a_credential():
@@ -244,7 +255,8 @@ def test_backoff_doubles_from_the_base_up_to_the_cap_with_jitter_in_its_upper_ha
     assert [backoff(n, 0.0, 1.0, 300.0) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
     assert [backoff(n, 0.999999, 1.0, 300.0) for n in (1, 2, 3)] == pytest.approx([1.0, 2.0, 4.0], rel=1e-5)
     assert backoff(9, 0.5, 1.0, 300.0) == pytest.approx(192.0)  # 256 s ceiling
-    assert backoff(10, 0.0, 1.0, 300.0) == 150.0 and backoff(10_000, 0.999999, 1.0, 300.0) <= 300.0
+    assert backoff(10, 0.0, 1.0, 300.0) == 150.0
+    assert backoff(10_000, 0.999999, 1.0, 300.0) <= 300.0
     assert backoff(0, 0.0, 2.0, 300.0) == 1.0  # attempts count from 1
     delivery = Delivery(
         client(load({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": "t"})), None, None, 2, 8
@@ -285,7 +297,8 @@ def test_the_base_url_is_refused_in_production():
     check(load(PRODUCTION))  # the rest of it passes
     with pytest.raises(ConfigError) as refused:
         check(load({**PRODUCTION, "TWILIO_API_BASE_URL": "http://127.0.0.1:8765"}))
-    assert str(refused.value).startswith("TWILIO_API_BASE_URL is set") and "\n" not in str(refused.value)
+    assert str(refused.value).startswith("TWILIO_API_BASE_URL is set")
+    assert "\n" not in str(refused.value)
     with pytest.raises(ConfigError, match="^TWILIO_API_BASE_URL"):
         create_app({**PRODUCTION, "TWILIO_API_BASE_URL": "http://127.0.0.1:8765"})
 
@@ -323,7 +336,8 @@ def test_the_cli_refuses_the_base_url_in_production_in_one_line():
 def test_malformed_or_mismatched_outbound_settings_are_refused_naming_the_variable(environment, named):
     with pytest.raises(ConfigError) as refused:
         load(environment)
-    assert re.match(rf"{named}[ =:]", str(refused.value)) and "\n" not in str(refused.value)
+    assert re.match(rf"{named}[ =:]", str(refused.value))
+    assert "\n" not in str(refused.value)
 
 
 def test_the_edges_of_the_outbound_ranges_are_accepted():

@@ -60,22 +60,27 @@ def statuses(receiver: CallbackReceiver, sid: str, count: int) -> list[str]:
 def test_create_answers_twilios_message_resource_and_fetch_finds_it(twilio):
     before = datetime.now(UTC).replace(microsecond=0)
     message = twilio.messages.create(to=PHONE, from_=OUR_NUMBER, body="Hello there")
-    assert SID.match(message.sid) and message.sid.startswith("SM")
+    assert SID.match(message.sid)
+    assert message.sid.startswith("SM")
     assert (message.account_sid, message.to, message.from_, message.body) == (
         ACCOUNT_SID,
         PHONE,
         OUR_NUMBER,
         "Hello there",
     )
-    assert message.status == "queued" and message.direction == "outbound-api"
-    assert message.num_media == "0" and message.num_segments == "1" and message.error_code is None
+    assert message.status == "queued"
+    assert message.direction == "outbound-api"
+    assert message.num_media == "0"
+    assert message.num_segments == "1"
+    assert message.error_code is None
     assert message.uri == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages/{message.sid}.json"
     # twilio-python parsed date_created from RFC 2822 into a datetime
     assert before <= message.date_created <= datetime.now(UTC)
     fetched = wait_until(
         lambda: (m := twilio.messages(message.sid).fetch()).status == "delivered" and m, 10, "delivered"
     )
-    assert fetched.sid == message.sid and fetched.body == "Hello there"
+    assert fetched.sid == message.sid
+    assert fetched.body == "Hello there"
     assert fetched.date_sent is not None
 
 
@@ -83,16 +88,20 @@ def test_media_urls_messaging_service_and_content_templates(twilio, standin):
     media = twilio.messages.create(
         to=PHONE, from_=OUR_NUMBER, media_url=["https://example.com/a.png", "https://example.com/b.png"]
     )
-    assert media.sid.startswith("MM") and media.num_media == "2"
+    assert media.sid.startswith("MM")
+    assert media.num_media == "2"
     service = twilio.messages.create(to=PHONE, messaging_service_sid="MG" + "3" * 32, body="pooled")
-    assert service.status == "accepted" and service.from_ is None and service.num_segments == "0"
+    assert service.status == "accepted"
+    assert service.from_ is None
+    assert service.num_segments == "0"
     template = twilio.messages.create(
         to="whatsapp:" + PHONE,
         from_="whatsapp:" + OUR_NUMBER,
         content_sid="HX" + "4" * 32,
         content_variables=json.dumps({"1": "Ada"}),
     )
-    assert template.status == "queued" and "HX" + "4" * 32 in template.body
+    assert template.status == "queued"
+    assert "HX" + "4" * 32 in template.body
     wait_until(lambda: len(standin.inbox(PHONE)) == 2, 10, "two delivered")
     [first] = [m for m in standin.inbox(PHONE) if m["sid"] == media.sid]
     assert first["media_urls"] == ["https://example.com/a.png", "https://example.com/b.png"]
@@ -130,7 +139,8 @@ def test_error_bodies_have_twilios_fields(standin):
         "status": 400,
     }
     missing = requests.get(standin.base + "/nowhere", timeout=5)
-    assert missing.status_code == 404 and missing.json()["code"] == 20404
+    assert missing.status_code == 404
+    assert missing.json()["code"] == 20404
 
 
 def test_fetching_an_unknown_message_is_twilios_404(twilio):
@@ -149,7 +159,8 @@ def test_the_list_filters_and_pages_as_twilio_does(twilio):
     assert listed == list(reversed(sent))  # newest first
     page = twilio.messages.page(to=PHONE, page_size=2)
     assert page._payload["next_page_uri"].startswith(f"/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json?")
-    assert page._payload["page_size"] == 2 and page._payload["previous_page_uri"] is None
+    assert page._payload["page_size"] == 2
+    assert page._payload["previous_page_uri"] is None
     today, day = datetime.now(UTC), timedelta(days=1)
     assert len(twilio.messages.list(to=PHONE, date_sent=today.date())) == 6
     assert twilio.messages.list(to=PHONE, date_sent_after=today + day) == []
@@ -192,7 +203,8 @@ def test_no_credentials_at_all_is_a_401_with_the_challenge(standin):
     response = requests.get(f"{standin.base}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json", timeout=5)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Basic realm="Twilio API"'
-    assert response.json()["code"] == 20003 and response.json()["more_info"].endswith("/20003")
+    assert response.json()["code"] == 20003
+    assert response.json()["more_info"].endswith("/20003")
 
 
 def test_status_callbacks_are_posted_in_order_and_signed_like_twilios(twilio, callbacks):
@@ -204,7 +216,8 @@ def test_status_callbacks_are_posted_in_order_and_signed_like_twilios(twilio, ca
         assert callback.url == url
         assert validator.validate(callback.url, callback.form, callback.signature)
         assert not impostor.validate(callback.url, callback.form, callback.signature)
-        assert callback.form["AccountSid"] == ACCOUNT_SID and callback.form["SmsSid"] == message.sid
+        assert callback.form["AccountSid"] == ACCOUNT_SID
+        assert callback.form["SmsSid"] == message.sid
         assert (callback.form["From"], callback.form["To"]) == (OUR_NUMBER, PHONE)
         assert "ErrorCode" not in callback.form
 
@@ -261,7 +274,8 @@ def test_fault_rules_apply_to_their_number_for_their_count_then_lapse(twilio, st
     assert twilio.messages.create(to=PHONE, from_=OUR_NUMBER, body="x").status == "queued"
     with pytest.raises(TwilioRestException) as unverified:
         twilio.messages.create(to=other, from_=OUR_NUMBER, body="x")
-    assert unverified.value.code == 21608 and other in unverified.value.msg  # without count: stays
+    assert unverified.value.code == 21608
+    assert other in unverified.value.msg  # without count: stays
     assert standin.control.delete(standin.base + "/_standin/faults").status_code == 204
     assert twilio.messages.create(to=other, from_=OUR_NUMBER, body="x").status == "queued"
 
@@ -281,7 +295,8 @@ def test_fault_rules_apply_to_their_number_for_their_count_then_lapse(twilio, st
 )
 def test_a_malformed_fault_is_a_400_with_its_reason(standin, rule):
     response = standin.control.post(standin.base + "/_standin/faults", json=rule)
-    assert response.status_code == 400 and response.json()["error"]
+    assert response.status_code == 400
+    assert response.json()["error"]
     assert standin.control.get(standin.base + "/_standin/faults").json() == []
 
 
@@ -289,7 +304,8 @@ def test_reset_forgets_messages_and_faults(twilio, standin):
     twilio.messages.create(to=PHONE, from_=OUR_NUMBER, body="x")
     standin.fault(answer=429)
     assert standin.control.post(standin.base + "/_standin/reset").status_code == 204
-    assert standin.inbox() == [] and twilio.messages.list() == []
+    assert standin.inbox() == []
+    assert twilio.messages.list() == []
     assert twilio.messages.create(to=PHONE, from_=OUR_NUMBER, body="x").status == "queued"
 
 
@@ -320,4 +336,6 @@ def test_it_runs_as_a_module_and_masks_numbers_in_its_log(tmp_path):
         process.wait(timeout=10)
     output = (tmp_path / "standin.log").read_text()
     assert f"TWILIO_API_BASE_URL=http://127.0.0.1:{port}" in output
-    assert "Messages.json" in output and PHONE not in output and PHONE[1:] not in output
+    assert "Messages.json" in output
+    assert PHONE not in output
+    assert PHONE[1:] not in output
