@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +67,37 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 def _text(value: str) -> str:
     return value
+
+
+def _sid(prefix: str) -> Callable[[str], str]:
+    """A Twilio SID: ``prefix`` and 32 hexadecimal digits."""
+    pattern = re.compile(prefix + "[0-9a-fA-F]{32}")
+
+    def parse(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"must be {prefix} followed by 32 hexadecimal digits")
+        return value
+
+    return parse
+
+
+def _address(value: str) -> str:
+    """A phone number in E.164, optionally behind a channel (``whatsapp:+1…``)."""
+    if not re.fullmatch(r"(?:[a-z]+:)?\+[1-9]\d{1,14}", value):
+        raise ValueError("must be a number in E.164 (+15550001111), optionally as channel:+15550001111")
+    return value
+
+
+def _base_url(value: str) -> str:
+    """``http(s)://host[:port][/path]``, without a query, a fragment or a trailing slash."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError unless the port is a number up to 65535
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("must be an http:// or https:// URL without a query")
+    return value.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -140,6 +173,66 @@ SETTINGS = [
         True,
         _bool,
         "`0` only for local development: skips signature validation (warns at start; refused in production).",
+    ),
+    # Outbound messages (service/delivery.py): one account's credentials, its sender, where
+    # its REST API is and how failed calls are retried.
+    Setting(
+        "TWILIO_ACCOUNT_SID",
+        None,
+        _sid("AC"),
+        "The Twilio account outbound messages are sent from (`AC` and 32 hex digits), with "
+        "`TWILIO_AUTH_TOKEN` or an API key.",
+    ),
+    Setting(
+        "TWILIO_API_KEY",
+        None,
+        _sid("SK"),
+        "API key (`SK` and 32 hex digits) to send with instead of the auth token (Twilio's "
+        "advice for production; it can be revoked alone); needs `TWILIO_API_SECRET`.",
+    ),
+    Setting("TWILIO_API_SECRET", None, _text, "The secret of `TWILIO_API_KEY`."),
+    Setting(
+        "TWILIO_FROM_NUMBER",
+        None,
+        _address,
+        "Number outbound messages come from when they name none (E.164, or a channel address "
+        "such as `whatsapp:+15550001111`).",
+    ),
+    Setting(
+        "TWILIO_MESSAGING_SERVICE_SID",
+        None,
+        _sid("MG"),
+        "Messaging Service to send through (`MG` and 32 hex digits): Twilio picks the sender "
+        "from its pool unless a message names one.",
+    ),
+    Setting(
+        "TWILIO_API_BASE_URL",
+        None,
+        _base_url,
+        "Where Twilio's REST API is called instead of `https://api.twilio.com`: the stand-in "
+        "(docs/outbound.md), e.g. `http://127.0.0.1:8765`. Refused with "
+        "`APP_ENV=production`.",
+    ),
+    Setting(
+        "TWILIO_API_TIMEOUT",
+        10.0,
+        _between(float, 0.5, 60, "a number of seconds"),
+        "Seconds a call to Twilio's REST API may take before it counts as failed and is "
+        "retried later, 0.5 to 60.",
+    ),
+    Setting(
+        "DELIVERY_RETRY_BASE",
+        1.0,
+        _between(float, 0.1, 60, "a number of seconds"),
+        "Seconds before the first retry of a message Twilio did not take (429, 5xx, timeout, "
+        "lost connection), 0.1 to 60; doubled at each attempt, with jitter.",
+    ),
+    Setting(
+        "DELIVERY_RETRY_MAX",
+        300.0,
+        _between(float, 1, 3600, "a number of seconds"),
+        "Longest wait between two attempts to send a message, 1 to 3600, not less than "
+        "`DELIVERY_RETRY_BASE`.",
     ),
     Setting(
         "PUBLIC_BASE_URL",
@@ -318,6 +411,10 @@ def check(config: dict[str, Any]) -> None:
         raise ConfigError(
             "REDIS_URL is not set: APP_ENV=production needs a real Redis, not the embedded in-memory store"
         )
+    if config["TWILIO_API_BASE_URL"]:
+        raise ConfigError(
+            "TWILIO_API_BASE_URL is set: APP_ENV=production sends through Twilio's own API, not a stand-in"
+        )
 
 
 def init_app(app, test_config: dict[str, Any] | None = None) -> None:
@@ -342,6 +439,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             config[setting.env] = setting.parse(raw)
         except ValueError as error:
             raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
+    _one_sender(config)
     _answered_in_time(
         config,
         blamed="REDIS_TIMEOUT"
@@ -360,4 +458,22 @@ def _answered_in_time(config: dict[str, Any], blamed: str) -> None:
         raise ConfigError(
             f"{blamed}={config[blamed]:g}: LOCK_WAIT ({wait:g}) + 2 × REDIS_TIMEOUT "
             f"({timeout:g}) must stay under gunicorn's {WORKER_TIMEOUT} s worker timeout"
+        )
+
+
+def _one_sender(config: dict[str, Any]) -> None:
+    """Outbound messages' settings that only make sense together."""
+    if bool(config["TWILIO_API_KEY"]) != bool(config["TWILIO_API_SECRET"]):
+        present, missing = (
+            ("TWILIO_API_KEY", "TWILIO_API_SECRET")
+            if config["TWILIO_API_KEY"]
+            else ("TWILIO_API_SECRET", "TWILIO_API_KEY")
+        )
+        raise ConfigError(f"{present} is set without {missing}: an API key is used with its secret")
+    if config["TWILIO_API_KEY"] and not config["TWILIO_ACCOUNT_SID"]:
+        raise ConfigError("TWILIO_API_KEY is set without TWILIO_ACCOUNT_SID: the key sends for an account")
+    if config["DELIVERY_RETRY_BASE"] > config["DELIVERY_RETRY_MAX"]:
+        raise ConfigError(
+            f"DELIVERY_RETRY_BASE={config['DELIVERY_RETRY_BASE']:g}: more than DELIVERY_RETRY_MAX "
+            f"({config['DELIVERY_RETRY_MAX']:g})"
         )
