@@ -12,13 +12,13 @@ from service.settings import load
 from service.twilio_standin import create_standin
 
 from .app_servers import LiveServer
+from .numbers import OURS, REY
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "standin-auth-token"
 API_KEY = "SK" + "2" * 32
 API_SECRET = "standin-api-secret"
-OUR_NUMBER = "+15550001111"
-PHONE = "+15551230001"
+OUR_NUMBER, PHONE = OURS, REY
 
 
 class StandinServer(LiveServer):
