@@ -245,6 +245,48 @@ def test_the_one_hmac_signs_what_twilios_validator_signs(fields, url):
     assert matching_key([secret], url, [*fields, ("Extra", "x")], twilios.encode()) is None
 
 
+URLS = [
+    "http://localhost/sms",
+    "http://localhost:80/sms",
+    "http://localhost:8000/sms",
+    "https://sms.example.com/sms?tenant=a&x=%C3%A9",
+    "https://sms.example.com:443/sms?tenant=a&x=%C3%A9",
+    "https://sms.example.com:8443/sms?tenant=a",
+    "https://[::1]/sms",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(st.tuples(st.sampled_from(["Body", "From", "b"]) | fields_text, fields_text), max_size=5),
+    signed=st.sampled_from(URLS),
+    received=st.sampled_from(URLS),
+)
+def test_the_check_accepts_what_twilios_validator_accepts(fields, signed, received):
+    """Signed over one URL, received at another (the same with or without its port, or not the
+    same): accepted exactly when twilio's ``RequestValidator.validate`` accepts it."""
+    signature = RequestValidator(TOKEN).compute_signature(signed, FormValues.of(fields))
+    twilios = RequestValidator(TOKEN).validate(received, FormValues.of(fields), signature)
+    assert (
+        matching_key([Secret("primary", TOKEN)], received, fields, signature.encode()) is not None
+    ) is twilios
+
+
+@pytest.mark.parametrize(
+    "signed, received",
+    [
+        ("https://[::1]/sms", "https://[::1]:8443/sms"),
+        ("https://user:pass@sms.example.com/sms", "https://user:pass@sms.example.com:8443/sms"),
+    ],
+)
+def test_the_port_comes_off_where_twilios_validator_cuts_too_much(signed, received):
+    """Twilio's ``remove_port`` keeps a netloc up to its first colon (``[``, ``user``): the
+    check removes the port itself, so an IPv6 host or credentials keep their URL."""
+    signature = RequestValidator(TOKEN).compute_signature(signed, {})
+    assert not RequestValidator(TOKEN).validate(received, {}, signature)
+    assert matching_key([Secret("primary", TOKEN)], received, (), signature.encode()) is not None
+
+
 class CountingSecret(Secret):
     """A secret that counts the HMACs computed with it."""
 
