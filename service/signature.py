@@ -228,6 +228,9 @@ class SignatureCheck:
         if key is None:
             return INVALID
         self.used[key.label].inc()
+        if not account.tokens or key is not account.tokens[0]:
+            # Not the usual key: the line names it and the account (a rotation's stragglers).
+            logs.annotate(signature_key=key.label, account_sid=account_sid)
         return None
 
 

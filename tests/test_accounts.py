@@ -97,10 +97,14 @@ def accounts_app(redis_url=None, value=TWO_ACCOUNTS, **settings):
     return make_app(TWILIO_AUTH_TOKEN=None, TWILIO_ACCOUNTS=value, REDIS_URL=redis_url, **settings)
 
 
-def test_the_request_s_account_chooses_the_tokens_tried(redis_url, redis_client):
+def test_the_request_s_account_chooses_the_tokens_tried(redis_url, redis_client, summaries):
     app = accounts_app(redis_url)
+    summaries()
     assert post(app, webhook_params(AccountSid=ALICE), "alice-new").status_code == 200
+    assert "signature_key" not in summaries()[0]  # the usual key goes unnamed
     assert post(app, webhook_params(AccountSid=ALICE), "alice-old").status_code == 200
+    [line] = summaries()
+    assert (line["signature_key"], line["account_sid"]) == ("secondary", ALICE)  # which account still uses it
     assert post(app, webhook_params(AccountSid=BOB), "bob-token").status_code == 200
     keys_before = redis_client.dbsize()
     # Another account's token, however valid there, signs nothing here.
