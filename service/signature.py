@@ -166,7 +166,7 @@ def _also_signed(url: str) -> list[str]:
 
 
 def _settings(header: str) -> tuple[str | None, str]:
-    """The SharedKey id (None without one) and the algorithm (upper case) a
+    """The SharedKey id (None without one) and the algorithm (upper case) an
     ``X-Twilio-Webhooks-Signature-Settings`` header names (``key=<id>,algorithm=<name>``)."""
     key_id = None
     for part in header.split(","):
