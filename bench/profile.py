@@ -272,7 +272,7 @@ def instrument_service(timers, app) -> None:
 
     from service import callers, conversations, handler, logs, sessions, signature, webhook
 
-    patch(timers, "signature", signature.SignatureCheck, "is_valid")
+    patch(timers, "signature", signature.SignatureCheck, "refusal")
     patch(timers, "form", webhook, "_fields")
     for name in ("open_summary", "annotate", "write"):
         patch(timers, "log", logs, name)

@@ -36,6 +36,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 from urllib3.exceptions import NewConnectionError
 
+from . import accounts
 from .settings import ConfigError
 
 # twilio's HTTP client logs every request's URL, query and headers at INFO: only its
@@ -142,20 +143,23 @@ class RedirectedHttpClient(TwilioHttpClient):
 
 def client(config: Mapping[str, Any]) -> Client:
     """twilio's ``Client`` for the one account the settings name (API key and secret when set,
-    else the account SID and auth token), at ``TWILIO_API_BASE_URL`` when set.
+    else the account SID and that account's primary auth token, as ``accounts`` reads it for
+    signatures too), at ``TWILIO_API_BASE_URL`` when set.
 
     Raises ``ConfigError`` when the settings name no account to send from.
     """
     account_sid = config["TWILIO_ACCOUNT_SID"]
     if not account_sid:
         raise ConfigError("TWILIO_ACCOUNT_SID is not set: outbound messages need the account that sends them")
+    token = accounts.Accounts.from_config(config).auth_token(account_sid)
     if config["TWILIO_API_KEY"]:
         username, password = config["TWILIO_API_KEY"], config["TWILIO_API_SECRET"]
-    elif config["TWILIO_AUTH_TOKEN"]:
-        username, password = account_sid, config["TWILIO_AUTH_TOKEN"]
+    elif token:
+        username, password = account_sid, token
     else:
         raise ConfigError(
-            "TWILIO_AUTH_TOKEN is not set: outbound messages need it, or TWILIO_API_KEY and TWILIO_API_SECRET"
+            "no auth token for TWILIO_ACCOUNT_SID: outbound messages need TWILIO_AUTH_TOKEN (its "
+            "primary), the account in TWILIO_ACCOUNTS, or TWILIO_API_KEY and TWILIO_API_SECRET"
         )
     timeout = config["TWILIO_API_TIMEOUT"]
     base_url = config["TWILIO_API_BASE_URL"]

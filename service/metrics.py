@@ -116,6 +116,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.signature_keys = Counter(
+            "sms_signature_key",
+            "Signed requests accepted, by the key that signed them: primary, secondary, third or "
+            "fourth auth token, or a SharedKey's id (never a secret).",
+            ["key"],
+            registry=registry,
+        )
         self.redis_errors = Counter(
             "sms_redis_errors",
             "Failed Redis calls, by the part that made them.",

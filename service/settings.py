@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import accounts
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
@@ -107,6 +109,7 @@ class Setting:
     parse: Callable[[str], Any]
     meaning: str
     shown: str | None = None  # the default as the docs show it, when not the value itself
+    secret: bool = False  # a refusal names the variable, never its value
 
     def default_text(self) -> str:
         if self.shown is not None:
@@ -130,7 +133,7 @@ SETTINGS = [
         "APP_ENV",
         "development",
         _one_of("development", "production"),
-        "`production` refuses to start without `TWILIO_AUTH_TOKEN`, with "
+        "`production` refuses to start without `TWILIO_AUTH_TOKEN` (or `TWILIO_ACCOUNTS`), with "
         "`TWILIO_VALIDATE_SIGNATURE=0`, without `REDIS_URL` (the embedded store) or when "
         "Redis turns its credentials down; `development` only warns.",
     ),
@@ -164,9 +167,22 @@ SETTINGS = [
     Setting(
         "TWILIO_AUTH_TOKEN",
         None,
-        _text,
-        "Auth token that signs Twilio's webhooks. Unset: every webhook is refused (403). "
-        "`make run` uses `dev-auth-token`.",
+        accounts.parse_token_setting,
+        "The auth token that signs Twilio's webhooks, or up to 4 separated by commas, the "
+        "primary first: each is accepted (rotating a token: docs/operating.md). Unset, and "
+        "`TWILIO_ACCOUNTS` too: every webhook is refused (403). `make run` uses `dev-auth-token`.",
+        secret=True,
+    ),
+    Setting(
+        "TWILIO_ACCOUNTS",
+        None,
+        accounts.parse_accounts,
+        'Several accounts (subaccounts, regions), instead of `TWILIO_AUTH_TOKEN`: `{"AC…": '
+        '{"auth_tokens": ["primary", …], "shared_keys": {"key id": "secret"}}, …}` inline, or '
+        "the path of a file holding it. The request's `AccountSid` chooses the keys tried; an "
+        "account not listed is refused (403). Up to 4 auth tokens an account; `shared_keys` "
+        "validate SharedKey signatures by the key id their header names (docs/operating.md).",
+        secret=True,
     ),
     Setting(
         "TWILIO_VALIDATE_SIGNATURE",
@@ -396,12 +412,19 @@ def bind_address(config: Mapping[str, Any]) -> str:
 
 
 def check(config: dict[str, Any]) -> None:
-    """``APP_ENV=production`` refuses settings that are only safe on a developer's machine."""
+    """Refuses settings that contradict each other and, with ``APP_ENV=production``, settings
+    that are only safe on a developer's machine."""
+    if config["TWILIO_AUTH_TOKEN"] and config["TWILIO_ACCOUNTS"]:
+        raise ConfigError(
+            "TWILIO_AUTH_TOKEN and TWILIO_ACCOUNTS are both set: list every account in "
+            "TWILIO_ACCOUNTS (that token's under its AccountSid) and unset TWILIO_AUTH_TOKEN"
+        )
     if config["APP_ENV"] != "production":
         return
-    if not config["TWILIO_AUTH_TOKEN"]:
+    if not config["TWILIO_AUTH_TOKEN"] and not config["TWILIO_ACCOUNTS"]:
         raise ConfigError(
-            "TWILIO_AUTH_TOKEN is not set: APP_ENV=production needs it to verify Twilio's signatures"
+            "TWILIO_AUTH_TOKEN is not set (nor TWILIO_ACCOUNTS): APP_ENV=production needs it "
+            "to verify Twilio's signatures"
         )
     if not config["TWILIO_VALIDATE_SIGNATURE"]:
         raise ConfigError(
@@ -438,7 +461,8 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             config[setting.env] = setting.parse(raw)
         except ValueError as error:
-            raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
+            named = setting.env if setting.secret else f"{setting.env}={raw!r}"
+            raise ConfigError(f"{named}: {error}") from None
     _one_sender(config)
     _answered_in_time(
         config,

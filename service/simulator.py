@@ -20,6 +20,8 @@ from xml.etree import ElementTree
 import requests
 from twilio.request_validator import RequestValidator
 
+from . import accounts
+
 if TYPE_CHECKING:
     from flask import Flask
 
@@ -64,14 +66,16 @@ class TwilioSimulator:
         clock: Callable[[], float] = time.time,
         timeout: float = 20.0,
         app: Flask | None = None,
+        account_sid: str | None = None,
     ):
         self.url = url
         self.app_client = app.test_client(use_cookies=False) if app is not None else None
-        self.validator = RequestValidator(auth_token) if auth_token else None
+        # Signed like Twilio, with the primary of TWILIO_AUTH_TOKEN's tokens.
+        self.validator = RequestValidator(accounts.tokens(auth_token)[0]) if auth_token else None
         self.cookie_name = cookie_name
         self.clock = clock
         self.timeout = timeout
-        self.account_sid = "AC" + secrets.token_hex(16)
+        self.account_sid = account_sid or "AC" + secrets.token_hex(16)
         self.cookies: dict[tuple[str, str], tuple[str, float]] = {}
         self.http = requests.Session()
         # Twilio's jar is per pair (self.cookies), never requests' per-host jar.
@@ -146,8 +150,12 @@ class TwilioSimulator:
 
     @classmethod
     def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:
-        """Talks to ``app`` in-process (Flask's test client), signing with its auth token."""
-        return cls(url, app.config["TWILIO_AUTH_TOKEN"], app=app)
+        """Talks to ``app`` in-process (Flask's test client), as its first account: signing
+        with that account's primary auth token, sending its AccountSid (when it has one)."""
+        account = next(iter(accounts.current(app)), None)
+        if account is None:
+            return cls(url, None, app=app)
+        return cls(url, account.auth_token, app=app, account_sid=account.sid)
 
     def _post(self, params: dict[str, str], headers: dict[str, str]) -> tuple[int, str, str | None]:
         """Status, body and the cookie set, over HTTP or through the app's test client."""

@@ -178,8 +178,10 @@ def sms():
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
-    if not signature.check(app).is_valid(req, fields if req.method == "POST" else ()):
-        return _refuse(403, "invalid or missing Twilio signature")
+    signed = fields if req.method == "POST" else ()  # a GET's fields are in its signed URL
+    refused = signature.check(app).refusal(req, signed, params.get("AccountSid"))
+    if refused:
+        return _refuse(403, refused)
     reason = _problem(sender, recipient, message_sid)
     if reason:
         return _refuse(400, reason)

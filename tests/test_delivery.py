@@ -4,6 +4,7 @@ and the settings that build it."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -169,6 +170,20 @@ def test_an_api_key_sends_for_the_account(standin):
     assert isinstance(delivery.send(PHONE, "x"), Accepted)
 
 
+def test_a_rotating_token_list_sends_with_its_primary(standin):
+    """The REST API takes one token: the primary of ``TWILIO_AUTH_TOKEN``'s list, not the list."""
+    delivery = Delivery.from_config(standin.config(TWILIO_AUTH_TOKEN=f"{AUTH_TOKEN},an-old-token"))
+    assert delivery.twilio.password == AUTH_TOKEN
+    assert isinstance(delivery.send(PHONE, "x"), Accepted)
+
+
+def test_an_account_listed_in_twilio_accounts_sends_with_its_primary_token(standin):
+    listed = json.dumps({ACCOUNT_SID: {"auth_tokens": [AUTH_TOKEN, "an-old-token"]}})
+    delivery = Delivery.from_config(standin.config(TWILIO_AUTH_TOKEN=None, TWILIO_ACCOUNTS=listed))
+    assert delivery.twilio.password == AUTH_TOKEN
+    assert isinstance(delivery.send(PHONE, "x"), Accepted)
+
+
 def test_a_lost_answer_is_retried_and_find_sent_finds_the_stored_message(delivery, standin):
     since = datetime.now(UTC)
     delivery.send(PHONE, "earlier, same number")
@@ -247,7 +262,7 @@ def test_without_a_base_url_the_client_is_twilios_own():
 def test_a_client_needs_an_account_and_a_credential():
     with pytest.raises(ConfigError, match=r"^TWILIO_ACCOUNT_SID is not set"):
         client(load({"TWILIO_AUTH_TOKEN": AUTH_TOKEN}))
-    with pytest.raises(ConfigError, match=r"^TWILIO_AUTH_TOKEN is not set"):
+    with pytest.raises(ConfigError, match=r"^no auth token for TWILIO_ACCOUNT_SID"):
         client(load({"TWILIO_ACCOUNT_SID": ACCOUNT_SID}))
 
 

@@ -88,6 +88,6 @@ def test_cli_refuses_in_one_line():
     )
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "sms-sessions: refusing to start: TWILIO_AUTH_TOKEN is not set: APP_ENV=production "
-        "needs it to verify Twilio's signatures"
+        "sms-sessions: refusing to start: TWILIO_AUTH_TOKEN is not set (nor TWILIO_ACCOUNTS): "
+        "APP_ENV=production needs it to verify Twilio's signatures"
     ]

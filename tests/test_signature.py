@@ -6,15 +6,15 @@ import logging
 from urllib.parse import parse_qsl, quote
 
 import pytest
-from flask import Flask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 from werkzeug.test import EnvironBuilder
 
-from service.signature import FormValues, SignatureCheck
+from service.accounts import Secret
+from service.signature import matching_key
 from service.webhook import MAX_FIELD, _decodable, _field_problem, _parsed, _problem
-from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
+from tests.support.app import TOKEN, FormValues, make_app, post_signed, sign, webhook_params
 
 # Twilio's documented example of a signed request: its auth token, URL, params and signature.
 EXAMPLE_TOKEN, EXAMPLE_URL, EXAMPLE_SIGNATURE = (
@@ -130,20 +130,6 @@ def test_behind_trusted_proxy_hops(redis_url):
     assert untrusting.test_client().post("/sms", data=params, headers=forwarded).status_code == 403
 
 
-def test_sha256_shared_key_variant(redis_url):
-    """Twilio's SharedKey signatures name HMAC_SHA256 in a settings header; twilio validates it."""
-    app = make_app(REDIS_URL=redis_url)
-    params = webhook_params()
-    signature = RequestValidator(TOKEN).compute_signature("http://localhost/sms", params, "HMAC_SHA256")
-    headers = {
-        "X-Twilio-Signature": signature,
-        "X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256",
-    }
-    assert app.test_client().post("/sms", data=params, headers=headers).status_code == 200
-    del headers["X-Twilio-Webhooks-Signature-Settings"]
-    assert app.test_client().post("/sms", data=params, headers=headers).status_code == 403
-
-
 # The checks that run on every message before any Redis work, on the embedded store. ``make
 # bench`` made them cheaper (one HMAC in the usual case, one pass over the body); these pin
 # down that nothing they accept or refuse changed.
@@ -251,11 +237,69 @@ fields_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
     url=st.sampled_from(["http://localhost/sms", "https://sms.example.com/sms?tenant=a&x=%C3%A9"]),
 )
 def test_the_one_hmac_signs_what_twilios_validator_signs(fields, url):
-    """Repeated names, repeated values, empty and non-ASCII ones: the same signature."""
-    app = Flask(__name__)
-    app.config.update(TWILIO_VALIDATE_SIGNATURE=True, TWILIO_AUTH_TOKEN=TOKEN, PUBLIC_BASE_URL=None)
-    ours = SignatureCheck(app).signed(url, fields).decode()
-    assert ours == RequestValidator(TOKEN).compute_signature(url, FormValues.of(fields))
+    """Repeated names, repeated values, empty and non-ASCII ones: what twilio's
+    ``compute_signature`` signs is what the check accepts, with one HMAC."""
+    secret = CountingSecret("primary", TOKEN)
+    twilios = RequestValidator(TOKEN).compute_signature(url, FormValues.of(fields))
+    assert matching_key([secret], url, fields, twilios.encode()) is secret
+    assert secret.computed == 1
+    assert matching_key([secret], url, [*fields, ("Extra", "x")], twilios.encode()) is None
+
+
+URLS = [
+    "http://localhost/sms",
+    "http://localhost:80/sms",
+    "http://localhost:8000/sms",
+    "https://sms.example.com/sms?tenant=a&x=%C3%A9",
+    "https://sms.example.com:443/sms?tenant=a&x=%C3%A9",
+    "https://sms.example.com:8443/sms?tenant=a",
+    "https://[::1]/sms",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(st.tuples(st.sampled_from(["Body", "From", "b"]) | fields_text, fields_text), max_size=5),
+    signed=st.sampled_from(URLS),
+    received=st.sampled_from(URLS),
+)
+def test_the_check_accepts_what_twilios_validator_accepts(fields, signed, received):
+    """Signed over one URL, received at another (the same with or without its port, or not the
+    same): accepted exactly when twilio's ``RequestValidator.validate`` accepts it."""
+    signature = RequestValidator(TOKEN).compute_signature(signed, FormValues.of(fields))
+    twilios = RequestValidator(TOKEN).validate(received, FormValues.of(fields), signature)
+    assert (
+        matching_key([Secret("primary", TOKEN)], received, fields, signature.encode()) is not None
+    ) is twilios
+
+
+@pytest.mark.parametrize(
+    "signed, received",
+    [
+        ("https://[::1]/sms", "https://[::1]:8443/sms"),
+        ("https://user:pass@sms.example.com/sms", "https://user:pass@sms.example.com:8443/sms"),
+    ],
+)
+def test_the_port_comes_off_where_twilios_validator_cuts_too_much(signed, received):
+    """Twilio's ``remove_port`` keeps a netloc up to its first colon (``[``, ``user``): the
+    check removes the port itself, so an IPv6 host or credentials keep their URL."""
+    signature = RequestValidator(TOKEN).compute_signature(signed, {})
+    assert not RequestValidator(TOKEN).validate(received, {}, signature)
+    assert matching_key([Secret("primary", TOKEN)], received, (), signature.encode()) is not None
+
+
+class CountingSecret(Secret):
+    """A secret that counts the HMACs computed with it."""
+
+    __slots__ = ("computed",)
+
+    def __init__(self, label, value):
+        super().__init__(label, value)
+        self.computed = 0
+
+    def signs(self, data, signature, algorithm):
+        self.computed += 1
+        return super().signs(data, signature, algorithm)
 
 
 @settings(max_examples=300, deadline=None)

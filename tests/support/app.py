@@ -18,8 +18,23 @@ def make_app(**overrides):
     return create_app(config)
 
 
-def sign(url: str, params: dict, token: str = TOKEN) -> str:
-    return RequestValidator(token).compute_signature(url, params)
+def sign(url: str, params: dict, token: str = TOKEN, algorithm: str | None = None) -> str:
+    return RequestValidator(token).compute_signature(url, params, algorithm)
+
+
+class FormValues(dict):
+    """Form fields as name → list of values, with the ``getall`` twilio's validator reads a
+    repeated field's values with."""
+
+    def getall(self, name: str) -> list[str]:
+        return self[name]
+
+    @classmethod
+    def of(cls, fields) -> FormValues:
+        values = cls()
+        for name, value in fields:
+            values.setdefault(name, []).append(value)
+        return values
 
 
 def webhook_params(sender=REY, recipient=OURS, body="hi", message_sid=None, **extra):
