@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.goals import OPS
 from service import create_app, logs
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.sessions import SESSION_ID_BYTES
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 

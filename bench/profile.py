@@ -270,7 +270,7 @@ def instrument_common(timers) -> None:
 def instrument_service(timers, app) -> None:
     import prometheus_client.metrics as prometheus
 
-    from service import callers, conversations, handler, logs, sessions, signature, webhook
+    from service import callers, handler, logs, sessions, signature, store, webhook
 
     patch(timers, "signature", signature.SignatureCheck, "is_valid")
     patch(timers, "form", webhook, "_fields")
@@ -283,13 +283,15 @@ def instrument_service(timers, app) -> None:
     app.extensions["sms.store"].on_lock_wait = timers.wrap(
         "metrics", app.extensions["sms.store"].on_lock_wait
     )
-    run = conversations.ConversationStore._run
+    run = store.ConversationStore._run
     open_script, save_script = timers.wrap("redis:OPEN", run), timers.wrap("redis:SAVE", run)
 
-    def scripts(store, script, keys, args):
-        return (open_script if script is store._open else save_script)(store, script, keys, args)
+    def scripts(conversations, script, keys, args):
+        return (open_script if script is conversations._open else save_script)(
+            conversations, script, keys, args
+        )
 
-    conversations.ConversationStore._run = scripts
+    store.ConversationStore._run = scripts
     for name in ("open_session", "save_session"):
         patch(timers, "session", sessions.ConversationSessionInterface, name)
     for name in ("bind", "save"):

@@ -47,10 +47,11 @@ from bench import profile as bench_profile
 from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
-from service.conversations import ConversationStore, Opened, now_ms
+from service.clock import now_ms
 from service.keys import Keys
 from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
+from service.store import ConversationStore, Opened
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 
@@ -529,7 +530,7 @@ def _memory_run(
                     opened,
                     sid=sids[pair.member],
                     state="{}",
-                    fresh=message == 1,
+                    is_new=message == 1,
                     message_sid=message_sid,
                     answer="t" + reply,
                 )

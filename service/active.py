@@ -2,8 +2,8 @@
 active index.
 
 The index is 100 sorted sets (one per hash tag) of ``<from>|<to>`` scored by expiry in epoch
-ms, so "live" means score > now. Every command here names a single key (or, for the prune
-script, keys of one hash tag), and the per-shard commands go in one pipeline: the same code
+ms, so "live" means score > now. Every command here names a single key (or, for ``index_drop.lua``,
+keys of one hash tag), and the per-shard commands go in one pipeline: the same code
 runs on one Redis and on a Cluster, and never needs ``KEYS`` or a keyspace ``SCAN`` (a search
 ``ZSCAN``s the one shard its digits name).
 
@@ -28,56 +28,17 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from .callers import Callers
-from .conversations import ConversationStore, decode_state, now_ms
+from .clock import now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
 from .redis_client import UNAVAILABLE, Client
+from .store import ConversationStore, Script, decode_state
 
 log = logging.getLogger(__name__)
 SEARCHABLE = re.compile(r"\+?[0-9]+")
 SCAN_COUNT = 1000  # index entries a search's ZSCAN step reads
 FIELDS = ("state", "seq", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
-
-PRUNE = """
--- Drops the index entry of a conversation whose state is gone, unless it came back meanwhile.
-local conversation, index = KEYS[1], KEYS[2]  -- the same hash tag
-local member = ARGV[1]
-if redis.call('EXISTS', conversation) == 1 then return 0 end
-return redis.call('ZREM', index, member)
-"""
-
-
-AFTER = """
--- Up to count live entries (member, expiry) after (expiry, member) in the shard's descending
--- order, in one atomic step. The start is found by rank: ZCOUNT gives the cursor's expiry
--- group, a binary search in it the first member below the cursor's (compared byte by byte,
--- as Redis orders them; Lua's < follows the locale). O(log N) whatever the shard's size,
--- and right whether the cursor's own entry is still there, moved or gone.
-local key = KEYS[1]  -- an index shard
-local expiry, member, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local function below(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local lo = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
-local hi = lo + redis.call('ZCOUNT', key, expiry, expiry)
-while lo < hi do
-  local mid = math.floor((lo + hi) / 2)
-  if below(redis.call('ZRANGE', key, mid, mid, 'REV')[1], member) then hi = mid else lo = mid + 1 end
-end
-local found = redis.call('ZRANGE', key, lo, lo + count - 1, 'REV', 'WITHSCORES')
-local live = {}
-for i = 1, #found, 2 do
-  if tonumber(found[i + 1]) <= now then break end
-  live[#live + 1] = found[i]
-  live[#live + 1] = found[i + 1]
-end
-return live
-"""
 
 
 class BadCursor(ValueError):
@@ -184,14 +145,14 @@ class ActiveConversations:
         self.store = store
         self.callers = callers
         self.on_end = on_end
-        self._prune = client.register_script(PRUNE)
-        self._after = client.register_script(AFTER)
+        self._drop = Script(client, "index_drop.lua")
+        self._page = Script(client, "index_page.lua")
 
     def preload(self) -> None:
         """Loads the paging script, so that a page costs the same from the first one on (best
         effort, like the store's: without Redis it loads on first use)."""
         try:
-            self._after.sha = self.client.script_load(AFTER)
+            self._page.redis.sha = self.client.script_load(self._page.source.text)
         except UNAVAILABLE as error:
             log.warning(
                 "could not preload the paging script (%s); it loads on first use", type(error).__name__
@@ -305,7 +266,7 @@ class ActiveConversations:
 
         Each shard is read in one step: ``ZRANGE … BYSCORE REV LIMIT`` below an expiry bound
         (one pipeline for all), and the cursor's own shard, whose bound is (expiry, member),
-        by the AFTER script (on its own: redis-py runs no script in a Cluster pipeline).
+        by ``index_page.lua`` (on its own: redis-py runs no script in a Cluster pipeline).
         """
         pipe = self.client.pipeline(transaction=False)
         for shard in shards:
@@ -329,7 +290,7 @@ class ActiveConversations:
         ]
 
     def _after_in_shard(self, after: Entry, count: int, now: int) -> list[tuple[str, float]]:
-        flat = self._after(keys=[self.keys.index(after.tag)], args=[after.score, after.member, now, count])
+        flat = self._page([self.keys.index(after.tag)], [after.score, after.member, now, count])
         return list(zip(flat[0::2], map(float, flat[1::2])))
 
     @staticmethod
@@ -353,7 +314,7 @@ class ActiveConversations:
         for entry, values in zip(entries, pipe.execute()):
             keys = self.keys.from_member(entry.member)
             if values[0] is None:
-                self._prune(keys=[keys.state, keys.active], args=[keys.member])
+                self._drop([keys.state, keys.active], [keys.member])
                 continue
             found.append(self._conversation(keys, values, math.ceil((entry.score - now) / 1000)))
         return found

@@ -142,3 +142,17 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+
+    def in_order(self) -> list[str]:
+        """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
+        return [
+            self.state,
+            self.lock,
+            self.queue,
+            self.waiters,
+            self.wake,
+            self.active,
+            self.events,
+            self.ending,
+            self.minutes,
+        ]

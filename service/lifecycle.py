@@ -29,7 +29,7 @@ from flask.cli import ScriptInfo, with_appcontext
 
 from . import conversations, handler, metrics, redis_client
 from .active import iso
-from .conversations import now_ms
+from .clock import now_ms
 from .handler import END_REASONS, Conversation, EndHook
 from .keys import Keys
 from .redis_client import UNAVAILABLE, Client
@@ -41,10 +41,11 @@ RELAY_PER_SHARD = 500
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 READ_BATCH = 1000
 # The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), and their codes there
-# (field ``<minute><code>``, as the `count` helper of service/conversations.py's scripts says).
+# (field ``<minute><code>``, as service/store/tally.lua says).
 TALLY = ("messages", "started", *END_REASONS, "duration_ms", "ended_messages")
 TALLY_CODES = "mseoxhdn"
 TALLIED = re.compile(r"([0-9]+)([a-z])")
+ENDING_FIELDS = ("from", "to", "reason", "messages", "started_at", "ended_at", "state")  # an earlier order
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,43 @@ class Event:
         if self.type == "ended":
             text += f"  reason={self.reason}  lasted={_duration(self.duration_s or 0)}"
         return text
+
+
+@dataclass(frozen=True)
+class Ending:
+    """An ended conversation waiting for the end hook: its payload in ``sms:ending:{NN}``,
+    written by ``finish`` in service/store/ending.lua."""
+
+    sender: str
+    recipient: str
+    reason: str
+    messages: int
+    started_at: int  # epoch ms
+    ended_at: int
+    state: str  # JSON, as stored
+
+    @classmethod
+    def decode(cls, raw: str) -> Ending | None:
+        """The payload, or None if this version cannot read it. A JSON map is read by its
+        names (fields it does not know, a later version's, are ignored); a 7-element array is
+        what versions before service/store/ (scripts in service/conversations.py) wrote, read
+        until their entries are gone (the first sweep once every worker runs service/store/'s
+        version or later): then that branch can go."""
+        try:
+            payload = json.loads(raw)
+            if isinstance(payload, list) and len(payload) == 7:
+                payload = dict(zip(ENDING_FIELDS, payload))
+            return cls(
+                sender=payload["from"],
+                recipient=payload["to"],
+                reason=payload["reason"],
+                messages=_int(str(payload["messages"])),
+                started_at=_int(str(payload["started_at"])),
+                ended_at=_int(str(payload["ended_at"])),
+                state=payload["state"],
+            )
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -234,6 +272,7 @@ class Sweeper:
         self.retention_ms = app.config["EVENTS_RETENTION"] * 1000
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
+        self.unreadable: set[str] = set()  # end hook entries reported as unreadable
 
     def sweep(self) -> int:
         """One pass; returns how many conversations it ended."""
@@ -277,22 +316,36 @@ class Sweeper:
             if ending and not self._holds_lease():
                 return  # another sweeper took over; it runs what is left
             for conversation_id, raw in ending.items():
-                self._call_hook(hook, conversation_id, raw)
+                ended = Ending.decode(raw)
+                if ended is None:
+                    self._report_unreadable(conversation_id)
+                    continue
+                self._call_hook(hook, conversation_id, ended)
                 self.client.hdel(self.keys.ending(shard), conversation_id)
 
-    def _call_hook(self, hook: EndHook, conversation_id: str, raw: str) -> None:
-        try:
-            sender, recipient, reason, messages, started_at, ended_at, state = json.loads(raw)
-            final = Conversation(
-                conversations.decode_state(state) or {},
-                sid=conversation_id,
-                sender=sender,
-                recipient=recipient,
-                messages=_int(messages),
-                started_at=_moment(_int(started_at)),
+    def _report_unreadable(self, conversation_id: str) -> None:
+        """An entry this version cannot read is left for one that can (a rolling deploy's
+        other version) or for an operator, and reported once per process: it is neither the
+        developer's hook failing nor lost."""
+        if conversation_id not in self.unreadable:
+            self.unreadable.add(conversation_id)
+            log.error(
+                "end hook not run: the payload of conversation %s is unreadable; left in place",
+                conversation_id,
             )
-            final.ended_at = _moment(_int(ended_at))
-            hook(final, reason)
+
+    def _call_hook(self, hook: EndHook, conversation_id: str, ended: Ending) -> None:
+        try:
+            final = Conversation(
+                conversations.decode_state(ended.state) or {},
+                sid=conversation_id,
+                sender=ended.sender,
+                recipient=ended.recipient,
+                messages=ended.messages,
+                started_at=_moment(ended.started_at),
+            )
+            final.ended_at = _moment(ended.ended_at)
+            hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             metrics.current().end_hook_failures.inc()
             log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)

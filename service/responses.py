@@ -9,10 +9,10 @@ from flask import Flask, Response
 from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
-from .conversations import ConversationBusy, LockLost
 from .logs import report
 from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
+from .store import ConversationBusy, LockLost
 
 log = logging.getLogger(__name__)
 

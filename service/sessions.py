@@ -28,12 +28,12 @@ from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie
 
 from . import metrics
-from .conversations import ConversationStore, Opened, decode_state
 from .handler import Conversation, Message
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
+from .store import ConversationStore, Opened, decode_state
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -78,7 +78,6 @@ class ConversationSession(Conversation):
         super().__init__(sid=cookie)
         self.interface = interface
         self.binding: Binding | None = None
-        self.fresh = False
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
 
@@ -112,7 +111,7 @@ class ConversationSession(Conversation):
             bound.opened,
             sid=self.sid or "",
             state=state,
-            fresh=self.fresh,
+            is_new=self.is_new,
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
@@ -121,7 +120,7 @@ class ConversationSession(Conversation):
         counters = metrics.current()
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
-        if self.fresh and self.end_reason != "opt-out":
+        if self.is_new and self.end_reason != "opt-out":
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
@@ -149,7 +148,6 @@ class ConversationSession(Conversation):
         if state is None or not messages or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
-            self.fresh = True
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
             self.messages = 1
             self.started_at = _moment(opened.now)

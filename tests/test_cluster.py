@@ -42,7 +42,7 @@ def test_scripts_are_preloaded_on_every_primary(cluster_app, redis_cluster):
     import hashlib
 
     store = cluster_app[0].extensions["sms.store"]
-    scripts = [s.script for s in (store._open, store._save, store._release, store._end, store._expire)]
+    scripts = [script.source.text for script in store.scripts]
     shas = [hashlib.sha1(script.encode()).hexdigest() for script in scripts]
     for node in redis_cluster.nodes:
         assert node.client().script_exists(*shas) == [True] * len(scripts)

@@ -14,8 +14,8 @@ import requests
 from itsdangerous import TimestampSigner
 
 from service.active import BadSearch, search_number
+from service.clock import now_ms
 from service.console import PLOT, chart
-from service.conversations import now_ms
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.conversations import plant

@@ -20,9 +20,9 @@ import redis
 import requests
 
 from service import settings
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
+from service.store import ConversationStore
 from tests.support.app import TOKEN
 from tests.support.app_servers import Gunicorn
 from tests.support.redis_servers import REDIS_CONF

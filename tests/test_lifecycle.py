@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service import create_app
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys
 from service.lifecycle import Sweeper, parse_duration
 from service.simulator import TwilioSimulator
@@ -394,3 +394,55 @@ def test_the_sample_counts_a_minutes_messages_from_one_field_per_tag(app, redis_
     assert sum(found) == 7 == sum(t[0] for t in history.minute_tallies(first, last))
     assert read == {"hmget": 100 * len(found)}
     assert history.messages_in(old) == 5
+
+
+def test_end_hook_payloads_of_another_shape_are_run_or_kept_never_counted_as_failures(
+    redis_url, redis_client, caplog
+):
+    """A rolling deploy: the entry written by a version before service/store/ (a 7-element
+    array) still runs the hook; one this version cannot read at all is left in place for a
+    version that can, reported once in the log, and is not counted as the hook failing."""
+    seen = []
+
+    def on_end(conversation, reason):
+        seen.append(
+            (conversation.sid, reason, dict(conversation), conversation.messages, conversation.sender)
+        )
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook, on_end=on_end)
+    ending = KEYS.ending("01")
+    earlier = [REY, OURS, "operator", "3", "1000", "2000", '{"n": 1}']
+    redis_client.hset(ending, mapping={"old": json.dumps(earlier), "junk": '{"from": "x"}'})
+    sweeper = Sweeper(app)
+    sweeper.sweep()
+    sweeper.sweep()
+    assert seen == [("old", "operator", {"n": 1}, 3, REY)]
+    assert redis_client.hgetall(ending) == {"junk": '{"from": "x"}'}
+    assert caplog.text.count("payload of conversation junk is unreadable; left in place") == 1
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "sms_end_hook_failures_total 0.0" in metrics
+
+
+def test_end_hook_payload_fields_a_later_version_adds_are_ignored(redis_url, redis_client):
+    seen = []
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url},
+        handler=notebook,
+        on_end=lambda conversation, reason: seen.append((conversation.sid, reason, conversation.ended_at)),
+    )
+    payload = {
+        "from": REY,
+        "to": OURS,
+        "reason": "handler",
+        "messages": "2",
+        "started_at": "1000",
+        "ended_at": "2000",
+        "state": "{}",
+        "channel": "sms",  # a field this version does not know
+    }
+    redis_client.hset(KEYS.ending("01"), "later", json.dumps(payload))
+    Sweeper(app).sweep()
+    assert [(sid, reason, ended_at.timestamp()) for sid, reason, ended_at in seen] == [
+        ("later", "handler", 2.0)
+    ]
+    assert not redis_client.exists(KEYS.ending("01"))

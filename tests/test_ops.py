@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
 from tests.support import ROOT

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys, shard_of
 from tests.support.app import make_app
 from tests.support.conversations import plant

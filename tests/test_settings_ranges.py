@@ -10,9 +10,9 @@ import time
 import pytest
 
 from service import create_app
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.settings import WORKER_TIMEOUT, ConfigError, load
+from service.store import ConversationStore
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions

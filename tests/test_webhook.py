@@ -12,9 +12,9 @@ import pytest
 import redis
 from flask import Response
 
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator
+from service.store import ConversationStore
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.redis_servers import commands_during
@@ -324,7 +324,7 @@ def test_replay_memory_keeps_at_most_replies_kept_answers(redis_url, redis_clien
 
 
 def test_apps_with_different_settings_share_a_redis(redis_url, redis_client):
-    """A store's settings are compiled into its scripts: each app runs its own."""
+    """A store's settings go with each call (the scripts are shared): each app keeps its own."""
     few = make_app(REDIS_URL=redis_url, REPLIES_KEPT=2).test_client()
     many = make_app(REDIS_URL=redis_url).test_client()
     for _ in range(4):

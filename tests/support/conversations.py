@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from service.conversations import ConversationStore
 from service.keys import ConversationKeys, Keys
+from service.store import ConversationStore
 
 GRACE_MS = ConversationStore.GRACE * 1000
 
