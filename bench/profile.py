@@ -271,6 +271,7 @@ def instrument_service(timers, app) -> None:
     import prometheus_client.metrics as prometheus
 
     from service import callers, handler, logs, sessions, signature, store, webhook
+    from service.wiring import current
 
     patch(timers, "signature", signature.SignatureCheck, "is_valid")
     patch(timers, "form", webhook, "_fields")
@@ -280,9 +281,7 @@ def instrument_service(timers, app) -> None:
     for owner in (prometheus.Counter, prometheus.Histogram):
         patch(timers, "metrics", owner, "inc" if owner is prometheus.Counter else "observe")
     patch(timers, "metrics", prometheus.MetricWrapperBase, "labels")
-    app.extensions["sms.store"].on_lock_wait = timers.wrap(
-        "metrics", app.extensions["sms.store"].on_lock_wait
-    )
+    current(app).store.on_lock_wait = timers.wrap("metrics", current(app).store.on_lock_wait)
     run = store.ConversationStore._run
     open_script, save_script = timers.wrap("redis:OPEN", run), timers.wrap("redis:SAVE", run)
 
@@ -298,7 +297,7 @@ def instrument_service(timers, app) -> None:
         patch(timers, "session", sessions.ConversationSession, name)
     patch(timers, "session", handler.Message, "from_params")
     patch(timers, "session", callers.Callers, "name")
-    app.extensions["sms.handler"] = timers.wrap("handler", app.extensions["sms.handler"])
+    current(app).handler = timers.wrap("handler", current(app).handler)
     for name in ("render", "memo", "recall", "twiml"):
         patch(timers, "twiml", webhook, name)
 

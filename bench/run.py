@@ -259,7 +259,7 @@ def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
     keys = Keys()
     pipe = client.pipeline(transaction=False)
     for sender in pairs:
-        pipe.hget(keys.conversation(sender, RECIPIENT).state, "seq")
+        pipe.hget(keys.conversation(sender, RECIPIENT).conversation, "seq")
     return {sender: int(raw or 0) for sender, raw in zip(pairs, pipe.execute())}
 
 
@@ -540,7 +540,7 @@ def _memory_run(
                 raise RuntimeError("SAVE did not save every conversation")
         if message in (1, messages):
             used = client.info("memory")["used_memory"]
-            sample = pairs[0].state
+            sample = pairs[0].conversation
             figures[message] = {
                 "conversations": conversations,
                 "messages": message,
@@ -548,7 +548,7 @@ def _memory_run(
                 "bytes_per_conversation": (used - baseline) / conversations,
                 "hash_encoding": client.object("encoding", sample),
                 "hash_memory_usage": client.memory_usage(sample),
-                "index_encoding": client.object("encoding", pairs[0].active),
+                "index_encoding": client.object("encoding", pairs[0].index_shard),
                 # its 'started' event, kept EVENTS_RETENTION whether it lives on or not
                 "events_bytes_per_conversation": (client.memory_usage(keys.events, samples=0) or 0)
                 / conversations,

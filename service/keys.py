@@ -133,12 +133,12 @@ class ConversationKeys(NamedTuple):
     sender: str
     recipient: str
     member: str
-    state: str
+    conversation: str  # its hash (<prefix>conv:{NN}:<from>|<to>)
     lock: str
     queue: str
     waiters: str
     wake: str  # a waiter's wake-up list is this followed by its token
-    active: str  # the index shard that lists it (<prefix>active:{NN}, Keys.index); member is its entry
+    index_shard: str  # the index shard that lists it (<prefix>active:{NN}, Keys.index); member is its entry
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
@@ -146,12 +146,12 @@ class ConversationKeys(NamedTuple):
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
         return [
-            self.state,
+            self.conversation,
             self.lock,
             self.queue,
             self.waiters,
             self.wake,
-            self.active,
+            self.index_shard,
             self.events,
             self.ending,
             self.minutes,

@@ -27,11 +27,10 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie
 
-from . import metrics
 from .handler import Conversation, Message
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
-from .metrics import count_redis_error
+from .metrics import Metrics
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, decode_state
 
@@ -117,7 +116,7 @@ class ConversationSession(Conversation):
             end_reason=self.end_reason,
         )
         self.saved = True
-        counters = metrics.current()
+        counters = self.interface.metrics
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
         if self.is_new and self.end_reason != "opt-out":
@@ -132,7 +131,7 @@ class ConversationSession(Conversation):
         try:
             self.interface.store.release(bound.keys, bound.opened.token)
         except UNAVAILABLE as error:
-            count_redis_error()
+            self.interface.metrics.count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
         self.settled = True
 
@@ -166,10 +165,11 @@ class ConversationSessionInterface(SessionInterface):
 
     serializer = JsonSerializer()
 
-    def __init__(self, store: ConversationStore, keys: Keys, ttl: int):
+    def __init__(self, store: ConversationStore, keys: Keys, ttl: int, metrics: Metrics):
         self.store = store
         self.keys = keys
         self.ttl = ttl
+        self.metrics = metrics
         self._attributes = (0, "")  # (second, the cookie's attributes written in that second)
 
     def get_cookie_name(self, app: Flask) -> str:

@@ -19,7 +19,7 @@ import hmac
 import logging
 from urllib.parse import quote, urlsplit
 
-from flask import Flask, Request, current_app
+from flask import Flask, Request
 from twilio.request_validator import (
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
@@ -154,7 +154,7 @@ class SignatureCheck:
         return base64.b64encode(keyed.digest())
 
 
-def init_app(app: Flask) -> None:
+def init_app(app: Flask) -> SignatureCheck:
     hops = app.config["TRUSTED_PROXY_HOPS"]
     if hops:
         # Flask's documented way to wrap its WSGI app (mypy sees a method being replaced).
@@ -165,9 +165,4 @@ def init_app(app: Flask) -> None:
         log.warning("TWILIO_VALIDATE_SIGNATURE is off: anyone can post messages. Local development only.")
     elif not app.config["TWILIO_AUTH_TOKEN"]:
         log.warning("TWILIO_AUTH_TOKEN is not set: every webhook will be refused with 403.")
-    app.extensions["sms.signature"] = SignatureCheck(app)
-
-
-def check(app: Flask | None = None) -> SignatureCheck:
-    """The app's check (``app`` saves the webhook a lookup of ``current_app``)."""
-    return (app or current_app).extensions["sms.signature"]
+    return SignatureCheck(app)

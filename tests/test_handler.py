@@ -18,6 +18,7 @@ from service.redis_client import connect
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
 from service.store import ConversationStore, Opened, Waiting
+from service.wiring import current
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
 from tests.support.waiting import wait_until
@@ -35,7 +36,7 @@ def notebook(message, conversation):
 
 
 def stored(redis_client, sender=REY) -> dict:
-    return redis_client.hgetall(KEYS.conversation(sender, OURS).state)
+    return redis_client.hgetall(KEYS.conversation(sender, OURS).conversation)
 
 
 def state(redis_client, sender=REY) -> dict:
@@ -286,7 +287,7 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     for waiter in waiters:
         waiter.join(timeout=max(0.0, handed_over_by - time.monotonic()))
     assert taken == [1, 2] and not any(waiter.is_alive() for waiter in waiters)
-    assert redis_client.hget(keys.state, "seq") == ("3" if gives_back == "save" else "2")
+    assert redis_client.hget(keys.conversation, "seq") == ("3" if gives_back == "save" else "2")
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
 
 
@@ -310,7 +311,7 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     assert opened.now >= holder.now
     assert redis_client.get(keys.lock) == opened.token  # nobody behind it: unmarked
     store.save(keys, opened, sid="s0", state='{"n": 2}', is_new=False, message_sid="SM1", answer="a1")
-    assert redis_client.hget(keys.state, "seq") == "2"
+    assert redis_client.hget(keys.conversation, "seq") == "2"
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters, keys.wake + opened.token)
 
 
@@ -407,7 +408,7 @@ def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, sto
     assert calls == ["hello"]  # the handler never saw the opt-out
     assert "state" not in stored(redis_client)
     keys = KEYS.conversation(REY, OURS)
-    assert redis_client.zscore(keys.active, keys.member) is None
+    assert redis_client.zscore(keys.index_shard, keys.member) is None
     post_signed(client, webhook_params(body="back"))
     assert state(redis_client) == {"bodies": ["back"], "tally": {"chars": 4}}  # a new conversation
 
@@ -437,7 +438,7 @@ def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_
     sender, recipient = f"whatsapp:{REY}", f"whatsapp:{OURS}"
     assert twilio.send(sender, recipient, "hi").reply == "Thanks for the message, Rey!"
     assert twilio.send(sender, recipient, "hi").reply == f"Rey has messaged {recipient} 2 times."
-    assert redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") == "2"
+    assert redis_client.hget(KEYS.conversation(sender, recipient).conversation, "seq") == "2"
 
 
 def test_operators_see_any_handlers_state_and_count(app_with):
@@ -502,7 +503,7 @@ def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_c
     stored answer and takes its ticket with it, so the message behind it is not held up."""
     app = app_with(notebook)
     keys = KEYS.conversation(REY, OURS)
-    store = app.extensions["sms.store"]
+    store = current(app).store
     holder = store.open(keys, "SMfirst")
     assert store.ask(keys, "SMfirst", "redelivery-token") == Waiting(ahead=0)  # it queues behind the holder
     assert redis_client.zrange(keys.queue, 0, -1) == ["redelivery-token"]

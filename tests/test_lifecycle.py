@@ -17,6 +17,7 @@ from service.clock import now_ms
 from service.keys import Keys
 from service.lifecycle import Sweeper, parse_duration
 from service.simulator import TwilioSimulator
+from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
@@ -69,7 +70,7 @@ def test_a_conversation_starts_once_and_its_event_names_it(app, redis_client):
     [started] = events(redis_client)
     assert started["type"] == "started" and (started["from"], started["to"]) == (REY, OURS)
     assert started["messages"] == "1" and started["conversation"] == twilio.cookie_for(REY, OURS)
-    assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).state, "first_seen")
+    assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).conversation, "first_seen")
 
 
 def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
@@ -86,7 +87,7 @@ def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
     twilio.send(REY, OURS, "hi")
     twilio.send(REY, OURS, "bye")
     twilio.send(REY, OURS, "hi")
-    last_seen = int(redis_client.hget(KEYS.conversation(REY, OURS).state, "last_seen"))
+    last_seen = int(redis_client.hget(KEYS.conversation(REY, OURS).conversation, "last_seen"))
     time.sleep(1.1)  # its time runs out; the next message ends it first, then starts anew
     twilio.send(REY, OURS, "back")
     ended = events(redis_client, "ended")
@@ -278,7 +279,7 @@ def test_a_sweep_costs_the_same_for_100_or_2000_live_conversations(app, redis_cl
 
 def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
     TwilioSimulator.for_app(app).send(REY, OURS, "hi")
-    app.extensions["sms.active"].end(REY, OURS)
+    current(app).live.end(REY, OURS)
     as_json = runner.invoke(args=["events", "--json", "--since", "10m"])
     assert as_json.exit_code == 0, as_json.output
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
@@ -291,7 +292,7 @@ def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
 
 
 def test_follow_waits_for_the_next_event(app, redis_client):
-    history = app.extensions["sms.history"]
+    history = current(app).history
     last = f"{now_ms()}-0"
     found = []
     waiting = threading.Thread(target=lambda: found.extend(history.follow(last, block_ms=10_000)))
@@ -339,7 +340,7 @@ def test_under_gunicorn_a_conversation_ends_with_no_request(redis_url, redis_cli
 def test_the_last_hour_costs_the_same_for_ten_or_five_hundred_conversations(app, redis_client):
     """stats() reads each tag's per-minute tallies, never the events themselves."""
     client = app.test_client()
-    history = app.extensions["sms.history"]
+    history = current(app).history
     tallies = []
     for total in (10, 500):
         for n in range(total):
@@ -363,24 +364,24 @@ def test_every_tally_is_read_back_with_an_earlier_versions_records(redis_url, re
         twilio.send(sender, OURS, "hi")
     twilio.send(senders[0], OURS, "bye")  # handler, 2 messages
     twilio.send(senders[1], OURS, "STOP")  # opt-out, 2 messages
-    assert app.extensions["sms.store"].end(KEYS.conversation(senders[2], OURS))  # operator, 1
+    assert current(app).store.end(KEYS.conversation(senders[2], OURS))  # operator, 1
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # expired, 1
     earlier = f"{now_ms() // 60000} 4 1 1 0 0 0 60000 3"  # 1 started, 1 expired after 3 messages
     redis_client.hset(KEYS.minutes("42"), "17", earlier)
-    stats = app.extensions["sms.history"].stats()
+    stats = current(app).history.stats()
     assert stats["started"] == 5
     assert stats["ended"] == {"handler": 1, "opt-out": 1, "operator": 1, "expired": 2}
     assert stats["average_messages"] == round((2 + 2 + 1 + 1 + 3) / 5, 2)
     with app.app_context():
-        messages = sum(tally[0] for tally in app.extensions["sms.history"].minute_tallies(0, now_ms()))
+        messages = sum(tally[0] for tally in current(app).history.minute_tallies(0, now_ms()))
     assert messages == 4 + 2 + 4
 
 
 def test_the_sample_counts_a_minutes_messages_from_one_field_per_tag(app, redis_client):
     """The sweeper's per-minute sample reads the minute's message count (and an earlier
     version's record of it) with one HMGET per tag, and agrees with the whole hour's read."""
-    client, history = app.test_client(), app.extensions["sms.history"]
+    client, history = app.test_client(), current(app).history
     first = now_ms() // 60000
     for n in range(7):
         post_signed(client, webhook_params(sender=f"+1555{n:07d}"))

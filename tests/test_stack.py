@@ -208,7 +208,7 @@ def test_native_stack_holds_a_conversation(stack, twilio):
         "Rey has messaged +15550001111 2 times.",
         "Rey has messaged +15550001111 3 times.",
     ]
-    assert client.hget(KEYS.conversation(REY, OURS).state, "seq") == "3"
+    assert client.hget(KEYS.conversation(REY, OURS).conversation, "seq") == "3"
     # Redis runs on config/redis.conf: durable and never evicting.
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("appendfsync") == {"appendfsync": "everysec"}

@@ -49,7 +49,7 @@ def test_a_redis_error_names_the_file_and_line_of_the_script(redis_url):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     store = ConversationStore.from_config(client, _config())
     keys = Keys().conversation("+15551230001", "+15550001111")
-    client.set(keys.state, "not a hash")
+    client.set(keys.conversation, "not a hash")
     with pytest.raises(redis.ResponseError) as raised:
         store.open(keys, "SM1")
     message = str(raised.value)

@@ -10,13 +10,18 @@ from service.masking import mask
 from service.settings import ConfigError, load
 from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
 from service.store import ConversationBusy, ConversationStore, LockLost
+from service.wiring import current
 from tests.support.app import post_signed, webhook_params
 
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
     keys = Keys().conversation("+15551230007", "+15550001111")
-    assert shard_of("+15551230007") == "07" and "{07}" in keys.state
-    assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.active.encode())
+    assert shard_of("+15551230007") == "07" and "{07}" in keys.conversation
+    assert (
+        key_slot(keys.conversation.encode())
+        == key_slot(keys.lock.encode())
+        == key_slot(keys.index_shard.encode())
+    )
     assert Keys().from_member(keys.member) == keys
     assert len(set(Keys().indexes())) == 100
 
@@ -59,7 +64,7 @@ def test_embedded_store_serves_a_conversation(fake_app):
 
 @pytest.fixture
 def store(fake_app):
-    return fake_app.extensions["sms.store"]
+    return current(fake_app).store
 
 
 def test_lock_makes_a_second_opener_wait_then_give_up(store):
@@ -81,7 +86,7 @@ def test_save_after_the_lock_was_lost_writes_nothing(store):
     store.client.delete(keys.lock)  # lapsed
     with pytest.raises(LockLost):
         store.save(keys, opened, sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi")
-    assert store.client.exists(keys.state) == 0
+    assert store.client.exists(keys.conversation) == 0
 
 
 def test_ending_a_conversation_in_flight_wins(store):

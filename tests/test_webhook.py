@@ -31,7 +31,7 @@ def count_in(reply: str) -> int:
 
 
 def conversation(redis_client, sender=REY, recipient=OURS) -> dict:
-    return redis_client.hgetall(KEYS.conversation(sender, recipient).state)
+    return redis_client.hgetall(KEYS.conversation(sender, recipient).conversation)
 
 
 def messages(redis_client, sender=REY, recipient=OURS) -> int:
@@ -162,14 +162,16 @@ def test_ttl_is_four_hours_and_slides(twilio, redis_client):
     outlives that by a grace period, so that whoever ends it still finds its state."""
     keys = KEYS.conversation(REY, OURS)
     twilio.send(REY, OURS, "one")
-    first = redis_client.zscore(keys.active, keys.member)
+    first = redis_client.zscore(keys.index_shard, keys.member)
     assert abs(first - (time.time() + 14400) * 1000) < 5000
     assert (
-        14400 + ConversationStore.GRACE - 5 <= redis_client.ttl(keys.state) <= 14400 + ConversationStore.GRACE
+        14400 + ConversationStore.GRACE - 5
+        <= redis_client.ttl(keys.conversation)
+        <= 14400 + ConversationStore.GRACE
     )
     time.sleep(0.01)
     twilio.send(REY, OURS, "two")
-    assert redis_client.zscore(keys.active, keys.member) > first
+    assert redis_client.zscore(keys.index_shard, keys.member) > first
 
 
 def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
@@ -179,18 +181,18 @@ def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
     keys, grace_ms = KEYS.conversation(REY, OURS), ConversationStore.GRACE * 1000
 
     def lead_ms() -> int:  # how long the index outlives its latest entry's end
-        latest = redis_client.zrange(keys.active, -1, -1, withscores=True)[0][1]
-        return int(time.time() * 1000 + redis_client.pttl(keys.active) - latest)
+        latest = redis_client.zrange(keys.index_shard, -1, -1, withscores=True)[0][1]
+        return int(time.time() * 1000 + redis_client.pttl(keys.index_shard) - latest)
 
     twilio.send(REY, OURS, "one")  # a new entry
     assert lead_ms() > grace_ms - 5000
-    redis_client.pexpire(keys.active, 60_000)  # as if its expiry had last moved a day ago
+    redis_client.pexpire(keys.index_shard, 60_000)  # as if its expiry had last moved a day ago
     twilio.send(REY, OURS, "two")  # the same minute: the index keeps its expiry
     # The tag's tallies say whether "two" was the same minute's (its 'm' tally then 2) or, had
     # the test straddled a minute, the first of the next (whose first save moves the expiry).
     tallies = {f: int(v) for f, v in redis_client.hgetall(keys.minutes).items() if f.endswith("m")}
     if sorted(tallies.values()) == [2]:
-        assert 0 < redis_client.pttl(keys.active) <= 60_000
+        assert 0 < redis_client.pttl(keys.index_shard) <= 60_000
     else:
         assert sorted(tallies.values()) == [1, 1] and lead_ms() > grace_ms - 5000
     redis_client.delete(keys.minutes)  # a new minute for the tag
@@ -398,7 +400,7 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
     twilio.send(REY, OURS, "one")
     keys = KEYS.conversation(REY, OURS)
     payload = pickle.dumps(Exploit(), protocol=0)  # ASCII: reaches the decoder byte for byte
-    redis.Redis.from_url(redis_url).hset(keys.state, "state", payload)
+    redis.Redis.from_url(redis_url).hset(keys.conversation, "state", payload)
     delivery = twilio.send(REY, OURS, "two")
     assert delivery.status == 200
     assert not marker.exists()
@@ -429,7 +431,7 @@ def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_cli
     keys = KEYS.conversation(REY, OURS)
     twilio.send(REY, OURS, "one")
     twilio.send(REY, OURS, "two")
-    redis_client.hset(keys.state, mapping=edit)
+    redis_client.hset(keys.conversation, mapping=edit)
     after = twilio.send(REY, OURS, "three")
     assert after.status == 200
     if "m:SMjunk" in edit:  # a junk reply field costs nothing: the count goes on
@@ -443,7 +445,7 @@ def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_cli
 def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client):
     keys = KEYS.conversation(REY, OURS)
     first = twilio.send(REY, OURS, "one")
-    redis_client.hdel(keys.state, "sid")
+    redis_client.hdel(keys.conversation, "sid")
     again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
     assert again.status == 200 and again.reply == first.reply
     assert twilio.send(REY, OURS, "two").reply == "Thanks for the message, Rey!"  # no sid: afresh

@@ -19,10 +19,11 @@
 --                                                   hook, else '0'
 -- ARGV[9…] = the script's own.
 local conversation, lock, queue, waiters, wake, index, events, ending, minutes = unpack(KEYS)
-local lock_ms, patience_ms, ttl_ms, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
-  tonumber(ARGV[4])
-local replies_kept, live_keep_ms, events_max, hooks = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7],
-  ARGV[8] == '1'
+-- The settings stay the strings Redis passes: a command takes them as they are, arithmetic
+-- converts a numeral by itself, and only a comparison needs tonumber (each conversion costs,
+-- so none is made on a path that does not need it).
+local lock_ms, patience_ms, ttl_ms, window_ms, replies_kept, live_keep_ms, events_max, hooks =
+  unpack(ARGV, 1, 8)
 
 -- Redis' clock in epoch ms: expiries and windows never depend on the app hosts' clocks.
 local function now_ms()

@@ -38,7 +38,7 @@ local function finish(member, reason, ended_at, now)
   local first = count(minute, code, 1)
   first = count(minute, 'd', math.max(ended_at - (tonumber(started_at) or ended_at), 0)) or first
   if count(minute, 'n', tonumber(messages) or 0) or first then renew(minute) end
-  if hooks then
+  if hooks == '1' then
     redis.call('HSET', ending, found[1], cjson.encode({
       from = sender, to = recipient, reason = reason, messages = messages, started_at = started_at,
       ended_at = tostring(ended_at), state = found[4] or '{}'}))

@@ -14,7 +14,7 @@ local function head_of(token, now)
 end
 
 -- Pushes `turn` to the wake-up list of the waiter `head` (its BLPOP returns it): '1' to ask
--- again, or OPEN's reply (reply.lua) when the lock is handed to it.
+-- again, or OPEN's reply as JSON (reply.lua) when the lock is handed to it.
 local function wake_up(head, turn)
   redis.call('RPUSH', wake .. head, turn)
   redis.call('PEXPIRE', wake .. head, patience_ms + lock_ms)
@@ -38,7 +38,7 @@ local function hand_lock()
     local message_sid = string.match(head, '^(.*);%x+$')
     if not message_sid then
       -- A waiter of a version before this one ('<MessageSid>:<hex>', or bare hex before commit
-      -- fef70c2) reads no JSON map: it is woken to ask again, as a release wakes it. This branch
+      -- fef70c2) reads no list of names: it is woken to ask again, as a release wakes it. This branch
       -- can go once no such version runs.
       redis.call('DEL', lock)
       return wake_up(head, '1')
@@ -47,12 +47,12 @@ local function hand_lock()
     redis.call('HDEL', waiters, head)
     local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen')
     if found[1] then
-      wake_up(head, reply_answered(found[1], found[2]))
+      wake_up(head, cjson.encode(reply_answered(found[1], found[2])))
       head = head_of(nil, now)
     else
       local behind = redis.call('ZCARD', queue) > 0
       redis.call('SET', lock, behind and head .. '+' or head, 'PX', lock_ms)
-      return wake_up(head, reply_opened(now, found, false))
+      return wake_up(head, cjson.encode(reply_opened(now, found, 0)))
     end
   end
   redis.call('DEL', lock)

@@ -8,9 +8,9 @@
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
--- Returns a JSON map (reply.lua): {status = 'answered', answer, sid} for a redelivery;
--- {status = 'opened', now, sid, state, seq, first_seen, ended_overdue} once the lock is the
--- message's; {status = 'waiting', ahead} while others are ahead of it (ask again).
+-- Returns a flat list of names and values (reply.lua): status 'answered', answer, sid for a
+-- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0) once
+-- the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
@@ -37,15 +37,15 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
   if found[2] then  -- only a stored conversation can have run out of time
     local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
     if expiry <= now then
-      return reply_opened(now, {}, finish(member, 'expired', expiry, now) == 1)
+      return reply_opened(now, {}, finish(member, 'expired', expiry, now))
     end
   end
-  return reply_opened(now, found, false)
+  return reply_opened(now, found, 0)
 end
 
 local holder = redis.call('GET', lock)
 if holder == token or holder == token .. '+' then  -- handed over by a save while its BLPOP had given up
-  return reply_opened(now, found, false)
+  return reply_opened(now, found, 0)
 end
 if not redis.call('ZSCORE', queue, token) then
   local last = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')
@@ -55,4 +55,4 @@ redis.call('HSET', waiters, token, now + patience_ms)
 if holder and string.sub(holder, -1) ~= '+' then redis.call('SET', lock, holder .. '+', 'KEEPTTL') end
 redis.call('PEXPIRE', queue, patience_ms + lock_ms)
 redis.call('PEXPIRE', waiters, patience_ms + lock_ms)
-return cjson.encode({status = 'waiting', ahead = redis.call('ZRANK', queue, token)})
+return {'status', 'waiting', 'ahead', redis.call('ZRANK', queue, token)}

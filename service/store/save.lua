@@ -53,7 +53,7 @@ held = tonumber(held)
 -- A conversation's first message reads its hash once: the answers to keep, the rest (what an
 -- ended or unreadable conversation left) to go.
 local starts = is_new and stores
-if starts or not (oldest and held and tonumber(oldest) > now - window_ms and held < replies_kept) then
+if starts or not (oldest and held and tonumber(oldest) > now - window_ms and held < tonumber(replies_kept)) then
   oldest, held = forget_answers(now - window_ms, replies_kept - 1, starts)
 end
 held = held + 1

@@ -73,11 +73,13 @@ class Waiting:
 
 
 def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
-    """OPEN's reply, or a turn handed over on a wake-up list (``reply.lua``); None for what
-    says only "ask again" (a release's ``1``)."""
-    reply = json.loads(raw)
-    if not isinstance(reply, dict):
+    """OPEN's reply (a flat list of names and values, ``reply.lua``), or the same list as JSON
+    handed over on a wake-up list; None for what says only "ask again" (a release's ``1``)."""
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if not isinstance(raw, list):
         return None
+    reply = dict(zip(raw[0::2], raw[1::2]))
     status = reply.get("status")
     if status == "opened":
         return Opened(
@@ -88,7 +90,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
             reply["state"],
             reply["seq"],
             reply["first_seen"],
-            reply["ended_overdue"],
+            reply["ended_overdue"] == 1,
         )
     if status == "answered":
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
@@ -102,7 +104,7 @@ def new_token(message_sid: str) -> str:
 
     Tells this message's turn from others' (unguessable is not needed: no request names it),
     and names the message, so that a save handing the lock over can tell whether it was
-    answered meanwhile; ``;`` tells it from a version that reads no JSON map (``line.lua``).
+    answered meanwhile; ``;`` tells it from a version that reads no such list (``line.lua``).
     Not os.urandom: its system call lets go of the GIL, a thread switch per message. random
     reseeds in each forked worker.
     """

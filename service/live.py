@@ -1,5 +1,5 @@
 """Live conversations as operators see them: count, page, search, read and end, from the
-active index.
+index (``<prefix>active:{NN}``).
 
 The index is 100 sorted sets (one per hash tag) of ``<from>|<to>`` scored by expiry in epoch
 ms, so "live" means score > now. Every command here names a single key (or, for ``index_drop.lua``,
@@ -94,8 +94,9 @@ class Entry(NamedTuple):
 
 
 @dataclass
-class Conversation:
-    """What an operator sees of one live conversation."""
+class LiveConversation:
+    """What an operator sees of one live conversation (``service.handler.Conversation`` is
+    the handler's)."""
 
     sender: str
     recipient: str
@@ -124,12 +125,12 @@ class Conversation:
 
 @dataclass
 class Page:
-    conversations: list[Conversation]
+    conversations: list[LiveConversation]
     next_cursor: str | None
 
 
-class ActiveConversations:
-    """Queries over the active index; ending reuses the webhook store's END script."""
+class LiveConversations:
+    """Queries over the index; ending reuses the store's END script."""
 
     def __init__(
         self,
@@ -184,7 +185,7 @@ class ActiveConversations:
         number of times, so it may come back short but ``next_cursor`` still leads on.
         """
         after = Entry.from_cursor(cursor) if cursor else None
-        found: list[Conversation] = []
+        found: list[LiveConversation] = []
         more = True
         for _ in range(MAX_FILL_ROUNDS):
             entries, more = self._entries_after(after, limit - len(found))
@@ -195,12 +196,12 @@ class ActiveConversations:
                 break
         return Page(found, after.cursor() if more and after else None)
 
-    def get(self, sender: str, recipient: str) -> Conversation | None:
+    def get(self, sender: str, recipient: str) -> LiveConversation | None:
         """A live conversation: state stored, expiry (its index score) still ahead."""
         keys = self.keys.conversation(sender, recipient)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(keys.state, FIELDS)
-        pipe.zscore(keys.active, keys.member)
+        pipe.hmget(keys.conversation, FIELDS)
+        pipe.zscore(keys.index_shard, keys.member)
         values, expiry = pipe.execute()
         now = now_ms()
         if values[0] is None or expiry is None or expiry <= now:
@@ -215,7 +216,7 @@ class ActiveConversations:
             log.info("conversation of %s ended by an operator", mask(sender))
         return ended
 
-    def search(self, number: str, limit: int) -> list[Conversation]:
+    def search(self, number: str, limit: int) -> list[LiveConversation]:
         """Up to ``limit`` live conversations whose sender ends with ``number`` (see
         ``search_number``: an exact E.164 number or its last digits), most recent first.
 
@@ -302,26 +303,26 @@ class ActiveConversations:
             return after.score  # its entries tied with the cursor's expiry come after the cursor
         return f"({after.score}"
 
-    def _read_entries(self, entries: list[Entry]) -> list[Conversation]:
+    def _read_entries(self, entries: list[Entry]) -> list[LiveConversation]:
         """One pipelined ``HMGET`` for the page; entries whose state is gone are pruned."""
         if not entries:
             return []
         pipe = self.client.pipeline(transaction=False)
         for entry in entries:
-            pipe.hmget(self.keys.from_member(entry.member).state, FIELDS)
+            pipe.hmget(self.keys.from_member(entry.member).conversation, FIELDS)
         now = now_ms()
         found = []
         for entry, values in zip(entries, pipe.execute()):
             keys = self.keys.from_member(entry.member)
             if values[0] is None:
-                self._drop([keys.state, keys.active], [keys.member])
+                self._drop([keys.conversation, keys.index_shard], [keys.member])
                 continue
             found.append(self._conversation(keys, values, math.ceil((entry.score - now) / 1000)))
         return found
 
-    def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> Conversation:
+    def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> LiveConversation:
         raw_state, seq, first_seen, last_seen = values
-        return Conversation(
+        return LiveConversation(
             sender=keys.sender,
             recipient=keys.recipient,
             name=self.callers.name(keys.sender),
