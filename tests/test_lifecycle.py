@@ -447,3 +447,44 @@ def test_end_hook_payload_fields_a_later_version_adds_are_ignored(redis_url, red
         ("later", "handler", 2.0)
     ]
     assert not redis_client.exists(KEYS.ending("01"))
+
+
+@pytest.mark.parametrize("way", ["handler", "opt-out", "operator", "sweeper", "open"])
+def test_an_ended_conversation_keeps_only_its_answers_for_the_redelivery_window(redis_url, redis_client, way):
+    """Whichever way it ends, nothing of a conversation outlives REDELIVERY_WINDOW: its hash
+    keeps only the answers a redelivery needs ('m:…'), expiring within the window; its index
+    entry and lock are gone. ``open``: the next message's OPEN finds its time run out."""
+    window = 30
+    app = create_app(
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": redis_url,
+            "OPS_TOKEN": "ops",
+            "CONVERSATION_TTL": 1,
+            "REDELIVERY_WINDOW": window,
+        },
+        handler=notebook,
+    )
+    twilio = TwilioSimulator.for_app(app)
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "hi")
+    assert redis_client.pttl(keys.conversation) > 24 * 3600 * 1000  # live: the TTL and a day's grace
+    if way in ("handler", "opt-out"):
+        twilio.send(REY, OURS, "bye" if way == "handler" else "STOP")
+    elif way == "operator":
+        assert app.test_client().delete(f"/ops/conversations/{REY}/{OURS}", headers=OPS).status_code == 200
+    else:
+        time.sleep(1.1)
+        if way == "sweeper":
+            assert Sweeper(app).sweep() == 1
+        else:
+            assert current(app).store.open(keys, "SMnext").ended_overdue
+            redis_client.delete(keys.lock)  # as if that message's handler failed: nothing saved
+    assert [e["reason"] for e in events(redis_client, "ended")] == [
+        {"open": "expired", "sweeper": "expired"}.get(way, way)
+    ]
+    fields = redis_client.hgetall(keys.conversation)
+    assert fields and all(name.startswith("m:") for name in fields)
+    assert 0 < redis_client.pttl(keys.conversation) <= window * 1000
+    assert redis_client.zscore(keys.index_shard, keys.member) is None
+    assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
