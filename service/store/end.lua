@@ -11,7 +11,7 @@ local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member)) or now + 1
 redis.call('DEL', lock)
 if expiry <= now then
-  finish(member, 'expired', expiry, now)
+  ends().finish(member, 'expired', expiry, now)
   return 0
 end
-return finish(member, 'operator', now, now)
+return ends().finish(member, 'operator', now, now)

@@ -9,4 +9,4 @@ local member = ARGV[9]
 local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member))
 if not expiry or expiry > now or redis.call('EXISTS', lock) == 1 then return 0 end
-return finish(member, 'expired', expiry, now)
+return ends().finish(member, 'expired', expiry, now)

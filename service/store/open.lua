@@ -37,7 +37,7 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
   if found[2] then  -- only a stored conversation can have run out of time
     local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
     if expiry <= now then
-      return reply_opened(now, {}, finish(member, 'expired', expiry, now))
+      return reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
     end
   end
   return reply_opened(now, found, 0)

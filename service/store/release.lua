@@ -11,5 +11,5 @@ redis.call('HDEL', waiters, token)
 local holder = redis.call('GET', lock)
 if holder == token or holder == token .. '+' then
   redis.call('DEL', lock)
-  if holder ~= token then wake_first(now_ms()) end
+  if holder ~= token then handover().wake_first(now_ms()) end
 end

@@ -12,6 +12,6 @@ end
 -- (HMGET of 'm:…', 'sid', 'state', 'seq', 'first_seen'), and whether it ended an overdue one
 -- (1 or 0).
 local function reply_opened(now, found, ended_overdue)
-  return {'status', 'opened', 'now', now, 'sid', found[2] or '', 'state', found[3] or '', 'seq', found[4] or '',
-          'first_seen', found[5] or '', 'ended_overdue', ended_overdue}
+  return {'status', 'opened', 'now', now, 'sid', found[2] or '', 'state', found[3] or '',
+          'seq', found[4] or '', 'first_seen', found[5] or '', 'ended_overdue', ended_overdue}
 end

@@ -15,10 +15,11 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
--- Writes, in this order: the minute's tallies (KEYS[9]); the conversation's hash (KEYS[1]):
--- old answers forgotten, then its fields and this answer; the 'started' event (KEYS[7]); the
--- index entry and its expiry (KEYS[6]); then, ending it, `finish` (ending.lua); the hash's
--- expiry; the lock (KEYS[2]) released, or handed over (line.lua: KEYS[3], KEYS[4], KEYS[5]).
+-- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
+-- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
+-- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
+-- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
+-- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
 -- message's and its answer is not stored: nothing written).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
@@ -53,7 +54,8 @@ held = tonumber(held)
 -- A conversation's first message reads its hash once: the answers to keep, the rest (what an
 -- ended or unreadable conversation left) to go.
 local starts = is_new and stores
-if starts or not (oldest and held and tonumber(oldest) > now - window_ms and held < tonumber(replies_kept)) then
+local room = held and held < tonumber(replies_kept)
+if starts or not (oldest and room and tonumber(oldest) > now - window_ms) then
   oldest, held = forget_answers(now - window_ms, replies_kept - 1, starts)
 end
 held = held + 1
@@ -84,12 +86,12 @@ if added == 1 or first_of_minute then
 end
 local ended = 0
 if end_reason ~= '' then
-  ended = finish(member, end_reason, now, now)
+  ended = ends().finish(member, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits
-  hand_lock()
+  handover().hand_lock()
 end
 return ended == 1 and 'ended' or 'saved'
