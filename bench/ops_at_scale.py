@@ -3,7 +3,7 @@ live conversations.
 
 Starts a throwaway redis-server on a free loopback port (never 6379), fills it through the key
 schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries spread over the
-conversation TTL like real traffic, then times the service's own ``ActiveConversations``
+conversation TTL like real traffic, then times the service's own ``LiveConversations``
 functions (median of several runs) and prints one JSON object, with the goals of
 ``bench/goals.py`` met or not.
 

@@ -1,7 +1,7 @@
 """Operators' JSON API under ``/ops`` and ``sms-sessions conversations`` (the console,
 ``console.py``, is the third way in).
 
-Both read the same ``ActiveConversations`` and print the same JSON objects. The API is off
+Both read the same ``LiveConversations`` and print the same JSON objects. The API is off
 until ``OPS_TOKEN`` is set (no route at all: 404 whatever the method, so nothing reveals it)
 and then wants ``Authorization: Bearer <OPS_TOKEN>``. It never opens a conversation's
 session: the session interface binds only in the webhook.

@@ -4,6 +4,7 @@ one of them names."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import redis
 
 from service.keys import Keys
 from service.settings import load
-from service.store import ConversationStore, Script
+from service.store import ConversationStore, Opened, Script, Waiting, decode_turn
 from service.store.scripts import USES, source
+from service.store.store import new_token
 
 STORE = Path(__file__).resolve().parent.parent / "service" / "store"
 SCRIPTS = ("open.lua", "save.lua", "release.lua", "end.lua", "expire.lua", "index_drop.lua", "index_page.lua")
@@ -92,3 +94,38 @@ def test_settings_are_arguments_so_every_store_shares_its_scripts():
 
 def _config():
     return load({})
+
+
+def test_a_turn_is_decoded_by_its_names_and_anything_else_means_ask_again():
+    """OPEN's reply and a hand-over's JSON copy of it decode alike; a release's ``1`` and an
+    earlier version's positional turn (``["ok", now, …]``, which this version's saves never
+    push to a ``;`` token, but an operator or a bug might) mean "ask again"."""
+    opened = ["status", "opened", "now", 5, "sid", "s", "state", "{}", "seq", "2", "first_seen", "4"]
+    opened += ["ended_overdue", 0]
+    assert (
+        decode_turn("t", opened)
+        == decode_turn("t", json.dumps(opened))
+        == Opened("t", 5, None, "s", "{}", "2", "4")
+    )
+    assert decode_turn("t", ["status", "answered", "answer", "tHi", "sid", "s"]) == Opened(
+        "t", answered="tHi", sid="s"
+    )
+    assert decode_turn("t", ["status", "waiting", "ahead", 3]) == Waiting(3)
+    assert decode_turn("t", "1") is None
+    assert decode_turn("t", json.dumps(["ok", 5, "s", "{}", "2", "4", 0])) is None
+
+
+def test_a_save_of_the_version_before_wakes_this_versions_waiters_to_ask_again(redis_url):
+    """During a rolling deploy the other way round: the version before service/store/ hands
+    the lock with its turn only to a token its pattern ``^(.*):%x+$`` (its hand-over's test)
+    reads a MessageSid from, else wakes the waiter to ask again; no token of this version
+    passes it, whatever its MessageSid holds."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    tokens = [new_token(sid) for sid in ("SM0123", "SM:beef", "a:b:c", "x;y", "SMab:")]
+    matched = client.eval(
+        "local found = {} for i, token in ipairs(ARGV) do "
+        "found[i] = string.match(token, '^(.*):%x+$') or '' end return found",
+        0,
+        *tokens,
+    )
+    assert matched == [""] * len(tokens)
