@@ -1,5 +1,5 @@
 -- What every conversation script shares: its keys and the store's settings, each in the one
--- order the store sends them (service/store/store.py: ConversationKeys.in_order and
+-- order the store sends them (service/keys.py: ConversationKeys.in_order; service/store/store.py:
 -- ConversationStore.settings), and three small helpers.
 --
 -- KEYS[1] = sms:conv:{NN}:<from>|<to>     hash: the conversation
