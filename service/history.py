@@ -3,7 +3,8 @@ stream, the per-tag minute tallies, and the end hook's payloads, each decoded he
 
 Adding a field to an event: the script that writes it (``service/store/save.lua`` for
 ``started``, ``service/store/ending.lua`` for ``ended`` and the end hook's payload), ``Event``
-(and ``Ending``) here, docs/operating.md's event table, and a test.
+(and ``Ending``) here, docs/operating.md's list of event fields, and a test (docs/design.md:
+"Adding a field to an event").
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ def init_app(
     on the store (the conversation is ``flask.session`` during a webhook)."""
     config = app.config
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
+    # The gauges read the operators' view and the history when scraped, once both are built.
     metrics = Metrics(lambda: live.count(), lambda: history.stats(), multiprocess())
     store = ConversationStore.from_config(
         redis, config, hooks=on_end is not None, on_lock_wait=metrics.lock_wait.observe
