@@ -3,7 +3,7 @@ live conversations.
 
 Starts a throwaway redis-server on a free loopback port (never 6379), fills it through the key
 schema (``service.keys``) with pipelined HSET + PEXPIREAT + ZADD, expiries spread over the
-conversation TTL like real traffic, then times the service's own ``ActiveConversations``
+conversation TTL like real traffic, then times the service's own ``LiveConversations``
 functions (median of several runs) and prints one JSON object, with the goals of
 ``bench/goals.py`` met or not.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 
 from bench.goals import OPS
 from service import create_app, logs
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.sessions import SESSION_ID_BYTES
+from service.wiring import current
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
 from tests.support.replies import count_reply
 
@@ -60,12 +61,12 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
     for number in range(count):
         sender = f"+1555{number:07d}"
         recipient = OUR_NUMBERS[number % len(OUR_NUMBERS)]
-        conversation = keys.conversation(sender, recipient)
+        keys_of = keys.conversation(sender, recipient)
         last_seen = now - rng.randrange(int(ttl_ms * 0.9))
         messages = rng.randrange(1, 20)
         expiry = last_seen + ttl_ms
         pipe.hset(
-            conversation.state,
+            keys_of.conversation,
             mapping={
                 "sid": secrets.token_urlsafe(SESSION_ID_BYTES),
                 "state": json.dumps({"messages": messages}),
@@ -75,9 +76,9 @@ def fill(client, keys, count: int, ttl: int, seed: int = 7) -> list[tuple[str, s
                 "last_seen": last_seen,
             },
         )
-        pipe.pexpireat(conversation.state, expiry)
-        pipe.zadd(conversation.active, {conversation.member: expiry})
-        newest[conversation.active] = max(newest.get(conversation.active, 0), expiry)
+        pipe.pexpireat(keys_of.conversation, expiry)
+        pipe.zadd(keys_of.index_shard, {keys_of.member: expiry})
+        newest[keys_of.index_shard] = max(newest.get(keys_of.index_shard, 0), expiry)
         pairs.append((sender, recipient))
         if len(pipe) >= 3 * BATCH:
             pipe.execute()
@@ -104,8 +105,8 @@ def median_ms(samples: list[float]) -> dict:
 def run(count: int, runs: int) -> dict:
     with throwaway_redis() as url, logs.quiet():  # stdout is the JSON report alone
         app = create_app({"REDIS_URL": url, "TWILIO_AUTH_TOKEN": "bench", "REDIS_TIMEOUT": 30})
-        client, keys = app.extensions["sms.redis"], app.extensions["sms.keys"]
-        active = app.extensions["sms.active"]
+        client, keys = current(app).redis, current(app).keys
+        active = current(app).live
         started = time.perf_counter()
         pairs = fill(client, keys, count, app.config["CONVERSATION_TTL"])
         fill_seconds = time.perf_counter() - started

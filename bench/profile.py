@@ -270,7 +270,8 @@ def instrument_common(timers) -> None:
 def instrument_service(timers, app) -> None:
     import prometheus_client.metrics as prometheus
 
-    from service import callers, conversations, handler, logs, sessions, signature, webhook
+    from service import callers, handler, logs, sessions, signature, store, webhook
+    from service.wiring import current
 
     patch(timers, "signature", signature.SignatureCheck, "refusal")
     patch(timers, "form", webhook, "_fields")
@@ -280,23 +281,23 @@ def instrument_service(timers, app) -> None:
     for owner in (prometheus.Counter, prometheus.Histogram):
         patch(timers, "metrics", owner, "inc" if owner is prometheus.Counter else "observe")
     patch(timers, "metrics", prometheus.MetricWrapperBase, "labels")
-    app.extensions["sms.store"].on_lock_wait = timers.wrap(
-        "metrics", app.extensions["sms.store"].on_lock_wait
-    )
-    run = conversations.ConversationStore._run
+    current(app).store.on_lock_wait = timers.wrap("metrics", current(app).store.on_lock_wait)
+    run = store.ConversationStore._run
     open_script, save_script = timers.wrap("redis:OPEN", run), timers.wrap("redis:SAVE", run)
 
-    def scripts(store, script, keys, args):
-        return (open_script if script is store._open else save_script)(store, script, keys, args)
+    def scripts(conversations, script, keys, args):
+        return (open_script if script is conversations._open else save_script)(
+            conversations, script, keys, args
+        )
 
-    conversations.ConversationStore._run = scripts
+    store.ConversationStore._run = scripts
     for name in ("open_session", "save_session"):
         patch(timers, "session", sessions.ConversationSessionInterface, name)
     for name in ("bind", "save"):
         patch(timers, "session", sessions.ConversationSession, name)
     patch(timers, "session", handler.Message, "from_params")
     patch(timers, "session", callers.Callers, "name")
-    app.extensions["sms.handler"] = timers.wrap("handler", app.extensions["sms.handler"])
+    current(app).handler = timers.wrap("handler", current(app).handler)
     for name in ("render", "memo", "recall", "twiml"):
         patch(timers, "twiml", webhook, name)
 

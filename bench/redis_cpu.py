@@ -37,9 +37,9 @@ from pathlib import Path
 import redis
 
 from service import settings
-from service.conversations import ConversationStore, Opened
 from service.keys import ConversationKeys, Keys
 from service.sessions import SESSION_ID_BYTES
+from service.store import ConversationStore, Opened, decode_turn
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_until
@@ -160,23 +160,26 @@ class Paths:
                 (store._open.sha, *store.open_call(pair, _message_sid(message, pair), tokens[pair.member]))
                 for pair in self.pairs
             ]
-            opened = self._measured(f"open_{shape}", opens)
-            if any(reply[0] != "ok" for reply in opened):
+            opened = [
+                decode_turn(tokens[pair.member], reply)
+                for pair, reply in zip(self.pairs, self._measured(f"open_{shape}", opens))
+            ]
+            if not all(isinstance(turn, Opened) and turn.answered is None for turn in opened):
                 raise RuntimeError(f"OPEN of a {shape} message found its conversation busy")
             saves = [
                 (
                     store._save.sha,
                     *store.save_call(
                         pair,
-                        Opened(tokens[pair.member], now=int(reply[1])),
+                        turn,
                         sid=self.sids[pair.member],
                         state="{}",
-                        fresh=message == 1,
+                        is_new=message == 1,
                         message_sid=_message_sid(message, pair),
                         answer=_reply(message),
                     ),
                 )
-                for pair, reply in zip(self.pairs, opened)
+                for pair, turn in zip(self.pairs, opened)
             ]
             if set(self._measured(f"save_{shape}", saves)) != {"saved"}:
                 raise RuntimeError(f"SAVE of a {shape} message did not save")
@@ -184,7 +187,8 @@ class Paths:
             (store._open.sha, *store.open_call(pair, _message_sid(2, pair), secrets.token_hex(8)))
             for pair in self.pairs
         ]
-        if any(reply[0] != "dup" for reply in self._measured("open_redelivery", again)):
+        replies = self._measured("open_redelivery", again)
+        if any(getattr(decode_turn("", reply), "answered", None) is None for reply in replies):
             raise RuntimeError("OPEN did not recognise a redelivery")
         return self.figures
 
@@ -206,7 +210,7 @@ def per_message(client: redis.Redis, store: ConversationStore, pairs: list[Conve
                 opened,
                 sid=sids[pair.member],
                 state="{}",
-                fresh=message == 1,
+                is_new=message == 1,
                 message_sid=_message_sid(message, pair),
                 answer=_reply(message),
             )

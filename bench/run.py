@@ -48,10 +48,11 @@ from bench import profile as bench_profile
 from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
-from service.conversations import ConversationStore, Opened, now_ms
+from service.clock import now_ms
 from service.keys import Keys
 from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
+from service.store import ConversationStore, Opened
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.replies import count_reply, thanks
@@ -260,7 +261,7 @@ def stored_counts(client: redis.Redis, pairs: list[str]) -> dict[str, int]:
     keys = Keys()
     pipe = client.pipeline(transaction=False)
     for sender in pairs:
-        pipe.hget(keys.conversation(sender, RECIPIENT).state, "seq")
+        pipe.hget(keys.conversation(sender, RECIPIENT).conversation, "seq")
     return {sender: int(raw or 0) for sender, raw in zip(pairs, pipe.execute())}
 
 
@@ -527,7 +528,7 @@ def _memory_run(
                     opened,
                     sid=sids[pair.member],
                     state="{}",
-                    fresh=message == 1,
+                    is_new=message == 1,
                     message_sid=message_sid,
                     answer="t" + reply,
                 )
@@ -537,7 +538,7 @@ def _memory_run(
                 raise RuntimeError("SAVE did not save every conversation")
         if message in (1, messages):
             used = client.info("memory")["used_memory"]
-            sample = pairs[0].state
+            sample = pairs[0].conversation
             figures[message] = {
                 "conversations": conversations,
                 "messages": message,
@@ -545,7 +546,7 @@ def _memory_run(
                 "bytes_per_conversation": (used - baseline) / conversations,
                 "hash_encoding": client.object("encoding", sample),
                 "hash_memory_usage": client.memory_usage(sample),
-                "index_encoding": client.object("encoding", pairs[0].active),
+                "index_encoding": client.object("encoding", pairs[0].index_shard),
                 # its 'started' event, kept EVENTS_RETENTION whether it lives on or not
                 "events_bytes_per_conversation": (client.memory_usage(keys.events, samples=0) or 0)
                 / conversations,

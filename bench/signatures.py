@@ -37,6 +37,7 @@ from werkzeug.wrappers import Request
 from service import accounts, create_app, signature
 from service.simulator import TwilioSimulator
 from service.webhook import _parsed
+from service.wiring import current
 
 URL = "https://sms.example.com/sms"
 ACCOUNTS = 1000
@@ -121,7 +122,7 @@ def main() -> None:
     body = environ.pop("body")
 
     def check(app):
-        refusal = signature.check(app).refusal
+        refusal = current(app).signature.refusal
         return lambda request: _must_pass(refusal(request, fields, sids[chosen]))
 
     validator = RequestValidator(f"token-{chosen:04}")

@@ -5,9 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from . import (
-    callers,
     console,
-    conversations,
     health,
     lifecycle,
     limits,
@@ -19,8 +17,11 @@ from . import (
     settings,
     signature,
     webhook,
+    wiring,
 )
 from . import handler as handlers
+from .accounts import Accounts
+from .callers import Callers
 from .handler import Conversation, EndHook, Handler, Message
 
 __all__ = ["Conversation", "Message", "check_environment", "create_app"]
@@ -39,14 +40,15 @@ def create_app(
     settings.init_app(app, test_config)
     logs.init_app(app)  # after the settings: it needs LOG_FORMAT
     limits.init_app(app)
-    redis_client.init_app(app)
-    metrics.init_app(app)
-    callers.init_app(app)
-    handlers.init_app(app, handler, on_end)
-    conversations.init_app(app)
-    lifecycle.init_app(app)
+    redis = redis_client.init_app(app)
+    callers = Callers.from_file(app.config["CALLERS_FILE"])
+    handle, end_hook = handlers.choose(app.config, handler, on_end)
     webhook.init_app(app)  # before signature's ProxyFix, so that its layer sees the client's address
-    signature.init_app(app)
+    known = Accounts.from_config(app.config)
+    signature.init_app(app, known)
+    wired = wiring.init_app(app, redis, callers, handle, end_hook, known)
+    metrics.init_app(app, wired.metrics)
+    lifecycle.init_app(app)
     responses.init_app(app)
     health.init_app(app)
     ops.init_app(app)
@@ -62,6 +64,6 @@ def check_environment() -> dict:
     redis_client.check(config)
     if config["APP_ENV"] == "production":  # in development each worker warns instead
         redis_client.check_credentials(config)
-    callers.Callers.from_file(config["CALLERS_FILE"])
+    Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])
     return config

@@ -17,7 +17,7 @@ Two settings say which, never both (``settings.check``):
 A request carrying ``X-Twilio-Webhooks-Signature-Settings`` is signed with a SharedKey secret,
 chosen by the header's key id among its account's ``shared_keys``, not with an auth token.
 
-The API other modules use: ``current(app)`` is the app's ``Accounts``; ``Accounts.account(sid)``
+The API other modules use: the app's ``Accounts`` is its wiring's ``accounts``; ``Accounts.account(sid)``
 the ``Account`` that answers an AccountSid (its ``tokens``, ``shared_keys``, ``auth_token``);
 ``Accounts.auth_token(sid)`` the auth token the REST API takes for that account.
 """
@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-
-from flask import Flask, current_app
 
 ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
 KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -204,11 +202,3 @@ def _account(sid: str, entry: Any, where: str) -> Account:
             raise ValueError(f"{where}a shared key id is not 1 to 64 letters, digits, '_', '.' or '-'")
     keys = {key_id: Secret(key_id, secret) for key_id, secret in shared.items()}
     return Account(sid, _tokens(found), MappingProxyType(keys))
-
-
-def init_app(app: Flask) -> None:
-    app.extensions["sms.accounts"] = Accounts.from_config(app.config)
-
-
-def current(app: Flask | None = None) -> Accounts:
-    return (app or current_app).extensions["sms.accounts"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from flask import Flask, current_app
-
 from .settings import ConfigError
 
 UNKNOWN = "Friend"
@@ -29,11 +27,3 @@ class Callers:
     def name(self, address: str) -> str:
         """The name of a sender, by its number (``whatsapp:+1555…`` is ``+1555…``)."""
         return self.names.get(address.rpartition(":")[2], UNKNOWN)
-
-
-def directory(app: Flask | None = None) -> Callers:
-    return (app or current_app).extensions["sms.callers"]
-
-
-def init_app(app: Flask) -> None:
-    app.extensions["sms.callers"] = Callers.from_file(app.config["CALLERS_FILE"])

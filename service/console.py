@@ -1,7 +1,7 @@
 """The operators' console at ``/console/``: live conversations to look at, search and end.
 
 Server-rendered pages over the same operators' view as the CLI and the JSON API
-(``conversations.active()``): count, list, search, show and end have one implementation.
+(``wiring.current().live``): count, list, search, show and end have one implementation.
 Off until ``OPS_TOKEN`` is set: then no route exists, so every method answers 404.
 
 Each safeguard, and why:
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
-from . import lifecycle
-from .active import BadCursor, BadSearch, iso
-from .conversations import active, now_ms
+from .clock import now_ms
+from .live import BadCursor, BadSearch, iso
 from .ops import DEFAULT_LIMIT
+from .wiring import current
 
 log = logging.getLogger(__name__)
 bp = Blueprint(
@@ -165,10 +165,10 @@ def index():
     context = {"query": query, "ended": request.args.get("ended") == "1", **overview()}
     try:
         if query:
-            found = active().search(query, DEFAULT_LIMIT + 1)
+            found = current().live.search(query, DEFAULT_LIMIT + 1)
             context.update(conversations=found[:DEFAULT_LIMIT], more=len(found) > DEFAULT_LIMIT)
         else:
-            listed = active().page(DEFAULT_LIMIT, cursor)
+            listed = current().live.page(DEFAULT_LIMIT, cursor)
             context.update(
                 conversations=listed.conversations, next_cursor=listed.next_cursor, paged=cursor is not None
             )
@@ -198,7 +198,7 @@ def conversation():
             title="Which conversation?",
             message="A conversation is named by its two numbers, from and to.",
         )
-    found = active().get(sender, recipient)
+    found = current().live.get(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
     state = json.dumps(found.state, indent=2, sort_keys=True, ensure_ascii=False)
@@ -209,18 +209,18 @@ def conversation():
 def end():
     """The same end as ``conversations expire`` and ``DELETE /ops/conversations/…``."""
     sender, recipient = request.form.get("from", ""), request.form.get("to", "")
-    if not (sender and recipient and active().end(sender, recipient)):
+    if not (sender and recipient and current().live.end(sender, recipient)):
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
     return redirect(url_for("console.index", ended=1), 303)
 
 
 def overview() -> dict:
     """What the overview shows: live now, the last hour's lifecycle, the sampled charts and
-    the conversations that ended last (``lifecycle.history()``)."""
-    history, now = lifecycle.history(), now_ms()
+    the conversations that ended last (``wiring.current().history``)."""
+    history, now = current().history, now_ms()
     samples = history.samples(now - CHART_HOURS * 3600_000)
     return {
-        "live": active().count(),
+        "live": current().live.count(),
         "last_hour": history.stats(),
         "per_minute": samples[-1].messages if samples else None,
         "charts": [

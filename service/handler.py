@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
-from flask import Flask, current_app
 from flask_session.base import ServerSideSession
 from twilio.twiml.messaging_response import MessagingResponse
 
@@ -150,20 +149,13 @@ def load(spec: str) -> Handler:
     return handler
 
 
-def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None = None) -> None:
+def choose(
+    config: Mapping[str, Any], handler: Handler | None = None, on_end: EndHook | None = None
+) -> tuple[Handler, EndHook | None]:
     """``handler`` if given, else ``SMS_HANDLER`` (the counter by default); ``on_end`` if given,
     else the handler's module's ``on_end`` function, if it has one."""
-    handler = handler or load(app.config["SMS_HANDLER"])
+    handler = handler or load(config["SMS_HANDLER"])
     if on_end is None:
         found = getattr(sys.modules.get(getattr(handler, "__module__", "")), "on_end", None)
         on_end = found if callable(found) else None
-    app.extensions["sms.handler"] = handler
-    app.extensions["sms.on_end"] = on_end
-
-
-def current(app: Flask | None = None) -> Handler:
-    return (app or current_app).extensions["sms.handler"]
-
-
-def end_hook(app: Flask | None = None) -> EndHook | None:
-    return (app or current_app).extensions["sms.on_end"]
+    return handler, on_end

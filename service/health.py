@@ -16,10 +16,9 @@ import logging
 import redis
 from flask import Blueprint, Flask
 
-from . import conversations, redis_client
 from .logs import report
-from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
+from .wiring import current
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
@@ -32,13 +31,14 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    key = conversations.keys().readiness
+    wired = current()
+    key = wired.keys.readiness
     try:
-        client = redis_client.client()
+        client = wired.redis
         client.set(key, "1", px=1000)  # SET is refused under OOM (DEL alone would not be)
         client.delete(key)
     except UNAVAILABLE as error:
-        count_redis_error()
+        wired.metrics.count_redis_error()
         report(log, f"not ready: Redis {refusal(error)}")
         return {"status": "unavailable", "redis": refusal(error)}, 503
     return {"status": "ready"}

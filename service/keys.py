@@ -1,24 +1,46 @@
-"""Every Redis key name the service uses, and nothing else.
+"""Every Redis key name the service uses, and nothing else: the key schema, written here only
+(docs/design.md links here; tests/test_keys.py checks that a realistic run writes exactly
+these keys).
 
 A conversation is the pair (From, To). Its keys, and the index shard that lists it, carry the
-same hash tag: the last two digits of the sender's number (``{07}`` for +15551230007). One Lua
-script can therefore touch all of them, on a single Redis as on a Cluster, and an operator in
-redis-cli can work the tag out by eye. There are 100 tags, so the active-conversation index is
-100 sorted sets that count and list merge.
+same hash tag: the last two ASCII digits of the sender's number (``{07}`` for +15551230007).
+One Lua script can therefore touch all of them, on a single Redis as on a Cluster, and an
+operator in redis-cli can work the tag out by eye. There are 100 tags, so the index of live
+conversations is 100 sorted sets that count and list merge. ``<prefix>`` is
+``REDIS_KEY_PREFIX`` (``sms:``).
 
-    <prefix>conv:{07}:+15551230007|+15550001111     hash: the conversation (docs/design.md)
-    <prefix>lock:{07}:+15551230007|+15550001111     string: the holder's token, short PX expiry
-    <prefix>queue:{07}:+15551230007|+15550001111    zset: waiting messages' tokens by ticket
-    <prefix>waiters:{07}:+15551230007|+15550001111  hash: waiting token → ms until which it waits
-    <prefix>wake:{07}:+15551230007|+15550001111:<token>  list: a waiter's turn (a save's: the lock, as JSON)
-    <prefix>active:{07}                            zset: member "<from>|<to>", score expiry in ms
-    <prefix>minutes:{07}                           hash: <minute><code> → that minute's tally
-    <prefix>ending:{07}                            hash: conversation id → its final state, for the end hook
-    <prefix>events                                stream: lifecycle events (started, ended)
-    <prefix>outbox:{07}                            stream: a Cluster's events on their way to <prefix>events
-    <prefix>samples                               stream: per minute, live conversations and messages
-    <prefix>sweeper                               string: the sweeping process's lease
-    <prefix>ready                                 string: /readyz's write probe, deleted at once
+Key (example)                                        Type and what it holds
+---------------------------------------------------  ------------------------------------------
+<prefix>conv:{07}:+15551230007|+15550001111          hash: the conversation (below)
+<prefix>lock:{07}:+15551230007|+15550001111          string, PX LOCK_TTL: the token of the message
+                                                     being handled, '+' after it while others wait
+<prefix>queue:{07}:+15551230007|+15550001111         zset: waiting messages' tokens by ticket
+<prefix>waiters:{07}:+15551230007|+15550001111       hash: waiting token -> ms until which it waits
+<prefix>wake:{07}:+15551230007|+15550001111:<token>  list, PX: a waiting message's turn, popped at
+                                                     once: a save's, OPEN's reply as JSON; a
+                                                     release's, '1' (ask again)
+<prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
+                                                     score its end (last message + TTL, ms)
+<prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
+                                                     (service/store/tally.lua)
+<prefix>ending:{07}                                  hash: conversation id -> the end hook's
+                                                     payload (service/store/ending.lua), until
+                                                     the hook ran
+<prefix>events                                       stream: lifecycle events (started, ended)
+<prefix>outbox:{07}                                  stream: a Cluster's events on their way to
+                                                     <prefix>events
+<prefix>samples                                      stream: per minute, live conversations and
+                                                     messages
+<prefix>sweeper                                      string: the sweeping process's lease
+<prefix>ready                                        string: /readyz's write probe, deleted at once
+
+A token is ``<MessageSid>;<16 hex digits>``. The conversation's hash holds ``sid`` (its id),
+``state`` (JSON), ``seq`` (its messages), ``first_seen`` and ``last_seen`` (epoch ms, Redis'
+clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
+``REDELIVERY_WINDOW`` (the answer as service/responses.py stores it), and ``answers`` =
+``<oldest one's ms> <how many>`` while more than one is kept (with one, it is the last
+message's, at ``last_seen``). It expires a day after the conversation's end while live; once
+ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
@@ -133,12 +155,26 @@ class ConversationKeys(NamedTuple):
     sender: str
     recipient: str
     member: str
-    state: str
+    conversation: str  # its hash (<prefix>conv:{NN}:<from>|<to>)
     lock: str
     queue: str
     waiters: str
     wake: str  # a waiter's wake-up list is this followed by its token
-    active: str  # the index shard that lists it (<prefix>active:{NN}, Keys.index); member is its entry
+    index_shard: str  # the index shard that lists it (<prefix>active:{NN}, Keys.index); member is its entry
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+
+    def in_order(self) -> list[str]:
+        """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
+        return [
+            self.conversation,
+            self.lock,
+            self.queue,
+            self.waiters,
+            self.wake,
+            self.index_shard,
+            self.events,
+            self.ending,
+            self.minutes,
+        ]

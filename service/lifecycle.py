@@ -18,205 +18,24 @@ import logging
 import re
 import secrets
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from flask.cli import ScriptInfo, with_appcontext
 
-from . import conversations, handler, metrics, redis_client
-from .active import iso
-from .conversations import now_ms
-from .handler import END_REASONS, Conversation, EndHook
-from .keys import Keys
-from .redis_client import UNAVAILABLE, Client
+from .clock import now_ms
+from .handler import Conversation, EndHook
+from .history import Ending, Event
+from .redis_client import UNAVAILABLE
+from .store import decode_state
+from .wiring import current
 
 log = logging.getLogger(__name__)
 
 DUE_PER_SHARD = 200  # conversations one sweep ends per index shard (the rest, next sweep)
 RELAY_PER_SHARD = 500
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
-READ_BATCH = 1000
-# The per-minute tallies the scripts keep per tag (sms:minutes:{NN}), and their codes there
-# (field ``<minute><code>``, as the `count` helper of service/conversations.py's scripts says).
-TALLY = ("messages", "started", *END_REASONS, "duration_ms", "ended_messages")
-TALLY_CODES = "mseoxhdn"
-TALLIED = re.compile(r"([0-9]+)([a-z])")
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of the events stream."""
-
-    id: str
-    type: str  # started | ended
-    sender: str
-    recipient: str
-    messages: int
-    started_at: int  # epoch ms
-    conversation: str
-    reason: str | None = None  # ended: expired | operator | opt-out | handler
-    ended_at: int | None = None
-
-    @classmethod
-    def parse(cls, entry_id: str, fields: dict[str, str]) -> Event:
-        return cls(
-            id=entry_id,
-            type=fields.get("type", ""),
-            sender=fields.get("from", ""),
-            recipient=fields.get("to", ""),
-            messages=_int(fields.get("messages")),
-            started_at=_int(fields.get("started_at")),
-            conversation=fields.get("conversation", ""),
-            reason=fields.get("reason"),
-            ended_at=_int(fields["ended_at"]) if "ended_at" in fields else None,
-        )
-
-    @property
-    def duration_s(self) -> float | None:
-        return (self.ended_at - self.started_at) / 1000 if self.ended_at is not None else None
-
-    def to_json(self) -> dict[str, Any]:
-        data = {
-            "id": self.id,
-            "type": self.type,
-            "from": self.sender,
-            "to": self.recipient,
-            "messages": self.messages,
-            "started_at": self.started_at,
-            "conversation": self.conversation,
-        }
-        if self.type == "ended":
-            data.update(reason=self.reason, ended_at=self.ended_at)
-        return data
-
-    def line(self) -> str:
-        """One human-readable line (``sms-sessions events``)."""
-        at = iso(int(self.id.split("-")[0]))
-        text = f"{at}  {self.type:<7}  {self.sender} → {self.recipient}  messages={self.messages}"
-        if self.type == "ended":
-            text += f"  reason={self.reason}  lasted={_duration(self.duration_s or 0)}"
-        return text
-
-
-@dataclass(frozen=True)
-class Sample:
-    at: int  # epoch ms
-    live: int
-    messages: int  # saved in the minute before ``at``
-
-
-def _int(value: str | None) -> int:
-    return int(value) if value and value.isdigit() else 0
-
-
-def _duration(seconds: float) -> str:
-    return str(timedelta(seconds=round(seconds)))
-
-
-class History:
-    """Reads the events and samples streams, and the per-tag minute tallies."""
-
-    def __init__(self, client: Client, keys: Keys):
-        self.client = client
-        self.keys = keys
-
-    def since(self, start_ms: int) -> Iterator[Event]:
-        """Every event from ``start_ms`` on, oldest first, read in batches."""
-        lowest = str(start_ms)
-        while True:
-            batch = self.client.xrange(self.keys.events, lowest, "+", count=READ_BATCH)
-            for entry_id, fields in batch:
-                yield Event.parse(entry_id, fields)
-            if len(batch) < READ_BATCH:
-                return
-            lowest = "(" + batch[-1][0]
-
-    def recent(self, limit: int = 50, kind: str = "ended") -> list[Event]:
-        """The last ``limit`` events of one type, newest first (reads at most 20 × limit)."""
-        found: list[Event] = []
-        highest = "+"
-        for _ in range(20):
-            batch = self.client.xrevrange(self.keys.events, highest, "-", count=limit)
-            found += [event for event in (Event.parse(i, f) for i, f in batch) if event.type == kind]
-            if len(found) >= limit or len(batch) < limit:
-                break
-            highest = "(" + batch[-1][0]
-        return found[:limit]
-
-    def stats(self) -> dict[str, Any]:
-        """The last hour: conversations started and ended (by reason), and the ended ones'
-        average duration and messages, from each tag's per-minute tallies (100 reads,
-        whatever the traffic)."""
-        totals = [0] * len(TALLY)
-        minute = now_ms() // 60000
-        for tally in self.minute_tallies(minute - 59, minute):
-            totals = [total + value for total, value in zip(totals, tally)]
-        figures = dict(zip(TALLY, totals))
-        ended = {reason: figures[reason] for reason in END_REASONS if figures[reason]}
-        count = sum(ended.values())
-        return {
-            "started": figures["started"],
-            "ended": ended,
-            "average_duration_s": round(figures["duration_ms"] / count / 1000, 1) if count else None,
-            "average_messages": round(figures["ended_messages"] / count, 2) if count else None,
-        }
-
-    def minute_tallies(self, first: int, last: int) -> Iterator[list[int]]:
-        """Every tag's tallies (in ``TALLY``'s order) of the minutes ``first`` to ``last``.
-
-        A tag's hash holds one field per minute and tally, ``<minute><code>`` (``TALLY_CODES``);
-        an earlier version wrote one record per minute, ``minute % 60`` = ``"<minute> <the
-        tallies in TALLY's order>"``, read here too until the scripts clear it.
-        """
-        pipe = self.client.pipeline(transaction=False)
-        for shard in self.keys.shards():
-            pipe.hgetall(self.keys.minutes(shard))
-        for fields in pipe.execute():
-            by_minute: dict[int, list[int]] = {}
-            for field, value in fields.items():
-                counted = TALLIED.fullmatch(field)
-                if counted and value.isdigit():
-                    minute, code = int(counted[1]), counted[2]
-                    if first <= minute <= last and code in TALLY_CODES:
-                        by_minute.setdefault(minute, [0] * len(TALLY))[TALLY_CODES.index(code)] += int(value)
-                elif field.isdigit():  # an earlier version's record
-                    numbers = value.split()
-                    if len(numbers) == len(TALLY) + 1 and all(n.isdigit() for n in numbers):
-                        minute, *tally = (int(n) for n in numbers)
-                        if first <= minute <= last:
-                            yield tally
-            yield from by_minute.values()
-
-    def messages_in(self, minute: int) -> int:
-        """Messages saved in ``minute`` over every tag: one field of each tag's tallies (and an
-        earlier version's record of that minute), not the whole hour ``minute_tallies`` reads."""
-        pipe = self.client.pipeline(transaction=False)
-        for shard in self.keys.shards():
-            pipe.hmget(self.keys.minutes(shard), f"{minute}m", str(minute % 60))
-        total = 0
-        for counted, record in pipe.execute():
-            if counted and counted.isdigit():
-                total += int(counted)
-            numbers = (record or "").split()
-            old = len(numbers) == len(TALLY) + 1 and all(n.isdigit() for n in numbers)
-            if old and int(numbers[0]) == minute:  # an earlier version's record: messages first
-                total += int(numbers[1])
-        return total
-
-    def samples(self, since_ms: int) -> list[Sample]:
-        entries = self.client.xrange(self.keys.samples, str(since_ms), "+")
-        return [
-            Sample(int(i.split("-")[0]), _int(f.get("live")), _int(f.get("messages"))) for i, f in entries
-        ]
-
-    def follow(self, after: str, block_ms: int = 5000) -> list[Event]:
-        """Events after the id ``after``, waiting up to ``block_ms`` for one."""
-        reply = self.client.xread({self.keys.events: after}, block=block_ms, count=READ_BATCH)
-        return [Event.parse(i, f) for _, entries in reply for i, f in entries]
 
 
 class Sweeper:
@@ -226,14 +45,13 @@ class Sweeper:
 
     def __init__(self, app: Flask):
         self.app = app
-        self.client = redis_client.client(app)
-        self.keys = conversations.keys(app)
-        self.store = conversations.store(app)
-        self.on_end = handler.end_hook(app)
+        self.wired = wired = current(app)
+        self.client, self.keys, self.store, self.on_end = wired.redis, wired.keys, wired.store, wired.on_end
         self.interval = app.config["SWEEP_INTERVAL"]
         self.retention_ms = app.config["EVENTS_RETENTION"] * 1000
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
+        self.unreadable: set[str] = set()  # end hook entries reported as unreadable
 
     def sweep(self) -> int:
         """One pass; returns how many conversations it ended."""
@@ -254,7 +72,7 @@ class Sweeper:
         due = [self.keys.from_member(member) for members in pipe.execute() for member in members]
         ended = self.store.expire(due, cluster=self.keys.cluster) if due else 0
         if ended:
-            metrics.current().conversations_ended.labels("expired").inc(ended)
+            self.wired.metrics.conversations_ended.labels("expired").inc(ended)
         return ended
 
     def _relay(self) -> None:
@@ -277,24 +95,38 @@ class Sweeper:
             if ending and not self._holds_lease():
                 return  # another sweeper took over; it runs what is left
             for conversation_id, raw in ending.items():
-                self._call_hook(hook, conversation_id, raw)
+                ended = Ending.decode(raw)
+                if ended is None:
+                    self._report_unreadable(conversation_id)
+                    continue
+                self._call_hook(hook, conversation_id, ended)
                 self.client.hdel(self.keys.ending(shard), conversation_id)
 
-    def _call_hook(self, hook: EndHook, conversation_id: str, raw: str) -> None:
-        try:
-            sender, recipient, reason, messages, started_at, ended_at, state = json.loads(raw)
-            final = Conversation(
-                conversations.decode_state(state) or {},
-                sid=conversation_id,
-                sender=sender,
-                recipient=recipient,
-                messages=_int(messages),
-                started_at=_moment(_int(started_at)),
+    def _report_unreadable(self, conversation_id: str) -> None:
+        """An entry this version cannot read is left for one that can (a rolling deploy's
+        other version) or for an operator, and reported once per process: it is neither the
+        developer's hook failing nor lost."""
+        if conversation_id not in self.unreadable:
+            self.unreadable.add(conversation_id)
+            log.error(
+                "end hook not run: the payload of conversation %s is unreadable; left in place",
+                conversation_id,
             )
-            final.ended_at = _moment(_int(ended_at))
-            hook(final, reason)
+
+    def _call_hook(self, hook: EndHook, conversation_id: str, ended: Ending) -> None:
+        try:
+            final = Conversation(
+                decode_state(ended.state) or {},
+                sid=conversation_id,
+                sender=ended.sender,
+                recipient=ended.recipient,
+                messages=ended.messages,
+                started_at=_moment(ended.started_at),
+            )
+            final.ended_at = _moment(ended.ended_at)
+            hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
-            metrics.current().end_hook_failures.inc()
+            self.wired.metrics.end_hook_failures.inc()
             log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)
 
     def _sample(self) -> None:
@@ -303,8 +135,8 @@ class Sweeper:
         last = self.client.xrevrange(self.keys.samples, "+", "-", count=1)
         if last and int(last[0][0].split("-")[0]) // 60000 == now // 60000:
             return
-        messages = history(self.app).messages_in(now // 60000 - 1)
-        live = conversations.active(self.app).count()
+        messages = self.wired.history.messages_in(now // 60000 - 1)
+        live = self.wired.live.count()
         self.client.xadd(
             self.keys.samples, {"live": live, "messages": messages}, maxlen=SAMPLES_KEPT, approximate=True
         )
@@ -338,10 +170,6 @@ class Sweeper:
 
 def _moment(epoch_ms: int) -> datetime:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC)
-
-
-def history(app: Flask | None = None) -> History:
-    return (app or current_app).extensions["sms.history"]
 
 
 def start_sweeper(app: Flask) -> Sweeper:
@@ -384,11 +212,11 @@ def events_command(since, follow, as_json):
 
     try:
         last = f"{now_ms() - seconds * 1000}-0"
-        for event in history().since(now_ms() - seconds * 1000):
+        for event in current().history.since(now_ms() - seconds * 1000):
             show(event)
             last = event.id
         while follow:
-            for event in history().follow(last):
+            for event in current().history.follow(last):
                 show(event)
                 last = event.id
     except UNAVAILABLE as failure:
@@ -403,6 +231,5 @@ def sweep_command():
 
 
 def init_app(app: Flask) -> None:
-    app.extensions["sms.history"] = History(redis_client.client(app), conversations.keys(app))
     app.cli.add_command(events_command)
     app.cli.add_command(sweep_command)

@@ -14,18 +14,16 @@ import os
 from collections.abc import Callable
 from enum import StrEnum
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import conversations, lifecycle
 from .handler import END_REASONS
 from .logs import report
 from .redis_client import UNAVAILABLE
 
 log = logging.getLogger(__name__)
-bp = Blueprint("metrics", __name__)
 
 
 class Outcome(StrEnum):
@@ -49,15 +47,17 @@ class StoreGauges:
     conversations (the operators' count) and the last hour's ended conversations (from the
     events stream)."""
 
-    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict]):
+    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict], on_error: Callable[[], None]):
+        """``on_error`` hears of each Redis error a scrape met."""
         self.count = count
         self.last_hour = last_hour
+        self.on_error = on_error
 
     def collect(self):
         try:
             count, last_hour = self.count(), self.last_hour()
         except UNAVAILABLE as error:
-            count_redis_error()
+            self.on_error()
             report(log, f"conversations not counted: Redis {type(error).__name__}")
             return
         yield GaugeMetricFamily(
@@ -80,10 +80,12 @@ class StoreGauges:
 class Metrics:
     """The service's metrics; in multiprocess mode they live in files, not in a registry."""
 
-    def __init__(self, gauges: StoreGauges, multiprocess: bool):
+    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict], multiprocess: bool):
+        """``count`` and ``last_hour``: the gauges' readings (the operators' count, the last
+        hour's stats), read when scraped."""
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
-        self.active = gauges
+        self.active = StoreGauges(count, last_hour, self.count_redis_error)
         if registry is not None:  # first, so that a scrape reports its own Redis error
             registry.register(self.active)
         self.messages = Counter(
@@ -132,6 +134,10 @@ class Metrics:
         for source in SOURCES:
             self.redis_errors.labels(source)
 
+    def count_redis_error(self) -> None:
+        """Counts a failed Redis call under the blueprint of the request that made it."""
+        self.redis_errors.labels(request.blueprint or "app").inc()
+
     def scrape_registry(self) -> CollectorRegistry:
         if self.registry is not None:
             return self.registry
@@ -141,25 +147,19 @@ class Metrics:
         return registry
 
 
-def current(app: Flask | None = None) -> Metrics:
-    return (app or current_app).extensions["sms.metrics"]
+def init_app(app: Flask, metrics: Metrics) -> None:
+    """Serves ``metrics`` at ``/metrics`` (blueprint ``metrics``: a scrape's Redis errors count
+    under that source)."""
+    bp = Blueprint("metrics", __name__)
 
+    @bp.get("/metrics")
+    def scrape():
+        registry = metrics.scrape_registry()
+        return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-def count_redis_error() -> None:
-    """Counts a failed Redis call under the blueprint of the request that made it."""
-    current().redis_errors.labels(request.blueprint or "app").inc()
-
-
-@bp.get("/metrics")
-def metrics():
-    registry = current().scrape_registry()
-    return Response(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def init_app(app: Flask) -> None:
-    # The gauge counts through the operators' view, looked up when scraped.
-    gauges = StoreGauges(lambda: conversations.active().count(), lambda: lifecycle.history().stats())
-    app.extensions["sms.metrics"] = Metrics(
-        gauges, multiprocess=bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    )
     app.register_blueprint(bp)
+
+
+def multiprocess() -> bool:
+    """Whether metrics live in files shared by the workers (``PROMETHEUS_MULTIPROC_DIR``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

@@ -1,7 +1,7 @@
 """Operators' JSON API under ``/ops`` and ``sms-sessions conversations`` (the console,
 ``console.py``, is the third way in).
 
-Both read the same ``ActiveConversations`` and print the same JSON objects. The API is off
+Both read the same ``LiveConversations`` and print the same JSON objects. The API is off
 until ``OPS_TOKEN`` is set (no route at all: 404 whatever the method, so nothing reveals it)
 and then wants ``Authorization: Bearer <OPS_TOKEN>``. It never opens a conversation's
 session: the session interface binds only in the webhook.
@@ -20,10 +20,9 @@ import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
 
-from . import lifecycle
-from .active import BadCursor, Conversation
-from .conversations import active
+from .live import BadCursor, LiveConversation
 from .redis_client import UNAVAILABLE
+from .wiring import current
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__, url_prefix="/ops")
@@ -50,7 +49,7 @@ def error(status: int, reason: str, headers: dict | None = None):
 def stats():
     """Live and indexed conversations, and the last hour's lifecycle (started, ended by
     reason, the ended ones' average duration and messages)."""
-    return {**active().stats(), "last_hour": lifecycle.history().stats()}
+    return {**current().live.stats(), "last_hour": current().history.stats()}
 
 
 @bp.get("/conversations")
@@ -62,7 +61,7 @@ def conversations():
     if not 1 <= limit <= MAX_LIMIT:
         return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     try:
-        page = active().page(limit, request.args.get("cursor") or None)
+        page = current().live.page(limit, request.args.get("cursor") or None)
     except BadCursor:
         return error(400, "Malformed cursor.")
     return {"conversations": [c.to_json() for c in page.conversations], "next_cursor": page.next_cursor}
@@ -70,7 +69,7 @@ def conversations():
 
 @bp.get("/conversations/<sender>/<recipient>")
 def conversation(sender, recipient):
-    found = active().get(sender, recipient)
+    found = current().live.get(sender, recipient)
     if found is None:
         return error(404, "No live conversation for this pair.")
     return found.to_json(with_state=True)
@@ -78,7 +77,7 @@ def conversation(sender, recipient):
 
 @bp.delete("/conversations/<sender>/<recipient>")
 def end_conversation(sender, recipient):
-    if not active().end(sender, recipient):
+    if not current().live.end(sender, recipient):
         return error(404, "No live conversation for this pair.")
     return {"ended": True, "from": sender, "to": recipient}
 
@@ -115,7 +114,7 @@ def emit(data, text: str, as_json: bool) -> None:
 @json_option
 def count_command(as_json):
     """Number of live conversations."""
-    active_now = run(active().count)
+    active_now = run(current().live.count)
     emit({"active": active_now}, str(active_now), as_json)
 
 
@@ -132,7 +131,7 @@ def count_command(as_json):
 def list_command(limit, cursor, as_json):
     """Live conversations, most recent first, a page at a time."""
     try:
-        page = run(lambda: active().page(limit, cursor))
+        page = run(lambda: current().live.page(limit, cursor))
     except BadCursor:
         raise click.BadParameter("not a cursor this command printed", param_hint="--cursor") from None
     rows = [c.to_json() for c in page.conversations]
@@ -147,7 +146,7 @@ def list_command(limit, cursor, as_json):
 @json_option
 def show_command(sender, recipient, as_json):
     """One conversation with its full session state."""
-    found: Conversation | None = run(lambda: active().get(sender, recipient))
+    found: LiveConversation | None = run(lambda: current().live.get(sender, recipient))
     if found is None:
         unknown(sender, recipient)
     data = found.to_json(with_state=True)
@@ -164,7 +163,7 @@ def show_command(sender, recipient, as_json):
 @json_option
 def expire_command(sender, recipient, as_json):
     """End a conversation now: its next message starts afresh, whatever cookie Twilio sends."""
-    if not run(lambda: active().end(sender, recipient)):
+    if not run(lambda: current().live.end(sender, recipient)):
         unknown(sender, recipient)
     emit(
         {"ended": True, "from": sender, "to": recipient},
@@ -216,7 +215,7 @@ def duration(seconds: int) -> str:
 
 
 def init_app(app: Flask) -> None:
-    active(app).preload()
+    current(app).live.preload()
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
-from flask import Flask, current_app
+from flask import Flask
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
@@ -275,12 +275,9 @@ def check_credentials(config, client: Client | None = None) -> None:
             client.close()
 
 
-def init_app(app) -> None:
-    check(app.config)
-    app.extensions["sms.redis"] = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
-    check_credentials(app.config, client(app))
-
-
-def client(app: Flask | None = None) -> Client:
+def init_app(app: Flask) -> Client:
     """The app's client: ``redis.Redis``, a Sentinel-managed one, or ``RedisCluster``."""
-    return (app or current_app).extensions["sms.redis"]
+    check(app.config)
+    client = connect(app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"])
+    check_credentials(app.config, client)
+    return client

@@ -9,10 +9,10 @@ from flask import Flask, Response
 from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
-from .conversations import ConversationBusy, LockLost
 from .logs import report
-from .metrics import count_redis_error
 from .redis_client import UNAVAILABLE
+from .store import ConversationBusy, LockLost
+from .wiring import current
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def init_app(app: Flask) -> None:
     """Short answers instead of Flask's HTML pages, and 503 for every Redis failure."""
 
     def redis_failed(error):
-        count_redis_error()
+        current().metrics.count_redis_error()
         report(log, f"Redis unavailable: {type(error).__name__}")
         return unavailable()
 

@@ -27,13 +27,12 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie
 
-from . import metrics
-from .conversations import ConversationStore, Opened, decode_state
 from .handler import Conversation, Message
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
-from .metrics import count_redis_error
+from .metrics import Metrics
 from .redis_client import UNAVAILABLE
+from .store import ConversationStore, Opened, decode_state
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -78,7 +77,6 @@ class ConversationSession(Conversation):
         super().__init__(sid=cookie)
         self.interface = interface
         self.binding: Binding | None = None
-        self.fresh = False
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
 
@@ -112,16 +110,16 @@ class ConversationSession(Conversation):
             bound.opened,
             sid=self.sid or "",
             state=state,
-            fresh=self.fresh,
+            is_new=self.is_new,
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
         )
         self.saved = True
-        counters = metrics.current()
+        counters = self.interface.metrics
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
-        if self.fresh and self.end_reason != "opt-out":
+        if self.is_new and self.end_reason != "opt-out":
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
@@ -133,7 +131,7 @@ class ConversationSession(Conversation):
         try:
             self.interface.store.release(bound.keys, bound.opened.token)
         except UNAVAILABLE as error:
-            count_redis_error()
+            self.interface.metrics.count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
         self.settled = True
 
@@ -149,7 +147,6 @@ class ConversationSession(Conversation):
         if state is None or not messages or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
-            self.fresh = True
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
             self.messages = 1
             self.started_at = _moment(opened.now)
@@ -168,10 +165,11 @@ class ConversationSessionInterface(SessionInterface):
 
     serializer = JsonSerializer()
 
-    def __init__(self, store: ConversationStore, keys: Keys, ttl: int):
+    def __init__(self, store: ConversationStore, keys: Keys, ttl: int, metrics: Metrics):
         self.store = store
         self.keys = keys
         self.ttl = ttl
+        self.metrics = metrics
         self._attributes = (0, "")  # (second, the cookie's attributes written in that second)
 
     def get_cookie_name(self, app: Flask) -> str:

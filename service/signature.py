@@ -23,10 +23,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from flask import Flask, Request, current_app
+from flask import Flask, Request
+from prometheus_client import Counter
 from twilio.request_validator import (
     HMAC_SHA1,
     SIGNATURE_HEADER,
@@ -36,7 +38,7 @@ from twilio.request_validator import (
 from werkzeug.exceptions import BadRequest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import accounts, logs, metrics
+from . import logs
 from .accounts import ACCOUNT_SID, DIGESTS, KEY_ID, Accounts, Secret
 
 log = logging.getLogger(__name__)
@@ -183,13 +185,13 @@ class SignatureCheck:
     that header's algorithm. Any signed route uses it (the webhook; Twilio's status callbacks
     are signed the same way)."""
 
-    def __init__(self, app: Flask):
-        self.enabled = app.config["TWILIO_VALIDATE_SIGNATURE"]
-        self.accounts = accounts.current(app)
-        self.public_base_url = app.config["PUBLIC_BASE_URL"]
-        counter = metrics.current(app).signature_keys
+    def __init__(self, config: Mapping[str, Any], known: Accounts, used: Counter):
+        """``known``: the accounts whose keys validate; ``used`` counts each key that did."""
+        self.enabled = config["TWILIO_VALIDATE_SIGNATURE"]
+        self.accounts = known
+        self.public_base_url = config["PUBLIC_BASE_URL"]
         # Each label's child made once (labels() takes a lock and builds a key per call).
-        self.used = {label: counter.labels(label) for label in sorted(self.accounts.labels())}
+        self.used = {label: used.labels(label) for label in sorted(known.labels())}
 
     def refusal(self, request: Request, fields, account_sid: str | None) -> str | None:
         """Why the request's signature is refused (the reason its 403 gives), or None when it
@@ -250,8 +252,8 @@ def _unknown(known: Accounts, account_sid: str | None) -> str:
     return "missing or malformed AccountSid"
 
 
-def init_app(app: Flask) -> None:
-    accounts.init_app(app)  # the check's keys (the outbound sender will read them too)
+def init_app(app: Flask, known: Accounts) -> None:
+    """Rebuilds the signed URL behind trusted proxies; warns when nothing can be validated."""
     hops = app.config["TRUSTED_PROXY_HOPS"]
     if hops:
         # Flask's documented way to wrap its WSGI app (mypy sees a method being replaced).
@@ -260,11 +262,5 @@ def init_app(app: Flask) -> None:
         )
     if not app.config["TWILIO_VALIDATE_SIGNATURE"]:
         log.warning("TWILIO_VALIDATE_SIGNATURE is off: anyone can post messages. Local development only.")
-    elif not any(accounts.current(app)):
+    elif not any(known):
         log.warning("TWILIO_AUTH_TOKEN is not set (nor TWILIO_ACCOUNTS): every webhook is refused with 403.")
-    app.extensions["sms.signature"] = SignatureCheck(app)
-
-
-def check(app: Flask | None = None) -> SignatureCheck:
-    """The app's check (``app`` saves the webhook a lookup of ``current_app``)."""
-    return (app or current_app).extensions["sms.signature"]

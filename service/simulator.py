@@ -21,6 +21,7 @@ import requests
 from twilio.request_validator import RequestValidator
 
 from . import accounts
+from .wiring import current
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -152,7 +153,7 @@ class TwilioSimulator:
     def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:
         """Talks to ``app`` in-process (Flask's test client), as its first account: signing
         with that account's primary auth token, sending its AccountSid (when it has one)."""
-        account = next(iter(accounts.current(app)), None)
+        account = next(iter(current(app).accounts), None)
         if account is None:
             return cls(url, None, app=app)
         return cls(url, account.auth_token, app=app, account_sid=account.sid)

@@ -20,13 +20,13 @@ from flask import Blueprint, Flask, Response, session
 from flask.globals import app_ctx, request_ctx
 from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 
-from . import callers, handler, logs, signature
+from . import handler, logs
 from .handler import Message
 from .masking import mask
 from .metrics import Outcome
-from .metrics import current as current_metrics
 from .responses import http_error, memo, problem, recall, render, twiml
 from .sessions import ConversationSession
+from .wiring import current
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
@@ -178,21 +178,22 @@ def sms():
     sender, recipient = params.get("From", ""), params.get("To", "")
     message_sid = params.get("MessageSid", "")
     logs.annotate(message_sid=message_sid[:MAX_FIELD], **{"from": mask(sender), "to": mask(recipient)})
+    wired = current(app)
     signed = fields if req.method == "POST" else ()  # a GET's fields are in its signed URL
-    refused = signature.check(app).refusal(req, signed, params.get("AccountSid"))
+    refused = wired.signature.refusal(req, signed, params.get("AccountSid"))
     if refused:
         return _refuse(403, refused)
     reason = _problem(sender, recipient, message_sid)
     if reason:
         return _refuse(400, reason)
-    message = Message.from_params(params, callers.directory(app).name(sender))
+    message = Message.from_params(params, wired.callers.name(sender))
 
     conversation = cast(ConversationSession, session).bind(message)  # sessions.py's session
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
         logs.annotate(outcome=Outcome.DUPLICATE)  # Webhook's, for the line and the metric
         return twiml(recall(conversation.answered))
     try:
-        reply = _reply(message, conversation, handler.current(app))
+        reply = _reply(message, conversation, wired.handler)
         answer = render(reply)
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
         conversation.release()
@@ -230,7 +231,7 @@ def _finished(app: Flask, status: int, fields: dict, started: float) -> None:
     """The request's metrics and its one log line, once the response is final."""
     seconds = time.perf_counter() - started
     result = outcome(status, fields.pop("outcome", None))
-    metrics = current_metrics(app)
+    metrics = current(app).metrics
     metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO

@@ -12,6 +12,7 @@ from service import create_app
 from service.accounts import Accounts, Secret
 from service.settings import ConfigError, load
 from service.simulator import TwilioSimulator
+from service.wiring import current
 from tests.support.app import make_app, sign, webhook_params
 from tests.support.prometheus import scrape
 
@@ -141,7 +142,7 @@ def test_accounts_from_a_file(tmp_path, redis_url):
     for n in (0, 500, 999):
         assert post(app, webhook_params(AccountSid=sids[n]), f"token-{n}").status_code == 200
         assert post(app, webhook_params(AccountSid=sids[n]), f"token-{n + 1}").status_code == 403
-    assert app.extensions["sms.accounts"].auth_token(sids[7]) == "token-7"
+    assert current(app).accounts.auth_token(sids[7]) == "token-7"
 
 
 @pytest.mark.parametrize(
@@ -243,7 +244,7 @@ def test_no_secret_in_logs_metrics_or_answers(caplog, tmp_path):
     ops = app.test_client().get("/ops/conversations", headers={"Authorization": "Bearer ops"})
     assert ops.status_code == 200
     answers.append(ops.get_data(as_text=True))
-    written = "\n".join([*answers, caplog.text, repr(app.extensions["sms.accounts"].account(BOB))])
+    written = "\n".join([*answers, caplog.text, repr(current(app).accounts.account(BOB))])
     for secret in SECRETS:
         assert secret not in written
     assert repr(Secret("primary", "alice-new")) == "Secret('primary')"

@@ -71,9 +71,9 @@ def snapshot(redis_client, form) -> tuple:
     keys = KEYS.conversation(str(form.get("From", "")), str(form.get("To", "")))
     return (
         redis_client.dbsize(),
-        redis_client.hgetall(keys.state),
+        redis_client.hgetall(keys.conversation),
         redis_client.exists(keys.lock),
-        redis_client.zscore(keys.active, keys.member),
+        redis_client.zscore(keys.index_shard, keys.member),
     )
 
 
@@ -138,4 +138,4 @@ def test_signed_requests_are_answered_or_refused_never_500(app, redis_client, fo
         return
     assert response.mimetype == "text/xml"
     expected = count if form["MessageSid"] in answered else count + 1  # a redelivery counts once
-    assert int(redis_client.hget(keys.state, "seq")) == expected
+    assert int(redis_client.hget(keys.conversation, "seq")) == expected

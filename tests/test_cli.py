@@ -15,6 +15,7 @@ import pytest
 
 from service.keys import Keys
 from service.ops import duration
+from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, bin_path, hermetic_environment, sms_sessions
@@ -191,8 +192,8 @@ def test_operating_most_recent_recipe_with_empty_tags(redis_url, redis_client):
     for n in range(12):  # tags {01}, {02} and {03} only
         conversation = keys.conversation(f"+1555123{n:02d}{n % 3 + 1:02d}", OURS)
         planted[conversation.member] = now + 60_000 + 1000 * n
-        redis_client.zadd(conversation.active, {conversation.member: planted[conversation.member]})
-    redis_client.zadd(keys.conversation("+15551239903", OURS).active, {"lapsed|+1": now - 1000})
+        redis_client.zadd(conversation.index_shard, {conversation.member: planted[conversation.member]})
+    redis_client.zadd(keys.conversation("+15551239903", OURS).index_shard, {"lapsed|+1": now - 1000})
     script = operating_redis_cli_recipe("The 10 most recent")
     printed = subprocess.run(
         ["bash", "-c", script],
@@ -230,7 +231,7 @@ def test_operating_count_recipe_agrees_with_the_service(redis_url, redis_client)
     printed = run_recipe("Count live conversations", redis_url)
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout == "9\n"
-    assert make_app(REDIS_URL=redis_url).extensions["sms.active"].count() == 9
+    assert current(make_app(REDIS_URL=redis_url)).live.count() == 9
     assert sms_sessions("conversations", "count", REDIS_URL=redis_url).stdout == "9\n"
 
 
@@ -251,4 +252,4 @@ def test_operating_end_one_recipe_lets_the_sweeper_end_it(redis_url, redis_clien
     events = [fields for _, fields in redis_client.xrange(Keys().events)]
     [end] = [e for e in events if e["type"] == "ended"]
     assert (end["from"], end["to"], end["reason"], end["messages"]) == (REY, OURS, "expired", "2")
-    assert app.extensions["sms.active"].count() == 0
+    assert current(app).live.count() == 0

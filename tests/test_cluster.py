@@ -16,6 +16,7 @@ from redis.cluster import RedisCluster
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
+from service.wiring import current
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import OURS
@@ -42,8 +43,8 @@ def cluster_app(redis_cluster):
 def test_scripts_are_preloaded_on_every_primary(cluster_app, redis_cluster):
     import hashlib
 
-    store = cluster_app[0].extensions["sms.store"]
-    scripts = [s.script for s in (store._open, store._save, store._release, store._end, store._expire)]
+    store = current(cluster_app[0]).store
+    scripts = [script.source.text for script in store.scripts]
     shas = [hashlib.sha1(script.encode()).hexdigest() for script in scripts]
     for node in redis_cluster.nodes:
         assert node.client().script_exists(*shas) == [True] * len(scripts)
@@ -56,7 +57,7 @@ def test_conversations_spread_over_every_master(cluster_app, redis_cluster):
         for sender in SENDERS:
             assert twilio.send(sender, OURS, "hi").reply == thanks("Friend")
         assert twilio.send(SENDERS[7], OURS, "again").reply == count_reply("Friend", 2)
-    owners = {client.get_node_from_key(KEYS.conversation(s, OURS).state).port for s in SENDERS}
+    owners = {client.get_node_from_key(KEYS.conversation(s, OURS).conversation).port for s in SENDERS}
     assert owners == {node.port for node in redis_cluster.nodes}
 
 
@@ -98,8 +99,8 @@ def test_concurrent_bursts_over_all_100_tags_keep_exact_counts(cluster_app):
     assert all(sorted(counts) == list(range(1, BURST + 1)) for counts in replies.values())
     for sender in SENDERS:
         keys = KEYS.conversation(sender, OURS)
-        assert client.hget(keys.state, "seq") == str(BURST)
-        assert client.zscore(keys.active, keys.member) is not None  # in its shard's index
+        assert client.hget(keys.conversation, "seq") == str(BURST)
+        assert client.zscore(keys.index_shard, keys.member) is not None  # in its shard's index
     assert sum(client.zcount(index, "-inf", "+inf") for index in KEYS.indexes()) == len(SENDERS)
 
 
@@ -147,8 +148,10 @@ def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, re
     app, client = cluster_app
     sender = SENDERS[7]
     keys = KEYS.conversation(sender, OURS)
-    slot = client.keyslot(keys.state)
-    source = next(n for n in redis_cluster.nodes if n.port == client.get_node_from_key(keys.state).port)
+    slot = client.keyslot(keys.conversation)
+    source = next(
+        n for n in redis_cluster.nodes if n.port == client.get_node_from_key(keys.conversation).port
+    )
     target = next(n for n in redis_cluster.nodes if n is not source)
     ids = {n.port: n.client().execute_command("CLUSTER MYID") for n in (source, target)}
     statuses = []
@@ -167,9 +170,9 @@ def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, re
     assert migrating.status == 503  # the lock key is missing on the source: ASK, then TRYAGAIN
     assert [count_in(d.reply) for d in after] == [4, 5]  # redis-py followed MOVED
     counted = [n.client().execute_command("CLUSTER COUNTKEYSINSLOT", slot) for n in (source, target)]
-    assert {keys.state, keys.active} <= set(moving)
+    assert {keys.conversation, keys.index_shard} <= set(moving)
     assert counted == [0, len(moving)]  # the conversation, its index shard and tag's keys moved
-    assert client.hget(keys.state, "seq") == "5"
+    assert client.hget(keys.conversation, "seq") == "5"
 
 
 def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):

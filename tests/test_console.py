@@ -13,9 +13,10 @@ import pytest
 import requests
 from itsdangerous import TimestampSigner
 
-from service.active import BadSearch, search_number
+from service.clock import now_ms
 from service.console import PLOT, chart
-from service.conversations import now_ms
+from service.live import BadSearch, search_number
+from service.wiring import current
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.conversations import plant
@@ -25,7 +26,7 @@ from tests.support.redis_servers import commands_during
 
 @pytest.fixture
 def active(app):
-    return app.extensions["sms.active"]
+    return current(app).live
 
 
 def found(active, number, limit=50):
@@ -73,9 +74,9 @@ def test_search_skips_lapsed_and_prunes_entries_whose_state_is_gone(active, redi
     plant(redis_client, "+15559990001", OURS, now - 1000, keys=active.keys, state={})  # lapsed
     plant(redis_client, "+15558880001", OURS, now + 600_000, keys=active.keys, state={})
     gone = active.keys.conversation("+15558880001", OURS)
-    redis_client.delete(gone.state)
+    redis_client.delete(gone.conversation)
     assert found(active, "0001") == [(REY, OURS)]
-    assert redis_client.zscore(gone.active, gone.member) is None
+    assert redis_client.zscore(gone.index_shard, gone.member) is None
 
 
 def test_search_reads_only_the_shard_its_digits_name(active, redis_client):
@@ -320,7 +321,7 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     assert again.status_code == 404
     assert "it ended or expired" in again.get_data(as_text=True)
-    assert console_app.extensions["sms.active"].get(REY, OURS) is None
+    assert current(console_app).live.get(REY, OURS) is None
     assert "conversation of +1555***0001 ended by an operator" in caplog.text
     assert REY not in caplog.text
     assert FINN not in caplog.text
@@ -333,7 +334,7 @@ def section(page: str, section_id: str) -> str:
 def test_overview_counts_the_last_hour_and_charts_the_samples(console_app, redis_client):
     talk(console_app, REY, messages=2)
     talk(console_app, FINN)
-    now, samples = now_ms(), console_app.extensions["sms.keys"].samples
+    now, samples = now_ms(), current(console_app).keys.samples
     series = [
         (now - minutes * 60_000, live, messages)
         for minutes, live, messages in ((400, 9, 90), (300, 4, 12), (120, 8, 30), (1, 2, 7))
@@ -369,8 +370,8 @@ def test_chart_without_samples_says_so():
 
 def test_state_is_shown_as_formatted_json(console_app, redis_client):
     talk(console_app)
-    keys = console_app.extensions["sms.keys"].conversation(REY, OURS)
-    redis_client.hset(keys.state, "state", json.dumps({"step": 2, "answers": ["<b>yes</b>", "é"]}))
+    keys = current(console_app).keys.conversation(REY, OURS)
+    redis_client.hset(keys.conversation, "state", json.dumps({"step": 2, "answers": ["<b>yes</b>", "é"]}))
     client = console_app.test_client()
     sign_in(client)
     page = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
@@ -399,7 +400,7 @@ def test_bad_requests_are_400_with_a_reason(console_app, caplog):
 
 
 def test_pages_follow_the_cursor(console_app, redis_client):
-    active = console_app.extensions["sms.active"]
+    active = current(console_app).live
     expiry = now_ms() + 600_000
     senders = [f"+1555000{n:04d}" for n in range(60)]
     for n, sender in enumerate(senders):

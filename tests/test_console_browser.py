@@ -21,7 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as seen
 from selenium.webdriver.support.ui import WebDriverWait
 
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys
 from service.simulator import TwilioSimulator
 from tests.support import ROOT

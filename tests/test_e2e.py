@@ -81,7 +81,7 @@ def test_a_burst_delivered_twice_counts_each_message_once(redis_url, redis_clien
     for first, second in zip(deliveries[0::2], deliveries[1::2]):
         assert first.reply == second.reply
     assert len({d.reply for d in deliveries}) == 30
-    assert redis_client.hget(Keys().conversation(REY, OURS).state, "seq") == "30"
+    assert redis_client.hget(Keys().conversation(REY, OURS).conversation, "seq") == "30"
 
 
 def test_make_run_serves_the_handler_named_by_sms_handler():

@@ -20,9 +20,9 @@ import redis
 import requests
 
 from service import settings
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator, new_message_sid
+from service.store import ConversationStore
 from tests.support.app import TOKEN
 from tests.support.app_servers import Gunicorn
 from tests.support.numbers import OURS
@@ -56,7 +56,7 @@ def deliver(
 
 
 def stored_count(client, sender: str) -> int:
-    return int(client.hget(KEYS.conversation(sender, OURS).state, "seq") or 0)
+    return int(client.hget(KEYS.conversation(sender, OURS).conversation, "seq") or 0)
 
 
 def test_redis_stopped_mid_load_loses_no_message_answered_200(redis_processes):
@@ -264,7 +264,7 @@ def test_a_save_whose_reply_is_lost_is_counted_once(redis_server, redis_client, 
             assert proxy.lost_replies == (2 if cut else 1)
             assert proxy.lose_save_replies == 0
             assert stored_count(redis_client, sender) == 2  # counted although answered 503
-            stored = redis_client.hget(KEYS.conversation(sender, OURS).state, f"m:{message_sid}")
+            stored = redis_client.hget(KEYS.conversation(sender, OURS).conversation, f"m:{message_sid}")
             again = twilio.send(sender, OURS, "two", message_sid=message_sid)
             assert (again.status, again.reply) == (200, count_reply("Friend", 2))
             assert stored is not None

@@ -39,7 +39,7 @@ def stall(server: Gunicorn) -> socket.socket:
 
 def messages(client, sender=REY) -> int:
     """Messages saved in the conversation, as Redis holds it."""
-    return int(client.hget(Keys().conversation(sender, OURS).state, "seq"))
+    return int(client.hget(Keys().conversation(sender, OURS).conversation, "seq"))
 
 
 @pytest.mark.slow

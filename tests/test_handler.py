@@ -12,12 +12,13 @@ import pytest
 from twilio.twiml.messaging_response import MessagingResponse
 
 from service import create_app
-from service.conversations import ConversationStore
 from service.handler import Message
 from service.keys import Keys
 from service.redis_client import connect
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
+from service.store import ConversationStore, Opened, Waiting
+from service.wiring import current
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
 from tests.support.numbers import OURS, REY
@@ -36,7 +37,7 @@ def notebook(message, conversation):
 
 
 def stored(redis_client, sender=REY) -> dict:
-    return redis_client.hgetall(KEYS.conversation(sender, OURS).state)
+    return redis_client.hgetall(KEYS.conversation(sender, OURS).conversation)
 
 
 def state(redis_client, sender=REY) -> dict:
@@ -283,7 +284,7 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     def next_in_line(number: int) -> None:
         opened = store.open(keys, f"SM{number}")
         taken.append(number)
-        store.save(keys, opened, sid="s", state="{}", fresh=False, message_sid=f"SM{number}", answer="a")
+        store.save(keys, opened, sid="s", state="{}", is_new=False, message_sid=f"SM{number}", answer="a")
 
     waiters = [threading.Thread(target=next_in_line, args=(number,)) for number in (1, 2)]
     for number, waiter in enumerate(waiters, 1):
@@ -292,7 +293,7 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
             lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"message {number} in line"
         )
     if gives_back == "save":
-        store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM0", answer="a")
+        store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SM0", answer="a")
     else:
         store.release(keys, holder.token)
     handed_over_by = time.monotonic() + 4  # both, in all: a single ask would come at 6 s
@@ -300,7 +301,7 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
         waiter.join(timeout=max(0.0, handed_over_by - time.monotonic()))
     assert taken == [1, 2]
     assert not any(waiter.is_alive() for waiter in waiters)
-    assert redis_client.hget(keys.state, "seq") == ("3" if gives_back == "save" else "2")
+    assert redis_client.hget(keys.conversation, "seq") == ("3" if gives_back == "save" else "2")
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
 
 
@@ -316,7 +317,7 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     wait_until(lambda: redis_client.zcard(keys.queue) == 1, seconds=10, what="the waiter in line")
     opens_before = store.opens
     state = '{"n": 1, "name": "Zo\u00eb \\"\u2603\\" /"}'  # passed on exactly, as JSON inside JSON
-    store.save(keys, holder, sid="s0", state=state, fresh=True, message_sid="SM0", answer="a0")
+    store.save(keys, holder, sid="s0", state=state, is_new=True, message_sid="SM0", answer="a0")
     waiter.join(timeout=4)  # its next ask would come 6 s later
     assert not waiter.is_alive()
     assert store.opens == opens_before
@@ -324,8 +325,8 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     assert (opened.sid, opened.state, opened.seq, opened.answered) == ("s0", state, "1", None)
     assert opened.now >= holder.now
     assert redis_client.get(keys.lock) == opened.token  # nobody behind it: unmarked
-    store.save(keys, opened, sid="s0", state='{"n": 2}', fresh=False, message_sid="SM1", answer="a1")
-    assert redis_client.hget(keys.state, "seq") == "2"
+    store.save(keys, opened, sid="s0", state='{"n": 2}', is_new=False, message_sid="SM1", answer="a1")
+    assert redis_client.hget(keys.conversation, "seq") == "2"
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters, keys.wake + opened.token)
 
 
@@ -346,7 +347,7 @@ def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_
         threads[-1].start()
         wait_until(lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"{name} in line")
     opens_before = store.opens
-    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SM1", answer="first answer")
+    store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SM1", answer="first answer")
     for thread in threads:
         thread.join(timeout=4)
     assert not any(thread.is_alive() for thread in threads)
@@ -356,14 +357,12 @@ def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_
     assert redis_client.get(keys.lock) == results["next"].token
 
 
-def queued_behind_a_save(store: Counting, keys, token: str, state: str) -> tuple[list, list]:
-    """A waiter with ``token`` asks once (in line, then not listening), and the holder saves
-    ``state``; returns the waiter's OPEN call, to ask again."""
+def queued_behind_a_save(store: Counting, keys, token: str, state: str) -> None:
+    """A waiter with ``token`` asks once for SM1 (in line, then not listening), and the holder
+    saves ``state``."""
     holder = store.open(keys, "SM0")
-    script_keys, args = store.open_call(keys, "SM1", token)
-    assert store._run(store._open, script_keys, args)[0] == "busy"
-    store.save(keys, holder, sid="s", state=state, fresh=True, message_sid="SM0", answer="a0")
-    return script_keys, args
+    assert store.ask(keys, "SM1", token) == Waiting(ahead=0)
+    store.save(keys, holder, sid="s", state=state, is_new=True, message_sid="SM0", answer="a0")
 
 
 def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_next_ask(
@@ -373,24 +372,26 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
     own at its next ask, instead of queueing again behind itself."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
-    script_keys, args = queued_behind_a_save(store, keys, "SM1:00000000000000aa", '{"n": 1}')
-    assert redis_client.get(keys.lock) == "SM1:00000000000000aa"
-    again = store._run(store._open, script_keys, args)
-    assert again[0] == "ok"
-    assert again[3] == '{"n": 1}'
+    queued_behind_a_save(store, keys, "SM1;00000000000000aa", '{"n": 1}')
+    assert redis_client.get(keys.lock) == "SM1;00000000000000aa"
+    again = store.ask(keys, "SM1", "SM1;00000000000000aa")
+    assert isinstance(again, Opened)
+    assert again.answered is None
+    assert again.state == '{"n": 1}'
     assert not redis_client.exists(keys.queue, keys.waiters)
 
 
-def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_client):
-    """During a rolling deploy a waiter from a worker still on the earlier version (its token a
-    bare 16 hex digits, and it would not read a handed-over state) is only woken, as before:
-    the lock is freed for its next ask."""
+@pytest.mark.parametrize("token", ["SM1:00000000000000bb", "00000000000000bb"], ids=["colon", "bare-hex"])
+def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_client, token):
+    """During a rolling deploy a waiter from a worker still on an earlier version (its token
+    ``<MessageSid>:<hex>``, or bare hex before that; it reads no JSON map) is only woken, as a
+    release wakes it: the lock is freed for its next ask."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
-    script_keys, args = queued_behind_a_save(store, keys, "00000000000000bb", "{}")
+    queued_behind_a_save(store, keys, token, "{}")
     assert not redis_client.exists(keys.lock)
-    assert redis_client.lrange(keys.wake + "00000000000000bb", 0, -1) == ["1"]
-    assert store._run(store._open, script_keys, args)[0] == "ok"
+    assert redis_client.lrange(keys.wake + token, 0, -1) == ["1"]
+    assert isinstance(store.ask(keys, "SM1", token), Opened)
 
 
 def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
@@ -427,7 +428,7 @@ def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, sto
     assert calls == ["hello"]  # the handler never saw the opt-out
     assert "state" not in stored(redis_client)
     keys = KEYS.conversation(REY, OURS)
-    assert redis_client.zscore(keys.active, keys.member) is None
+    assert redis_client.zscore(keys.index_shard, keys.member) is None
     post_signed(client, webhook_params(body="back"))
     assert state(redis_client) == {"bodies": ["back"], "tally": {"chars": 4}}  # a new conversation
 
@@ -457,7 +458,7 @@ def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_
     sender, recipient = f"whatsapp:{REY}", f"whatsapp:{OURS}"
     assert twilio.send(sender, recipient, "hi").reply == thanks("Rey")
     assert twilio.send(sender, recipient, "hi").reply == count_reply("Rey", 2, recipient)
-    assert redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") == "2"
+    assert redis_client.hget(KEYS.conversation(sender, recipient).conversation, "seq") == "2"
 
 
 def test_operators_see_any_handlers_state_and_count(app_with):
@@ -525,12 +526,11 @@ def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_c
     stored answer and takes its ticket with it, so the message behind it is not held up."""
     app = app_with(notebook)
     keys = KEYS.conversation(REY, OURS)
-    store = app.extensions["sms.store"]
+    store = current(app).store
     holder = store.open(keys, "SMfirst")
-    waiting = store.open_call(keys, "SMfirst", "redelivery-token")
-    store._run(store._open, *waiting)  # the redelivery queues behind the holder
+    assert store.ask(keys, "SMfirst", "redelivery-token") == Waiting(ahead=0)  # it queues behind the holder
     assert redis_client.zrange(keys.queue, 0, -1) == ["redelivery-token"]
-    store.save(keys, holder, sid="s", state="{}", fresh=True, message_sid="SMfirst", answer="tok")
-    assert store._run(store._open, *waiting)[0] == "dup"
+    store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SMfirst", answer="tok")
+    assert store.ask(keys, "SMfirst", "redelivery-token").answered == "tok"
     assert not redis_client.exists(keys.queue)
     assert not redis_client.exists(keys.waiters)

@@ -46,7 +46,7 @@ def conversation_keys(redis_client) -> list[str]:
 
 def messages(redis_client, sender=REY, recipient=OURS) -> int:
     """Messages the conversation counted (its ``seq``)."""
-    return int(redis_client.hget(KEYS.conversation(sender, recipient).state, "seq") or 0)
+    return int(redis_client.hget(KEYS.conversation(sender, recipient).conversation, "seq") or 0)
 
 
 # --- 1. GET signatures over the raw query ------------------------------------------------------

@@ -146,6 +146,9 @@ def test_the_wheel_holds_only_the_service(tmp_path):
     tops = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {"service", wheel.name.split("-py3")[0] + ".dist-info"}
     assert not any(name.endswith(".pyc") for name in zipfile.ZipFile(wheel).namelist())
+    scripts = {path.name for path in (ROOT / "service" / "store").glob("*.lua")}
+    shipped = {name.rpartition("/")[2] for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".lua")}
+    assert scripts and shipped == scripts  # the store's Lua scripts, read at import
 
 
 def test_without_the_dev_extra_an_unset_redis_url_is_one_line(monkeypatch):

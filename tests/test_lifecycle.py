@@ -13,10 +13,11 @@ import time
 import pytest
 
 from service import create_app
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys
 from service.lifecycle import Sweeper, parse_duration
 from service.simulator import TwilioSimulator
+from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
@@ -71,7 +72,7 @@ def test_a_conversation_starts_once_and_its_event_names_it(app, redis_client):
     assert (started["from"], started["to"]) == (REY, OURS)
     assert started["messages"] == "1"
     assert started["conversation"] == twilio.cookie_for(REY, OURS)
-    assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).state, "first_seen")
+    assert started["started_at"] == redis_client.hget(KEYS.conversation(REY, OURS).conversation, "first_seen")
 
 
 def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
@@ -88,7 +89,7 @@ def test_each_way_of_ending_gives_its_reason(redis_url, redis_client):
     twilio.send(REY, OURS, "hi")
     twilio.send(REY, OURS, "bye")
     twilio.send(REY, OURS, "hi")
-    last_seen = int(redis_client.hget(KEYS.conversation(REY, OURS).state, "last_seen"))
+    last_seen = int(redis_client.hget(KEYS.conversation(REY, OURS).conversation, "last_seen"))
     time.sleep(1.1)  # its time runs out; the next message ends it first, then starts anew
     twilio.send(REY, OURS, "back")
     ended = events(redis_client, "ended")
@@ -283,7 +284,7 @@ def test_a_sweep_costs_the_same_for_100_or_2000_live_conversations(app, redis_cl
 
 def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
     TwilioSimulator.for_app(app).send(REY, OURS, "hi")
-    app.extensions["sms.active"].end(REY, OURS)
+    current(app).live.end(REY, OURS)
     as_json = runner.invoke(args=["events", "--json", "--since", "10m"])
     assert as_json.exit_code == 0, as_json.output
     lines = [json.loads(line) for line in as_json.stdout.splitlines()]
@@ -300,7 +301,7 @@ def test_events_command_prints_the_stream(redis_url, redis_client, runner, app):
 
 
 def test_follow_waits_for_the_next_event(app, redis_client):
-    history = app.extensions["sms.history"]
+    history = current(app).history
     last = f"{now_ms()}-0"
     found = []
     waiting = threading.Thread(target=lambda: found.extend(history.follow(last, block_ms=10_000)))
@@ -349,7 +350,7 @@ def test_under_gunicorn_a_conversation_ends_with_no_request(redis_url, redis_cli
 def test_the_last_hour_costs_the_same_for_ten_or_five_hundred_conversations(app, redis_client):
     """stats() reads each tag's per-minute tallies, never the events themselves."""
     client = app.test_client()
-    history = app.extensions["sms.history"]
+    history = current(app).history
     tallies = []
     for total in (10, 500):
         for n in range(total):
@@ -373,24 +374,24 @@ def test_every_tally_is_read_back_with_an_earlier_versions_records(redis_url, re
         twilio.send(sender, OURS, "hi")
     twilio.send(senders[0], OURS, "bye")  # handler, 2 messages
     twilio.send(senders[1], OURS, "STOP")  # opt-out, 2 messages
-    assert app.extensions["sms.store"].end(KEYS.conversation(senders[2], OURS))  # operator, 1
+    assert current(app).store.end(KEYS.conversation(senders[2], OURS))  # operator, 1
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # expired, 1
     earlier = f"{now_ms() // 60000} 4 1 1 0 0 0 60000 3"  # 1 started, 1 expired after 3 messages
     redis_client.hset(KEYS.minutes("42"), "17", earlier)
-    stats = app.extensions["sms.history"].stats()
+    stats = current(app).history.stats()
     assert stats["started"] == 5
     assert stats["ended"] == {"handler": 1, "opt-out": 1, "operator": 1, "expired": 2}
     assert stats["average_messages"] == round((2 + 2 + 1 + 1 + 3) / 5, 2)
     with app.app_context():
-        messages = sum(tally[0] for tally in app.extensions["sms.history"].minute_tallies(0, now_ms()))
+        messages = sum(tally[0] for tally in current(app).history.minute_tallies(0, now_ms()))
     assert messages == 4 + 2 + 4
 
 
 def test_the_sample_counts_a_minutes_messages_from_one_field_per_tag(app, redis_client):
     """The sweeper's per-minute sample reads the minute's message count (and an earlier
     version's record of it) with one HMGET per tag, and agrees with the whole hour's read."""
-    client, history = app.test_client(), app.extensions["sms.history"]
+    client, history = app.test_client(), current(app).history
     first = now_ms() // 60000
     for n in range(7):
         post_signed(client, webhook_params(sender=f"+1555{n:07d}"))
@@ -404,3 +405,96 @@ def test_the_sample_counts_a_minutes_messages_from_one_field_per_tag(app, redis_
     assert sum(found) == 7 == sum(t[0] for t in history.minute_tallies(first, last))
     assert read == {"hmget": 100 * len(found)}
     assert history.messages_in(old) == 5
+
+
+def test_end_hook_payloads_of_another_shape_are_run_or_kept_never_counted_as_failures(
+    redis_url, redis_client, caplog
+):
+    """A rolling deploy: the entry written by a version before service/store/ (a 7-element
+    array) still runs the hook; one this version cannot read at all is left in place for a
+    version that can, reported once in the log, and is not counted as the hook failing."""
+    seen = []
+
+    def on_end(conversation, reason):
+        seen.append(
+            (conversation.sid, reason, dict(conversation), conversation.messages, conversation.sender)
+        )
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook, on_end=on_end)
+    ending = KEYS.ending("01")
+    earlier = [REY, OURS, "operator", "3", "1000", "2000", '{"n": 1}']
+    redis_client.hset(ending, mapping={"old": json.dumps(earlier), "junk": '{"from": "x"}'})
+    sweeper = Sweeper(app)
+    sweeper.sweep()
+    sweeper.sweep()
+    assert seen == [("old", "operator", {"n": 1}, 3, REY)]
+    assert redis_client.hgetall(ending) == {"junk": '{"from": "x"}'}
+    assert caplog.text.count("payload of conversation junk is unreadable; left in place") == 1
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "sms_end_hook_failures_total 0.0" in metrics
+
+
+def test_end_hook_payload_fields_a_later_version_adds_are_ignored(redis_url, redis_client):
+    seen = []
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url},
+        handler=notebook,
+        on_end=lambda conversation, reason: seen.append((conversation.sid, reason, conversation.ended_at)),
+    )
+    payload = {
+        "from": REY,
+        "to": OURS,
+        "reason": "handler",
+        "messages": "2",
+        "started_at": "1000",
+        "ended_at": "2000",
+        "state": "{}",
+        "channel": "sms",  # a field this version does not know
+    }
+    redis_client.hset(KEYS.ending("01"), "later", json.dumps(payload))
+    Sweeper(app).sweep()
+    assert [(sid, reason, ended_at.timestamp()) for sid, reason, ended_at in seen] == [
+        ("later", "handler", 2.0)
+    ]
+    assert not redis_client.exists(KEYS.ending("01"))
+
+
+@pytest.mark.parametrize("way", ["handler", "opt-out", "operator", "sweeper", "open"])
+def test_an_ended_conversation_keeps_only_its_answers_for_the_redelivery_window(redis_url, redis_client, way):
+    """Whichever way it ends, nothing of a conversation outlives REDELIVERY_WINDOW: its hash
+    keeps only the answers a redelivery needs ('m:…'), expiring within the window; its index
+    entry and lock are gone. ``open``: the next message's OPEN finds its time run out."""
+    window = 30
+    app = create_app(
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": redis_url,
+            "OPS_TOKEN": "ops",
+            "CONVERSATION_TTL": 1,
+            "REDELIVERY_WINDOW": window,
+        },
+        handler=notebook,
+    )
+    twilio = TwilioSimulator.for_app(app)
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "hi")
+    assert redis_client.pttl(keys.conversation) > 24 * 3600 * 1000  # live: the TTL and a day's grace
+    if way in ("handler", "opt-out"):
+        twilio.send(REY, OURS, "bye" if way == "handler" else "STOP")
+    elif way == "operator":
+        assert app.test_client().delete(f"/ops/conversations/{REY}/{OURS}", headers=OPS).status_code == 200
+    else:
+        time.sleep(1.1)
+        if way == "sweeper":
+            assert Sweeper(app).sweep() == 1
+        else:
+            assert current(app).store.open(keys, "SMnext").ended_overdue
+            redis_client.delete(keys.lock)  # as if that message's handler failed: nothing saved
+    assert [e["reason"] for e in events(redis_client, "ended")] == [
+        {"open": "expired", "sweeper": "expired"}.get(way, way)
+    ]
+    fields = redis_client.hgetall(keys.conversation)
+    assert fields and all(name.startswith("m:") for name in fields)
+    assert 0 < redis_client.pttl(keys.conversation) <= window * 1000
+    assert redis_client.zscore(keys.index_shard, keys.member) is None
+    assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)

@@ -9,6 +9,7 @@ import time
 
 from service.keys import Keys
 from service.metrics import Outcome
+from service.wiring import current
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.numbers import FINN, OURS, REY
 from tests.support.prometheus import scrape
@@ -68,7 +69,7 @@ def test_known_sequence_of_messages(app, redis_client):
 
 
 def test_instrumented_message_still_costs_two_round_trips(app, monkeypatch):
-    redis_client, sent = app.extensions["sms.redis"], []
+    redis_client, sent = current(app).redis, []
     execute = redis_client.execute_command
     monkeypatch.setattr(
         redis_client,
@@ -82,7 +83,7 @@ def test_instrumented_message_still_costs_two_round_trips(app, monkeypatch):
 def test_expired_conversation_starts_again_and_counts(redis_url, redis_client):
     client = make_app(REDIS_URL=redis_url).test_client()
     post_signed(client, webhook_params(REY))
-    redis_client.delete(KEYS.conversation(REY, OURS).state)  # as if its TTL had run out
+    redis_client.delete(KEYS.conversation(REY, OURS).conversation)  # as if its TTL had run out
     post_signed(client, webhook_params(REY))
     assert metrics(client)["sms_conversations_started_total"] == 2
 

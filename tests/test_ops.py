@@ -13,9 +13,10 @@ import time
 import pytest
 import redis
 
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
+from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
@@ -182,8 +183,8 @@ def test_api_stats_list_show_delete(ops_app, redis_client, caplog):
     assert ended.get_json()["ended"] is True
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 1
     ended_keys = KEYS.conversation(REY, OURS)
-    assert redis_client.hget(ended_keys.state, "state") is None  # only redelivery memory is left
-    assert redis_client.zscore(ended_keys.active, ended_keys.member) is None
+    assert redis_client.hget(ended_keys.conversation, "state") is None  # only redelivery memory is left
+    assert redis_client.zscore(ended_keys.index_shard, ended_keys.member) is None
     assert "+1555***0001 ended by an operator" in caplog.text
     assert REY not in caplog.text
 
@@ -222,11 +223,11 @@ def test_api_is_off_without_ops_token(app):
 def test_api_opens_no_session_and_touches_no_conversation(ops_app, redis_client):
     text_messages(ops_app, REY, 1)
     keys = KEYS.conversation(REY, OURS)
-    before = redis_client.hgetall(keys.state)
+    before = redis_client.hgetall(keys.conversation)
     response = ops_app.test_client().get(f"/ops/conversations/{REY}/{OURS}", headers=AUTH)
     assert response.status_code == 200
     assert "Set-Cookie" not in response.headers
-    assert redis_client.hgetall(keys.state) == before
+    assert redis_client.hgetall(keys.conversation) == before
     assert redis_client.exists(keys.lock) == 0
 
 
@@ -318,10 +319,10 @@ def test_entries_whose_state_is_gone_are_skipped_and_pruned(ops_app, redis_clien
     expiry = now_ms() + 600_000
     for n, sender in enumerate((REY, FINN, POE)):
         plant(redis_client, sender, OURS, expiry - n)
-    redis_client.delete(KEYS.conversation(FINN, OURS).state)  # e.g. deleted by hand
+    redis_client.delete(KEYS.conversation(FINN, OURS).conversation)  # e.g. deleted by hand
     rows, _ = api_pages(ops_app.test_client(), 1)
     assert [r["from"] for r in rows] == [REY, POE]
-    assert redis_client.zscore(KEYS.conversation(FINN, OURS).active, f"{FINN}|{OURS}") is None
+    assert redis_client.zscore(KEYS.conversation(FINN, OURS).index_shard, f"{FINN}|{OURS}") is None
     assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 2}
 
 
@@ -338,8 +339,8 @@ def test_expired_by_operator_then_old_cookie_is_thanked_as_new(redis_url, redis_
         assert cli(app, "expire", REY, OURS).exit_code == 0
         keys = KEYS.conversation(REY, OURS)
         assert redis_client.exists(keys.lock) == 0
-        assert [field[:2] for field in redis_client.hkeys(keys.state)] == ["m:"] * 3  # answers only
-        assert redis_client.zscore(keys.active, keys.member) is None
+        assert [field[:2] for field in redis_client.hkeys(keys.conversation)] == ["m:"] * 3  # answers only
+        assert redis_client.zscore(keys.index_shard, keys.member) is None
         after = twilio.send(REY, OURS, "back again")
         assert after.cookie_sent == old_cookie
         assert after.reply == thanks("Rey")
@@ -371,7 +372,7 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app):
     client = ops_app.test_client()
     assert post_signed(client, webhook_params(sender=FINN, body="héllo ✓ 你好")).status_code == 200
     held = KEYS.conversation(POE, OURS)
-    ops_app.extensions["sms.store"].open(held, "SMheld")  # a lock, as during a message
+    current(ops_app).store.open(held, "SMheld")  # a lock, as during a message
     raw = redis.Redis.from_url(redis_url)  # no decoding: bytes as stored
     readers = {
         b"hash": lambda k: [b for pair in raw.hgetall(k).items() for b in pair],
@@ -386,7 +387,7 @@ def test_every_stored_value_is_utf8_text(redis_url, ops_app):
         for value in [key, *readers[kind](key)]:
             value.decode("utf-8")  # raises on anything that is not text
     assert seen == {b"hash", b"zset", b"string", b"stream"}
-    assert raw.hget(KEYS.conversation(REY, OURS).state, "seq") == b"2"
+    assert raw.hget(KEYS.conversation(REY, OURS).conversation, "seq") == b"2"
 
 
 @pytest.mark.slow

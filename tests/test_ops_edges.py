@@ -49,7 +49,7 @@ def test_senders_with_non_ascii_digits_are_counted_listed_and_gauged(redis_url, 
     assert gauge == len(ODD_SENDERS)
     for sender in ODD_SENDERS:  # and each is found, shown and ended by its number
         keys = Keys().conversation(sender, OURS)
-        assert redis_client.zscore(keys.active, keys.member) is not None
+        assert redis_client.zscore(keys.index_shard, keys.member) is not None
         assert client.delete(f"/ops/conversations/{sender}/{OURS}", headers=AUTH).status_code == 200
     assert client.get("/ops/stats", headers=AUTH).get_json()["active"] == 0
 

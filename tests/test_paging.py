@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-from service.conversations import now_ms
+from service.clock import now_ms
 from service.keys import Keys, shard_of
+from service.wiring import current
 from tests.support.app import make_app
 from tests.support.conversations import plant
 from tests.support.numbers import OTHER, OURS
@@ -20,8 +21,8 @@ TAGS = ("07", "42", "99", "00")  # few shards, so that writes land next to the c
 
 def end(pipe, sender: str) -> None:
     keys = KEYS.conversation(sender, OURS)
-    pipe.delete(keys.state)
-    pipe.zrem(keys.active, keys.member)
+    pipe.delete(keys.conversation)
+    pipe.zrem(keys.index_shard, keys.member)
 
 
 def sender(rng: random.Random, tag: str) -> str:
@@ -75,7 +76,7 @@ def test_a_walk_racing_arrivals_and_ends_lists_each_unchanged_conversation_once(
             rounds.release()
             stop.wait(0.0005)  # leave the walker (and Redis) some of the machine's two cores
 
-    active = make_app(REDIS_URL=redis_url).extensions["sms.active"]
+    active = current(make_app(REDIS_URL=redis_url)).live
     first = active.page(limit)  # before the race: arrivals all go above the cursor from here on
     racer = threading.Thread(target=race)
     racer.start()

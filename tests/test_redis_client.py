@@ -12,6 +12,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from service.redis_client import SentinelMasterConnection, connect
 from service.settings import ConfigError
+from service.wiring import current
 from tests.support.app import make_app, post_signed, webhook_params
 from tests.support.ports import free_cluster_port
 from tests.support.programs import require_redis_tools
@@ -139,7 +140,7 @@ def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers
 )
 @pytest.mark.parametrize("step", ["_open", "_save"])
 def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch, error, step):
-    store = fake_app.extensions["sms.store"]
+    store = current(fake_app).store
     script, evalsha = getattr(store, step), store.client.evalsha
 
     def fail(sha, *args):  # the client fails running this step's script

@@ -17,6 +17,7 @@ import pytest
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator, new_message_sid
+from service.wiring import current
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import OURS, REY
@@ -64,7 +65,7 @@ def test_conversation_keeps_its_count_through_sentinel_failover(redis_sentinel):
             counts.append(deliver(twilio, attempts))
     new_master = next(n for n in redis_sentinel.nodes if n.port == master_port(redis_sentinel))
     assert new_master.port != old_master
-    stored = new_master.client().hget(Keys().conversation(REY, OURS).state, "seq")
+    stored = new_master.client().hget(Keys().conversation(REY, OURS).conversation, "seq")
     assert counts == list(range(1, len(counts) + 1))  # each message counted once, in order
     assert int(stored) == attempts.count(200)
     assert attempts[:10] == attempts[-10:] == [200] * 10  # 503s only during the switch
@@ -84,7 +85,7 @@ def test_scripts_missing_on_the_master_are_reloaded_in_the_waiting_pipeline(redi
 
 def test_lifecycle_events_exactly_once_behind_sentinel(redis_sentinel):
     app = make_app(REDIS_URL=redis_sentinel.url, REDIS_WAIT_REPLICAS=1, CONVERSATION_TTL=1)
-    master = app.extensions["sms.redis"]
+    master = current(app).redis
     master.delete(Keys().events)
     twilio = TwilioSimulator.for_app(app)
     senders = [f"+1555777{n:04d}" for n in range(10)]  # new conversations

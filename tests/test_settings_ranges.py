@@ -10,9 +10,9 @@ import time
 import pytest
 
 from service import create_app
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.settings import WORKER_TIMEOUT, ConfigError, load
+from service.store import ConversationStore
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
@@ -155,11 +155,11 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
         assert response.status_code == 200
         assert "Max-Age=2592000" in response.headers["Set-Cookie"]
     keys = Keys().conversation("+15551230001", "+15550001111")
-    assert redis_client.hget(keys.state, "seq") == "2"
+    assert redis_client.hget(keys.conversation, "seq") == "2"
     assert (
         2592000 + ConversationStore.GRACE - 5
-        <= redis_client.ttl(keys.state)
+        <= redis_client.ttl(keys.conversation)
         <= 2592000 + ConversationStore.GRACE
     )
-    expiry = redis_client.zscore(keys.active, keys.member)
+    expiry = redis_client.zscore(keys.index_shard, keys.member)
     assert abs(expiry - (time.time() + 2592000) * 1000) < 5000

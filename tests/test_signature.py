@@ -14,6 +14,7 @@ from werkzeug.test import EnvironBuilder
 from service.accounts import Secret
 from service.signature import matching_key
 from service.webhook import MAX_FIELD, _decodable, _field_problem, _parsed, _problem
+from service.wiring import current
 from tests.support.app import TOKEN, FormValues, make_app, post_signed, sign, webhook_params
 
 # Twilio's documented example of a signed request: its auth token, URL, params and signature.
@@ -374,7 +375,7 @@ def test_a_repeated_field_reaches_the_handler_as_its_first_value(redis_url):
     """As werkzeug's MultiDict.get: the first Body of two, in the fields' order."""
     seen = []
     app = make_app(REDIS_URL=redis_url)
-    app.extensions["sms.handler"] = lambda message, conversation: seen.append(message) or "ok"
+    current(app).handler = lambda message, conversation: seen.append(message) or "ok"
     params = webhook_params(body="first")
     body = form(params) + b"&Body=second&Zeta=z"
     good = sign("http://localhost/sms", FormValues.of([*params.items(), ("Body", "second"), ("Zeta", "z")]))
@@ -393,7 +394,7 @@ def test_the_body_read_in_one_call_is_still_the_request_s(redis_url):
 
     bodies = []
     app = make_app(REDIS_URL=redis_url)
-    app.extensions["sms.handler"] = lambda message, conversation: bodies.append(request.get_data()) or "ok"
+    current(app).handler = lambda message, conversation: bodies.append(request.get_data()) or "ok"
     params = webhook_params()
     body = form(params)
     assert post_raw(app, body, sign("http://localhost/sms", params)).status_code == 200

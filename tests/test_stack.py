@@ -213,7 +213,7 @@ def test_native_stack_holds_a_conversation(stack, twilio):
         count_reply("Rey", 2),
         count_reply("Rey", 3),
     ]
-    assert client.hget(KEYS.conversation(REY, OURS).state, "seq") == "3"
+    assert client.hget(KEYS.conversation(REY, OURS).conversation, "seq") == "3"
     # Redis runs on config/redis.conf: durable and never evicting.
     assert client.config_get("appendonly") == {"appendonly": "yes"}
     assert client.config_get("appendfsync") == {"appendfsync": "everysec"}

@@ -5,19 +5,24 @@ from __future__ import annotations
 import pytest
 from redis.cluster import key_slot
 
-from service.conversations import ConversationBusy, ConversationStore, LockLost
 from service.keys import Keys, shard_of
 from service.masking import mask
 from service.settings import ConfigError, load
 from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
+from service.store import ConversationBusy, ConversationStore, LockLost
+from service.wiring import current
 from tests.support.app import post_signed, webhook_params
 
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
     keys = Keys().conversation("+15551230007", "+15550001111")
     assert shard_of("+15551230007") == "07"
-    assert "{07}" in keys.state
-    assert key_slot(keys.state.encode()) == key_slot(keys.lock.encode()) == key_slot(keys.active.encode())
+    assert "{07}" in keys.conversation
+    assert (
+        key_slot(keys.conversation.encode())
+        == key_slot(keys.lock.encode())
+        == key_slot(keys.index_shard.encode())
+    )
     assert Keys().from_member(keys.member) == keys
     assert len(set(Keys().indexes())) == 100
 
@@ -64,7 +69,7 @@ def test_embedded_store_serves_a_conversation(fake_app):
 
 @pytest.fixture
 def store(fake_app):
-    return fake_app.extensions["sms.store"]
+    return current(fake_app).store
 
 
 def test_lock_makes_a_second_opener_wait_then_give_up(store):
@@ -85,8 +90,8 @@ def test_save_after_the_lock_was_lost_writes_nothing(store):
     opened = store.open(keys, "SM1")
     store.client.delete(keys.lock)  # lapsed
     with pytest.raises(LockLost):
-        store.save(keys, opened, sid="sid", state="{}", fresh=True, message_sid="SM1", answer="thi")
-    assert store.client.exists(keys.state) == 0
+        store.save(keys, opened, sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi")
+    assert store.client.exists(keys.conversation) == 0
 
 
 def test_ending_a_conversation_in_flight_wins(store):
@@ -94,7 +99,7 @@ def test_ending_a_conversation_in_flight_wins(store):
     opened = store.open(keys, "SM1")
     assert store.end(keys) is False  # nothing saved yet, but the lock goes
     with pytest.raises(LockLost):
-        store.save(keys, opened, sid="sid", state="{}", fresh=True, message_sid="SM1", answer="thi")
+        store.save(keys, opened, sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi")
 
 
 def test_simulator_forgets_the_cookie_after_four_hours():

@@ -12,9 +12,9 @@ import pytest
 import redis
 from flask import Response
 
-from service.conversations import ConversationStore
 from service.keys import Keys
 from service.simulator import TwilioSimulator
+from service.store import ConversationStore
 from tests.support.app import TOKEN, make_app, post_signed, sign, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import FRIEND, OURS, REY
@@ -25,7 +25,7 @@ KEYS = Keys()
 
 
 def conversation(redis_client, sender=REY, recipient=OURS) -> dict:
-    return redis_client.hgetall(KEYS.conversation(sender, recipient).state)
+    return redis_client.hgetall(KEYS.conversation(sender, recipient).conversation)
 
 
 def messages(redis_client, sender=REY, recipient=OURS) -> int:
@@ -160,14 +160,16 @@ def test_ttl_is_four_hours_and_slides(twilio, redis_client):
     outlives that by a grace period, so that whoever ends it still finds its state."""
     keys = KEYS.conversation(REY, OURS)
     twilio.send(REY, OURS, "one")
-    first = redis_client.zscore(keys.active, keys.member)
+    first = redis_client.zscore(keys.index_shard, keys.member)
     assert abs(first - (time.time() + 14400) * 1000) < 5000
     assert (
-        14400 + ConversationStore.GRACE - 5 <= redis_client.ttl(keys.state) <= 14400 + ConversationStore.GRACE
+        14400 + ConversationStore.GRACE - 5
+        <= redis_client.ttl(keys.conversation)
+        <= 14400 + ConversationStore.GRACE
     )
     time.sleep(0.01)
     twilio.send(REY, OURS, "two")
-    assert redis_client.zscore(keys.active, keys.member) > first
+    assert redis_client.zscore(keys.index_shard, keys.member) > first
 
 
 def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
@@ -177,18 +179,18 @@ def test_the_index_outlives_the_conversations_it_lists(twilio, redis_client):
     keys, grace_ms = KEYS.conversation(REY, OURS), ConversationStore.GRACE * 1000
 
     def lead_ms() -> int:  # how long the index outlives its latest entry's end
-        latest = redis_client.zrange(keys.active, -1, -1, withscores=True)[0][1]
-        return int(time.time() * 1000 + redis_client.pttl(keys.active) - latest)
+        latest = redis_client.zrange(keys.index_shard, -1, -1, withscores=True)[0][1]
+        return int(time.time() * 1000 + redis_client.pttl(keys.index_shard) - latest)
 
     twilio.send(REY, OURS, "one")  # a new entry
     assert lead_ms() > grace_ms - 5000
-    redis_client.pexpire(keys.active, 60_000)  # as if its expiry had last moved a day ago
+    redis_client.pexpire(keys.index_shard, 60_000)  # as if its expiry had last moved a day ago
     twilio.send(REY, OURS, "two")  # the same minute: the index keeps its expiry
     # The tag's tallies say whether "two" was the same minute's (its 'm' tally then 2) or, had
     # the test straddled a minute, the first of the next (whose first save moves the expiry).
     tallies = {f: int(v) for f, v in redis_client.hgetall(keys.minutes).items() if f.endswith("m")}
     if sorted(tallies.values()) == [2]:
-        assert 0 < redis_client.pttl(keys.active) <= 60_000
+        assert 0 < redis_client.pttl(keys.index_shard) <= 60_000
     else:
         assert sorted(tallies.values()) == [1, 1]
         assert lead_ms() > grace_ms - 5000
@@ -325,7 +327,7 @@ def test_replay_memory_keeps_at_most_replies_kept_answers(redis_url, redis_clien
 
 
 def test_apps_with_different_settings_share_a_redis(redis_url, redis_client):
-    """A store's settings are compiled into its scripts: each app runs its own."""
+    """A store's settings go with each call (the scripts are shared): each app keeps its own."""
     few = make_app(REDIS_URL=redis_url, REPLIES_KEPT=2).test_client()
     many = make_app(REDIS_URL=redis_url).test_client()
     for _ in range(4):
@@ -399,7 +401,7 @@ def test_planted_pickle_is_never_unpickled(twilio, redis_url, redis_client, tmp_
     twilio.send(REY, OURS, "one")
     keys = KEYS.conversation(REY, OURS)
     payload = pickle.dumps(Exploit(), protocol=0)  # ASCII: reaches the decoder byte for byte
-    redis.Redis.from_url(redis_url).hset(keys.state, "state", payload)
+    redis.Redis.from_url(redis_url).hset(keys.conversation, "state", payload)
     delivery = twilio.send(REY, OURS, "two")
     assert delivery.status == 200
     assert not marker.exists()
@@ -431,7 +433,7 @@ def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_cli
     keys = KEYS.conversation(REY, OURS)
     twilio.send(REY, OURS, "one")
     twilio.send(REY, OURS, "two")
-    redis_client.hset(keys.state, mapping=edit)
+    redis_client.hset(keys.conversation, mapping=edit)
     after = twilio.send(REY, OURS, "three")
     assert after.status == 200
     if "m:SMjunk" in edit:  # a junk reply field costs nothing: the count goes on
@@ -445,7 +447,7 @@ def test_hand_edited_conversation_starts_afresh_or_is_repaired(twilio, redis_cli
 def test_redelivery_of_a_conversation_whose_sid_was_removed(twilio, redis_client):
     keys = KEYS.conversation(REY, OURS)
     first = twilio.send(REY, OURS, "one")
-    redis_client.hdel(keys.state, "sid")
+    redis_client.hdel(keys.conversation, "sid")
     again = twilio.send(REY, OURS, "one", message_sid=first.message_sid)
     assert again.status == 200
     assert again.reply == first.reply

@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from service.conversations import ConversationStore
 from service.keys import ConversationKeys, Keys
+from service.store import ConversationStore
 
 GRACE_MS = ConversationStore.GRACE * 1000
 
@@ -36,7 +36,7 @@ def plant(
     keys_of = (keys or Keys()).conversation(sender, recipient)
     pipe = client if isinstance(client, redis.client.Pipeline) else client.pipeline(transaction=False)
     pipe.hset(
-        keys_of.state,
+        keys_of.conversation,
         mapping={
             "sid": sid,
             "state": json.dumps({"messages": seq} if state is None else state),
@@ -45,10 +45,10 @@ def plant(
             "last_seen": expiry - 10000 if last_seen is None else last_seen,
         },
     )
-    pipe.pexpireat(keys_of.state, expiry + GRACE_MS)
-    pipe.zadd(keys_of.active, {keys_of.member: expiry})
-    pipe.pexpireat(keys_of.active, expiry + GRACE_MS, nx=True)  # a new index
-    pipe.pexpireat(keys_of.active, expiry + GRACE_MS, gt=True)  # or one this entry outlasts
+    pipe.pexpireat(keys_of.conversation, expiry + GRACE_MS)
+    pipe.zadd(keys_of.index_shard, {keys_of.member: expiry})
+    pipe.pexpireat(keys_of.index_shard, expiry + GRACE_MS, nx=True)  # a new index
+    pipe.pexpireat(keys_of.index_shard, expiry + GRACE_MS, gt=True)  # or one this entry outlasts
     if pipe is not client:
         pipe.execute()
     return keys_of

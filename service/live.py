@@ -1,9 +1,9 @@
 """Live conversations as operators see them: count, page, search, read and end, from the
-active index.
+index (``<prefix>active:{NN}``).
 
 The index is 100 sorted sets (one per hash tag) of ``<from>|<to>`` scored by expiry in epoch
-ms, so "live" means score > now. Every command here names a single key (or, for the prune
-script, keys of one hash tag), and the per-shard commands go in one pipeline: the same code
+ms, so "live" means score > now. Every command here names a single key (or, for ``index_drop.lua``,
+keys of one hash tag), and the per-shard commands go in one pipeline: the same code
 runs on one Redis and on a Cluster, and never needs ``KEYS`` or a keyspace ``SCAN`` (a search
 ``ZSCAN``s the one shard its digits name).
 
@@ -28,56 +28,17 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from .callers import Callers
-from .conversations import ConversationStore, decode_state, now_ms
+from .clock import now_ms
 from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
 from .redis_client import UNAVAILABLE, Client
+from .store import ConversationStore, Script, decode_state
 
 log = logging.getLogger(__name__)
 SEARCHABLE = re.compile(r"\+?[0-9]+")
 SCAN_COUNT = 1000  # index entries a search's ZSCAN step reads
 FIELDS = ("state", "seq", "first_seen", "last_seen")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
-
-PRUNE = """
--- Drops the index entry of a conversation whose state is gone, unless it came back meanwhile.
-local conversation, index = KEYS[1], KEYS[2]  -- the same hash tag
-local member = ARGV[1]
-if redis.call('EXISTS', conversation) == 1 then return 0 end
-return redis.call('ZREM', index, member)
-"""
-
-
-AFTER = """
--- Up to count live entries (member, expiry) after (expiry, member) in the shard's descending
--- order, in one atomic step. The start is found by rank: ZCOUNT gives the cursor's expiry
--- group, a binary search in it the first member below the cursor's (compared byte by byte,
--- as Redis orders them; Lua's < follows the locale). O(log N) whatever the shard's size,
--- and right whether the cursor's own entry is still there, moved or gone.
-local key = KEYS[1]  -- an index shard
-local expiry, member, now, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local function below(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-local lo = redis.call('ZCOUNT', key, '(' .. expiry, '+inf')
-local hi = lo + redis.call('ZCOUNT', key, expiry, expiry)
-while lo < hi do
-  local mid = math.floor((lo + hi) / 2)
-  if below(redis.call('ZRANGE', key, mid, mid, 'REV')[1], member) then hi = mid else lo = mid + 1 end
-end
-local found = redis.call('ZRANGE', key, lo, lo + count - 1, 'REV', 'WITHSCORES')
-local live = {}
-for i = 1, #found, 2 do
-  if tonumber(found[i + 1]) <= now then break end
-  live[#live + 1] = found[i]
-  live[#live + 1] = found[i + 1]
-end
-return live
-"""
 
 
 class BadCursor(ValueError):
@@ -133,8 +94,9 @@ class Entry(NamedTuple):
 
 
 @dataclass
-class Conversation:
-    """What an operator sees of one live conversation."""
+class LiveConversation:
+    """What an operator sees of one live conversation (``service.handler.Conversation`` is
+    the handler's)."""
 
     sender: str
     recipient: str
@@ -163,12 +125,12 @@ class Conversation:
 
 @dataclass
 class Page:
-    conversations: list[Conversation]
+    conversations: list[LiveConversation]
     next_cursor: str | None
 
 
-class ActiveConversations:
-    """Queries over the active index; ending reuses the webhook store's END script."""
+class LiveConversations:
+    """Queries over the index; ending reuses the store's END script."""
 
     def __init__(
         self,
@@ -184,14 +146,14 @@ class ActiveConversations:
         self.store = store
         self.callers = callers
         self.on_end = on_end
-        self._prune = client.register_script(PRUNE)
-        self._after = client.register_script(AFTER)
+        self._drop = Script(client, "index_drop.lua")
+        self._page = Script(client, "index_page.lua")
 
     def preload(self) -> None:
         """Loads the paging script, so that a page costs the same from the first one on (best
         effort, like the store's: without Redis it loads on first use)."""
         try:
-            self._after.sha = self.client.script_load(AFTER)
+            self._page.redis.sha = self.client.script_load(self._page.source.text)
         except UNAVAILABLE as error:
             log.warning(
                 "could not preload the paging script (%s); it loads on first use", type(error).__name__
@@ -223,7 +185,7 @@ class ActiveConversations:
         number of times, so it may come back short but ``next_cursor`` still leads on.
         """
         after = Entry.from_cursor(cursor) if cursor else None
-        found: list[Conversation] = []
+        found: list[LiveConversation] = []
         more = True
         for _ in range(MAX_FILL_ROUNDS):
             entries, more = self._entries_after(after, limit - len(found))
@@ -234,12 +196,12 @@ class ActiveConversations:
                 break
         return Page(found, after.cursor() if more and after else None)
 
-    def get(self, sender: str, recipient: str) -> Conversation | None:
+    def get(self, sender: str, recipient: str) -> LiveConversation | None:
         """A live conversation: state stored, expiry (its index score) still ahead."""
         keys = self.keys.conversation(sender, recipient)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(keys.state, FIELDS)
-        pipe.zscore(keys.active, keys.member)
+        pipe.hmget(keys.conversation, FIELDS)
+        pipe.zscore(keys.index_shard, keys.member)
         values, expiry = pipe.execute()
         now = now_ms()
         if values[0] is None or expiry is None or expiry <= now:
@@ -254,7 +216,7 @@ class ActiveConversations:
             log.info("conversation of %s ended by an operator", mask(sender))
         return ended
 
-    def search(self, number: str, limit: int) -> list[Conversation]:
+    def search(self, number: str, limit: int) -> list[LiveConversation]:
         """Up to ``limit`` live conversations whose sender ends with ``number`` (see
         ``search_number``: an exact E.164 number or its last digits), most recent first.
 
@@ -305,7 +267,7 @@ class ActiveConversations:
 
         Each shard is read in one step: ``ZRANGE … BYSCORE REV LIMIT`` below an expiry bound
         (one pipeline for all), and the cursor's own shard, whose bound is (expiry, member),
-        by the AFTER script (on its own: redis-py runs no script in a Cluster pipeline).
+        by ``index_page.lua`` (on its own: redis-py runs no script in a Cluster pipeline).
         """
         pipe = self.client.pipeline(transaction=False)
         for shard in shards:
@@ -329,7 +291,7 @@ class ActiveConversations:
         ]
 
     def _after_in_shard(self, after: Entry, count: int, now: int) -> list[tuple[str, float]]:
-        flat = self._after(keys=[self.keys.index(after.tag)], args=[after.score, after.member, now, count])
+        flat = self._page([self.keys.index(after.tag)], [after.score, after.member, now, count])
         return list(zip(flat[0::2], map(float, flat[1::2])))
 
     @staticmethod
@@ -341,26 +303,26 @@ class ActiveConversations:
             return after.score  # its entries tied with the cursor's expiry come after the cursor
         return f"({after.score}"
 
-    def _read_entries(self, entries: list[Entry]) -> list[Conversation]:
+    def _read_entries(self, entries: list[Entry]) -> list[LiveConversation]:
         """One pipelined ``HMGET`` for the page; entries whose state is gone are pruned."""
         if not entries:
             return []
         pipe = self.client.pipeline(transaction=False)
         for entry in entries:
-            pipe.hmget(self.keys.from_member(entry.member).state, FIELDS)
+            pipe.hmget(self.keys.from_member(entry.member).conversation, FIELDS)
         now = now_ms()
         found = []
         for entry, values in zip(entries, pipe.execute()):
             keys = self.keys.from_member(entry.member)
             if values[0] is None:
-                self._prune(keys=[keys.state, keys.active], args=[keys.member])
+                self._drop([keys.conversation, keys.index_shard], [keys.member])
                 continue
             found.append(self._conversation(keys, values, math.ceil((entry.score - now) / 1000)))
         return found
 
-    def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> Conversation:
+    def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> LiveConversation:
         raw_state, seq, first_seen, last_seen = values
-        return Conversation(
+        return LiveConversation(
             sender=keys.sender,
             recipient=keys.recipient,
             name=self.callers.name(keys.sender),

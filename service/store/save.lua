@@ -1,0 +1,97 @@
+-- SAVE, a message's round trip 2, only while the lock is still the message's: writes the
+-- conversation (its 'started' event on its first message), or ends it; remembers the answer
+-- under its MessageSid; counts the message in its minute; releases the lock, or hands it with
+-- the conversation to the first in line. Nothing here can fail half-way: every value is
+-- checked or bounded before the first write.
+--
+-- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua
+-- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- ARGV[9]  = the message's token (OPEN's ARGV[9])
+-- ARGV[10] = its MessageSid
+-- ARGV[11] = the conversation's index member, '<from>|<to>'
+-- ARGV[12] = the conversation's id (its 'sid')
+-- ARGV[13] = its state, JSON
+-- ARGV[14] = the answer to remember, as service/responses.py stores it
+-- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
+-- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
+-- ARGV[17] = the message's time: OPEN's `now`, handed back
+-- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
+-- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
+-- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
+-- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
+-- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
+-- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
+-- message's and its answer is not stored: nothing written).
+local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
+local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
+  ARGV[16], ARGV[17]
+
+-- The lock first: while it is ours this message cannot have been saved (a save releases it), so
+-- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
+-- lost saved it already).
+local holder = redis.call('GET', lock)
+if holder ~= token and holder ~= token .. '+' then
+  return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+end
+-- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
+-- no TIME here, and its text is written as it came, never formatted from a number. Messages
+-- still get increasing times: the next one's OPEN takes the lock after this save released it.
+local now = tonumber(opened_at)
+
+local stores = not (is_new and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
+local minute = math.floor(now / 60000)
+local first_of_minute = count(minute, 'm', 1)
+if is_new and stores and count(minute, 's', 1) then first_of_minute = true end
+if first_of_minute then renew(minute) end
+local found = is_new and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
+-- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
+-- are scanned only when one can be forgotten (out of the window, or over the cap). With one
+-- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
+-- message's, at last_seen.
+local oldest, held = string.match(found[2] or '', '^(%d+) (%d+)$')
+if not found[2] and found[3] then oldest, held = found[3], '1' end
+held = tonumber(held)
+-- A conversation's first message reads its hash once: the answers to keep, the rest (what an
+-- ended or unreadable conversation left) to go.
+local starts = is_new and stores
+local room = held and held < tonumber(replies_kept)
+if starts or not (oldest and room and tonumber(oldest) > now - window_ms) then
+  oldest, held = forget_answers(now - window_ms, replies_kept - 1, starts)
+end
+held = held + 1
+local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
+if held > 1 then
+  answered[3], answered[4] = 'answers', oldest .. ' ' .. held
+end
+local added = 0
+if stores then
+  if is_new then
+    local sender, recipient = pair(member)
+    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
+               'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
+    answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
+  end
+  redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
+             'last_seen', opened_at, unpack(answered))
+  if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
+  added = redis.call('ZADD', index, now + ttl_ms, member)
+else
+  redis.call('HSET', conversation, answered[1], answered[2])
+end
+-- The index outlives its entries by a day's grace: its expiry moves with a new entry and with
+-- the first save of each minute in its tag, so at most a minute behind its latest entry's end,
+-- not on every save.
+if added == 1 or first_of_minute then
+  redis.call('PEXPIRE', index, live_keep_ms)
+end
+local ended = 0
+if end_reason ~= '' then
+  ended = ends().finish(member, end_reason, now, now)
+end
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
+if holder == token then
+  redis.call('DEL', lock)
+else  -- marked: someone waits
+  handover().hand_lock()
+end
+return ended == 1 and 'ended' or 'saved'

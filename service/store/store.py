@@ -1,0 +1,377 @@
+"""The conversation store: every Redis command a message costs, in two atomic Lua scripts.
+
+A conversation is one hash (``sms:conv:…``, see ``service/keys.py``). Why Lua: a message
+costs exactly two round trips. OPEN (``open.lua``) answers a redelivery from memory, or queues
+for the conversation's lock in arrival order and, once first in line, takes it and returns the
+conversation; SAVE (``save.lua``) checks the lock is still the message's, writes the
+conversation (or ends it), the answer's memory and the index, and releases the lock, or hands
+it with the conversation to the first in line, which then starts without asking again. A
+crashed holder's lock lapses after ``lock_ttl``; a crashed waiter drops out of line once it
+stops asking. docs/design.md tells the whole story.
+
+Every conversation script is sent the same keys (``ConversationKeys.in_order``) and the same
+settings first (``ConversationStore.settings``), in the order ``common.lua`` reads them.
+OPEN's reply (and the turn a save hands over) is decoded here only: ``decode_turn``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis import RedisError
+from redis.exceptions import NoScriptError, ResponseError
+
+from ..keys import ConversationKeys
+from ..redis_client import UNAVAILABLE, Client
+from .scripts import Script
+
+log = logging.getLogger(__name__)
+
+
+class ConversationBusy(Exception):
+    """The message waited its turn for longer than ``LOCK_WAIT``."""
+
+
+class LockLost(Exception):
+    """The lock lapsed (or the conversation was ended) before the state could be saved."""
+
+
+class NotReplicated(RedisError):
+    """Fewer replicas than ``REDIS_WAIT_REPLICAS`` confirmed a script's writes (answers 503).
+
+    The write may still be on the master; a redelivery of the message is answered from it, or
+    counted afresh if a failover lost it, never twice.
+    """
+
+
+@dataclass
+class Opened:
+    """What OPEN found: a redelivery's stored answer, or the lock and the stored fields
+    (as Redis holds them: the caller decodes, and treats what it cannot read as new)."""
+
+    token: str
+    now: int = 0  # Redis' clock when the lock was taken: the message's time, handed back to SAVE
+    answered: str | None = None
+    sid: str = ""
+    state: str = ""
+    seq: str = ""
+    first_seen: str = ""
+    ended_overdue: bool = False  # it found the conversation's time run out and ended it
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """OPEN found others ahead of the message: ``ahead`` of them."""
+
+    ahead: int
+
+
+def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
+    """OPEN's reply (a flat list of names and values, ``reply.lua``), or the same list as JSON
+    handed over on a wake-up list; None for what says only "ask again" (a release's ``1``)."""
+    if isinstance(raw, str):
+        raw = json.loads(raw)
+    if not isinstance(raw, list):
+        return None
+    reply = dict(zip(raw[0::2], raw[1::2]))
+    status = reply.get("status")
+    if status == "opened":
+        return Opened(
+            token,
+            int(reply["now"]),
+            None,
+            reply["sid"],
+            reply["state"],
+            reply["seq"],
+            reply["first_seen"],
+            reply["ended_overdue"] == 1,
+        )
+    if status == "answered":
+        return Opened(token, answered=reply["answer"], sid=reply["sid"])
+    if status == "waiting":
+        return Waiting(int(reply["ahead"]))
+    return None
+
+
+def new_token(message_sid: str) -> str:
+    """A message's turn: ``<MessageSid>;<16 hex digits>``.
+
+    Tells this message's turn from others' (unguessable is not needed: no request names it),
+    and names the message, so that a save handing the lock over can tell whether it was
+    answered meanwhile; ``;`` tells it from a version that reads no such list (``line.lua``).
+    Not os.urandom: its system call lets go of the GIL, a thread switch per message. random
+    reseeds in each forked worker.
+    """
+    return f"{message_sid};{random.getrandbits(64):016x}"
+
+
+class ConversationStore:
+    """Runs the scripts for one conversation at a time; holds no per-request state."""
+
+    # A waiter asks again at least this often; one that stops for ``PATIENCE`` leaves the line.
+    POLL_FIRST, POLL_MAX, PATIENCE = 0.002, 0.05, 1.0
+    # Physically, a live conversation outlives its end by this much, so that whoever ends it
+    # (a message or a sweep) still finds its state. An ended one keeps only its answers, for
+    # REDELIVERY_WINDOW.
+    GRACE = 24 * 3600
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        ttl: int,
+        lock_ttl: float,
+        lock_wait: float,
+        redelivery_window: float,
+        replies_kept: int,
+        events_max: int = 1_000_000,
+        hooks: bool = False,
+        wait_replicas: int = 0,
+        wait_ms: int = 0,
+        read_timeout: float = 0.5,
+        on_lock_wait: Callable[[float], None] = lambda seconds: None,
+    ):
+        """``hooks``: keep each ended conversation's final state for the end hook.
+        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
+        self.client = client
+        self.on_lock_wait = on_lock_wait
+        self.lock_wait = lock_wait
+        self.blocking = read_timeout > self.POLL_MAX + 0.15
+        self.events_max = events_max  # the sweeper's relay trims as the scripts do
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
+        # ARGV[1..8] of every conversation script, in common.lua's order.
+        self.settings: list[int | str] = [
+            int(lock_ttl * 1000),
+            int(self.PATIENCE * 1000),
+            ttl * 1000,
+            int(redelivery_window * 1000),
+            replies_kept,
+            (ttl + self.GRACE) * 1000,
+            events_max,
+            "1" if hooks else "0",
+        ]
+        self._open = Script(client, "open.lua")
+        self._save = Script(client, "save.lua")
+        self._release = Script(client, "release.lua")
+        self._end = Script(client, "end.lua")
+        self._expire = Script(client, "expire.lua")
+
+    @classmethod
+    def from_config(
+        cls,
+        client: Client,
+        config: Mapping[str, Any],
+        *,
+        hooks: bool = False,
+        on_lock_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> ConversationStore:
+        """The store the app's ``config`` (``settings.load``) describes."""
+        return cls(
+            client,
+            ttl=config["CONVERSATION_TTL"],
+            lock_ttl=config["LOCK_TTL"],
+            lock_wait=config["LOCK_WAIT"],
+            redelivery_window=config["REDELIVERY_WINDOW"],
+            replies_kept=config["REPLIES_KEPT"],
+            events_max=config["EVENTS_MAX"],
+            hooks=hooks,
+            on_lock_wait=on_lock_wait,
+            wait_replicas=config["REDIS_WAIT_REPLICAS"],
+            wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
+            read_timeout=config["REDIS_TIMEOUT"],
+        )
+
+    @property
+    def scripts(self) -> tuple[Script, ...]:
+        return (self._open, self._save, self._release, self._end, self._expire)
+
+    def preload(self) -> None:
+        """Loads the scripts so that even the first message costs two round trips.
+
+        On a Cluster ``SCRIPT LOAD`` goes to every primary. Best effort: with Redis down at
+        start, or on a primary promoted later, they are loaded on first use instead.
+        """
+        for script in self.scripts:
+            try:
+                script.redis.sha = self.client.script_load(script.source.text)
+            except UNAVAILABLE as error:
+                log.warning(
+                    "could not preload Lua scripts (%s); they load on first use", type(error).__name__
+                )
+                return
+
+    def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
+        """Round trip 1 (more only while the message waits its turn, asking again the sooner
+        the nearer it is to the front)."""
+        token = new_token(message_sid)
+        started = time.monotonic()
+        deadline = started + self.lock_wait
+        turn = self.ask(keys, message_sid, token)
+        while True:
+            if isinstance(turn, Opened):
+                if turn.answered is None:
+                    self.on_lock_wait(time.monotonic() - started)
+                return turn
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.on_lock_wait(time.monotonic() - started)
+                self.release(keys, token)
+                raise ConversationBusy(keys.member)
+            ahead = turn.ahead if turn else 0
+            handed = self._wait_turn(
+                keys.wake + token, token, min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX)
+            )
+            turn = handed or self.ask(keys, message_sid, token)
+
+    def ask(self, keys: ConversationKeys, message_sid: str, token: str) -> Opened | Waiting:
+        """One OPEN: the message's turn as it stands."""
+        turn = decode_turn(token, self._run(self._open, *self.open_call(keys, message_sid, token)))
+        if turn is None:
+            raise ResponseError("OPEN answered neither opened, answered nor waiting")
+        return turn
+
+    def _wait_turn(self, wake: str, token: str, seconds: float) -> Opened | None:
+        """Until the lock's holder hands the turn over or ``seconds`` pass. A save hands over
+        the lock itself with what OPEN would have returned (returned here: no need to ask
+        again); a release only wakes it to ask again (None, as after ``seconds``). Sleeps
+        instead where Redis could answer a BLPOP later than the read timeout (its timer ticks
+        every 100 ms)."""
+        if self.blocking and seconds >= 0.001:  # BLPOP's 0 would mean forever
+            popped = self.client.blpop([wake], timeout=seconds)
+            if popped:
+                turn = decode_turn(token, popped[1])
+                return turn if isinstance(turn, Opened) else None
+        else:
+            time.sleep(seconds)
+        return None
+
+    def save(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        sid: str,
+        state: str,
+        is_new: bool,
+        message_sid: str,
+        answer: str,
+        end_reason: str | None = None,
+    ) -> bool:
+        """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
+        longer ours: nothing was written."""
+        result = self._run(
+            self._save,
+            *self.save_call(
+                keys,
+                opened,
+                sid=sid,
+                state=state,
+                is_new=is_new,
+                message_sid=message_sid,
+                answer=answer,
+                end_reason=end_reason,
+            ),
+        )
+        if result == "lost":
+            raise LockLost(keys.member)
+        return result == "ended"
+
+    def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
+        """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
+        return keys.in_order(), [*self.settings, token, message_sid, keys.member]
+
+    def save_call(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        sid: str,
+        state: str,
+        is_new: bool,
+        message_sid: str,
+        answer: str,
+        end_reason: str | None = None,
+    ) -> tuple[list, list]:
+        """SAVE's keys and arguments."""
+        return keys.in_order(), [
+            *self.settings,
+            opened.token,
+            message_sid,
+            keys.member,
+            sid,
+            state,
+            answer,
+            "1" if is_new else "0",
+            end_reason or "",
+            opened.now,
+        ]
+
+    def _run(self, script: Script, keys: list[str], args: list):
+        """Runs ``script``; with ``wait_replicas``, pipelined with ``WAIT`` in the same round trip.
+
+        WAIT confirms that this connection's writes reached the replicas before we answer 200,
+        so a failover cannot lose a counted message. Even a script that wrote nothing (a
+        redelivery answered from memory) must be confirmed: on a master whose replica was just
+        promoted WAIT returns 0, and that memory may be about to vanish. Idle connections are
+        then dropped, so that the next one asks Sentinel where the master is.
+        """
+        for attempt in (1, 2):  # redis-py's Script.__call__, less its per-call import
+            try:
+                if not self.wait_replicas:
+                    return self.client.evalsha(script.sha, len(keys), *keys, *args)
+                pipe = self.client.pipeline(transaction=False)
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.wait(self.wait_replicas, self.wait_ms)
+                result, acknowledged = pipe.execute()
+                break
+            except NoScriptError:  # a server that lost the scripts (restart, failover)
+                if attempt == 2:
+                    raise
+                script.redis.sha = self.client.script_load(script.source.text)
+            except ResponseError as error:
+                raise script.source.explain(error) from error
+        if acknowledged < self.wait_replicas:
+            self.client.connection_pool.disconnect(inuse_connections=False)
+            raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
+        return result
+
+    def release(self, keys: ConversationKeys, token: str) -> None:
+        """Gives the lock back without saving, or leaves the line."""
+        self._release(keys.in_order(), [*self.settings, token])
+
+    def end(self, keys: ConversationKeys) -> bool:
+        """An operator ends a conversation now (its event, its state for the hook, its lock and
+        index entry). True if it was live."""
+        return bool(self._run(self._end, keys.in_order(), [*self.settings, keys.member]))
+
+    def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
+        """Ends those of ``due`` whose time has run out (and that no message holds now), each
+        with its event; returns how many. One pipeline, except on a Cluster, where redis-py
+        cannot pipeline scripts: one call each there."""
+        calls = [(keys.in_order(), [*self.settings, keys.member]) for keys in due]
+        if cluster:
+            return sum(self._expire(keys, args) for keys, args in calls)
+        pipe = self.client.pipeline(transaction=False)
+        for script_keys, args in calls:
+            self._expire(script_keys, args, client=pipe)
+        try:
+            return sum(pipe.execute())
+        except ResponseError as error:
+            raise self._expire.source.explain(error) from error
+
+
+def decode_state(raw: str) -> dict | None:
+    """Stored state as a dict, or None when it is not a readable JSON object (a hand edit,
+    however deep its nesting)."""
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return state if isinstance(state, dict) else None

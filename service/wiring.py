@@ -1,0 +1,77 @@
+"""What the app is wired from, in one typed object: ``app.extensions["sms"]``, read through
+``current()`` (by the views, the sweeper, the CLI, tests and bench/ alike).
+
+Imports run one way: the parts (store, keys, metrics, the operators' view, history, callers,
+handler, Redis client, accounts, signature check) know nothing of this module; what reads the wiring
+(webhook, health, ops, console, lifecycle) imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app
+
+from .accounts import Accounts
+from .callers import Callers
+from .handler import EndHook, Handler
+from .history import History
+from .keys import Keys
+from .live import LiveConversations
+from .metrics import Metrics, multiprocess
+from .redis_client import Client, is_cluster
+from .sessions import ConversationSessionInterface
+from .signature import SignatureCheck
+from .store import ConversationStore
+
+EXTENSION = "sms"
+
+
+@dataclass
+class Wiring:
+    """Everything a request, the sweeper or a command needs, built once per app."""
+
+    redis: Client
+    keys: Keys
+    store: ConversationStore
+    live: LiveConversations  # the operators' view of live conversations (CLI, API, console)
+    history: History  # events, samples, the minute tallies
+    handler: Handler
+    on_end: EndHook | None
+    metrics: Metrics
+    callers: Callers
+    accounts: Accounts  # each Twilio account's tokens and signing keys
+    signature: SignatureCheck
+
+
+def current(app: Flask | None = None) -> Wiring:
+    """The wiring of ``app`` (default: the current app)."""
+    return (app or current_app).extensions[EXTENSION]
+
+
+def init_app(
+    app: Flask,
+    redis: Client,
+    callers: Callers,
+    handler: Handler,
+    on_end: EndHook | None,
+    accounts: Accounts,
+) -> Wiring:
+    """Builds the app's parts from its config and Redis client, and Flask's session interface
+    on the store (the conversation is ``flask.session`` during a webhook)."""
+    config = app.config
+    keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
+    # The gauges read the operators' view and the history when scraped, once both are built.
+    metrics = Metrics(lambda: live.count(), lambda: history.stats(), multiprocess())
+    store = ConversationStore.from_config(
+        redis, config, hooks=on_end is not None, on_lock_wait=metrics.lock_wait.observe
+    )
+    store.preload()
+    operator_ended = metrics.conversations_ended.labels("operator")
+    live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
+    history = History(redis, keys)
+    signature = SignatureCheck(config, accounts, metrics.signature_keys)
+    wiring = Wiring(redis, keys, store, live, history, handler, on_end, metrics, callers, accounts, signature)
+    app.extensions[EXTENSION] = wiring
+    app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
+    return wiring
