@@ -8,9 +8,12 @@ it holds when the handler returns is saved, nested changes included.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +39,8 @@ OPT_OUT = {
 }
 KEYWORDS = {word: kind for kind, words in OPT_OUT.items() for word in words}
 MAX_MEDIA = 10  # Twilio's limit per message
+# Where Python's and installed packages' code lives: not the developer's.
+LIBRARIES = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 @dataclass(frozen=True)
@@ -150,15 +155,53 @@ def load(spec: str) -> Handler:
     return handler
 
 
+class HandlerFailed(Exception):
+    """The developer's code raised what is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``, ``CancelledError``, ``GeneratorExit``): held as an ordinary failure
+    of that one call, since let through it reaches the server's own code and stops a worker
+    (gunicorn's, on SystemExit or KeyboardInterrupt, the whole service). The original is its
+    ``__cause__``."""
+
+
+def contained(function: Callable) -> Callable:
+    """``function`` whose every exception is an ``Exception`` (``HandlerFailed`` for others)."""
+
+    @functools.wraps(function)
+    def call(*args):
+        try:
+            return function(*args)
+        except Exception:
+            raise
+        except BaseException as error:
+            raise HandlerFailed(type(error).__name__) from error
+
+    return call
+
+
+def failure(error: BaseException) -> tuple[str, str]:
+    """What the developer's code raised, for the logs: its type and where (``KeyError at
+    bot.py:12 in handle``), and its frames; never its text, which may quote a message's body
+    or the state (an ``int(message.body)``'s ``ValueError``, a ``KeyError``)."""
+    if isinstance(error, HandlerFailed) and error.__cause__ is not None:
+        error = error.__cause__
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if not frame.filename.startswith(LIBRARIES)]
+    where = type(error).__name__
+    if own or frames:  # the developer's line rather than the library it called
+        last = (own or frames)[-1]
+        where += f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
+    return where, "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + where
+
+
 def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None = None) -> None:
     """``handler`` if given, else ``SMS_HANDLER`` (the counter by default); ``on_end`` if given,
-    else the handler's module's ``on_end`` function, if it has one."""
+    else the handler's module's ``on_end`` function, if it has one. Both run ``contained``."""
     handler = handler or load(app.config["SMS_HANDLER"])
     if on_end is None:
         found = getattr(sys.modules.get(getattr(handler, "__module__", "")), "on_end", None)
         on_end = found if callable(found) else None
-    app.extensions["sms.handler"] = handler
-    app.extensions["sms.on_end"] = on_end
+    app.extensions["sms.handler"] = contained(handler)
+    app.extensions["sms.on_end"] = contained(on_end) if on_end is not None else None
 
 
 def current(app: Flask | None = None) -> Handler:

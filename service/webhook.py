@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from typing import cast
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -194,9 +193,8 @@ def sms():
         answer = render(reply)
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
         conversation.release()
-        logs.annotate(
-            reason=f"the handler failed: {type(error).__name__}: {error}", error=traceback.format_exc()
-        )
+        where, frames = handler.failure(error)
+        logs.annotate(reason=f"the handler failed: {where}", error=frames)
         return problem(500, "The conversation handler failed.")
     conversation.save(memo(reply))
     return twiml(answer)

@@ -125,3 +125,42 @@ def test_an_oversized_body_is_refused_without_being_read(redis_url):
             b"Content-Length: 40001\r\n\r\n"
         )
         assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
+
+
+@pytest.mark.slow
+def test_whatever_a_handler_raises_fails_only_its_message(redis_url, redis_client, tmp_path):
+    """KeyboardInterrupt, sys.exit(3)/(4), argparse's SystemExit, CancelledError and
+    GeneratorExit from a handler are each that message's 500 (nothing saved, lock released),
+    never the worker's or the master's end; an end hook's KeyboardInterrupt is a counted
+    end-hook failure, and the sweeper goes on."""
+    env = {
+        "REDIS_URL": redis_url,
+        "TMPDIR": str(tmp_path),
+        "SMS_HANDLER": "tests.support.raising_handler:handle",
+        "SWEEP_INTERVAL": "0.1",
+    }
+    with Gunicorn(env, workers=WORKERS, config=GUNICORN_CONF) as server:
+        [metrics_dir] = tmp_path.glob("sms-sessions-metrics-*")
+        twilio = TwilioSimulator(server.url, TOKEN, timeout=5)
+        assert twilio.send(REY, OURS, "first").reply == "1 handled"
+        raising = ["interrupt", "exit 3", "exit 4", "exit 0", "--oops", "cancelled", "generator"]
+        for body in raising * 2:  # each worker meets each, whichever serves it
+            assert twilio.send(REY, OURS, body).status == 500, body
+            assert not redis_client.exists(Keys().conversation(REY, OURS).lock), body
+        assert twilio.send(REY, OURS, "after").reply == "2 handled"
+        for sender in (REY, "+15551230002"):  # two ends: the hook runs (and raises) twice
+            assert twilio.send(sender, OURS, "bye").status == 200
+            wait_until(
+                lambda: not any(redis_client.exists(Keys().ending(s)) for s in Keys().shards()),
+                what="the end hook run",
+            )
+        counted = scrape(requests.get(server.base + "/metrics", timeout=5).text)
+        assert counted["sms_messages_received_total{outcome=error}"] == 2 * len(raising)
+        assert counted["sms_end_hook_failures_total"] == 2
+        assert metrics_dir.is_dir()
+        output = server.output()
+        assert server.process.poll() is None
+        assert output.count("Booting worker") == WORKERS  # none died, none replaced
+        assert "Worker exiting" not in output and "Shutting down" not in output
+        plain = [line for line in output.splitlines() if not line.startswith("{")]
+        assert all(line.startswith(("usage: bot", "bot: error")) for line in plain), plain  # argparse's

@@ -3,6 +3,7 @@ what is saved, and the guarantees that hold for any handler."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -130,8 +131,8 @@ def test_end_makes_this_message_the_last(app_with, redis_client):
 def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client, capsys):
     def fragile(message, conversation):
         conversation.setdefault("bodies", []).append(message.body)
-        if message.body == "boom":
-            raise ValueError("cannot handle boom")
+        if message.body.startswith("five"):
+            return str(int(message.body))  # ValueError, quoting the text
         return "ok"
 
     app = app_with(fragile)
@@ -139,17 +140,56 @@ def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client,
     assert post_signed(client, webhook_params(body="fine")).status_code == 200
     before = stored(redis_client)
     capsys.readouterr()
-    failed = post_signed(client, webhook_params(body="boom"))
+    failed = post_signed(client, webhook_params(body="five secret words"))
     assert failed.status_code == 500 and b"handler failed" in failed.data
     assert stored(redis_client) == before  # no state, no reply memory, no count
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)  # released at once
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    output = capsys.readouterr().out
+    assert "secret" not in output  # the body never reaches the logs, not even in the error
+    lines = [json.loads(line) for line in output.splitlines()]
     assert len(lines) == 1 and lines[0]["outcome"] == "error" and lines[0]["level"] == "error"
-    assert "ValueError: cannot handle boom" in lines[0]["error"] and "Traceback" in lines[0]["error"]
+    line = fragile.__code__.co_firstlineno + 3
+    assert lines[0]["reason"] == f"the handler failed: ValueError at test_handler.py:{line} in fragile"
+    assert "Traceback" in lines[0]["error"] and "in fragile" in lines[0]["error"]
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'sms_messages_received_total{outcome="error"} 1.0' in metrics
     assert post_signed(client, webhook_params(body="after")).status_code == 200
     assert state(redis_client) == {"bodies": ["fine", "after"]}
+
+
+def test_a_key_error_on_state_logs_no_text_of_the_state(app_with, capsys):
+    def lookup(message, conversation):
+        return conversation[message.body]
+
+    assert post_signed(app_with(lookup).test_client(), webhook_params(body="my secret")).status_code == 500
+    output = capsys.readouterr().out
+    assert "KeyError at test_handler.py" in output and "secret" not in output
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [KeyboardInterrupt(), SystemExit(3), SystemExit(0), asyncio.CancelledError(), GeneratorExit()],
+    ids=lambda error: type(error).__name__ + "".join(f"({a})" for a in error.args),
+)
+def test_whatever_a_handler_raises_is_a_500_for_that_message(app_with, redis_client, capsys, raised):
+    def raising(message, conversation):
+        conversation["touched"] = True
+        if message.body == "raise":
+            _raise(raised)
+        return "ok"
+
+    client = app_with(raising).test_client()
+    failed = post_signed(client, webhook_params(body="raise"))
+    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert stored(redis_client) == {}
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["reason"].startswith(f"the handler failed: {type(raised).__name__} at test_handler.py")
+    assert post_signed(client, webhook_params(body="fine")).status_code == 200
 
 
 @pytest.mark.parametrize(
