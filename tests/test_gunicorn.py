@@ -164,3 +164,26 @@ def test_whatever_a_handler_raises_fails_only_its_message(redis_url, redis_clien
         assert "Worker exiting" not in output and "Shutting down" not in output
         plain = [line for line in output.splitlines() if not line.startswith("{")]
         assert all(line.startswith(("usage: bot", "bot: error")) for line in plain), plain  # argparse's
+
+
+def raw_request(server: Gunicorn, head: bytes) -> bytes:
+    """The status line of the answer to ``head`` (a request without a body), sent as is."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)
+        return sock.makefile("rb").readline()
+
+
+@pytest.mark.slow
+def test_a_cookie_that_is_not_utf8_is_ignored_on_every_route(redis_url):
+    """A Cookie header with a byte that is not UTF-8 reaches no 500: /healthz answers, an
+    unsigned webhook is refused as unsigned, and nothing is logged as an error."""
+    with Gunicorn({"REDIS_URL": redis_url}, workers=1, config=GUNICORN_CONF) as server:
+        for path, status in ((b"/healthz", b"200"), (b"/sms?From=x", b"403")):
+            for cookie in (b"sms_session=\xff", b"a=1; b=\xc3\x28"):
+                head = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: " + cookie + b"\r\n\r\n"
+                assert raw_request(server, head).split()[1] == status, (path, cookie)
+        counted = scrape(requests.get(server.base + "/metrics", timeout=5).text)
+        assert counted.get("sms_messages_received_total{outcome=error}", 0) == 0
+        assert counted["sms_messages_received_total{outcome=rejected_signature}"] == 2
+        output = server.output()
+        assert "Traceback" not in output and '"level":"error"' not in output

@@ -125,21 +125,3 @@ def test_session_serializer_is_json_only_and_refuses_a_pickle(fake_app, tmp_path
         with pytest.raises(ValueError):
             serializer.decode(payload.decode("latin-1"))
     assert not marker.exists()
-
-
-@pytest.mark.parametrize(
-    "cookie",
-    [None, "", "session=abc", "a=1; session=x.y-z_", 'q="quoted; value"; b=2', "a=1; a=2", "broken; =x; y"],
-)
-def test_the_request_reads_cookies_as_werkzeug_does(cookie):
-    """``BoundedRequest.cookies`` reads ``HTTP_COOKIE`` directly; the result is werkzeug's."""
-    from flask import Request
-    from werkzeug.test import EnvironBuilder
-
-    from service.limits import BoundedRequest
-
-    environ = EnvironBuilder(
-        path="/sms", headers={"Cookie": cookie} if cookie is not None else {}
-    ).get_environ()
-    assert BoundedRequest(environ).cookies == Request(environ).cookies
-    assert BoundedRequest(environ).cookies.getlist("a") == Request(environ).cookies.getlist("a")
