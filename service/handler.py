@@ -163,6 +163,11 @@ class HandlerFailed(Exception):
     ``__cause__``."""
 
 
+class Unkeepable(ValueError):
+    """The handler's reply or state is one the service cannot send or keep (too large, or a
+    character XML or UTF-8 cannot carry); the text says why without quoting it."""
+
+
 def contained(function: Callable) -> Callable:
     """``function`` whose every exception is an ``Exception`` (``HandlerFailed`` for others)."""
 
@@ -182,6 +187,8 @@ def failure(error: BaseException) -> tuple[str, str]:
     """What the developer's code raised, for the logs: its type and where (``KeyError at
     bot.py:12 in handle``), and its frames; never its text, which may quote a message's body
     or the state (an ``int(message.body)``'s ``ValueError``, a ``KeyError``)."""
+    if isinstance(error, Unkeepable):
+        return str(error), "".join(traceback.format_list(traceback.extract_tb(error.__traceback__)))
     if isinstance(error, HandlerFailed) and error.__cause__ is not None:
         error = error.__cause__
     frames = traceback.extract_tb(error.__traceback__)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from types import MappingProxyType
+from xml.etree import ElementTree
 
 import pytest
 from twilio.twiml.messaging_response import MessagingResponse
@@ -202,6 +204,73 @@ def test_a_reply_or_state_the_service_cannot_keep_is_a_500(app_with, redis_clien
     assert post_signed(client, webhook_params()).status_code == 500
     assert stored(redis_client) == {}
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+
+
+def _many(text: str, count: int) -> MessagingResponse:
+    reply = MessagingResponse()
+    for _ in range(count):
+        reply.message(text)
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("reply", "update", "reason"),
+    [
+        ("\ud800", {}, "its reply holds U+D800, which TwiML (XML 1.0 in UTF-8) cannot carry"),
+        (_many("ok \udfff", 2), {}, "its reply is not well-formed XML"),
+        ("ok", {"kept": "x\ud800"}, "its state holds a lone surrogate, which UTF-8 cannot carry"),
+        ("ok", {"score": math.nan}, "ValueError"),
+        ("ok", {"score": math.inf}, "ValueError"),
+        ("bell \x07", {}, "its reply holds U+0007, which TwiML (XML 1.0 in UTF-8) cannot carry"),
+        (_many("nul \x00", 1), {}, "U+0000"),
+        ("x" * 64_001, {}, "its reply is 64079 bytes of TwiML, over Twilio's 64000"),
+        (_many("é" * 1600, 20), {}, "over Twilio's 64000"),
+    ],
+    ids=["surrogate", "surrogate-twiml", "surrogate-state", "nan", "infinity", "bell", "nul", "long", "many"],
+)
+def test_a_reply_or_state_twilio_or_redis_cannot_take_is_the_handlers_failure(
+    app_with, redis_client, capsys, reply, update, reason
+):
+    """Lone surrogates (which reach Redis' client only once the save began), characters XML
+    excludes, NaN and a reply over Twilio's 64 kB: a 500, nothing saved, the lock released
+    at once, and a reason that quotes none of it."""
+
+    def handle(message, conversation):
+        conversation.update(update)
+        return reply
+
+    failed = post_signed(app_with(handle).test_client(), webhook_params())
+    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert stored(redis_client) == {}
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["reason"].startswith("the handler failed: ") and reason in line["reason"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["tab\tnew\nline\r and \U0001f600 é", _many("é" * 1600, 10)],
+    ids=["whitespace-and-emoji", "ten-longest-messages"],
+)
+def test_replies_twilio_can_take_are_sent_as_well_formed_twiml(app_with, redis_client, reply):
+    sent = post_signed(app_with(lambda message, conversation: reply).test_client(), webhook_params())
+    assert sent.status_code == 200
+    assert ElementTree.fromstring(sent.data).tag == "Response"  # well-formed
+    assert stored(redis_client)["seq"] == "1"
+
+
+@pytest.mark.parametrize("planted", ['{"kept": "\\ud800"}', '{"score": NaN}', '{"score": -Infinity}'])
+def test_stored_state_that_could_not_be_saved_again_starts_afresh(app_with, redis_client, planted):
+    """A hand edit that JSON reads but that could never be saved again (a lone surrogate,
+    NaN) is unreadable state: the conversation starts afresh rather than fail each message
+    until it expires."""
+    app = app_with(lambda message, conversation: f"{conversation.messages} {sorted(conversation)}")
+    twilio = TwilioSimulator.for_app(app)
+    assert twilio.send(REY, OURS, "one").reply == "1 []"
+    redis_client.hset(KEYS.conversation(REY, OURS).state, "state", planted)
+    assert twilio.send(REY, OURS, "two").reply == "1 []"
+    assert twilio.send(REY, OURS, "three").reply == "2 []"
+    assert state(redis_client) == {}
 
 
 def test_a_redelivery_gets_the_first_answer_without_calling_the_handler(app_with, redis_client):
