@@ -187,3 +187,25 @@ def test_a_cookie_that_is_not_utf8_is_ignored_on_every_route(redis_url):
         assert counted["sms_messages_received_total{outcome=rejected_signature}"] == 2
         output = server.output()
         assert "Traceback" not in output and '"level":"error"' not in output
+
+
+@pytest.mark.slow
+def test_the_request_line_is_bounded_above_twilios_longest_get(redis_url):
+    """Twilio's longest GET webhook (1,600 characters of 4 bytes, ~19 KB percent-encoded) is
+    answered; a request line past MAX_BODY_BYTES plus room for the rest is refused as soon as
+    that much has arrived, without waiting for its end, and the server answers the next."""
+    from urllib.parse import urlencode
+
+    from tests.support.app import sign, webhook_params
+
+    with Gunicorn({"REDIS_URL": redis_url}, workers=1, config=GUNICORN_CONF) as server:
+        query = urlencode(webhook_params(sender=REY, recipient=OURS, body="\U0001f600" * 1600))
+        assert len(query) > 19_000
+        url = f"{server.url}?{query}"
+        answer = requests.get(url, headers={"X-Twilio-Signature": sign(url, {})}, timeout=5)
+        assert answer.status_code == 200 and "Thanks for the message, Rey!" in answer.text
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /sms?Body=" + b"a" * (65536 + 8190 + 1024))  # no end of line yet
+            assert sock.makefile("rb").readline().split()[1] == b"414"  # gunicorn's answer
+        assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
