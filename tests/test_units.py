@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from redis.cluster import key_slot
 
@@ -125,3 +127,41 @@ def test_session_serializer_is_json_only_and_refuses_a_pickle(fake_app, tmp_path
         with pytest.raises(ValueError):
             serializer.decode(payload.decode("latin-1"))
     assert not marker.exists()
+
+
+def test_body_first_reads_the_body_before_the_app_and_bounds_it():
+    """``BodyFirst`` hands the app a body already read (at most MAX_BODY_BYTES + 1 bytes of a
+    chunked one, none of one announced over it), and closes what the app returned."""
+    from service.serving import BodyFirst
+
+    seen, closed = [], []
+
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    def app(environ, start_response):
+        stream = environ["wsgi.input"]
+        seen.append((stream, stream.tell(), stream.read()))
+        return Body([b"ok"])
+
+    def run(length: str | None, body: bytes) -> list:
+        environ = {"wsgi.input": io.BytesIO(body), **({"CONTENT_LENGTH": length} if length else {})}
+        return BodyFirst(app, max_body=10)(environ, lambda *a: None)
+
+    assert run("5", b"hello, more") == [b"ok"] and seen[-1][2] == b"hello"
+    run(None, b"x" * 50)  # chunked: one byte past the bound tells the app it is too big
+    assert seen[-1][2] == b"x" * 11
+    unread = io.BytesIO(b"y" * 50)
+    BodyFirst(app, max_body=10)({"wsgi.input": unread, "CONTENT_LENGTH": "50"}, lambda *a: None)
+    assert seen[-1][:2] == (unread, 0)  # never read: the app answers 413 without reading it
+    assert closed == [True, True, True]
+
+
+def test_the_request_line_limit_leaves_room_for_the_longest_query_string():
+    from gunicorn.http import message
+
+    from service.serving import request_line_limit
+
+    limit = request_line_limit(65536)
+    assert limit > 65536 and limit <= message.MAX_REQUEST_LINE  # gunicorn keeps it, not 8,190
