@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
@@ -34,7 +35,7 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 from . import lifecycle
 from .active import BadCursor, BadSearch, iso
 from .conversations import active, now_ms
-from .ops import DEFAULT_LIMIT
+from .ops import DEFAULT_LIMIT, finite
 
 log = logging.getLogger(__name__)
 bp = Blueprint(
@@ -98,12 +99,25 @@ def load_session():
 
 
 @bp.after_request
+def remember(response):
+    if g.get("new_console_session") is not None:
+        _set_cookie(response, g.new_console_session)
+    return response
+
+
 def protect(response):
+    """Every answer under ``/console``, the app's own (a 404, a 405, werkzeug's 308 to add a
+    slash) as the console's: the security headers, and a redirect's ``Location`` as a path,
+    never a URL built from the request's ``Host`` header."""
+    if not (request.path == bp.url_prefix or request.path.startswith(f"{bp.url_prefix}/")):
+        return response
     response.headers.update(SECURITY_HEADERS)
     if request.endpoint != "console.static":
         response.headers["Cache-Control"] = "no-store"
-    if g.get("new_console_session") is not None:
-        _set_cookie(response, g.new_console_session)
+    location = response.headers.get("Location")
+    if location:
+        parts = urlsplit(location)
+        response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, ""))
     return response
 
 
@@ -201,7 +215,7 @@ def conversation():
     found = active().get(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
-    state = json.dumps(found.state, indent=2, sort_keys=True, ensure_ascii=False)
+    state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
     return page("conversation.html", sender=sender, recipient=recipient, found=found, state=state)
 
 
@@ -297,3 +311,4 @@ def helpers():
 def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /console is a 404
         app.register_blueprint(bp)
+        app.after_request(protect)  # the app's, not the blueprint's: routing errors too

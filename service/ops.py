@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import sys
 from typing import NoReturn
@@ -73,7 +74,19 @@ def conversation(sender, recipient):
     found = active().get(sender, recipient)
     if found is None:
         return error(404, "No live conversation for this pair.")
-    return found.to_json(with_state=True)
+    return finite(found.to_json(with_state=True))
+
+
+def finite(data):
+    """``data`` as JSON can carry it: stored state may hold NaN or an infinity (a hand edit;
+    Python's JSON reads them, no other parser does), shown as null."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [finite(value) for value in data]
+    return data
 
 
 @bp.delete("/conversations/<sender>/<recipient>")
@@ -150,7 +163,7 @@ def show_command(sender, recipient, as_json):
     found: Conversation | None = run(lambda: active().get(sender, recipient))
     if found is None:
         unknown(sender, recipient)
-    data = found.to_json(with_state=True)
+    data = finite(found.to_json(with_state=True))
     text = "\n".join(
         f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
         for key, value in data.items()

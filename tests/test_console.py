@@ -242,6 +242,34 @@ def test_every_console_page_is_protected_and_uncached(console_app):
     assert asset.status_code == 200 and asset.headers["X-Content-Type-Options"] == "nosniff"
 
 
+def test_the_apps_own_answers_under_console_are_protected_too(console_app):
+    """A 404, a 405 and werkzeug's 308 (adding a slash) get the console's headers; the 308's
+    Location is a path, whatever the Host header says."""
+    client = console_app.test_client()
+    responses = [
+        client.get("/console/no-such-page"),
+        client.delete("/console/sign-in"),
+        client.get("/console", headers={"Host": "evil.example"}),
+        client.get("/console", base_url="https://evil.example:8443"),
+    ]
+    assert [r.status_code for r in responses] == [404, 405, 308, 308]
+    for response in responses:
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["Cache-Control"] == "no-store"
+    assert [r.headers["Location"] for r in responses[2:]] == ["/console/", "/console/"]
+
+
+def test_pages_name_their_icon(console_app):
+    """Each page links its icon, so that no browser asks for /favicon.ico (a 404)."""
+    client = console_app.test_client()
+    icon = re.search(
+        r'<link rel="icon" href="([^"]+)"', client.get("/console/sign-in").get_data(as_text=True)
+    )
+    served = client.get(icon.group(1))
+    assert served.status_code == 200 and served.mimetype == "image/svg+xml"
+
+
 def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
     """No inline script, style or event handler: the CSP forbids them, so none may be needed.
     And each id once, a plain title: well-formed enough for the refresh to find its parts."""

@@ -209,3 +209,17 @@ def test_the_request_line_is_bounded_above_twilios_longest_get(redis_url):
             sock.sendall(b"GET /sms?Body=" + b"a" * (65536 + 8190 + 1024))  # no end of line yet
             assert sock.makefile("rb").readline().split()[1] == b"414"  # gunicorn's answer
         assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.slow
+def test_access_lines_mask_numbers_in_ops_paths_however_typed(redis_url):
+    """``/ops/conversations/FROM/TO`` with numbers as an operator may type them: the access
+    line masks them all the same."""
+    with Gunicorn({"REDIS_URL": redis_url, "OPS_TOKEN": "x" * 32}, workers=1, config=GUNICORN_CONF) as server:
+        for pair in ("+1 415 555 0123/(415)5550123", "%2B14155550123/+1-415-555-0123"):
+            answer = requests.get(f"{server.base}/ops/conversations/{pair}", timeout=5)
+            assert answer.status_code == 401
+        wait_until(lambda: server.output().count('"gunicorn.access"') == 2, what="the access lines")
+        output = server.output()
+        assert "5550123" not in output and "555 0123" not in output and "555-0123" not in output
+        assert "/ops/conversations/+1 41***0123/(415)***0123" in output

@@ -432,3 +432,30 @@ def test_cli_expire_json(ops_app):
     ended = cli(ops_app, "expire", REY, OURS, "--json")
     assert ended.exit_code == 0 and json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
     assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 0}
+
+
+def strict_json(text: str):
+    """JSON as any parser reads it: no NaN or Infinity."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_state_holding_nan_is_served_as_valid_json(ops_app, redis_client):
+    """A hand edit may leave NaN or an infinity in stored state: /ops and ``--json`` serve it
+    as null, so that every JSON parser reads the answer."""
+    text_messages(ops_app, REY, 1)
+    redis_client.hset(
+        KEYS.conversation(REY, OURS).state, "state", '{"a": NaN, "b": [Infinity, 1.5], "c": {"d": -Infinity}}'
+    )
+    answer = ops_app.test_client().get(f"/ops/conversations/{REY}/{OURS}", headers=AUTH)
+    assert answer.status_code == 200
+    assert strict_json(answer.get_data(as_text=True))["state"] == {
+        "a": None,
+        "b": [None, 1.5],
+        "c": {"d": None},
+    }
+    shown = cli(ops_app, "show", REY, OURS, "--json")
+    assert shown.exit_code == 0 and strict_json(shown.output)["state"]["b"] == [None, 1.5]
