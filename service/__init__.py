@@ -18,6 +18,7 @@ from . import (
     responses,
     settings,
     signature,
+    throttle,
     webhook,
 )
 from . import handler as handlers
@@ -49,6 +50,7 @@ def create_app(
     signature.init_app(app)
     responses.init_app(app)
     health.init_app(app)
+    throttle.init_app(app)
     ops.init_app(app)
     console.init_app(app)
     return app

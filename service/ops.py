@@ -21,7 +21,7 @@ import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
 
-from . import lifecycle
+from . import lifecycle, throttle
 from .active import BadCursor, Conversation
 from .conversations import active
 from .redis_client import UNAVAILABLE
@@ -35,11 +35,18 @@ MAX_LIMIT = 1000
 
 @bp.before_request
 def authorize():
+    address, guard = request.remote_addr or "-", throttle.current()
+    wait = guard.wait(address)
+    if wait:
+        log.warning("ops request refused: too many wrong tokens from %s", address)
+        return error(429, f"Too many wrong tokens: retry in {wait} s.", {"Retry-After": str(wait)})
     token = current_app.config["OPS_TOKEN"]
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        guard.failed(address, "api")
         log.warning("ops request refused: missing or wrong bearer token")
         return error(401, "Missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
+    guard.succeeded(address)
     return None
 
 

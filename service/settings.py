@@ -16,6 +16,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Shortest OPS_TOKEN production takes: a token is what guards every conversation's state.
+MIN_OPS_TOKEN = 32
+
 # gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
 # two equal): a worker silent this long is killed, so a message must be answered well before.
 WORKER_TIMEOUT = 10
@@ -67,6 +70,12 @@ def _text(value: str) -> str:
     return value
 
 
+def _token(value: str) -> str:
+    if value != value.strip():
+        raise ValueError("has spaces around it (the console would take them, the API never)")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     env: str
@@ -74,6 +83,7 @@ class Setting:
     parse: Callable[[str], Any]
     meaning: str
     shown: str | None = None  # the default as the docs show it, when not the value itself
+    secret: bool = False  # a refusal names it without echoing its value
 
     def default_text(self) -> str:
         if self.shown is not None:
@@ -242,10 +252,13 @@ SETTINGS = [
     Setting(
         "OPS_TOKEN",
         None,
-        _text,
+        _token,
         "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
         "sign in to the console at `/console/`. Unset: both are off (404 for every method "
-        "on every `/ops` and `/console` path).",
+        f"on every `/ops` and `/console` path). `production` wants at least {MIN_OPS_TOKEN} "
+        "characters (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`); wrong "
+        "tries are slowed per client address.",
+        secret=True,
     ),
     Setting(
         "CONSOLE_SESSION_TTL",
@@ -318,6 +331,11 @@ def check(config: dict[str, Any]) -> None:
         raise ConfigError(
             "REDIS_URL is not set: APP_ENV=production needs a real Redis, not the embedded in-memory store"
         )
+    if config["OPS_TOKEN"] and len(config["OPS_TOKEN"]) < MIN_OPS_TOKEN:
+        raise ConfigError(
+            f"OPS_TOKEN is {len(config['OPS_TOKEN'])} characters: APP_ENV=production needs at least "
+            f"{MIN_OPS_TOKEN} (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
 
 
 def init_app(app, test_config: dict[str, Any] | None = None) -> None:
@@ -341,7 +359,8 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             config[setting.env] = setting.parse(raw)
         except ValueError as error:
-            raise ConfigError(f"{setting.env}={raw!r}: {error}") from None
+            shown = "…" if setting.secret else repr(raw)
+            raise ConfigError(f"{setting.env}={shown}: {error}") from None
     _answered_in_time(
         config,
         blamed="REDIS_TIMEOUT"

@@ -459,3 +459,29 @@ def test_state_holding_nan_is_served_as_valid_json(ops_app, redis_client):
     }
     shown = cli(ops_app, "show", REY, OURS, "--json")
     assert shown.exit_code == 0 and strict_json(shown.output)["state"]["b"] == [None, 1.5]
+
+
+def test_wrong_bearer_tokens_are_slowed_per_address_and_counted(ops_app):
+    """After 5 wrong tokens an address waits (1 s, then twice as long after each further
+    failure): its tries meanwhile are 429 with Retry-After, the right token included; other
+    addresses are not slowed; a right token afterwards clears the address."""
+    client, other = ops_app.test_client(), ops_app.test_client()
+    client.environ_base["REMOTE_ADDR"], other.environ_base["REMOTE_ADDR"] = "192.0.2.1", "192.0.2.2"
+    guard = ops_app.extensions["sms.throttle"]
+    now = [1000.0]
+    guard.clock = lambda: now[0]
+    wrong = {"Authorization": "Bearer guess"}
+    assert [client.get("/ops/stats", headers=wrong).status_code for _ in range(5)] == [401] * 5
+    slowed = client.get("/ops/stats", headers=AUTH)
+    assert slowed.status_code == 429 and slowed.headers["Retry-After"] == "1"
+    assert other.get("/ops/stats", headers=AUTH).status_code == 200
+    now[0] += 1
+    assert client.get("/ops/stats", headers=wrong).status_code == 401  # the 6th is looked at...
+    now[0] += 1.5
+    slowed = client.get("/ops/stats", headers=AUTH)  # ...then the address waits 2 s
+    assert slowed.status_code == 429 and slowed.headers["Retry-After"] == "1"
+    now[0] += 0.5
+    assert client.get("/ops/stats", headers=AUTH).status_code == 200
+    assert client.get("/ops/stats", headers=wrong).status_code == 401  # cleared: counted afresh
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sms_sign_in_failures_total{surface="api"} 7.0' in metrics
