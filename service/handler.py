@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
 import sysconfig
@@ -134,7 +135,8 @@ class Conversation(ServerSideSession):
 
 
 def load(spec: str) -> Handler:
-    """``package.module:function`` → the function; ``ConfigError`` naming ``SMS_HANDLER`` if not.
+    """``package.module:function`` → the function; ``ConfigError`` naming ``SMS_HANDLER`` if not
+    (nor when the module's ``on_end`` is not a function of two arguments).
 
     The working directory is importable, as under gunicorn and ``flask run``.
     """
@@ -145,14 +147,41 @@ def load(spec: str) -> Handler:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # any import-time failure is this setting's problem
+    except (Exception, SystemExit) as error:  # any import-time failure is this setting's problem
         raise ConfigError(
             f"SMS_HANDLER={spec!r}: cannot import {module_name}: {type(error).__name__}: {error}"
         ) from None
     handler = getattr(module, attribute, None)
     if not callable(handler):
         raise ConfigError(f"SMS_HANDLER={spec!r}: {module_name} has no function {attribute}")
+    if not _takes(handler, 2):
+        raise ConfigError(f"SMS_HANDLER={spec!r}: {attribute} must take (message, conversation)")
+    _end_hook_of(handler, spec)
     return handler
+
+
+def _takes(function: Callable, count: int) -> bool:
+    """Whether ``function`` can be called with ``count`` positional arguments."""
+    try:
+        inspect.signature(function).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some built-ins): cannot tell, so trusted
+        return True
+    return True
+
+
+def _end_hook_of(handler: Handler, spec: str | None) -> EndHook | None:
+    """The handler's module's ``on_end``, if it has one; ``ConfigError`` if that is not a
+    function of ``(conversation, reason)`` (ignored, it would never run)."""
+    module_name = getattr(handler, "__module__", "") or ""
+    found = getattr(sys.modules.get(module_name), "on_end", None)
+    if found is None:
+        return None
+    if not callable(found) or not _takes(found, 2):
+        setting = f"SMS_HANDLER={spec!r}: " if spec else ""
+        raise ConfigError(f"{setting}{module_name}.on_end must be a function of (conversation, reason)")
+    return found
 
 
 class HandlerFailed(Exception):
@@ -203,10 +232,10 @@ def failure(error: BaseException) -> tuple[str, str]:
 def init_app(app: Flask, handler: Handler | None = None, on_end: EndHook | None = None) -> None:
     """``handler`` if given, else ``SMS_HANDLER`` (the counter by default); ``on_end`` if given,
     else the handler's module's ``on_end`` function, if it has one. Both run ``contained``."""
+    spec = None if handler is not None else app.config["SMS_HANDLER"]
     handler = handler or load(app.config["SMS_HANDLER"])
     if on_end is None:
-        found = getattr(sys.modules.get(getattr(handler, "__module__", "")), "on_end", None)
-        on_end = found if callable(found) else None
+        on_end = _end_hook_of(handler, spec)
     app.extensions["sms.handler"] = contained(handler)
     app.extensions["sms.on_end"] = contained(on_end) if on_end is not None else None
 

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Most gunicorn workers (WEB_CONCURRENCY): threads grow with workers (service/serving.py).
+MAX_WORKERS = 64
 
 # Shortest OPS_TOKEN production takes: a token is what guards every conversation's state.
 MIN_OPS_TOKEN = 32
@@ -39,6 +44,8 @@ def _bool(value: str) -> bool:
 
 def _number(kind: type, valid: Callable[[Any], bool], reason: str) -> Callable[[str], Any]:
     def parse(value: str):
+        if not value.isascii():  # int() and float() read any script's digits: ٣٠ is 30
+            raise ValueError("must be written in ASCII digits")
         number = kind(value)
         if not valid(number):
             raise ValueError(reason)
@@ -53,7 +60,6 @@ def _between(kind: type, low, high, unit: str) -> Callable[[str], Any]:
     return _number(kind, lambda n: low <= n <= high and n != math.inf, reason)
 
 
-_positive_int = _number(int, lambda n: n > 0, "must be a positive whole number")
 _non_negative_int = _number(int, lambda n: n >= 0, "must be 0 or more")
 
 
@@ -67,6 +73,40 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 def _text(value: str) -> str:
+    return value
+
+
+def _base_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or " " in value:
+        raise ValueError("must be a URL such as https://sms.example.com")
+    if parts.query or parts.fragment:
+        raise ValueError("must have no query or fragment (just scheme, host and path prefix)")
+    return value
+
+
+def _bind(value: str) -> str:
+    """gunicorn's forms: ``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``, ``fd://N``."""
+    if value.startswith("unix:") and len(value) > 5:
+        return value
+    if value.startswith("fd://") and value[5:].isascii() and value[5:].isdigit():
+        return value
+    host, colon, port = value.rpartition(":")
+    if not (colon and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, unix:PATH or fd://N")
+    return value
+
+
+def _directory(value: str) -> str:
+    """A directory this process can write in, or make (a file is made there and removed)."""
+    path = Path(value)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ValueError(f"cannot write in {existing}: {error.strerror}") from None
     return value
 
 
@@ -154,7 +194,7 @@ SETTINGS = [
     Setting(
         "PUBLIC_BASE_URL",
         None,
-        _text,
+        _base_url,
         "The scheme and host Twilio calls, e.g. `https://sms.example.com` (with the path "
         "prefix a proxy strips, if any); the signed URL is rebuilt from it. Use behind TLS "
         "proxies and tunnels.",
@@ -271,18 +311,25 @@ SETTINGS = [
     Setting(
         "WEB_CONCURRENCY",
         None,
-        _positive_int,
-        "gunicorn worker processes (`config/gunicorn.conf.py`).",
+        _between(int, 1, MAX_WORKERS, "a number of processes"),
+        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each has "
+        "2 × workers + 8 threads and its own Redis connections.",
         shown="2 × CPUs + 1",
     ),
     Setting(
         "PORT", 5000, _between(int, 1, 65535, "a port number"), "Port gunicorn listens on (all interfaces)."
     ),
-    Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
+    Setting(
+        "BIND",
+        None,
+        _bind,
+        "Full gunicorn bind address (`127.0.0.1:8000`, `[::1]:8000`, `unix:/run/sms.sock`); "
+        "overrides `PORT`.",
+    ),
     Setting(
         "PROMETHEUS_MULTIPROC_DIR",
         None,
-        _text,
+        _directory,
         "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
         "temporary one (outside gunicorn the metrics are the process's own).",
     ),

@@ -153,7 +153,8 @@ def test_make_run_on_a_busy_port_says_which_to_use():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")]
+    "variable, value",
+    [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml"), ("BIND", "127.0.0.1:99999")],
 )
 def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""

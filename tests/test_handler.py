@@ -569,6 +569,10 @@ def test_operators_see_any_handlers_state_and_count(app_with):
         ("examples.nothing_here:handle", "cannot import examples.nothing_here"),
         ("examples.survey:QUESTIONS", "has no function QUESTIONS"),
         ("examples.survey", "expected package.module:function"),
+        ("tests.support.bad_handlers.exits:handle", "cannot import .*: SystemExit: 0"),
+        ("tests.support.bad_handlers.one_argument:handle", r"handle must take \(message, conversation\)"),
+        ("tests.support.bad_handlers.end_hook_text:handle", r"on_end must be a function of \(conversation"),
+        ("tests.support.bad_handlers.end_hook_one_argument:handle", "on_end must be a function of"),
     ],
 )
 def test_a_bad_sms_handler_stops_start_up_in_one_line(monkeypatch, spec, complaint):

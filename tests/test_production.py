@@ -38,6 +38,11 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("OPS_TOKEN", {"OPS_TOKEN": "a"}),
     ("OPS_TOKEN", {"OPS_TOKEN": "x" * 31}),
     ("OPS_TOKEN", {"OPS_TOKEN": " " + "x" * 40 + " "}),
+    # Once a traceback, or an exit 0 with nothing said:
+    ("SMS_HANDLER", {"SMS_HANDLER": "tests.support.bad_handlers.exits:handle"}),
+    ("SMS_HANDLER", {"SMS_HANDLER": "tests.support.bad_handlers.end_hook_text:handle"}),
+    ("PROMETHEUS_MULTIPROC_DIR", {"PROMETHEUS_MULTIPROC_DIR": "/proc/sms-sessions-metrics"}),
+    ("PUBLIC_BASE_URL", {"PUBLIC_BASE_URL": "not a url"}),
 ]
 CASES = pytest.mark.parametrize(
     "variable, setting",
