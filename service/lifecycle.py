@@ -387,8 +387,10 @@ def events_command(since, follow, as_json):
         for event in history().since(now_ms() - seconds * 1000):
             show(event)
             last = event.id
+        # Each wait shorter than the connection's REDIS_TIMEOUT, which would end a longer one.
+        block_ms = max(1, int(current_app.config["REDIS_TIMEOUT"] * 500))
         while follow:
-            for event in history().follow(last):
+            for event in history().follow(last, block_ms):
                 show(event)
                 last = event.id
     except UNAVAILABLE as failure:
