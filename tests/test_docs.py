@@ -48,3 +48,21 @@ def test_every_relative_link_resolves(page):
         if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
             broken.append(target)
     assert broken == []
+
+
+def test_the_keywords_table_is_what_the_service_does():
+    """docs/design.md's table of Twilio's keywords lists exactly the handler's families, and
+    the README warns of them with a link to it."""
+    from service.handler import OPT_OUT
+
+    page = (ROOT / "docs" / "design.md").read_text().split("## Twilio's keywords", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.split("|")[1:-1] for line in page.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    listed = {cells[0].strip(): set(cells[0].strip().split(", ")) for cells in rows[1:]}
+    assert sorted(map(frozenset, listed.values()), key=sorted) == sorted(
+        map(frozenset, OPT_OUT.values()), key=sorted
+    )
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/design.md#twilios-keywords" in readme
+    assert all(word in readme for word in OPT_OUT["STOP"] | {"YES", "UNSTOP"})

@@ -499,9 +499,12 @@ def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
         {"Body": " stop "},
         {"Body": "Unsubscribe"},
         {"Body": "QUIT"},
+        {"Body": "cancel"},
+        {"Body": "End"},
+        {"Body": "STOPALL"},
         {"Body": "please stop", "OptOutType": "STOP"},
     ],
-    ids=["stop", "unsubscribe", "quit", "opt-out-type"],
+    ids=["stop", "unsubscribe", "quit", "cancel", "end", "stopall", "opt-out-type"],
 )
 def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, stop):
     calls = []
@@ -535,9 +538,12 @@ def test_start_and_help_reach_the_handler_with_the_keyword(app_with):
         {"Body": "help "},
         {"Body": "hi", "OptOutType": "HELP"},
         {"Body": "hello"},
+        {"Body": "yes"},  # what a bot's "reply YES to confirm" gets
+        {"Body": "UNSTOP"},
+        {"Body": "cancel my booking"},  # not a keyword: the whole body is
     ):
         assert post_signed(client, webhook_params(**params)).status_code == 200
-    assert seen == ["START", "HELP", "HELP", None]
+    assert seen == ["START", "HELP", "HELP", None, "START", "START", None]
 
 
 def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_path):
