@@ -99,35 +99,56 @@ def serve(config):
     help="With --message: how many times to send it.",
 )
 @click.option(
+    "--media",
+    multiple=True,
+    metavar="URL",
+    help="Attach this media URL to each message (repeat for several, Twilio takes 10).",
+)
+@click.option(
     "--handler",
     "handler_spec",
     metavar="MODULE:FUNCTION",
     help="Run this handler in this process on the embedded store instead of calling --url.",
 )
-def simulate(sender, recipient, url, auth_token, message, repeat, handler_spec):
+def simulate(sender, recipient, url, auth_token, message, repeat, media, handler_spec):
     """Hold a conversation with the webhook as Twilio would (signed, per-pair cookie)."""
     twilio = _in_process(handler_spec) if handler_spec else TwilioSimulator(url, auth_token)
     lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
     failed = False
     for line in lines:
         try:
-            delivery = twilio.send(sender, recipient, line)
+            delivery = twilio.send(sender, recipient, line, media=list(media))
         except requests.RequestException as error:
             raise click.ClickException(
                 f"no answer from {url}: {type(error).__name__} (is the service running? `make run`)"
             ) from None
         if delivery.status == 200:
-            click.echo(delivery.reply if delivery.reply is not None else "(no reply)")
+            for reply in delivery.replies:
+                click.echo(reply.text)
+                for address in reply.media:
+                    click.echo(f"[media] {address}")
+            if not delivery.replies:
+                click.echo("(no reply)")
         else:
             failed = True
-            click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}", err=True)
+            hint = HINTS.get(delivery.status, "")
+            click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}{hint}", err=True)
     sys.exit(1 if failed else 0)
+
+
+# What a refusal most likely means to someone trying the service.
+HINTS = {
+    403: " (sign with the service's TWILIO_AUTH_TOKEN, and --url exactly as the service is "
+    "reached: `make run` prints both)",
+    503: " (the service cannot reach Redis, or the conversation is busy: its /readyz says which)",
+}
 
 
 def _in_process(spec: str) -> TwilioSimulator:
     """The service with ``spec`` as its handler, in this process on the embedded store; only
-    warnings and errors are logged (a failing handler's traceback among them)."""
-    app = create_app({"REDIS_URL": None, "TWILIO_AUTH_TOKEN": "simulated"}, handler=load(spec))
+    warnings and errors are logged, as readable lines (a failing handler's among them)."""
+    config = {"REDIS_URL": None, "TWILIO_AUTH_TOKEN": "simulated", "LOG_FORMAT": "text"}
+    app = create_app(config, handler=load(spec))
     logging.getLogger().setLevel(logging.WARNING)
     return TwilioSimulator.for_app(app)
 

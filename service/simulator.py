@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree
@@ -31,27 +31,44 @@ def new_message_sid() -> str:
 
 
 @dataclass
+class Reply:
+    """One ``<Message>`` of a TwiML answer: its text and its media URLs."""
+
+    text: str
+    media: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Delivery:
-    """One webhook call: what was sent and what came back."""
+    """One webhook call: what was sent and what came back (``reply``: the first message's
+    text, ``replies``: every message)."""
 
     message_sid: str
     status: int
     body: str
     reply: str | None
     cookie_sent: str | None
+    replies: list[Reply] = field(default_factory=list)
+
+
+def replies(twiml: str) -> list[Reply]:
+    """Every ``<Message>`` of a TwiML answer, in order (none if it is not TwiML)."""
+    try:
+        root = ElementTree.fromstring(twiml)
+    except ElementTree.ParseError:
+        return []
+    found = []
+    for message in root.iter("Message"):
+        body = message.find("Body")
+        text = (body.text if body is not None else message.text) or ""
+        found.append(Reply(text, [media.text or "" for media in message.iter("Media")]))
+    return found
 
 
 def reply_text(twiml: str) -> str | None:
     """The text of the first ``<Message>`` in a TwiML answer, or None."""
-    try:
-        root = ElementTree.fromstring(twiml)
-    except ElementTree.ParseError:
-        return None
-    message = root.find("Message")
-    if message is None:
-        return None
-    body = message.find("Body")
-    return (body.text if body is not None else message.text) or ""
+    found = replies(twiml)
+    return found[0].text if found else None
 
 
 class TwilioSimulator:
@@ -141,8 +158,8 @@ class TwilioSimulator:
         status, text, value = self._post(params, headers)
         if value:
             self.cookies[(sender, recipient)] = (value, self.clock())
-        reply = reply_text(text) if status == 200 else None
-        return Delivery(message_sid, status, text, reply, sent)
+        messages = replies(text) if status == 200 else []
+        return Delivery(message_sid, status, text, messages[0].text if messages else None, sent, messages)
 
     @classmethod
     def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:

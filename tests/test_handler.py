@@ -599,12 +599,38 @@ def test_simulate_runs_a_handler_in_process_without_a_server():
     survey = ("--handler", "examples.survey:handle", "--from", REY, "--to", OURS)
     result = sms_sessions("simulate", *survey, stdin="hi\nRey\nteal\n5\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-4:] == [
+    assert result.stdout.splitlines()[-5:] == [
         "Hi! Three quick questions. What should we call you?",
         "Thanks, Rey. What is your favourite colour?",
         "And how would you rate us, from 1 to 5?",
         "Thank you, Rey!",
+        "You said: teal, rated 5/5.",  # the last reply's second message
     ]
+
+
+@pytest.mark.slow
+def test_simulate_shows_every_message_and_its_media_and_logs_text():
+    talk = ("simulate", "--handler", "tests.support.media_handler:handle", "--from", REY, "--to", OURS)
+    result = sms_sessions(
+        *talk,
+        "--media",
+        "https://example.com/a.jpg",
+        "--media",
+        "https://example.com/b.jpg",
+        "--message",
+        "hi",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "first",
+        "second, after 2 media",
+        "[media] https://example.com/dog.jpg",
+    ]
+    failed = sms_sessions(*talk, "--message", "boom")
+    assert failed.returncode == 1 and "HTTP 500" in failed.stderr
+    output = failed.stdout + failed.stderr
+    assert "the handler failed: ValueError at media_handler.py" in output
+    assert not any(line.startswith("{") for line in output.splitlines())  # text, not JSON
 
 
 def test_message_from_params_reads_keywords_and_media():
