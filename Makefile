@@ -6,7 +6,7 @@ PYTHON_OK = $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print(sys.version_i
 PYTHON_VERSION = $(or $(if $(PYTHON),$(shell $(PYTHON) --version 2>/dev/null | head -1)),not found)
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEV_TOKEN ?= dev-auth-token
+DEV_TOKEN ?= dev-auth-token  # service/cli.py's DEV_TOKEN: the one token `make run`'s banner prints
 HOST ?= 127.0.0.1
 PORT ?= 5000
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
@@ -39,9 +39,6 @@ lock: install
 run: install
 	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' $(HOST) $(PORT) 2>/dev/null || { \
 	  echo "make run: port $(PORT) on $(HOST) is in use; choose another: make run PORT=5001" >&2; exit 1; }
-	@echo "Serving the webhook on http://$(HOST):$(PORT)/sms (embedded in-memory store)."
-	@echo "Talk to it from another terminal:"
-	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111 --url http://$(HOST):$(PORT)/sms"
 	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
 
 simulate: install

@@ -11,12 +11,15 @@ import logging
 import os
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import click
 import requests
+from flask import Flask
 from flask.cli import ScriptInfo, run_command
 
-from . import create_app, logs, settings
+from . import create_app, logs, redis_client, settings
+from .handler import current as current_handler
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
 from .ops import conversations_cli
@@ -36,10 +39,67 @@ def cli(ctx: click.Context) -> None:
 
 
 def _serve(**options):
-    """Flask's development server, with the lifecycle sweeper running beside it."""
+    """Flask's development server, with the lifecycle sweeper running beside it; first the
+    settings are checked and Redis asked (one line if either is wrong), then the banner says
+    what serves."""
     context = click.get_current_context()
-    start_sweeper(context.ensure_object(ScriptInfo).load_app())
+    app = context.ensure_object(ScriptInfo).load_app()
+    if app.config["REDIS_URL"]:
+        try:
+            redis_client.client(app).ping()
+        except redis_client.UNAVAILABLE as error:
+            raise ConfigError(
+                f"REDIS_URL={masked_url(app.config['REDIS_URL'])}: cannot reach Redis "
+                f"({type(error).__name__}); start it, or unset REDIS_URL for the embedded store"
+            ) from None
+    click.echo(banner(app, options["host"], options["port"]))
+    start_sweeper(app)
     context.invoke(run_command, **options)
+
+
+# The Makefile's DEV_TOKEN: `make run`'s token, shown in the banner; any other is not printed.
+DEV_TOKEN = "dev-auth-token"
+
+
+def banner(app: Flask, host: str, port: int) -> str:
+    """What ``run`` serves and how to talk to it: the store, the handler, the console."""
+    base = f"http://{host}:{port}"
+    config = app.config
+    store = (
+        f"Redis at {masked_url(config['REDIS_URL'])}"
+        if config["REDIS_URL"]
+        else "the embedded in-memory store (lost on exit; set REDIS_URL for Redis)"
+    )
+    console = (
+        f"{base}/console/ (sign in with OPS_TOKEN)"
+        if config["OPS_TOKEN"]
+        else "off (set OPS_TOKEN to turn it on)"
+    )
+    handle = current_handler(app)
+    token = config["TWILIO_AUTH_TOKEN"]
+    shown = token if token == DEV_TOKEN else "<this service's TWILIO_AUTH_TOKEN>"
+    program = os.path.relpath(Path(sys.executable).parent / "sms-sessions")
+    return "\n".join(
+        [
+            f"Serving the webhook on {base}/sms",
+            f"  handler: {handle.__module__}:{handle.__qualname__}",
+            f"  store:   {store}",
+            f"  console: {console}",
+            "Talk to it from another terminal:",
+            f"  TWILIO_AUTH_TOKEN={shown} {program} simulate --from +15551230001 "
+            f"--to +15550001111 --url {base}/sms",
+        ]
+    )
+
+
+def masked_url(url: str) -> str:
+    """``url`` without its password (``redis://:***@host:6379/0``)."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, hosts = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}{separator}{user}{':' if colon else ''}***@{hosts}"
 
 
 cli.add_command(
