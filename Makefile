@@ -20,9 +20,18 @@ LOCK := uv pip compile pyproject.toml --universal --python-version 3.11 --genera
 
 install: $(VENV)/.installed
 
+# A PYTHON given (`make install PYTHON=…`, or in the environment) that is not the one the
+# existing .venv was built with rebuilds it; the default PYTHON never replaces a .venv.
+VENV_PYTHON_ID = $(shell $(BIN)/python -c 'import sys; print(sys.base_prefix, sys.version)' 2>/dev/null)
+PYTHON_ID = $(shell $(PYTHON) -c 'import sys; print(sys.base_prefix, sys.version)' 2>/dev/null)
+VENV_OTHER_PYTHON = $(and $(filter command line environment,$(origin PYTHON)),$(wildcard $(BIN)/python),$(subst $(PYTHON_ID),,$(VENV_PYTHON_ID)))
+
+.PHONY: venv-of-another-python
+venv-of-another-python:
+
 # Built from scratch from the lock, and removed again if any step fails: a .venv is either
 # complete or absent, never half-installed. A Python older than 3.11 stops make in one line.
-$(VENV)/.installed: requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements-dev.txt pyproject.toml $(if $(VENV_OTHER_PYTHON),venv-of-another-python)
 	$(if $(filter True,$(PYTHON_OK)),,$(error Python 3.11 or newer is needed; PYTHON=$(PYTHON) is $(PYTHON_VERSION): make install PYTHON=/path/to/python3.11))
 	rm -rf $(VENV)
 	{ $(PYTHON) -m venv $(VENV) \

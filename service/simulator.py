@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 import requests
@@ -22,6 +22,8 @@ from twilio.request_validator import RequestValidator
 
 if TYPE_CHECKING:
     from flask import Flask
+
+    from .handler import EndHook, Handler
 
 COOKIE_LIFETIME = 4 * 3600
 
@@ -83,6 +85,7 @@ class TwilioSimulator:
         app: Flask | None = None,
     ):
         self.url = url
+        self.app = app
         self.app_client = app.test_client(use_cookies=False) if app is not None else None
         self.validator = RequestValidator(auth_token) if auth_token else None
         self.cookie_name = cookie_name
@@ -165,6 +168,17 @@ class TwilioSimulator:
     def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:
         """Talks to ``app`` in-process (Flask's test client), signing with its auth token."""
         return cls(url, app.config["TWILIO_AUTH_TOKEN"], app=app)
+
+    @classmethod
+    def for_handler(cls, handler: Handler, on_end: EndHook | None = None, **settings: Any) -> TwilioSimulator:
+        """Talks in-process to the service running ``handler`` (and ``on_end``) on an embedded
+        store of its own (each call a new, empty one), or on ``REDIS_URL=…`` if given: a bot's
+        tests need no server. ``settings`` override single settings (``CONVERSATION_TTL=60``);
+        ``.app`` is the app (for ``Sweeper(twilio.app).sweep()``, ``app.test_client()``)."""
+        from . import create_app
+
+        config = {"TWILIO_AUTH_TOKEN": "simulated", "REDIS_URL": None, **settings}
+        return cls.for_app(create_app(config, handler=handler, on_end=on_end))
 
     def _post(self, params: dict[str, str], headers: dict[str, str]) -> tuple[int, str, str | None]:
         """Status, body and the cookie set, over HTTP or through the app's test client."""
