@@ -6,7 +6,8 @@ PYTHON_OK = $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print(sys.version_i
 PYTHON_VERSION = $(or $(if $(PYTHON),$(shell $(PYTHON) --version 2>/dev/null | head -1)),not found)
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEV_TOKEN ?= dev-auth-token  # service/cli.py's DEV_TOKEN: the one token `make run`'s banner prints
+# make run's token; service/cli.py's DEV_TOKEN, the one token the banner prints.
+DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
