@@ -41,9 +41,8 @@ from .conversations import active, now_ms
 from .ops import DEFAULT_LIMIT, finite
 
 log = logging.getLogger(__name__)
-bp = Blueprint(
-    "console", __name__, url_prefix="/console", static_folder="static", template_folder="templates"
-)
+PREFIX = "/console"
+bp = Blueprint("console", __name__, url_prefix=PREFIX, static_folder="static", template_folder="templates")
 
 COOKIE = "sms_console"  # a signed-in operator's, signed with a key derived from OPS_TOKEN
 SIGN_IN_COOKIE = "sms_console_csrf"  # the sign-in form's CSRF token: random, signed by nothing
@@ -116,25 +115,44 @@ def remember(response):
     return response
 
 
-def protect(response):
-    """Every answer under ``/console``, the app's own (a 404, a 405, werkzeug's 308 to add a
-    slash) as the console's: the security headers, and a redirect's ``Location`` as a path,
-    never a URL built from the request's ``Host`` header."""
-    if not (request.path == bp.url_prefix or request.path.startswith(f"{bp.url_prefix}/")):
-        return response
-    response.headers.update(SECURITY_HEADERS)
-    if request.endpoint != "console.static":
-        response.headers["Cache-Control"] = "no-store"
-    location = response.headers.get("Location")
-    if location:
-        parts = urlsplit(location)
-        response.headers["Location"] = urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    return response
+class Guarded:
+    """WSGI layer: every answer under ``/console``, the app's own included (a 404, a 405,
+    werkzeug's 308 that adds a slash: routing errors run no blueprint hook), gets the
+    security headers, and ``no-store`` but for static files; a redirect's ``Location`` is a
+    path, never a URL built from the request's ``Host`` header. A layer rather than an
+    app-wide ``after_request``, which every webhook message would pay for."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict, start_response):
+        path = environ.get("PATH_INFO") or ""
+        if not (path == PREFIX or path.startswith(f"{PREFIX}/")):
+            return self.wsgi_app(environ, start_response)
+        added = {**SECURITY_HEADERS}
+        if not path.startswith(f"{PREFIX}/static/"):
+            added["Cache-Control"] = "no-store"
+        replaced = {name.lower() for name in added}
+
+        def start(status: str, headers: list, exc_info=None):
+            kept = [
+                (name, _as_path(value) if name.lower() == "location" else value)
+                for name, value in headers
+                if name.lower() not in replaced
+            ]
+            return start_response(status, kept + list(added.items()), exc_info)
+
+        return self.wsgi_app(environ, start)
+
+
+def _as_path(location: str) -> str:
+    parts = urlsplit(location)
+    return urlunsplit(("", "", parts.path or "/", parts.query, ""))
 
 
 def _cookie_options() -> dict:
     return dict(
-        path=bp.url_prefix,
+        path=PREFIX,
         httponly=True,
         samesite="Strict",
         secure=current_app.config["SESSION_COOKIE_SECURE"],
@@ -337,4 +355,5 @@ def helpers():
 def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /console is a 404
         app.register_blueprint(bp)
-        app.after_request(protect)  # the app's, not the blueprint's: routing errors too
+        # Flask's documented way to wrap its WSGI app (mypy sees a method being replaced).
+        app.wsgi_app = Guarded(app.wsgi_app)  # type: ignore[method-assign]
