@@ -6,6 +6,7 @@ PYTHON_OK = $(if $(PYTHON),$(shell $(PYTHON) -c 'import sys; print(sys.version_i
 PYTHON_VERSION = $(or $(if $(PYTHON),$(shell $(PYTHON) --version 2>/dev/null | head -1)),not found)
 VENV ?= .venv
 BIN := $(VENV)/bin
+# make run's token; service/cli.py's DEV_TOKEN, the one token the banner prints.
 DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
@@ -20,9 +21,18 @@ LOCK := uv pip compile pyproject.toml --universal --python-version 3.11 --genera
 
 install: $(VENV)/.installed
 
+# A PYTHON given (`make install PYTHON=…`, or in the environment) that is not the one the
+# existing .venv was built with rebuilds it; the default PYTHON never replaces a .venv.
+VENV_PYTHON_ID = $(shell $(BIN)/python -c 'import sys; print(sys.base_prefix, sys.version)' 2>/dev/null)
+PYTHON_ID = $(shell $(PYTHON) -c 'import sys; print(sys.base_prefix, sys.version)' 2>/dev/null)
+VENV_OTHER_PYTHON = $(and $(filter command line environment,$(origin PYTHON)),$(wildcard $(BIN)/python),$(subst $(PYTHON_ID),,$(VENV_PYTHON_ID)))
+
+.PHONY: venv-of-another-python
+venv-of-another-python:
+
 # Built from scratch from the lock, and removed again if any step fails: a .venv is either
 # complete or absent, never half-installed. A Python older than 3.11 stops make in one line.
-$(VENV)/.installed: requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements-dev.txt pyproject.toml $(if $(VENV_OTHER_PYTHON),venv-of-another-python)
 	$(if $(filter True,$(PYTHON_OK)),,$(error Python 3.11 or newer is needed; PYTHON=$(PYTHON) is $(PYTHON_VERSION): make install PYTHON=/path/to/python3.11))
 	rm -rf $(VENV)
 	{ $(PYTHON) -m venv $(VENV) \
@@ -39,9 +49,6 @@ lock: install
 run: install
 	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' $(HOST) $(PORT) 2>/dev/null || { \
 	  echo "make run: port $(PORT) on $(HOST) is in use; choose another: make run PORT=5001" >&2; exit 1; }
-	@echo "Serving the webhook on http://$(HOST):$(PORT)/sms (embedded in-memory store)."
-	@echo "Talk to it from another terminal:"
-	@echo "  TWILIO_AUTH_TOKEN=$(DEV_TOKEN) $(BIN)/sms-sessions simulate --from +15551230001 --to +15550001111 --url http://$(HOST):$(PORT)/sms"
 	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
 
 simulate: install

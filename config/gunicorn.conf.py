@@ -6,13 +6,11 @@ Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``PORT`` /
 """
 
 import fcntl
-import io
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 # Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
@@ -48,7 +46,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 # Ours also when this file is read again (gunicorn reloads it on SIGHUP) after setting it.
 _made_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(METRICS_PREFIX)
 
-from service import check_environment  # noqa: E402  (after the metrics directory)
+from service import check_environment, serving  # noqa: E402  (after the metrics directory)
 from service.settings import ConfigError, bind_address  # noqa: E402
 
 # Every setting is checked once, here in the master, before gunicorn starts anything: a bad
@@ -62,42 +60,11 @@ except ConfigError as error:
     sys.exit(1)
 
 
-# Threads read requests; a few at a time run the app. With no proxy in front (a PaaS) nothing
-# buffers requests: a client that sends its headers and then stalls mid-body would hold a sync
-# worker until it gave up. Here each worker has threads for 2 × workers such clients (even if
-# they all land on it) plus 8, and a thread first reads its request's whole body (BodyFirst,
-# below), so a stalled client holds a thread, never a place in the app. At most APP_SLOTS
-# requests per worker then run the app at once: enough that one waiting for a busy
-# conversation's lock does not hold up the others, few enough that a burst on one
-# conversation queues here rather than on its lock (where every waiter polls Redis, fights for
-# the GIL, and LOCK_WAIT bounds the wait).
+# Threads read requests (a stalled client holds one); a few at a time run the app
+# (service/serving.py says why).
 workers = _settings["WEB_CONCURRENCY"] or multiprocessing.cpu_count() * 2 + 1
 worker_class = "gthread"
-threads = 2 * workers + 8
-APP_SLOTS = 4
-
-
-class BodyFirst:
-    """WSGI middleware: reads the request body (at most MAX_BODY_BYTES + 1 bytes: the app
-    answers 413 beyond that), then runs the app in one of ``slots`` places."""
-
-    def __init__(self, app, max_body: int, slots: int):
-        self.app = app
-        self.max_body = max_body
-        self.slots = threading.BoundedSemaphore(slots)
-
-    def __call__(self, environ, start_response):
-        declared = environ.get("CONTENT_LENGTH") or ""
-        if not declared.isdigit() or int(declared) <= self.max_body:  # larger: never read
-            size = int(declared) if declared.isdigit() else self.max_body + 1  # chunked
-            environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
-        with self.slots:
-            response = self.app(environ, start_response)
-            try:
-                return list(response)
-            finally:
-                if hasattr(response, "close"):
-                    response.close()
+threads = serving.threads(workers)
 
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
@@ -108,11 +75,8 @@ bind = bind_address(_settings)
 timeout = 10
 graceful_timeout = 10
 
-# A GET webhook carries the whole message in its query string: Twilio's longest (1,600
-# characters, each up to 9 bytes percent-encoded) is ~15 KB, over gunicorn's 4,094-byte
-# default, and gunicorn takes no limit above 8,190 but 0 (none). The app answers a query
-# string longer than MAX_BODY_BYTES with 414, as it answers a body with 413.
-limit_request_line = 0
+# A GET webhook carries the whole message in its query string (bounded by MAX_BODY_BYTES).
+limit_request_line = serving.request_line_limit(_settings["MAX_BODY_BYTES"])
 
 # gunicorn's own lines (errors on stderr, access on stdout) in the app's form (LOG_FORMAT):
 # JSON objects with masked numbers, the path without its query, no line for health probes.
@@ -138,13 +102,7 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Each worker runs the lifecycle sweeper in a thread (a lease in Redis lets one sweep at a
-    time), so conversations end on time without any request arriving; and serves the app
-    behind BodyFirst."""
-    from service.lifecycle import start_sweeper
-
-    start_sweeper(worker.wsgi)
-    worker.wsgi = BodyFirst(worker.wsgi, _settings["MAX_BODY_BYTES"], APP_SLOTS)
+    serving.serve(worker, _settings["MAX_BODY_BYTES"])
 
 
 def child_exit(server, worker):

@@ -11,17 +11,20 @@ import logging
 import os
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import click
 import requests
+from flask import Flask
 from flask.cli import ScriptInfo, run_command
 
-from . import create_app, logs, settings
+from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
 from .ops import conversations_cli
 from .settings import ConfigError
 from .simulator import TwilioSimulator
+from .wiring import current
 
 OPERATORS = (conversations_cli.name, events_command.name)
 
@@ -36,10 +39,67 @@ def cli(ctx: click.Context) -> None:
 
 
 def _serve(**options):
-    """Flask's development server, with the lifecycle sweeper running beside it."""
+    """Flask's development server, with the lifecycle sweeper running beside it; first the
+    settings are checked and Redis asked (one line if either is wrong), then the banner says
+    what serves."""
     context = click.get_current_context()
-    start_sweeper(context.ensure_object(ScriptInfo).load_app())
+    app = context.ensure_object(ScriptInfo).load_app()
+    if app.config["REDIS_URL"]:
+        try:
+            current(app).redis.ping()
+        except redis_client.UNAVAILABLE as error:
+            raise ConfigError(
+                f"REDIS_URL={masked_url(app.config['REDIS_URL'])}: cannot reach Redis "
+                f"({type(error).__name__}); start it, or unset REDIS_URL for the embedded store"
+            ) from None
+    click.echo(banner(app, options["host"], options["port"]))
+    start_sweeper(app)
     context.invoke(run_command, **options)
+
+
+# The Makefile's DEV_TOKEN: `make run`'s token, shown in the banner; any other is not printed.
+DEV_TOKEN = "dev-auth-token"
+
+
+def banner(app: Flask, host: str, port: int) -> str:
+    """What ``run`` serves and how to talk to it: the store, the handler, the console."""
+    base = f"http://{host}:{port}"
+    config = app.config
+    store = (
+        f"Redis at {masked_url(config['REDIS_URL'])}"
+        if config["REDIS_URL"]
+        else "the embedded in-memory store (lost on exit; set REDIS_URL for Redis)"
+    )
+    console = (
+        f"{base}/console/ (sign in with OPS_TOKEN)"
+        if config["OPS_TOKEN"]
+        else "off (set OPS_TOKEN to turn it on)"
+    )
+    handle = current(app).handler
+    token = config["TWILIO_AUTH_TOKEN"]
+    shown = token if token == DEV_TOKEN else "<this service's TWILIO_AUTH_TOKEN>"
+    program = os.path.relpath(Path(sys.executable).parent / "sms-sessions")
+    return "\n".join(
+        [
+            f"Serving the webhook on {base}/sms",
+            f"  handler: {handle.__module__}:{handle.__qualname__}",
+            f"  store:   {store}",
+            f"  console: {console}",
+            "Talk to it from another terminal:",
+            f"  TWILIO_AUTH_TOKEN={shown} {program} simulate --from +15551230001 "
+            f"--to +15550001111 --url {base}/sms",
+        ]
+    )
+
+
+def masked_url(url: str) -> str:
+    """``url`` without its password (``redis://:***@host:6379/0``)."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, hosts = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}{separator}{user}{':' if colon else ''}***@{hosts}"
 
 
 cli.add_command(
@@ -99,35 +159,56 @@ def serve(config):
     help="With --message: how many times to send it.",
 )
 @click.option(
+    "--media",
+    multiple=True,
+    metavar="URL",
+    help="Attach this media URL to each message (repeat for several, Twilio takes 10).",
+)
+@click.option(
     "--handler",
     "handler_spec",
     metavar="MODULE:FUNCTION",
     help="Run this handler in this process on the embedded store instead of calling --url.",
 )
-def simulate(sender, recipient, url, auth_token, message, repeat, handler_spec):
+def simulate(sender, recipient, url, auth_token, message, repeat, media, handler_spec):
     """Hold a conversation with the webhook as Twilio would (signed, per-pair cookie)."""
     twilio = _in_process(handler_spec) if handler_spec else TwilioSimulator(url, auth_token)
     lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
     failed = False
     for line in lines:
         try:
-            delivery = twilio.send(sender, recipient, line)
+            delivery = twilio.send(sender, recipient, line, media=list(media))
         except requests.RequestException as error:
             raise click.ClickException(
                 f"no answer from {url}: {type(error).__name__} (is the service running? `make run`)"
             ) from None
         if delivery.status == 200:
-            click.echo(delivery.reply if delivery.reply is not None else "(no reply)")
+            for reply in delivery.replies:
+                click.echo(reply.text)
+                for address in reply.media:
+                    click.echo(f"[media] {address}")
+            if not delivery.replies:
+                click.echo("(no reply)")
         else:
             failed = True
-            click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}", err=True)
+            hint = HINTS.get(delivery.status, "")
+            click.echo(f"HTTP {delivery.status}: {delivery.body.strip()}{hint}", err=True)
     sys.exit(1 if failed else 0)
+
+
+# What a refusal most likely means to someone trying the service.
+HINTS = {
+    403: " (sign with the service's TWILIO_AUTH_TOKEN, and --url exactly as the service is "
+    "reached: `make run` prints both)",
+    503: " (the service cannot reach Redis, or the conversation is busy: its /readyz says which)",
+}
 
 
 def _in_process(spec: str) -> TwilioSimulator:
     """The service with ``spec`` as its handler, in this process on the embedded store; only
-    warnings and errors are logged (a failing handler's traceback among them)."""
-    app = create_app({"REDIS_URL": None, "TWILIO_AUTH_TOKEN": "simulated"}, handler=load(spec))
+    warnings and errors are logged, as readable lines (a failing handler's among them)."""
+    config = {"REDIS_URL": None, "TWILIO_AUTH_TOKEN": "simulated", "LOG_FORMAT": "text"}
+    app = create_app(config, handler=load(spec))
     logging.getLogger().setLevel(logging.WARNING)
     return TwilioSimulator.for_app(app)
 

@@ -9,8 +9,11 @@ Each safeguard, and why:
   is its own, not Flask's session (``app.session_interface`` is the conversations', bound by
   the webhook), signed by itsdangerous with a key derived from ``OPS_TOKEN``: rotating the
   token signs everyone out. ``HttpOnly``, ``SameSite=Strict``, ``Secure`` with
-  ``SESSION_COOKIE_SECURE``, valid for ``CONSOLE_SESSION_TTL`` from sign-in.
-- The cookie carries a CSRF token that every POST, sign-in included, echoes in its form.
+  ``SESSION_COOKIE_SECURE``, valid for ``CONSOLE_SESSION_TTL`` from sign-in. Only a signed-in
+  operator gets it: nothing a visitor gets is keyed by the token, which could then be
+  guessed offline against it.
+- The cookie carries a CSRF token that every POST echoes in its form; the sign-in form's is
+  a random cookie of its own. Wrong tokens are slowed per client address (``throttle``).
 - A Content-Security-Policy without ``unsafe-inline`` (no inline script or style at all),
   no framing, no referrer, and ``no-store``: the pages hold full numbers and state.
 - Numbers travel in query strings, never in paths: gunicorn's access log writes the path only
@@ -27,21 +30,22 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 from .clock import now_ms
 from .live import BadCursor, BadSearch, iso
-from .ops import DEFAULT_LIMIT
+from .ops import DEFAULT_LIMIT, finite
 from .wiring import current
 
 log = logging.getLogger(__name__)
-bp = Blueprint(
-    "console", __name__, url_prefix="/console", static_folder="static", template_folder="templates"
-)
+PREFIX = "/console"
+bp = Blueprint("console", __name__, url_prefix=PREFIX, static_folder="static", template_folder="templates")
 
-COOKIE = "sms_console"
+COOKIE = "sms_console"  # a signed-in operator's, signed with a key derived from OPS_TOKEN
+SIGN_IN_COOKIE = "sms_console_csrf"  # the sign-in form's CSRF token: random, signed by nothing
 REFRESH_SECONDS = 5
 RECENT_ENDED = 20
 CHART_HOURS = 6
@@ -65,8 +69,8 @@ def _signer() -> URLSafeTimedSerializer:
     )
 
 
-def _new_session(signed_in: bool) -> dict:
-    return {"csrf": secrets.token_urlsafe(24), "in": signed_in}
+def _new_session() -> dict:
+    return {"csrf": secrets.token_urlsafe(24), "in": True}
 
 
 @bp.before_request
@@ -81,9 +85,19 @@ def load_session():
         )
     except BadData:  # none, forged, or signed with another token, or too old
         g.console = None
+    if not (isinstance(g.console, dict) and g.console.get("in") is True):
+        # A visitor's cookie ("in": false) from before sms_console_csrf; this check can go
+        # once CONSOLE_SESSION_TTL has passed since that version was replaced.
+        g.console = None
     if request.method == "POST":
+        if g.console:
+            expected = g.console["csrf"]
+        elif request.endpoint == "console.sign_in":
+            expected = request.cookies.get(SIGN_IN_COOKIE, "")
+        else:
+            expected = ""
         given = request.form.get("csrf", "")
-        if g.console is None or not hmac.compare_digest(given.encode(), g.console["csrf"].encode()):
+        if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
             log.warning("console %s refused: missing or wrong CSRF token", request.path)
             return page(
                 "message.html",
@@ -92,40 +106,81 @@ def load_session():
                 message="This form was not sent by the console page (its CSRF token is "
                 "missing or out of date). Reload the page and try again.",
             )
-    if request.endpoint != "console.sign_in" and not (g.console and g.console["in"]):
+    if request.endpoint != "console.sign_in" and not g.console:
         return redirect(url_for("console.sign_in"), 303)
     return None
 
 
 @bp.after_request
-def protect(response):
-    response.headers.update(SECURITY_HEADERS)
-    if request.endpoint != "console.static":
-        response.headers["Cache-Control"] = "no-store"
+def remember(response):
     if g.get("new_console_session") is not None:
         _set_cookie(response, g.new_console_session)
+    if g.get("sign_in_csrf") is not None:
+        response.set_cookie(SIGN_IN_COOKIE, g.sign_in_csrf, **_cookie_options())
     return response
 
 
-def _set_cookie(response, session: dict | None) -> None:
-    config = current_app.config
-    options = dict(
-        path=bp.url_prefix, httponly=True, samesite="Strict", secure=config["SESSION_COOKIE_SECURE"]
+class Guarded:
+    """WSGI layer: every answer under ``/console``, the app's own included (a 404, a 405,
+    werkzeug's 308 that adds a slash: routing errors run no blueprint hook), gets the
+    security headers, and ``no-store`` but for static files; a redirect's ``Location`` is a
+    path, never a URL built from the request's ``Host`` header. A layer rather than an
+    app-wide ``after_request``, which every webhook message would pay for."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict, start_response):
+        path = environ.get("PATH_INFO") or ""
+        if not (path == PREFIX or path.startswith(f"{PREFIX}/")):
+            return self.wsgi_app(environ, start_response)
+        added = {**SECURITY_HEADERS}
+        if not path.startswith(f"{PREFIX}/static/"):
+            added["Cache-Control"] = "no-store"
+        replaced = {name.lower() for name in added}
+
+        def start(status: str, headers: list, exc_info=None):
+            kept = [
+                (name, _as_path(value) if name.lower() == "location" else value)
+                for name, value in headers
+                if name.lower() not in replaced
+            ]
+            return start_response(status, kept + list(added.items()), exc_info)
+
+        return self.wsgi_app(environ, start)
+
+
+def _as_path(location: str) -> str:
+    parts = urlsplit(location)
+    return urlunsplit(("", "", parts.path or "/", parts.query, ""))
+
+
+def _cookie_options() -> dict:
+    return dict(
+        path=PREFIX,
+        httponly=True,
+        samesite="Strict",
+        secure=current_app.config["SESSION_COOKIE_SECURE"],
+        max_age=current_app.config["CONSOLE_SESSION_TTL"],
     )
+
+
+def _set_cookie(response, session: dict | None) -> None:
+    options = _cookie_options()
     if session is None:
+        del options["max_age"]
         response.delete_cookie(COOKIE, **options)
     else:
-        response.set_cookie(
-            COOKIE, _signer().dumps(session), max_age=config["CONSOLE_SESSION_TTL"], **options
-        )
+        response.set_cookie(COOKIE, _signer().dumps(session), **options)
 
 
 def page(template: str, status: int = 200, **context):
     """A console page, with the CSRF token its forms echo."""
     session = g.get("new_console_session") or g.get("console") or {}
+    csrf = session.get("csrf") or g.get("sign_in_csrf") or request.cookies.get(SIGN_IN_COOKIE, "")
     return render_template(
         f"console/{template}",
-        csrf=session.get("csrf", ""),
+        csrf=csrf,
         signed_in=bool(session.get("in")),
         refresh=REFRESH_SECONDS,
         **context,
@@ -135,17 +190,25 @@ def page(template: str, status: int = 200, **context):
 @bp.route("/sign-in", methods=["GET", "POST"])
 def sign_in():
     if request.method == "GET":
-        if g.console and g.console["in"]:
+        if g.console:
             return redirect(url_for("console.index"), 303)
-        if g.console is None:
-            g.new_console_session = _new_session(signed_in=False)  # its CSRF token for the form
+        if not request.cookies.get(SIGN_IN_COOKIE):
+            g.sign_in_csrf = secrets.token_urlsafe(24)  # the form's CSRF token, keyed by nothing
         return page("sign_in.html")
+    address, guard = request.remote_addr or "-", current().throttle
+    wait = guard.wait(address)
+    if wait:
+        log.warning("console sign-in refused: too many wrong tokens from %s", address)
+        response = page("sign_in.html", 429, error=f"Too many wrong tokens: try again in {wait} s.")
+        return (*response, {"Retry-After": str(wait)})
     given = request.form.get("token", "")
     if not hmac.compare_digest(given.encode(), current_app.config["OPS_TOKEN"].encode()):
+        guard.failed(address, "console")
         log.warning("console sign-in refused: wrong ops token")
         return page("sign_in.html", 401, error="Wrong token.")
+    guard.succeeded(address)
     log.info("console: an operator signed in")
-    g.new_console_session = _new_session(signed_in=True)  # a fresh CSRF token, too
+    g.new_console_session = _new_session()  # a fresh CSRF token, too
     return redirect(url_for("console.index"), 303)
 
 
@@ -201,7 +264,7 @@ def conversation():
     found = current().live.get(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
-    state = json.dumps(found.state, indent=2, sort_keys=True, ensure_ascii=False)
+    state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
     return page("conversation.html", sender=sender, recipient=recipient, found=found, state=state)
 
 
@@ -297,3 +360,5 @@ def helpers():
 def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /console is a 404
         app.register_blueprint(bp)
+        # Flask's documented way to wrap its WSGI app (mypy sees a method being replaced).
+        app.wsgi_app = Guarded(app.wsgi_app)  # type: ignore[method-assign]

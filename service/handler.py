@@ -8,9 +8,13 @@ it holds when the handler returns is saved, nested changes included.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
+import sysconfig
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +39,8 @@ OPT_OUT = {
 }
 KEYWORDS = {word: kind for kind, words in OPT_OUT.items() for word in words}
 MAX_MEDIA = 10  # Twilio's limit per message
+# Where Python's and installed packages' code lives: not the developer's.
+LIBRARIES = tuple({sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,8 @@ class Conversation(ServerSideSession):
 
 
 def load(spec: str) -> Handler:
-    """``package.module:function`` → the function; ``ConfigError`` naming ``SMS_HANDLER`` if not.
+    """``package.module:function`` → the function; ``ConfigError`` naming ``SMS_HANDLER`` if not
+    (nor when the module's ``on_end`` is not a function of two arguments).
 
     The working directory is importable, as under gunicorn and ``flask run``.
     """
@@ -139,23 +146,95 @@ def load(spec: str) -> Handler:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # any import-time failure is this setting's problem
+    except (Exception, SystemExit) as error:  # any import-time failure is this setting's problem
         raise ConfigError(
             f"SMS_HANDLER={spec!r}: cannot import {module_name}: {type(error).__name__}: {error}"
         ) from None
     handler = getattr(module, attribute, None)
     if not callable(handler):
         raise ConfigError(f"SMS_HANDLER={spec!r}: {module_name} has no function {attribute}")
+    if not _takes(handler, 2):
+        raise ConfigError(f"SMS_HANDLER={spec!r}: {attribute} must take (message, conversation)")
+    _end_hook_of(handler, spec)
     return handler
+
+
+def _takes(function: Callable, count: int) -> bool:
+    """Whether ``function`` can be called with ``count`` positional arguments."""
+    try:
+        inspect.signature(function).bind(*range(count))
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some built-ins): cannot tell, so trusted
+        return True
+    return True
+
+
+def _end_hook_of(handler: Handler, spec: str | None) -> EndHook | None:
+    """The handler's module's ``on_end``, if it has one; ``ConfigError`` if that is not a
+    function of ``(conversation, reason)`` (ignored, it would never run)."""
+    module_name = getattr(handler, "__module__", "") or ""
+    found = getattr(sys.modules.get(module_name), "on_end", None)
+    if found is None:
+        return None
+    if not callable(found) or not _takes(found, 2):
+        setting = f"SMS_HANDLER={spec!r}: " if spec else ""
+        raise ConfigError(f"{setting}{module_name}.on_end must be a function of (conversation, reason)")
+    return found
+
+
+class HandlerFailed(Exception):
+    """The developer's code raised what is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``, ``CancelledError``, ``GeneratorExit``): held as an ordinary failure
+    of that one call, since let through it reaches the server's own code and stops a worker
+    (gunicorn's, on SystemExit or KeyboardInterrupt, the whole service). The original is its
+    ``__cause__``."""
+
+
+class Unkeepable(ValueError):
+    """The handler's reply or state is one the service cannot send or keep (too large, or a
+    character XML or UTF-8 cannot carry); the text says why without quoting it."""
+
+
+def contained(function: Callable) -> Callable:
+    """``function`` whose every exception is an ``Exception`` (``HandlerFailed`` for others)."""
+
+    @functools.wraps(function)
+    def call(*args):
+        try:
+            return function(*args)
+        except Exception:
+            raise
+        except BaseException as error:
+            raise HandlerFailed(type(error).__name__) from error
+
+    return call
+
+
+def failure(error: BaseException) -> tuple[str, str]:
+    """What the developer's code raised, for the logs: its type and where (``KeyError at
+    bot.py:12 in handle``), and its frames; never its text, which may quote a message's body
+    or the state (an ``int(message.body)``'s ``ValueError``, a ``KeyError``)."""
+    if isinstance(error, Unkeepable):
+        return str(error), "".join(traceback.format_list(traceback.extract_tb(error.__traceback__)))
+    if isinstance(error, HandlerFailed) and error.__cause__ is not None:
+        error = error.__cause__
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if not frame.filename.startswith(LIBRARIES)]
+    where = type(error).__name__
+    if own or frames:  # the developer's line rather than the library it called
+        last = (own or frames)[-1]
+        where += f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
+    return where, "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + where
 
 
 def choose(
     config: Mapping[str, Any], handler: Handler | None = None, on_end: EndHook | None = None
 ) -> tuple[Handler, EndHook | None]:
     """``handler`` if given, else ``SMS_HANDLER`` (the counter by default); ``on_end`` if given,
-    else the handler's module's ``on_end`` function, if it has one."""
+    else the handler's module's ``on_end`` function, if it has one. Both run ``contained``."""
+    spec = None if handler is not None else config["SMS_HANDLER"]
     handler = handler or load(config["SMS_HANDLER"])
     if on_end is None:
-        found = getattr(sys.modules.get(getattr(handler, "__module__", "")), "on_end", None)
-        on_end = found if callable(found) else None
-    return handler, on_end
+        on_end = _end_hook_of(handler, spec)
+    return contained(handler), contained(on_end) if on_end is not None else None

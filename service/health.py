@@ -2,7 +2,8 @@
 
 ``/healthz``: the process serves requests; it never touches Redis, so a Redis outage does not
 get healthy workers restarted. ``/readyz``: a message could be saved now, i.e. Redis takes a
-write; 503 while it does not, so traffic (and docker-compose's healthcheck) waits for it.
+write (confirmed by ``REDIS_WAIT_REPLICAS`` replicas, when set); 503 while it does not, so
+traffic (and docker-compose's healthcheck) waits for it.
 
 A PING is not enough: a Redis out of memory under ``noeviction`` (OOM), a read-only replica
 (READONLY) or a master short of its ``min-replicas-to-write`` (NOREPLICAS) answers PING and
@@ -32,15 +33,20 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     wired = current()
-    key = wired.keys.readiness
+    key, store = wired.keys.readiness, wired.store
     try:
         client = wired.redis
         client.set(key, "1", px=1000)  # SET is refused under OOM (DEL alone would not be)
         client.delete(key)
+        # With REDIS_WAIT_REPLICAS, a save needs that many replicas to confirm it (else 503).
+        confirmed = client.wait(store.wait_replicas, store.wait_ms) if store.wait_replicas else 0
     except UNAVAILABLE as error:
         wired.metrics.count_redis_error()
         report(log, f"not ready: Redis {refusal(error)}")
         return {"status": "unavailable", "redis": refusal(error)}, 503
+    if confirmed < store.wait_replicas:
+        report(log, f"not ready: {confirmed} of REDIS_WAIT_REPLICAS={store.wait_replicas} replicas confirmed")
+        return {"status": "unavailable", "replicas": f"{confirmed} of {store.wait_replicas} confirmed"}, 503
     return {"status": "ready"}
 
 

@@ -21,7 +21,7 @@ import threading
 from datetime import UTC, datetime
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
 from .clock import now_ms
@@ -215,8 +215,10 @@ def events_command(since, follow, as_json):
         for event in current().history.since(now_ms() - seconds * 1000):
             show(event)
             last = event.id
+        # Each wait shorter than the connection's REDIS_TIMEOUT, which would end a longer one.
+        block_ms = max(1, int(current_app.config["REDIS_TIMEOUT"] * 500))
         while follow:
-            for event in current().history.follow(last):
+            for event in current().history.follow(last, block_ms):
                 show(event)
                 last = event.id
     except UNAVAILABLE as failure:

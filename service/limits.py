@@ -10,26 +10,16 @@ tells "too big" (413, as with a ``Content-Length``) from "exactly the limit".
 from __future__ import annotations
 
 import io
-from typing import IO, cast
+from typing import IO
 
 from flask import Flask, Request
-from werkzeug.datastructures import ImmutableMultiDict
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
-from werkzeug.http import parse_cookie
 from werkzeug.utils import cached_property
 
 
 class BoundedRequest(Request):
     """Flask's request, whose stream refuses a body without ``Content-Length`` over
     ``max_content_length`` instead of cutting it there, and reads one within it at once."""
-
-    @cached_property
-    def cookies(self) -> ImmutableMultiDict[str, str]:
-        """The request's cookies, from the one ``HTTP_COOKIE`` a WSGI server gives: werkzeug
-        joins ``headers.getlist("Cookie")``, which walks the whole environ to find it
-        (every message reads the conversation's cookie: -56k instructions per request)."""
-        cookies = parse_cookie(self.environ.get("HTTP_COOKIE", ""), cls=self.dict_storage_class)
-        return cast(ImmutableMultiDict[str, str], cookies)  # the class asked for, as werkzeug's
 
     @cached_property
     def stream(self) -> IO[bytes]:

@@ -34,6 +34,17 @@ PHONE_NUMBER = re.compile(r"(?<![\w%])(?:\+|%2[Bb])?\d{8,15}(?!\w)")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # Health probes are not access-logged: one every few seconds would drown the rest.
 PROBE_PATHS = ("/healthz", "/readyz")  # service/health.py
+# An operator's pair in a path (service/ops.py), masked whole: typed as "+1 415 555 0123" or
+# "(415)5550123" a number escapes PHONE_NUMBER.
+OPS_PAIR = "/ops/conversations/"
+OPS_PAIR_IN_LINE = re.compile(r"/ops/conversations/[^\s\"?]*")  # a request line's path is quoted
+
+
+def mask_ops_pair(path: str) -> str:
+    """``path`` with the numbers of an ``/ops/conversations/FROM/TO`` masked."""
+    if not path.startswith(OPS_PAIR):
+        return path
+    return OPS_PAIR + "/".join(mask(unquote(part)) for part in path[len(OPS_PAIR) :].split("/"))
 
 
 # What every phone number and terminal colour has: a text without it needs no scrubbing.
@@ -201,7 +212,8 @@ class _DevServerRequestLines(logging.Filter):
         is_request_line = isinstance(record.msg, str) and record.msg.endswith('"%s" %s %s')
         if is_request_line and _take_summarised():  # log_request's form
             return False
-        record.msg, record.args = self.QUERY.sub("", record.getMessage()), ()
+        line = self.QUERY.sub("", record.getMessage())
+        record.msg, record.args = OPS_PAIR_IN_LINE.sub(lambda found: mask_ops_pair(found.group()), line), ()
         return True
 
 
@@ -225,6 +237,7 @@ class GunicornLogger(GunicornBaseLogger):
 
     def access(self, resp, req, environ, request_time):
         path = environ.get("PATH_INFO", "")
+        path = mask_ops_pair(path)
         if _take_summarised():  # gunicorn logs it on the thread that served it
             return
         if not self.access_log_enabled or path in PROBE_PATHS:

@@ -106,6 +106,14 @@ class Metrics:
         self.end_hook_failures = Counter(
             "sms_end_hook_failures", "End hook calls that raised.", registry=registry
         )
+        self.sign_in_failures = Counter(
+            "sms_sign_in_failures",
+            "Wrong operators' tokens, by where they were tried (api, console).",
+            ["surface"],
+            registry=registry,
+        )
+        for surface in ("api", "console"):
+            self.sign_in_failures.labels(surface)
         self.lock_wait = Histogram(
             "sms_lock_wait_seconds",
             "Time a message waited for its conversation's lock.",

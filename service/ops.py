@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import sys
 from typing import NoReturn
@@ -33,11 +34,18 @@ MAX_LIMIT = 1000
 
 @bp.before_request
 def authorize():
+    address, guard = request.remote_addr or "-", current().throttle
+    wait = guard.wait(address)
+    if wait:
+        log.warning("ops request refused: too many wrong tokens from %s", address)
+        return error(429, f"Too many wrong tokens: retry in {wait} s.", {"Retry-After": str(wait)})
     token = current_app.config["OPS_TOKEN"]
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        guard.failed(address, "api")
         log.warning("ops request refused: missing or wrong bearer token")
         return error(401, "Missing or wrong bearer token.", {"WWW-Authenticate": "Bearer"})
+    guard.succeeded(address)
     return None
 
 
@@ -72,7 +80,19 @@ def conversation(sender, recipient):
     found = current().live.get(sender, recipient)
     if found is None:
         return error(404, "No live conversation for this pair.")
-    return found.to_json(with_state=True)
+    return finite(found.to_json(with_state=True))
+
+
+def finite(data):
+    """``data`` as JSON can carry it: stored state may hold NaN or an infinity (a hand edit;
+    Python's JSON reads them, no other parser does), shown as null."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [finite(value) for value in data]
+    return data
 
 
 @bp.delete("/conversations/<sender>/<recipient>")
@@ -149,7 +169,7 @@ def show_command(sender, recipient, as_json):
     found: LiveConversation | None = run(lambda: current().live.get(sender, recipient))
     if found is None:
         unknown(sender, recipient)
-    data = found.to_json(with_state=True)
+    data = finite(found.to_json(with_state=True))
     text = "\n".join(
         f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
         for key, value in data.items()

@@ -27,7 +27,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie
 
-from .handler import Conversation, Message
+from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
@@ -37,6 +37,7 @@ from .store import ConversationStore, Opened, decode_state
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
 URLSAFE = re.compile(r"[A-Za-z0-9_-]+")  # token_urlsafe's alphabet: a cookie value unquoted
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # A conversation's id: 128 random bits (22 characters), unique however many conversations there
 # are. It only names the conversation (its events, the end hook, the cookie's hint) and grants
 # nothing: the signed (From, To) pair finds the state. Stored twice (the hash and the started
@@ -47,11 +48,19 @@ SESSION_ID_BYTES = 16
 class JsonSerializer(Serializer):
     """Flask-Session's serializer slot, JSON only."""
 
-    # One encoder: json.dumps with options other than the defaults builds one per call.
-    _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    # One encoder: json.dumps with options other than the defaults builds one per call. NaN
+    # and infinities are not JSON (the operators' API and the CLI serve the state as JSON).
+    _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
     def encode(self, session: ServerSideSession) -> str:
-        return self._encode(dict(session))
+        return self.dumps(dict(session))
+
+    def dumps(self, state: dict) -> str:
+        """``state`` as stored; ``ValueError`` for what JSON or UTF-8 (Redis) cannot carry."""
+        text = self._encode(state)
+        if not text.isascii() and LONE_SURROGATE.search(text):
+            raise Unkeepable("its state holds a lone surrogate, which UTF-8 cannot carry")
+        return text
 
     def decode(self, serialized_data: str) -> dict:
         state = decode_state(serialized_data)
@@ -99,11 +108,15 @@ class ConversationSession(Conversation):
     def answered(self) -> str | None:
         return self.binding.opened.answered if self.binding else None
 
-    def save(self, answer: str) -> None:
-        """Round trip 2: the state (or the conversation's end) and ``answer``, kept for a
-        redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
+    def encoded(self) -> str:
+        """The state as it is stored; ``ValueError`` (``Unkeepable`` for what JSON takes but
+        Redis cannot) when it cannot be."""
+        return self.interface.serializer.encode(self)
+
+    def save(self, answer: str, state: str) -> None:
+        """Round trip 2: ``state`` (``encoded()``; or the conversation's end) and ``answer``,
+        kept for a redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
         bound = self._bound()
-        state = self.interface.serializer.encode(self)
         self.settled = True
         ended = self.interface.store.save(
             bound.keys,
@@ -142,6 +155,8 @@ class ConversationSession(Conversation):
 
     def _load(self, opened: Opened) -> None:
         state = decode_state(opened.state) if opened.sid and opened.state else None
+        if state is not None and not self._keepable(opened.state, state):
+            state = None
         messages = opened.seq.isdigit() and int(opened.seq)
         first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
         if state is None or not messages or not first_seen:
@@ -158,6 +173,18 @@ class ConversationSession(Conversation):
         self.messages = messages + 1
         self.started_at = _moment(first_seen)
         self.modified = False
+
+    def _keepable(self, raw: str, state: dict) -> bool:
+        """Whether stored ``state`` could be saved again: a hand edit may hold what JSON reads
+        but this service never writes (a lone surrogate, NaN), which would fail every message
+        of the conversation until it expired."""
+        if "\\u" not in raw and "NaN" not in raw and "Infinity" not in raw:
+            return True
+        try:
+            self.interface.serializer.dumps(state)
+        except ValueError:
+            return False
+        return True
 
 
 class ConversationSessionInterface(SessionInterface):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ from urllib.parse import urlsplit
 from . import accounts
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Most gunicorn workers (WEB_CONCURRENCY): threads grow with workers (service/serving.py).
+MAX_WORKERS = 64
+
+# Shortest OPS_TOKEN production takes: a token is what guards every conversation's state.
+MIN_OPS_TOKEN = 32
 
 # gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
 # two equal): a worker silent this long is killed, so a message must be answered well before.
@@ -40,6 +47,8 @@ def _bool(value: str) -> bool:
 
 def _number(kind: type, valid: Callable[[Any], bool], reason: str) -> Callable[[str], Any]:
     def parse(value: str):
+        if not value.isascii():  # int() and float() read any script's digits: ٣٠ is 30
+            raise ValueError("must be written in ASCII digits")
         number = kind(value)
         if not valid(number):
             raise ValueError(reason)
@@ -54,7 +63,6 @@ def _between(kind: type, low, high, unit: str) -> Callable[[str], Any]:
     return _number(kind, lambda n: low <= n <= high and n != math.inf, reason)
 
 
-_positive_int = _number(int, lambda n: n > 0, "must be a positive whole number")
 _non_negative_int = _number(int, lambda n: n >= 0, "must be 0 or more")
 
 
@@ -97,9 +105,42 @@ def _base_url(value: str) -> str:
         parts.port  # noqa: B018 - raises ValueError unless the port is a number up to 65535
     except ValueError:
         raise ValueError("must be an http:// or https:// URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in value:
+        raise ValueError("must be an http:// or https:// URL such as https://sms.example.com")
+    if parts.query or parts.fragment:
         raise ValueError("must be an http:// or https:// URL without a query")
     return value.rstrip("/")
+
+
+def _bind(value: str) -> str:
+    """gunicorn's forms: ``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH``, ``fd://N``."""
+    if value.startswith("unix:") and len(value) > 5:
+        return value
+    if value.startswith("fd://") and value[5:].isascii() and value[5:].isdigit():
+        return value
+    host, colon, port = value.rpartition(":")
+    if not (colon and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, unix:PATH or fd://N")
+    return value
+
+
+def _directory(value: str) -> str:
+    """A directory this process can write in, or make (a file is made there and removed)."""
+    path = Path(value)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ValueError(f"cannot write in {existing}: {error.strerror}") from None
+    return value
+
+
+def _token(value: str) -> str:
+    if value != value.strip():
+        raise ValueError("has spaces around it (the console would take them, the API never)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -253,7 +294,7 @@ SETTINGS = [
     Setting(
         "PUBLIC_BASE_URL",
         None,
-        _text,
+        _base_url,
         "The scheme and host Twilio calls, e.g. `https://sms.example.com` (with the path "
         "prefix a proxy strips, if any); the signed URL is rebuilt from it. Use behind TLS "
         "proxies and tunnels.",
@@ -351,10 +392,13 @@ SETTINGS = [
     Setting(
         "OPS_TOKEN",
         None,
-        _text,
+        _token,
         "Bearer token of the operators' JSON API under `/ops`, and what operators type to "
         "sign in to the console at `/console/`. Unset: both are off (404 for every method "
-        "on every `/ops` and `/console` path).",
+        f"on every `/ops` and `/console` path). `production` wants at least {MIN_OPS_TOKEN} "
+        "characters (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`); wrong "
+        "tries are slowed per client address.",
+        secret=True,
     ),
     Setting(
         "CONSOLE_SESSION_TTL",
@@ -367,18 +411,25 @@ SETTINGS = [
     Setting(
         "WEB_CONCURRENCY",
         None,
-        _positive_int,
-        "gunicorn worker processes (`config/gunicorn.conf.py`).",
+        _between(int, 1, MAX_WORKERS, "a number of processes"),
+        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each has "
+        "2 × workers + 8 threads and its own Redis connections.",
         shown="2 × CPUs + 1",
     ),
     Setting(
         "PORT", 5000, _between(int, 1, 65535, "a port number"), "Port gunicorn listens on (all interfaces)."
     ),
-    Setting("BIND", None, _text, "Full gunicorn bind address (e.g. `127.0.0.1:8000`); overrides `PORT`."),
+    Setting(
+        "BIND",
+        None,
+        _bind,
+        "Full gunicorn bind address (`127.0.0.1:8000`, `[::1]:8000`, `unix:/run/sms.sock`); "
+        "overrides `PORT`.",
+    ),
     Setting(
         "PROMETHEUS_MULTIPROC_DIR",
         None,
-        _text,
+        _directory,
         "Directory where gunicorn's workers share their metrics. Unset: gunicorn makes a "
         "temporary one (outside gunicorn the metrics are the process's own).",
     ),
@@ -437,6 +488,11 @@ def check(config: dict[str, Any]) -> None:
     if config["TWILIO_API_BASE_URL"]:
         raise ConfigError(
             "TWILIO_API_BASE_URL is set: APP_ENV=production sends through Twilio's own API, not a stand-in"
+        )
+    if config["OPS_TOKEN"] and len(config["OPS_TOKEN"]) < MIN_OPS_TOKEN:
+        raise ConfigError(
+            f"OPS_TOKEN is {len(config['OPS_TOKEN'])} characters: APP_ENV=production needs at least "
+            f"{MIN_OPS_TOKEN} (python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
 
 

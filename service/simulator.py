@@ -12,9 +12,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from xml.etree import ElementTree
 
 import requests
@@ -26,6 +26,8 @@ from .wiring import current
 if TYPE_CHECKING:
     from flask import Flask
 
+    from .handler import EndHook, Handler
+
 COOKIE_LIFETIME = 4 * 3600
 
 
@@ -34,27 +36,44 @@ def new_message_sid() -> str:
 
 
 @dataclass
+class Reply:
+    """One ``<Message>`` of a TwiML answer: its text and its media URLs."""
+
+    text: str
+    media: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Delivery:
-    """One webhook call: what was sent and what came back."""
+    """One webhook call: what was sent and what came back (``reply``: the first message's
+    text, ``replies``: every message)."""
 
     message_sid: str
     status: int
     body: str
     reply: str | None
     cookie_sent: str | None
+    replies: list[Reply] = field(default_factory=list)
+
+
+def replies(twiml: str) -> list[Reply]:
+    """Every ``<Message>`` of a TwiML answer, in order (none if it is not TwiML)."""
+    try:
+        root = ElementTree.fromstring(twiml)
+    except ElementTree.ParseError:
+        return []
+    found = []
+    for message in root.iter("Message"):
+        body = message.find("Body")
+        text = (body.text if body is not None else message.text) or ""
+        found.append(Reply(text, [media.text or "" for media in message.iter("Media")]))
+    return found
 
 
 def reply_text(twiml: str) -> str | None:
     """The text of the first ``<Message>`` in a TwiML answer, or None."""
-    try:
-        root = ElementTree.fromstring(twiml)
-    except ElementTree.ParseError:
-        return None
-    message = root.find("Message")
-    if message is None:
-        return None
-    body = message.find("Body")
-    return (body.text if body is not None else message.text) or ""
+    found = replies(twiml)
+    return found[0].text if found else None
 
 
 class TwilioSimulator:
@@ -70,6 +89,7 @@ class TwilioSimulator:
         account_sid: str | None = None,
     ):
         self.url = url
+        self.app = app
         self.app_client = app.test_client(use_cookies=False) if app is not None else None
         # Signed like Twilio, with the primary of TWILIO_AUTH_TOKEN's tokens.
         self.validator = RequestValidator(accounts.tokens(auth_token)[0]) if auth_token else None
@@ -146,8 +166,8 @@ class TwilioSimulator:
         status, text, value = self._post(params, headers)
         if value:
             self.cookies[(sender, recipient)] = (value, self.clock())
-        reply = reply_text(text) if status == 200 else None
-        return Delivery(message_sid, status, text, reply, sent)
+        messages = replies(text) if status == 200 else []
+        return Delivery(message_sid, status, text, messages[0].text if messages else None, sent, messages)
 
     @classmethod
     def for_app(cls, app: Flask, url: str = "http://localhost/sms") -> TwilioSimulator:
@@ -157,6 +177,17 @@ class TwilioSimulator:
         if account is None:
             return cls(url, None, app=app)
         return cls(url, account.auth_token, app=app, account_sid=account.sid)
+
+    @classmethod
+    def for_handler(cls, handler: Handler, on_end: EndHook | None = None, **settings: Any) -> TwilioSimulator:
+        """Talks in-process to the service running ``handler`` (and ``on_end``) on an embedded
+        store of its own (each call a new, empty one), or on ``REDIS_URL=…`` if given: a bot's
+        tests need no server. ``settings`` override single settings (``CONVERSATION_TTL=60``);
+        ``.app`` is the app (for ``Sweeper(twilio.app).sweep()``, ``app.test_client()``)."""
+        from . import create_app
+
+        config = {"TWILIO_AUTH_TOKEN": "simulated", "REDIS_URL": None, **settings}
+        return cls.for_app(create_app(config, handler=handler, on_end=on_end))
 
     def _post(self, params: dict[str, str], headers: dict[str, str]) -> tuple[int, str, str | None]:
         """Status, body and the cookie set, over HTTP or through the app's test client."""

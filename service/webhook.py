@@ -11,10 +11,11 @@ an error handler: a Redis failure or a lost lock while saving is a 503, or the l
 from __future__ import annotations
 
 import logging
+import re
 import time
-import traceback
 from typing import cast
 from urllib.parse import parse_qsl, unquote_to_bytes
+from xml.etree import ElementTree
 
 from flask import Blueprint, Flask, Response, session
 from flask.globals import app_ctx, request_ctx
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 bp = Blueprint("webhook", __name__)
 
 MAX_FIELD = 64
+MAX_REPLY_BYTES = 64_000  # Twilio's largest webhook answer (64 kB: its error 11750)
+# Characters XML 1.0 excludes (control characters but tab, LF and CR; U+FFFE, U+FFFF) and lone
+# surrogates, which UTF-8 cannot encode.
+NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 PATH = "/sms"
 METHODS = ["GET", "POST"]  # Twilio calls a webhook with the one configured: no other runs it
 FORM = "application/x-www-form-urlencoded"  # how Twilio posts
@@ -194,15 +199,36 @@ def sms():
         return twiml(recall(conversation.answered))
     try:
         reply = _reply(message, conversation, wired.handler)
-        answer = render(reply)
+        answer = _sendable(reply)
+        state = conversation.encoded()
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
         conversation.release()
-        logs.annotate(
-            reason=f"the handler failed: {type(error).__name__}: {error}", error=traceback.format_exc()
-        )
+        where, frames = handler.failure(error)
+        logs.annotate(reason=f"the handler failed: {where}", error=frames)
         return problem(500, "The conversation handler failed.")
-    conversation.save(memo(reply))
+    conversation.save(memo(reply), state)
     return twiml(answer)
+
+
+def _sendable(reply: handler.Reply) -> str:
+    """The TwiML of ``reply`` if Twilio can take it: well-formed XML in UTF-8 (a lone
+    surrogate would fail in the Redis client once the save had begun), at most Twilio's 64 kB.
+    Else ``Unkeepable``: the handler's failure."""
+    answer = render(reply)
+    size = len(answer) if answer.isascii() else len(answer.encode("utf-8", "surrogatepass"))
+    if size > MAX_REPLY_BYTES:
+        raise handler.Unkeepable(f"its reply is {size} bytes of TwiML, over Twilio's {MAX_REPLY_BYTES}")
+    unsendable = NOT_IN_XML.search(answer)
+    if unsendable:
+        raise handler.Unkeepable(
+            f"its reply holds U+{ord(unsendable.group()):04X}, which TwiML (XML 1.0 in UTF-8) cannot carry"
+        )
+    if reply is not None and not isinstance(reply, str):  # ElementTree writes a lone surrogate as &#…;
+        try:
+            ElementTree.fromstring(answer)
+        except ElementTree.ParseError:
+            raise handler.Unkeepable("its reply is not well-formed XML") from None
+    return answer
 
 
 def _reply(message: Message, conversation, handle: handler.Handler):

@@ -23,6 +23,7 @@ from .redis_client import Client, is_cluster
 from .sessions import ConversationSessionInterface
 from .signature import SignatureCheck
 from .store import ConversationStore
+from .throttle import Throttle
 
 EXTENSION = "sms"
 
@@ -42,6 +43,7 @@ class Wiring:
     callers: Callers
     accounts: Accounts  # each Twilio account's tokens and signing keys
     signature: SignatureCheck
+    throttle: Throttle  # wrong operators' tokens, slowed per client address
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -71,7 +73,20 @@ def init_app(
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
-    wiring = Wiring(redis, keys, store, live, history, handler, on_end, metrics, callers, accounts, signature)
+    wiring = Wiring(
+        redis,
+        keys,
+        store,
+        live,
+        history,
+        handler,
+        on_end,
+        metrics,
+        callers,
+        accounts,
+        signature,
+        Throttle(metrics.sign_in_failures),
+    )
     app.extensions[EXTENSION] = wiring
     app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
     return wiring

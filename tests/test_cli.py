@@ -24,6 +24,7 @@ from tests.support.numbers import OURS, REY
 from tests.support.ports import free_port
 from tests.support.programs import require_binary
 from tests.support.replies import count_reply, thanks
+from tests.support.waiting import wait_for_http
 
 
 @pytest.mark.slow
@@ -160,7 +161,8 @@ def test_make_run_on_a_busy_port_says_which_to_use():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "variable, value", [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml")]
+    "variable, value",
+    [("WEB_CONCURRENCY", "abc"), ("PORT", "http"), ("LOG_FORMAT", "yaml"), ("BIND", "127.0.0.1:99999")],
 )
 def test_serve_refuses_a_bad_setting_in_one_line(variable, value):
     """What the image runs. gunicorn itself reads WEB_CONCURRENCY when imported (a traceback)."""
@@ -253,3 +255,83 @@ def test_operating_end_one_recipe_lets_the_sweeper_end_it(redis_url, redis_clien
     [end] = [e for e in events if e["type"] == "ended"]
     assert (end["from"], end["to"], end["reason"], end["messages"]) == (REY, OURS, "expired", "2")
     assert current(app).live.count() == 0
+
+
+def run_server(tmp_path, port: int, **env: str) -> subprocess.Popen:
+    """``sms-sessions run`` (what ``make run`` starts), its output in tmp_path/run.log."""
+    return subprocess.Popen(
+        [bin_path("sms-sessions"), "run", "--host", "127.0.0.1", "--port", str(port)],
+        env={**hermetic_environment(), "LOG_FORMAT": "text", **env},
+        cwd=ROOT,
+        stdout=(tmp_path / "run.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_run_banner_says_what_serves(redis_processes, tmp_path):
+    """The store (Redis, its password hidden), the handler, the console, and a simulate line
+    that prints no token but the development one."""
+    port, redis_server = free_port(), redis_processes("--save", "", "--appendonly", "no")
+    redis_server.client().config_set("requirepass", "hunter2")
+    url = f"redis://:hunter2@127.0.0.1:{redis_server.port}/0"
+    server = run_server(
+        tmp_path,
+        port,
+        REDIS_URL=url,
+        TWILIO_AUTH_TOKEN="a-real-secret",
+        OPS_TOKEN="ops",
+        SMS_HANDLER="examples.survey:handle",
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", server, seconds=60)
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    output = (tmp_path / "run.log").read_text()
+    assert f"Serving the webhook on http://127.0.0.1:{port}/sms" in output
+    assert "  handler: examples.survey:handle" in output
+    assert f"  store:   Redis at redis://:***@127.0.0.1:{redis_server.port}/0" in output
+    assert f"  console: http://127.0.0.1:{port}/console/ (sign in with OPS_TOKEN)" in output
+    assert "TWILIO_AUTH_TOKEN=<this service's TWILIO_AUTH_TOKEN>" in output
+    assert "hunter2" not in output and "a-real-secret" not in output and "embedded" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "env, named",
+    [({"LOCK_WAIT": "soon"}, "LOCK_WAIT="), ({"REDIS_URL": "redis://127.0.0.1:{port}/0"}, "REDIS_URL=")],
+    ids=["bad-setting", "redis-unreachable"],
+)
+def test_run_refuses_in_one_line_before_any_banner(tmp_path, env, named):
+    env = {name: value.format(port=free_port()) for name, value in env.items()}
+    server = run_server(tmp_path, free_port(), TWILIO_AUTH_TOKEN=TOKEN, REDIS_TIMEOUT="0.2", **env)
+    assert server.wait(timeout=60) == 1
+    output = (tmp_path / "run.log").read_text()
+    [line] = [line for line in output.splitlines() if "refusing to start" in line]
+    assert line.startswith(f"sms-sessions: refusing to start: {named}")
+    assert "Serving" not in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_make_run_with_a_bad_setting_refuses_before_any_banner():
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            "install",
+            "run",
+            f"PORT={free_port()}",
+            f"VENV={Path(bin_path('python')).parent.parent}",
+        ],
+        env={**hermetic_environment(), "LOCK_WAIT": "soon"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "sms-sessions: refusing to start: LOCK_WAIT='soon'" in result.stderr
+    assert "Serving" not in result.stdout and "embedded" not in result.stdout

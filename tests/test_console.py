@@ -124,8 +124,8 @@ def sign_in(client, token=OPS):
     return csrf_of(client.get("/console/"))
 
 
-def cookie_header(response) -> str:
-    [header] = [v for k, v in response.headers.items() if k == "Set-Cookie" and v.startswith("sms_console=")]
+def cookie_header(response, name="sms_console") -> str:
+    [header] = [v for k, v in response.headers.items() if k == "Set-Cookie" and v.startswith(f"{name}=")]
     return header
 
 
@@ -155,7 +155,8 @@ def test_sign_in_sets_a_strict_expiring_cookie_of_its_own(console_app):
     client = console_app.test_client()
     assert client.get("/console/").headers["Location"] == "/console/sign-in"
     form = client.get("/console/sign-in")
-    first = cookie_header(form)
+    first = cookie_header(form, "sms_console_csrf")
+    assert "sms_console=" not in form.headers.get("Set-Cookie", "")  # nothing keyed by the token yet
     signed_in = client.post("/console/sign-in", data={"token": OPS, "csrf": csrf_of(form)})
     assert signed_in.status_code == 303
     assert signed_in.headers["Location"] == "/console/"
@@ -175,14 +176,15 @@ def test_sign_in_sets_a_strict_expiring_cookie_of_its_own(console_app):
 
 def test_secure_cookie_when_configured(redis_url):
     client = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS, SESSION_COOKIE_SECURE=True).test_client()
-    assert "; Secure" in cookie_header(client.get("/console/sign-in"))
+    assert "; Secure" in cookie_header(client.get("/console/sign-in"), "sms_console_csrf")
 
 
 def test_wrong_token_is_401_with_one_log_line(console_app, caplog):
     client = console_app.test_client()
     caplog.set_level(logging.INFO)
-    for wrong in ("", "nope", OPS + "x", OPS[:-1]):
+    for number, wrong in enumerate(("", "nope", OPS + "x", OPS[:-1])):
         caplog.clear()
+        client.environ_base["REMOTE_ADDR"] = f"192.0.2.{number}"  # two tries each: none slowed
         assert sign_in(client, wrong) is None
         form = client.get("/console/sign-in")
         response = client.post("/console/sign-in", data={"token": wrong, "csrf": csrf_of(form)})
@@ -192,6 +194,30 @@ def test_wrong_token_is_401_with_one_log_line(console_app, caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "service.console"] == [
         "console sign-in refused: wrong ops token"
     ] * 2
+
+
+def test_nothing_a_visitor_gets_is_keyed_by_the_token(console_app):
+    """The sign-in form's cookie, a refusal's, a slowed try's: none is signed with a key from
+    OPS_TOKEN, so none lets the token be guessed offline; only a sign-in gets such a cookie."""
+    from itsdangerous import BadData
+
+    from service.console import _signer
+
+    client = console_app.test_client()
+    client.environ_base["REMOTE_ADDR"] = "192.0.2.9"
+    form = client.get("/console/sign-in")
+    answers = [form] + [
+        client.post("/console/sign-in", data={"token": "guess", "csrf": csrf_of(form)}) for _ in range(7)
+    ]
+    assert [a.status_code for a in answers] == [200] + [401] * 5 + [429] * 2
+    slowed = answers[-1]
+    assert slowed.headers["Retry-After"] == "1" and "try again in 1 s" in slowed.get_data(as_text=True)
+    assert all("sms_console=" not in a.headers.get("Set-Cookie", "") for a in answers)
+    value = cookie_header(form, "sms_console_csrf").split(";")[0].partition("=")[2]
+    with console_app.test_request_context(), pytest.raises(BadData):
+        _signer().loads(value)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sms_sign_in_failures_total{surface="console"} 5.0' in metrics
 
 
 def test_sign_in_without_its_csrf_token_is_refused(console_app):
@@ -251,6 +277,34 @@ def test_every_console_page_is_protected_and_uncached(console_app):
     asset = client.get("/console/static/console.js")
     assert asset.status_code == 200
     assert asset.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_apps_own_answers_under_console_are_protected_too(console_app):
+    """A 404, a 405 and werkzeug's 308 (adding a slash) get the console's headers; the 308's
+    Location is a path, whatever the Host header says."""
+    client = console_app.test_client()
+    responses = [
+        client.get("/console/no-such-page"),
+        client.delete("/console/sign-in"),
+        client.get("/console", headers={"Host": "evil.example"}),
+        client.get("/console", base_url="https://evil.example:8443"),
+    ]
+    assert [r.status_code for r in responses] == [404, 405, 308, 308]
+    for response in responses:
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["Cache-Control"] == "no-store"
+    assert [r.headers["Location"] for r in responses[2:]] == ["/console/", "/console/"]
+
+
+def test_pages_name_their_icon(console_app):
+    """Each page links its icon, so that no browser asks for /favicon.ico (a 404)."""
+    client = console_app.test_client()
+    icon = re.search(
+        r'<link rel="icon" href="([^"]+)"', client.get("/console/sign-in").get_data(as_text=True)
+    )
+    served = client.get(icon.group(1))
+    assert served.status_code == 200 and served.mimetype == "image/svg+xml"
 
 
 def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):

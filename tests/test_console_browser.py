@@ -97,11 +97,12 @@ class Console:
         return [row.text for row in self.browser.find_elements(By.CSS_SELECTOR, f"{table} tbody tr")]
 
     def problems(self):
-        """What the browser's console reported: a CSP violation, a failed script or fetch."""
+        """What the browser's console reported: a CSP violation, a failed script, fetch or
+        icon (a /favicon.ico 404 when a page names none)."""
         return [
             entry["message"]
             for entry in self.browser.get_log("browser")
-            if entry["level"] in ("SEVERE", "WARNING") and "favicon.ico" not in entry["message"]
+            if entry["level"] in ("SEVERE", "WARNING")
         ]
 
 

@@ -54,7 +54,7 @@ def test_simulate_with_the_wrong_token_is_refused(redis_url):
             "--auth-token", "wrong",
         )  # fmt: skip
     assert result.returncode == 1
-    assert "HTTP 403" in result.stderr
+    assert "HTTP 403" in result.stderr and "sign with the service's TWILIO_AUTH_TOKEN" in result.stderr
 
 
 def test_simulate_without_a_service_says_so_in_one_line():

@@ -3,10 +3,13 @@ what is saved, and the guarantees that hold for any handler."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import threading
 import time
 from types import MappingProxyType
+from xml.etree import ElementTree
 
 import pytest
 from twilio.twiml.messaging_response import MessagingResponse
@@ -137,8 +140,8 @@ def test_end_makes_this_message_the_last(app_with, redis_client):
 def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client, capsys):
     def fragile(message, conversation):
         conversation.setdefault("bodies", []).append(message.body)
-        if message.body == "boom":
-            raise ValueError("cannot handle boom")
+        if message.body.startswith("five"):
+            return str(int(message.body))  # ValueError, quoting the text
         return "ok"
 
     app = app_with(fragile)
@@ -146,21 +149,56 @@ def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client,
     assert post_signed(client, webhook_params(body="fine")).status_code == 200
     before = stored(redis_client)
     capsys.readouterr()
-    failed = post_signed(client, webhook_params(body="boom"))
-    assert failed.status_code == 500
-    assert b"handler failed" in failed.data
+    failed = post_signed(client, webhook_params(body="five secret words"))
+    assert failed.status_code == 500 and b"handler failed" in failed.data
     assert stored(redis_client) == before  # no state, no reply memory, no count
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)  # released at once
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 1
-    assert lines[0]["outcome"] == "error"
-    assert lines[0]["level"] == "error"
-    assert "ValueError: cannot handle boom" in lines[0]["error"]
-    assert "Traceback" in lines[0]["error"]
+    output = capsys.readouterr().out
+    assert "secret" not in output  # the body never reaches the logs, not even in the error
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert len(lines) == 1 and lines[0]["outcome"] == "error" and lines[0]["level"] == "error"
+    line = fragile.__code__.co_firstlineno + 3
+    assert lines[0]["reason"] == f"the handler failed: ValueError at test_handler.py:{line} in fragile"
+    assert "Traceback" in lines[0]["error"] and "in fragile" in lines[0]["error"]
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'sms_messages_received_total{outcome="error"} 1.0' in metrics
     assert post_signed(client, webhook_params(body="after")).status_code == 200
     assert state(redis_client) == {"bodies": ["fine", "after"]}
+
+
+def test_a_key_error_on_state_logs_no_text_of_the_state(app_with, capsys):
+    def lookup(message, conversation):
+        return conversation[message.body]
+
+    assert post_signed(app_with(lookup).test_client(), webhook_params(body="my secret")).status_code == 500
+    output = capsys.readouterr().out
+    assert "KeyError at test_handler.py" in output and "secret" not in output
+
+
+def _raise(error: BaseException):
+    raise error
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [KeyboardInterrupt(), SystemExit(3), SystemExit(0), asyncio.CancelledError(), GeneratorExit()],
+    ids=lambda error: type(error).__name__ + "".join(f"({a})" for a in error.args),
+)
+def test_whatever_a_handler_raises_is_a_500_for_that_message(app_with, redis_client, capsys, raised):
+    def raising(message, conversation):
+        conversation["touched"] = True
+        if message.body == "raise":
+            _raise(raised)
+        return "ok"
+
+    client = app_with(raising).test_client()
+    failed = post_signed(client, webhook_params(body="raise"))
+    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert stored(redis_client) == {}
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["reason"].startswith(f"the handler failed: {type(raised).__name__} at test_handler.py")
+    assert post_signed(client, webhook_params(body="fine")).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -173,6 +211,73 @@ def test_a_reply_or_state_the_service_cannot_keep_is_a_500(app_with, redis_clien
     assert post_signed(client, webhook_params()).status_code == 500
     assert stored(redis_client) == {}
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+
+
+def _many(text: str, count: int) -> MessagingResponse:
+    reply = MessagingResponse()
+    for _ in range(count):
+        reply.message(text)
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("reply", "update", "reason"),
+    [
+        ("\ud800", {}, "its reply holds U+D800, which TwiML (XML 1.0 in UTF-8) cannot carry"),
+        (_many("ok \udfff", 2), {}, "its reply is not well-formed XML"),
+        ("ok", {"kept": "x\ud800"}, "its state holds a lone surrogate, which UTF-8 cannot carry"),
+        ("ok", {"score": math.nan}, "ValueError"),
+        ("ok", {"score": math.inf}, "ValueError"),
+        ("bell \x07", {}, "its reply holds U+0007, which TwiML (XML 1.0 in UTF-8) cannot carry"),
+        (_many("nul \x00", 1), {}, "U+0000"),
+        ("x" * 64_001, {}, "its reply is 64079 bytes of TwiML, over Twilio's 64000"),
+        (_many("é" * 1600, 20), {}, "over Twilio's 64000"),
+    ],
+    ids=["surrogate", "surrogate-twiml", "surrogate-state", "nan", "infinity", "bell", "nul", "long", "many"],
+)
+def test_a_reply_or_state_twilio_or_redis_cannot_take_is_the_handlers_failure(
+    app_with, redis_client, capsys, reply, update, reason
+):
+    """Lone surrogates (which reach Redis' client only once the save began), characters XML
+    excludes, NaN and a reply over Twilio's 64 kB: a 500, nothing saved, the lock released
+    at once, and a reason that quotes none of it."""
+
+    def handle(message, conversation):
+        conversation.update(update)
+        return reply
+
+    failed = post_signed(app_with(handle).test_client(), webhook_params())
+    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert stored(redis_client) == {}
+    assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["reason"].startswith("the handler failed: ") and reason in line["reason"]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["tab\tnew\nline\r and \U0001f600 é", _many("é" * 1600, 10)],
+    ids=["whitespace-and-emoji", "ten-longest-messages"],
+)
+def test_replies_twilio_can_take_are_sent_as_well_formed_twiml(app_with, redis_client, reply):
+    sent = post_signed(app_with(lambda message, conversation: reply).test_client(), webhook_params())
+    assert sent.status_code == 200
+    assert ElementTree.fromstring(sent.data).tag == "Response"  # well-formed
+    assert stored(redis_client)["seq"] == "1"
+
+
+@pytest.mark.parametrize("planted", ['{"kept": "\\ud800"}', '{"score": NaN}', '{"score": -Infinity}'])
+def test_stored_state_that_could_not_be_saved_again_starts_afresh(app_with, redis_client, planted):
+    """A hand edit that JSON reads but that could never be saved again (a lone surrogate,
+    NaN) is unreadable state: the conversation starts afresh rather than fail each message
+    until it expires."""
+    app = app_with(lambda message, conversation: f"{conversation.messages} {sorted(conversation)}")
+    twilio = TwilioSimulator.for_app(app)
+    assert twilio.send(REY, OURS, "one").reply == "1 []"
+    redis_client.hset(KEYS.conversation(REY, OURS).conversation, "state", planted)
+    assert twilio.send(REY, OURS, "two").reply == "1 []"
+    assert twilio.send(REY, OURS, "three").reply == "2 []"
+    assert state(redis_client) == {}
 
 
 def test_a_redelivery_gets_the_first_answer_without_calling_the_handler(app_with, redis_client):
@@ -409,9 +514,12 @@ def test_a_waiter_that_stops_asking_drops_out_of_line(app_with, redis_client):
         {"Body": " stop "},
         {"Body": "Unsubscribe"},
         {"Body": "QUIT"},
+        {"Body": "cancel"},
+        {"Body": "End"},
+        {"Body": "STOPALL"},
         {"Body": "please stop", "OptOutType": "STOP"},
     ],
-    ids=["stop", "unsubscribe", "quit", "opt-out-type"],
+    ids=["stop", "unsubscribe", "quit", "cancel", "end", "stopall", "opt-out-type"],
 )
 def test_an_opt_out_ends_the_conversation_unanswered(app_with, redis_client, stop):
     calls = []
@@ -446,9 +554,12 @@ def test_start_and_help_reach_the_handler_with_the_keyword(app_with):
         {"Body": "help "},
         {"Body": "hi", "OptOutType": "HELP"},
         {"Body": "hello"},
+        {"Body": "yes"},  # what a bot's "reply YES to confirm" gets
+        {"Body": "UNSTOP"},
+        {"Body": "cancel my booking"},  # not a keyword: the whole body is
     ):
         assert post_signed(client, webhook_params(**params)).status_code == 200
-    assert seen == ["START", "HELP", "HELP", None]
+    assert seen == ["START", "HELP", "HELP", None, "START", "START", None]
 
 
 def test_whatsapp_senders_are_named_by_their_number(app_with, redis_client, tmp_path):
@@ -481,6 +592,10 @@ def test_operators_see_any_handlers_state_and_count(app_with):
         ("examples.nothing_here:handle", "cannot import examples.nothing_here"),
         ("examples.survey:QUESTIONS", "has no function QUESTIONS"),
         ("examples.survey", "expected package.module:function"),
+        ("tests.support.bad_handlers.exits:handle", "cannot import .*: SystemExit: 0"),
+        ("tests.support.bad_handlers.one_argument:handle", r"handle must take \(message, conversation\)"),
+        ("tests.support.bad_handlers.end_hook_text:handle", r"on_end must be a function of \(conversation"),
+        ("tests.support.bad_handlers.end_hook_one_argument:handle", "on_end must be a function of"),
     ],
 )
 def test_a_bad_sms_handler_stops_start_up_in_one_line(monkeypatch, spec, complaint):
@@ -502,12 +617,38 @@ def test_simulate_runs_a_handler_in_process_without_a_server():
     survey = ("--handler", "examples.survey:handle", "--from", REY, "--to", OURS)
     result = sms_sessions("simulate", *survey, stdin="hi\nRey\nteal\n5\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-4:] == [
+    assert result.stdout.splitlines()[-5:] == [
         "Hi! Three quick questions. What should we call you?",
         "Thanks, Rey. What is your favourite colour?",
         "And how would you rate us, from 1 to 5?",
         "Thank you, Rey!",
+        "You said: teal, rated 5/5.",  # the last reply's second message
     ]
+
+
+@pytest.mark.slow
+def test_simulate_shows_every_message_and_its_media_and_logs_text():
+    talk = ("simulate", "--handler", "tests.support.media_handler:handle", "--from", REY, "--to", OURS)
+    result = sms_sessions(
+        *talk,
+        "--media",
+        "https://example.com/a.jpg",
+        "--media",
+        "https://example.com/b.jpg",
+        "--message",
+        "hi",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "first",
+        "second, after 2 media",
+        "[media] https://example.com/dog.jpg",
+    ]
+    failed = sms_sessions(*talk, "--message", "boom")
+    assert failed.returncode == 1 and "HTTP 500" in failed.stderr
+    output = failed.stdout + failed.stderr
+    assert "the handler failed: ValueError at media_handler.py" in output
+    assert not any(line.startswith("{") for line in output.splitlines())  # text, not JSON
 
 
 def test_message_from_params_reads_keywords_and_media():

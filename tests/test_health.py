@@ -167,3 +167,18 @@ def test_gunicorn_and_the_cli_refuse_refused_credentials_in_one_line(protected_r
     cli = sms_sessions("conversations", "count", **env)
     assert cli.returncode == 1
     assert cli.stderr.splitlines() == lines
+
+
+def test_readiness_says_no_while_fewer_replicas_than_redis_wait_replicas_confirm(redis_processes):
+    """With REDIS_WAIT_REPLICAS above the replicas present every message would be a 503:
+    /readyz says not ready until a replica confirms, then ready."""
+    master = redis_processes()
+    client = make_app(REDIS_URL=master.url, REDIS_WAIT_REPLICAS=1).test_client()
+    refused = client.get("/readyz")
+    assert refused.status_code == 503 and refused.json == {
+        "status": "unavailable",
+        "replicas": "0 of 1 confirmed",
+    }
+    replica = redis_processes("--replicaof", "127.0.0.1", str(master.port))
+    wait_until(lambda: client.get("/readyz").status_code == 200, what="the replica confirming")
+    assert replica.client().info("replication")["role"] == "slave"

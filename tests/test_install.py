@@ -4,6 +4,7 @@ a failed install leaves no half `.venv`, and the built package holds only the se
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -160,3 +161,33 @@ def test_without_the_dev_extra_an_unset_redis_url_is_one_line(monkeypatch):
         r"is not installed \(pip install 'sms-sessions\[dev\]'\)$",
     ):
         create_app({"TWILIO_AUTH_TOKEN": "t"})
+
+
+@pytest.mark.slow
+def test_make_install_with_another_python_rebuilds_the_venv(tmp_path):
+    """A .venv of one Python, up to date with the lock: `make install PYTHON=<another>`
+    rebuilds it (here it gets as far as pip, which has no index), the same PYTHON or none
+    given leaves it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (venv / ".installed").touch()
+    other = (
+        next(
+            (
+                p
+                for p in (f"/root/.pyenv/versions/{v}/bin/python3" for v in ("3.12.1", "3.13.0"))
+                if Path(p).exists()
+            ),
+            None,
+        )
+        or shutil.which("python3.12")
+        or shutil.which("python3.13")
+    )
+    if other is None:
+        pytest.skip("no second Python 3.11+ on this machine to rebuild with")
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
+    for kept in (("install", f"VENV={venv}"), ("install", f"VENV={venv}", f"PYTHON={sys.executable}")):
+        result = run_make(*kept, env=offline)
+        assert result.returncode == 0 and "Nothing to be done" in result.stdout, result.stdout + result.stderr
+    rebuilt = run_make("install", f"VENV={venv}", f"PYTHON={other}", env=offline)
+    assert f"rm -rf {venv}" in rebuilt.stdout and f"{other} -m venv {venv}" in rebuilt.stdout

@@ -304,12 +304,37 @@ def test_follow_waits_for_the_next_event(app, redis_client):
     history = current(app).history
     last = f"{now_ms()}-0"
     found = []
-    waiting = threading.Thread(target=lambda: found.extend(history.follow(last, block_ms=10_000)))
+    # A wait within REDIS_TIMEOUT (0.5 s), as the events command makes them.
+    waiting = threading.Thread(target=lambda: found.extend(history.follow(last, block_ms=400)))
     waiting.start()
     time.sleep(0.2)
     post_signed(app.test_client(), webhook_params())
     waiting.join(timeout=15)
     assert [e.type for e in found] == ["started"]
+
+
+@pytest.mark.slow
+def test_events_follow_keeps_waiting_past_redis_timeout(redis_url):
+    """``sms-sessions events --follow`` as a user runs it: still following seconds after it
+    started (each wait is shorter than REDIS_TIMEOUT, which ended a 5 s one), and it prints
+    the next event when it comes."""
+    follower = subprocess.Popen(
+        [bin_path("sms-sessions"), "events", "--follow", "--since", "1s"],
+        env={**hermetic_environment(), "REDIS_URL": redis_url, "REDIS_TIMEOUT": "0.5"},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # six times REDIS_TIMEOUT
+        assert follower.poll() is None, follower.communicate()
+        post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(sender=REY))
+        line = follower.stdout.readline()
+        assert "started" in line and REY in line
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.communicate(timeout=10)
 
 
 def test_stats_and_metrics_report_the_lifecycle(redis_url):

@@ -246,6 +246,15 @@ def test_request_lines_mask_the_numbers_in_ops_paths(live_server, lines):
     assert_clean(request_line)
 
 
+def test_request_lines_mask_formatted_numbers_in_ops_paths(live_server, lines):
+    base = live_server.url.removesuffix("/sms")
+    lines()
+    requests.get(f"{base}/ops/conversations/+1 415 555 0123/(415)5550123", timeout=10)
+    [request_line] = lines("werkzeug")
+    assert "/ops/conversations/+1 41***0123/(415)***0123 HTTP/1.1" in request_line
+    assert "555" not in request_line
+
+
 @pytest.mark.parametrize("log_format", ["json", "text"])
 def test_every_line_is_masked_whatever_logger_wrote_it(capsys, log_format):
     """Flask's own line for a failed request names its path; a library may log a number."""

@@ -448,3 +448,55 @@ def test_cli_expire_json(ops_app):
     assert ended.exit_code == 0
     assert json.loads(ended.stdout) == {"ended": True, "from": REY, "to": OURS}
     assert json.loads(cli(ops_app, "count", "--json").stdout) == {"active": 0}
+
+
+def strict_json(text: str):
+    """JSON as any parser reads it: no NaN or Infinity."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_state_holding_nan_is_served_as_valid_json(ops_app, redis_client):
+    """A hand edit may leave NaN or an infinity in stored state: /ops and ``--json`` serve it
+    as null, so that every JSON parser reads the answer."""
+    text_messages(ops_app, REY, 1)
+    planted = '{"a": NaN, "b": [Infinity, 1.5], "c": {"d": -Infinity}}'
+    redis_client.hset(KEYS.conversation(REY, OURS).conversation, "state", planted)
+    answer = ops_app.test_client().get(f"/ops/conversations/{REY}/{OURS}", headers=AUTH)
+    assert answer.status_code == 200
+    assert strict_json(answer.get_data(as_text=True))["state"] == {
+        "a": None,
+        "b": [None, 1.5],
+        "c": {"d": None},
+    }
+    shown = cli(ops_app, "show", REY, OURS, "--json")
+    assert shown.exit_code == 0 and strict_json(shown.output)["state"]["b"] == [None, 1.5]
+
+
+def test_wrong_bearer_tokens_are_slowed_per_address_and_counted(ops_app):
+    """After 5 wrong tokens an address waits (1 s, then twice as long after each further
+    failure): its tries meanwhile are 429 with Retry-After, the right token included; other
+    addresses are not slowed; a right token afterwards clears the address."""
+    client, other = ops_app.test_client(), ops_app.test_client()
+    client.environ_base["REMOTE_ADDR"], other.environ_base["REMOTE_ADDR"] = "192.0.2.1", "192.0.2.2"
+    guard = current(ops_app).throttle
+    now = [1000.0]
+    guard.clock = lambda: now[0]
+    wrong = {"Authorization": "Bearer guess"}
+    assert [client.get("/ops/stats", headers=wrong).status_code for _ in range(5)] == [401] * 5
+    slowed = client.get("/ops/stats", headers=AUTH)
+    assert slowed.status_code == 429 and slowed.headers["Retry-After"] == "1"
+    assert other.get("/ops/stats", headers=AUTH).status_code == 200
+    now[0] += 1
+    assert client.get("/ops/stats", headers=wrong).status_code == 401  # the 6th is looked at...
+    now[0] += 1.5
+    slowed = client.get("/ops/stats", headers=AUTH)  # ...then the address waits 2 s
+    assert slowed.status_code == 429 and slowed.headers["Retry-After"] == "1"
+    now[0] += 0.5
+    assert client.get("/ops/stats", headers=AUTH).status_code == 200
+    assert client.get("/ops/stats", headers=wrong).status_code == 401  # cleared: counted afresh
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'sms_sign_in_failures_total{surface="api"} 7.0' in metrics

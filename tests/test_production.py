@@ -34,6 +34,15 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("LOCK_WAIT", {"LOCK_WAIT": "9.5"}),
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),
     ("LOG_FORMAT", {"LOG_FORMAT": "yaml"}),
+    # The operators' token: guessable when short, and one with spaces around it a trap:
+    ("OPS_TOKEN", {"OPS_TOKEN": "a"}),
+    ("OPS_TOKEN", {"OPS_TOKEN": "x" * 31}),
+    ("OPS_TOKEN", {"OPS_TOKEN": " " + "x" * 40 + " "}),
+    # Once a traceback, or an exit 0 with nothing said:
+    ("SMS_HANDLER", {"SMS_HANDLER": "tests.support.bad_handlers.exits:handle"}),
+    ("SMS_HANDLER", {"SMS_HANDLER": "tests.support.bad_handlers.end_hook_text:handle"}),
+    ("PROMETHEUS_MULTIPROC_DIR", {"PROMETHEUS_MULTIPROC_DIR": "/proc/sms-sessions-metrics"}),
+    ("PUBLIC_BASE_URL", {"PUBLIC_BASE_URL": "not a url"}),
 ]
 CASES = pytest.mark.parametrize(
     "variable, setting",
@@ -91,3 +100,18 @@ def test_cli_refuses_in_one_line():
         "sms-sessions: refusing to start: TWILIO_AUTH_TOKEN is not set (nor TWILIO_ACCOUNTS): "
         "APP_ENV=production needs it to verify Twilio's signatures"
     ]
+
+
+def test_a_refused_ops_token_is_never_echoed(monkeypatch):
+    for name, value in {**SAFE, "OPS_TOKEN": " secret-" + "x" * 40}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        create_app()
+    assert str(refused.value).startswith("OPS_TOKEN: has spaces around it")
+    assert "secret" not in str(refused.value)
+    monkeypatch.setenv("OPS_TOKEN", "s3cret")
+    with pytest.raises(ConfigError) as refused:
+        create_app()
+    assert "s3cret" not in str(refused.value) and "at least 32" in str(refused.value)
+    monkeypatch.setenv("OPS_TOKEN", "x" * 32)
+    assert create_app().config["OPS_TOKEN"] == "x" * 32

@@ -46,6 +46,19 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("EVENTS_MAX", {"EVENTS_MAX": "100000001"}),
     ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "59"}),
     ("CONSOLE_SESSION_TTL", {"CONSOLE_SESSION_TTL": "604801"}),
+    # Accepted once, then broken at the first request or a traceback:
+    ("CONVERSATION_TTL", {"CONVERSATION_TTL": "٣٠"}),  # Arabic-Indic 30
+    ("LOCK_TTL", {"LOCK_TTL": "３"}),  # a fullwidth 3
+    ("PUBLIC_BASE_URL", {"PUBLIC_BASE_URL": "not a url"}),
+    ("PUBLIC_BASE_URL", {"PUBLIC_BASE_URL": "sms.example.com"}),
+    ("PUBLIC_BASE_URL", {"PUBLIC_BASE_URL": "https://sms.example.com/?x=1"}),
+    ("BIND", {"BIND": "127.0.0.1:99999"}),
+    ("BIND", {"BIND": "localhost"}),
+    ("PROMETHEUS_MULTIPROC_DIR", {"PROMETHEUS_MULTIPROC_DIR": "/proc/sms-sessions-metrics"}),
+    ("PROMETHEUS_MULTIPROC_DIR", {"PROMETHEUS_MULTIPROC_DIR": "/etc/hostname/metrics"}),
+    ("WEB_CONCURRENCY", {"WEB_CONCURRENCY": "65"}),
+    ("WEB_CONCURRENCY", {"WEB_CONCURRENCY": "0"}),
+    ("OPS_TOKEN", {"OPS_TOKEN": "token-with-a-space "}),
 ]
 CASES = pytest.mark.parametrize(
     "variable, environment",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from redis.cluster import key_slot
 
@@ -138,19 +140,39 @@ def test_session_serializer_is_json_only_and_refuses_a_pickle(fake_app, tmp_path
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "cookie",
-    [None, "", "session=abc", "a=1; session=x.y-z_", 'q="quoted; value"; b=2', "a=1; a=2", "broken; =x; y"],
-)
-def test_the_request_reads_cookies_as_werkzeug_does(cookie):
-    """``BoundedRequest.cookies`` reads ``HTTP_COOKIE`` directly; the result is werkzeug's."""
-    from flask import Request
-    from werkzeug.test import EnvironBuilder
+def test_body_first_reads_the_body_before_the_app_and_bounds_it():
+    """``BodyFirst`` hands the app a body already read (at most MAX_BODY_BYTES + 1 bytes of a
+    chunked one, none of one announced over it), and closes what the app returned."""
+    from service.serving import BodyFirst
 
-    from service.limits import BoundedRequest
+    seen, closed = [], []
 
-    environ = EnvironBuilder(
-        path="/sms", headers={"Cookie": cookie} if cookie is not None else {}
-    ).get_environ()
-    assert BoundedRequest(environ).cookies == Request(environ).cookies
-    assert BoundedRequest(environ).cookies.getlist("a") == Request(environ).cookies.getlist("a")
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    def app(environ, start_response):
+        stream = environ["wsgi.input"]
+        seen.append((stream, stream.tell(), stream.read()))
+        return Body([b"ok"])
+
+    def run(length: str | None, body: bytes) -> list:
+        environ = {"wsgi.input": io.BytesIO(body), **({"CONTENT_LENGTH": length} if length else {})}
+        return BodyFirst(app, max_body=10)(environ, lambda *a: None)
+
+    assert run("5", b"hello, more") == [b"ok"] and seen[-1][2] == b"hello"
+    run(None, b"x" * 50)  # chunked: one byte past the bound tells the app it is too big
+    assert seen[-1][2] == b"x" * 11
+    unread = io.BytesIO(b"y" * 50)
+    BodyFirst(app, max_body=10)({"wsgi.input": unread, "CONTENT_LENGTH": "50"}, lambda *a: None)
+    assert seen[-1][:2] == (unread, 0)  # never read: the app answers 413 without reading it
+    assert closed == [True, True, True]
+
+
+def test_the_request_line_limit_leaves_room_for_the_longest_query_string():
+    from gunicorn.http import message
+
+    from service.serving import request_line_limit
+
+    limit = request_line_limit(65536)
+    assert limit > 65536 and limit <= message.MAX_REQUEST_LINE  # gunicorn keeps it, not 8,190

@@ -1,0 +1,1 @@
+"""Handler modules that ``SMS_HANDLER`` must refuse at start-up, one flaw each."""

@@ -1,0 +1,5 @@
+"""A handler that takes the message only."""
+
+
+def handle(message):
+    return "never"
