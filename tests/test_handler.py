@@ -488,9 +488,9 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
 
 @pytest.mark.parametrize("token", ["SM1:00000000000000bb", "00000000000000bb"], ids=["colon", "bare-hex"])
 def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_client, token):
-    """During a rolling deploy a waiter from a worker still on an earlier version (its token
-    ``<MessageSid>:<hex>``, or bare hex before that; it reads no JSON map) is only woken, as a
-    release wakes it: the lock is freed for its next ask."""
+    """During a rolling deploy a waiter from a worker still on a version before service/store/
+    (0.1.0; its token ``<MessageSid>:<hex>``, or bare hex before commit fef70c2; it reads no
+    JSON map) is only woken, as a release wakes it: the lock is freed for its next ask."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
     queued_behind_a_save(store, keys, token, "{}")

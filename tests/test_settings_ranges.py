@@ -31,7 +31,7 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("REDIS_TIMEOUT", {"REDIS_TIMEOUT": "0.0001"}),
     ("MAX_BODY_BYTES", {"MAX_BODY_BYTES": "100"}),  # every Twilio message would be a 413
     ("PORT", {"PORT": "99999"}),
-    ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # was db 0, silently
+    ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # not db 0, silently
     ("REDIS_URL", {"REDIS_URL": "rediss://127.0.0.1/0/1"}),
     # Just outside each bound (the edges themselves: test_edges_of_the_ranges_are_accepted).
     ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "0"}),
@@ -159,7 +159,7 @@ def test_edges_of_the_ranges_are_accepted():
 
 def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeypatch):
     """The longest TTL and the shortest lock still count every message, with a TTL and an
-    index entry that match (a TTL past the bound was answered 500 after counting)."""
+    index entry that match (a TTL past the bound must not be a 500 after counting)."""
     monkeypatch.setenv("CONVERSATION_TTL", "2592000")
     monkeypatch.setenv("LOCK_TTL", "0.1")
     client = make_app(REDIS_URL=redis_url).test_client()
