@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from service.keys import Keys
-from service.ops import duration
 from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
@@ -95,17 +94,6 @@ def test_the_table_shows_expiry_for_people_and_json_keeps_seconds(redis_url):
     assert table[1].endswith(("3h 59m 59s", "3h 59m 58s", "4h 00m 00s"))
     [row] = json.loads(sms_sessions("conversations", "list", "--json", REDIS_URL=redis_url).stdout)
     assert isinstance(row["expires_in"], int)
-
-
-def test_duration():
-    assert [duration(s) for s in (0, 7, 65, 3600, 14398, -3)] == [
-        "0s",
-        "7s",
-        "1m 05s",
-        "1h 00m 00s",
-        "3h 59m 58s",
-        "0s",
-    ]
 
 
 @pytest.mark.slow

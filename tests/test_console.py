@@ -356,6 +356,7 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     assert shown.status_code == 200
     assert f"{REY} → {OURS}" in text
     assert '<dd id="messages">3</dd>' in text
+    assert re.search(r"<dt>Expires in</dt><dd>(\d+[dhm] )*\d+s</dd>", text)  # service/clock.py's form
     assert "Yes, end it" in text
     state = re.search(r'<pre class="state"[^>]*>(.*?)</pre>', text, re.S)
     assert state
@@ -370,7 +371,7 @@ def test_live_list_search_conversation_page_and_end(console_app, caplog):
     [ended_row] = re.findall(r"<tr>.*?</tr>", section(after, "recent").split("<tbody>")[1], re.S)
     assert [html.unescape(cell) for cell in re.findall(r"<td[^>]*>(?:<time[^>]*>)?(.*?)<", ended_row)][
         :5
-    ] == [REY, OURS, "operator", "0 s", "3"]
+    ] == [REY, OURS, "operator", "0s", "3"]
     assert re.search(r'<dd id="ended-count">1<small>operator 1</small>', after)
     again = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     assert again.status_code == 404
@@ -403,7 +404,7 @@ def test_overview_counts_the_last_hour_and_charts_the_samples(console_app, redis
     assert '<dd id="started">2</dd>' in overview
     assert '<dd id="per-minute">7<small>' in overview  # the latest sample's minute
     assert '<dd id="ended-count">1<small>operator 1</small>' in overview
-    assert '<dd id="averages">0 s<small>1.0 messages</small>' in overview
+    assert '<dd id="averages">0s<small>1.0 messages</small>' in overview
     live = re.search(r'<svg class="chart" id="chart-live".*?</svg>', overview, re.S).group(0)
     points = [
         tuple(map(float, pair.split(",")))
