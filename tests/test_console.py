@@ -211,7 +211,8 @@ def test_nothing_a_visitor_gets_is_keyed_by_the_token(console_app):
     ]
     assert [a.status_code for a in answers] == [200] + [401] * 5 + [429] * 2
     slowed = answers[-1]
-    assert slowed.headers["Retry-After"] == "1" and "try again in 1 s" in slowed.get_data(as_text=True)
+    assert slowed.headers["Retry-After"] == "1"
+    assert "try again in 1 s" in slowed.get_data(as_text=True)
     assert all("sms_console=" not in a.headers.get("Set-Cookie", "") for a in answers)
     value = cookie_header(form, "sms_console_csrf").split(";")[0].partition("=")[2]
     with console_app.test_request_context(), pytest.raises(BadData):
@@ -304,7 +305,8 @@ def test_pages_name_their_icon(console_app):
         r'<link rel="icon" href="([^"]+)"', client.get("/console/sign-in").get_data(as_text=True)
     )
     served = client.get(icon.group(1))
-    assert served.status_code == 200 and served.mimetype == "image/svg+xml"
+    assert served.status_code == 200
+    assert served.mimetype == "image/svg+xml"
 
 
 def test_pages_have_nothing_inline_for_the_policy_to_block(console_app):
@@ -494,7 +496,8 @@ def test_dev_server_and_app_log_lines_hold_no_full_number(redis_url, caplog):
     assert any("GET /console/conversation HTTP/1.1" in line for line in lines)
     assert any("+1555***0001 ended by an operator" in line for line in lines)
     for line in lines:
-        assert REY[1:] not in line and OURS[1:] not in line, line
+        assert REY[1:] not in line, line
+        assert OURS[1:] not in line, line
 
 
 def test_redis_down_is_503_and_the_page_stays_protected():

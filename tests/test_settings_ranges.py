@@ -16,6 +16,7 @@ from service.store import ConversationStore
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
+from tests.support.numbers import OURS, REY
 
 OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that is refused)
     ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),  # cookie expiry in year 33715
@@ -167,7 +168,7 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
         response = post_signed(client, webhook_params())
         assert response.status_code == 200
         assert "Max-Age=2592000" in response.headers["Set-Cookie"]
-    keys = Keys().conversation("+15551230001", "+15550001111")
+    keys = Keys().conversation(REY, OURS)
     assert redis_client.hget(keys.conversation, "seq") == "2"
     assert (
         2592000 + ConversationStore.GRACE - 5
