@@ -13,10 +13,10 @@ Two measures, each the median of ``--repeats`` runs on ``--conversations`` new c
   time plus Redis' socket work (what the throughput runs' "Redis CPU per request" counts,
   without the contention).
 
-µs move with whatever else the machine runs (a few µs per call from one run to the next on a
-busy one); ``--instructions`` counts instead the instructions redis-server executes per call
-of each path under valgrind's callgrind (user space, the same however busy the machine is;
-one run), to compare scripts that differ by a command or two.
+µs move with whatever else the machine runs; ``--instructions`` counts instead the
+instructions redis-server executes per call of each path under valgrind's callgrind (user
+space, the same however busy the machine is; one run), to compare scripts that differ by a
+command or two.
 
     .venv/bin/python -m bench.redis_cpu                          # 5,000 conversations, 5 runs
     .venv/bin/python -m bench.redis_cpu --conversations 1000 --repeats 3 --output FILE

@@ -53,7 +53,8 @@ class Secret:
     def __init__(self, label: str, value: str):
         self.label = label
         self.value = value
-        # Keyed once per algorithm, copied per message: keying is most of a short HMAC's cost.
+        # Keyed once per algorithm, copied per message: a copy skips hashing the padded key
+        # into HMAC's inner and outer digests, which a short message would otherwise repeat.
         self._keyed: dict[str, Any] = {}
 
     def __repr__(self) -> str:

@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
-from .clock import now_ms
+from .clock import duration, now_ms
 from .live import BadCursor, BadSearch, iso
 from .ops import DEFAULT_LIMIT, finite
 from .wiring import current
@@ -333,16 +332,6 @@ def chart(chart_id: str, title: str, series: list[tuple[int, int]], now: int) ->
 def ago(epoch_ms: int) -> str:
     seconds = time.time() - epoch_ms / 1000
     return "just now" if seconds < 1 else duration(seconds) + " ago"
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``7 min``, ``3 h 05 min``: what a person reads at a glance."""
-    seconds = math.floor(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @bp.context_processor

@@ -13,10 +13,9 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from .clock import now_ms
+from .clock import duration, now_ms
 from .handler import END_REASONS
 from .keys import Keys
 from .live import iso
@@ -82,7 +81,7 @@ class Event:
         at = iso(int(self.id.split("-")[0]))
         text = f"{at}  {self.type:<7}  {self.sender} → {self.recipient}  messages={self.messages}"
         if self.type == "ended":
-            text += f"  reason={self.reason}  lasted={_duration(self.duration_s or 0)}"
+            text += f"  reason={self.reason}  lasted={duration(self.duration_s or 0)}"
         return text
 
 
@@ -132,10 +131,6 @@ class Sample:
 
 def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
-
-
-def _duration(seconds: float) -> str:
-    return str(timedelta(seconds=round(seconds)))
 
 
 class History:

@@ -21,6 +21,7 @@ import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup
 
+from .clock import duration
 from .live import BadCursor, LiveConversation
 from .redis_client import UNAVAILABLE
 from .wiring import current
@@ -223,15 +224,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells
     )
-
-
-def duration(seconds: int) -> str:
-    """``14398`` → ``3h 59m 58s``, for people (``--json`` keeps the seconds)."""
-    hours, rest = divmod(max(0, int(seconds)), 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m {seconds:02d}s"
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def init_app(app: Flask) -> None:

@@ -34,7 +34,7 @@ def request_line_limit(max_body: int) -> int:
     string (Twilio's longest, 1,600 characters of up to 9 bytes percent-encoded, is ~15 KB, over
     gunicorn's 4,094-byte default), which the app bounds by MAX_BODY_BYTES (414 beyond); the
     line gets that and room for the rest. Unbounded (0), gunicorn's parser reads a line of any
-    length, copying its buffer at each read (a 20 MB line took 43 CPU-seconds).
+    length, copying its buffer at each read (quadratic in the line's length).
 
     gunicorn takes no limit above its ``MAX_REQUEST_LINE`` (8,190) but 0 (none): the module's
     ceiling is raised to this limit, the one way to a bound in between."""

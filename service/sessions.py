@@ -216,8 +216,8 @@ class ConversationSessionInterface(SessionInterface):
         """The ``Set-Cookie`` value for ``sid``, as werkzeug's ``dump_cookie`` writes it.
 
         Only Expires changes, once a second, so the attributes are written by ``dump_cookie``
-        once a second and the id put in front (the full call was a fifth of the session
-        glue's CPU). An id that would need quoting (a hand-edited one) gets the full call.
+        once a second and the id put in front, instead of on every response. An id that would
+        need quoting (a hand-edited one) gets the full call.
         """
         if not URLSAFE.fullmatch(sid):
             return self._dump(app, sid, int(time.time()))

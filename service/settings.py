@@ -380,7 +380,7 @@ SETTINGS = [
         65536,
         _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
         "Largest webhook body (or GET query string) accepted; larger answers 413 (414). "
-        "32768 to 16777216: Twilio's longest message takes up to ~20 KB.",
+        "32768 to 16777216: Twilio's longest message takes up to ~15 KB.",
     ),
     Setting(
         "LOG_FORMAT",

@@ -66,9 +66,8 @@ def signed_url(request: Request, public_base_url: str | None) -> str:
 
 
 # What a request's origin and path come to, remembered: a deployment is called at a handful
-# of them, each checked and quoted once instead of on every message (urllib's parse and quote
-# were a fifth of the signature check). Emptied when full, so that made-up Host headers
-# cannot grow it.
+# of them, each checked and quoted once instead of by urllib's parse and quote on every
+# message. Emptied when full, so that made-up Host headers cannot grow it.
 _ORIGINS: dict[tuple[str, str], str] = {}
 _PATHS: dict[str, str] = {}
 REMEMBERED = 64

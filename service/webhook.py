@@ -62,8 +62,8 @@ def _parsed(raw: bytes) -> list[tuple[str, str]] | None:
     What the stdlib's ``parse_qsl`` (the parser werkzeug's form and args use) reads, strict
     about UTF-8. Twilio's bodies (ASCII, percent-encoded, no ``&`` or ``=`` encoded, so that
     decoding cannot move a separator) are percent-decoded in one pass and split after:
-    ``parse_qsl`` decoded each name and value in Python calls of their own (half of the
-    webhook's form reading). Anything else goes to ``parse_qsl``.
+    ``parse_qsl`` decodes each name and value in Python calls of their own. Anything else goes
+    to ``parse_qsl``.
     """
     if not raw.isascii() or b"%26" in raw or b"%3D" in raw or b"%3d" in raw:
         try:
@@ -99,8 +99,8 @@ def _fields(req) -> list[tuple[str, str]] | None:
 def _problem(sender: str, recipient: str, message_sid: str) -> str | None:
     """What is wrong with the first of From, To and MessageSid that is missing or malformed.
     The three are checked at once, one pass over them joined (a property of each character),
-    and alone only to name the one at fault (three calls of four checks each were twice the
-    cost)."""
+    and alone only to name the one at fault, rather than three calls of four checks each on
+    every message."""
     if 0 < len(sender) <= MAX_FIELD and 0 < len(recipient) <= MAX_FIELD and 0 < len(message_sid) <= MAX_FIELD:
         joined = sender + recipient + message_sid
         if "|" not in joined and " " not in joined and joined.isprintable():
@@ -129,8 +129,8 @@ class Webhook:
     """The webhook's WSGI layer, around Flask: every request to ``/sms``, whatever its method
     (routed to the view, refused here, or answered by an error handler), gets its one summary
     line and its metrics once the response is final. One wrapper instead of a
-    ``before_request`` hook and a ``request_finished`` signal (their dispatch was ~90k
-    instructions of a message's ~1,500k).
+    ``before_request`` hook and a ``request_finished`` signal, whose dispatch every message
+    would pay.
 
     Methods other than GET and POST are refused here, before routing would answer OPTIONS
     itself or run the handler for a HEAD (a message counted that nobody reads the reply of).

@@ -27,6 +27,7 @@ from service.delivery import (
 from service.settings import ConfigError, check, load
 from tests.support.app import TOKEN
 from tests.support.app_servers import sms_sessions
+from tests.support.numbers import FINN, OTHER
 from tests.support.ports import free_port
 from tests.support.standin import (
     ACCOUNT_SID,
@@ -71,7 +72,7 @@ def test_an_accepted_message_has_twilios_sid_and_status(delivery, standin):
 
 def test_a_message_names_its_own_sender_or_goes_through_the_messaging_service(standin):
     delivery = Delivery.from_config(standin.config())
-    assert isinstance(delivery.send(PHONE, "a", from_="+15550002222"), Accepted)
+    assert isinstance(delivery.send(PHONE, "a", from_=OTHER), Accepted)
     pooled = Delivery.from_config(standin.config(TWILIO_MESSAGING_SERVICE_SID="MG" + "3" * 32))
     outcome = pooled.send(PHONE, "b")
     assert isinstance(outcome, Accepted)
@@ -83,7 +84,7 @@ def test_a_message_names_its_own_sender_or_goes_through_the_messaging_service(st
     assert isinstance(outcome, Accepted)
     assert outcome.status == "accepted"  # the pool picks
     senders = [m["from"] for m in stored(standin)]
-    assert senders[:2] == ["+15550002222", OUR_NUMBER]
+    assert senders[:2] == [OTHER, OUR_NUMBER]
     assert senders[2] == "MG" + "3" * 32
 
 
@@ -198,7 +199,7 @@ def test_a_lost_answer_is_retried_and_find_sent_finds_the_stored_message(deliver
     assert found.sid == held["sid"]
     assert delivery.find_sent(PHONE, "Your code is 1234", since, exclude=[held["sid"]]) is None
     assert delivery.find_sent(PHONE, "never sent", since) is None
-    assert delivery.find_sent("+15551230002", "Your code is 1234", since) is None
+    assert delivery.find_sent(FINN, "Your code is 1234", since) is None
     # created before the window (beyond the clock skew allowed): not this attempt's
     assert delivery.find_sent(PHONE, "Your code is 1234", since + timedelta(minutes=5)) is None
 

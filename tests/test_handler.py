@@ -150,16 +150,20 @@ def test_a_failing_handler_answers_500_and_saves_nothing(app_with, redis_client,
     before = stored(redis_client)
     capsys.readouterr()
     failed = post_signed(client, webhook_params(body="five secret words"))
-    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert failed.status_code == 500
+    assert b"handler failed" in failed.data
     assert stored(redis_client) == before  # no state, no reply memory, no count
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)  # released at once
     output = capsys.readouterr().out
     assert "secret" not in output  # the body never reaches the logs, not even in the error
     lines = [json.loads(line) for line in output.splitlines()]
-    assert len(lines) == 1 and lines[0]["outcome"] == "error" and lines[0]["level"] == "error"
+    assert len(lines) == 1
+    assert lines[0]["outcome"] == "error"
+    assert lines[0]["level"] == "error"
     line = fragile.__code__.co_firstlineno + 3
     assert lines[0]["reason"] == f"the handler failed: ValueError at test_handler.py:{line} in fragile"
-    assert "Traceback" in lines[0]["error"] and "in fragile" in lines[0]["error"]
+    assert "Traceback" in lines[0]["error"]
+    assert "in fragile" in lines[0]["error"]
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'sms_messages_received_total{outcome="error"} 1.0' in metrics
     assert post_signed(client, webhook_params(body="after")).status_code == 200
@@ -172,7 +176,8 @@ def test_a_key_error_on_state_logs_no_text_of_the_state(app_with, capsys):
 
     assert post_signed(app_with(lookup).test_client(), webhook_params(body="my secret")).status_code == 500
     output = capsys.readouterr().out
-    assert "KeyError at test_handler.py" in output and "secret" not in output
+    assert "KeyError at test_handler.py" in output
+    assert "secret" not in output
 
 
 def _raise(error: BaseException):
@@ -193,7 +198,8 @@ def test_whatever_a_handler_raises_is_a_500_for_that_message(app_with, redis_cli
 
     client = app_with(raising).test_client()
     failed = post_signed(client, webhook_params(body="raise"))
-    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert failed.status_code == 500
+    assert b"handler failed" in failed.data
     assert stored(redis_client) == {}
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -247,11 +253,13 @@ def test_a_reply_or_state_twilio_or_redis_cannot_take_is_the_handlers_failure(
         return reply
 
     failed = post_signed(app_with(handle).test_client(), webhook_params())
-    assert failed.status_code == 500 and b"handler failed" in failed.data
+    assert failed.status_code == 500
+    assert b"handler failed" in failed.data
     assert stored(redis_client) == {}
     assert not redis_client.exists(KEYS.conversation(REY, OURS).lock)
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert line["reason"].startswith("the handler failed: ") and reason in line["reason"]
+    assert line["reason"].startswith("the handler failed: ")
+    assert reason in line["reason"]
 
 
 @pytest.mark.parametrize(
@@ -488,9 +496,9 @@ def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_n
 
 @pytest.mark.parametrize("token", ["SM1:00000000000000bb", "00000000000000bb"], ids=["colon", "bare-hex"])
 def test_a_waiter_of_an_earlier_version_is_woken_to_ask_again(redis_url, redis_client, token):
-    """During a rolling deploy a waiter from a worker still on an earlier version (its token
-    ``<MessageSid>:<hex>``, or bare hex before that; it reads no JSON map) is only woken, as a
-    release wakes it: the lock is freed for its next ask."""
+    """During a rolling deploy a waiter from a worker still on a version before service/store/
+    (0.1.0; its token ``<MessageSid>:<hex>``, or bare hex before commit fef70c2; it reads no
+    JSON map) is only woken, as a release wakes it: the lock is freed for its next ask."""
     store = patient_store(redis_url)
     keys = KEYS.conversation(REY, OURS)
     queued_behind_a_save(store, keys, token, "{}")
@@ -645,7 +653,8 @@ def test_simulate_shows_every_message_and_its_media_and_logs_text():
         "[media] https://example.com/dog.jpg",
     ]
     failed = sms_sessions(*talk, "--message", "boom")
-    assert failed.returncode == 1 and "HTTP 500" in failed.stderr
+    assert failed.returncode == 1
+    assert "HTTP 500" in failed.stderr
     output = failed.stdout + failed.stderr
     assert "the handler failed: ValueError at media_handler.py" in output
     assert not any(line.startswith("{") for line in output.splitlines())  # text, not JSON

@@ -207,7 +207,7 @@ def test_other_methods_on_sms_are_405_logged_and_counted(served, redis_url, redi
     assert line["status"] == 405
     assert line["outcome"] == "bad_request"
     assert line["reason"] == "method not allowed"
-    assert conversation_keys(redis_client) == []  # a HEAD no longer runs the handler
+    assert conversation_keys(redis_client) == []  # a HEAD does not run the handler
 
 
 # --- 4. Forwarded headers --------------------------------------------------------------------

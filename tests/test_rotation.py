@@ -8,10 +8,11 @@ from twilio.request_validator import RequestValidator
 
 from service import create_app
 from service.simulator import TwilioSimulator
+from tests.support.numbers import OURS, REY
 from tests.support.prometheus import scrape
+from tests.support.replies import count_reply
 
 OLD, NEW = "old-auth-token", "new-auth-token"
-REY, OURS = "+15551230001", "+15550001111"
 
 
 def deploy(monkeypatch, redis_url, tokens: str):
@@ -71,4 +72,4 @@ def test_rotation_refuses_no_message(monkeypatch, redis_url):
     twilio.validator = RequestValidator(OLD)
     send(new_only, expected=403)
     # Every message Twilio sent was answered and counted, once, in one conversation.
-    assert last.reply == f"Rey has messaged {OURS} {sent} times."
+    assert last.reply == count_reply("Rey", sent)

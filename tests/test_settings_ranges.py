@@ -16,6 +16,7 @@ from service.store import ConversationStore
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, sms_sessions
+from tests.support.numbers import OURS, REY
 
 OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that is refused)
     ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),  # cookie expiry in year 33715
@@ -31,7 +32,7 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("REDIS_TIMEOUT", {"REDIS_TIMEOUT": "0.0001"}),
     ("MAX_BODY_BYTES", {"MAX_BODY_BYTES": "100"}),  # every Twilio message would be a 413
     ("PORT", {"PORT": "99999"}),
-    ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # was db 0, silently
+    ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),  # not db 0, silently
     ("REDIS_URL", {"REDIS_URL": "rediss://127.0.0.1/0/1"}),
     # Just outside each bound (the edges themselves: test_edges_of_the_ranges_are_accepted).
     ("REDELIVERY_WINDOW", {"REDELIVERY_WINDOW": "0"}),
@@ -159,7 +160,7 @@ def test_edges_of_the_ranges_are_accepted():
 
 def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeypatch):
     """The longest TTL and the shortest lock still count every message, with a TTL and an
-    index entry that match (a TTL past the bound was answered 500 after counting)."""
+    index entry that match (a TTL past the bound must not be a 500 after counting)."""
     monkeypatch.setenv("CONVERSATION_TTL", "2592000")
     monkeypatch.setenv("LOCK_TTL", "0.1")
     client = make_app(REDIS_URL=redis_url).test_client()
@@ -167,7 +168,7 @@ def test_a_service_at_the_edges_serves_messages(redis_url, redis_client, monkeyp
         response = post_signed(client, webhook_params())
         assert response.status_code == 200
         assert "Max-Age=2592000" in response.headers["Set-Cookie"]
-    keys = Keys().conversation("+15551230001", "+15550001111")
+    keys = Keys().conversation(REY, OURS)
     assert redis_client.hget(keys.conversation, "seq") == "2"
     assert (
         2592000 + ConversationStore.GRACE - 5

@@ -97,9 +97,10 @@ def _config():
 
 
 def test_a_turn_is_decoded_by_its_names_and_anything_else_means_ask_again():
-    """OPEN's reply and a hand-over's JSON copy of it decode alike; a release's ``1`` and an
-    earlier version's positional turn (``["ok", now, …]``, which this version's saves never
-    push to a ``;`` token, but an operator or a bug might) mean "ask again"."""
+    """OPEN's reply and a hand-over's JSON copy of it decode alike; a release's ``1`` and the
+    positional turn of a version before service/store/ (0.1.0: ``["ok", now, …]``, which this
+    version's saves never push to a ``;`` token, but an operator or a bug might) mean "ask
+    again"."""
     opened = ["status", "opened", "now", 5, "sid", "s", "state", "{}", "seq", "2", "first_seen", "4"]
     opened += ["ended_overdue", 0]
     assert (

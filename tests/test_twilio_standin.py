@@ -19,6 +19,7 @@ from twilio.rest import Client
 from service.delivery import client
 from service.twilio_standin import DEV_ACCOUNT_SID
 from tests.support import ROOT
+from tests.support.numbers import FINN, OTHER
 from tests.support.ports import free_port
 from tests.support.standin import (
     ACCOUNT_SID,
@@ -150,10 +151,10 @@ def test_fetching_an_unknown_message_is_twilios_404(twilio):
 
 
 def test_the_list_filters_and_pages_as_twilio_does(twilio):
-    other = "+15551230002"
+    other = FINN
     sent = [twilio.messages.create(to=PHONE, from_=OUR_NUMBER, body=f"m{i}").sid for i in range(5)]
     twilio.messages.create(to=other, from_=OUR_NUMBER, body="else")
-    twilio.messages.create(to=PHONE, from_="+15550002222", body="from elsewhere")
+    twilio.messages.create(to=PHONE, from_=OTHER, body="from elsewhere")
     # page_size 2: three pages, the library following next_page_uri through the stand-in
     listed = [m.sid for m in twilio.messages.stream(to=PHONE, from_=OUR_NUMBER, page_size=2)]
     assert listed == list(reversed(sent))  # newest first
@@ -263,7 +264,7 @@ def test_twilios_magic_numbers_are_refused(twilio):
 
 
 def test_fault_rules_apply_to_their_number_for_their_count_then_lapse(twilio, standin):
-    other = "+15551230002"
+    other = FINN
     standin.fault(to=PHONE, count=2, answer=503)
     standin.fault(to=other, error=21608)
     assert [f["to"] for f in standin.control.get(standin.base + "/_standin/faults").json()] == [PHONE, other]

@@ -14,10 +14,11 @@ from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
 from service.store import ConversationBusy, ConversationStore, LockLost
 from service.wiring import current
 from tests.support.app import post_signed, webhook_params
+from tests.support.numbers import OURS, REY
 
 
 def test_all_keys_of_a_conversation_share_one_cluster_slot():
-    keys = Keys().conversation("+15551230007", "+15550001111")
+    keys = Keys().conversation("+15551230007", OURS)
     assert shard_of("+15551230007") == "07"
     assert "{07}" in keys.conversation
     assert (
@@ -75,7 +76,7 @@ def store(fake_app):
 
 
 def test_lock_makes_a_second_opener_wait_then_give_up(store):
-    keys = Keys().conversation("+15551230001", "+15550001111")
+    keys = Keys().conversation(REY, OURS)
     held = store.open(keys, "SM1")
     impatient = ConversationStore(
         store.client, ttl=60, lock_ttl=3, lock_wait=0.05, redelivery_window=60, replies_kept=4
@@ -88,7 +89,7 @@ def test_lock_makes_a_second_opener_wait_then_give_up(store):
 
 
 def test_save_after_the_lock_was_lost_writes_nothing(store):
-    keys = Keys().conversation("+15551230001", "+15550001111")
+    keys = Keys().conversation(REY, OURS)
     opened = store.open(keys, "SM1")
     store.client.delete(keys.lock)  # lapsed
     with pytest.raises(LockLost):
@@ -97,7 +98,7 @@ def test_save_after_the_lock_was_lost_writes_nothing(store):
 
 
 def test_ending_a_conversation_in_flight_wins(store):
-    keys = Keys().conversation("+15551230001", "+15550001111")
+    keys = Keys().conversation(REY, OURS)
     opened = store.open(keys, "SM1")
     assert store.end(keys) is False  # nothing saved yet, but the lock goes
     with pytest.raises(LockLost):
@@ -160,7 +161,8 @@ def test_body_first_reads_the_body_before_the_app_and_bounds_it():
         environ = {"wsgi.input": io.BytesIO(body), **({"CONTENT_LENGTH": length} if length else {})}
         return BodyFirst(app, max_body=10)(environ, lambda *a: None)
 
-    assert run("5", b"hello, more") == [b"ok"] and seen[-1][2] == b"hello"
+    assert run("5", b"hello, more") == [b"ok"]
+    assert seen[-1][2] == b"hello"
     run(None, b"x" * 50)  # chunked: one byte past the bound tells the app it is too big
     assert seen[-1][2] == b"x" * 11
     unread = io.BytesIO(b"y" * 50)
@@ -175,4 +177,5 @@ def test_the_request_line_limit_leaves_room_for_the_longest_query_string():
     from service.serving import request_line_limit
 
     limit = request_line_limit(65536)
-    assert limit > 65536 and limit <= message.MAX_REQUEST_LINE  # gunicorn keeps it, not 8,190
+    assert limit > 65536
+    assert limit <= message.MAX_REQUEST_LINE  # gunicorn keeps it, not 8,190
