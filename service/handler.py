@@ -1,13 +1,16 @@
 """The handler API: what a developer's conversation logic receives, and how it is chosen.
 
-A handler is a plain function ``handle(message, conversation)`` that returns the reply: text, a
-twilio ``MessagingResponse`` (several messages, media) or ``None`` (no reply). The service runs
-it with the conversation locked, so it may read and change ``conversation`` freely: whatever
-it holds when the handler returns is saved, nested changes included.
+A handler is a function ``handle(message, conversation)``, plain or ``async def``, that returns
+the reply: text, a twilio ``MessagingResponse`` (several messages, media) or ``None`` (no
+reply). The service runs it with the conversation locked, so it may read and change
+``conversation`` freely: whatever it holds when the handler returns is saved, nested changes
+included. One that takes longer than ``HANDLER_INLINE_BUDGET`` gets its reply sent later
+(service/runs.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import inspect
@@ -27,7 +30,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from .settings import ConfigError
 
 Reply: TypeAlias = str | MessagingResponse | None
-Handler = Callable[["Message", "Conversation"], Reply]
+Handler = Callable[["Message", "Conversation"], Any]  # the Reply, or an awaitable of it
 EndHook = Callable[["Conversation", str], None]
 END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``reason`` can be
 
@@ -197,7 +200,26 @@ class Unkeepable(ValueError):
 
 
 def contained(function: Callable) -> Callable:
-    """``function`` whose every exception is an ``Exception`` (``HandlerFailed`` for others)."""
+    """``function`` whose every exception is an ``Exception`` (``HandlerFailed`` for others);
+    an ``async def`` stays one, and the cancellation of a call past ``HANDLER_TIMEOUT`` goes
+    through as the cancellation it is."""
+    if inspect.iscoroutinefunction(function):
+
+        @functools.wraps(function)
+        async def call_async(*args):
+            try:
+                return await function(*args)
+            except Exception:
+                raise
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # cancelled from outside: the timeout
+                    raise
+                raise HandlerFailed("CancelledError") from None
+            except BaseException as error:
+                raise HandlerFailed(type(error).__name__) from error
+
+        return call_async
 
     @functools.wraps(function)
     def call(*args):

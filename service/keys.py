@@ -19,8 +19,16 @@ Key (example)                                        Type and what it holds
 <prefix>wake:{07}:+15551230007|+15550001111:<token>  list, PX: a waiting message's turn, popped at
                                                      once: a save's, OPEN's reply as JSON; a
                                                      release's, '1' (ask again)
+<prefix>inbound:{07}:+15551230007|+15550001111       list: messages acknowledged but not yet
+                                                     handled, oldest first, each '<MessageSid>
+                                                     <its fields as JSON>': the first is the one
+                                                     whose handler runs (docs/design.md)
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
+<prefix>pending:{07}                                 zset: conversations with inbound messages,
+                                                     member '<from>|<to>', score the ms by which
+                                                     their lock must be renewed (past it, the
+                                                     sweeper claims them)
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
@@ -78,7 +86,7 @@ class Keys:
     cluster: bool = False
     # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
     # every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str]] = field(init=False, repr=False, compare=False)
+    _shard_keys: dict[str, tuple[str, str, str, str, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -87,6 +95,7 @@ class Keys:
                 self.outbox(shard) if self.cluster else self.events,
                 self.ending(shard),
                 self.minutes(shard),
+                self.pending(shard),
             )
             for shard in self.shards()
         }
@@ -113,6 +122,9 @@ class Keys:
     def minutes(self, shard: str) -> str:
         return f"{self.prefix}minutes:{{{shard}}}"
 
+    def pending(self, shard: str) -> str:
+        return f"{self.prefix}pending:{{{shard}}}"
+
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
 
@@ -131,6 +143,7 @@ class Keys:
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
             *self._shard_keys[shard],
+            prefix + "inbound:" + tagged,
         )
 
     @property
@@ -164,6 +177,8 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    pending: str  # the tag's conversations with inbound messages waiting (Keys.pending)
+    inbound: str  # its messages acknowledged, not yet handled
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -177,4 +192,6 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.pending,
+            self.inbound,
         ]

@@ -56,6 +56,7 @@ class Sweeper:
     def sweep(self) -> int:
         """One pass; returns how many conversations it ended."""
         with self.app.app_context():
+            self.wired.runs.recover()  # handlers whose process died run again, here
             ended = self._expire_due()
             if self.keys.cluster:
                 self._relay()

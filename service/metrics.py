@@ -31,6 +31,8 @@ class Outcome(StrEnum):
 
     REPLIED = "replied"
     DUPLICATE = "duplicate"  # a redelivered MessageSid, answered from memory
+    DEFERRED = "deferred"  # its handler ran past the budget: acknowledged, the reply goes out later
+    QUEUED = "queued"  # it came while a handler ran past the webhook: acknowledged, handled in turn
     REJECTED_SIGNATURE = "rejected_signature"  # 403
     BAD_REQUEST = "bad_request"  # 4xx
     UNAVAILABLE = "unavailable"  # 503: Redis, or the conversation stayed busy
@@ -132,6 +134,9 @@ class Metrics:
             "fourth auth token, or a SharedKey's id (never a secret).",
             ["key"],
             registry=registry,
+        )
+        self.handler_timeouts = Counter(
+            "sms_handler_timeouts", "Handler calls stopped past HANDLER_TIMEOUT.", registry=registry
         )
         self.redis_errors = Counter(
             "sms_redis_errors",

@@ -32,7 +32,7 @@ from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
 from .redis_client import UNAVAILABLE
-from .store import ConversationStore, Opened, decode_state
+from .store import ConversationStore, Inbound, Opened, Queued, decode_state
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -88,6 +88,9 @@ class ConversationSession(Conversation):
         self.binding: Binding | None = None
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
+        self.queued = False  # among the inbound messages a handler's run takes in turn
+        # A reply that went past the webhook, as outbound messages (text, media) its save commits.
+        self.replies: list[tuple[str, tuple[str, ...]]] = []
 
     def bind(self, message: Message) -> ConversationSession:
         """Round trip 1: waits for the conversation's turn and loads it into this session.
@@ -96,7 +99,10 @@ class ConversationSession(Conversation):
         else None with the conversation held until ``save`` or ``release``.
         """
         keys = self.interface.keys.conversation(message.sender, message.recipient)
-        opened = self.interface.store.open(keys, message.sid)
+        opened = self.interface.store.open(keys, message.sid, lambda: entry(message))
+        if isinstance(opened, Queued):  # acknowledged: a handler's run takes it in turn
+            self.queued = self.settled = True
+            return self
         self.binding = Binding(message, keys, opened)
         if opened.answered is not None:
             self.sid = opened.sid or self.sid
@@ -129,6 +135,9 @@ class ConversationSession(Conversation):
             end_reason=self.end_reason,
         )
         self.saved = True
+        self._count(bound, ended)
+
+    def _count(self, bound: Binding, ended: bool) -> None:
         counters = self.interface.metrics
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
@@ -136,6 +145,47 @@ class ConversationSession(Conversation):
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+
+    def defer(self) -> None:
+        """The handler runs past the webhook: the message becomes the conversation's first
+        inbound message (durable before Twilio is answered) and the lock a renewed lease.
+        Raises ``LockLost`` or a Redis error (the view answers 503)."""
+        bound = self._bound()
+        self.interface.store.defer(bound.keys, bound.opened.token, bound.message.sid, entry(bound.message))
+        self.settled = True
+
+    def save_inbound(self, state: str, keeps: bool = False) -> Inbound | None:
+        """The save of an inbound message (its handler ran past the webhook): ``state`` and the
+        queued outbound messages, or with ``keeps`` nothing but the answer's memory; returns the
+        next inbound message, whose turn it now is, if one waits. Raises ``LockLost`` (a late
+        save: fenced off) or a Redis error."""
+        bound = self._bound()
+        self.settled = True
+        ended, following = self.interface.store.save_inbound(
+            bound.keys,
+            bound.opened,
+            sid=self.sid or "",
+            state=state,
+            is_new=self.is_new,
+            message_sid=bound.message.sid,
+            answer="n",  # the reply goes out as outbound messages: a redelivery gets none
+            end_reason=None if keeps else self.end_reason,
+            keeps=keeps,
+        )
+        self.saved = True
+        if not keeps:
+            self._count(bound, ended)
+        return following
+
+    @classmethod
+    def resumed(
+        cls, interface: ConversationSessionInterface, message: Message, keys: ConversationKeys, opened: Opened
+    ) -> ConversationSession:
+        """The session of an inbound message whose turn came outside a webhook."""
+        session = cls(interface, None)
+        session.binding = Binding(message, keys, opened)
+        session._load(opened)
+        return session
 
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next
@@ -244,3 +294,8 @@ class ConversationSessionInterface(SessionInterface):
 
 def _moment(epoch_ms: int) -> datetime:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+
+
+def entry(message: Message) -> str:
+    """The message's fields as the conversation's inbound messages hold them (JSON)."""
+    return json.dumps(dict(message.params), ensure_ascii=False, separators=(",", ":"))

@@ -171,6 +171,29 @@ SETTINGS = [
         "conversation\"); its module's `on_end`, if any, is the end hook.",
     ),
     Setting(
+        "HANDLER_INLINE_BUDGET",
+        1.0,
+        _between(float, 0.01, 5, "a number of seconds"),
+        "Seconds a webhook waits for the handler to answer inline (TwiML); past them Twilio gets "
+        "an empty answer at once and the reply goes out through the outbound sender when the "
+        "handler returns (0.01 to 5, and under `HANDLER_TIMEOUT`).",
+    ),
+    Setting(
+        "HANDLER_TIMEOUT",
+        120.0,
+        _between(float, 0.1, 3600, "a number of seconds"),
+        "Seconds a handler may run (0.1 to 3600): past them it is cancelled (async) or abandoned "
+        "(a plain function), nothing is saved and the conversation's next message goes on.",
+    ),
+    Setting(
+        "HANDLER_TIMEOUT_REPLY",
+        "",
+        _text,
+        "Text sent to the user when their message's handler ran past `HANDLER_TIMEOUT`; unset: "
+        "nothing is sent.",
+        shown="unset",
+    ),
+    Setting(
         "APP_ENV",
         "development",
         _one_of("development", "production"),
@@ -470,6 +493,10 @@ def check(config: dict[str, Any]) -> None:
             "TWILIO_AUTH_TOKEN and TWILIO_ACCOUNTS are both set: list every account in "
             "TWILIO_ACCOUNTS (that token's under its AccountSid) and unset TWILIO_AUTH_TOKEN"
         )
+    budget = config["HANDLER_INLINE_BUDGET"]
+    timeout = config["HANDLER_TIMEOUT"]
+    if budget >= timeout:
+        raise ConfigError(f"HANDLER_INLINE_BUDGET={budget:g}: must stay under HANDLER_TIMEOUT ({timeout:g})")
     if config["APP_ENV"] != "production":
         return
     if not config["TWILIO_AUTH_TOKEN"] and not config["TWILIO_ACCOUNTS"]:

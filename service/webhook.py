@@ -25,7 +25,8 @@ from . import handler, logs
 from .handler import Message
 from .masking import mask
 from .metrics import Outcome
-from .responses import http_error, memo, problem, recall, render, twiml
+from .responses import NO_REPLY, http_error, memo, problem, recall, render, twiml
+from .runs import Run
 from .sessions import ConversationSession
 from .wiring import current
 
@@ -170,7 +171,8 @@ class Webhook:
 
 @bp.route(PATH, methods=METHODS)
 def sms():
-    """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2)."""
+    """A message's whole life: refuse → bind (round trip 1) → handler → save (round trip 2);
+    a handler past ``HANDLER_INLINE_BUDGET`` is left to finish and save on its own."""
     req, app = request_ctx.request, app_ctx.app  # once each: each use of a proxy costs a lookup
     fields = _fields(req)
     if fields is None:
@@ -194,11 +196,27 @@ def sms():
     message = Message.from_params(params, wired.callers.name(sender))
 
     conversation = cast(ConversationSession, session).bind(message)  # sessions.py's session
+    if conversation.queued:  # among the inbound messages: a handler's run takes it in turn
+        logs.annotate(outcome=Outcome.QUEUED)
+        return twiml(NO_REPLY)
     if conversation.answered is not None:  # a redelivery: its first answer, no handler
         logs.annotate(outcome=Outcome.DUPLICATE)  # Webhook's, for the line and the metric
         return twiml(recall(conversation.answered))
+    run = None
+    if message.opt_out != "STOP":  # an opt-out ends the conversation unanswered, no handler
+        run = wired.runs.start(message, conversation)
+        if not run.wait(wired.runs.budget):  # past the budget: its reply goes out later
+            try:
+                conversation.defer()  # durable before Twilio hears anything
+            except BaseException:
+                wired.runs.done(run)  # abandoned: nothing of it is saved
+                raise
+            run.deferred()
+            logs.annotate(outcome=Outcome.DEFERRED)
+            return twiml(NO_REPLY)
+        wired.runs.done(run)
     try:
-        reply = _reply(message, conversation, wired.handler)
+        reply = _reply(message, conversation, run)
         answer = _sendable(reply)
         state = conversation.encoded()
     except Exception as error:  # the developer's code: its failure is a 500, nothing saved
@@ -231,13 +249,16 @@ def _sendable(reply: handler.Reply) -> str:
     return answer
 
 
-def _reply(message: Message, conversation, handle: handler.Handler):
-    """The handler's reply, except to an opt-out: that ends the conversation unanswered
-    (Twilio confirms the opt-out itself and would refuse any reply)."""
-    if message.opt_out == "STOP":
+def _reply(message: Message, conversation, run: Run | None):
+    """The handler's reply (its exception raised here), except to an opt-out: that ends the
+    conversation unanswered (Twilio confirms the opt-out itself and would refuse any reply)."""
+    if run is None:
         conversation.end_reason = "opt-out"
         return None
-    return handle(message, conversation)
+    kind, value = run.outcome or ("error", RuntimeError("the run has no outcome"))
+    if kind == "error":
+        raise value
+    return value
 
 
 def outcome(status: int, told: Outcome | None) -> Outcome:

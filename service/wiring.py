@@ -20,6 +20,7 @@ from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
 from .redis_client import Client, is_cluster
+from .runs import Runs
 from .sessions import ConversationSessionInterface
 from .signature import SignatureCheck
 from .store import ConversationStore
@@ -44,6 +45,7 @@ class Wiring:
     accounts: Accounts  # each Twilio account's tokens and signing keys
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
+    runs: Runs  # where handlers run; slow ones finish past the webhook
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -73,6 +75,7 @@ def init_app(
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
+    sessions = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
     wiring = Wiring(
         redis,
         keys,
@@ -86,7 +89,8 @@ def init_app(
         accounts,
         signature,
         Throttle(metrics.sign_in_failures),
+        Runs(handler, config, store, sessions, keys, callers, metrics.handler_timeouts.inc),
     )
     app.extensions[EXTENSION] = wiring
-    app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
+    app.session_interface = sessions
     return wiring

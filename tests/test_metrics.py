@@ -52,6 +52,8 @@ def test_known_sequence_of_messages(app, redis_client):
     assert outcomes(samples) == {
         Outcome.REPLIED: 3,
         Outcome.DUPLICATE: 1,
+        Outcome.DEFERRED: 0,
+        Outcome.QUEUED: 0,
         Outcome.REJECTED_SIGNATURE: 1,
         Outcome.BAD_REQUEST: 2,
         Outcome.UNAVAILABLE: 0,

@@ -5,9 +5,11 @@ from .scripts import Script
 from .store import (
     ConversationBusy,
     ConversationStore,
+    Inbound,
     LockLost,
     NotReplicated,
     Opened,
+    Queued,
     Waiting,
     decode_state,
     decode_turn,
@@ -16,9 +18,11 @@ from .store import (
 __all__ = [
     "ConversationBusy",
     "ConversationStore",
+    "Inbound",
     "LockLost",
     "NotReplicated",
     "Opened",
+    "Queued",
     "Script",
     "Waiting",
     "decode_state",

@@ -5,7 +5,7 @@
 -- checked or bounded before the first write.
 --
 -- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua
--- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..11], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -15,16 +15,25 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
+-- ARGV[18] = '' for a message answered inline; for one among the inbound messages (its handler
+--            ran past the webhook), 16 hex digits: the next inbound message's token is its
+--            MessageSid, ';' and these
+-- ARGV[19] = '1' to keep the conversation as it is (the handler failed or ran out of time):
+--            only the answer is remembered, so that a redelivery does not run it again
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
 -- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
--- message's and its answer is not stored: nothing written).
+-- message's and its answer is not stored: nothing written). An inbound message's save takes it
+-- off the inbound messages; when more wait, the lock passes to the next one and the reply is
+-- OPEN's 'opened' for it (reply.lua) followed by 'token', its token, 'entry', the inbound entry
+-- and 'result', 'saved' or 'ended'.
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
+local next_hex, keeps = ARGV[18], ARGV[19] == '1'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -38,7 +47,8 @@ end
 -- still get increasing times: the next one's OPEN takes the lock after this save released it.
 local now = tonumber(opened_at)
 
-local stores = not (is_new and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
+-- An opt-out with no conversation starts none; a failed or timed-out handler changes nothing.
+local stores = not keeps and not (is_new and end_reason == 'opt-out')
 local minute = math.floor(now / 60000)
 local first_of_minute = count(minute, 'm', 1)
 if is_new and stores and count(minute, 's', 1) then first_of_minute = true end
@@ -75,6 +85,8 @@ if stores then
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
   added = redis.call('ZADD', index, now + ttl_ms, member)
+elseif keeps and not is_new then  -- the answers' bookkeeping goes with the answer
+  redis.call('HSET', conversation, unpack(answered))
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end
@@ -88,7 +100,26 @@ local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
+redis.call('PEXPIRE', conversation, (end_reason ~= '' or keeps and is_new) and window_ms or live_keep_ms)
+if next_hex ~= '' then
+  local first = redis.call('LINDEX', inbound, 0)
+  if first and string.sub(first, 1, #message_sid + 1) == message_sid .. ' ' then
+    redis.call('LPOP', inbound)
+  end
+  local following = redis.call('LINDEX', inbound, 0)
+  if following then  -- the lock passes to it, with the conversation as this save left it
+    local next_token = string.match(following, '^(%S+) ') .. ';' .. next_hex
+    local at = now_ms()
+    redis.call('SET', lock, holder == token and next_token or next_token .. '+', 'PX', lock_ms)
+    redis.call('ZADD', pending, at + lock_ms, member)
+    local turn = reply_opened(at, redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen'), 0)
+    for _, value in ipairs({'token', next_token, 'entry', following, 'result', ended == 1 and 'ended' or 'saved'}) do
+      turn[#turn + 1] = value
+    end
+    return turn
+  end
+  redis.call('ZREM', pending, member)
+end
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits

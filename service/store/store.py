@@ -66,13 +66,39 @@ class Opened:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The conversation has inbound messages (a handler runs past the webhook): the message is
+    among them, acknowledged, and is handled in its turn by that run."""
+
+
+QUEUED = Queued()
+
+
+@dataclass
+class Inbound:
+    """An inbound message whose turn came outside a webhook (the previous one's save passed the
+    lock on, or the sweeper claimed a lapsed conversation): its run's token is ``opened.token``,
+    ``entry`` its stored fields (``<MessageSid> <JSON>``)."""
+
+    opened: Opened
+    entry: str
+
+    @property
+    def params(self) -> dict[str, str]:
+        return json.loads(self.entry.partition(" ")[2])
+
+
+@dataclass(frozen=True)
 class Waiting:
     """OPEN found others ahead of the message: ``ahead`` of them."""
 
     ahead: int
 
 
-def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
+DEFERRED = "deferred"  # OPEN asks for the message's fields, to put it among the inbound messages
+
+
+def decode_turn(token: str, raw: Any) -> Opened | Waiting | Queued | str | None:
     """OPEN's reply (a flat list of names and values, ``reply.lua``), or the same list as JSON
     handed over on a wake-up list; None for what says only "ask again" (a release's ``1``)."""
     if isinstance(raw, str):
@@ -83,7 +109,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
     status = reply.get("status")
     if status == "opened":
         return Opened(
-            token,
+            reply.get("token", token),
             int(reply["now"]),
             None,
             reply["sid"],
@@ -96,7 +122,27 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
     if status == "waiting":
         return Waiting(int(reply["ahead"]))
+    if status == "queued":
+        return QUEUED
+    if status == DEFERRED:
+        return DEFERRED
     return None
+
+
+def decode_inbound(raw: Any) -> Inbound | None:
+    """A save's or a claim's hand-over of the lock to an inbound message (None: no such turn)."""
+    if not isinstance(raw, list):
+        return None
+    opened = decode_turn("", raw)
+    if not isinstance(opened, Opened):
+        return None
+    reply = dict(zip(raw[0::2], raw[1::2]))
+    return Inbound(opened, reply["entry"])
+
+
+def new_hex() -> str:
+    """16 hex digits: with a MessageSid, an inbound message's run's token (``new_token``)."""
+    return f"{random.getrandbits(64):016x}"
 
 
 def new_token(message_sid: str) -> str:
@@ -162,6 +208,9 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._defer = Script(client, "defer.lua")
+        self._renew = Script(client, "renew.lua")
+        self._claim = Script(client, "claim.lua")
 
     @classmethod
     def from_config(
@@ -190,7 +239,16 @@ class ConversationStore:
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._open, self._save, self._release, self._end, self._expire)
+        return (
+            self._open,
+            self._save,
+            self._release,
+            self._end,
+            self._expire,
+            self._defer,
+            self._renew,
+            self._claim,
+        )
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -207,34 +265,46 @@ class ConversationStore:
                 )
                 return
 
-    def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
+    def open(
+        self, keys: ConversationKeys, message_sid: str, entry: Callable[[], str] = lambda: "{}"
+    ) -> Opened | Queued:
         """Round trip 1 (more only while the message waits its turn, asking again the sooner
-        the nearer it is to the front)."""
+        the nearer it is to the front, or when it joins the inbound messages: ``entry`` gives
+        its fields as JSON, ``Queued`` says it is among them)."""
         token = new_token(message_sid)
         started = time.monotonic()
         deadline = started + self.lock_wait
         turn = self.ask(keys, message_sid, token)
         while True:
+            if turn == DEFERRED:
+                turn = self.ask(keys, message_sid, token, entry())
             if isinstance(turn, Opened):
                 if turn.answered is None:
                     self.on_lock_wait(time.monotonic() - started)
+                return turn
+            if isinstance(turn, Queued):
                 return turn
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.on_lock_wait(time.monotonic() - started)
                 self.release(keys, token)
                 raise ConversationBusy(keys.member)
-            ahead = turn.ahead if turn else 0
+            ahead = turn.ahead if isinstance(turn, Waiting) else 0
             handed = self._wait_turn(
                 keys.wake + token, token, min(remaining, self.POLL_FIRST * (ahead + 1), self.POLL_MAX)
             )
             turn = handed or self.ask(keys, message_sid, token)
 
-    def ask(self, keys: ConversationKeys, message_sid: str, token: str) -> Opened | Waiting:
-        """One OPEN: the message's turn as it stands."""
-        turn = decode_turn(token, self._run(self._open, *self.open_call(keys, message_sid, token)))
+    def ask(
+        self, keys: ConversationKeys, message_sid: str, token: str, entry: str | None = None
+    ) -> Opened | Waiting | Queued | str:
+        """One OPEN: the message's turn as it stands (``entry``: its fields, when asked for)."""
+        script_keys, args = self.open_call(keys, message_sid, token)
+        if entry is not None:
+            args.append(entry)
+        turn = decode_turn(token, self._run(self._open, script_keys, args))
         if turn is None:
-            raise ResponseError("OPEN answered neither opened, answered nor waiting")
+            raise ResponseError("OPEN answered neither opened, answered, waiting, queued nor deferred")
         return turn
 
     def _wait_turn(self, wake: str, token: str, seconds: float) -> Opened | None:
@@ -282,6 +352,72 @@ class ConversationStore:
         if result == "lost":
             raise LockLost(keys.member)
         return result == "ended"
+
+    def save_inbound(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        sid: str,
+        state: str,
+        is_new: bool,
+        message_sid: str,
+        answer: str,
+        end_reason: str | None = None,
+        keeps: bool = False,
+    ) -> tuple[bool, Inbound | None]:
+        """SAVE of an inbound message (its handler ran past the webhook): whether it ended the
+        conversation, and the next inbound message, now holding the lock, if one waits.
+        ``keeps``: the conversation stays as it was (the handler failed or ran out of time),
+        only the answer is remembered. Raises LockLost when the lock is no longer ours (a late
+        save: the token fences it off): nothing was written."""
+        script_keys, args = self.save_call(
+            keys,
+            opened,
+            sid=sid,
+            state=state,
+            is_new=is_new,
+            message_sid=message_sid,
+            answer=answer,
+            end_reason=end_reason,
+        )
+        result = self._run(self._save, script_keys, [*args, new_hex(), "1" if keeps else "0"])
+        if result == "lost":
+            raise LockLost(keys.member)
+        if isinstance(result, list):
+            following = decode_inbound(result)
+            return dict(zip(result[0::2], result[1::2])).get("result") == "ended", following
+        return result == "ended", None
+
+    def defer(self, keys: ConversationKeys, token: str, message_sid: str, entry: str) -> None:
+        """The message becomes the first inbound message and its lock a lease (``defer.lua``);
+        raises LockLost when the lock is no longer its own."""
+        result = self._run(
+            self._defer, keys.in_order(), [*self.settings, token, message_sid, keys.member, entry]
+        )
+        if result == "lost":
+            raise LockLost(keys.member)
+
+    def renew(self, calls: list[tuple[ConversationKeys, str]], cluster: bool = False) -> list[bool]:
+        """Extends the lease of each (keys, token) still held; whether each was. One pipeline,
+        except on a Cluster (one call each)."""
+        scripted = [(keys.in_order(), [*self.settings, token, keys.member]) for keys, token in calls]
+        if cluster:
+            return [bool(self._renew(script_keys, args)) for script_keys, args in scripted]
+        pipe = self.client.pipeline(transaction=False)
+        for script_keys, args in scripted:
+            self._renew(script_keys, args, client=pipe)
+        try:
+            return [bool(renewed) for renewed in pipe.execute()]
+        except ResponseError as error:
+            raise self._renew.source.explain(error) from error
+
+    def claim(self, keys: ConversationKeys) -> Inbound | None:
+        """The recovery of a pending conversation whose lease lapsed: its first inbound message,
+        with the lock, or None (still held, or nothing waits)."""
+        return decode_inbound(
+            self._run(self._claim, keys.in_order(), [*self.settings, new_hex(), keys.member])
+        )
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
         """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""

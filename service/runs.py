@@ -1,0 +1,330 @@
+"""Where handlers run, and what happens when one takes its time (docs/design.md, "Handlers
+that take their time").
+
+Every handler call is a ``Run`` in a background task: a plain function in a thread of this
+process' pool, an ``async def`` on the process' one event loop (a thread of its own). The
+webhook waits ``HANDLER_INLINE_BUDGET`` for it: done, it answers inline (TwiML) as ever;
+not done, the message is first made durable among the conversation's inbound messages
+(``ConversationSession.defer``), Twilio gets an empty answer, and the run finishes here: its
+save commits the state with the reply, queued as outbound messages, takes the message off
+the inbound messages and passes the lock to the next one, whose run starts at once.
+
+While a run holds its conversation its lock is renewed (every third of ``LOCK_TTL``); every
+save carries the run's token, the lock's, so a save from a run whose lock lapsed is refused.
+Past ``HANDLER_TIMEOUT`` an async handler is cancelled and a plain one abandoned (its thread
+runs on, its result ignored): nothing is saved, ``HANDLER_TIMEOUT_REPLY`` goes out if set, and
+the next message goes on. The sweeper claims a pending conversation whose lease lapsed (the
+process running its handler died) and runs its first inbound message again here: a handler
+may run twice, its effects commit once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+from xml.etree import ElementTree
+
+from twilio.twiml.messaging_response import MessagingResponse
+
+from . import handler as handlers
+from .callers import Callers
+from .handler import Handler, Message, Reply
+from .keys import ConversationKeys, Keys
+from .logs import write
+from .masking import mask
+from .redis_client import UNAVAILABLE
+from .sessions import ConversationSession, ConversationSessionInterface
+from .store import ConversationStore, Inbound, LockLost
+
+log = logging.getLogger(__name__)
+
+# Threads a process runs plain-function handlers in: a slow one holds its thread, so these
+# bound how many slow plain handlers one process runs at once (async ones need none).
+HANDLER_THREADS = 64
+FINISHING_THREADS = 4  # saves of runs that finished past the webhook
+PENDING_PER_SHARD = 100  # conversations one sweep claims per tag
+
+
+class Run:
+    """One handler call on one message. Its outcome is settled once: ``("reply", reply)``,
+    ``("error", exception)`` or ``("timeout", None)``; whatever comes after is ignored."""
+
+    def __init__(self, runs: Runs, message: Message, conversation: ConversationSession, inbound: bool):
+        self.runs = runs
+        self.message = message
+        self.conversation = conversation
+        binding = conversation.binding
+        assert binding is not None
+        self.keys: ConversationKeys = binding.keys
+        self.token: str = binding.opened.token  # the fencing token: the lock's while it is ours
+        self.inbound = inbound  # among the inbound messages: no webhook waits for it
+        self.started = time.monotonic()
+        self.deadline = self.started + runs.timeout
+        self.renew_at = self.started + runs.renew_every
+        self.outcome: tuple[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._settled = threading.Event()
+
+    def settle(self, kind: str, value: Any = None) -> None:
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.outcome = (kind, value)
+            finishing = self.inbound
+        self._settled.set()
+        if finishing:
+            self.runs.finish_later(self)
+
+    def wait(self, seconds: float) -> bool:
+        """Whether the outcome came within ``seconds``."""
+        return self._settled.wait(seconds)
+
+    def deferred(self) -> None:
+        """The message is durable among the inbound messages: the run finishes here."""
+        with self._lock:
+            self.inbound = True
+            finishing = self.outcome is not None
+        if finishing:
+            self.runs.finish_later(self)
+
+
+class Runs:
+    """A process' handler runs: the pool, the event loop, and a supervisor thread that renews
+    leases and stops runs past ``HANDLER_TIMEOUT``. Threads start on first use, so that a
+    process forked after the app was built (gunicorn's workers) starts its own."""
+
+    def __init__(
+        self,
+        handle: Handler,
+        config: dict[str, Any],
+        store: ConversationStore,
+        sessions: ConversationSessionInterface,
+        keys: Keys,
+        callers: Callers,
+        on_timeout: Callable[[], None] = lambda: None,
+    ):
+        self.handle = handle
+        self.is_async = inspect.iscoroutinefunction(handle)
+        self.budget: float = config["HANDLER_INLINE_BUDGET"]
+        self.timeout: float = config["HANDLER_TIMEOUT"]
+        self.timeout_reply: str = config["HANDLER_TIMEOUT_REPLY"]
+        lock_ttl: float = config["LOCK_TTL"]
+        self.renew_every = lock_ttl / 3
+        self.tick = min(lock_ttl / 6, 0.1)
+        self.store, self.sessions, self.keys, self.callers = store, sessions, keys, callers
+        self.on_timeout = on_timeout
+        self.running: set[Run] = set()
+        self._guard = threading.Lock()
+        self._pid = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._finishers: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervising = False
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def _started(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._guard:
+            if self._pid == os.getpid():
+                return
+            self.running = set()
+            self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="sms-handler")
+            self._finishers = ThreadPoolExecutor(FINISHING_THREADS, thread_name_prefix="sms-finish")
+            if self.is_async:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="sms-handler-loop", daemon=True).start()
+                self._loop = loop
+            self._supervising = False
+            self._pid = os.getpid()
+
+    def start(self, message: Message, conversation: ConversationSession, inbound: bool = False) -> Run:
+        """Starts the handler on ``message`` (bound ``conversation``)."""
+        self._started()
+        run = Run(self, message, conversation, inbound)
+        with self._guard:
+            self.running.add(run)
+            if not self._supervising:  # it stops whenever nothing runs
+                self._supervising = True
+                threading.Thread(target=self._supervise, name="sms-handler-supervisor", daemon=True).start()
+        if self._loop is not None:
+            future = asyncio.run_coroutine_threadsafe(self._call_async(run), self._loop)
+            future.add_done_callback(lambda done: self._settle_async(run, done))
+        else:
+            assert self._pool is not None
+            self._pool.submit(self._call, run)
+        return run
+
+    def _call(self, run: Run) -> None:
+        try:
+            run.settle("reply", self.handle(run.message, run.conversation))
+        except Exception as error:  # contained: every failure of the developer's is an Exception
+            run.settle("error", error)
+
+    async def _call_async(self, run: Run) -> tuple[str, Any]:
+        scope = asyncio.timeout(max(0.0, run.deadline - time.monotonic()))
+        try:
+            async with scope:
+                reply = await self.handle(run.message, run.conversation)
+        except TimeoutError as error:
+            return ("timeout", None) if scope.expired() else ("error", error)
+        except Exception as error:
+            return "error", error
+        return "reply", reply
+
+    @staticmethod
+    def _settle_async(run: Run, done: Future) -> None:
+        try:
+            run.settle(*done.result())
+        except BaseException as error:  # the loop's own failure: the run's too
+            run.settle("error", handlers.HandlerFailed(type(error).__name__))
+
+    def done(self, run: Run) -> None:
+        """The run is over (answered inline, or saved past the webhook)."""
+        with self._guard:
+            self.running.discard(run)
+
+    # -- past the webhook ---------------------------------------------------------------------
+
+    def finish_later(self, run: Run) -> None:
+        assert self._finishers is not None
+        self._finishers.submit(self._finish, run)
+
+    def _finish(self, run: Run) -> None:
+        """Saves a run that finished past the webhook, then starts the next inbound message."""
+        following = None
+        try:
+            following = self._save(run)
+        except Exception:  # a bug of ours: the lease lapses and the sweeper claims the message again
+            log.exception("a finished handler's save failed")
+        finally:
+            self.done(run)
+        if following is not None:
+            self.resume(following)
+
+    def _save(self, run: Run) -> Inbound | None:
+        kind, value = run.outcome or ("error", None)
+        conversation, message = run.conversation, run.message
+        fields: dict[str, Any] = {
+            "message_sid": message.sid,
+            "from": mask(message.sender),
+            "to": mask(message.recipient),
+            "lasted_ms": round((time.monotonic() - run.started) * 1000, 1),
+        }
+        state = ""
+        if kind == "reply":
+            try:
+                state = conversation.encoded()
+                sends = outbound(value)
+            except Exception as error:  # what Twilio or Redis cannot take: the handler's failure
+                kind, value = "error", error
+        if kind == "reply":
+            conversation.replies.extend(sends)
+        else:
+            if kind == "timeout":
+                self.on_timeout()
+                fields["reason"] = f"the handler ran past HANDLER_TIMEOUT ({self.timeout:g} s): nothing saved"
+                if self.timeout_reply:
+                    conversation.replies.append((self.timeout_reply, ()))
+            else:
+                where, frames = handlers.failure(value) if value is not None else ("unknown", "")
+                fields["reason"] = f"the handler failed: {where}"
+                fields["error"] = frames
+        try:
+            following = conversation.save_inbound(state, keeps=kind != "reply")
+        except LockLost:
+            fields["reason"] = "its save was refused: the lock lapsed (another run took the message)"
+            kind = "fenced"
+            following = None
+        except UNAVAILABLE as error:
+            fields["reason"] = f"Redis unavailable: {type(error).__name__}; the message runs again"
+            kind = "unsaved"
+            following = None
+        outcome = fields["outcome"] = "replied" if kind == "reply" else kind
+        write(log, logging.INFO if kind == "reply" else logging.WARNING, "handler " + outcome, fields)
+        return following
+
+    def resume(self, inbound: Inbound) -> Run:
+        """Starts the run of an inbound message whose turn came (the lock is its own)."""
+        params = inbound.params
+        message = Message.from_params(params, self.callers.name(params.get("From", "")))
+        keys = self.keys.conversation(message.sender, message.recipient)
+        conversation = ConversationSession.resumed(self.sessions, message, keys, inbound.opened)
+        return self.start(message, conversation, inbound=True)
+
+    def recover(self, cluster: bool = False) -> int:
+        """The sweeper's pass: claims pending conversations whose lease lapsed and runs their
+        first inbound message again here; returns how many it claimed."""
+        client, now = self.store.client, int(time.time() * 1000)
+        pipe = client.pipeline(transaction=False)
+        for shard in self.keys.shards():
+            pipe.zrangebyscore(self.keys.pending(shard), "-inf", now, start=0, num=PENDING_PER_SHARD)
+        claimed = 0
+        for members in pipe.execute():
+            for member in members:
+                inbound = self.store.claim(self.keys.from_member(member))
+                if inbound is not None:
+                    self.resume(inbound)
+                    claimed += 1
+        return claimed
+
+    # -- the supervisor -------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while True:
+            time.sleep(self.tick)
+            with self._guard:
+                if not self.running:
+                    self._supervising = False
+                    return
+            try:
+                self._tend()
+            except UNAVAILABLE as error:
+                log.warning("handler leases not renewed: Redis %s", type(error).__name__)
+            except Exception:
+                log.exception("the handler supervisor failed a round")
+
+    def _tend(self) -> None:
+        now = time.monotonic()
+        with self._guard:
+            running = list(self.running)
+        for run in running:
+            # An async handler is cancelled at its deadline by its own scope; one that ignores
+            # the cancellation, or a plain one, is abandoned a moment later.
+            if now >= run.deadline + (0.5 if self.is_async else 0):
+                run.settle("timeout")
+        due = [run for run in running if run.renew_at <= now and run.outcome is None]
+        if not due:
+            return
+        renewed = self.store.renew([(run.keys, run.token) for run in due], cluster=self.keys.cluster)
+        for run, held in zip(due, renewed):
+            run.renew_at = now + self.renew_every
+            if not held:
+                log.warning("a running handler lost its conversation's lock; its save will be refused")
+
+
+def outbound(reply: Reply) -> list[tuple[str, tuple[str, ...]]]:
+    """A handler's reply as the outbound messages that carry it: (text, media URLs) each."""
+    if reply is None:
+        return []
+    if isinstance(reply, str):
+        return [(reply, ())]
+    if not isinstance(reply, MessagingResponse):
+        raise TypeError(
+            f"the handler returned a {type(reply).__name__}; expected text, a MessagingResponse or None"
+        )
+    sends = []
+    for element in ElementTree.fromstring(reply.to_xml()).iter("Message"):
+        body = element.find("Body")
+        text = (body.text if body is not None else element.text) or ""
+        media = tuple(found.text or "" for found in element.iter("Media"))
+        sends.append((text.strip() if body is None else text, media))
+    return sends

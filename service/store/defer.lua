@@ -1,0 +1,24 @@
+-- DEFER: the message's handler runs past the webhook's budget. Before Twilio is answered, the
+-- message becomes the conversation's first inbound message (so that it is handled again if
+-- its process dies), the lock is leased for LOCK_TTL (RENEW extends it while the handler runs)
+-- and the conversation joins its tag's pending set, where the sweeper finds it once the lease
+-- lapses; a waiter in line is woken to join the inbound messages.
+--
+-- uses: common.lua reply.lua line.lua
+-- KEYS[1..11], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- ARGV[9]  = the message's token (OPEN's ARGV[9])
+-- ARGV[10] = its MessageSid
+-- ARGV[11] = the conversation's index member, '<from>|<to>'
+-- ARGV[12] = the message's fields as JSON
+-- Returns 'deferred', or 'lost' (the lock is not the message's: nothing written).
+local token, message_sid, member, entry = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local holder = redis.call('GET', lock)
+if holder ~= token and holder ~= token .. '+' then return 'lost' end
+local now = now_ms()
+redis.call('RPUSH', inbound, message_sid .. ' ' .. entry)
+redis.call('PEXPIRE', inbound, live_keep_ms)
+redis.call('PEXPIRE', lock, lock_ms)
+redis.call('ZADD', pending, now + lock_ms, member)
+redis.call('PEXPIRE', pending, live_keep_ms)
+if holder ~= token then handover().wake_first(now) end
+return 'deferred'
