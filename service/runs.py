@@ -270,7 +270,7 @@ class Runs:
         claimed = 0
         for members in pipe.execute():
             for member in members:
-                inbound = self.store.claim(self.keys.from_member(member))
+                inbound = self.store.recover(self.keys.from_member(member))
                 if inbound is not None:
                     self.resume(inbound)
                     claimed += 1

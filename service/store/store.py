@@ -130,7 +130,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | Queued | str | None:
 
 
 def decode_inbound(raw: Any) -> Inbound | None:
-    """A save's or a claim's hand-over of the lock to an inbound message (None: no such turn)."""
+    """A save's or a recovery's hand-over of the lock to an inbound message (None: no such turn)."""
     if not isinstance(raw, list):
         return None
     opened = decode_turn("", raw)
@@ -210,7 +210,7 @@ class ConversationStore:
         self._expire = Script(client, "expire.lua")
         self._defer = Script(client, "defer.lua")
         self._renew = Script(client, "renew.lua")
-        self._claim = Script(client, "claim.lua")
+        self._recover = Script(client, "recover.lua")
 
     @classmethod
     def from_config(
@@ -247,7 +247,7 @@ class ConversationStore:
             self._expire,
             self._defer,
             self._renew,
-            self._claim,
+            self._recover,
         )
 
     def preload(self) -> None:
@@ -412,11 +412,11 @@ class ConversationStore:
         except ResponseError as error:
             raise self._renew.source.explain(error) from error
 
-    def claim(self, keys: ConversationKeys) -> Inbound | None:
+    def recover(self, keys: ConversationKeys) -> Inbound | None:
         """The recovery of a pending conversation whose lease lapsed: its first inbound message,
         with the lock, or None (still held, or nothing waits)."""
         return decode_inbound(
-            self._run(self._claim, keys.in_order(), [*self.settings, new_hex(), keys.member])
+            self._run(self._recover, keys.in_order(), [*self.settings, new_hex(), keys.member])
         )
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:

@@ -1,4 +1,4 @@
--- CLAIM: the sweeper's recovery of a conversation in the pending set whose lease is past (the
+-- RECOVER: the sweeper's recovery of a conversation in the pending set whose lease is past (the
 -- process running its handler died): the lock is taken for its first inbound message, whose
 -- handler then runs again in the claiming process. The conversation is ended first if its time
 -- ran out, as OPEN does.
