@@ -29,10 +29,12 @@ async def handle(message: Message, conversation: Conversation):
         return "Ask me anything; STOP to leave."
     history = conversation.setdefault("history", [])
     try:
-        async with aiohttp.ClientSession(timeout=API_TIMEOUT) as session:
-            async with session.post(URL, json={"prompt": message.body}) as answer:
-                answer.raise_for_status()
-                text = (await answer.json())["text"]
+        async with (
+            aiohttp.ClientSession(timeout=API_TIMEOUT) as session,
+            session.post(URL, json={"prompt": message.body}) as answer,
+        ):
+            answer.raise_for_status()
+            text = (await answer.json())["text"]
     except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as error:
         log.warning("the assistant's API failed: %s", type(error).__name__)
         return "Sorry, I cannot think right now. Try again in a minute."

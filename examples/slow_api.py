@@ -21,7 +21,7 @@ PATH = "/v1/complete"
 
 def completion(prompt: str) -> str:
     words = prompt.split()
-    return f"You asked about “{' '.join(words[:8])}”. Here is a considered answer in {len(words)} words' time."
+    return f"You asked about “{' '.join(words[:8])}”. Here is a considered answer, {len(words)} words long."
 
 
 def make_app(delay: float) -> web.Application:
