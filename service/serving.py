@@ -20,6 +20,9 @@ from typing import Any
 from gunicorn.http import message
 
 APP_SLOTS = 4
+# Where a request finds its worker's slots (``BodyFirst``): a webhook waiting for a slow handler
+# gives its place up meanwhile (service/webhook.py).
+SLOTS_KEY = "sms.app_slots"
 # Room in a request line for the method, the path and the protocol, besides the query string.
 REQUEST_LINE_ROOM = 8190
 
@@ -57,6 +60,7 @@ class BodyFirst:
         if not declared.isdigit() or int(declared) <= self.max_body:  # larger: never read
             size = int(declared) if declared.isdigit() else self.max_body + 1  # chunked
             environ["wsgi.input"] = io.BytesIO(environ["wsgi.input"].read(size))
+        environ[SLOTS_KEY] = self.slots
         with self.slots:
             response = self.app(environ, start_response)
             try:

@@ -27,6 +27,7 @@ from .masking import mask
 from .metrics import Outcome
 from .responses import NO_REPLY, http_error, memo, problem, recall, render, twiml
 from .runs import Run
+from .serving import SLOTS_KEY
 from .sessions import ConversationSession
 from .wiring import current
 
@@ -205,7 +206,7 @@ def sms():
     run = None
     if message.opt_out != "STOP":  # an opt-out ends the conversation unanswered, no handler
         run = wired.runs.start(message, conversation)
-        if not run.wait(wired.runs.budget):  # past the budget: its reply goes out later
+        if not _finished_within(run, wired.runs.budget, req.environ):  # its reply goes out later
             try:
                 conversation.defer()  # durable before Twilio hears anything
             except BaseException:
@@ -247,6 +248,27 @@ def _sendable(reply: handler.Reply) -> str:
         except ElementTree.ParseError:
             raise handler.Unkeepable("its reply is not well-formed XML") from None
     return answer
+
+
+# How long a webhook keeps its place among the app's slots while its handler runs: a handler
+# running is CPU at work, one still running after this is most likely waiting on I/O.
+HOLD_SLOT = 0.01
+
+
+def _finished_within(run: Run, budget: float, environ: dict) -> bool:
+    """Whether the handler finished within ``budget``. Past ``HOLD_SLOT`` the request gives up
+    its place among the worker's app slots (``serving.BodyFirst``) until it is done waiting,
+    so that requests waiting for slow handlers do not keep others from running."""
+    if run.wait(min(budget, HOLD_SLOT)):
+        return True
+    slots = environ.get(SLOTS_KEY)
+    if slots is None or budget <= HOLD_SLOT:
+        return run.wait(max(0.0, budget - HOLD_SLOT))
+    slots.release()
+    try:
+        return run.wait(budget - HOLD_SLOT)
+    finally:
+        slots.acquire()
 
 
 def _reply(message: Message, conversation, run: Run | None):
