@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from redis.cluster import RedisCluster
 
+from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
@@ -21,6 +22,7 @@ from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import OURS
 from tests.support.replies import count_reply, thanks
+from tests.support.waiting import wait_until
 from tests.test_webhook import count_in
 
 pytestmark = pytest.mark.slow  # a Redis Cluster of three processes
@@ -173,6 +175,37 @@ def test_slot_migration_answers_503_meanwhile_then_follows_moved(cluster_app, re
     assert {keys.conversation, keys.index_shard} <= set(moving)
     assert counted == [0, len(moving)]  # the conversation, its index shard and tag's keys moved
     assert client.hget(keys.conversation, "seq") == "5"
+
+
+def test_slow_handlers_on_every_master_commit_once_in_order(cluster_app, redis_cluster):
+    """Handlers past their budget in conversations of every tag: each message and the one
+    queued behind it are kept, leased and saved on the master of their tag, in order."""
+    _, client = cluster_app
+
+    def handle(message, conversation):
+        if message.body == "slow":
+            time.sleep(0.3)
+        conversation.setdefault("bodies", []).append(message.body)
+        return "ok"
+
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_cluster.url, "HANDLER_INLINE_BUDGET": 0.05},
+        handler=handle,
+    )
+    twilio = TwilioSimulator.for_app(app)
+    senders = SENDERS[::10]  # ten tags, over the three masters
+    for sender in senders:
+        assert twilio.send(sender, OURS, "slow").body.endswith("<Response />")
+        assert twilio.send(sender, OURS, "after").body.endswith("<Response />")
+
+    def saved(sender: str) -> list[str]:
+        stored = client.hget(KEYS.conversation(sender, OURS).conversation, "state")
+        return json.loads(stored)["bodies"] if stored else []
+
+    wait_until(lambda: all(len(saved(s)) == 2 for s in senders), seconds=30, what="every conversation saved")
+    assert {s: saved(s) for s in senders} == {s: ["slow", "after"] for s in senders}
+    owners = {client.get_node_from_key(KEYS.conversation(s, OURS).inbound).port for s in senders}
+    assert len(owners) == 3
 
 
 def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):

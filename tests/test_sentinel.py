@@ -10,10 +10,13 @@ master has its replica back, and accepts writes, within a second or two.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import pytest
 
+from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator, new_message_sid
@@ -98,3 +101,56 @@ def test_lifecycle_events_exactly_once_behind_sentinel(redis_sentinel):
     for kind in ("started", "ended"):
         ids = [e["conversation"] for e in entries if e["type"] == kind]
         assert len(ids) == len(set(ids)) == 10, kind
+
+
+def test_a_slow_handler_across_a_failover_commits_once_and_the_next_message_follows(redis_sentinel):
+    """A handler past its budget while Sentinel switches masters: its message and the one queued
+    behind it were confirmed by the replica before Twilio was answered, so the new master has
+    them; the run's save either lands or, refused or failed, the sweeper runs the message again.
+    Either way each commits once, in order."""
+    go = threading.Event()
+    calls: list[str] = []
+
+    def handle(message, conversation):
+        calls.append(message.body)
+        if message.body == "slow":
+            go.wait(30)
+        conversation.setdefault("bodies", []).append(message.body)
+        return "ok"
+
+    sender = "+15551230042"
+    keys = Keys().conversation(sender, OURS)
+    app = create_app(
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": redis_sentinel.url,
+            "REDIS_WAIT_REPLICAS": 1,
+            "HANDLER_INLINE_BUDGET": 0.1,
+            "LOCK_TTL": 2.0,
+        },
+        handler=handle,
+    )
+    twilio = TwilioSimulator.for_app(app)
+    old_master = master_port(redis_sentinel)
+    assert twilio.send(sender, OURS, "slow").body.endswith("<Response />")
+    assert twilio.send(sender, OURS, "after").body.endswith("<Response />")
+    wait_until(
+        lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
+        what="SENTINEL FAILOVER accepted",
+    )
+    wait_until(lambda: master_port(redis_sentinel) != old_master, seconds=30, what="the switch")
+    go.set()
+
+    def both_saved() -> bool:
+        try:
+            Sweeper(app).sweep()  # claims the message if its save was lost to the switch
+            stored = current(app).redis.hget(keys.conversation, "state")
+        except Exception:  # the switch: ask again
+            return False
+        return stored is not None and len(json.loads(stored)["bodies"]) == 2
+
+    wait_until(both_saved, seconds=60, what="both messages saved on the new master")
+    new_master = next(n for n in redis_sentinel.nodes if n.port == master_port(redis_sentinel))
+    assert json.loads(new_master.client().hget(keys.conversation, "state"))["bodies"] == ["slow", "after"]
+    assert new_master.client().hget(keys.conversation, "seq") == "2"
+    assert calls[-1] == "after"
