@@ -1,0 +1,225 @@
+"""Capacity with slow handlers (``make bench``'s last part): ``conversations`` conversations each
+send one message at the same moment to a handler that takes ``seconds`` (2 s: a language
+model's or a booking API's call), as Twilio would deliver them: signed, each request given up
+after Twilio's 15 s.
+
+Contenders, each under gunicorn with the bench's workers and worker model:
+
+- ``service-async``: the service, its handler ``async def`` awaiting the time
+  (``bench/slow_handlers.py``), ``HANDLER_INLINE_BUDGET`` 25 ms;
+- ``service-sync``: the same with a plain handler sleeping it in its thread;
+- ``validated-sync``: the peer (``bench/validated_slow_app.py``), Flask-Session behind Twilio's
+  validator, its view sleeping the time and answering inline, as it must.
+
+Per contender: the webhook's answers (latency from the moment all were sent, p50/p99, and how
+many were not 200 within 15 s), and when each reply was ready: for the service, when its save
+committed it for the outbound sender (seen in Redis: the message's remembered answer); for the
+peer, its answer. Lost: the peer's messages unanswered in 15 s (Twilio gives up on the webhook,
+and the reply is never sent); the service's never committed. Doubled: a conversation whose
+state counted the message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import redis
+from twilio.request_validator import RequestValidator
+
+from service.keys import Keys
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn
+
+TWILIO_WAITS = 15.0
+WATCHED = 60.0  # how long the service's commits are watched for
+GOAL_REPLY_S = 4.0  # every reply ready within this long of its message (bench/goals.py)
+BUDGET = "0.025"
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    app: str
+    env: dict[str, str]
+    service: bool
+
+
+def contenders(seconds: float) -> list[Contender]:
+    common = {"BENCH_HANDLER_SECONDS": f"{seconds:g}"}
+    service = {**common, "HANDLER_INLINE_BUDGET": BUDGET, "LOG_FORMAT": "json"}
+    return [
+        Contender(
+            "service-async",
+            "service:create_app()",
+            {**service, "SMS_HANDLER": "bench.slow_handlers:async_handle"},
+            True,
+        ),
+        Contender(
+            "service-sync",
+            "service:create_app()",
+            {**service, "SMS_HANDLER": "bench.slow_handlers:sync_handle"},
+            True,
+        ),
+        Contender("validated-sync", "bench.validated_slow_app:app", common, False),
+    ]
+
+
+def messages(url: str, token: str, conversations: int, recipient: str) -> list[tuple[dict, str]]:
+    """One signed message per conversation (its params, its signature)."""
+    validator = RequestValidator(token)
+    planned = []
+    for n in range(conversations):
+        params = {
+            "From": f"+1555{90 + n // 100_000:02d}{n:05d}",
+            "To": recipient,
+            "Body": f"question {n}",
+            "MessageSid": f"SM{n:032x}",
+            "NumMedia": "0",
+        }
+        planned.append((params, validator.compute_signature(url, params)))
+    return planned
+
+
+async def _fire(url: str, planned: list[tuple[dict, str]]) -> tuple[float, list[tuple[int, float, str]]]:
+    """Sends every message at once; (the moment they were sent, per message its status, when it
+    was answered and its body). A request unanswered after Twilio's wait is status 0."""
+    timeout = aiohttp.ClientTimeout(total=TWILIO_WAITS)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        started = time.monotonic()
+
+        async def one(params: dict, signature: str) -> tuple[int, float, str]:
+            try:
+                async with session.post(
+                    url, data=params, headers={"X-Twilio-Signature": signature}
+                ) as answer:
+                    body = await answer.text()
+                    return answer.status, time.monotonic(), body
+            except (aiohttp.ClientError, TimeoutError):
+                return 0, time.monotonic(), ""
+
+        answers = await asyncio.gather(*(one(params, signature) for params, signature in planned))
+    return started, list(answers)
+
+
+def _committed(client: redis.Redis, keys: list, sids: list[str], started: float) -> list[float | None]:
+    """When each message's save committed its reply (seconds after ``started``), polled."""
+    found: list[float | None] = [None] * len(sids)
+    deadline = started + WATCHED
+    while time.monotonic() < deadline and None in found:
+        pipe = client.pipeline(transaction=False)
+        waiting = [n for n, at in enumerate(found) if at is None]
+        for n in waiting:
+            pipe.hexists(keys[n].conversation, "m:" + sids[n])
+        now = time.monotonic() - started
+        for n, present in zip(waiting, pipe.execute()):
+            if present:
+                found[n] = now
+        time.sleep(0.02)
+    return found
+
+
+def _percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def run(
+    contender: Contender,
+    redis_url: str,
+    token: str,
+    recipient: str,
+    conversations: int,
+    workers: int,
+    worker_args: tuple[str, ...],
+) -> dict:
+    """One contender under gunicorn: every message at once, then the figures."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.flushall()
+    server = Gunicorn(
+        {"REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": token, **contender.env},
+        workers=workers,
+        app=contender.app,
+        config=GUNICORN_CONF if contender.service else None,
+        extra_args=(*worker_args, "--log-level", "warning"),
+    )
+    with server:
+        warm = messages(server.url, token, 2 * workers * 12, "+15550002222")  # other conversations
+        asyncio.run(_fire(server.url, warm))
+        time.sleep(float(contender.env["BENCH_HANDLER_SECONDS"]) + 1)
+        planned = messages(server.url, token, conversations, recipient)
+        keys = [Keys().conversation(params["From"], recipient) for params, _ in planned]
+        sids = [params["MessageSid"] for params, _ in planned]
+        answered: list = []
+        committed: list[float | None] = []
+        if contender.service:
+            holder: dict = {}
+            fired = threading.Thread(
+                target=lambda: holder.update(result=asyncio.run(_fire(server.url, planned)))
+            )
+            fired.start()
+            time.sleep(0)  # the load starts at once; commits are polled meanwhile
+            started_guess = time.monotonic()
+            committed = _committed(client, keys, sids, started_guess)
+            fired.join()
+            started, answered = holder["result"]
+            offset = started_guess - started
+            committed = [None if at is None else at + offset for at in committed]
+        else:
+            started, answered = asyncio.run(_fire(server.url, planned))
+        states = [client.hget(key.conversation, "state") for key in keys] if contender.service else []
+    latencies = [at - started for status, at, _ in answered if status == 200]
+    refused = sum(1 for status, _, _ in answered if status != 200)
+    if contender.service:
+        ready = [at for at in committed if at is not None]
+        doubled = sum(1 for state in states if state and json.loads(state).get("messages", 0) > 1)
+    else:
+        ready = [at - started for status, at, body in answered if status == 200 and body.strip()]
+        doubled = 0
+    return {
+        "conversations": conversations,
+        "replies_within_4s": sum(1 for at in ready if at <= GOAL_REPLY_S),
+        "answered_p50_ms": round(1000 * (_percentile(latencies, 0.5) or 0), 1),
+        "answered_p99_ms": round(1000 * (_percentile(latencies, 0.99) or 0), 1),
+        "not_answered_200": refused,
+        "replies_ready": len(ready),
+        "reply_p50_s": round(_percentile(ready, 0.5) or 0, 2),
+        "reply_p99_s": round(_percentile(ready, 0.99) or 0, 2),
+        "reply_max_s": round(max(ready, default=0), 2),
+        "lost": conversations - len(ready),  # the peer: unanswered in 15 s; the service: never committed
+        "doubled": doubled,
+    }
+
+
+def measure(
+    redis_url: str,
+    token: str,
+    recipient: str,
+    conversations: int,
+    seconds: float,
+    workers: int,
+    worker_args: tuple[str, ...],
+) -> dict:
+    """Every contender in turn; the figures per contender and the gain (service-async's replies
+    ready within TWILIO_WAITS over the peer's)."""
+    results = {}
+    for contender in contenders(seconds):
+        print(
+            f"capacity: {contender.name}, {conversations} messages at once, {seconds:g} s handler", flush=True
+        )
+        results[contender.name] = run(
+            contender, redis_url, token, recipient, conversations, workers, worker_args
+        )
+    peer = results["validated-sync"]["replies_ready"]
+    return {
+        "handler_seconds": seconds,
+        "inline_budget_s": float(BUDGET),
+        "contenders": results,
+        "replies_vs_validated": results["service-async"]["replies_ready"] / peer if peer else None,
+    }
