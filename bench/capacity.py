@@ -223,3 +223,31 @@ def measure(
         "contenders": results,
         "replies_vs_validated": results["service-async"]["replies_ready"] / peer if peer else None,
     }
+
+
+def judged(section: dict) -> dict[str, float]:
+    """The figures ``bench/goals.py`` names, from ``measure``'s section."""
+    ours = section["contenders"]["service-async"]
+    figures = {
+        "capacity_replies_within_4s": ours["replies_within_4s"] / ours["conversations"],
+        "capacity_answer_p99_ms": ours["answered_p99_ms"],
+        "capacity_lost_or_doubled": ours["lost"] + ours["doubled"],
+    }
+    if section["replies_vs_validated"] is not None:
+        figures["capacity_replies_vs_validated"] = section["replies_vs_validated"]
+    return figures
+
+
+def render(section: dict) -> str:
+    lines = [
+        f"capacity: {next(iter(section['contenders'].values()))['conversations']} messages at once, "
+        f"{section['handler_seconds']:g} s handler, budget {section['inline_budget_s'] * 1000:g} ms"
+    ]
+    for name, row in section["contenders"].items():
+        lines.append(
+            f"  {name:14s} answered p50 {row['answered_p50_ms']:.0f} ms p99 {row['answered_p99_ms']:.0f} ms "
+            f"(not 200: {row['not_answered_200']}); replies {row['replies_ready']}, within 4 s "
+            f"{row['replies_within_4s']}, p99 {row['reply_p99_s']:.2f} s; lost {row['lost']}, "
+            f"doubled {row['doubled']}"
+        )
+    return "\n".join(lines)

@@ -51,6 +51,14 @@ GOALS = (
         600,
         True,
     ),
+    Goal(
+        "capacity_replies_within_4s",
+        "slow handlers: share of 1,000 simultaneous messages (async, 2 s) replied within 4 s",
+        1.0,
+        False,
+    ),
+    Goal("capacity_answer_p99_ms", "slow handlers: webhook answer p99 (ms)", 50, True),
+    Goal("capacity_lost_or_doubled", "slow handlers: messages lost or doubled", 0, True),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
@@ -63,6 +71,7 @@ REFERENCES = {
     "throughput_vs_plain": "throughput vs bare Flask-Session, no signature check (x)",
     "throughput_vs_cookie": "throughput vs the cookie-only tutorial app, no server state (x)",
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
+    "capacity_replies_vs_validated": "slow handlers: replies in Twilio's 15 s vs the validated peer (x)",
 }
 
 

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import redis
 
+from bench import capacity, redis_cpu
 from bench import goals as bench_goals
 from bench import profile as bench_profile
-from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
 from service.clock import now_ms
@@ -84,6 +84,8 @@ class Profile:
     profile_pairs: int = 200  # bench/profile.py: pairs of 10 messages per pass
     profile_passes: int = 3
     instructions_pairs: int = 50  # the same under callgrind (0: not measured)
+    capacity_conversations: int = 1000  # bench/capacity.py: messages at once to a slow handler
+    capacity_seconds: float = 2.0  # how long that handler takes
 
 
 FULL = Profile(
@@ -110,6 +112,8 @@ QUICK = Profile(
     instructions_pairs=0,
     redis_cpu_conversations=500,
     redis_cpu_repeats=1,
+    capacity_conversations=20,
+    capacity_seconds=0.2,
 )
 
 
@@ -647,6 +651,7 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_first_message": report["memory"]["first_message"]["bytes_per_conversation"],
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
+        **capacity.judged(report["capacity"]),
     }
 
 
@@ -710,6 +715,15 @@ def benchmark(profile: Profile) -> dict:
         )
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
+        report["capacity"] = capacity.measure(
+            redis_server.url,
+            TOKEN,
+            RECIPIENT,
+            profile.capacity_conversations,
+            profile.capacity_seconds,
+            WORKERS,
+            shipped.args(),
+        )
     measured = judged(report)
     report["goals"] = bench_goals.check(measured)
     report["references"] = bench_goals.references(measured)
@@ -793,6 +807,7 @@ def render(report: dict) -> str:
         f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
         f"{ops.get('figures', ops.get('reason'))}"
     )
+    out.append(capacity.render(report["capacity"]))
     for goal in report["goals"]:
         measured = goal["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)

@@ -29,6 +29,7 @@ SECTIONS = {
     "memory",
     "redis_cpu",
     "ops_at_scale",
+    "capacity",
     "goals",
     "references",
 }
