@@ -219,3 +219,19 @@ def test_handler_settings_are_checked(redis_url):
         create_app({"REDIS_URL": redis_url, "HANDLER_INLINE_BUDGET": 5.0, "HANDLER_TIMEOUT": 2.0})
     with pytest.raises(ConfigError, match=r"^HANDLER_TIMEOUT='0': must be a number of seconds, from 0.1"):
         load({"HANDLER_TIMEOUT": "0"})
+
+
+def test_a_reply_past_the_webhook_becomes_the_outbound_messages_that_carry_it():
+    from twilio.twiml.messaging_response import MessagingResponse
+
+    from service.runs import outbound
+
+    reply = MessagingResponse()
+    reply.message("first")
+    second = reply.message("second & more")
+    second.media("https://example.com/a.png")
+    assert outbound(reply) == [("first", ()), ("second & more", ("https://example.com/a.png",))]
+    assert outbound("plain text") == [("plain text", ())]
+    assert outbound(None) == []
+    with pytest.raises(TypeError, match="returned a int"):
+        outbound(3)  # type: ignore[arg-type]
