@@ -15,7 +15,7 @@ import os
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -24,6 +24,8 @@ from typing import Any, TypeAlias
 from flask_session.base import ServerSideSession
 from twilio.twiml.messaging_response import MessagingResponse
 
+from .outbox import Outgoing
+from .outbox import message as outgoing_message
 from .settings import ConfigError
 
 Reply: TypeAlias = str | MessagingResponse | None
@@ -97,7 +99,8 @@ class Conversation(ServerSideSession):
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
-    ``sid`` (the conversation's id, as in its events) and ``ended_at``.
+    ``sid`` (the conversation's id, as in its events) and ``ended_at``. ``send()`` queues an
+    outbound message with the state.
     """
 
     sid: str | None
@@ -119,6 +122,32 @@ class Conversation(ServerSideSession):
         self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
         self.ended_at: datetime | None = None  # set for the end hook
+        self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
+
+    def send(
+        self,
+        text: str | None = None,
+        media: Iterable[str] = (),
+        *,
+        content_sid: str | None = None,
+        content_variables: dict | str | None = None,
+    ) -> str:
+        """Queues a message to the other party, from our number: it is committed with the
+        conversation's state (if the state is not saved, nothing is sent; if it is, the message
+        goes out, also after a crash), then delivered through Twilio's REST API in the order
+        sent. ``content_sid`` and ``content_variables``: a template instead of free text (what
+        WhatsApp takes outside its 24-hour window). Returns the message's id; ``ValueError``
+        for a message Twilio would refuse (empty, over 1,600 characters, over 10 media)."""
+        queued = outgoing_message(
+            self.sender,
+            self.recipient,
+            text,
+            media,
+            content_sid=content_sid,
+            content_variables=content_variables,
+        )
+        self.outbound.append(queued)
+        return queued.id
 
     @property
     def is_new(self) -> bool:

@@ -31,6 +31,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
+from .outbox import encode
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, decode_state
 
@@ -96,6 +97,7 @@ class ConversationSession(Conversation):
         else None with the conversation held until ``save`` or ``release``.
         """
         keys = self.interface.keys.conversation(message.sender, message.recipient)
+        self.sender, self.recipient = message.sender, message.recipient
         opened = self.interface.store.open(keys, message.sid)
         self.binding = Binding(message, keys, opened)
         if opened.answered is not None:
@@ -127,6 +129,8 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            outbound=encode(self.outbound) if self.outbound else "",
+            keyword=bound.message.opt_out,
         )
         self.saved = True
         counters = self.interface.metrics
@@ -136,6 +140,8 @@ class ConversationSession(Conversation):
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+        if self.outbound:
+            counters.outbound.labels("pending").inc(len(self.outbound))
 
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next

@@ -162,6 +162,9 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._claim = Script(client, "claim.lua")
+        self._finish = Script(client, "finish.lua")
+        self._status = Script(client, "status.lua")
 
     @classmethod
     def from_config(
@@ -190,7 +193,16 @@ class ConversationStore:
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._open, self._save, self._release, self._end, self._expire)
+        return (
+            self._open,
+            self._save,
+            self._release,
+            self._end,
+            self._expire,
+            self._claim,
+            self._finish,
+            self._status,
+        )
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -263,9 +275,13 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
-        longer ours: nothing was written."""
+        longer ours: nothing was written. ``outbound``: messages queued in the same step
+        (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
+        for the outbound rules."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -277,6 +293,8 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                outbound=outbound,
+                keyword=keyword,
             ),
         )
         if result == "lost":
@@ -298,6 +316,8 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
     ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
         return keys.in_order(), [
@@ -311,6 +331,8 @@ class ConversationStore:
             "1" if is_new else "0",
             end_reason or "",
             opened.now,
+            outbound,
+            keyword if keyword in ("STOP", "START") else "",
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):
@@ -341,6 +363,32 @@ class ConversationStore:
             self.client.connection_pool.disconnect(inuse_connections=False)
             raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
         return result
+
+    def claim(self, keys: ConversationKeys, token: str, lease_ms: int) -> dict | None:
+        """CLAIM: the conversation's next outbound message if it is due, held for ``lease_ms``
+        (``claim.lua``'s names and values as a dict), else None."""
+        found = self._run(self._claim, keys.in_order(), [*self.settings, keys.member, token, lease_ms])
+        return dict(zip(found[0::2], found[1::2])) if found else None
+
+    def finish(
+        self, keys: ConversationKeys, message_id: str, token: str, outcome: str, *details: str | int
+    ) -> str:
+        """FINISH: an attempt's ``outcome`` ('accepted', 'retry', 'failed') and its details, as
+        ``finish.lua`` reads them; the message's status after it, or 'lost'."""
+        return self._run(
+            self._finish,
+            keys.in_order(),
+            [*self.settings, keys.member, message_id, token, outcome, *details],
+        )
+
+    def status(
+        self, keys: ConversationKeys, message_id: str, message_sid: str, status: str, error_code: str
+    ) -> tuple[str, str]:
+        """STATUS: a status callback applied if it moves the message up; (before, after)."""
+        before, after = self._run(
+            self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
+        )
+        return before, after
 
     def release(self, keys: ConversationKeys, token: str) -> None:
         """Gives the lock back without saving, or leaves the line."""
