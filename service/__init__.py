@@ -14,8 +14,10 @@ from . import (
     ops,
     redis_client,
     responses,
+    sender,
     settings,
     signature,
+    status,
     webhook,
     wiring,
 )
@@ -43,14 +45,17 @@ def create_app(
     redis = redis_client.init_app(app)
     callers = Callers.from_file(app.config["CALLERS_FILE"])
     handle, end_hook = handlers.choose(app.config, handler, on_end)
+    on_status = handlers.status_hook(handle)
     webhook.init_app(app)  # before signature's ProxyFix, so that its layer sees the client's address
     known = Accounts.from_config(app.config)
     signature.init_app(app, known)
-    wired = wiring.init_app(app, redis, callers, handle, end_hook, known)
+    wired = wiring.init_app(app, redis, callers, handle, end_hook, known, on_status)
     metrics.init_app(app, wired.metrics)
     lifecycle.init_app(app)
     responses.init_app(app)
     health.init_app(app)
+    status.init_app(app)
+    sender.init_app(app)
     ops.init_app(app)
     console.init_app(app)
     return app

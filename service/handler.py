@@ -31,6 +31,7 @@ from .settings import ConfigError
 Reply: TypeAlias = str | MessagingResponse | None
 Handler = Callable[["Message", "Conversation"], Reply]
 EndHook = Callable[["Conversation", str], None]
+StatusHook = Callable[[Any], None]  # on_status(update): service/status.py's StatusUpdate
 END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``reason`` can be
 
 # Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
@@ -255,6 +256,18 @@ def failure(error: BaseException) -> tuple[str, str]:
         last = (own or frames)[-1]
         where += f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
     return where, "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + where
+
+
+def status_hook(handler: Handler) -> StatusHook | None:
+    """The handler's module's ``on_status``, if it has one (``contained``); ``ConfigError`` if
+    that is not a function of one argument (the ``StatusUpdate``)."""
+    module_name = getattr(handler, "__module__", "") or ""
+    found = getattr(sys.modules.get(module_name), "on_status", None)
+    if found is None:
+        return None
+    if not callable(found) or not _takes(found, 1):
+        raise ConfigError(f"{module_name}.on_status must be a function of (update)")
+    return contained(found)
 
 
 def choose(

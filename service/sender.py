@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +37,7 @@ from .keys import ConversationKeys
 from .outbox import Outgoing, Refused, refusal
 from .redis_client import UNAVAILABLE
 from .settings import ConfigError
-from .wiring import current
+from .wiring import Wiring, current
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,34 @@ def read_marker(value: str) -> tuple[str, str, str] | None:
     message_id, _, member = value.partition("|")
     sender, _, recipient = member.partition("|")
     return (message_id, sender, recipient) if message_id and sender and recipient else None
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """What ``on_status(update)`` in the handler's module hears: an outbound message reached
+    ``status`` (from ``previous``), with Twilio's ``error_code`` and ``error_message`` for a
+    failure. ``to`` and ``sender`` are the conversation's ``From`` and ``To``; ``id`` is what
+    ``conversation.send`` returned, ``sid`` Twilio's."""
+
+    id: str
+    sid: str
+    status: str
+    previous: str
+    to: str
+    sender: str
+    error_code: str = ""
+    error_message: str = ""
+
+
+def notify(wired: Wiring, update: StatusUpdate) -> None:
+    """Counts the status and tells ``on_status``; the hook's failure is logged, never raised."""
+    wired.metrics.outbound.labels(update.status).inc()
+    if wired.on_status is None:
+        return
+    try:
+        wired.on_status(update)
+    except Exception as error:  # the developer's code: logged, never failing the caller
+        log.error("on_status failed: %s", type(error).__name__, exc_info=True)
 
 
 class Sender:
@@ -119,7 +148,7 @@ class Sender:
         state = json.loads(claimed["state"])
         refused = refusal(outgoing, claimed["opted_out"], claimed["last_inbound"], state["updated_at"])
         if refused is not None:
-            return self.record(keys, outgoing.id, token, Permanent(refused.code, str(refused)))
+            return self.record(keys, outgoing, token, Permanent(refused.code, str(refused)), state)
         outcome: Outcome | None = None
         if state.get("maybe_accepted"):
             outcome = self.look_up(keys, outgoing, state)
@@ -135,7 +164,7 @@ class Sender:
                 content_sid=outgoing.content_sid,
                 content_variables=outgoing.content_variables,
             )
-        return self.record(keys, outgoing.id, token, outcome, attempt=int(state.get("attempts", 1)))
+        return self.record(keys, outgoing, token, outcome, state)
 
     def look_up(self, keys: ConversationKeys, outgoing: Outgoing, state: dict) -> Outcome | None:
         """A message an earlier attempt may have handed to Twilio: its SID if a status callback
@@ -160,31 +189,43 @@ class Sender:
         return found
 
     def record(
-        self, keys: ConversationKeys, message_id: str, token: str, outcome: Outcome, attempt: int = 1
+        self, keys: ConversationKeys, outgoing: Outgoing, token: str, outcome: Outcome, state: dict
     ) -> str:
-        store, counter = self.wired.store, self.wired.metrics.outbound
+        """Records ``outcome`` (FINISH): 'sent', 'retry', 'failed' or 'lost' (the claim was no
+        longer this sender's: nothing written); a status the message reaches is counted and
+        told to ``on_status``."""
+        store, message_id = self.wired.store, outgoing.id
         if isinstance(outcome, Accepted):
-            status = store.finish(keys, message_id, token, "accepted", outcome.sid, outcome.status)
-            counter.labels(outcome.status).inc()
-            return "sent" if status != "lost" else "lost"
+            before, after = store.finish(keys, message_id, token, "accepted", outcome.sid, outcome.status)
+            if before != "lost" and after != before:
+                notify(
+                    self.wired,
+                    StatusUpdate(message_id, outcome.sid, after, before, outgoing.to, outgoing.sender),
+                )
+            return "lost" if before == "lost" else "sent"
         if isinstance(outcome, RetryLater):
-            delay = self.delivery.retry_delay(attempt)
-            store.finish(
-                keys,
-                message_id,
-                token,
-                "retry",
-                outcome.reason,
-                "1" if outcome.maybe_accepted else "0",
-                int(delay * 1000),
+            delay = self.delivery.retry_delay(int(state.get("attempts", 1)))
+            retry = "1" if outcome.maybe_accepted else "0"
+            before, _ = store.finish(
+                keys, message_id, token, "retry", outcome.reason, retry, int(delay * 1000)
             )
-            counter.labels("retried").inc()
+            if before == "lost":
+                return "lost"
+            self.wired.metrics.outbound.labels("retried").inc()
             log.info("outbound message %s: retry in %.1f s (%s)", message_id, delay, outcome.reason)
             return "retry"
         code = "" if outcome.code is None else str(outcome.code)
-        store.finish(keys, message_id, token, "failed", code, outcome.message)
-        counter.labels("failed").inc()
+        before, _ = store.finish(keys, message_id, token, "failed", code, outcome.message)
+        if before == "lost":
+            return "lost"
         log.warning("outbound message %s failed: %s %s", message_id, code, outcome.message)
+        sid = state.get("sid") or ""
+        notify(
+            self.wired,
+            StatusUpdate(
+                message_id, sid, "failed", before, outgoing.to, outgoing.sender, code, outcome.message
+            ),
+        )
         return "failed"
 
     def run(self) -> None:
@@ -235,4 +276,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(sender_command)
 
 
-__all__ = ["Refused", "Sender", "sender_command", "start_sender"]
+__all__ = ["Refused", "Sender", "StatusUpdate", "notify", "sender_command", "start_sender"]

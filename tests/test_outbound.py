@@ -12,8 +12,10 @@ from service import create_app
 from service.keys import Keys
 from service.sender import Sender
 from tests.support.app import sign, webhook_params
+from tests.support.app_servers import LiveServer
 from tests.support.numbers import FINN, OURS, REY
-from tests.support.standin import AUTH_TOKEN, StandinServer
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -159,3 +161,65 @@ def test_nothing_is_queued_without_a_send_and_the_save_stays_one_round_trip(stan
     keys = Keys().conversation(REY, OURS)
     assert redis_client.exists(keys.outbound, keys.sent) == 0
     assert redis_client.zcard(keys.due) == 0
+
+
+@pytest.fixture
+def served(standin, redis_url):
+    """The app on a real socket with PUBLIC_BASE_URL pointing at it: the stand-in posts its
+    signed status callbacks there. ``updates``: what its ``on_status`` heard."""
+    updates = []
+    app = make(standin, redis_url, lambda message, conversation: conversation.send(f"re: {message.body}"))
+    app.extensions["sms"].on_status = updates.append
+    with LiveServer(app) as server:
+        app.config["PUBLIC_BASE_URL"] = server.url.removesuffix("/sms")
+        yield app, Sender(app), updates
+
+
+def test_status_callbacks_reach_the_record_and_on_status(served, standin, redis_client):
+    app, sender, updates = served
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: records(redis_client)[0]["status"] == "delivered", what="delivered")
+    [record] = records(redis_client)
+    assert [update.status for update in updates] == ["queued", "sent", "delivered"]
+    assert {update.sid for update in updates} == {record["sid"]}
+    assert updates[0].to == REY
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'sms_outbound_messages_total{status="delivered"} 1.0' in metrics
+
+
+def test_callbacks_out_of_order_end_on_the_terminal_status(served, standin, redis_client):
+    app, sender, updates = served
+    standin.fault(to=REY, callbacks="reversed")
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: len(standin.state.messages) == 1, what="the message stored")
+    sid = records(redis_client)[0]["sid"]
+    wait_until(lambda: held(standin)[0]["status"] == "delivered", what="the stand-in's last status")
+    wait_until(lambda: any(update.status == "delivered" for update in updates), what="the callbacks")
+    assert records(redis_client)[0]["status"] == "delivered"
+    assert records(redis_client)[0]["sid"] == sid
+    assert [update.status for update in updates] == ["delivered"]  # later 'sent', 'queued' ignored
+
+
+def test_a_failure_callback_records_twilios_error_code(served, standin, redis_client):
+    app, sender, updates = served
+    standin.fault(to=REY, fail=30003)
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: records(redis_client)[0]["status"] == "undelivered", what="undelivered")
+    assert records(redis_client)[0]["error_code"] == "30003"
+    assert updates[-1].error_code == "30003"
+
+
+def test_an_unsigned_or_forged_status_callback_is_403(served, redis_client):
+    app, _, updates = served
+    client = app.test_client()
+    form = {"MessageSid": "SM" + "0" * 32, "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
+    url = f"/sms/status?m=x|{REY}|{OURS}"
+    assert client.post(url, data=form).status_code == 403
+    forged = client.post(url, data=form, headers={"X-Twilio-Signature": "forged"})
+    assert forged.status_code == 403
+    signed = sign(f"http://localhost{url}", form, AUTH_TOKEN)
+    assert client.post(url, data=form, headers={"X-Twilio-Signature": signed}).status_code == 404
+    assert updates == []

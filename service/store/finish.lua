@@ -12,14 +12,15 @@
 -- ARGV[14] = accepted: Twilio's status; retry: '1' if Twilio may hold it (a lost answer), else
 --            '0'; failed: the error's message
 -- ARGV[15] = retry: ms to wait before the next attempt
--- Returns the message's status after it ('lost': the claim is no longer the sender's, nothing
--- written).
+-- Returns the message's status before this outcome and after it ('lost' and '' when the claim
+-- is no longer the sender's: nothing written).
 local member, id, claim, outcome, first, second, delay =
   ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15]
 local raw = redis.call('HGET', sent, id .. ':s')
-if not raw then return 'lost' end
+if not raw then return {'lost', ''} end
 local state = cjson.decode(raw)
-if state.claim ~= claim or redis.call('LINDEX', outbound, 0) ~= id then return 'lost' end
+if state.claim ~= claim or redis.call('LINDEX', outbound, 0) ~= id then return {'lost', ''} end
+local before = state.status or 'pending'
 local now = now_ms()
 state.claim, state.updated_at = nil, now
 if outcome == 'retry' then
@@ -43,4 +44,4 @@ else
 end
 redis.call('HSET', sent, id .. ':s', cjson.encode(state))
 redis.call('PEXPIRE', sent, live_keep_ms)
-return state.status
+return {before, state.status or 'pending'}

@@ -372,14 +372,16 @@ class ConversationStore:
 
     def finish(
         self, keys: ConversationKeys, message_id: str, token: str, outcome: str, *details: str | int
-    ) -> str:
+    ) -> tuple[str, str]:
         """FINISH: an attempt's ``outcome`` ('accepted', 'retry', 'failed') and its details, as
-        ``finish.lua`` reads them; the message's status after it, or 'lost'."""
-        return self._run(
+        ``finish.lua`` reads them; the message's status before and after it (('lost', '') when
+        the claim was no longer the caller's: nothing written)."""
+        before, after = self._run(
             self._finish,
             keys.in_order(),
             [*self.settings, keys.member, message_id, token, outcome, *details],
         )
+        return before, after
 
     def status(
         self, keys: ConversationKeys, message_id: str, message_sid: str, status: str, error_code: str
