@@ -25,8 +25,10 @@ from . import handler as handlers
 from .accounts import Accounts
 from .callers import Callers
 from .handler import Conversation, EndHook, Handler, Message
+from .outbox import Refused
+from .sending import Sent, send
 
-__all__ = ["Conversation", "Message", "check_environment", "create_app"]
+__all__ = ["Conversation", "Message", "Refused", "Sent", "check_environment", "create_app", "send"]
 
 
 def create_app(

@@ -152,7 +152,11 @@ class Conversation(ServerSideSession):
 
     @property
     def is_new(self) -> bool:
-        return self.messages == 1
+        """True on the conversation's first message (not on the reply to an outbound message
+        that started it: that conversation began with the message sent)."""
+        return self.messages == 1 and not self.started_by_us
+
+    started_by_us = False  # the conversation began with an outbound message (service.send)
 
     def end(self) -> None:
         self.end_reason = "handler"

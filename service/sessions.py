@@ -163,9 +163,10 @@ class ConversationSession(Conversation):
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
-        messages = opened.seq.isdigit() and int(opened.seq)
+        # seq is 0 for a conversation an outbound message started (service.send): no message yet.
+        messages = int(opened.seq) if opened.seq.isdigit() else None
         first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
-        if state is None or not messages or not first_seen:
+        if state is None or messages is None or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
@@ -177,6 +178,7 @@ class ConversationSession(Conversation):
         self.sid = opened.sid
         self.update(state)
         self.messages = messages + 1
+        self.started_by_us = messages == 0
         self.started_at = _moment(first_seen)
         self.modified = False
 

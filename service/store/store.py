@@ -165,6 +165,7 @@ class ConversationStore:
         self._claim = Script(client, "claim.lua")
         self._finish = Script(client, "finish.lua")
         self._status = Script(client, "status.lua")
+        self._push = Script(client, "push.lua")
 
     @classmethod
     def from_config(
@@ -202,6 +203,7 @@ class ConversationStore:
             self._claim,
             self._finish,
             self._status,
+            self._push,
         )
 
     def preload(self) -> None:
@@ -391,6 +393,35 @@ class ConversationStore:
             self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
         )
         return before, after
+
+    def push(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        start: str | None,
+        state: str,
+        outbound: str,
+        template: bool,
+    ) -> tuple[str, int | None]:
+        """PUSH, under the lock ``opened`` holds: queues ``outbound`` (``service.outbox.encode``)
+        and, with ``start`` (a new conversation's id), starts the conversation with ``state``;
+        releases the lock. ('queued', None), ('refused', Twilio's code) or ('lost', None)."""
+        reply = self._run(
+            self._push,
+            keys.in_order(),
+            [
+                *self.settings,
+                opened.token,
+                keys.member,
+                "1" if start else "0",
+                start or "",
+                state,
+                outbound,
+                "1" if template else "0",
+            ],
+        )
+        return reply[0], (int(reply[1]) if len(reply) > 1 else None)
 
     def release(self, keys: ConversationKeys, token: str) -> None:
         """Gives the lock back without saving, or leaves the line."""
