@@ -6,6 +6,7 @@ from flask import Flask
 
 from . import (
     console,
+    delivery,
     health,
     lifecycle,
     limits,
@@ -73,4 +74,6 @@ def check_environment() -> dict:
         redis_client.check_credentials(config)
     Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])
+    if config["TWILIO_ACCOUNT_SID"]:  # the workers' senders would each fail on it
+        delivery.client(config)
     return config
