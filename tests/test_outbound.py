@@ -12,6 +12,7 @@ from flask import request
 from service import create_app
 from service.keys import Keys
 from service.sender import Sender
+from tests.support import status_handler
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import FINN, OURS, REY
@@ -33,7 +34,8 @@ def make(standin, redis_url, handler, **overrides):
 def text(client, body, sender=REY, recipient=OURS, **extra):
     """A signed inbound message (signed with the stand-in account's token, the app's)."""
     params = webhook_params(sender=sender, recipient=recipient, body=body, **extra)
-    headers = {"X-Twilio-Signature": sign("http://localhost/sms", params, AUTH_TOKEN)}
+    base = client.application.config["PUBLIC_BASE_URL"] or "http://localhost"
+    headers = {"X-Twilio-Signature": sign(base + "/sms", params, AUTH_TOKEN)}
     return client.post("/sms", data=params, headers=headers)
 
 
@@ -166,22 +168,24 @@ def test_nothing_is_queued_without_a_send_and_the_save_stays_one_round_trip(stan
 
 @pytest.fixture
 def served(standin, redis_url):
-    """The app on a real socket with PUBLIC_BASE_URL pointing at it: the stand-in posts its
-    signed status callbacks there. ``updates``: what its ``on_status`` heard."""
-    updates = []
-    app = make(standin, redis_url, lambda message, conversation: conversation.send(f"re: {message.body}"))
-    app.extensions["sms"].on_status = updates.append
-    app.callbacks = []  # each status callback answered: its status code
+    """The app on a real socket, built with PUBLIC_BASE_URL pointing at that socket: the
+    stand-in posts its signed status callbacks there. ``updates``: what the handler module's
+    ``on_status`` heard; ``app.callbacks``: each callback's answer."""
+    routed = {}
+    with LiveServer(lambda environ, start_response: routed["app"](environ, start_response)) as server:
+        public = server.url.removesuffix("/sms")
+        app = make(standin, redis_url, status_handler.handle, PUBLIC_BASE_URL=public)
+        app.callbacks = []
 
-    @app.after_request
-    def count(response):
-        if request.path == "/sms/status":
-            app.callbacks.append(response.status_code)
-        return response
+        @app.after_request
+        def count(response):
+            if request.path == "/sms/status":
+                app.callbacks.append(response.status_code)
+            return response
 
-    with LiveServer(app) as server:
-        app.config["PUBLIC_BASE_URL"] = server.url.removesuffix("/sms")
-        yield app, Sender(app), updates
+        routed["app"] = app
+        status_handler.UPDATES.clear()
+        yield app, Sender(app), status_handler.UPDATES
 
 
 def test_status_callbacks_reach_the_record_and_on_status(served, standin, redis_client):
@@ -232,6 +236,8 @@ def test_an_unsigned_or_forged_status_callback_is_403(served, redis_client):
     assert client.post(url, data=form).status_code == 403
     forged = client.post(url, data=form, headers={"X-Twilio-Signature": "forged"})
     assert forged.status_code == 403
-    signed = sign(f"http://localhost{url}", form, AUTH_TOKEN)
+    signed = sign(app.config["PUBLIC_BASE_URL"] + url, form, AUTH_TOKEN)
     assert client.post(url, data=form, headers={"X-Twilio-Signature": signed}).status_code == 404
+    unmarked = sign(app.config["PUBLIC_BASE_URL"] + "/sms/status", form, AUTH_TOKEN)
+    assert client.post("/sms/status", data=form, headers={"X-Twilio-Signature": unmarked}).status_code == 400
     assert updates == []
