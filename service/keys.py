@@ -25,6 +25,17 @@ Key (example)                                        Type and what it holds
                                                      whose handler runs (docs/design.md)
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
+<prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
+                                                     not yet handed to Twilio, in commit order
+<prefix>sent:{07}:+15551230007|+15550001111          hash: outbound message id -> its record, JSON
+                                                     (service/outbound.py: Record), kept with
+                                                     the conversation's hash and a day
+<prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
+                                                     first queued outbound message is due (ms;
+                                                     while a sender holds it, its lease's end)
+<prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
+                                                     'w:<from>|<to>' -> its last inbound message
+                                                     (ms), WhatsApp senders only
 <prefix>pending:{07}                                 zset: conversations with inbound messages,
                                                      member '<from>|<to>', score the ms by which
                                                      their lock must be renewed (past it, the
@@ -84,9 +95,11 @@ class Keys:
 
     prefix: str = "sms:"
     cluster: bool = False
-    # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
-    # every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str, str]] = field(init=False, repr=False, compare=False)
+    # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes, due,
+    # contacts, pending): every message needs them, so they are built once.
+    _shard_keys: dict[str, tuple[str, str, str, str, str, str, str]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -95,6 +108,8 @@ class Keys:
                 self.outbox(shard) if self.cluster else self.events,
                 self.ending(shard),
                 self.minutes(shard),
+                self.due(shard),
+                self.contacts(shard),
                 self.pending(shard),
             )
             for shard in self.shards()
@@ -125,6 +140,15 @@ class Keys:
     def pending(self, shard: str) -> str:
         return f"{self.prefix}pending:{{{shard}}}"
 
+    def due(self, shard: str) -> str:
+        return f"{self.prefix}due:{{{shard}}}"
+
+    def contacts(self, shard: str) -> str:
+        return f"{self.prefix}contacts:{{{shard}}}"
+
+    def dues(self) -> list[str]:
+        return [self.due(shard) for shard in self.shards()]
+
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
 
@@ -133,6 +157,7 @@ class Keys:
         member = sender + SEPARATOR + recipient
         tagged = "{" + shard + "}:" + member
         prefix = self.prefix
+        index, events, ending, minutes, due, contacts, pending = self._shard_keys[shard]
         return ConversationKeys(
             sender,
             recipient,
@@ -142,7 +167,15 @@ class Keys:
             prefix + "queue:" + tagged,
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
-            *self._shard_keys[shard],
+            index,
+            events,
+            ending,
+            minutes,
+            prefix + "out:" + tagged,
+            prefix + "sent:" + tagged,
+            due,
+            contacts,
+            pending,
             prefix + "inbound:" + tagged,
         )
 
@@ -177,6 +210,10 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    outbound: str  # its outbound messages not yet handed to Twilio (list of ids, commit order)
+    sent: str  # its outbound messages' records (hash: id -> JSON)
+    due: str  # the tag's due index (<prefix>due:{NN}); member is its entry
+    contacts: str  # the tag's opt-outs and WhatsApp windows
     pending: str  # the tag's conversations with inbound messages waiting (Keys.pending)
     inbound: str  # its messages acknowledged, not yet handled
 
@@ -192,6 +229,10 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.outbound,
+            self.sent,
+            self.due,
+            self.contacts,
             self.pending,
             self.inbound,
         ]

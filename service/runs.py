@@ -227,13 +227,18 @@ class Runs:
             except Exception as error:  # what Twilio or Redis cannot take: the handler's failure
                 kind, value = "error", error
         if kind == "reply":
-            conversation.replies.extend(sends)
-        else:
+            try:
+                for text, media in sends:
+                    conversation.send(text, media)
+            except ValueError as error:  # what Twilio would refuse (empty, too long)
+                kind, value = "error", error
+        if kind != "reply":
+            conversation.outbound.clear()  # nothing of it is committed
             if kind == "timeout":
                 self.on_timeout()
                 fields["reason"] = f"the handler ran past HANDLER_TIMEOUT ({self.timeout:g} s): nothing saved"
                 if self.timeout_reply:
-                    conversation.replies.append((self.timeout_reply, ()))
+                    conversation.send(self.timeout_reply)
             else:
                 where, frames = handlers.failure(value) if value is not None else ("unknown", "")
                 fields["reason"] = f"the handler failed: {where}"

@@ -31,6 +31,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
+from .outbox import encode
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Inbound, Opened, Queued, decode_state
 
@@ -89,8 +90,6 @@ class ConversationSession(Conversation):
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
         self.queued = False  # among the inbound messages a handler's run takes in turn
-        # A reply that went past the webhook, as outbound messages (text, media) its save commits.
-        self.replies: list[tuple[str, tuple[str, ...]]] = []
 
     def bind(self, message: Message) -> ConversationSession:
         """Round trip 1: waits for the conversation's turn and loads it into this session.
@@ -99,7 +98,8 @@ class ConversationSession(Conversation):
         else None with the conversation held until ``save`` or ``release``.
         """
         keys = self.interface.keys.conversation(message.sender, message.recipient)
-        opened = self.interface.store.open(keys, message.sid, lambda: entry(message))
+        self.sender, self.recipient = message.sender, message.recipient
+        opened = self.interface.store.open_or_queue(keys, message.sid, lambda: entry(message))
         if isinstance(opened, Queued):  # acknowledged: a handler's run takes it in turn
             self.queued = self.settled = True
             return self
@@ -133,6 +133,8 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            outbound=encode(self.outbound) if self.outbound else "",
+            keyword=bound.message.opt_out,
         )
         self.saved = True
         self._count(bound, ended)
@@ -145,6 +147,8 @@ class ConversationSession(Conversation):
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+        if self.outbound:
+            counters.outbound.labels("pending").inc(len(self.outbound))
 
     def defer(self) -> None:
         """The handler runs past the webhook: the message becomes the conversation's first
@@ -170,11 +174,15 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer="n",  # the reply goes out as outbound messages: a redelivery gets none
             end_reason=None if keeps else self.end_reason,
+            outbound=encode(self.outbound) if self.outbound else "",
+            keyword=bound.message.opt_out,
             keeps=keeps,
         )
         self.saved = True
         if not keeps:
             self._count(bound, ended)
+        elif self.outbound:
+            self.interface.metrics.outbound.labels("pending").inc(len(self.outbound))
         return following
 
     @classmethod
@@ -183,6 +191,7 @@ class ConversationSession(Conversation):
     ) -> ConversationSession:
         """The session of an inbound message whose turn came outside a webhook."""
         session = cls(interface, None)
+        session.sender, session.recipient = message.sender, message.recipient
         session.binding = Binding(message, keys, opened)
         session._load(opened)
         return session
@@ -207,9 +216,10 @@ class ConversationSession(Conversation):
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
-        messages = opened.seq.isdigit() and int(opened.seq)
+        # seq is 0 for a conversation an outbound message started (service.send): no message yet.
+        messages = int(opened.seq) if opened.seq.isdigit() else None
         first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
-        if state is None or not messages or not first_seen:
+        if state is None or messages is None or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
@@ -221,6 +231,7 @@ class ConversationSession(Conversation):
         self.sid = opened.sid
         self.update(state)
         self.messages = messages + 1
+        self.started_by_us = messages == 0
         self.started_at = _moment(first_seen)
         self.modified = False
 

@@ -14,7 +14,7 @@ from flask import Flask, current_app
 
 from .accounts import Accounts
 from .callers import Callers
-from .handler import EndHook, Handler
+from .handler import EndHook, Handler, StatusHook
 from .history import History
 from .keys import Keys
 from .live import LiveConversations
@@ -46,6 +46,7 @@ class Wiring:
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
     runs: Runs  # where handlers run; slow ones finish past the webhook
+    on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -60,6 +61,7 @@ def init_app(
     handler: Handler,
     on_end: EndHook | None,
     accounts: Accounts,
+    on_status: StatusHook | None = None,
 ) -> Wiring:
     """Builds the app's parts from its config and Redis client, and Flask's session interface
     on the store (the conversation is ``flask.session`` during a webhook)."""
@@ -90,6 +92,7 @@ def init_app(
         signature,
         Throttle(metrics.sign_in_failures),
         Runs(handler, config, store, sessions, keys, callers, metrics.handler_timeouts.inc),
+        on_status,
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = sessions

@@ -11,9 +11,13 @@
 -- KEYS[7] = sms:events (a Cluster's: sms:outbox:{NN})  stream: lifecycle events
 -- KEYS[8] = sms:ending:{NN}               hash: conversation id -> the end hook's payload
 -- KEYS[9] = sms:minutes:{NN}              hash: '<minute><code>' -> that minute's tally
--- KEYS[10] = sms:pending:{NN}             zset: conversations with inbound messages -> the ms
+-- KEYS[10] = sms:out:{NN}:<from>|<to>     list: outbound message ids not yet handed to Twilio
+-- KEYS[11] = sms:sent:{NN}:<from>|<to>    hash: outbound message id -> its record (outbound.lua)
+-- KEYS[12] = sms:due:{NN}                 zset: '<from>|<to>' -> when its next outbound is due
+-- KEYS[13] = sms:contacts:{NN}            hash: opt-outs and WhatsApp windows (outbound.lua)
+-- KEYS[14] = sms:pending:{NN}             zset: conversations with inbound messages -> the ms
 --                                          by which their lock must be renewed
--- KEYS[11] = sms:inbound:{NN}:<from>|<to> list: messages acknowledged, not yet handled, each
+-- KEYS[15] = sms:inbound:{NN}:<from>|<to> list: messages acknowledged, not yet handled, each
 --                                          '<MessageSid> <fields as JSON>' (the first runs)
 -- ARGV[1] = LOCK_TTL in ms                ARGV[5] = REPLIES_KEPT
 -- ARGV[2] = a waiter's patience in ms     ARGV[6] = how long a live conversation's hash is
@@ -22,7 +26,8 @@
 --                                         ARGV[8] = '1' to keep ended conversations for the end
 --                                                   hook, else '0'
 -- ARGV[9…] = the script's own.
-local conversation, lock, queue, waiters, wake, index, events, ending, minutes, pending, inbound = unpack(KEYS)
+local conversation, lock, queue, waiters, wake, index, events, ending, minutes = unpack(KEYS, 1, 9)
+local outbound, sent, due, contacts, pending, inbound = unpack(KEYS, 10, 15)
 -- The settings stay the strings Redis passes: a command takes them as they are, arithmetic
 -- converts a numeral by itself, and only a comparison needs tonumber (each conversion costs,
 -- so none is made on a path that does not need it).

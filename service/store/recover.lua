@@ -4,7 +4,7 @@
 -- ran out, as OPEN does.
 --
 -- uses: common.lua tally.lua ending.lua reply.lua
--- KEYS[1..11], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = 16 hex digits: the run's token is the message's MessageSid, ';' and these
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
 -- Returns 'none' (no inbound message: it leaves the pending set), 'held' (its lock is held:

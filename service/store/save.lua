@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua
--- KEYS[1..11], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua
+-- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -15,15 +15,19 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
--- ARGV[18] = '' for a message answered inline; for one among the inbound messages (its handler
---            ran past the webhook), 16 hex digits: the next inbound message's token is its
---            MessageSid, ';' and these
--- ARGV[19] = '1' to keep the conversation as it is (the handler failed or ran out of time):
+-- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
+-- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
+-- ARGV[20] = '' (or absent) for a message answered inline; for one among the inbound messages
+--            (its handler ran past the webhook), 16 hex digits: the next inbound message's
+--            token is its MessageSid, ';' and these
+-- ARGV[21] = '1' to keep the conversation as it is (the handler failed or ran out of time):
 --            only the answer is remembered, so that a redelivery does not run it again
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
--- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
+-- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); for an
+-- inbound message, it taken off KEYS[15] and the lock passed to the next (KEYS[2], KEYS[14]);
+-- else the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
 -- message's and its answer is not stored: nothing written). An inbound message's save takes it
@@ -33,7 +37,8 @@
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
-local next_hex, keeps = ARGV[18], ARGV[19] == '1'
+local sends, inbound_keyword = ARGV[18], ARGV[19]
+local next_hex, keeps = ARGV[20] or '', ARGV[21] == '1'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -101,6 +106,8 @@ if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, (end_reason ~= '' or keeps and is_new) and window_ms or live_keep_ms)
+if sends ~= '' then queue_outbound(member, sends, now) end
+note_inbound(member, inbound_keyword, now)
 if next_hex ~= '' then
   local first = redis.call('LINDEX', inbound, 0)
   if first and string.sub(first, 1, #message_sid + 1) == message_sid .. ' ' then

@@ -208,6 +208,10 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._claim = Script(client, "claim.lua")
+        self._finish = Script(client, "finish.lua")
+        self._status = Script(client, "status.lua")
+        self._push = Script(client, "push.lua")
         self._defer = Script(client, "defer.lua")
         self._renew = Script(client, "renew.lua")
         self._recover = Script(client, "recover.lua")
@@ -245,6 +249,10 @@ class ConversationStore:
             self._release,
             self._end,
             self._expire,
+            self._claim,
+            self._finish,
+            self._status,
+            self._push,
             self._defer,
             self._renew,
             self._recover,
@@ -265,8 +273,16 @@ class ConversationStore:
                 )
                 return
 
-    def open(
-        self, keys: ConversationKeys, message_sid: str, entry: Callable[[], str] = lambda: "{}"
+    def open(self, keys: ConversationKeys, message_sid: str) -> Opened:
+        """The lock for ``message_sid`` (a send from outside a webhook): round trip 1, more
+        while it waits its turn, also while a handler runs past its webhook (its inbound
+        messages are for webhooks' messages only)."""
+        opened = self.open_or_queue(keys, message_sid, None)
+        assert isinstance(opened, Opened)  # without an entry it never joins the inbound messages
+        return opened
+
+    def open_or_queue(
+        self, keys: ConversationKeys, message_sid: str, entry: Callable[[], str] | None
     ) -> Opened | Queued:
         """Round trip 1 (more only while the message waits its turn, asking again the sooner
         the nearer it is to the front, or when it joins the inbound messages: ``entry`` gives
@@ -276,7 +292,7 @@ class ConversationStore:
         deadline = started + self.lock_wait
         turn = self.ask(keys, message_sid, token)
         while True:
-            if turn == DEFERRED:
+            if turn == DEFERRED and entry is not None:
                 turn = self.ask(keys, message_sid, token, entry())
             if isinstance(turn, Opened):
                 if turn.answered is None:
@@ -333,9 +349,13 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
-        longer ours: nothing was written."""
+        longer ours: nothing was written. ``outbound``: messages queued in the same step
+        (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
+        for the outbound rules."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -347,6 +367,8 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                outbound=outbound,
+                keyword=keyword,
             ),
         )
         if result == "lost":
@@ -364,6 +386,8 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
         keeps: bool = False,
     ) -> tuple[bool, Inbound | None]:
         """SAVE of an inbound message (its handler ran past the webhook): whether it ended the
@@ -380,6 +404,8 @@ class ConversationStore:
             message_sid=message_sid,
             answer=answer,
             end_reason=end_reason,
+            outbound=outbound,
+            keyword=keyword,
         )
         result = self._run(self._save, script_keys, [*args, new_hex(), "1" if keeps else "0"])
         if result == "lost":
@@ -434,6 +460,8 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
     ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
         return keys.in_order(), [
@@ -447,6 +475,8 @@ class ConversationStore:
             "1" if is_new else "0",
             end_reason or "",
             opened.now,
+            outbound,
+            keyword if keyword in ("STOP", "START") else "",
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):
@@ -477,6 +507,63 @@ class ConversationStore:
             self.client.connection_pool.disconnect(inuse_connections=False)
             raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
         return result
+
+    def claim(self, keys: ConversationKeys, token: str, lease_ms: int) -> dict | None:
+        """CLAIM: the conversation's next outbound message if it is due, held for ``lease_ms``
+        (``claim.lua``'s names and values as a dict), else None."""
+        found = self._run(self._claim, keys.in_order(), [*self.settings, keys.member, token, lease_ms])
+        return dict(zip(found[0::2], found[1::2])) if found else None
+
+    def finish(
+        self, keys: ConversationKeys, message_id: str, token: str, outcome: str, *details: str | int
+    ) -> tuple[str, str]:
+        """FINISH: an attempt's ``outcome`` ('accepted', 'retry', 'failed') and its details, as
+        ``finish.lua`` reads them; the message's status before and after it (('lost', '') when
+        the claim was no longer the caller's: nothing written)."""
+        before, after = self._run(
+            self._finish,
+            keys.in_order(),
+            [*self.settings, keys.member, message_id, token, outcome, *details],
+        )
+        return before, after
+
+    def status(
+        self, keys: ConversationKeys, message_id: str, message_sid: str, status: str, error_code: str
+    ) -> tuple[str, str]:
+        """STATUS: a status callback applied if it moves the message up; (before, after)."""
+        before, after = self._run(
+            self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
+        )
+        return before, after
+
+    def push(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        start: str | None,
+        state: str,
+        outbound: str,
+        template: bool,
+    ) -> tuple[str, int | None]:
+        """PUSH, under the lock ``opened`` holds: queues ``outbound`` (``service.outbox.encode``)
+        and, with ``start`` (a new conversation's id), starts the conversation with ``state``;
+        releases the lock. ('queued', None), ('refused', Twilio's code) or ('lost', None)."""
+        reply = self._run(
+            self._push,
+            keys.in_order(),
+            [
+                *self.settings,
+                opened.token,
+                keys.member,
+                "1" if start else "0",
+                start or "",
+                state,
+                outbound,
+                "1" if template else "0",
+            ],
+        )
+        return reply[0], (int(reply[1]) if len(reply) > 1 else None)
 
     def release(self, keys: ConversationKeys, token: str) -> None:
         """Gives the lock back without saving, or leaves the line."""
