@@ -12,11 +12,11 @@ Contenders, each under gunicorn with the bench's workers and worker model:
   validator, its view sleeping the time and answering inline, as it must.
 
 Per contender: the webhook's answers (latency from the moment all were sent, p50/p99, and how
-many were not 200 within 15 s), and when each reply was ready: for the service, when its save
-committed it for the outbound sender (seen in Redis: the message's remembered answer); for the
-peer, its answer. Lost: the peer's messages unanswered in 15 s (Twilio gives up on the webhook,
-and the reply is never sent); the service's never committed. Doubled: a conversation whose
-state counted the message twice.
+many were not 200 within 15 s), and when each reply was ready: for the service, when the
+workers' outbound senders delivered it to the Twilio stand-in (``service/twilio_standin.py``, in
+this process; ``SENDER_THREADS`` 16); for the peer, its answer. Lost: the peer's messages
+unanswered in 15 s (Twilio gives up on the webhook, and the reply is never sent); the service's
+never delivered. Doubled: a reply delivered twice, or a state that counted its message twice.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ from twilio.request_validator import RequestValidator
 
 from service.keys import Keys
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
 
 TWILIO_WAITS = 15.0
 WATCHED = 60.0  # how long the service's commits are watched for
 GOAL_REPLY_S = 4.0  # every reply ready within this long of its message (bench/goals.py)
 BUDGET = "0.025"
+SENDER_THREADS = "16"  # each worker's sender delivers to this many conversations at once
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,14 @@ def contenders(seconds: float) -> list[Contender]:
     ]
 
 
-def messages(url: str, token: str, conversations: int, recipient: str) -> list[tuple[dict, str]]:
-    """One signed message per conversation (its params, its signature)."""
+def messages(
+    url: str, token: str, conversations: int, recipient: str, first: int = 0
+) -> list[tuple[dict, str]]:
+    """One signed message per conversation (its params, its signature), senders numbered from
+    ``first``."""
     validator = RequestValidator(token)
     planned = []
-    for n in range(conversations):
+    for n in range(first, first + conversations):
         params = {
             "From": f"+1555{90 + n // 100_000:02d}{n:05d}",
             "To": recipient,
@@ -106,21 +111,25 @@ async def _fire(url: str, planned: list[tuple[dict, str]]) -> tuple[float, list[
     return started, list(answers)
 
 
-def _committed(client: redis.Redis, keys: list, sids: list[str], started: float) -> list[float | None]:
-    """When each message's save committed its reply (seconds after ``started``), polled."""
-    found: list[float | None] = [None] * len(sids)
+def _delivered(standin: StandinServer, senders: list[str], started: float) -> list[float | None]:
+    """When each sender's reply reached the Twilio stand-in (seconds after ``started``), and
+    whether a second one did (doubled), watched until all arrived or ``WATCHED`` passed."""
+    found: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    wanted = set(senders)
     deadline = started + WATCHED
-    while time.monotonic() < deadline and None in found:
-        pipe = client.pipeline(transaction=False)
-        waiting = [n for n, at in enumerate(found) if at is None]
-        for n in waiting:
-            pipe.hexists(keys[n].conversation, "m:" + sids[n])
+    while time.monotonic() < deadline:
         now = time.monotonic() - started
-        for n, present in zip(waiting, pipe.execute()):
-            if present:
-                found[n] = now
-        time.sleep(0.02)
-    return found
+        counts = {}
+        for message in standin.state.inbox(None):
+            if message["to"] in wanted:
+                counts[message["to"]] = counts.get(message["to"], 0) + 1
+                found.setdefault(message["to"], now)
+        if len(found) == len(wanted):
+            break
+        time.sleep(0.05)
+    _delivered.doubled = sum(1 for count in counts.values() if count > 1)  # type: ignore[attr-defined]
+    return [found.get(sender) for sender in senders]
 
 
 def _percentile(values: list[float], share: float) -> float | None:
@@ -142,46 +151,58 @@ def run(
     """One contender under gunicorn: every message at once, then the figures."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushall()
+    standin = StandinServer()
+    sending = {
+        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_FROM_NUMBER": recipient,
+        "TWILIO_API_BASE_URL": standin.base,
+        "SENDER_THREADS": SENDER_THREADS,
+    }
+    token = AUTH_TOKEN
     server = Gunicorn(
-        {"REDIS_URL": redis_url, "TWILIO_AUTH_TOKEN": token, **contender.env},
+        {
+            "REDIS_URL": redis_url,
+            **(sending if contender.service else {"TWILIO_AUTH_TOKEN": token}),
+            **contender.env,
+        },
         workers=workers,
         app=contender.app,
         config=GUNICORN_CONF if contender.service else None,
         extra_args=(*worker_args, "--log-level", "warning"),
     )
-    with server:
-        warm = messages(server.url, token, 2 * workers * 12, "+15550002222")  # other conversations
+    with standin, server:
+        warm = messages(server.url, token, 2 * workers * 12, recipient, first=conversations)  # others
         asyncio.run(_fire(server.url, warm))
         time.sleep(float(contender.env["BENCH_HANDLER_SECONDS"]) + 1)
         planned = messages(server.url, token, conversations, recipient)
         keys = [Keys().conversation(params["From"], recipient) for params, _ in planned]
-        sids = [params["MessageSid"] for params, _ in planned]
         answered: list = []
-        committed: list[float | None] = []
+        delivered: list[float | None] = []
+        doubled = 0
         if contender.service:
             holder: dict = {}
             fired = threading.Thread(
                 target=lambda: holder.update(result=asyncio.run(_fire(server.url, planned)))
             )
             fired.start()
-            time.sleep(0)  # the load starts at once; commits are polled meanwhile
-            started_guess = time.monotonic()
-            committed = _committed(client, keys, sids, started_guess)
+            started_guess = time.monotonic()  # the load starts at once; deliveries are watched
+            delivered = _delivered(standin, [params["From"] for params, _ in planned], started_guess)
+            doubled = _delivered.doubled  # type: ignore[attr-defined]
             fired.join()
             started, answered = holder["result"]
             offset = started_guess - started
-            committed = [None if at is None else at + offset for at in committed]
+            delivered = [None if at is None else at + offset for at in delivered]
         else:
             started, answered = asyncio.run(_fire(server.url, planned))
         states = [client.hget(key.conversation, "state") for key in keys] if contender.service else []
     latencies = [at - started for status, at, _ in answered if status == 200]
     refused = sum(1 for status, _, _ in answered if status != 200)
     if contender.service:
-        ready = [at for at in committed if at is not None]
-        doubled = sum(1 for state in states if state and json.loads(state).get("messages", 0) > 1)
+        ready = [at for at in delivered if at is not None]
+        doubled += sum(1 for state in states if state and json.loads(state).get("messages", 0) > 1)
     else:
         ready = [at - started for status, at, body in answered if status == 200 and body.strip()]
-        doubled = 0
     return {
         "conversations": conversations,
         "replies_within_4s": sum(1 for at in ready if at <= GOAL_REPLY_S),
@@ -192,7 +213,7 @@ def run(
         "reply_p50_s": round(_percentile(ready, 0.5) or 0, 2),
         "reply_p99_s": round(_percentile(ready, 0.99) or 0, 2),
         "reply_max_s": round(max(ready, default=0), 2),
-        "lost": conversations - len(ready),  # the peer: unanswered in 15 s; the service: never committed
+        "lost": conversations - len(ready),  # the peer: unanswered in 15 s; the service: never delivered
         "doubled": doubled,
     }
 

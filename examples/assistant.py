@@ -1,7 +1,7 @@
 """An assistant that asks a slow HTTP API (a language model) for each answer: an ``async``
 handler, the way yours would call one.
 
-    .venv/bin/python -m examples.slow_api --delay 5 &        # the stand-in API, port 8765
+    .venv/bin/python -m examples.slow_api --delay 5 &        # the stand-in API, port 8766
     make run SMS_HANDLER=examples.assistant:handle
 
 The API takes seconds; the service answers Twilio at once (an empty answer) once the handler
@@ -19,7 +19,7 @@ from service import Conversation, Message
 
 log = logging.getLogger(__name__)
 
-URL = os.environ.get("ASSISTANT_URL", "http://127.0.0.1:8765/v1/complete")
+URL = os.environ.get("ASSISTANT_URL", "http://127.0.0.1:8766/v1/complete")
 API_TIMEOUT = aiohttp.ClientTimeout(total=60)  # under HANDLER_TIMEOUT: the handler answers itself
 KEPT = 10  # exchanges kept in the conversation's state
 

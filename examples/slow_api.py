@@ -2,7 +2,7 @@
 request after a delay, as such an API would, so that a bot calling one can be run and tested
 without an account.
 
-    .venv/bin/python -m examples.slow_api --port 8765 --delay 5
+    .venv/bin/python -m examples.slow_api --port 8766 --delay 5
 
 ``POST /v1/complete`` with JSON ``{"prompt": "..."}`` answers ``{"text": "..."}`` after
 ``--delay`` seconds (a request's ``"delay"`` overrides it), a made-up completion that quotes
@@ -47,7 +47,7 @@ def make_app(delay: float) -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--delay", type=float, default=5.0, help="seconds before each answer")
     options = parser.parse_args()
     web.run_app(make_app(options.delay), host=options.host, port=options.port)
