@@ -7,9 +7,11 @@ that need it, so ``--help`` and ``simulate`` never touch settings or Redis.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -178,6 +180,7 @@ def simulate(sender, recipient, url, auth_token, message, repeat, media, handler
     twilio = _in_process(handler_spec) if handler_spec else TwilioSimulator(url, auth_token)
     lines = [message] * repeat if message is not None else _typed_lines(sender, recipient)
     failed = False
+    shown: set[str] = set()
     for line in lines:
         try:
             delivery = twilio.send(sender, recipient, line, media=list(media))
@@ -192,6 +195,9 @@ def simulate(sender, recipient, url, auth_token, message, repeat, media, handler
                     click.echo(f"[media] {address}")
             if not delivery.replies:
                 click.echo("(no reply)")
+            if twilio.app is not None:  # in process: what the handler sent, also past the webhook
+                for later in _sent_later(twilio.app, sender, recipient, shown):
+                    click.echo(f"[later] {later}")
         else:
             failed = True
             hint = HINTS.get(delivery.status, "")
@@ -214,6 +220,27 @@ def _in_process(spec: str) -> TwilioSimulator:
     app = create_app(config, handler=load(spec))
     logging.getLogger().setLevel(logging.WARNING)
     return TwilioSimulator.for_app(app)
+
+
+def _sent_later(app: Flask, sender: str, recipient: str, shown: set[str]) -> list[str]:
+    """In process, where nothing delivers outbound messages: once the conversation's handler
+    runs are done (a slow one's reply comes after the webhook's empty answer), the texts of its
+    outbound messages not shown yet, in commit order (and ``[media] URL`` lines)."""
+    wired = current(app)
+    keys = wired.keys.conversation(sender, recipient)
+    deadline = time.monotonic() + app.config["HANDLER_TIMEOUT"] + 5
+    while (wired.redis.exists(keys.inbound) or wired.redis.exists(keys.lock)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    texts = []
+    for outbound_id in wired.redis.lrange(keys.outbound, 0, -1):
+        stored = wired.redis.hget(keys.sent, outbound_id)
+        if outbound_id in shown or stored is None:
+            continue
+        shown.add(outbound_id)
+        queued = json.loads(stored)
+        texts.append(queued.get("body") or "")
+        texts += [f"[media] {address}" for address in queued.get("media") or ()]
+    return texts
 
 
 def _typed_lines(sender, recipient):

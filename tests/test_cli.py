@@ -329,3 +329,27 @@ def test_make_run_with_a_bad_setting_refuses_before_any_banner():
     assert "sms-sessions: refusing to start: LOCK_WAIT='soon'" in result.stderr
     assert "Serving" not in result.stdout
     assert "embedded" not in result.stdout
+
+
+@pytest.mark.slow
+def test_simulate_in_process_shows_a_slow_reply_after_the_acknowledgement():
+    """The webhook's answer is empty (the handler ran past its budget); the handler's outbound
+    messages follow, marked as coming later."""
+    result = sms_sessions(
+        "simulate",
+        "--handler",
+        "tests.support.napping_handler:handle",
+        "--from",
+        REY,
+        "--to",
+        OURS,
+        "--message",
+        "plan my trip",
+        HANDLER_INLINE_BUDGET="0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "(no reply)",
+        "[later] One moment…",
+        "[later] Answer to: plan my trip",
+    ]
