@@ -306,7 +306,9 @@ class Runs:
             # the cancellation, or a plain one, is abandoned a moment later.
             if now >= run.deadline + (0.5 if self.is_async else 0):
                 run.settle("timeout")
-        due = [run for run in running if run.renew_at <= now and run.outcome is None]
+        # Until its save, also while it waits for a finishing thread: a lease lapsing then would
+        # have the sweeper run the message again for nothing.
+        due = [run for run in running if run.renew_at <= now]
         if not due:
             return
         renewed = self.store.renew([(run.keys, run.token) for run in due], cluster=self.keys.cluster)
