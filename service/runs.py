@@ -21,13 +21,14 @@ may run twice, its effects commit once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from xml.etree import ElementTree
 
@@ -69,6 +70,7 @@ class Run:
         self.deadline = self.started + runs.timeout
         self.renew_at = self.started + runs.renew_every
         self.outcome: tuple[str, Any] | None = None
+        self.is_async = False
         self._lock = threading.Lock()
         self._settled = threading.Event()
 
@@ -102,7 +104,7 @@ class Runs:
 
     def __init__(
         self,
-        handle: Handler,
+        handler_of: Callable[[], Handler],
         config: dict[str, Any],
         store: ConversationStore,
         sessions: ConversationSessionInterface,
@@ -110,8 +112,7 @@ class Runs:
         callers: Callers,
         on_timeout: Callable[[], None] = lambda: None,
     ):
-        self.handle = handle
-        self.is_async = inspect.iscoroutinefunction(handle)
+        self.handler_of = handler_of  # the wiring's handler, read at each call
         self.budget: float = config["HANDLER_INLINE_BUDGET"]
         self.timeout: float = config["HANDLER_TIMEOUT"]
         self.timeout_reply: str = config["HANDLER_TIMEOUT_REPLY"]
@@ -139,10 +140,7 @@ class Runs:
             self.running = set()
             self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="sms-handler")
             self._finishers = ThreadPoolExecutor(FINISHING_THREADS, thread_name_prefix="sms-finish")
-            if self.is_async:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="sms-handler-loop", daemon=True).start()
-                self._loop = loop
+            self._loop = None
             self._supervising = False
             self._pid = os.getpid()
 
@@ -155,25 +153,43 @@ class Runs:
             if not self._supervising:  # it stops whenever nothing runs
                 self._supervising = True
                 threading.Thread(target=self._supervise, name="sms-handler-supervisor", daemon=True).start()
-        if self._loop is not None:
-            future = asyncio.run_coroutine_threadsafe(self._call_async(run), self._loop)
-            future.add_done_callback(lambda done: self._settle_async(run, done))
+        handle = self.handler_of()
+        run.is_async = inspect.iscoroutinefunction(handle)
+        # The handler sees the context it was called from (a webhook's: Flask's request and app).
+        context = contextvars.copy_context()
+        if run.is_async:
+            loop = self._event_loop()
+
+            def schedule() -> None:
+                task = loop.create_task(self._call_async(run, handle), context=context)
+                task.add_done_callback(lambda done: self._settle_async(run, done))
+
+            loop.call_soon_threadsafe(schedule)
         else:
             assert self._pool is not None
-            self._pool.submit(self._call, run)
+            self._pool.submit(context.run, self._call, run, handle)
         return run
 
-    def _call(self, run: Run) -> None:
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The process' event loop for async handlers, in a thread of its own (started once)."""
+        with self._guard:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="sms-handler-loop", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def _call(self, run: Run, handle: Handler) -> None:
         try:
-            run.settle("reply", self.handle(run.message, run.conversation))
+            run.settle("reply", handle(run.message, run.conversation))
         except Exception as error:  # contained: every failure of the developer's is an Exception
             run.settle("error", error)
 
-    async def _call_async(self, run: Run) -> tuple[str, Any]:
+    async def _call_async(self, run: Run, handle: Handler) -> tuple[str, Any]:
         scope = asyncio.timeout(max(0.0, run.deadline - time.monotonic()))
         try:
             async with scope:
-                reply = await self.handle(run.message, run.conversation)
+                reply = await handle(run.message, run.conversation)
         except TimeoutError as error:
             return ("timeout", None) if scope.expired() else ("error", error)
         except Exception as error:
@@ -181,7 +197,7 @@ class Runs:
         return "reply", reply
 
     @staticmethod
-    def _settle_async(run: Run, done: Future) -> None:
+    def _settle_async(run: Run, done: asyncio.Task) -> None:
         try:
             run.settle(*done.result())
         except BaseException as error:  # the loop's own failure: the run's too
@@ -304,7 +320,7 @@ class Runs:
         for run in running:
             # An async handler is cancelled at its deadline by its own scope; one that ignores
             # the cancellation, or a plain one, is abandoned a moment later.
-            if now >= run.deadline + (0.5 if self.is_async else 0):
+            if now >= run.deadline + (0.5 if run.is_async else 0):
                 run.settle("timeout")
         # Until its save, also while it waits for a finishing thread: a lease lapsing then would
         # have the sweeper run the message again for nothing.

@@ -91,7 +91,7 @@ def init_app(
         accounts,
         signature,
         Throttle(metrics.sign_in_failures),
-        Runs(handler, config, store, sessions, keys, callers, metrics.handler_timeouts.inc),
+        Runs(lambda: wiring.handler, config, store, sessions, keys, callers, metrics.handler_timeouts.inc),
         on_status,
     )
     app.extensions[EXTENSION] = wiring

@@ -294,6 +294,8 @@ def test_metrics_add_up_across_two_workers(stack, twilio):
     assert {outcome: change[f"sms_messages_received_total{{outcome={outcome}}}"] for outcome in Outcome} == {
         Outcome.REPLIED: 3 + extra,
         Outcome.DUPLICATE: 1,
+        Outcome.DEFERRED: 0,
+        Outcome.QUEUED: 0,
         Outcome.REJECTED_SIGNATURE: 1,
         Outcome.BAD_REQUEST: 1,
         Outcome.UNAVAILABLE: 0,
