@@ -5,11 +5,13 @@ redis-server; retries, permanent errors and per-conversation order."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from flask import request
 
 from service import create_app
+from service.handler import Conversation
 from service.keys import Keys
 from service.sender import Sender
 from tests.support import status_handler
@@ -259,3 +261,12 @@ def test_a_conversation_keeps_the_records_of_its_latest_messages(standin, redis_
     kept = records(redis_client)
     assert 100 <= len(kept) < 200
     assert {record["body"] for record in kept} >= {f"c-{n}" for n in range(70)}
+
+
+def test_the_end_hook_cannot_queue_into_the_ended_conversation():
+    """Its conversation is never saved again: a send there would be silently lost."""
+    ended = Conversation({}, sid="x", sender=REY, recipient=OURS)
+    ended.ended_at = datetime.now(UTC)
+    with pytest.raises(RuntimeError, match="service.send"):
+        ended.send("too late")
+    assert ended.outbound == []
