@@ -23,9 +23,11 @@ Key (example)                                        Type and what it holds
                                                      score its end (last message + TTL, ms)
 <prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
                                                      not yet handed to Twilio, in commit order
-<prefix>sent:{07}:+15551230007|+15550001111          hash: outbound message id -> its record, JSON
-                                                     (service/outbound.py: Record), kept with
-                                                     the conversation's hash and a day
+<prefix>sent:{07}:+15551230007|+15550001111          hash: '<id>' -> an outbound message as queued,
+                                                     '<id>:s' -> its state (JSON; both in
+                                                     service/store/outbound.lua): the queued ones
+                                                     and the latest 100 sent, kept a day past
+                                                     the conversation's last activity
 <prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
                                                      first queued outbound message is due (ms;
                                                      while a sender holds it, its lease's end)

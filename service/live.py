@@ -328,7 +328,8 @@ class LiveConversations:
             name=self.callers.name(keys.sender),
             messages=_number(seq),
             first_seen=_number(first_seen),
-            last_seen=_number(last_seen),
+            # An outbound message started it (service.send) and no message came yet: its start.
+            last_seen=_number(last_seen) or _number(first_seen),
             expires_in=max(expires_in, 0),
             state=decode_state(raw_state or "{}") or {},
         )
