@@ -24,7 +24,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
-from .clock import now_ms
+from .clock import now_ms, redis_now_ms
 from .handler import Conversation, EndHook
 from .history import Ending, Event
 from .redis_client import UNAVAILABLE
@@ -56,19 +56,20 @@ class Sweeper:
     def sweep(self) -> int:
         """One pass; returns how many conversations it ended."""
         with self.app.app_context():
-            ended = self._expire_due()
+            now = redis_now_ms(self.client)  # what is due is the scripts' to say: by Redis' clock
+            ended = self._expire_due(now)
             if self.keys.cluster:
                 self._relay()
             if self.on_end is not None:
                 self._run_hooks(self.on_end)
-            self.client.xtrim(self.keys.events, minid=str(now_ms() - self.retention_ms), approximate=False)
-            self._sample()
+            self.client.xtrim(self.keys.events, minid=str(now - self.retention_ms), approximate=False)
+            self._sample(now)
         return ended
 
-    def _expire_due(self) -> int:
+    def _expire_due(self, now: int) -> int:
         pipe = self.client.pipeline(transaction=False)
         for index in self.keys.indexes():
-            pipe.zrangebyscore(index, "-inf", now_ms(), start=0, num=DUE_PER_SHARD)
+            pipe.zrangebyscore(index, "-inf", now, start=0, num=DUE_PER_SHARD)
         due = [self.keys.from_member(member) for members in pipe.execute() for member in members]
         ended = self.store.expire(due, cluster=self.keys.cluster) if due else 0
         if ended:
@@ -129,9 +130,9 @@ class Sweeper:
             self.wired.metrics.end_hook_failures.inc()
             log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)
 
-    def _sample(self) -> None:
-        """Once a minute: live conversations now, and messages saved in the past minute."""
-        now = now_ms()
+    def _sample(self, now: int) -> None:
+        """Once a minute (``now``: Redis' clock, as the tallies' minutes): live conversations
+        now, and messages saved in the past minute."""
         last = self.client.xrevrange(self.keys.samples, "+", "-", count=1)
         if last and int(last[0][0].split("-")[0]) // 60000 == now // 60000:
             return
