@@ -364,6 +364,14 @@ SETTINGS = [
         "event, their end hook), 0.05 to 3600; one process sweeps at a time.",
     ),
     Setting(
+        "END_HOOK_TIMEOUT",
+        30.0,
+        _between(float, 0.1, 3600, "a number of seconds"),
+        "Seconds an end hook (`on_end`) call may take, 0.1 to 3600: one still running then is "
+        "counted as failed, its conversation's entry dropped and its thread left to finish, "
+        "so that a hanging hook holds up neither the sweep nor the other hooks.",
+    ),
+    Setting(
         "EVENTS_RETENTION",
         7 * 24 * 3600,
         _between(int, 1, 366 * 24 * 3600, "a number of seconds"),

@@ -137,7 +137,8 @@ class ConversationStore:
         read_timeout: float = 0.5,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
     ):
-        """``hooks``: keep each ended conversation's final state for the end hook.
+        """``hooks``: this process has the end hook, so every ended conversation's final state is
+        kept for it (else only while ``keep_endings`` says another process runs it).
         ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
         self.on_lock_wait = on_lock_wait
@@ -145,6 +146,7 @@ class ConversationStore:
         self.blocking = read_timeout > self.POLL_MAX + 0.15
         self.events_max = events_max  # the sweeper's relay trims as the scripts do
         self.wait_replicas = wait_replicas
+        self.hooks = hooks
         self.wait_ms = wait_ms
         # ARGV[1..8] of every conversation script, in common.lua's order.
         self.settings: list[int | str] = [
@@ -187,6 +189,14 @@ class ConversationStore:
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
             read_timeout=config["REDIS_TIMEOUT"],
         )
+
+    def follow_hooks(self, announcement: str) -> None:
+        """Whether the scripts keep ended conversations for the end hook (ARGV[8]): always
+        when this process has the hook, else when a process that runs it has announced itself
+        in the key ``announcement`` (``service/hooks.py``; one read): the choice is the
+        deployment's, not this process's."""
+        announced = not self.hooks and bool(self.client.exists(announcement))
+        self.settings[7] = "1" if self.hooks or announced else "0"
 
     @property
     def scripts(self) -> tuple[Script, ...]:
