@@ -627,8 +627,16 @@ def test_save_refuses_an_unknown_end_reason_before_writing_anything(app, redis_c
     before = redis_client.hgetall(keys.conversation), redis_client.xlen(KEYS.events)
     opened = store.open(keys, "SMsecond")
     with pytest.raises(ResponseError, match="unknown end reason"):
-        store.save(keys, opened, sid=opened.sid, state="{}", is_new=False, message_sid="SMsecond",
-                   answer="", end_reason="left")
+        store.save(
+            keys,
+            opened,
+            sid=opened.sid,
+            state="{}",
+            is_new=False,
+            message_sid="SMsecond",
+            answer="",
+            end_reason="left",
+        )
     assert (redis_client.hgetall(keys.conversation), redis_client.xlen(KEYS.events)) == before
     store.release(keys, opened.token)
     assert not redis_client.exists(keys.lock)
