@@ -34,7 +34,7 @@ from flask import Flask
 
 from .handler import Conversation, EndHook
 from .history import Ending
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .store import decode_state
 from .wiring import current
 
@@ -154,8 +154,11 @@ class EndHooks:
         while not self.stopping.is_set():
             try:
                 self.run_once()
-            except UNAVAILABLE as error:
-                log.warning("end hooks skipped: Redis %s", type(error).__name__)
+            except Exception as error:  # the thread goes on: a bug is logged, an outage waits
+                if not is_outage(error):
+                    log.exception("end hooks failed")
+                else:
+                    log.warning("end hooks skipped: Redis %s", type(error).__name__)
             self.stopping.wait(self.interval)
 
     def start(self) -> threading.Thread:

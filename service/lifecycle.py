@@ -25,7 +25,7 @@ from flask.cli import ScriptInfo, with_appcontext
 from .clock import now_ms, redis_now_ms
 from .history import Event
 from .hooks import EndHooks
-from .redis_client import UNAVAILABLE
+from .redis_client import UNAVAILABLE, is_outage
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,11 @@ class Sweeper:
                     self.sweep_pass()
                 else:
                     self.follow_hooks()  # what this process's messages end is kept as the sweeper's
-            except UNAVAILABLE as error:
-                log.warning("sweep skipped: Redis %s", type(error).__name__)
+            except Exception as error:  # the thread goes on: a bug is logged, an outage waits
+                if not is_outage(error):
+                    log.exception("sweep failed")
+                else:
+                    log.warning("sweep skipped: Redis %s", type(error).__name__)
             self.stopping.wait(self.interval)
 
     def start(self) -> threading.Thread:

@@ -31,7 +31,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .store import ConversationStore, Opened, decode_state
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ class ConversationSession(Conversation):
         bound = self._bound()
         try:
             self.interface.store.release(bound.keys, bound.opened.token)
-        except UNAVAILABLE as error:
+        except Exception as error:
+            if not is_outage(error):
+                raise
             self.interface.metrics.count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
         self.settled = True
