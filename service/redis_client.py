@@ -65,6 +65,7 @@ def is_outage(error: BaseException) -> bool:
         trace = trace.tb_next
     return trace is not None and os.path.abspath(trace.tb_frame.f_code.co_filename).startswith(REDIS_PY)
 
+
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
@@ -261,11 +262,8 @@ def check(config) -> None:
             f"REDIS_URL: unknown scheme {scheme!r}; use one of "
             + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME))
         )
-    if config["REDIS_WAIT_REPLICAS"] and scheme in ("", CLUSTER_SCHEME):
-        raise ConfigError(
-            "REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
-            "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)"
-        )
+    if config["REDIS_WAIT_REPLICAS"] and not scheme:
+        raise ConfigError("REDIS_WAIT_REPLICAS: needs a REDIS_URL (the embedded store has no replicas)")
 
 
 def check_credentials(config, client: Client | None = None) -> None:

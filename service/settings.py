@@ -195,7 +195,8 @@ SETTINGS = [
         _non_negative_int,
         "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
         "no extra round trip) before the answer; fewer answers 503. Set it to "
-        "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store.",
+        "`min-replicas-to-write` behind Sentinel, the replicas of each master on a Cluster. Not "
+        "with the embedded store.",
     ),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
     Setting(
