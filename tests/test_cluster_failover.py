@@ -88,9 +88,11 @@ def test_a_master_failover_loses_no_message_answered_200(replicated_cluster):
             thread.start()
         wait_until(lambda: min(len(c) for c in counts.values()) >= 5, seconds=60, what="5 messages each")
         victim.kill()  # kill -9: its replica is promoted after cluster-node-timeout
-        wait_until(lambda: owner(client, SENDERS[0]) not in (None, victim_port), seconds=60, what="a promotion")
+        promoted = lambda: owner(client, SENDERS[0]) not in (None, victim_port)  # noqa: E731
+        wait_until(promoted, seconds=60, what="the replica promoted")
         victim.start()  # back, as the new master's replica
-        wait_until(lambda: redis_servers.replicas_in_sync(victim) == 0, seconds=60, what="the old master syncing")
+        synced = lambda: redis_servers.replicas_in_sync(victim) == 0  # noqa: E731
+        wait_until(synced, seconds=60, what="the old master syncing as a replica")
         failed_over.set()
         for thread in threads:
             thread.join(timeout=120)

@@ -190,7 +190,8 @@ def replicas_in_sync(node: RedisProcess) -> int | None:
     """A master's replicas that are online; 0 for a replica whose link is up; else None."""
     info = node.client().info("replication")
     if info["role"] == "master":
-        return sum(1 for name, value in info.items() if name.startswith("slave") and value["state"] == "online")
+        links = [value for name, value in info.items() if name.startswith("slave")]
+        return sum(1 for link in links if link["state"] == "online")
     return 0 if info.get("master_link_status") == "up" else None
 
 
