@@ -38,7 +38,14 @@ Key (example)                                        Type and what it holds
                                                      (service/store/tally.lua)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
                                                      payload (service/store/ending.lua), until
-                                                     the hook ran
+                                                     the hook ran; expires a day after its
+                                                     latest entry's conversation's end
+<prefix>hook:{07}:<id>                               string, PX END_HOOK_TIMEOUT + 10 s: the
+                                                     claim of the process running the end hook
+                                                     of conversation <id> (service/hooks.py)
+<prefix>hooks                                        string, PX a day: the end hook's name, set
+                                                     by every process that runs it: ended
+                                                     conversations are kept for it meanwhile
 <prefix>events                                       stream: lifecycle events (started, ended)
 <prefix>outbox:{07}                                  stream: a Cluster's events on their way to
                                                      <prefix>events
@@ -118,6 +125,13 @@ class Keys:
     @property
     def sweeper(self) -> str:
         return f"{self.prefix}sweeper"
+
+    @property
+    def hooks(self) -> str:
+        return f"{self.prefix}hooks"
+
+    def hook_claim(self, shard: str, conversation_id: str) -> str:
+        return f"{self.prefix}hook:{{{shard}}}:{conversation_id}"
 
     def outbox(self, shard: str) -> str:
         return f"{self.prefix}outbox:{{{shard}}}"

@@ -209,7 +209,9 @@ class LiveConversations:
         return self._conversation(keys, values, math.ceil((expiry - now) / 1000))
 
     def end(self, sender: str, recipient: str) -> bool:
-        """Ends the conversation now (state, lock, index entry); False if it was not live."""
+        """Ends the conversation now (state, lock, index entry); False if it was not live. Its
+        final state is kept for the deployment's end hook, whether or not this process has it."""
+        self.store.follow_hooks(self.keys.hooks)
         ended = self.store.end(self.keys.conversation(sender, recipient))
         if ended:
             self.on_end()
