@@ -40,7 +40,7 @@ from .handler import Handler, Message, Reply
 from .keys import ConversationKeys, Keys
 from .logs import write
 from .masking import mask
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .sessions import ConversationSession, ConversationSessionInterface
 from .store import ConversationStore, Inbound, LockLost
 
@@ -265,7 +265,9 @@ class Runs:
             fields["reason"] = "its save was refused: the lock lapsed (another run took the message)"
             kind = "fenced"
             following = None
-        except UNAVAILABLE as error:
+        except Exception as error:
+            if not is_outage(error):
+                raise
             fields["reason"] = f"Redis unavailable: {type(error).__name__}; the message runs again"
             kind = "unsaved"
             following = None
@@ -281,10 +283,11 @@ class Runs:
         conversation = ConversationSession.resumed(self.sessions, message, keys, inbound.opened)
         return self.start(message, conversation, inbound=True)
 
-    def recover(self, cluster: bool = False) -> int:
-        """The sweeper's pass: claims pending conversations whose lease lapsed and runs their
-        first inbound message again here; returns how many it claimed."""
-        client, now = self.store.client, int(time.time() * 1000)
+    def recover(self, now: int) -> int:
+        """The sweeper's pass at ``now`` (Redis' clock, ms): claims pending conversations whose
+        lease lapsed and runs their first inbound message again here; returns how many it
+        claimed."""
+        client = self.store.client
         pipe = client.pipeline(transaction=False)
         for shard in self.keys.shards():
             pipe.zrangebyscore(self.keys.pending(shard), "-inf", now, start=0, num=PENDING_PER_SHARD)
@@ -308,10 +311,11 @@ class Runs:
                     return
             try:
                 self._tend()
-            except UNAVAILABLE as error:
-                log.warning("handler leases not renewed: Redis %s", type(error).__name__)
-            except Exception:
-                log.exception("the handler supervisor failed a round")
+            except Exception as error:
+                if is_outage(error):
+                    log.warning("handler leases not renewed: Redis %s", type(error).__name__)
+                else:
+                    log.exception("the handler supervisor failed a round")
 
     def _tend(self) -> None:
         now = time.monotonic()
