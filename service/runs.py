@@ -25,10 +25,11 @@ import contextvars
 import inspect
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor  # the finishing threads
 from typing import Any
 from xml.etree import ElementTree
 
@@ -72,7 +73,9 @@ class Run:
         self.outcome: tuple[str, Any] | None = None
         self.is_async = False
         self._lock = threading.Lock()
-        self._settled = threading.Event()
+        # Held until the outcome comes: plain locks, the cheapest way to wait across threads.
+        self._settled = threading.Lock()
+        self._settled.acquire()
 
     def settle(self, kind: str, value: Any = None) -> None:
         with self._lock:
@@ -80,13 +83,18 @@ class Run:
                 return
             self.outcome = (kind, value)
             finishing = self.inbound
-        self._settled.set()
+        self._settled.release()
         if finishing:
             self.runs.finish_later(self)
 
     def wait(self, seconds: float) -> bool:
-        """Whether the outcome came within ``seconds``."""
-        return self._settled.wait(seconds)
+        """Whether the outcome came within ``seconds`` (one waiter: the webhook)."""
+        if self.outcome is not None:
+            return True
+        acquired = self._settled.acquire(True, seconds) if seconds > 0 else self._settled.acquire(False)
+        if acquired:
+            self._settled.release()  # for a later wait
+        return acquired
 
     def deferred(self) -> None:
         """The message is durable among the inbound messages: the run finishes here."""
@@ -95,6 +103,39 @@ class Run:
             finishing = self.outcome is not None
         if finishing:
             self.runs.finish_later(self)
+
+
+class HandlerThreads:
+    """Threads for plain-function handlers, started as needed up to ``most``, each taking the
+    next call from one queue. Lighter than ``ThreadPoolExecutor`` (no future per call: a run
+    settles itself), and daemons: a process that exits does not wait for an abandoned handler."""
+
+    def __init__(self, most: int):
+        self.most = most
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.started = self.idle = 0
+        self.guard = threading.Lock()
+
+    def submit(self, function: Callable, *args: Any) -> None:
+        self.calls.put((function, args))
+        with self.guard:
+            if self.idle:
+                self.idle -= 1  # that one takes it
+                return
+            if self.started >= self.most:
+                return  # it waits for the first thread free
+            self.started += 1
+        threading.Thread(target=self._work, name=f"sms-handler-{self.started}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            function, args = self.calls.get()
+            try:
+                function(*args)
+            except BaseException:  # a run settles its own failures; this is a bug of ours
+                log.exception("a handler thread's call failed")
+            with self.guard:
+                self.idle += 1
 
 
 class Runs:
@@ -124,7 +165,7 @@ class Runs:
         self.running: set[Run] = set()
         self._guard = threading.Lock()
         self._pid = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: HandlerThreads | None = None
         self._finishers: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._supervising = False
@@ -138,7 +179,7 @@ class Runs:
             if self._pid == os.getpid():
                 return
             self.running = set()
-            self._pool = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="sms-handler")
+            self._pool = HandlerThreads(HANDLER_THREADS)
             self._finishers = ThreadPoolExecutor(FINISHING_THREADS, thread_name_prefix="sms-finish")
             self._loop = None
             self._supervising = False
