@@ -38,7 +38,7 @@ def serve(redis_url: str, standin: StandinServer, **settings: str) -> Gunicorn:
             "TWILIO_FROM_NUMBER": OURS,
             "TWILIO_API_BASE_URL": standin.base,
             "REDIS_URL": redis_url,
-            "SMS_HANDLER": "tests.support.slow_handler:handle",
+            "SMS_HANDLER": "tests.support.sleeping_handler:handle",
             "HANDLER_INLINE_BUDGET": "0.2",
             "LOCK_TTL": "1",
             "SWEEP_INTERVAL": "0.2",

@@ -1,4 +1,4 @@
-"""A handler for processes the tests start (``SMS_HANDLER=tests.support.slow_handler:handle``):
+"""A handler for processes the tests start (``SMS_HANDLER=tests.support.sleeping_handler:handle``):
 a body ``sleep N`` takes N seconds on its first call (a call again, after its process died,
 returns at once); every call is recorded in the Redis list ``handler-calls`` (of ``REDIS_URL``)
 as JSON: the process, the body, the MessageSid."""
