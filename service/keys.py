@@ -19,6 +19,8 @@ Key (example)                                        Type and what it holds
 <prefix>wake:{07}:+15551230007|+15550001111:<token>  list, PX: a waiting message's turn, popped at
                                                      once: a save's, OPEN's reply as JSON; a
                                                      release's, '1' (ask again)
+<prefix>transcript:{07}:+15551230007|+15550001111    stream, with TRANSCRIPTS=1: the pair's messages
+                                                     in and out, in commit order (below)
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
@@ -41,6 +43,11 @@ clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
 ``<oldest one's ms> <how many>`` while more than one is kept (with one, it is the last
 message's, at ``last_seen``). It expires a day after the conversation's end while live; once
 ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
+
+A transcript entry's fields: ``at`` (the message's ms), ``conv`` (the conversation's id),
+``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media`` (URLs,
+space-separated, when any) and, inbound, ``sid`` (its MessageSid). Its expiry follows the
+conversation's end plus ``TRANSCRIPT_RETENTION``; ``XADD MAXLEN`` caps it at ``TRANSCRIPT_MAX``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
@@ -131,6 +138,7 @@ class Keys:
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
             *self._shard_keys[shard],
+            prefix + "transcript:" + tagged,
         )
 
     @property
@@ -164,6 +172,7 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    transcript: str  # its transcript (a stream), the last key every script is sent
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -177,4 +186,5 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.transcript,
         ]

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from .clock import duration
 from .live import BadCursor, LiveConversation
@@ -94,6 +94,13 @@ def finite(data):
     if isinstance(data, list):
         return [finite(value) for value in data]
     return data
+
+
+@bp.get("/transcripts/<sender>/<recipient>")
+def transcript(sender, recipient):
+    """The pair's transcript, oldest first (empty when none is kept)."""
+    entries = current().transcripts.read(sender, recipient)
+    return {"from": sender, "to": recipient, "entries": [entry.to_json() for entry in entries]}
 
 
 @bp.delete("/conversations/<sender>/<recipient>")
@@ -193,6 +200,22 @@ def expire_command(sender, recipient, as_json):
     )
 
 
+@click.command("transcript")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@json_option
+@with_appcontext
+def transcript_command(sender, recipient, as_json):
+    """What was said between FROM and TO, oldest first (TRANSCRIPTS=1)."""
+    if not current_app.config["TRANSCRIPTS"]:
+        click.echo(
+            "note: TRANSCRIPTS is off here; showing what was kept while it was on, if anything", err=True
+        )
+    entries = run(lambda: current().transcripts.read(sender, recipient))
+    text = "\n".join(entry.line() for entry in entries) or f"no transcript from {sender} to {recipient}"
+    emit([entry.to_json() for entry in entries], text, as_json)
+
+
 # How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
 # short code. Anything else cannot match a conversation.
 NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
@@ -231,3 +254,4 @@ def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
+    app.cli.add_command(transcript_command)

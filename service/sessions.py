@@ -33,6 +33,8 @@ from .logs import annotate, report
 from .metrics import Metrics
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, decode_state
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import payload as transcript_payload
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -127,6 +129,7 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            transcript=transcript_payload(self.interface.transcripts, bound.message, answer),
         )
         self.saved = True
         counters = self.interface.metrics
@@ -192,8 +195,16 @@ class ConversationSessionInterface(SessionInterface):
 
     serializer = JsonSerializer()
 
-    def __init__(self, store: ConversationStore, keys: Keys, ttl: int, metrics: Metrics):
+    def __init__(
+        self,
+        store: ConversationStore,
+        keys: Keys,
+        ttl: int,
+        metrics: Metrics,
+        transcripts: TranscriptSettings = TranscriptSettings(False, 0, 0),
+    ):
         self.store = store
+        self.transcripts = transcripts
         self.keys = keys
         self.ttl = ttl
         self.metrics = metrics

@@ -27,6 +27,9 @@ MAX_WORKERS = 64
 # Shortest OPS_TOKEN production takes: a token is what guards every conversation's state.
 MIN_OPS_TOKEN = 32
 
+# Shortest EVENTS_HASH_KEY: a short key lets anyone who reads the events try every number.
+MIN_HASH_KEY = 16
+
 # gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
 # two equal): a worker silent this long is killed, so a message must be answered well before.
 WORKER_TIMEOUT = 10
@@ -376,6 +379,42 @@ SETTINGS = [
         "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`), 10 to 100000000.",
     ),
     Setting(
+        "TRANSCRIPTS",
+        False,
+        _bool,
+        "`1` keeps each conversation's transcript: every message in and every reply, in "
+        "order, with its time and direction, written by the script that saves the message "
+        "(docs/operating.md: Transcripts).",
+    ),
+    Setting(
+        "TRANSCRIPT_RETENTION",
+        30 * 24 * 3600,
+        _between(int, 1, 366 * 24 * 3600, "a number of seconds"),
+        "Seconds a transcript is kept after its conversation ends (30 days), 1 to 31622400 "
+        "(a year); a pair's new conversation drops its entries older than this.",
+    ),
+    Setting(
+        "TRANSCRIPT_MAX",
+        1000,
+        _between(int, 1, 100_000, "a number of entries"),
+        "Most entries a pair's transcript keeps (the oldest go first), 1 to 100000.",
+    ),
+    Setting(
+        "EVENTS_NUMBERS",
+        "plain",
+        _one_of("plain", "hashed"),
+        "`plain`: events carry the phone numbers; `hashed`: a keyed hash of each instead "
+        "(HMAC-SHA256 with `EVENTS_HASH_KEY`, 16 bytes in hex), the same for a number every "
+        "time, so that consumers can still join on it.",
+    ),
+    Setting(
+        "EVENTS_HASH_KEY",
+        None,
+        _text,
+        "The secret key of `EVENTS_NUMBERS=hashed`, at least 16 characters; required with it.",
+        secret=True,
+    ),
+    Setting(
         "MAX_BODY_BYTES",
         65536,
         _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
@@ -520,6 +559,7 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             named = setting.env if setting.secret else f"{setting.env}={raw!r}"
             raise ConfigError(f"{named}: {error}") from None
     _one_sender(config)
+    _hash_key(config)
     _answered_in_time(
         config,
         blamed="REDIS_TIMEOUT"
@@ -556,4 +596,12 @@ def _one_sender(config: dict[str, Any]) -> None:
         raise ConfigError(
             f"DELIVERY_RETRY_BASE={config['DELIVERY_RETRY_BASE']:g}: more than DELIVERY_RETRY_MAX "
             f"({config['DELIVERY_RETRY_MAX']:g})"
+        )
+
+
+def _hash_key(config: dict[str, Any]) -> None:
+    """``EVENTS_NUMBERS=hashed`` hashes with a key of its own, long enough not to be guessed."""
+    if config["EVENTS_NUMBERS"] == "hashed" and len(config["EVENTS_HASH_KEY"] or "") < MIN_HASH_KEY:
+        raise ConfigError(
+            f"EVENTS_HASH_KEY: EVENTS_NUMBERS=hashed needs a secret key of at least {MIN_HASH_KEY} characters"
         )

@@ -24,6 +24,8 @@ from .sessions import ConversationSessionInterface
 from .signature import SignatureCheck
 from .store import ConversationStore
 from .throttle import Throttle
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import Transcripts
 
 EXTENSION = "sms"
 
@@ -44,6 +46,7 @@ class Wiring:
     accounts: Accounts  # each Twilio account's tokens and signing keys
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
+    transcripts: Transcripts  # what was said, when TRANSCRIPTS=1
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -86,7 +89,10 @@ def init_app(
         accounts,
         signature,
         Throttle(metrics.sign_in_failures),
+        Transcripts(redis, keys),
     )
     app.extensions[EXTENSION] = wiring
-    app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
+    app.session_interface = ConversationSessionInterface(
+        store, keys, config["CONVERSATION_TTL"], metrics, TranscriptSettings.from_config(config)
+    )
     return wiring

@@ -40,15 +40,21 @@ def slow_notebook(message, conversation):
 
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
-    """Messages, two at once on one conversation (its line and hand-over), a redelivery, an
-    end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
+    """Messages (with transcripts), two at once on one conversation (its line and hand-over),
+    a redelivery, an end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
     written, however briefly (keyspace notifications), and every key left (SCAN) is one the
     schema lists, and every key it lists was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
     app = create_app(
-        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1, "REDIS_TIMEOUT": 1},
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": redis_url,
+            "CONVERSATION_TTL": 1,
+            "REDIS_TIMEOUT": 1,
+            "TRANSCRIPTS": True,
+        },
         handler=slow_notebook,
         on_end=lambda conversation, reason: None,
     )
@@ -83,4 +89,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 13
+    assert len(patterns) == 14

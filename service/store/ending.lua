@@ -31,6 +31,7 @@ local function ends()
   -- reason, messages, started_at, ended_at, state (service/lifecycle.py: Ending.decode).
   local function finish(member, reason, ended_at, now)
     local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
+    transcript_ends(tonumber(redis.call('ZSCORE', index, member)), ended_at)
     redis.call('ZREM', index, member)
     if not found[1] then
       clear_fields()

@@ -3,7 +3,7 @@
 -- asking drops out) and, first in line with the lock free, takes it and gets the
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
--- uses: common.lua tally.lua ending.lua reply.lua line.lua
+-- uses: common.lua transcript.lua tally.lua ending.lua reply.lua line.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid

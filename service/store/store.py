@@ -263,6 +263,7 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        transcript: str = "",
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
         longer ours: nothing was written."""
@@ -277,6 +278,7 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                transcript=transcript,
             ),
         )
         if result == "lost":
@@ -298,8 +300,10 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        transcript: str = "",
     ) -> tuple[list, list]:
-        """SAVE's keys and arguments."""
+        """SAVE's keys and arguments; ``transcript`` (``transcripts.payload``, '' when off) is
+        always the last."""
         return keys.in_order(), [
             *self.settings,
             opened.token,
@@ -311,6 +315,7 @@ class ConversationStore:
             "1" if is_new else "0",
             end_reason or "",
             opened.now,
+            transcript,
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):

@@ -1,0 +1,35 @@
+-- Transcripts (TRANSCRIPTS=1): SAVE appends the message and its reply to the pair's transcript in
+-- the same atomic step as it saves the state, so that a message is in the transcript exactly
+-- when its state is saved (a redelivery, answered by OPEN from memory, writes nothing).
+--
+-- The transcript is always the last key a conversation script is sent (service/keys.py:
+-- ConversationKeys.in_order), its payload SAVE's last argument: '' when transcripts are off,
+-- else JSON [max entries, retention ms, entry, entry…], each entry a flat list of field names
+-- and values (service/transcripts.py: payload).
+local transcript = KEYS[#KEYS]
+
+-- Appends the payload's entries for conversation `sid` at `at` (the message's ms). The expiry
+-- is the conversation's scheduled end plus the retention; an end moves it (ending.lua).
+-- `starts`: the pair's new conversation drops the entries older than the retention.
+local function transcribe(payload, sid, at, starts)
+  if payload == '' then return end
+  local given = cjson.decode(payload)
+  local max, retention = given[1], given[2]
+  if starts then
+    redis.call('XTRIM', transcript, 'MINID', tonumber(at) - retention)
+  end
+  for i = 3, #given do
+    redis.call('XADD', transcript, 'MAXLEN', max, '*', 'at', at, 'conv', sid, unpack(given[i]))
+  end
+  redis.call('PEXPIRE', transcript, ttl_ms + retention)
+end
+
+-- A conversation ending at `ended_at` whose scheduled end was `expiry` (ms): its transcript's
+-- expiry moves by the difference, to `ended_at` plus the retention.
+local function transcript_ends(expiry, ended_at)
+  if not expiry or expiry <= ended_at then return end
+  local left = redis.call('PTTL', transcript)
+  if left > 0 then
+    redis.call('PEXPIRE', transcript, math.max(left - (expiry - ended_at), 1))
+  end
+end
