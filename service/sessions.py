@@ -33,6 +33,7 @@ from .logs import annotate, report
 from .metrics import Metrics
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, decode_state
+from .transcripts import OFF as TRANSCRIPTS_OFF
 from .transcripts import Settings as TranscriptSettings
 from .transcripts import payload as transcript_payload
 
@@ -201,7 +202,7 @@ class ConversationSessionInterface(SessionInterface):
         keys: Keys,
         ttl: int,
         metrics: Metrics,
-        transcripts: TranscriptSettings = TranscriptSettings(False, 0, 0),
+        transcripts: TranscriptSettings = TRANSCRIPTS_OFF,
     ):
         self.store = store
         self.transcripts = transcripts

@@ -40,6 +40,9 @@ class Settings:
         return cls(config["TRANSCRIPTS"], config["TRANSCRIPT_RETENTION"] * 1000, config["TRANSCRIPT_MAX"])
 
 
+OFF = Settings(False, 0, 0)
+
+
 def payload(settings: Settings, message: Message, answer: str) -> str:
     """SAVE's last argument: '' when transcripts are off, else the message and its reply
     (``answer`` as ``responses.memo`` keeps it) as ``transcript.lua`` reads them."""
