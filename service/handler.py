@@ -97,7 +97,8 @@ class Conversation(ServerSideSession):
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
-    ``sid`` (the conversation's id, as in its events) and ``ended_at``.
+    ``sid`` (the conversation's id, as in its events), ``ended_at`` and, with ``TRANSCRIPTS=1``,
+    ``transcript`` (what was said, ``transcripts.Entry`` each).
     """
 
     sid: str | None
@@ -118,6 +119,9 @@ class Conversation(ServerSideSession):
         self.messages = messages
         self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
+        # The end hook's: the conversation's transcript entries (service/transcripts.py), oldest
+        # first, when TRANSCRIPTS=1.
+        self.transcript: list[Any] = []
         self.ended_at: datetime | None = None  # set for the end hook
 
     @property

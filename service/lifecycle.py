@@ -124,6 +124,8 @@ class Sweeper:
                 started_at=_moment(ended.started_at),
             )
             final.ended_at = _moment(ended.ended_at)
+            if self.app.config["TRANSCRIPTS"]:
+                final.transcript = self.wired.transcripts.read(ended.sender, ended.recipient, conversation_id)
             hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             self.wired.metrics.end_hook_failures.inc()
