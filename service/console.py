@@ -261,10 +261,13 @@ def conversation():
             message="A conversation is named by its two numbers, from and to.",
         )
     found = current().live.get(sender, recipient)
+    thread = current().transcripts.read(sender, recipient)
     if found is None:
-        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=thread)
     state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
-    return page("conversation.html", sender=sender, recipient=recipient, found=found, state=state)
+    return page(
+        "conversation.html", sender=sender, recipient=recipient, found=found, state=state, thread=thread
+    )
 
 
 @bp.post("/conversation/end")
@@ -272,7 +275,7 @@ def end():
     """The same end as ``conversations expire`` and ``DELETE /ops/conversations/…``."""
     sender, recipient = request.form.get("from", ""), request.form.get("to", "")
     if not (sender and recipient and current().live.end(sender, recipient)):
-        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=[])
     return redirect(url_for("console.index", ended=1), 303)
 
 

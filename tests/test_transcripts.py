@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -252,3 +253,28 @@ def _swallow(twilio, sender, message_sid):
         twilio.send(sender, OURS, "doomed", message_sid=message_sid)
     except Exception:  # the killed worker's connection just drops
         pass
+
+
+def test_the_console_shows_the_thread_like_a_phone(redis_url):
+    """Theirs and ours in order, each with its time and direction; still shown once ended."""
+    from tests.test_console import sign_in
+
+    app = app_with(redis_url)
+    client = app.test_client()
+    for body in ("hello <b>", "pic"):
+        assert post_signed(client, webhook_params(body=body)).status_code == 200
+    sign_in(client, OPS)
+    page = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200
+    thread = text[text.index('<ol class="thread">') :]
+    directions = re.findall(r'data-direction="(in|out)"', thread)
+    assert directions == ["in", "out", "in", "out", "out"]
+    assert thread.index("hello &lt;b&gt;") < thread.index("got hello &lt;b&gt;") < thread.index("a picture")
+    assert 'href="https://example.com/a.png"' in thread
+    assert len(re.findall(r"<time datetime=", thread)) == 5
+
+    app.test_cli_runner().invoke(args=["conversations", "expire", REY, OURS])
+    ended = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    assert ended.status_code == 404
+    assert "a picture" in ended.get_data(as_text=True)
