@@ -21,6 +21,8 @@ Key (example)                                        Type and what it holds
                                                      release's, '1' (ask again)
 <prefix>transcript:{07}:+15551230007|+15550001111    stream, with TRANSCRIPTS=1: the pair's messages
                                                      in and out, in commit order (below)
+<prefix>forgetting:{07}:+15551230007                 string, PX: set while `forget` removes the
+                                                     sender's data: SAVE refuses its messages
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
@@ -138,12 +140,16 @@ class Keys:
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
             *self._shard_keys[shard],
+            prefix + "forgetting:{" + shard + "}:" + sender,
             prefix + "transcript:" + tagged,
         )
 
     @property
     def readiness(self) -> str:
         return f"{self.prefix}ready"
+
+    def forgetting(self, sender: str) -> str:
+        return f"{self.prefix}forgetting:{{{shard_of(sender)}}}:{sender}"
 
     def index(self, shard: str) -> str:
         return f"{self.prefix}active:{{{shard}}}"
@@ -172,6 +178,7 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    forgetting: str  # the sender's fence while `forget` runs (service/forget.py), one before last
     transcript: str  # its transcript (a stream), the last key every script is sent
 
     def in_order(self) -> list[str]:
@@ -186,5 +193,6 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.forgetting,
             self.transcript,
         ]

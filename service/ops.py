@@ -23,6 +23,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .clock import duration
 from .live import BadCursor, LiveConversation
+from .masking import mask
 from .redis_client import UNAVAILABLE
 from .wiring import current
 
@@ -101,6 +102,14 @@ def transcript(sender, recipient):
     """The pair's transcript, oldest first (empty when none is kept)."""
     entries = current().transcripts.read(sender, recipient)
     return {"from": sender, "to": recipient, "entries": [entry.to_json() for entry in entries]}
+
+
+@bp.delete("/numbers/<number>")
+def forget_number(number):
+    """Removes everything the service holds of ``number`` (service/forget.py); what went."""
+    done = current().forgetting.forget(number)
+    log.info("forgot a number on request: %s", done.line().replace(number, mask(number)))
+    return done.to_json()
 
 
 @bp.delete("/conversations/<sender>/<recipient>")
@@ -216,6 +225,17 @@ def transcript_command(sender, recipient, as_json):
     emit([entry.to_json() for entry in entries], text, as_json)
 
 
+@click.command("forget")
+@click.argument("number")
+@json_option
+@with_appcontext
+def forget_command(number, as_json):
+    """Remove everything held of NUMBER (a sender): its conversations live and ended, their
+    transcripts and pending end hooks, its events. Safe while its messages arrive."""
+    done = run(lambda: current().forgetting.forget(number))
+    emit(done.to_json(), done.line(), as_json)
+
+
 # How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
 # short code. Anything else cannot match a conversation.
 NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
@@ -255,3 +275,4 @@ def init_app(app: Flask) -> None:
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
     app.cli.add_command(transcript_command)
+    app.cli.add_command(forget_command)

@@ -14,11 +14,13 @@ from flask import Flask, current_app
 
 from .accounts import Accounts
 from .callers import Callers
+from .forget import Forgetting
 from .handler import EndHook, Handler
 from .history import History
 from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
+from .numbers_hash import NumberHash
 from .redis_client import Client, is_cluster
 from .sessions import ConversationSessionInterface
 from .signature import SignatureCheck
@@ -47,6 +49,8 @@ class Wiring:
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
     transcripts: Transcripts  # what was said, when TRANSCRIPTS=1
+    number_hash: NumberHash  # EVENTS_NUMBERS=hashed's hash of a number (None when plain)
+    forgetting: Forgetting  # forget a number on request
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -75,6 +79,7 @@ def init_app(
     operator_ended = metrics.conversations_ended.labels("operator")
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
+    number_hash = NumberHash.from_config(config)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
     wiring = Wiring(
         redis,
@@ -90,6 +95,8 @@ def init_app(
         signature,
         Throttle(metrics.sign_in_failures),
         Transcripts(redis, keys),
+        number_hash,
+        Forgetting(redis, keys, number_hash, config["SWEEP_INTERVAL"] * 2),
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = ConversationSessionInterface(

@@ -22,7 +22,7 @@
 -- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
--- message's and its answer is not stored: nothing written).
+-- message's and its answer is not stored, or `forget` is removing the sender: nothing written).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
@@ -33,6 +33,12 @@ local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], AR
 local holder = redis.call('GET', lock)
 if holder ~= token and holder ~= token .. '+' then
   return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+end
+-- While `forget` removes the sender's data (KEYS[#KEYS - 1], its fence) nothing of it is saved:
+-- the message is answered 503, and Twilio's retry starts afresh once forget is done.
+if redis.call('EXISTS', KEYS[#KEYS - 1]) == 1 then
+  if holder == token then redis.call('DEL', lock) end  -- one waiting behind it polls and takes it
+  return 'lost'
 end
 -- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
 -- no TIME here, and its text is written as it came, never formatted from a number. Messages
