@@ -41,7 +41,7 @@ def slow_notebook(message, conversation):
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages (with transcripts), two at once on one conversation (its line and hand-over),
-    a redelivery, an end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
+    a redelivery, an end, the sweeper (an expiry, the end hook, a sample), a readiness probe and a forget: every key
     written, however briefly (keyspace notifications), and every key left (SCAN) is one the
     schema lists, and every key it lists was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
@@ -77,6 +77,7 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # REY's conversation, with its end hook
     assert app.test_client().get("/readyz").status_code == 200
+    assert app.test_cli_runner().invoke(args=["forget", "+15559990000"]).exit_code == 0  # its fence
     assert statuses == [200, 200]
 
     written = set(redis_client.scan_iter("*"))
@@ -89,4 +90,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 14
+    assert len(patterns) == 15
