@@ -25,6 +25,7 @@ def documented() -> dict[str, re.Pattern]:
         pattern = re.escape(example)
         pattern = pattern.replace(re.escape("<prefix>"), "sms:").replace(re.escape("{07}"), r"\{\d\d\}")
         pattern = pattern.replace(re.escape("+15551230007|+15550001111"), r"[^|]+\|[^|:]+")
+        pattern = pattern.replace(re.escape("+15551230007"), r"[^|:]+")  # a sender alone
         pattern = pattern.replace(re.escape("<token>"), r".+")
         patterns[example] = re.compile(pattern)
     return patterns
