@@ -509,6 +509,7 @@ def check(config: dict[str, Any]) -> None:
             "TWILIO_AUTH_TOKEN and TWILIO_ACCOUNTS are both set: list every account in "
             "TWILIO_ACCOUNTS (that token's under its AccountSid) and unset TWILIO_AUTH_TOKEN"
         )
+    _hash_key(config)
     if config["APP_ENV"] != "production":
         return
     if not config["TWILIO_AUTH_TOKEN"] and not config["TWILIO_ACCOUNTS"]:
@@ -559,7 +560,6 @@ def load(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             named = setting.env if setting.secret else f"{setting.env}={raw!r}"
             raise ConfigError(f"{named}: {error}") from None
     _one_sender(config)
-    _hash_key(config)
     _answered_in_time(
         config,
         blamed="REDIS_TIMEOUT"

@@ -72,14 +72,18 @@ def init_app(
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     # The gauges read the operators' view and the history when scraped, once both are built.
     metrics = Metrics(lambda: live.count(), lambda: history.stats(), multiprocess())
+    number_hash = NumberHash.from_config(config)
     store = ConversationStore.from_config(
-        redis, config, hooks=on_end is not None, on_lock_wait=metrics.lock_wait.observe
+        redis,
+        config,
+        hooks=on_end is not None,
+        on_lock_wait=metrics.lock_wait.observe,
+        number_hash=number_hash,
     )
     store.preload()
     operator_ended = metrics.conversations_ended.labels("operator")
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
-    number_hash = NumberHash.from_config(config)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
     wiring = Wiring(
         redis,

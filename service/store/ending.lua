@@ -39,8 +39,9 @@ local function ends()
     end
     local sender, recipient = pair(member)
     local messages, started_at = found[2] or '0', found[3] or '0'
-    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', sender,
-               'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
+    local shown_from, shown_to = event_pair(member)
+    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', shown_from,
+               'to', shown_to, 'reason', reason, 'messages', messages, 'started_at', started_at,
                'ended_at', ended_at, 'conversation', found[1])
     local minute, code = math.floor(now / 60000), REASONS[reason]
     local first = count(minute, code, 1)

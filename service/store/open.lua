@@ -3,11 +3,12 @@
 -- asking drops out) and, first in line with the lock free, takes it and gets the
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
--- uses: common.lua transcript.lua tally.lua ending.lua reply.lua line.lua
+-- uses: common.lua names.lua transcript.lua tally.lua ending.lua reply.lua line.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns a flat list of names and values (reply.lua): status 'answered', answer, sid for a
 -- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0) once
 -- the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).

@@ -4,7 +4,7 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua transcript.lua tally.lua ending.lua answers.lua reply.lua line.lua
+-- uses: common.lua names.lua transcript.lua tally.lua ending.lua answers.lua reply.lua line.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
@@ -15,7 +15,8 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
--- ARGV[#ARGV] = the transcript's entries, or '' (transcript.lua), always the last argument
+-- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
@@ -73,7 +74,7 @@ end
 local added = 0
 if stores then
   if is_new then
-    local sender, recipient = pair(member)
+    local sender, recipient = event_pair(member)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
@@ -82,7 +83,7 @@ if stores then
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
   added = redis.call('ZADD', index, now + ttl_ms, member)
-  transcribe(ARGV[#ARGV], sid, opened_at, is_new)
+  transcribe(ARGV[#ARGV - 1], sid, opened_at, is_new)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end

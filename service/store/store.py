@@ -136,10 +136,13 @@ class ConversationStore:
         wait_ms: int = 0,
         read_timeout: float = 0.5,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
+        number_hash: Callable[[str], str | None] = lambda number: None,
     ):
         """``hooks``: keep each ended conversation's final state for the end hook.
-        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
+        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics).
+        ``number_hash``: what events carry instead of a number (None: the number itself)."""
         self.client = client
+        self.number_hash = number_hash
         self.on_lock_wait = on_lock_wait
         self.lock_wait = lock_wait
         self.blocking = read_timeout > self.POLL_MAX + 0.15
@@ -171,6 +174,7 @@ class ConversationStore:
         *,
         hooks: bool = False,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
+        number_hash: Callable[[str], str | None] = lambda number: None,
     ) -> ConversationStore:
         """The store the app's ``config`` (``settings.load``) describes."""
         return cls(
@@ -186,6 +190,7 @@ class ConversationStore:
             wait_replicas=config["REDIS_WAIT_REPLICAS"],
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
             read_timeout=config["REDIS_TIMEOUT"],
+            number_hash=number_hash,
         )
 
     @property
@@ -287,7 +292,15 @@ class ConversationStore:
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
         """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
-        return keys.in_order(), [*self.settings, token, message_sid, keys.member]
+        return keys.in_order(), [*self.settings, token, message_sid, keys.member, self.event_names(keys)]
+
+    def event_names(self, keys: ConversationKeys) -> str:
+        """The numbers the conversation's events carry, every event-writing script's last
+        argument (``names.lua``): '' for the numbers themselves, else their hashes."""
+        sender = self.number_hash(keys.sender)
+        if sender is None:
+            return ""
+        return f"{sender}|{self.number_hash(keys.recipient)}"
 
     def save_call(
         self,
@@ -303,7 +316,7 @@ class ConversationStore:
         transcript: str = "",
     ) -> tuple[list, list]:
         """SAVE's keys and arguments; ``transcript`` (``transcripts.payload``, '' when off) is
-        always the last."""
+        always the one before last."""
         return keys.in_order(), [
             *self.settings,
             opened.token,
@@ -316,6 +329,7 @@ class ConversationStore:
             end_reason or "",
             opened.now,
             transcript,
+            self.event_names(keys),
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):
@@ -354,13 +368,15 @@ class ConversationStore:
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and
         index entry). True if it was live."""
-        return bool(self._run(self._end, keys.in_order(), [*self.settings, keys.member]))
+        return bool(
+            self._run(self._end, keys.in_order(), [*self.settings, keys.member, self.event_names(keys)])
+        )
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each
         with its event; returns how many. One pipeline, except on a Cluster, where redis-py
         cannot pipeline scripts: one call each there."""
-        calls = [(keys.in_order(), [*self.settings, keys.member]) for keys in due]
+        calls = [(keys.in_order(), [*self.settings, keys.member, self.event_names(keys)]) for keys in due]
         if cluster:
             return sum(self._expire(keys, args) for keys, args in calls)
         pipe = self.client.pipeline(transaction=False)

@@ -3,7 +3,7 @@
 -- when its state is saved (a redelivery, answered by OPEN from memory, writes nothing).
 --
 -- The transcript is always the last key a conversation script is sent (service/keys.py:
--- ConversationKeys.in_order), its payload SAVE's last argument: '' when transcripts are off,
+-- ConversationKeys.in_order), its payload SAVE's one before last: '' when transcripts are off,
 -- else JSON [max entries, retention ms, entry, entry…], each entry a flat list of field names
 -- and values (service/transcripts.py: payload).
 local transcript = KEYS[#KEYS]
