@@ -42,9 +42,10 @@ def slow_notebook(message, conversation):
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages (with transcripts), two at once on one conversation (its line and hand-over),
-    a redelivery, an end, the sweeper (an expiry, the end hook, a sample), a readiness probe and a forget: every key
-    written, however briefly (keyspace notifications), and every key left (SCAN) is one the
-    schema lists, and every key it lists was written (but the Cluster's outboxes)."""
+    a redelivery, an end, the sweeper (an expiry, the end hook, a sample), a readiness probe
+    and a forget: every key written, however briefly (keyspace notifications), and every key
+    left (SCAN) is one the schema lists, and every key it lists was written (but the Cluster's
+    outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
