@@ -72,8 +72,9 @@ def holders(client, needles: set[str]) -> list[str]:
     return found
 
 
-def forget_under_load(app, client, hashed: bool):
-    """Messages for the number and five others, ~200 a second, while it is forgotten."""
+def forget_under_load(app, client, hashed: bool, hooks_pending: int = 1):
+    """Messages for the number and five others, ~200 a second, while it is forgotten
+    (``hooks_pending``: its end hooks not yet run, none where a sweeper runs them)."""
     wired = current(app)
     needles = {FORGOTTEN} | ({wired.number_hash(FORGOTTEN)} if hashed else set())
     with LiveServer(app) as server:
@@ -138,7 +139,7 @@ def forget_under_load(app, client, hashed: bool):
     assert report["number"] == FORGOTTEN
     assert report["live_conversations"] >= 1
     assert report["transcripts"] >= 2
-    assert report["end_hooks"] == 1
+    assert report["end_hooks"] == hooks_pending
     assert report["events"] >= 3
     assert len(passes) == 2
     assert set(statuses) <= {200, 503}
@@ -190,6 +191,6 @@ def test_forget_on_a_cluster(redis_cluster):
         from service.lifecycle import start_sweeper
 
         start_sweeper(app)  # relays the outboxes to the stream meanwhile
-        forget_under_load(app, client, hashed=True)
+        forget_under_load(app, client, hashed=True, hooks_pending=0)
     finally:
         client.close()
