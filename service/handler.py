@@ -123,6 +123,7 @@ class Conversation(ServerSideSession):
         # first, when TRANSCRIPTS=1.
         self.transcript: list[Any] = []
         self.ended_at: datetime | None = None  # set for the end hook
+        self.handoff_reason: str | None = None  # handoff(): the handler asks for a person
 
     @property
     def is_new(self) -> bool:
@@ -130,6 +131,12 @@ class Conversation(ServerSideSession):
 
     def end(self) -> None:
         self.end_reason = "handler"
+
+    def handoff(self, reason: str = "asked for a person") -> None:
+        """Asks for a person: once this message is saved the conversation is flagged on the
+        console's overview until an operator takes it over (or it ends). The bot goes on
+        answering until then."""
+        self.handoff_reason = (reason or "asked for a person")[:200]
 
     def clear(self) -> None:
         """All state goes (Flask-Session's ``clear`` would keep a ``_permanent`` key)."""

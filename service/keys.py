@@ -21,6 +21,9 @@ Key (example)                                        Type and what it holds
                                                      release's, '1' (ask again)
 <prefix>transcript:{07}:+15551230007|+15550001111    stream, with TRANSCRIPTS=1: the pair's messages
                                                      in and out, in commit order (below)
+<prefix>waiting:{07}                                 zset: member '<from>|<to>', score when its
+                                                     handler asked for a person (ms), until one
+                                                     takes over or it ends
 <prefix>forgetting:{07}:+15551230007                 string, PX: set while `forget` removes the
                                                      sender's data: SAVE refuses its messages
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
@@ -140,6 +143,7 @@ class Keys:
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
             *self._shard_keys[shard],
+            prefix + "waiting:{" + shard + "}",
             prefix + "forgetting:{" + shard + "}:" + sender,
             prefix + "transcript:" + tagged,
         )
@@ -147,6 +151,9 @@ class Keys:
     @property
     def readiness(self) -> str:
         return f"{self.prefix}ready"
+
+    def waiting(self, shard: str) -> str:
+        return f"{self.prefix}waiting:{{{shard}}}"
 
     def forgetting(self, sender: str) -> str:
         return f"{self.prefix}forgetting:{{{shard_of(sender)}}}:{sender}"
@@ -178,8 +185,9 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
-    forgetting: str  # the sender's fence while `forget` runs (service/forget.py), one before last
-    transcript: str  # its transcript (a stream), the last key every script is sent
+    waiting: str  # the tag's conversations waiting for a person (service/handoff.py)
+    forgetting: str  # the sender's fence while `forget` runs (service/forget.py)
+    transcript: str  # its transcript (a stream); these three last: store/tail.lua
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -193,6 +201,7 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.waiting,
             self.forgetting,
             self.transcript,
         ]

@@ -111,6 +111,13 @@ class ConversationSession(Conversation):
     def answered(self) -> str | None:
         return self.binding.opened.answered if self.binding else None
 
+    @property
+    def paused(self) -> bool:
+        """An operator holds the conversation (human handoff): the bot does not answer."""
+        if not self.binding or not self.binding.opened.paused.isdigit():
+            return False
+        return int(self.binding.opened.paused) > self.binding.opened.now
+
     def encoded(self) -> str:
         """The state as it is stored; ``ValueError`` (``Unkeepable`` for what JSON takes but
         Redis cannot) when it cannot be."""
@@ -131,6 +138,7 @@ class ConversationSession(Conversation):
             answer=answer,
             end_reason=self.end_reason,
             transcript=transcript_payload(self.interface.transcripts, bound.message, answer),
+            handoff=self.handoff_reason or "",
         )
         self.saved = True
         counters = self.interface.metrics

@@ -37,6 +37,8 @@ def slow_notebook(message, conversation):
     conversation.setdefault("bodies", []).append(message.body)
     if message.body == "bye":
         conversation.end()
+    if message.body == "hi" and message.sender == FINN:
+        conversation.handoff("wants a person")
     return "noted"
 
 
@@ -92,4 +94,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 15
+    assert len(patterns) == 16

@@ -33,6 +33,7 @@ local function ends()
     local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
     transcript_ends(tonumber(redis.call('ZSCORE', index, member)), ended_at)
     redis.call('ZREM', index, member)
+    redis.call('ZREM', waiting, member)
     if not found[1] then
       clear_fields()
       return 0

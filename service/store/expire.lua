@@ -1,7 +1,7 @@
 -- EXPIRE: the sweeper ends a conversation whose time ran out ('expired', at that time), unless
 -- a message extended it meanwhile or is being handled now (it will extend or end it itself).
 --
--- uses: common.lua names.lua transcript.lua tally.lua ending.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)

@@ -4,7 +4,7 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua names.lua transcript.lua tally.lua ending.lua answers.lua reply.lua line.lua
+-- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
@@ -15,6 +15,7 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
+-- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (handoff.lua)
 -- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
@@ -35,9 +36,9 @@ local holder = redis.call('GET', lock)
 if holder ~= token and holder ~= token .. '+' then
   return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
 end
--- While `forget` removes the sender's data (KEYS[#KEYS - 1], its fence) nothing of it is saved:
--- the message is answered 503, and Twilio's retry starts afresh once forget is done.
-if redis.call('EXISTS', KEYS[#KEYS - 1]) == 1 then
+-- While `forget` removes the sender's data (`forgetting`, its fence: tail.lua) nothing of it is
+-- saved: the message is answered 503, and Twilio's retry starts afresh once forget is done.
+if redis.call('EXISTS', forgetting) == 1 then
   if holder == token then redis.call('DEL', lock) end  -- one waiting behind it polls and takes it
   return 'lost'
 end
@@ -51,7 +52,7 @@ local minute = math.floor(now / 60000)
 local first_of_minute = count(minute, 'm', 1)
 if is_new and stores and count(minute, 's', 1) then first_of_minute = true end
 if first_of_minute then renew(minute) end
-local found = is_new and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
+local found = is_new and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen', 'paused')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
 -- are scanned only when one can be forgotten (out of the window, or over the cap). With one
 -- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
@@ -82,8 +83,10 @@ if stores then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  added = redis.call('ZADD', index, now + ttl_ms, member)
+  -- Held by an operator (handoff.lua): it lives at least until the hold ends.
+  added = redis.call('ZADD', index, math.max(now + ttl_ms, tonumber(found[4]) or 0), member)
   transcribe(ARGV[#ARGV - 1], sid, opened_at, is_new)
+  asks_for_person(ARGV[#ARGV - 2], member, now)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end

@@ -63,6 +63,7 @@ class Opened:
     seq: str = ""
     first_seen: str = ""
     ended_overdue: bool = False  # it found the conversation's time run out and ended it
+    paused: str = ""  # until when (ms) an operator holds it, the bot paused (store/person.lua)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
             reply["seq"],
             reply["first_seen"],
             reply["ended_overdue"] == 1,
+            reply.get("paused") or "",
         )
     if status == "answered":
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
@@ -165,6 +167,7 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._handoff = Script(client, "handoff.lua")
 
     @classmethod
     def from_config(
@@ -195,7 +198,7 @@ class ConversationStore:
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._open, self._save, self._release, self._end, self._expire)
+        return (self._open, self._save, self._release, self._end, self._expire, self._handoff)
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -269,6 +272,7 @@ class ConversationStore:
         answer: str,
         end_reason: str | None = None,
         transcript: str = "",
+        handoff: str = "",
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
         longer ours: nothing was written."""
@@ -284,6 +288,7 @@ class ConversationStore:
                 answer=answer,
                 end_reason=end_reason,
                 transcript=transcript,
+                handoff=handoff,
             ),
         )
         if result == "lost":
@@ -314,9 +319,11 @@ class ConversationStore:
         answer: str,
         end_reason: str | None = None,
         transcript: str = "",
+        handoff: str = "",
     ) -> tuple[list, list]:
-        """SAVE's keys and arguments; ``transcript`` (``transcripts.payload``, '' when off) is
-        always the one before last."""
+        """SAVE's keys and arguments; the last three, counted from the end by the script:
+        ``handoff`` (why the handler asks for a person, or ''), ``transcript``
+        (``transcripts.payload``, '' when off) and the events' numbers."""
         return keys.in_order(), [
             *self.settings,
             opened.token,
@@ -328,6 +335,7 @@ class ConversationStore:
             "1" if is_new else "0",
             end_reason or "",
             opened.now,
+            handoff,
             transcript,
             self.event_names(keys),
         ]
@@ -371,6 +379,18 @@ class ConversationStore:
         return bool(
             self._run(self._end, keys.in_order(), [*self.settings, keys.member, self.event_names(keys)])
         )
+
+    def take_over(self, keys: ConversationKeys, hold_ms: int) -> int | None:
+        """An operator holds the conversation for ``hold_ms``: the bot is paused. None if it is
+        not live, else how long (ms) it had waited for a person (-1: it had not asked)."""
+        reply = self._run(self._handoff, keys.in_order(), [*self.settings, keys.member, "take", hold_ms])
+        return int(reply[1]) if reply[0] == 1 else None
+
+    def hand_back(self, keys: ConversationKeys, seen: str = "", state: str = "") -> int:
+        """The bot resumes, with ``state`` (JSON) if the stored state is still ``seen``: 1 done,
+        0 not live, -1 a message holds the conversation now, -2 its state changed meanwhile."""
+        reply = self._run(self._handoff, keys.in_order(), [*self.settings, keys.member, "back", seen, state])
+        return int(reply[0])
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each

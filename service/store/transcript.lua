@@ -2,11 +2,9 @@
 -- the same atomic step as it saves the state, so that a message is in the transcript exactly
 -- when its state is saved (a redelivery, answered by OPEN from memory, writes nothing).
 --
--- The transcript is always the last key a conversation script is sent (service/keys.py:
--- ConversationKeys.in_order), its payload SAVE's one before last: '' when transcripts are off,
--- else JSON [max entries, retention ms, entry, entry…], each entry a flat list of field names
--- and values (service/transcripts.py: payload).
-local transcript = KEYS[#KEYS]
+-- The transcript is `transcript` (tail.lua), its payload SAVE's ARGV[#ARGV - 1]: '' when
+-- transcripts are off, else JSON [max entries, retention ms, entry, entry…], each entry a flat
+-- list of field names and values (service/transcripts.py: payload).
 
 -- Appends the payload's entries for conversation `sid` at `at` (the message's ms). The expiry
 -- is the conversation's scheduled end plus the retention; an end moves it (ending.lua).
