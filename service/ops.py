@@ -22,6 +22,7 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup, with_appcontext
 
 from .clock import duration
+from .handoff import Busy, NotLive
 from .live import BadCursor, LiveConversation
 from .masking import mask
 from .redis_client import UNAVAILABLE
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__, url_prefix="/ops")
 
 DEFAULT_LIMIT = 50
+MAX_REPLY = 1600  # Twilio's longest message body, in characters
 MAX_LIMIT = 1000
 
 
@@ -102,6 +104,55 @@ def transcript(sender, recipient):
     """The pair's transcript, oldest first (empty when none is kept)."""
     entries = current().transcripts.read(sender, recipient)
     return {"from": sender, "to": recipient, "entries": [entry.to_json() for entry in entries]}
+
+
+@bp.get("/handoffs")
+def handoffs():
+    """Conversations waiting for a person, longest first."""
+    return {"waiting": [w.to_json() for w in current().handoffs.waiting()]}
+
+
+@bp.post("/conversations/<sender>/<recipient>/handoff")
+def take_over(sender, recipient):
+    """Take over: the bot is paused for the conversation (``HANDOFF_TIMEOUT`` at most)."""
+    try:
+        current().handoffs.take_over(sender, recipient)
+    except NotLive:
+        return error(404, "No live conversation for this pair.")
+    return {
+        "from": sender,
+        "to": recipient,
+        "paused_until": current().handoffs.paused_until(sender, recipient),
+    }
+
+
+@bp.delete("/conversations/<sender>/<recipient>/handoff")
+def hand_back(sender, recipient):
+    """Hand back: the bot resumes; a JSON body's ``state`` (an object) is merged into the state."""
+    body = request.get_json(silent=True) if request.data else {}
+    values = body.get("state") if isinstance(body, dict) else None
+    if values is not None and not isinstance(values, dict) or not isinstance(body, dict):
+        return error(400, "The body, if any, is a JSON object whose state is an object.")
+    try:
+        current().handoffs.hand_back(sender, recipient, values)
+    except NotLive:
+        return error(404, "No live conversation for this pair.")
+    except Busy:
+        return error(409, "Messages kept the conversation busy: try again.")
+    return {"from": sender, "to": recipient, "resumed": True}
+
+
+@bp.post("/conversations/<sender>/<recipient>/reply")
+def operator_reply(sender, recipient):
+    """An operator's reply (JSON ``{"body": "…"}``), sent and written to the transcript."""
+    body = request.get_json(silent=True)
+    text = body.get("body") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_REPLY:
+        return error(
+            400, f"The body is a JSON object with a non-empty body of at most {MAX_REPLY} characters."
+        )
+    sent = current().handoffs.reply(sender, recipient, text)
+    return {"sent": sent.accepted, "sid": sent.sid, "status": sent.status}, 200 if sent.accepted else 502
 
 
 @bp.delete("/numbers/<number>")
@@ -236,6 +287,70 @@ def forget_command(number, as_json):
     emit(done.to_json(), done.line(), as_json)
 
 
+handoff_cli = AppGroup("handoff", help="Take conversations over from the bot, reply, hand them back.")
+
+
+@handoff_cli.command("take")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+def handoff_take(sender, recipient):
+    """Pause the bot for a conversation (HANDOFF_TIMEOUT at most)."""
+    try:
+        run(lambda: current().handoffs.take_over(sender, recipient))
+    except NotLive:
+        unknown(sender, recipient)
+    click.echo(f"took over the conversation from {sender} to {recipient}: the bot is paused")
+
+
+@handoff_cli.command("reply")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@click.argument("body")
+def handoff_reply(sender, recipient, body):
+    """Send BODY to FROM from TO, as the operator (written to the transcript)."""
+    sent = run(lambda: current().handoffs.reply(sender, recipient, body))
+    if not sent.accepted:
+        click.echo(f"not sent: {sent.status}", err=True)
+        sys.exit(1)
+    click.echo(f"sent {sent.sid} ({sent.status})")
+
+
+@handoff_cli.command("back")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="NAME=JSON", help="A state value to resume with."
+)
+def handoff_back(sender, recipient, assignments):
+    """Resume the bot, with the state as it was plus each --set NAME=JSON."""
+    values = {}
+    for assignment in assignments:
+        name, equals, raw = assignment.partition("=")
+        try:
+            values[name] = json.loads(raw)
+        except ValueError:
+            values[name] = raw
+        if not (name and equals):
+            raise click.BadParameter("expected NAME=JSON", param_hint="--set")
+    try:
+        run(lambda: current().handoffs.hand_back(sender, recipient, values or None))
+    except NotLive:
+        unknown(sender, recipient)
+    except Busy:
+        click.echo("messages kept the conversation busy: try again", err=True)
+        sys.exit(1)
+    click.echo(f"handed the conversation from {sender} to {recipient} back to the bot")
+
+
+@handoff_cli.command("waiting")
+@json_option
+def handoff_waiting(as_json):
+    """Conversations whose handler asked for a person, longest first."""
+    waiting = run(current().handoffs.waiting)
+    text = "\n".join(f"{w.sender} -> {w.recipient}: {w.reason}" for w in waiting) or "nobody waits"
+    emit([w.to_json() for w in waiting], text, as_json)
+
+
 # How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
 # short code. Anything else cannot match a conversation.
 NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
@@ -276,3 +391,4 @@ def init_app(app: Flask) -> None:
     app.cli.add_command(conversations_cli)
     app.cli.add_command(transcript_command)
     app.cli.add_command(forget_command)
+    app.cli.add_command(handoff_cli)

@@ -400,6 +400,14 @@ SETTINGS = [
         "Most entries a pair's transcript keeps (the oldest go first), 1 to 100000.",
     ),
     Setting(
+        "HANDOFF_TIMEOUT",
+        1800,
+        _between(int, 1, 24 * 3600, "a number of seconds"),
+        'Seconds an operator\'s "Take over" holds a conversation (the bot paused, the '
+        "conversation kept alive) unless handed back sooner; then the bot answers again. 1 to "
+        "86400 (a day).",
+    ),
+    Setting(
         "EVENTS_NUMBERS",
         "plain",
         _one_of("plain", "hashed"),

@@ -84,7 +84,9 @@ class Entry:
     direction: str  # in | out
     body: str
     media: tuple[str, ...] = ()
-    sid: str = ""  # an inbound message's MessageSid
+    sid: str = ""  # an inbound message's MessageSid, an operator's reply's Twilio SID
+    by: str = ""  # 'operator' for an operator's reply (service/handoff.py)
+    status: str = ""  # an operator's reply: Twilio's status, or why it was not sent
 
     @classmethod
     def parse(cls, entry_id: str, fields: Mapping[str, str]) -> Entry:
@@ -97,6 +99,8 @@ class Entry:
             fields.get("body", ""),
             tuple(media.split()) if media else (),
             fields.get("sid", ""),
+            fields.get("by", ""),
+            fields.get("status", ""),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -107,14 +111,16 @@ class Entry:
             "media": list(self.media),
             "conversation": self.conversation,
         }
-        if self.sid:
-            data["sid"] = self.sid
+        for name in ("sid", "by", "status"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
         return data
 
     def line(self) -> str:
         arrow = "<-" if self.direction == "in" else "->"
         media = "".join(f" [media] {url}" for url in self.media)
-        return f"{iso(self.at)} {arrow} {self.body}{media}"
+        by = f" ({self.by}: {self.status})" if self.by else ""
+        return f"{iso(self.at)} {arrow} {self.body}{media}{by}"
 
 
 class Transcripts:

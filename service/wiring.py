@@ -16,6 +16,7 @@ from .accounts import Accounts
 from .callers import Callers
 from .forget import Forgetting
 from .handler import EndHook, Handler
+from .handoff import Handoffs
 from .history import History
 from .keys import Keys
 from .live import LiveConversations
@@ -51,6 +52,7 @@ class Wiring:
     transcripts: Transcripts  # what was said, when TRANSCRIPTS=1
     number_hash: NumberHash  # EVENTS_NUMBERS=hashed's hash of a number (None when plain)
     forgetting: Forgetting  # forget a number on request
+    handoffs: Handoffs  # operators taking conversations over from the bot
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -71,7 +73,9 @@ def init_app(
     config = app.config
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     # The gauges read the operators' view and the history when scraped, once both are built.
-    metrics = Metrics(lambda: live.count(), lambda: history.stats(), multiprocess())
+    metrics = Metrics(
+        lambda: live.count(), lambda: history.stats(), multiprocess(), lambda: handoffs.waiting_gauge()
+    )
     number_hash = NumberHash.from_config(config)
     store = ConversationStore.from_config(
         redis,
@@ -84,6 +88,7 @@ def init_app(
     operator_ended = metrics.conversations_ended.labels("operator")
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
+    handoffs = Handoffs(redis, keys, store, metrics, config)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
     wiring = Wiring(
         redis,
@@ -101,6 +106,7 @@ def init_app(
         Transcripts(redis, keys),
         number_hash,
         Forgetting(redis, keys, number_hash, config["SWEEP_INTERVAL"] * 2),
+        handoffs,
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = ConversationSessionInterface(
