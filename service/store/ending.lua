@@ -31,7 +31,8 @@ local function ends()
   -- reason, messages, started_at, ended_at, state (service/lifecycle.py: Ending.decode).
   local function finish(member, reason, ended_at, now)
     local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
-    transcript_ends(tonumber(redis.call('ZSCORE', index, member)), ended_at)
+    local scheduled = tonumber(redis.call('ZSCORE', index, member))
+    if scheduled and scheduled > ended_at then transcript_ends(scheduled, ended_at) end
     redis.call('ZREM', index, member)
     redis.call('ZREM', waiting, member)
     if not found[1] then

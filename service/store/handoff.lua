@@ -1,7 +1,7 @@
 -- HANDOFF: an operator takes over a live conversation (the bot paused until the hold ends), or
 -- hands it back (the bot resumes, with the state the operator set).
 --
--- uses: common.lua tail.lua
+-- uses: common.lua tail.lua transcript.lua
 -- KEYS[1..], ARGV[1..8]: the conversation's keys and the store's settings (common.lua, tail.lua)
 -- ARGV[9]  = the conversation's index member, '<from>|<to>'
 -- ARGV[10] = 'take' or 'back'
@@ -21,8 +21,10 @@ if action == 'take' then
   redis.call('HSET', conversation, 'paused', hold_ends)
   redis.call('HDEL', conversation, 'wants')
   redis.call('ZREM', waiting, member)
-  redis.call('ZADD', index, math.max(expiry, hold_ends), member)
-  redis.call('PEXPIRE', conversation, math.max(expiry, hold_ends) - now + live_keep_ms - ttl_ms)
+  -- Its time runs from the hold's end (the hash is kept a day's grace after, as a save keeps it).
+  redis.call('ZADD', index, math.max(expiry, hold_ends + ttl_ms), member)
+  transcript_ends(expiry, math.max(expiry, hold_ends + ttl_ms))
+  redis.call('PEXPIRE', conversation, math.max(expiry, hold_ends + ttl_ms) - now - ttl_ms + live_keep_ms)
   local asked = wants and tonumber(string.match(wants, '^(%d+)'))
   return {1, asked and now - asked or -1}
 end

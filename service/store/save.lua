@@ -72,7 +72,7 @@ local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
 if held > 1 then
   answered[3], answered[4] = 'answers', oldest .. ' ' .. held
 end
-local added = 0
+local added, hold_left = 0, 0
 if stores then
   if is_new then
     local sender, recipient = event_pair(member)
@@ -83,9 +83,10 @@ if stores then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  -- Held by an operator (handoff.lua): it lives at least until the hold ends.
-  added = redis.call('ZADD', index, math.max(now + ttl_ms, tonumber(found[4]) or 0), member)
-  transcribe(ARGV[#ARGV - 1], sid, opened_at, is_new)
+  -- Held by an operator (handoff.lua): its time runs from the hold's end.
+  hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
+  added = redis.call('ZADD', index, now + hold_left + ttl_ms, member)
+  transcribe(ARGV[#ARGV - 1], sid, opened_at, is_new, hold_left)
   asks_for_person(ARGV[#ARGV - 2], member, now)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
@@ -100,7 +101,7 @@ local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms + hold_left)
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits

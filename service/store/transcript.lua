@@ -9,7 +9,8 @@
 -- Appends the payload's entries for conversation `sid` at `at` (the message's ms). The expiry
 -- is the conversation's scheduled end plus the retention; an end moves it (ending.lua).
 -- `starts`: the pair's new conversation drops the entries older than the retention.
-local function transcribe(payload, sid, at, starts)
+-- `hold_left`: ms until an operator's hold ends, from which the conversation's time runs.
+local function transcribe(payload, sid, at, starts, hold_left)
   if payload == '' then return end
   local given = cjson.decode(payload)
   local max, retention = given[1], given[2]
@@ -19,15 +20,16 @@ local function transcribe(payload, sid, at, starts)
   for i = 3, #given do
     redis.call('XADD', transcript, 'MAXLEN', max, '*', 'at', at, 'conv', sid, unpack(given[i]))
   end
-  redis.call('PEXPIRE', transcript, ttl_ms + retention)
+  redis.call('PEXPIRE', transcript, hold_left + ttl_ms + retention)
 end
 
--- A conversation ending at `ended_at` whose scheduled end was `expiry` (ms): its transcript's
--- expiry moves by the difference, to `ended_at` plus the retention.
-local function transcript_ends(expiry, ended_at)
-  if not expiry or expiry <= ended_at then return end
+-- The conversation's scheduled end moved from `expiry` to `moved_to` (ms): an end (to its time),
+-- or an operator's hold (later). Its transcript's expiry moves by as much, so that it stays the
+-- end plus the retention.
+local function transcript_ends(expiry, moved_to)
+  if not expiry or expiry == moved_to then return end
   local left = redis.call('PTTL', transcript)
   if left > 0 then
-    redis.call('PEXPIRE', transcript, math.max(left - (expiry - ended_at), 1))
+    redis.call('PEXPIRE', transcript, math.max(left + moved_to - expiry, 1))
   end
 end
