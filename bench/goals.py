@@ -51,6 +51,7 @@ GOALS = (
         600,
         True,
     ),
+    Goal("transcripts_throughput_vs_off", "throughput with TRANSCRIPTS=1 vs off (x)", 0.9, False),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
@@ -63,6 +64,7 @@ REFERENCES = {
     "throughput_vs_plain": "throughput vs bare Flask-Session, no signature check (x)",
     "throughput_vs_cookie": "throughput vs the cookie-only tutorial app, no server state (x)",
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
+    "bytes_per_transcript_entry": "Redis bytes per transcript entry (a message in or a reply)",
 }
 
 

@@ -16,7 +16,8 @@ round trips per message of each contender (counted by Redis's ``MONITOR``), a ho
 conversation, Redis memory per conversation, Redis CPU per script and message
 (``bench/redis_cpu.py``), the operators' queries at 1M conversations
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
-(``bench/profile.py``), the goals of ``bench/goals.py`` and its reference figures. Report: stdout
+(``bench/profile.py``), transcripts' cost (throughput on against off, memory per entry:
+``bench/transcripts.py``), the goals of ``bench/goals.py`` and its reference figures. Report: stdout
 and a JSON file.
 """
 
@@ -46,6 +47,7 @@ import redis
 from bench import goals as bench_goals
 from bench import profile as bench_profile
 from bench import redis_cpu
+from bench import transcripts as bench_transcripts
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
 from service.clock import now_ms
@@ -185,14 +187,19 @@ class Contender(Gunicorn):
     """One app under gunicorn with ``WORKERS`` workers of ``model``; the service with its own
     configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines)."""
 
-    def __init__(self, name: str, model: WorkerModel, redis_url: str):
+    def __init__(self, name: str, model: WorkerModel, redis_url: str, settings: dict | None = None):
+        """``settings``: the service's, over its defaults (``TRANSCRIPTS=1``)."""
         app, cookie = {
             "service": ("service:create_app()", "sms_session"),
             "validated": ("bench.validated_app:app", "session"),
             "plain": ("bench.plain_session_app:app", "session"),
             "cookie": ("bench.cookie_app:app", "session"),
         }[name]
-        env = {"TWILIO_AUTH_TOKEN": TOKEN, **({"REDIS_URL": redis_url} if name != "cookie" else {})}
+        env = {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            **({"REDIS_URL": redis_url} if name != "cookie" else {}),
+            **(settings or {}),
+        }
         super().__init__(
             env,
             workers=WORKERS,
@@ -629,6 +636,59 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     return report
 
 
+def transcripts_throughput(profile: Profile, model: WorkerModel, redis_server: RedisServer) -> dict:
+    """The service with transcripts off and on (``TRANSCRIPTS=1``), the same load in turn in
+    every round (as ``throughput_rounds``): medians, and on over off."""
+    with ExitStack() as servers:
+        pair = []
+        for extra in ({}, {"TRANSCRIPTS": "1"}):
+            pair.append(Contender("service", model, redis_server.url, extra))
+            servers.callback(pair[-1].stop)
+        for contender in pair:
+            contender.wait_ready()
+        load = {
+            "messages": profile.messages,
+            "burst_first": profile.burst_first,
+            "burst": profile.burst,
+            "redeliver": profile.redeliver,
+            "concurrency": profile.concurrency,
+        }
+        for number, contender in enumerate(pair):  # warm-up
+            drive(
+                contender,
+                redis_server,
+                {**load, "run": 80 + number, "messages": 2, "senders": senders(80 + number, 8)},
+            )
+        results: dict[str, list[dict]] = {"off": [], "on": []}
+        for round_number in range(profile.rounds):
+            for label, contender in zip(("off", "on"), pair):
+                run = 60 + round_number * 2 + (label == "on")
+                result = drive(
+                    contender,
+                    redis_server,
+                    {
+                        **load,
+                        "run": run,
+                        "senders": senders(run, profile.conversations),
+                        "seed": round_number,
+                    },
+                )
+                results[label].append(result)
+                print(
+                    f"  round {round_number + 1} transcripts {label:3s} "
+                    f"{result['throughput_rps']:7.0f} req/s p99 {result['latency_ms']['p99']:6.2f} ms",
+                    flush=True,
+                )
+    medians = {label: statistics.median(r["throughput_rps"] for r in rows) for label, rows in results.items()}
+    p99 = {label: statistics.median(r["latency_ms"]["p99"] for r in rows) for label, rows in results.items()}
+    return {
+        "throughput_rps": medians,
+        "p99_ms": p99,
+        "rounds": {label: [round(r["throughput_rps"], 1) for r in rows] for label, rows in results.items()},
+        "on_vs_off": medians["on"] / medians["off"],
+    }
+
+
 def judged(report: dict) -> dict[str, float]:
     """The figures ``bench/goals.py`` names, from this report (the worker model the service ships)."""
     shipped = report["throughput"][report["worker_models"]["shipped"]]
@@ -647,6 +707,8 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_first_message": report["memory"]["first_message"]["bytes_per_conversation"],
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
+        "transcripts_throughput_vs_off": report["transcripts"]["throughput"]["on_vs_off"],
+        "bytes_per_transcript_entry": report["transcripts"]["memory"]["bytes_per_entry"],
     }
 
 
@@ -702,6 +764,14 @@ def benchmark(profile: Profile) -> dict:
             report["hot_conversation"] = {
                 name: hot_conversation(as_shipped[name], redis_server, profile.hot) for name in CONTENDERS
             }
+        redis_server.client.flushall()
+        print("transcripts: the service with TRANSCRIPTS off and on, in turn", flush=True)
+        report["transcripts"] = {
+            "throughput": transcripts_throughput(profile, shipped, redis_server),
+            "memory": bench_transcripts.memory(
+                redis_server.client, profile.memory_conversations // 10, BURST_MESSAGES
+            ),
+        }
         redis_server.client.flushall()
         report["cpu_profile"] = cpu_profile(profile, redis_server)
         report["memory"] = memory(redis_server, profile.memory_conversations)
@@ -787,6 +857,14 @@ def render(report: dict) -> str:
             f"(hash {row['hash_encoding']}, {row['hash_memory_usage']} B; index "
             f"{row['index_encoding']}; started event {row['events_bytes_per_conversation']:.0f} B)"
         )
+    kept = report["transcripts"]
+    out.append(
+        f"transcripts: throughput on {kept['throughput']['throughput_rps']['on']:.0f} vs off "
+        f"{kept['throughput']['throughput_rps']['off']:.0f} req/s ({kept['throughput']['on_vs_off']:.2f}x); "
+        f"{kept['memory']['bytes_per_entry']:.0f} B per entry ({kept['memory']['body_chars']}-character "
+        f"bodies), {kept['memory']['bytes_per_conversation']:.0f} B per conversation of "
+        f"{kept['memory']['messages']} messages"
+    )
     out.append(redis_cpu.render(report["redis_cpu"]))
     ops = report["ops_at_scale"]
     out.append(
