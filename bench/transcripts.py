@@ -63,19 +63,20 @@ def _written(client: redis.Redis, conversations: int, messages: int, transcripts
             pipe = client.pipeline(transaction=False)
             for pair in pairs[start : start + 2000]:
                 token, message_sid = f"{number:016x}", f"SM{number:08x}{pair.sender[2:]}".ljust(34, "0")
+                opened = Opened(token, now=now_ms())
                 answer = "t" + (thanks("Friend") if number == 1 else count_reply("Friend", number, RECIPIENT))
                 message = Message(pair.sender, RECIPIENT, BODY, message_sid)
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
                 save_keys, save_args = store.save_call(
                     pair,
-                    Opened(token, now=now_ms()),
+                    opened,
                     sid=sids[pair.member],
                     state="{}",
                     is_new=number == 1,
                     message_sid=message_sid,
                     answer=answer,
-                    transcript=payload(kept, message, answer),
+                    transcript=payload(kept, message, answer, opened.now, sids[pair.member]),
                 )
                 pipe.evalsha(store._save.sha, len(save_keys), *save_keys, *save_args)
             outcomes = pipe.execute()

@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .redis_client import Client
 from .store import ConversationStore, decode_state
 from .transcripts import Settings as TranscriptSettings
+from .transcripts import entry
 
 BACK_TRIES = 50  # a hand back waits this many times for a message in progress to be saved
 BACK_PAUSE = 0.1
@@ -120,8 +121,7 @@ class Handoffs:
         if self.transcripts.enabled:
             keys = self.keys.conversation(sender, recipient)
             conversation_id = self.client.hget(keys.conversation, "sid") or ""
-            self.client.xadd(
-                keys.transcript,
+            written = entry(
                 {
                     "at": now_ms(),
                     "conv": conversation_id,
@@ -130,10 +130,12 @@ class Handoffs:
                     "body": body,
                     "sid": sent.sid,
                     "status": sent.status,
-                },
-                maxlen=self.transcripts.max_entries,
-                approximate=False,
+                }
             )
+            pipe = self.client.pipeline(transaction=True)  # one slot: atomic on a Cluster too
+            pipe.rpush(keys.transcript, written)
+            pipe.ltrim(keys.transcript, -self.transcripts.max_entries, -1)
+            pipe.execute()
         return sent
 
     def waiting(self) -> list[Waiting]:

@@ -19,7 +19,7 @@ Key (example)                                        Type and what it holds
 <prefix>wake:{07}:+15551230007|+15550001111:<token>  list, PX: a waiting message's turn, popped at
                                                      once: a save's, OPEN's reply as JSON; a
                                                      release's, '1' (ask again)
-<prefix>transcript:{07}:+15551230007|+15550001111    stream, with TRANSCRIPTS=1: the pair's messages
+<prefix>transcript:{07}:+15551230007|+15550001111    list, with TRANSCRIPTS=1: the pair's messages
                                                      in and out, in commit order (below)
 <prefix>waiting:{07}                                 zset: member '<from>|<to>', score when its
                                                      handler asked for a person (ms), until one
@@ -49,10 +49,11 @@ clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
 message's, at ``last_seen``). It expires a day after the conversation's end while live; once
 ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
 
-A transcript entry's fields: ``at`` (the message's ms), ``conv`` (the conversation's id),
-``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media`` (URLs,
-space-separated, when any) and, inbound, ``sid`` (its MessageSid). Its expiry follows the
-conversation's end plus ``TRANSCRIPT_RETENTION``; ``XADD MAXLEN`` caps it at ``TRANSCRIPT_MAX``.
+A transcript entry is a JSON object: ``at`` (the message's ms), ``conv`` (the conversation's
+id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media``
+(URLs, when any), ``sid`` (an inbound MessageSid, or an operator's reply's SID) and, for an
+operator's reply, ``by`` (``operator``) and ``status``. Its expiry follows the conversation's
+end plus ``TRANSCRIPT_RETENTION``; ``LTRIM`` caps it at ``TRANSCRIPT_MAX``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the

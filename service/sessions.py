@@ -137,7 +137,9 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
-            transcript=transcript_payload(self.interface.transcripts, bound.message, answer),
+            transcript=transcript_payload(
+                self.interface.transcripts, bound.message, answer, bound.opened.now, self.sid or ""
+            ),
             handoff=self.handoff_reason or "",
         )
         self.saved = True

@@ -43,34 +43,42 @@ class Settings:
 OFF = Settings(False, 0, 0)
 
 
-def payload(settings: Settings, message: Message, answer: str) -> str:
-    """SAVE's last argument: '' when transcripts are off, else the message and its reply
-    (``answer`` as ``responses.memo`` keeps it) as ``transcript.lua`` reads them."""
+def payload(settings: Settings, message: Message, answer: str, at: int, conversation: str) -> str:
+    """SAVE's argument: '' when transcripts are off, else the message and its reply (``answer``
+    as ``responses.memo`` keeps it), written at ``at`` (ms) in ``conversation``, as
+    ``transcript.lua`` reads them: a line of the cap and the retention, then a JSON line per entry."""
     if not settings.enabled:
         return ""
-    inbound = ["dir", "in", "sid", message.sid, "body", message.body]
+    inbound = {"at": at, "conv": conversation, "dir": "in", "sid": message.sid, "body": message.body}
     if message.media:
-        inbound += ["media", " ".join(message.media)]
-    return _encode([settings.max_entries, settings.retention_ms, inbound, *replies(answer)])
+        inbound["media"] = list(message.media)
+    lines = [f"{settings.max_entries} {settings.retention_ms}", _encode(inbound)]
+    lines += [_encode({"at": at, "conv": conversation, "dir": "out", **reply}) for reply in replies(answer)]
+    return "\n".join(lines)
 
 
-def replies(answer: str) -> list[list[str]]:
+def entry(fields: dict[str, Any]) -> str:
+    """An entry written outside SAVE (an operator's reply), as SAVE writes them."""
+    return _encode(fields)
+
+
+def replies(answer: str) -> list[dict[str, Any]]:
     """The messages of a reply as transcript entries: text (``t``), none (``n``), or each
     ``<Message>`` of TwiML (``x``) with its body and media."""
     kind, kept = answer[:1], answer[1:]
     if kind == "n":
         return []
     if kind != "x":
-        return [["dir", "out", "body", kept if kind == "t" else answer]]
+        return [{"body": kept if kind == "t" else answer}]
     entries = []
     for element in ElementTree.fromstring(kept).iter("Message"):
         body = element.find("Body")
         text = body.text if body is not None else element.text
         media = [m.text.strip() for m in element.iter("Media") if m.text]
-        entry = ["dir", "out", "body", (text or "").strip()]
+        sent: dict[str, Any] = {"body": (text or "").strip()}
         if media:
-            entry += ["media", " ".join(media)]
-        entries.append(entry)
+            sent["media"] = media
+        entries.append(sent)
     return entries
 
 
@@ -78,7 +86,6 @@ def replies(answer: str) -> list[list[str]]:
 class Entry:
     """One transcript entry."""
 
-    id: str  # the stream entry's id
     at: int  # epoch ms
     conversation: str
     direction: str  # in | out
@@ -89,19 +96,22 @@ class Entry:
     status: str = ""  # an operator's reply: Twilio's status, or why it was not sent
 
     @classmethod
-    def parse(cls, entry_id: str, fields: Mapping[str, str]) -> Entry:
-        media = fields.get("media", "")
-        return cls(
-            entry_id,
-            int(fields.get("at", "0") or 0),
-            fields.get("conv", ""),
-            fields.get("dir", ""),
-            fields.get("body", ""),
-            tuple(media.split()) if media else (),
-            fields.get("sid", ""),
-            fields.get("by", ""),
-            fields.get("status", ""),
-        )
+    def parse(cls, raw: str) -> Entry | None:
+        """An entry as stored (JSON), or None when it is not one (a hand edit)."""
+        try:
+            fields = json.loads(raw)
+            return cls(
+                int(fields["at"]),
+                str(fields.get("conv", "")),
+                str(fields["dir"]),
+                str(fields.get("body", "")),
+                tuple(str(url) for url in fields.get("media", ())),
+                str(fields.get("sid", "")),
+                str(fields.get("by", "")),
+                str(fields.get("status", "")),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -133,13 +143,13 @@ class Transcripts:
         """The pair's entries, oldest first; only conversation ``conversation``'s if given."""
         key = self.keys.conversation(sender, recipient).transcript
         entries: list[Entry] = []
-        lowest = "-"
+        start = 0
         while True:
-            batch = self.client.xrange(key, lowest, "+", count=READ_BATCH)
-            entries += [Entry.parse(entry_id, fields) for entry_id, fields in batch]
+            batch = self.client.lrange(key, start, start + READ_BATCH - 1)
+            entries += [found for found in map(Entry.parse, batch) if found is not None]
             if len(batch) < READ_BATCH:
                 break
-            lowest = "(" + batch[-1][0]
+            start += READ_BATCH
         if conversation is not None:
             entries = [entry for entry in entries if entry.conversation == conversation]
         return entries

@@ -54,7 +54,8 @@ def app_with(redis_url, handler=echo, **config):
 
 
 def entries(redis_client, sender=REY):
-    return [fields for _, fields in redis_client.xrange(KEYS.conversation(sender, OURS).transcript)]
+    """The pair's transcript as stored: one JSON object per entry."""
+    return [json.loads(raw) for raw in redis_client.lrange(KEYS.conversation(sender, OURS).transcript, 0, -1)]
 
 
 def test_each_message_and_reply_once_in_commit_order(redis_url, redis_client):
@@ -106,7 +107,7 @@ def test_each_message_and_reply_once_in_commit_order(redis_url, redis_client):
         if entry["dir"] == "out" and entry["body"].startswith("got "):
             assert kept[position - 1]["body"] == entry["body"][4:]
     pictured = next(entry for entry in kept if entry["body"] == "a picture")
-    assert pictured["media"] == "https://example.com/a.png"
+    assert pictured["media"] == ["https://example.com/a.png"]
     times = [int(entry["at"]) for entry in kept]
     assert times == sorted(times)
     conversation_id = redis_client.hget(KEYS.conversation(REY, OURS).conversation, "sid")
@@ -212,7 +213,6 @@ def test_kill_9_mid_message_then_redelivery_is_written_once(redis_server, redis_
     env = {"REDIS_TIMEOUT": "3", "LOCK_TTL": "1", "LOCK_WAIT": "0.2", "TRANSCRIPTS": "1"}
     proxy = FreezingProxy(redis_server.port, env)
     env["REDIS_URL"] = f"redis://127.0.0.1:{proxy.port}/0"
-    transcript = KEYS.conversation(sender, OURS).transcript
     try:
         with Gunicorn(env, workers=1) as gunicorn:
             twilio = TwilioSimulator(gunicorn.url, TOKEN, timeout=60)
@@ -225,7 +225,7 @@ def test_kill_9_mid_message_then_redelivery_is_written_once(redis_server, redis_
             [worker] = gunicorn_workers(gunicorn.process.pid)
             os.kill(worker, signal.SIGKILL)
             doomed.join(timeout=60)
-            assert [f["body"] for _, f in redis_client.xrange(transcript)] == [
+            assert [f["body"] for f in entries(redis_client, sender)] == [
                 "before",
                 "Thanks for the message, Friend!",
             ]
@@ -243,7 +243,7 @@ def test_kill_9_mid_message_then_redelivery_is_written_once(redis_server, redis_
             assert twilio.send(sender, OURS, "doomed", message_sid=killed_sid).status == 200
     finally:
         proxy.close()
-    kept = [fields for _, fields in redis_client.xrange(transcript)]
+    kept = entries(redis_client, sender)
     assert [f["sid"] for f in kept if f["dir"] == "in"].count(killed_sid) == 1
     assert [f["body"] for f in kept if f["dir"] == "in"] == ["before", "doomed"]
 

@@ -86,7 +86,7 @@ if stores then
   -- Held by an operator (handoff.lua): its time runs from the hold's end.
   hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
   added = redis.call('ZADD', index, now + hold_left + ttl_ms, member)
-  transcribe(ARGV[#ARGV - 1], sid, opened_at, is_new, hold_left)
+  transcribe(ARGV[#ARGV - 1], opened_at, is_new, hold_left)
   asks_for_person(ARGV[#ARGV - 2], member, now)
 else
   redis.call('HSET', conversation, answered[1], answered[2])

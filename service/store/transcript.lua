@@ -2,24 +2,32 @@
 -- the same atomic step as it saves the state, so that a message is in the transcript exactly
 -- when its state is saved (a redelivery, answered by OPEN from memory, writes nothing).
 --
--- The transcript is `transcript` (tail.lua), its payload SAVE's ARGV[#ARGV - 1]: '' when
--- transcripts are off, else JSON [max entries, retention ms, entry, entry…], each entry a flat
--- list of field names and values (service/transcripts.py: payload).
+-- The transcript is `transcript` (tail.lua), a list of JSON objects, one per entry (a list, not
+-- a stream: a stream preallocates 4 KB per key, most of a short conversation's transcript). Its
+-- payload is SAVE's ARGV[#ARGV - 1]: '' when transcripts are off, else lines: '<max entries>
+-- <retention ms>', then each entry's JSON, which starts with '{"at":<ms>,' (service/transcripts.py:
+-- payload; JSON carries no raw newline).
 
--- Appends the payload's entries for conversation `sid` at `at` (the message's ms). The expiry
--- is the conversation's scheduled end plus the retention; an end moves it (ending.lua).
--- `starts`: the pair's new conversation drops the entries older than the retention.
--- `hold_left`: ms until an operator's hold ends, from which the conversation's time runs.
-local function transcribe(payload, sid, at, starts, hold_left)
+-- Appends the payload's entries. The expiry is the conversation's scheduled end plus the
+-- retention; an end moves it (ending.lua). `at`: the message's ms. `starts`: the pair's new
+-- conversation drops the entries older than the retention. `hold_left`: ms until an operator's
+-- hold ends, from which the conversation's time runs.
+local function transcribe(payload, at, starts, hold_left)
   if payload == '' then return end
-  local given = cjson.decode(payload)
-  local max, retention = given[1], given[2]
+  local lines = {}
+  for line in string.gmatch(payload, '[^\n]+') do lines[#lines + 1] = line end
+  local max, retention = string.match(lines[1], '^(%d+) (%d+)$')
   if starts then
-    redis.call('XTRIM', transcript, 'MINID', tonumber(at) - retention)
+    local oldest = tonumber(at) - retention
+    while true do
+      local first = redis.call('LINDEX', transcript, 0)
+      local written = first and tonumber(string.match(first, '^{"at":(%d+)'))
+      if not (first and (not written or written < oldest)) then break end
+      redis.call('LPOP', transcript)
+    end
   end
-  for i = 3, #given do
-    redis.call('XADD', transcript, 'MAXLEN', max, '*', 'at', at, 'conv', sid, unpack(given[i]))
-  end
+  redis.call('RPUSH', transcript, unpack(lines, 2))
+  redis.call('LTRIM', transcript, -max, -1)
   redis.call('PEXPIRE', transcript, hold_left + ttl_ms + retention)
 end
 
