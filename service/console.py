@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
@@ -291,9 +291,8 @@ NOTICES = {
 
 
 def _back_to(sender: str, recipient: str, notice: str):
-    return redirect(
-        url_for("console.conversation", **{"from": sender, "to": recipient, "notice": notice}), 303
-    )
+    query = urlencode({"from": sender, "to": recipient, "notice": notice})
+    return redirect(url_for("console.conversation") + "?" + query, 303)
 
 
 @bp.post("/conversation/take")

@@ -25,6 +25,7 @@ SECTIONS = {
     "round_trips",
     "correctness",
     "hot_conversation",
+    "transcripts",
     "cpu_profile",
     "memory",
     "redis_cpu",
@@ -73,6 +74,8 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     for shape in ("first_message", "steady", "burst", "burst_cap"):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
     assert all(isinstance(v, float) for v in report["redis_cpu"]["cpu_us_per_message"].values())
+    assert isinstance(report["transcripts"]["throughput"]["on_vs_off"], float)
+    assert report["transcripts"]["memory"]["bytes_per_entry"] > 0
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
     assert all(
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
