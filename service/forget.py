@@ -80,15 +80,27 @@ class Forgetting:
 
     def _tag(self, number: str, done: Forgotten) -> None:
         """One FORGET of the number's hash tag: every key of its conversations (a keyspace
-        SCAN: a name holds the pair after the tag), and its index members (a ZSCAN)."""
+        SCAN: a name holds the pair after the tag), and its members of the index and of the
+        waiting set (ZSCANs)."""
         shard, literal = shard_of(number), GLOB_SPECIAL.sub(r"\\\1", number)
         pattern = GLOB_SPECIAL.sub(r"\\\1", self.keys.prefix) + f"*:{{{shard}}}:{literal}|*"
         found = sorted(set(self.client.scan_iter(match=pattern, count=SCAN_COUNT)))
         index = self.keys.index(shard)
-        members = [member for member, _ in self.client.zscan_iter(index, match=literal + "|*")]
+        waiting = self.keys.waiting(shard)
+        members = sorted(
+            {member for member, _ in self.client.zscan_iter(index, match=literal + "|*")}
+            | {member for member, _ in self.client.zscan_iter(waiting, match=literal + "|*")}
+        )
         prefix_of_transcript = f"{self.keys.prefix}transcript:"
         live, deleted, hooks, relayed = self._forget(
-            [self.keys.forgetting(number), index, self.keys.ending(shard), self.keys.outbox(shard), *found],
+            [
+                self.keys.forgetting(number),
+                index,
+                self.keys.ending(shard),
+                self.keys.outbox(shard),
+                waiting,
+                *found,
+            ],
             [number, self.number_hash(number) or "", *members],
         )
         done.live_conversations += live

@@ -28,6 +28,8 @@ HASH_KEY = "a-secret-key-for-the-events-hash"
 
 def bot(message, conversation):
     conversation["seen"] = conversation.get("seen", 0) + 1
+    if message.body == "human":
+        conversation.handoff("asks for a person")
     if message.body == "bye":
         conversation.end()
     return f"n{conversation['seen']}"
@@ -79,10 +81,11 @@ def forget_under_load(app, client, hashed: bool, hooks_pending: int = 1):
     needles = {FORGOTTEN} | ({wired.number_hash(FORGOTTEN)} if hashed else set())
     with LiveServer(app) as server:
         twilio = TwilioSimulator(server.url, TOKEN, timeout=30)
-        # Before: an ended conversation (pending end hook, events), and a live one with us twice.
+        # Before: an ended conversation (pending end hook, events), and a live one waiting for a
+        # person.
         for body in ("hi", "bye"):
             assert twilio.send(FORGOTTEN, OURS, body).status == 200
-        assert twilio.send(FORGOTTEN, OTHER, "hello").status == 200
+        assert twilio.send(FORGOTTEN, OTHER, "human").status == 200  # waiting for a person too
         assert holders(client, needles)
 
         stop_all, stop_forgotten, stopped = threading.Event(), threading.Event(), threading.Event()
