@@ -22,13 +22,22 @@ from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
 from .ops import conversations_cli, forget_command, handoff_cli, transcript_command
+from .sender import sender_command, start_sender
+from .sending import send_command
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 from .wiring import current
 
 OPERATORS = tuple(
     command.name
-    for command in (conversations_cli, events_command, transcript_command, forget_command, handoff_cli)
+    for command in (
+        conversations_cli,
+        events_command,
+        send_command,
+        transcript_command,
+        forget_command,
+        handoff_cli,
+    )
 )
 
 
@@ -57,6 +66,7 @@ def _serve(**options):
             ) from None
     click.echo(banner(app, options["host"], options["port"]))
     start_sweeper(app)
+    start_sender(app)
     context.invoke(run_command, **options)
 
 
@@ -110,7 +120,7 @@ cli.add_command(
         "run",
         params=run_command.params,
         callback=_serve,
-        help="Serve the webhook with Flask's development server (and sweep).",
+        help="Serve the webhook with Flask's development server (and sweep, and send).",
     )
 )
 
@@ -119,6 +129,8 @@ for command in (
     conversations_cli,
     events_command,
     sweep_command,
+    sender_command,
+    send_command,
     transcript_command,
     forget_command,
     handoff_cli,

@@ -31,6 +31,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
+from .outbox import encode
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, decode_state
 from .transcripts import OFF as TRANSCRIPTS_OFF
@@ -99,6 +100,7 @@ class ConversationSession(Conversation):
         else None with the conversation held until ``save`` or ``release``.
         """
         keys = self.interface.keys.conversation(message.sender, message.recipient)
+        self.sender, self.recipient = message.sender, message.recipient
         opened = self.interface.store.open(keys, message.sid)
         self.binding = Binding(message, keys, opened)
         if opened.answered is not None:
@@ -141,6 +143,8 @@ class ConversationSession(Conversation):
                 self.interface.transcripts, bound.message, answer, bound.opened.now, self.sid or ""
             ),
             handoff=self.handoff_reason or "",
+            outbound=encode(self.outbound) if self.outbound else "",
+            keyword=bound.message.opt_out,
         )
         self.saved = True
         counters = self.interface.metrics
@@ -150,6 +154,8 @@ class ConversationSession(Conversation):
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+        if self.outbound:
+            counters.outbound.labels("pending").inc(len(self.outbound))
 
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next
@@ -171,9 +177,10 @@ class ConversationSession(Conversation):
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
-        messages = opened.seq.isdigit() and int(opened.seq)
+        # seq is 0 for a conversation an outbound message started (service.send): no message yet.
+        messages = int(opened.seq) if opened.seq.isdigit() else None
         first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
-        if state is None or not messages or not first_seen:
+        if state is None or messages is None or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
@@ -185,6 +192,7 @@ class ConversationSession(Conversation):
         self.sid = opened.sid
         self.update(state)
         self.messages = messages + 1
+        self.started_by_us = messages == 0
         self.started_at = _moment(first_seen)
         self.modified = False
 

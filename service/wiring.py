@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from .accounts import Accounts
 from .callers import Callers
 from .forget import Forgetting
-from .handler import EndHook, Handler
+from .handler import EndHook, Handler, StatusHook
 from .handoff import Handoffs
 from .history import History
 from .keys import Keys
@@ -53,6 +53,7 @@ class Wiring:
     number_hash: NumberHash  # EVENTS_NUMBERS=hashed's hash of a number (None when plain)
     forgetting: Forgetting  # forget a number on request
     handoffs: Handoffs  # operators taking conversations over from the bot
+    on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -67,6 +68,7 @@ def init_app(
     handler: Handler,
     on_end: EndHook | None,
     accounts: Accounts,
+    on_status: StatusHook | None = None,
 ) -> Wiring:
     """Builds the app's parts from its config and Redis client, and Flask's session interface
     on the store (the conversation is ``flask.session`` during a webhook)."""
@@ -107,6 +109,7 @@ def init_app(
         number_hash,
         Forgetting(redis, keys, number_hash, config["SWEEP_INTERVAL"] * 2),
         handoffs,
+        on_status,
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = ConversationSessionInterface(

@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua
--- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua
+-- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua, tail.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -15,19 +15,22 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
--- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (handoff.lua)
+-- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
+-- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
+-- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (person.lua)
 -- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
--- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
+-- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
 -- message's and its answer is not stored, or `forget` is removing the sender: nothing written).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
+local sends, inbound_keyword = ARGV[18], ARGV[19]
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -102,6 +105,8 @@ if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms + hold_left)
+if sends ~= '' then queue_outbound(member, sends, now) end
+note_inbound(member, inbound_keyword, now)
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits
