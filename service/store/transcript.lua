@@ -28,7 +28,7 @@ local function transcribe(payload, at, starts, hold_left)
   end
   redis.call('RPUSH', transcript, unpack(lines, 2))
   redis.call('LTRIM', transcript, -max, -1)
-  redis.call('PEXPIRE', transcript, hold_left + ttl_ms + retention)
+  redis.call('PEXPIREAT', transcript, tonumber(at) + hold_left + ttl_ms + retention)  -- as the index's score
 end
 
 -- The conversation's scheduled end moved from `expiry` to `moved_to` (ms): an end (to its time),
