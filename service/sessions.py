@@ -140,7 +140,12 @@ class ConversationSession(Conversation):
             answer=answer,
             end_reason=self.end_reason,
             transcript=transcript_payload(
-                self.interface.transcripts, bound.message, answer, bound.opened.now, self.sid or ""
+                self.interface.transcripts,
+                bound.message,
+                answer,
+                bound.opened.now,
+                self.sid or "",
+                self.outbound,
             ),
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",

@@ -11,14 +11,15 @@ hook (``ops.py`` and ``console.py`` show it). The key and its entries' fields ar
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 from xml.etree import ElementTree
 
 from .handler import Message
 from .keys import Keys
 from .live import iso
+from .outbox import Outgoing
 from .redis_client import Client
 
 READ_BATCH = 1000
@@ -43,10 +44,18 @@ class Settings:
 OFF = Settings(False, 0, 0)
 
 
-def payload(settings: Settings, message: Message, answer: str, at: int, conversation: str) -> str:
-    """SAVE's argument: '' when transcripts are off, else the message and its reply (``answer``
-    as ``responses.memo`` keeps it), written at ``at`` (ms) in ``conversation``, as
-    ``transcript.lua`` reads them: a line of the cap and the retention, then a JSON line per entry."""
+def payload(
+    settings: Settings,
+    message: Message,
+    answer: str,
+    at: int,
+    conversation: str,
+    outbound: Sequence[Outgoing] = (),
+) -> str:
+    """SAVE's argument: '' when transcripts are off, else the message, its reply (``answer``
+    as ``responses.memo`` keeps it) and the outbound messages the handler sent, written at
+    ``at`` (ms) in ``conversation``, as ``transcript.lua`` reads them: a line of the cap and the
+    retention, then a JSON line per entry."""
     if not settings.enabled:
         return ""
     inbound = {"at": at, "conv": conversation, "dir": "in", "sid": message.sid, "body": message.body}
@@ -54,7 +63,17 @@ def payload(settings: Settings, message: Message, answer: str, at: int, conversa
         inbound["media"] = list(message.media)
     lines = [f"{settings.max_entries} {settings.retention_ms}", _encode(inbound)]
     lines += [_encode({"at": at, "conv": conversation, "dir": "out", **reply}) for reply in replies(answer)]
+    lines += [_encode({"at": at, "conv": conversation, **sent_entry(queued)}) for queued in outbound]
     return "\n".join(lines)
+
+
+def sent_entry(queued: Outgoing) -> dict[str, Any]:
+    """An outbound message's entry: its id (its statuses name it), body (or template) and media."""
+    body = queued.body if queued.body is not None else f"[template {queued.content_sid}]"
+    entry: dict[str, Any] = {"dir": "out", "id": queued.id, "body": body, "status": "pending"}
+    if queued.media:
+        entry["media"] = list(queued.media)
+    return entry
 
 
 def entry(fields: dict[str, Any]) -> str:
@@ -93,6 +112,7 @@ class Entry:
     media: tuple[str, ...] = ()
     sid: str = ""  # an inbound message's MessageSid, an operator's reply's Twilio SID
     by: str = ""  # 'operator' for an operator's reply (service/handoff.py)
+    id: str = ""  # an outbound message's id (service/outbox.py)
     status: str = ""  # an operator's reply: Twilio's status, or why it was not sent
 
     @classmethod
@@ -101,14 +121,15 @@ class Entry:
         try:
             fields = json.loads(raw)
             return cls(
-                int(fields["at"]),
-                str(fields.get("conv", "")),
-                str(fields["dir"]),
-                str(fields.get("body", "")),
-                tuple(str(url) for url in fields.get("media", ())),
-                str(fields.get("sid", "")),
-                str(fields.get("by", "")),
-                str(fields.get("status", "")),
+                at=int(fields["at"]),
+                conversation=str(fields.get("conv", "")),
+                direction=str(fields["dir"]),
+                body=str(fields.get("body", "")),
+                media=tuple(str(url) for url in fields.get("media", ())),
+                sid=str(fields.get("sid", "")),
+                by=str(fields.get("by", "")),
+                id=str(fields.get("id", "")),
+                status=str(fields.get("status", "")),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -121,7 +142,7 @@ class Entry:
             "media": list(self.media),
             "conversation": self.conversation,
         }
-        for name in ("sid", "by", "status"):
+        for name in ("sid", "by", "status", "id"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
         return data
@@ -129,7 +150,7 @@ class Entry:
     def line(self) -> str:
         arrow = "<-" if self.direction == "in" else "->"
         media = "".join(f" [media] {url}" for url in self.media)
-        by = f" ({self.by}: {self.status})" if self.by else ""
+        by = f" ({self.by}: {self.status})" if self.by else (f" ({self.status})" if self.status else "")
         return f"{iso(self.at)} {arrow} {self.body}{media}{by}"
 
 
@@ -150,6 +171,23 @@ class Transcripts:
             if len(batch) < READ_BATCH:
                 break
             start += READ_BATCH
+        entries = folded(entries)
         if conversation is not None:
             entries = [entry for entry in entries if entry.conversation == conversation]
         return entries
+
+
+def folded(entries: list[Entry]) -> list[Entry]:
+    """Status entries shown on their outbound message's entry (its latest status), not apart."""
+    shown: list[Entry] = []
+    by_id: dict[str, int] = {}
+    for found in entries:
+        if found.direction == "status":
+            if found.id in by_id:
+                position = by_id[found.id]
+                shown[position] = replace(shown[position], status=found.status)
+            continue
+        if found.id:
+            by_id[found.id] = len(shown)
+        shown.append(found)
+    return shown

@@ -278,3 +278,52 @@ def test_the_console_shows_the_thread_like_a_phone(redis_url):
     ended = client.get("/console/conversation", query_string={"from": REY, "to": OURS})
     assert ended.status_code == 404
     assert "a picture" in ended.get_data(as_text=True)
+
+
+def test_outbound_messages_and_their_statuses(standin_for_outbound, redis_url, redis_client):
+    """A message the handler sends is in the transcript with the message and reply that queued
+    it (the same SAVE), and each status the sender and Twilio's callbacks record follows it."""
+    from service.sender import Sender
+    from service.wiring import current
+    from tests.support.app_servers import LiveServer
+    from tests.test_outbound import drain, make, text
+
+    def sends(message, conversation):
+        conversation.send(f"later: {message.body}", media=["https://example.com/b.png"])
+        return f"now: {message.body}"
+
+    routed = {}
+    with LiveServer(lambda environ, start_response: routed["app"](environ, start_response)) as server:
+        app = make(
+            standin_for_outbound,
+            redis_url,
+            sends,
+            PUBLIC_BASE_URL=server.url.removesuffix("/sms"),
+            TRANSCRIPTS=True,
+        )
+        routed["app"] = app
+        assert text(app.test_client(), "hi").status_code == 200
+        drain(Sender(app))
+
+        def shown():
+            return [entry.to_json() for entry in current(app).transcripts.read(REY, OURS)]
+
+        wait_until(lambda: shown()[-1].get("status") == "delivered", what="delivered, in the transcript")
+    listed = shown()
+    assert [(e["direction"], e["body"]) for e in listed] == [
+        ("in", "hi"),
+        ("out", "now: hi"),
+        ("out", "later: hi"),
+    ]
+    assert listed[2]["media"] == ["https://example.com/b.png"]
+    stored = entries(redis_client)
+    assert [e["status"] for e in stored if e["dir"] == "status"] == ["queued", "sent", "delivered"]
+    assert {e["id"] for e in stored if e["dir"] == "status"} == {listed[2]["id"]}
+
+
+@pytest.fixture
+def standin_for_outbound():
+    from tests.support.standin import StandinServer
+
+    with StandinServer() as server:
+        yield server

@@ -2,7 +2,7 @@
 -- is still the sender's. Handed to Twilio or refused for good, the message leaves the outbox and
 -- the conversation's next one is due now; to retry, it stays first and is due after the delay.
 --
--- uses: common.lua outbound.lua
+-- uses: common.lua tail.lua transcript.lua outbound.lua
 -- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the conversation's index member, '<from>|<to>'
 -- ARGV[10] = the message's id
@@ -12,6 +12,7 @@
 -- ARGV[14] = accepted: Twilio's status; retry: '1' if Twilio may hold it (a lost answer), else
 --            '0'; failed: the error's message
 -- ARGV[15] = retry: ms to wait before the next attempt
+-- ARGV[#ARGV] = TRANSCRIPT_MAX, or '' when transcripts are off (transcript.lua), after the above
 -- Returns the message's status before this outcome and after it ('lost' and '' when the claim
 -- is no longer the sender's: nothing written).
 local member, id, claim, outcome, first, second, delay =
@@ -44,4 +45,5 @@ else
 end
 redis.call('HSET', sent, id .. ':s', cjson.encode(state))
 redis.call('PEXPIRE', sent, live_keep_ms)
+if (state.status or 'pending') ~= before then transcribe_status(id, state.status, now) end
 return {before, state.status or 'pending'}

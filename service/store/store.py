@@ -139,12 +139,16 @@ class ConversationStore:
         read_timeout: float = 0.5,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
         number_hash: Callable[[str], str | None] = lambda number: None,
+        transcript_max: int = 0,
     ):
         """``hooks``: keep each ended conversation's final state for the end hook.
+        ``transcript_max``: TRANSCRIPT_MAX with transcripts on (outbound statuses are written to
+        them), else 0.
         ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics).
         ``number_hash``: what events carry instead of a number (None: the number itself)."""
         self.client = client
         self.number_hash = number_hash
+        self.transcript_max = str(transcript_max) if transcript_max else ""  # status entries
         self.on_lock_wait = on_lock_wait
         self.lock_wait = lock_wait
         self.blocking = read_timeout > self.POLL_MAX + 0.15
@@ -198,6 +202,7 @@ class ConversationStore:
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
             read_timeout=config["REDIS_TIMEOUT"],
             number_hash=number_hash,
+            transcript_max=config["TRANSCRIPT_MAX"] if config["TRANSCRIPTS"] else 0,
         )
 
     @property
@@ -410,7 +415,7 @@ class ConversationStore:
         before, after = self._run(
             self._finish,
             keys.in_order(),
-            [*self.settings, keys.member, message_id, token, outcome, *details],
+            [*self.settings, keys.member, message_id, token, outcome, *details, self.transcript_max],
         )
         return before, after
 
@@ -419,7 +424,9 @@ class ConversationStore:
     ) -> tuple[str, str]:
         """STATUS: a status callback applied if it moves the message up; (before, after)."""
         before, after = self._run(
-            self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
+            self._status,
+            keys.in_order(),
+            [*self.settings, message_id, message_sid, status, error_code, self.transcript_max],
         )
         return before, after
 

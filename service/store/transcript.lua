@@ -41,3 +41,15 @@ local function transcript_ends(expiry, moved_to)
     redis.call('PEXPIRE', transcript, math.max(left + moved_to - expiry, 1))
   end
 end
+
+-- An outbound message's status moved to `status` at `now` (status.lua, finish.lua): an entry
+-- '{"at":…,"dir":"status","id":…,"status":…}' when the pair has a transcript (the reader
+-- shows it on the message's own entry). The scripts' last argument is TRANSCRIPT_MAX, or ''
+-- when transcripts are off.
+local function transcribe_status(id, status, now)
+  local max = ARGV[#ARGV]
+  if max == '' or redis.call('EXISTS', transcript) == 0 then return end
+  redis.call('RPUSH', transcript, '{"at":' .. now .. ',"dir":"status","id":' .. cjson.encode(id) ..
+             ',"status":' .. cjson.encode(status) .. '}')
+  redis.call('LTRIM', transcript, -max, -1)
+end
