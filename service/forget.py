@@ -1,8 +1,10 @@
 """Forgetting a number on request: ``sms-sessions forget <number>`` and ``DELETE /ops/numbers/<number>``.
 
 Removes what the service holds of a sender's number: its conversations, live and ended (their
-hashes, locks, lines and transcripts), their end hooks' pending payloads, and its entries in
-the events stream and a Cluster's outboxes, plain or hashed (``EVENTS_NUMBERS=hashed``).
+hashes, locks, lines and transcripts), their outbound messages (queued and sent records, due
+entries, WhatsApp windows), their end hooks' pending payloads, its entries in the events stream
+and a Cluster's outboxes, plain or hashed (``EVENTS_NUMBERS=hashed``), and, when asked, its
+opt-out record.
 
 Safe while the number's messages arrive: a fence (``<prefix>forgetting:{NN}:<number>``) is set
 first, and while it stands SAVE refuses the number's messages (answered 503, nothing written),
@@ -63,22 +65,24 @@ class Forgetting:
         self.settle_seconds = settle_seconds
         self._forget = Script(client, "forget.lua")
 
-    def forget(self, number: str) -> Forgotten:
+    def forget(self, number: str, opt_out: bool = False) -> Forgotten:
+        """Removes what is held of ``number``; ``opt_out``: its opt-out record too (a STOP it
+        sent: without it, the service may send to the number again)."""
         fence = self.keys.forgetting(number)
         done = Forgotten(number)
         self.client.set(fence, "1", px=FENCE_MS)
         try:
-            self._tag(number, done)
+            self._tag(number, done, opt_out)
             done.events += self._events(number)
             if self.keys.cluster:
                 time.sleep(self.settle_seconds)
                 done.events += self._events(number)
-            self._tag(number, done)
+            self._tag(number, done, opt_out)
         finally:
             self.client.delete(fence)
         return done
 
-    def _tag(self, number: str, done: Forgotten) -> None:
+    def _tag(self, number: str, done: Forgotten, opt_out: bool) -> None:
         """One FORGET of the number's hash tag: every key of its conversations (a keyspace
         SCAN: a name holds the pair after the tag), and its members of the index and of the
         waiting set (ZSCANs)."""
@@ -86,10 +90,12 @@ class Forgetting:
         pattern = GLOB_SPECIAL.sub(r"\\\1", self.keys.prefix) + f"*:{{{shard}}}:{literal}|*"
         found = sorted(set(self.client.scan_iter(match=pattern, count=SCAN_COUNT)))
         index = self.keys.index(shard)
-        waiting = self.keys.waiting(shard)
+        waiting, due, contacts = self.keys.waiting(shard), self.keys.due(shard), self.keys.contacts(shard)
         members = sorted(
             {member for member, _ in self.client.zscan_iter(index, match=literal + "|*")}
             | {member for member, _ in self.client.zscan_iter(waiting, match=literal + "|*")}
+            | {member for member, _ in self.client.zscan_iter(due, match=literal + "|*")}
+            | {name[2:] for name, _ in self.client.hscan_iter(contacts, match="w:" + literal + "|*")}
         )
         prefix_of_transcript = f"{self.keys.prefix}transcript:"
         live, deleted, hooks, relayed = self._forget(
@@ -99,9 +105,11 @@ class Forgetting:
                 self.keys.ending(shard),
                 self.keys.outbox(shard),
                 waiting,
+                due,
+                contacts,
                 *found,
             ],
-            [number, self.number_hash(number) or "", *members],
+            [number, self.number_hash(number) or "", "1" if opt_out else "0", *members],
         )
         done.live_conversations += live
         done.keys += deleted

@@ -159,8 +159,9 @@ def operator_reply(sender, recipient):
 
 @bp.delete("/numbers/<number>")
 def forget_number(number):
-    """Removes everything the service holds of ``number`` (service/forget.py); what went."""
-    done = current().forgetting.forget(number)
+    """Removes everything the service holds of ``number`` (service/forget.py); what went.
+    ``?opt_out=1``: its opt-out record too."""
+    done = current().forgetting.forget(number, opt_out=request.args.get("opt_out") == "1")
     log.info("forgot a number on request: %s", done.line().replace(number, mask(number)))
     return done.to_json()
 
@@ -319,12 +320,16 @@ def transcript_command(sender, recipient, as_json):
 
 @click.command("forget")
 @click.argument("number")
+@click.option(
+    "--opt-out", "opt_out", is_flag=True, help="Its opt-out record (STOP) too: it may be sent to again."
+)
 @json_option
 @with_appcontext
-def forget_command(number, as_json):
+def forget_command(number, opt_out, as_json):
     """Remove everything held of NUMBER (a sender): its conversations live and ended, their
-    transcripts and pending end hooks, its events. Safe while its messages arrive."""
-    done = run(lambda: current().forgetting.forget(number))
+    transcripts, outbound messages and pending end hooks, its events. Safe while its messages
+    arrive."""
+    done = run(lambda: current().forgetting.forget(number, opt_out))
     emit(done.to_json(), done.line(), as_json)
 
 

@@ -116,14 +116,14 @@ def forget_under_load(app, client, hashed: bool, hooks_pending: int = 1):
         real_tag = wired.forgetting._tag
         passes = []
 
-        def tag(number, done):
+        def tag(number, done, opt_out):
             passes.append(number)
             if len(passes) == 2:
                 stop_forgotten.set()
                 assert stopped.wait(10)
                 threads[0].join(10)
                 threads[1].join(10)
-            real_tag(number, done)
+            real_tag(number, done, opt_out)
 
         wired.forgetting._tag = tag
         started = time.monotonic()
@@ -197,3 +197,28 @@ def test_forget_on_a_cluster(redis_cluster):
         forget_under_load(app, client, hashed=True, hooks_pending=0)
     finally:
         client.close()
+
+
+def test_outbound_messages_go_and_the_opt_out_only_when_asked(redis_url, redis_client):
+    """Its queued and sent outbound messages and due entry go; the opt-out record (a STOP,
+    which keeps the service from sending to it) stays unless asked for."""
+    from tests.support.standin import StandinServer
+    from tests.test_outbound import make as outbound_app
+    from tests.test_outbound import text
+
+    def sends(message, conversation):
+        conversation.send("a follow-up")
+        return "ok"
+
+    with StandinServer() as standin:
+        app = outbound_app(standin, redis_url, sends, TRANSCRIPTS=True)
+        client = app.test_client()
+        assert text(client, "hi", sender=FORGOTTEN).status_code == 200
+        assert text(client, "STOP", sender=FORGOTTEN).status_code == 200
+        keys = KEYS.conversation(FORGOTTEN, OURS)
+        assert redis_client.exists(keys.sent, keys.outbound) == 2
+        assert redis_client.zscore(keys.due, keys.member) is not None
+        assert app.test_cli_runner().invoke(args=["forget", FORGOTTEN]).exit_code == 0
+        assert holders(redis_client, {FORGOTTEN}) == [keys.contacts]  # its opt-out, kept
+        assert app.test_cli_runner().invoke(args=["forget", FORGOTTEN, "--opt-out"]).exit_code == 0
+        assert holders(redis_client, {FORGOTTEN}) == []
