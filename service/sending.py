@@ -24,6 +24,8 @@ from .outbox import Refused, encode, message
 from .redis_client import UNAVAILABLE
 from .sessions import SESSION_ID_BYTES, JsonSerializer
 from .store import ConversationBusy, LockLost, decode_state
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import pushed
 from .wiring import current
 
 REFUSALS = {
@@ -91,6 +93,7 @@ def send(
             state=encoded_state,
             outbound=encode([outgoing]),
             template=bool(outgoing.content_sid),
+            transcript=pushed(TranscriptSettings.from_config(app.config), outgoing, start or opened.sid),
         )
     except BaseException:
         store.release(keys, opened.token)

@@ -67,6 +67,15 @@ def payload(
     return "\n".join(lines)
 
 
+def pushed(settings: Settings, queued: Outgoing, conversation: str) -> str:
+    """PUSH's argument (a message sent from outside a webhook): '' when off, else its entry
+    without a time, which the script puts first (Redis' clock)."""
+    if not settings.enabled:
+        return ""
+    entry = _encode({"conv": conversation, **sent_entry(queued)})
+    return f"{settings.max_entries} {settings.retention_ms}\n{entry}"
+
+
 def sent_entry(queued: Outgoing) -> dict[str, Any]:
     """An outbound message's entry: its id (its statuses name it), body (or template) and media."""
     body = queued.body if queued.body is not None else f"[template {queued.content_sid}]"

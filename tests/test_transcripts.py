@@ -327,3 +327,23 @@ def standin_for_outbound():
 
     with StandinServer() as server:
         yield server
+
+
+def test_a_message_sent_first_is_written_by_the_push(standin_for_outbound, redis_url, redis_client):
+    """service.send() from outside a webhook: its entry, timed by Redis, in the conversation it
+    starts; the reply continues it."""
+    from service.sending import send
+    from tests.test_outbound import make, text
+
+    app = make(standin_for_outbound, redis_url, echo, TRANSCRIPTS=True)
+    sent = send(REY, "Your table is ready", sender=OURS, app=app)
+    assert text(app.test_client(), "thanks").status_code == 200
+    kept = entries(redis_client)
+    assert [(e["dir"], e["body"]) for e in kept] == [
+        ("out", "Your table is ready"),
+        ("in", "thanks"),
+        ("out", "got thanks"),
+    ]
+    assert kept[0]["id"] == sent.id
+    assert kept[0]["at"] <= kept[1]["at"]
+    assert {e["conv"] for e in kept} == {sent.conversation}

@@ -439,6 +439,7 @@ class ConversationStore:
         state: str,
         outbound: str,
         template: bool,
+        transcript: str = "",
     ) -> tuple[str, int | None]:
         """PUSH, under the lock ``opened`` holds: queues ``outbound`` (``service.outbox.encode``)
         and, with ``start`` (a new conversation's id), starts the conversation with ``state``;
@@ -455,6 +456,8 @@ class ConversationStore:
                 state,
                 outbound,
                 "1" if template else "0",
+                transcript,
+                self.event_names(keys),
             ],
         )
         return reply[0], (int(reply[1]) if len(reply) > 1 else None)

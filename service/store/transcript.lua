@@ -12,10 +12,14 @@
 -- retention; an end moves it (ending.lua). `at`: the message's ms. `starts`: the pair's new
 -- conversation drops the entries older than the retention. `hold_left`: ms until an operator's
 -- hold ends, from which the conversation's time runs.
-local function transcribe(payload, at, starts, hold_left)
+-- `stamp`: the entries come without their time (push.lua's: Python does not know Redis' clock),
+-- which is put first in each.
+local function transcribe(payload, at, starts, hold_left, stamp)
   if payload == '' then return end
   local lines = {}
-  for line in string.gmatch(payload, '[^\n]+') do lines[#lines + 1] = line end
+  for line in string.gmatch(payload, '[^\n]+') do
+    lines[#lines + 1] = (stamp and #lines > 0) and ('{"at":' .. at .. ',' .. string.sub(line, 2)) or line
+  end
   local max, retention = string.match(lines[1], '^(%d+) (%d+)$')
   if starts then
     local oldest = tonumber(at) - retention
