@@ -38,7 +38,7 @@ from .clock import duration, now_ms
 from .handoff import Busy, NotLive
 from .live import BadCursor, BadSearch, iso
 from .masking import mask
-from .ops import DEFAULT_LIMIT, MAX_REPLY, finite
+from .ops import DEFAULT_LIMIT, MAX_REPLY, finite, operator_reply
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ NOTICES = {
     "taken": "You hold this conversation: the bot is paused. Reply below; hand it back when done.",
     "back": "Handed back: the bot answers the next message.",
     "sent": "Reply sent.",
-    "not-sent": "The reply was not sent (Twilio refused it, or could not be reached).",
+    "not-sent": "The reply was not sent: this number opted out, or its WhatsApp window is closed.",
     "busy": "Messages kept the conversation busy: try again.",
     "bad-state": "The values to set must be a JSON object.",
     "empty": "Type a reply first.",
@@ -313,8 +313,8 @@ def reply():
     body = request.form.get("body", "").strip()
     if not body:
         return _back_to(sender, recipient, "empty")
-    sent = current().handoffs.reply(sender, recipient, body[:MAX_REPLY])
-    return _back_to(sender, recipient, "sent" if sent.accepted else "not-sent")
+    queued, _ = operator_reply(sender, recipient, body[:MAX_REPLY])
+    return _back_to(sender, recipient, "sent" if queued else "not-sent")
 
 
 @bp.post("/conversation/back")

@@ -4,8 +4,8 @@ back; the console, the API and ``sms-sessions handoff`` share this one implement
 - Take over (``HANDOFF_TIMEOUT`` at most): the bot is paused for the conversation. Its inbound
   messages are still saved (counted, in the transcript) but not answered by the handler; the
   conversation does not expire while held.
-- Reply: sent through Twilio's REST API (``delivery.py``) from the conversation's number, and
-  written to the transcript (``dir`` ``out``, ``by`` ``operator``, with Twilio's SID and status).
+- Reply: an outbound message (``sending.send(..., by="operator")``: ``ops.operator_reply``)
+  from the conversation's number, written to the transcript by the step that queues it.
 - Hand back (or the hold's end): the bot answers the next message, with the state as it was
   plus the values the operator set.
 - The handler may ask for a person (``conversation.handoff(reason)``): the conversation is
@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .clock import now_ms
-from .delivery import Accepted, Delivery, Permanent
 from .keys import SEPARATOR, Keys
 from .metrics import Metrics
 from .redis_client import Client
 from .store import ConversationStore, decode_state
 from .transcripts import Settings as TranscriptSettings
-from .transcripts import entry
 
 BACK_TRIES = 50  # a hand back waits this many times for a message in progress to be saved
 BACK_PAUSE = 0.1
@@ -55,15 +53,6 @@ class Waiting:
 
     def to_json(self) -> dict[str, Any]:
         return {"from": self.sender, "to": self.recipient, "since_ms": self.since, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Sent:
-    """An operator's reply as Twilio answered it."""
-
-    accepted: bool
-    sid: str
-    status: str  # Twilio's status when accepted, else why not
 
 
 class Handoffs:
@@ -110,33 +99,6 @@ class Handoffs:
         raw = self.client.hget(self.keys.conversation(sender, recipient).conversation, "paused")
         until = int(raw) if raw and raw.isdigit() else 0
         return until if until > now_ms() else None
-
-    def reply(self, sender: str, recipient: str, body: str) -> Sent:
-        """Sends ``body`` to the sender from our number, and writes it to the transcript."""
-        outcome = Delivery.from_config(self.config).send(sender, body, from_=recipient)
-        if isinstance(outcome, Accepted):
-            sent = Sent(True, outcome.sid, outcome.status)
-        else:
-            sent = Sent(False, "", outcome.message if isinstance(outcome, Permanent) else outcome.reason)
-        if self.transcripts.enabled:
-            keys = self.keys.conversation(sender, recipient)
-            conversation_id = self.client.hget(keys.conversation, "sid") or ""
-            written = entry(
-                {
-                    "at": now_ms(),
-                    "conv": conversation_id,
-                    "dir": "out",
-                    "by": "operator",
-                    "body": body,
-                    "sid": sent.sid,
-                    "status": sent.status,
-                }
-            )
-            pipe = self.client.pipeline(transaction=True)  # one slot: atomic on a Cluster too
-            pipe.rpush(keys.transcript, written)
-            pipe.ltrim(keys.transcript, -self.transcripts.max_entries, -1)
-            pipe.execute()
-        return sent
 
     def waiting(self) -> list[Waiting]:
         """Every conversation waiting for a person, longest first."""

@@ -145,16 +145,28 @@ def hand_back(sender, recipient):
 
 
 @bp.post("/conversations/<sender>/<recipient>/reply")
-def operator_reply(sender, recipient):
-    """An operator's reply (JSON ``{"body": "…"}``), sent and written to the transcript."""
+def reply(sender, recipient):
+    """An operator's reply (JSON ``{"body": "…"}``), queued for the sender, in the transcript."""
     body = request.get_json(silent=True)
     text = body.get("body") if isinstance(body, dict) else None
     if not isinstance(text, str) or not text.strip() or len(text) > MAX_REPLY:
         return error(
             400, f"The body is a JSON object with a non-empty body of at most {MAX_REPLY} characters."
         )
-    sent = current().handoffs.reply(sender, recipient, text)
-    return {"sent": sent.accepted, "sid": sent.sid, "status": sent.status}, 200 if sent.accepted else 502
+    queued, detail = operator_reply(sender, recipient, text)
+    if not queued:
+        return error(409, f"Not sent: {detail}.")
+    return {"queued": True, "id": detail}
+
+
+def operator_reply(sender: str, recipient: str, body: str) -> tuple[bool, str]:
+    """An operator's reply to ``sender`` from ``recipient``: an outbound message marked
+    ``operator`` (the sender delivers it; its transcript entry is written as it is queued).
+    (True, its id), or (False, why it was refused: an opt-out, a closed WhatsApp window)."""
+    try:
+        return True, sending.send(sender, body, sender=recipient, by="operator").id
+    except Refused as refused:
+        return False, str(refused)
 
 
 @bp.delete("/numbers/<number>")
@@ -353,12 +365,12 @@ def handoff_take(sender, recipient):
 @click.argument("recipient", metavar="TO")
 @click.argument("body")
 def handoff_reply(sender, recipient, body):
-    """Send BODY to FROM from TO, as the operator (written to the transcript)."""
-    sent = run(lambda: current().handoffs.reply(sender, recipient, body))
-    if not sent.accepted:
-        click.echo(f"not sent: {sent.status}", err=True)
+    """Send BODY to FROM from TO, as the operator (through the outbound sender; in the transcript)."""
+    queued, detail = run(lambda: operator_reply(sender, recipient, body))
+    if not queued:
+        click.echo(f"not sent: {detail}", err=True)
         sys.exit(1)
-    click.echo(f"sent {sent.sid} ({sent.status})")
+    click.echo(f"queued {detail}: the sender delivers it")
 
 
 @handoff_cli.command("back")

@@ -80,6 +80,8 @@ def sent_entry(queued: Outgoing) -> dict[str, Any]:
     """An outbound message's entry: its id (its statuses name it), body (or template) and media."""
     body = queued.body if queued.body is not None else f"[template {queued.content_sid}]"
     entry: dict[str, Any] = {"dir": "out", "id": queued.id, "body": body, "status": "pending"}
+    if queued.extra.get("by"):
+        entry["by"] = queued.extra["by"]
     if queued.media:
         entry["media"] = list(queued.media)
     return entry

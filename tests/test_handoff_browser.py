@@ -1,6 +1,7 @@
 """The console's handoff walk in a real headless Chromium, under gunicorn with the repo's config:
 take over, a message arrives and is shown in the thread without the bot answering, the operator
-replies (sent through the Twilio stand-in), hands back, and the bot answers the next one."""
+replies (through the outbound sender, to the Twilio stand-in), hands back, and the bot answers
+the next one."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
     console.find("#send-reply").click()
     console.wait(lambda _: console.find("#notice").text == "Reply sent.")
     assert thread(console)[-1] == ("out", "Ana here: you are booked for 7 pm.")
+    console.wait(lambda _: [m for m in standin.inbox() if m["to"] == REY])  # the outbound sender's
     [sent] = [m for m in standin.inbox() if m["to"] == REY]
     assert (sent["from"], sent["body"]) == (OURS, "Ana here: you are booked for 7 pm.")
 
