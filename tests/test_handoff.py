@@ -142,3 +142,21 @@ def test_the_cli(redis_url, standin):
     assert back.exit_code == 0, back.output
     assert twilio.send(REY, OURS, "ok").reply == "bot 2 booked"
     assert runner.invoke(args=["handoff", "take", "+15550009999", OURS]).exit_code == 1
+
+
+def test_the_console_overview_flags_who_waits_for_a_person(redis_url, standin):
+    from tests.test_console import sign_in
+
+    app = make(redis_url, standin)
+    client = app.test_client()
+    assert TwilioSimulator.for_app(app).send(REY, OURS, "human").reply == "bot 1"
+    sign_in(client, OPS)
+    page = client.get("/console/").get_data(as_text=True)
+    waiting = page[
+        page.index('<section id="waiting"') : page.index("</section>", page.index('<section id="waiting"'))
+    ]
+    assert "Waiting for a person (1)" in waiting
+    assert f"{REY} → {OURS}" in waiting
+    assert "asked for a human" in waiting
+    client.post(path(), headers=AUTH)
+    assert "Nobody waits for a person" in client.get("/console/").get_data(as_text=True)
