@@ -120,12 +120,12 @@ class Handoffs:
         return waiting
 
     def waiting_gauge(self) -> tuple[int, float]:
-        """How many wait for a person, and the longest wait in seconds (the metrics')."""
+        """How many wait for a person, and the longest wait in seconds (the metrics'): one
+        ZRANGE per tag, in one pipeline (few wait at any time)."""
         pipe = self.client.pipeline(transaction=False)
         for shard in self.keys.shards():
-            pipe.zrange(self.keys.waiting(shard), 0, 0, withscores=True)
-            pipe.zcard(self.keys.waiting(shard))
-        replies = pipe.execute()
-        oldest = [int(first[0][1]) for first in replies[0::2] if first]
-        count = sum(replies[1::2])
-        return count, (max(0, now_ms() - min(oldest)) / 1000 if oldest else 0.0)
+            pipe.zrange(self.keys.waiting(shard), 0, -1, withscores=True)
+        tags = [members for members in pipe.execute() if members]
+        oldest = min((int(members[0][1]) for members in tags), default=None)
+        count = sum(len(members) for members in tags)
+        return count, (max(0, now_ms() - oldest) / 1000 if oldest is not None else 0.0)
