@@ -193,8 +193,11 @@ def test_forget_on_a_cluster(redis_cluster):
         app = make(redis_cluster.url, EVENTS_NUMBERS="hashed", EVENTS_HASH_KEY=HASH_KEY, SWEEP_INTERVAL=0.2)
         from service.lifecycle import start_sweeper
 
-        start_sweeper(app)  # relays the outboxes to the stream meanwhile
-        forget_under_load(app, client, hashed=True, hooks_pending=0)
+        sweeper = start_sweeper(app)  # relays the outboxes to the stream meanwhile
+        try:
+            forget_under_load(app, client, hashed=True, hooks_pending=0)
+        finally:
+            sweeper.stopping.set()  # not left logging into later tests
     finally:
         client.close()
 
