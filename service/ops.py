@@ -27,7 +27,7 @@ from .handoff import Busy, NotLive
 from .live import BadCursor, LiveConversation
 from .masking import mask
 from .outbox import Refused
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,9 @@ def run(command):
         )
     try:
         return command()
-    except UNAVAILABLE as failure:
+    except Exception as failure:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(failure):
+            raise
         detail = str(failure).strip().splitlines()
         click.echo(
             f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""), err=True
