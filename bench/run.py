@@ -231,8 +231,11 @@ def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
         capture_output=True,
         text=True,
         timeout=plan["deadline_s"] + 60,
-        check=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"bench.loadgen against {contender.name} exited {done.returncode}: {done.stderr[-2000:]}"
+        )
     result = json.loads(done.stdout)
     result["server_cpu_s"] = contender.cpu_seconds() - server_cpu
     result["redis_cpu_s"] = redis_server.cpu_seconds() - redis_cpu
