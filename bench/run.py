@@ -691,7 +691,7 @@ def benchmark(profile: Profile) -> dict:
                     contenders.append(Contender(name, model, redis_server.url))
                     servers.callback(contenders[-1].stop)
             for contender in contenders:
-                contender.wait_ready()
+                contender.wait_ready(120)  # eight gunicorns starting at once on a busy machine
             print(
                 f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
                 f"{profile.messages} messages, {profile.concurrency} generator threads; worker models "

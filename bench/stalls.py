@@ -145,7 +145,7 @@ def measure(worker_class: str = "gevent", quick: bool = False, workdir: Path | N
         }
         server = Gunicorn(env, workers=WORKERS, config=GUNICORN_CONF)
         stack.callback(server.stop)
-        server.wait_ready()
+        server.wait_ready(120)
         good_client(server.url, crowd(1, start=199)[0], seconds, 20)  # warm-up: first requests, scripts
         for number, (name, attack, count) in enumerate(runs(WORKERS)):
             held: list[socket.socket] = []
