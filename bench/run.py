@@ -88,6 +88,7 @@ class Profile:
     profile_pairs: int = 200  # bench/profile.py: pairs of 10 messages per pass
     profile_passes: int = 3
     instructions_pairs: int = 50  # the same under callgrind (0: not measured)
+    slow_conversations: int = 1000  # bench/stalls.py: conversations at once to a 2 s handler
 
 
 FULL = Profile(
@@ -114,6 +115,7 @@ QUICK = Profile(
     instructions_pairs=0,
     redis_cpu_conversations=500,
     redis_cpu_repeats=1,
+    slow_conversations=50,
 )
 
 
@@ -639,6 +641,7 @@ def judged(report: dict) -> dict[str, float]:
         "app_cpu_vs_sync": ours_under[report["worker_models"]["shipped"]]["cpu_us_per_request"]["server"]
         / ours_under[SYNC.name]["cpu_us_per_request"]["server"],
         "stall_p99_ms": report["stalls"]["worst_p99_ms"],
+        "slow_handlers_answered": answered_share(report["slow_handlers"][report["worker_models"]["shipped"]]),
         "throughput_vs_validated": ratios["service/validated"]["throughput"],
         "p99_vs_validated": ratios["service/validated"]["p99"],
         "app_cpu_vs_validated": ratios["service/validated"]["app_cpu"],
@@ -651,6 +654,11 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
     }
+
+
+def answered_share(run: dict) -> float:
+    """The share of a slow-handler run's conversations answered 200 and saved once."""
+    return min(run["statuses"].get("200", 0), run["saved_once"]) / run["conversations"]
 
 
 def machine(redis_server: RedisServer) -> dict:
@@ -718,6 +726,15 @@ def benchmark(profile: Profile) -> dict:
         report["stalls"] = bench_stalls.measure(
             shipped.worker_class, quick=profile.name == "quick", workdir=workdir
         )
+        print(
+            f"slow handlers: {profile.slow_conversations} conversations at once to a 2 s handler", flush=True
+        )
+        report["slow_handlers"] = {
+            worker_class: bench_stalls.slow_handlers(
+                worker_class, profile.slow_conversations, workdir=workdir
+            )
+            for worker_class in dict.fromkeys((shipped.worker_class, GTHREAD.worker_class))
+        }
     measured = judged(report)
     report["goals"] = bench_goals.check(measured)
     report["references"] = bench_goals.references(measured)
@@ -811,6 +828,12 @@ def render(report: dict) -> str:
     out.append(
         f"stalls: workers replaced {stalls['workers_replaced']}, worker timeouts {stalls['worker_timeouts']}"
     )
+    for worker_class, row in report["slow_handlers"].items():
+        out.append(
+            f"slow handlers {worker_class}: {row['conversations']} at once to a {row['handler_seconds']:g} s "
+            f"handler: {row['statuses']}, unanswered {row['unanswered']}, saved once {row['saved_once']}, "
+            f"p50 {row['p50_ms'] or 0:.0f} ms, p99 {row['p99_ms'] or 0:.0f} ms, all in {row['wall_s']:.1f} s"
+        )
     for goal in report["goals"]:
         measured = goal["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import statistics
 import tempfile
@@ -25,10 +26,14 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlencode
 
 import requests
+from twilio.request_validator import RequestValidator
 
+from service.keys import Keys
 from service.simulator import TwilioSimulator
+from tests.support.app import webhook_params
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.numbers import OURS, crowd
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
@@ -185,12 +190,105 @@ def measure(worker_class: str = "gevent", quick: bool = False, workdir: Path | N
     }
 
 
+def slow_handlers(
+    worker_class: str = "gevent",
+    conversations: int = 1000,
+    seconds: float = 2.0,
+    workdir: Path | None = None,
+) -> dict:
+    """``conversations`` conversations each send one message at the same moment to a handler
+    that waits ``seconds`` (``bench/slow_handler.py``): how many are answered 200, and how long
+    each took from its request to its answer. The lock outlives the wait (``LOCK_TTL`` 30 s):
+    what becomes of a handler slower than ``LOCK_TTL`` is not measured here."""
+    with ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-slow-")))
+        redis_server = RedisProcess(workdir / "slow-redis", *NOT_DURABLE, config=REDIS_CONF).start()
+        stack.callback(redis_server.kill)
+        env = {
+            "REDIS_URL": redis_server.url,
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "WORKER_CLASS": worker_class,
+            "SMS_HANDLER": "bench.slow_handler:handle",
+            "SLOW_HANDLER_SECONDS": str(seconds),
+            "LOCK_TTL": "30",
+        }
+        server = Gunicorn(env, workers=WORKERS, config=GUNICORN_CONF, extra_args=("--log-level", "warning"))
+        stack.callback(server.stop)
+        server.wait_ready(120)
+        requests_ = []
+        for sender in crowd(conversations, start=1000):
+            params = webhook_params(sender=sender, recipient=OURS, body="hello")
+            body = urlencode(params).encode()
+            head = (
+                f"POST /sms HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"X-Twilio-Signature: {RequestValidator(TOKEN).compute_signature(server.url, params)}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            requests_.append(head.encode() + body)
+        pending: dict[socket.socket, tuple[float, list[bytes]]] = {}
+        latencies, statuses = [], {}
+        started_all = time.perf_counter()
+        for request in requests_:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(request)
+            sock.setblocking(False)
+            pending[sock] = (time.perf_counter(), [])
+        deadline = time.monotonic() + ANSWER_WITHIN + 4 * seconds
+        while pending and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(pending), [], [], 1.0)
+            for sock in ready:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    pending[sock][1].append(chunk)
+                    continue
+                began, chunks = pending.pop(sock)
+                latencies.append((time.perf_counter() - began) * 1000)
+                sock.close()
+                line = b"".join(chunks).split(b"\r\n", 1)[0].split()
+                status = line[1].decode() if len(line) > 1 else "closed"
+                statuses[status] = statuses.get(status, 0) + 1
+        for sock in pending:
+            sock.close()
+        wall = time.perf_counter() - started_all
+        stored = redis_server.client()
+        keys = Keys()
+        saved = sum(
+            stored.hget(keys.conversation(sender, OURS).conversation, "seq") == "1"
+            for sender in crowd(conversations, start=1000)
+        )
+        stored.close()
+    latencies.sort()
+    return {
+        "worker_class": worker_class,
+        "conversations": conversations,
+        "handler_seconds": seconds,
+        "statuses": statuses,
+        "unanswered": len(pending),
+        "saved_once": saved,
+        "p50_ms": statistics.median(latencies) if latencies else None,
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "max_ms": latencies[-1] if latencies else None,
+        "wall_s": wall,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs")
     parser.add_argument("--worker-class", default="gevent", choices=("gevent", "gthread", "sync"))
+    parser.add_argument(
+        "--slow-handlers", type=int, metavar="N", help="instead: N conversations at once to a 2 s handler"
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.worker_class, args.quick), indent=2))
+    if args.slow_handlers:
+        print(json.dumps(slow_handlers(args.worker_class, args.slow_handlers), indent=2))
+    else:
+        print(json.dumps(measure(args.worker_class, args.quick), indent=2))
 
 
 if __name__ == "__main__":

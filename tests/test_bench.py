@@ -30,6 +30,7 @@ SECTIONS = {
     "redis_cpu",
     "ops_at_scale",
     "stalls",
+    "slow_handlers",
     "goals",
     "references",
 }
@@ -93,6 +94,9 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     for row in stalls["runs"]:
         assert row["messages"] > 0
         assert isinstance(row["p99_ms"], float)
+    assert set(report["slow_handlers"]) == {"gevent", "gthread"}
+    for run in report["slow_handlers"].values():
+        assert run["conversations"] == sum(run["statuses"].values()) + run["unanswered"]
     assert all(isinstance(goal["met"], bool) for goal in report["goals"])
     assert {row["key"] for row in report["references"]} == set(REFERENCES)
     assert all(isinstance(row["measured"], float) and "met" not in row for row in report["references"])
