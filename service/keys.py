@@ -21,11 +21,31 @@ Key (example)                                        Type and what it holds
                                                      release's, '1' (ask again)
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
+<prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
+                                                     not yet handed to Twilio, in commit order
+<prefix>sent:{07}:+15551230007|+15550001111          hash: '<id>' -> an outbound message as queued,
+                                                     '<id>:s' -> its state (JSON; both in
+                                                     service/store/outbound.lua): the queued ones
+                                                     and the latest 100 sent, kept a day past
+                                                     the conversation's last activity
+<prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
+                                                     first queued outbound message is due (ms;
+                                                     while a sender holds it, its lease's end)
+<prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
+                                                     'w:<from>|<to>' -> its last inbound message
+                                                     (ms), WhatsApp senders only
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
                                                      payload (service/store/ending.lua), until
-                                                     the hook ran
+                                                     the hook ran; expires a day after its
+                                                     latest entry's conversation's end
+<prefix>hook:{07}:<id>                               string, PX END_HOOK_TIMEOUT + 10 s: the
+                                                     claim of the process running the end hook
+                                                     of conversation <id> (service/hooks.py)
+<prefix>hooks                                        string, PX a day: the end hook's name, set
+                                                     by every process that runs it: ended
+                                                     conversations are kept for it meanwhile
 <prefix>events                                       stream: lifecycle events (started, ended)
 <prefix>outbox:{07}                                  stream: a Cluster's events on their way to
                                                      <prefix>events
@@ -78,7 +98,7 @@ class Keys:
     cluster: bool = False
     # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
     # every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str]] = field(init=False, repr=False, compare=False)
+    _shard_keys: dict[str, tuple[str, str, str, str, str, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -87,6 +107,8 @@ class Keys:
                 self.outbox(shard) if self.cluster else self.events,
                 self.ending(shard),
                 self.minutes(shard),
+                self.due(shard),
+                self.contacts(shard),
             )
             for shard in self.shards()
         }
@@ -104,6 +126,13 @@ class Keys:
     def sweeper(self) -> str:
         return f"{self.prefix}sweeper"
 
+    @property
+    def hooks(self) -> str:
+        return f"{self.prefix}hooks"
+
+    def hook_claim(self, shard: str, conversation_id: str) -> str:
+        return f"{self.prefix}hook:{{{shard}}}:{conversation_id}"
+
     def outbox(self, shard: str) -> str:
         return f"{self.prefix}outbox:{{{shard}}}"
 
@@ -112,6 +141,15 @@ class Keys:
 
     def minutes(self, shard: str) -> str:
         return f"{self.prefix}minutes:{{{shard}}}"
+
+    def due(self, shard: str) -> str:
+        return f"{self.prefix}due:{{{shard}}}"
+
+    def contacts(self, shard: str) -> str:
+        return f"{self.prefix}contacts:{{{shard}}}"
+
+    def dues(self) -> list[str]:
+        return [self.due(shard) for shard in self.shards()]
 
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
@@ -130,7 +168,10 @@ class Keys:
             prefix + "queue:" + tagged,
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
-            *self._shard_keys[shard],
+            *self._shard_keys[shard][:4],
+            prefix + "out:" + tagged,
+            prefix + "sent:" + tagged,
+            *self._shard_keys[shard][4:],
         )
 
     @property
@@ -164,6 +205,10 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    outbound: str  # its outbound messages not yet handed to Twilio (list of ids, commit order)
+    sent: str  # its outbound messages' records (hash: id -> JSON)
+    due: str  # the tag's due index (<prefix>due:{NN}); member is its entry
+    contacts: str  # the tag's opt-outs and WhatsApp windows
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -177,4 +222,8 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.outbound,
+            self.sent,
+            self.due,
+            self.contacts,
         ]

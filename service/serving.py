@@ -142,10 +142,13 @@ class BodyFirst:
 def serve(worker: Any, settings: dict) -> None:
     """gunicorn's ``post_worker_init``: each worker runs the lifecycle sweeper in a thread (a
     greenlet under gevent; a lease in Redis lets one sweep at a time), so conversations end on
-    time without any request arriving; and serves the app behind ``BodyFirst``."""
+    time without any request arriving, and the outbound sender (claims in Redis let any number
+    deliver at once); and serves the app behind ``BodyFirst``."""
     from .lifecycle import start_sweeper
+    from .sender import start_sender
 
     start_sweeper(worker.wsgi)
+    start_sender(worker.wsgi)
     worker.wsgi = BodyFirst(
         worker.wsgi,
         settings["MAX_BODY_BYTES"],

@@ -195,7 +195,8 @@ SETTINGS = [
         _non_negative_int,
         "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
         "no extra round trip) before the answer; fewer answers 503. Set it to "
-        "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store.",
+        "`min-replicas-to-write` behind Sentinel, the replicas of each master on a Cluster. Not "
+        "with the embedded store.",
     ),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
     Setting(
@@ -292,6 +293,28 @@ SETTINGS = [
         "`DELIVERY_RETRY_BASE`.",
     ),
     Setting(
+        "SENDER_INTERVAL",
+        0.2,
+        _between(float, 0.01, 60, "a number of seconds"),
+        "Seconds the outbound sender waits before looking for due messages again when it found "
+        "none, 0.01 to 60.",
+    ),
+    Setting(
+        "SENDER_LEASE",
+        60.0,
+        _between(float, 1, 3600, "a number of seconds"),
+        "Seconds a sender holds a conversation's next outbound message while it delivers it, 1 "
+        "to 3600 (three times `TWILIO_API_TIMEOUT` when that is longer: a create and a lookup "
+        "must fit); a sender that dies holding one is replaced after this long.",
+    ),
+    Setting(
+        "SENDER_THREADS",
+        4,
+        _between(int, 1, 64, "a number of threads"),
+        "Conversations each sender delivers to at once, 1 to 64 (one conversation's messages "
+        "always go one after the other).",
+    ),
+    Setting(
         "PUBLIC_BASE_URL",
         None,
         _base_url,
@@ -362,6 +385,14 @@ SETTINGS = [
         _between(float, 0.05, 3600, "a number of seconds"),
         "Seconds between two sweeps of conversations whose time ran out (their `ended` "
         "event, their end hook), 0.05 to 3600; one process sweeps at a time.",
+    ),
+    Setting(
+        "END_HOOK_TIMEOUT",
+        30.0,
+        _between(float, 0.1, 3600, "a number of seconds"),
+        "Seconds an end hook (`on_end`) call may take, 0.1 to 3600: one still running then is "
+        "counted as failed, its conversation's entry dropped and its thread left to finish, "
+        "so that a hanging hook holds up neither the sweep nor the other hooks.",
     ),
     Setting(
         "EVENTS_RETENTION",

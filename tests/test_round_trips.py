@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.connection import AbstractConnection
 
-from tests.support.app import post_signed, webhook_params
+from service import create_app
+from tests.support.app import TOKEN, post_signed, webhook_params
 
 
 @pytest.fixture
@@ -58,3 +59,17 @@ def test_refusals_and_health_cost_none(client, round_trips):
     ):
         response, count = trips(round_trips, send)
         assert (response.status_code, count) == (expected, 0)
+
+
+def test_a_handler_that_sends_still_costs_two(redis_url, round_trips):
+    """The outbound messages go with the state in SAVE: no round trip of their own."""
+
+    def sending(message, conversation):
+        conversation.send("queued with the state")
+        conversation.send("and another")
+        return "ok"
+
+    client = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=sending).test_client()
+    response, count = trips(round_trips, lambda: post_signed(client, webhook_params()))
+    assert response.status_code == 200
+    assert count == 2
