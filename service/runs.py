@@ -194,7 +194,8 @@ class Runs:
             if not self._supervising:  # it stops whenever nothing runs
                 self._supervising = True
                 threading.Thread(target=self._supervise, name="sms-handler-supervisor", daemon=True).start()
-        handle = self.handler_of()
+        # A conversation an operator holds is recorded unanswered (human handoff): no handler.
+        handle = _held if conversation.paused else self.handler_of()
         run.is_async = inspect.iscoroutinefunction(handle)
         # The handler sees the context it was called from (a webhook's: Flask's request and app).
         context = contextvars.copy_context()
@@ -377,6 +378,11 @@ class Runs:
             run.renew_at = now + self.renew_every
             if not held:
                 log.warning("a running handler lost its conversation's lock; its save will be refused")
+
+
+def _held(message: Message, conversation: ConversationSession) -> Reply:
+    """The handler of a message to a conversation an operator holds: no reply."""
+    return None
 
 
 def outbound(reply: Reply) -> list[tuple[str, tuple[str, ...]]]:

@@ -204,7 +204,9 @@ def sms():
         logs.annotate(outcome=Outcome.DUPLICATE)  # Webhook's, for the line and the metric
         return twiml(recall(conversation.answered))
     run = None
-    if message.opt_out != "STOP":  # an opt-out ends the conversation unanswered, no handler
+    # An opt-out ends the conversation unanswered, and a conversation an operator holds is
+    # recorded unanswered: no handler for either.
+    if message.opt_out != "STOP" and not conversation.paused:
         run = wired.runs.start(message, conversation)
         if not _finished_within(run, wired.runs.budget, req.environ):  # its reply goes out later
             try:
@@ -273,9 +275,13 @@ def _finished_within(run: Run, budget: float, environ: dict) -> bool:
 
 def _reply(message: Message, conversation, run: Run | None):
     """The handler's reply (its exception raised here), except to an opt-out: that ends the
-    conversation unanswered (Twilio confirms the opt-out itself and would refuse any reply)."""
-    if run is None:
+    conversation unanswered (Twilio confirms the opt-out itself and would refuse any reply);
+    and none while an operator holds the conversation (human handoff)."""
+    if message.opt_out == "STOP":
         conversation.end_reason = "opt-out"
+        return None
+    if run is None:  # an operator holds it: recorded, not answered by the bot
+        logs.annotate(handoff="held by an operator")
         return None
     kind, value = run.outcome or ("error", RuntimeError("the run has no outcome"))
     if kind == "error":

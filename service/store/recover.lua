@@ -3,10 +3,11 @@
 -- handler then runs again in the claiming process. The conversation is ended first if its time
 -- ran out, as OPEN does.
 --
--- uses: common.lua tally.lua ending.lua reply.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua reply.lua
 -- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = 16 hex digits: the run's token is the message's MessageSid, ';' and these
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 'none' (no inbound message: it leaves the pending set), 'held' (its lock is held:
 -- its score moves to the lock's end), or OPEN's 'opened' reply (reply.lua) followed by
 -- 'token', the run's token, and 'entry', the inbound message.
@@ -25,13 +26,13 @@ end
 local token = string.match(first, '^(%S+) ') .. ';' .. hex
 redis.call('SET', lock, redis.call('ZCARD', queue) > 0 and token .. '+' or token, 'PX', lock_ms)
 redis.call('ZADD', pending, now + lock_ms, member)
-local found = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'last_seen')
+local found = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'last_seen', 'paused')
 local turn
 local expiry = found[2] and (tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms)
 if expiry and expiry <= now then
   turn = reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
 else
-  turn = reply_opened(now, found, 0)
+  turn = reply_opened(now, found, 0, 7)
 end
 turn[#turn + 1], turn[#turn + 2], turn[#turn + 3], turn[#turn + 4] = 'token', token, 'entry', first
 return turn
