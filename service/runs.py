@@ -16,6 +16,12 @@ runs on, its result ignored): nothing is saved, ``HANDLER_TIMEOUT_REPLY`` goes o
 the next message goes on. The sweeper claims a pending conversation whose lease lapsed (the
 process running its handler died) and runs its first inbound message again here: a handler
 may run twice, its effects commit once.
+
+Under gunicorn's gevent worker (the standard library patched) the pool's threads are greenlets,
+which suits plain handlers (a blocking call yields). The event loop is not: asyncio keeps one
+running loop per OS thread, which every greenlet shares, so it runs on a real thread of its
+own, and hands each outcome back to the gevent hub's thread (gevent's primitives, which the
+webhook waits on, belong to it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import inspect
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +175,7 @@ class Runs:
         self._pool: HandlerThreads | None = None
         self._finishers: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._hub: Any = None  # gevent's hub, when the standard library is patched
         self._supervising = False
 
     # -- starting ---------------------------------------------------------------------------
@@ -213,11 +221,19 @@ class Runs:
         return run
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The process' event loop for async handlers, in a thread of its own (started once)."""
+        """The process' event loop for async handlers, in a thread of its own (started once):
+        a real OS thread under gevent's patching (``_gevent_hub``)."""
         with self._guard:
             if self._loop is None:
-                loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="sms-handler-loop", daemon=True).start()
+                self._hub = _gevent_hub()
+                if self._hub is None:
+                    loop = asyncio.new_event_loop()
+                    threading.Thread(target=loop.run_forever, name="sms-handler-loop", daemon=True).start()
+                else:  # the OS' selector, not gevent's (which waits on a hub of that thread)
+                    from gevent import monkey
+
+                    loop = asyncio.SelectorEventLoop(monkey.get_original("selectors", "DefaultSelector")())
+                    monkey.get_original("_thread", "start_new_thread")(loop.run_forever, ())
                 self._loop = loop
             return self._loop
 
@@ -238,12 +254,17 @@ class Runs:
             return "error", error
         return "reply", reply
 
-    @staticmethod
-    def _settle_async(run: Run, done: asyncio.Task) -> None:
+    def _settle_async(self, run: Run, done: asyncio.Task) -> None:
         try:
-            run.settle(*done.result())
+            outcome = done.result()
         except BaseException as error:  # the loop's own failure: the run's too
-            run.settle("error", handlers.HandlerFailed(type(error).__name__))
+            outcome = ("error", handlers.HandlerFailed(type(error).__name__))
+        if self._hub is None:
+            run.settle(*outcome)
+        else:  # the loop's thread is not the hub's: the run settles in a greenlet there
+            from gevent import spawn
+
+            self._hub.loop.run_callback_threadsafe(spawn, run.settle, *outcome)
 
     def done(self, run: Run) -> None:
         """The run is over (answered inline, or saved past the webhook)."""
@@ -378,6 +399,16 @@ class Runs:
             run.renew_at = now + self.renew_every
             if not held:
                 log.warning("a running handler lost its conversation's lock; its save will be refused")
+
+
+def _gevent_hub() -> Any:
+    """The calling thread's gevent hub if gevent patched ``threading`` (a gevent worker), else
+    None."""
+    if "gevent" not in sys.modules:
+        return None
+    from gevent import get_hub, monkey
+
+    return get_hub() if monkey.is_module_patched("threading") else None
 
 
 def _held(message: Message, conversation: ConversationSession) -> Reply:

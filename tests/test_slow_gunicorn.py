@@ -16,7 +16,7 @@ from service.keys import Keys
 from service.responses import NO_REPLY
 from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
-from tests.support.numbers import OURS, REY
+from tests.support.numbers import FINN, OURS, REY
 from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
 from tests.support.waiting import wait_until
 
@@ -99,3 +99,23 @@ def test_kill_9_of_the_process_running_a_handler_runs_it_again_and_commits_once(
     assert again[1]["pid"] != running["pid"]
     assert bodies(redis_client) == ["sleep 30", "after"]
     assert redis_client.hget(KEYS.conversation, "seq") == "2"
+
+
+def test_async_handlers_under_the_shipped_worker_class_answer_inline_and_past_the_webhook(
+    redis_url, redis_client, standin
+):
+    """The shipped class (gevent, the standard library patched): the process' event loop runs
+    on a thread of its own, a fast async handler is answered inline, a slow one past the webhook
+    with the messages after it in order."""
+    assert "WORKER_CLASS" not in os.environ  # the shipped default
+    with serve(redis_url, standin, SMS_HANDLER="tests.support.sleeping_handler:handle_async") as gunicorn:
+        twilio = TwilioSimulator(gunicorn.url, AUTH_TOKEN)
+        assert twilio.send(REY, OURS, "sleep 2").body == NO_REPLY
+        other = twilio.send(FINN, OURS, "hi")
+        assert other.status == 200
+        assert "done: hi" in other.body  # inline: the loop is free while the other one sleeps
+        assert twilio.send(REY, OURS, "after").body == NO_REPLY
+        wait_until(lambda: len(replies(standin)) == 2, seconds=20, what="both replies delivered")
+    assert replies(standin) == ["done: sleep 2", "done: after"]
+    assert bodies(redis_client) == ["sleep 2", "after"]
+    assert not redis_client.exists(KEYS.inbound)

@@ -1,8 +1,9 @@
 """A handler for processes the tests start (``SMS_HANDLER=tests.support.sleeping_handler:handle``):
 a body ``sleep N`` takes N seconds on its first call (a call again, after its process died,
 returns at once); every call is recorded in the Redis list ``handler-calls`` (of ``REDIS_URL``)
-as JSON: the process, the body, the MessageSid."""
+as JSON: the process, the body, the MessageSid. ``handle_async`` is the same as an ``async def``."""
 
+import asyncio
 import json
 import os
 import time
@@ -22,5 +23,16 @@ def handle(message, conversation):
     client.rpush("handler-calls", json.dumps({"pid": os.getpid(), "body": message.body, "sid": message.sid}))
     if message.body.startswith("sleep ") and first:
         time.sleep(float(message.body.split()[1]))
+    conversation.setdefault("bodies", []).append(message.body)
+    return f"done: {message.body}"
+
+
+async def handle_async(message, conversation):
+    """``handle`` as an ``async def``: ``sleep N`` awaits."""
+    client = _client(os.environ["REDIS_URL"])
+    first = client.incr(f"handler-runs:{message.sid}") == 1
+    client.rpush("handler-calls", json.dumps({"pid": os.getpid(), "body": message.body, "sid": message.sid}))
+    if message.body.startswith("sleep ") and first:
+        await asyncio.sleep(float(message.body.split()[1]))
     conversation.setdefault("bodies", []).append(message.body)
     return f"done: {message.body}"
