@@ -490,9 +490,27 @@ SETTINGS = [
         "WEB_CONCURRENCY",
         None,
         _between(int, 1, MAX_WORKERS, "a number of processes"),
-        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each has "
-        "2 × workers + 8 threads and its own Redis connections.",
+        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each "
+        "serves up to 1,000 connections at once under `gevent` (2 × workers + 8 under "
+        "`gthread`, one under `sync`) and has its own Redis connections.",
         shown="2 × CPUs + 1",
+    ),
+    Setting(
+        "WORKER_CLASS",
+        "gevent",
+        _one_of("gevent", "gthread", "sync"),
+        "gunicorn's worker class: `gevent` (a greenlet per connection: stalled clients and "
+        "handlers waiting on I/O hold no place other conversations need), `gthread` (threads; "
+        "at most 4 requests a worker run the app at once) or `sync` (one request at a time; "
+        "only behind a proxy that buffers whole requests). docs/deploying.md compares them.",
+    ),
+    Setting(
+        "CLIENT_TIMEOUT",
+        5,
+        _between(int, 1, 9, "a whole number of seconds"),
+        "Seconds a client has to send a request's body (then 408 and the connection closed) "
+        "and, under `gevent`, its line and headers; also how long an idle keep-alive "
+        "connection stays open. 1 to 9 (under gunicorn's 10 s worker timeout).",
     ),
     Setting(
         "PORT", 5000, _between(int, 1, 65535, "a port number"), "Port gunicorn listens on (all interfaces)."
