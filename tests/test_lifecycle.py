@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -314,10 +315,12 @@ def test_follow_waits_for_the_next_event(app, redis_client):
 
 
 @pytest.mark.slow
-def test_events_follow_keeps_waiting_past_redis_timeout(redis_url):
+def test_events_follow_keeps_waiting_past_redis_timeout(redis_url, redis_client):
     """``sms-sessions events --follow`` as a user runs it: still following seconds after it
     started (each wait is shorter than REDIS_TIMEOUT, which ended a 5 s one), and it prints
-    the next event when it comes."""
+    the next event when it comes. The event is made once the follower is reading the stream
+    (a loaded machine may take seconds to start it), and the follower is killed whatever
+    happens: one left behind would keep reading this Redis under later tests."""
     follower = subprocess.Popen(
         [bin_path("sms-sessions"), "events", "--follow", "--since", "1s"],
         env={**hermetic_environment(), "REDIS_URL": redis_url, "REDIS_TIMEOUT": "0.5"},
@@ -326,15 +329,29 @@ def test_events_follow_keeps_waiting_past_redis_timeout(redis_url):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
     try:
+        wait_until(
+            lambda: (
+                follower.poll() is not None
+                or any(c.get("cmd") == "xread" for c in redis_client.client_list())
+            ),
+            seconds=120,
+            what="the follower reading the stream",
+        )
         time.sleep(3)  # six times REDIS_TIMEOUT
-        assert follower.poll() is None, follower.communicate()
+        assert follower.poll() is None, follower.communicate(timeout=60)
         post_signed(make_app(REDIS_URL=redis_url).test_client(), webhook_params(sender=REY))
-        line = follower.stdout.readline()
+        line = lines.get(timeout=120)
         assert "started" in line and REY in line
     finally:
         follower.send_signal(signal.SIGINT)
-        follower.communicate(timeout=10)
+        try:
+            follower.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            follower.kill()
+            follower.wait(timeout=60)
 
 
 def test_stats_and_metrics_report_the_lifecycle(redis_url):
