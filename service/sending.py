@@ -21,7 +21,7 @@ from flask import Flask, current_app, has_app_context
 from flask.cli import with_appcontext
 
 from .outbox import Refused, encode, message
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .sessions import SESSION_ID_BYTES, JsonSerializer
 from .store import ConversationBusy, LockLost, decode_state
 from .wiring import current
@@ -133,7 +133,9 @@ def send_command(sender, to, media, state, as_json, text):
         _fail(str(error), as_json, {"error": str(error)})
     except (ConversationBusy, LockLost):
         _fail("the conversation stayed busy; try again", as_json, {"error": "busy"})
-    except UNAVAILABLE as error:
+    except Exception as error:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(error):
+            raise
         _fail(f"Redis unavailable: {type(error).__name__}", as_json, {"error": "redis unavailable"})
     if as_json:
         click.echo(json.dumps(sent.to_json()))

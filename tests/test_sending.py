@@ -11,10 +11,12 @@ import pytest
 from service import Refused, create_app, send
 from service.keys import Keys
 from service.sender import Sender
+from service.sending import send_command
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import sms_sessions
 from tests.support.numbers import FINN, OURS, REY
 from tests.support.standin import AUTH_TOKEN, StandinServer
+from tests.support.waiting import wait_until
 
 OPS = "o" * 40
 WHATSAPP_USER, WHATSAPP_OURS = "whatsapp:" + FINN, "whatsapp:" + OURS
@@ -190,3 +192,42 @@ def test_twilios_own_opt_out_refusal_is_kept_as_an_opt_out(app, standin):
     send(REY, "welcome back", app=app)
     drain(app)
     assert held(standin) == ["echo START", "welcome back"]
+
+
+def break_pooled_readers(app) -> None:
+    """Every pooled connection's hiredis reader as a failover leaves it under another thread
+    (``tests/test_cluster.py``'s ``ReaderGone``): redis-py then raises ``AttributeError``."""
+    from service.wiring import current
+    from tests.test_cluster import ReaderGone
+
+    client = current(app).redis
+    client.ping()  # a pooled connection, connected
+    pooled = client.connection_pool._available_connections
+    assert pooled
+    for connection in pooled:
+        connection._parser._reader = ReaderGone()
+
+
+def test_redis_py_failing_in_its_own_way_is_an_outage_for_every_way_of_sending(app, standin, caplog):
+    """What redis-py raises from its own code under a failover (``AttributeError … 'feed'``,
+    redis_client.is_outage): ``sms-sessions send`` prints one line and exits 1, the API answers
+    503, and the sender's thread skips the pass and goes on, delivering on the next."""
+    auth = {"Authorization": f"Bearer {OPS}"}
+    break_pooled_readers(app)
+    result = app.test_cli_runner().invoke(send_command, ["--to", REY, "hi"])
+    assert result.exit_code == 1, result.output
+    assert "Redis unavailable: AttributeError" in result.output
+    break_pooled_readers(app)
+    answer = app.test_client().post("/ops/messages", json={"to": REY, "text": "x"}, headers=auth)
+    assert answer.status_code == 503
+    send(REY, "after the failover", app=app)
+    break_pooled_readers(app)
+    sender = Sender(app)
+    thread = sender.start()
+    try:
+        wait_until(lambda: held(standin), what="the message delivered on a later pass")
+        assert thread.is_alive()
+    finally:
+        sender.stop()
+    assert held(standin) == ["after the failover"]
+    assert "outbound pass skipped: Redis AttributeError" in caplog.text
