@@ -231,3 +231,23 @@ def test_redis_py_failing_in_its_own_way_is_an_outage_for_every_way_of_sending(a
         sender.stop()
     assert held(standin) == ["after the failover"]
     assert "outbound pass skipped: Redis AttributeError" in caplog.text
+
+
+def test_a_failing_on_status_is_logged_by_its_type_and_line_never_its_text(app, capsys):
+    """Like the handler's and the end hook's failures: what ``on_status`` raised may quote what
+    it read (here Twilio's error message), so its line names the type and where, not the text."""
+    from types import SimpleNamespace
+
+    from service.sender import StatusUpdate, notify
+    from service.wiring import current
+
+    def on_status(update):
+        int(update.error_message)
+
+    wired = SimpleNamespace(metrics=current(app).metrics, on_status=on_status)
+    capsys.readouterr()
+    notify(wired, StatusUpdate("m1", "SM1", "failed", "sent", REY, OURS, "30007", "five secret words"))
+    output = capsys.readouterr().out
+    assert "secret" not in output
+    line = on_status.__code__.co_firstlineno + 1
+    assert f"on_status failed: ValueError at test_sending.py:{line} in on_status" in output
