@@ -251,3 +251,30 @@ def test_a_failing_on_status_is_logged_by_its_type_and_line_never_its_text(app, 
     assert "secret" not in output
     line = on_status.__code__.co_firstlineno + 1
     assert f"on_status failed: ValueError at test_sending.py:{line} in on_status" in output
+
+
+def test_closed_whatsapp_windows_are_forgotten_opt_outs_are_kept(app, standin, redis_client):
+    """A window's field in the tag's contacts goes once its 24 hours have passed, a step at a
+    time as the tag's WhatsApp messages come in (600 closed ones: more than one step holds);
+    an open window stays, and an opt-out, however old, is kept until its START."""
+    from service.clock import now_ms
+
+    contacts = Keys().conversation(WHATSAPP_USER, WHATSAPP_OURS).contacts
+    day = 24 * 3600 * 1000
+    now = now_ms()
+    closed = {f"w:whatsapp:+1666{n:07d}|{WHATSAPP_OURS}": now - day - 60_000 - n for n in range(600)}
+    opted_out = "+1777000" + FINN[-4:]  # FINN's tag, so its opt-out is in these contacts
+    kept = {f"w:whatsapp:+17770000001|{WHATSAPP_OURS}": now - day + 3_600_000, opted_out: now - 400 * day}
+    redis_client.hset(contacts, mapping={**closed, **kept})
+    for turn in range(200):
+        assert text(app, f"hi {turn}", sender=WHATSAPP_USER, recipient=WHATSAPP_OURS).status_code == 200
+        if not set(closed) & set(redis_client.hkeys(contacts)):
+            break
+    assert turn > 0  # it took steps, not one pass over the whole hash per message
+    left = redis_client.hgetall(contacts)
+    assert not set(closed) & set(left)
+    assert {name: int(left[name]) for name in kept} == kept
+    assert f"w:{WHATSAPP_USER}|{WHATSAPP_OURS}" in left  # this pair's window, just opened
+    send(WHATSAPP_USER, "free text in the open window", sender=WHATSAPP_OURS, app=app)
+    with pytest.raises(Refused):
+        send(opted_out, "opted out long ago", sender=OURS, app=app)
