@@ -9,6 +9,7 @@ import json
 import pytest
 
 from service import Refused, create_app, send
+from service.delivery import Delivery
 from service.keys import Keys
 from service.sender import Sender
 from service.sending import send_command
@@ -278,3 +279,35 @@ def test_closed_whatsapp_windows_are_forgotten_opt_outs_are_kept(app, standin, r
     send(WHATSAPP_USER, "free text in the open window", sender=WHATSAPP_OURS, app=app)
     with pytest.raises(Refused):
         send(opted_out, "opted out long ago", sender=OURS, app=app)
+
+
+MESSAGING_SERVICE = "MG" + "5" * 32
+
+
+def test_with_a_messaging_service_alone_a_send_names_its_number(standin, redis_url):
+    """The conversation, and the reply, are keyed by our number, which a Messaging Service
+    alone picks only once the message is sent: with no TWILIO_FROM_NUMBER each way of sending
+    refuses a message naming none, and names the argument to give; one naming our number goes
+    through the service from that number, and the reply continues its conversation."""
+    config = {
+        **standin.config(TWILIO_FROM_NUMBER=None, TWILIO_MESSAGING_SERVICE_SID=MESSAGING_SERVICE),
+        "REDIS_URL": redis_url,
+        "OPS_TOKEN": OPS,
+    }
+    app = create_app(config, handler=reminder_bot)
+    with pytest.raises(ValueError, match=r"give sender= .*TWILIO_FROM_NUMBER.*Messaging Service"):
+        send(REY, "no number", app=app)
+    result = app.test_cli_runner().invoke(send_command, ["--to", REY, "no number"])
+    assert result.exit_code == 1
+    assert "give --from (one of our numbers" in result.output
+    auth = {"Authorization": f"Bearer {OPS}"}
+    answer = app.test_client().post("/ops/messages", json={"to": REY, "text": "x"}, headers=auth)
+    assert answer.status_code == 400
+    assert 'give "from" (one of our numbers' in answer.json["error"]
+    sent = send(REY, "Reply OK to confirm", sender=OURS, state={"appointment": "3 pm"}, app=app)
+    drain(app)
+    [created] = standin.inbox(REY)
+    fetched = Delivery.from_config(config).twilio.messages(created["sid"]).fetch()
+    assert (fetched.from_, fetched.messaging_service_sid) == (OURS, MESSAGING_SERVICE)
+    assert b"Confirmed: 3 pm. (new: False)" in text(app, "ok", recipient=OURS).data
+    assert sent.started
