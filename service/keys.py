@@ -44,7 +44,8 @@ Key (example)                                        Type and what it holds
                                                      while a sender holds it, its lease's end)
 <prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
                                                      'w:<from>|<to>' -> its last inbound message
-                                                     (ms), WhatsApp senders only
+                                                     (ms), WhatsApp senders only, pruned once
+                                                     24 h old; 'w:' -> the pruning's cursor
 <prefix>pending:{07}                                 zset: conversations with inbound messages,
                                                      member '<from>|<to>', score the ms by which
                                                      their lock must be renewed (past it, the
