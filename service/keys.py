@@ -23,6 +23,8 @@ Key (example)                                        Type and what it holds
                                                      score its end (last message + TTL, ms)
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
+<prefix>timers:{07}                                  zset: the due index, member '<from>|<to>',
+                                                     score its earliest pending timer's due (ms)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
                                                      payload (service/store/ending.lua), until
                                                      the hook ran
@@ -39,8 +41,11 @@ A token is ``<MessageSid>;<16 hex digits>``. The conversation's hash holds ``sid
 clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
 ``REDELIVERY_WINDOW`` (the answer as service/responses.py stores it), and ``answers`` =
 ``<oldest one's ms> <how many>`` while more than one is kept (with one, it is the last
-message's, at ``last_seen``). It expires a day after the conversation's end while live; once
-ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
+message's, at ``last_seen``); while it has pending timers, ``timers`` (JSON: name ->
+``{"id", "due" (epoch ms, Redis' clock), "data", "reply" (cancelled by a reply)}``,
+service/timers.py), and with a time to live of its own, ``ttl`` (ms). It expires a day after
+the conversation's end while live; once ended only its ``m:`` fields stay, expiring within
+``REDELIVERY_WINDOW``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
@@ -78,7 +83,7 @@ class Keys:
     cluster: bool = False
     # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
     # every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str]] = field(init=False, repr=False, compare=False)
+    _shard_keys: dict[str, tuple[str, str, str, str, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -87,6 +92,7 @@ class Keys:
                 self.outbox(shard) if self.cluster else self.events,
                 self.ending(shard),
                 self.minutes(shard),
+                self.timers(shard),
             )
             for shard in self.shards()
         }
@@ -112,6 +118,9 @@ class Keys:
 
     def minutes(self, shard: str) -> str:
         return f"{self.prefix}minutes:{{{shard}}}"
+
+    def timers(self, shard: str) -> str:
+        return f"{self.prefix}timers:{{{shard}}}"
 
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
@@ -164,6 +173,7 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    timers: str  # its tag's due index of timers (<prefix>timers:{NN}, Keys.timers)
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -177,4 +187,5 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.timers,
         ]

@@ -24,7 +24,9 @@ import click
 from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
+from . import timers
 from .clock import now_ms
+from .firing import Send, TimerFiring
 from .handler import Conversation, EndHook
 from .history import Ending, Event
 from .redis_client import UNAVAILABLE
@@ -39,11 +41,12 @@ SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 
 
 class Sweeper:
-    """Ends conversations whose time ran out, relays a Cluster's outboxes, runs the end hook,
-    trims the events stream and samples the live count. One process sweeps at a time (a lease
-    in Redis); any may, and two at once still end each conversation once."""
+    """Ends conversations whose time ran out, fires due timers (service/firing.py), relays a
+    Cluster's outboxes, runs the end hook, trims the events stream and samples the live count.
+    One process sweeps at a time (a lease in Redis); any may, and two at once still end each
+    conversation once and fire each timer once. ``send`` takes the timers' replies."""
 
-    def __init__(self, app: Flask):
+    def __init__(self, app: Flask, send: Send | None = None):
         self.app = app
         self.wired = wired = current(app)
         self.client, self.keys, self.store, self.on_end = wired.redis, wired.keys, wired.store, wired.on_end
@@ -52,11 +55,14 @@ class Sweeper:
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
         self.unreadable: set[str] = set()  # end hook entries reported as unreadable
+        self.firing = TimerFiring(app, send)
+        self.fired = 0  # timers fired by the last sweep
 
     def sweep(self) -> int:
         """One pass; returns how many conversations it ended."""
         with self.app.app_context():
             ended = self._expire_due()
+            self.fired = self.firing.fire_due()
             if self.keys.cluster:
                 self._relay()
             if self.on_end is not None:
@@ -124,6 +130,7 @@ class Sweeper:
                 started_at=_moment(ended.started_at),
             )
             final.ended_at = _moment(ended.ended_at)
+            final.pending = timers.decode(ended.timers)
             hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             self.wired.metrics.end_hook_failures.inc()

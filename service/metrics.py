@@ -40,6 +40,8 @@ class Outcome(StrEnum):
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+TIMER_CANCELLED = ("reply", "handler", "ended")  # why a timer went unfired
 
 
 class StoreGauges:
@@ -131,6 +133,27 @@ class Metrics:
             "Signed requests accepted, by the key that signed them: primary, secondary, third or "
             "fourth auth token, or a SharedKey's id (never a secret).",
             ["key"],
+            registry=registry,
+        )
+        self.timers_set = Counter(
+            "sms_timers_set", "Timers set (or set again) by handlers.", registry=registry
+        )
+        self.timers_fired = Counter(
+            "sms_timers_fired", "Timers fired (the handler's effect committed).", registry=registry
+        )
+        self.timers_cancelled = Counter(
+            "sms_timers_cancelled",
+            "Timers dropped unfired, by why: a reply (cancel_on_reply), the handler (cancel, or "
+            "set again under its name), the conversation's end.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in TIMER_CANCELLED:
+            self.timers_cancelled.labels(reason)
+        self.timer_late = Histogram(
+            "sms_timer_late_seconds",
+            "How long after its due time a timer fired (Redis' clock).",
+            buckets=LATE_BUCKETS,
             registry=registry,
         )
         self.redis_errors = Counter(

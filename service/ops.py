@@ -19,11 +19,12 @@ from typing import NoReturn
 
 import click
 from flask import Blueprint, Flask, current_app, jsonify, request
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
-from .clock import duration
-from .live import BadCursor, LiveConversation
+from .clock import duration, now_ms
+from .live import BadCursor, LiveConversation, iso
 from .redis_client import UNAVAILABLE
+from .timers import Timer
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,22 @@ def conversation(sender, recipient):
     if found is None:
         return error(404, "No live conversation for this pair.")
     return finite(found.to_json(with_state=True))
+
+
+@bp.get("/timers")
+def timers():
+    """The next due timers across conversations, earliest first (``limit``, default 50)."""
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    return {"timers": [timer_json(*found) for found in current().live.next_timers(limit)]}
+
+
+def timer_json(sender: str, recipient: str, timer: Timer) -> dict:
+    return finite({"from": sender, "to": recipient, **timer.to_json(), "due": iso(timer.due_ms)})
 
 
 def finite(data):
@@ -174,6 +191,13 @@ def show_command(sender, recipient, as_json):
     text = "\n".join(
         f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
         for key, value in data.items()
+        if key not in ("timers", "ttl")
+    )
+    text += f"\nttl: {found.ttl if found.ttl is not None else 'CONVERSATION_TTL'}"
+    text += "".join(
+        f"\ntimer: {timer['name']}  due {timer['due']}  data={json.dumps(timer['data'], ensure_ascii=False)}"
+        f"{'  cancelled by a reply' if timer['cancel_on_reply'] else ''}"
+        for timer in data["timers"]
     )
     emit(data, text, as_json)
 
@@ -208,6 +232,32 @@ def unknown(sender: str, recipient: str) -> NoReturn:
     sys.exit(1)
 
 
+@click.command("timers")
+@with_appcontext
+@click.option(
+    "--limit",
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    type=click.IntRange(1, MAX_LIMIT),
+    help="How many timers.",
+)
+@json_option
+def timers_command(limit, as_json):
+    """The next due timers across conversations, earliest first (overdue ones too)."""
+    found = run(lambda: current().live.next_timers(limit))
+    rows = [timer_json(*entry) for entry in found]
+    now = now_ms()
+    lines = [
+        f"{row['due']}  {_when(entry[2].due_ms - now)}  {row['from']} → {row['to']}  {row['name']}"
+        for row, entry in zip(rows, found)
+    ]
+    emit(rows, "\n".join(lines) or "no pending timers", as_json)
+
+
+def _when(ms: int) -> str:
+    return f"in {duration(ms / 1000)}" if ms >= 0 else f"{duration(-ms / 1000)} late"
+
+
 COLUMNS = ("from", "to", "name", "messages", "first_seen", "last_seen", "expires_in")
 
 
@@ -231,3 +281,4 @@ def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
+    app.cli.add_command(timers_command)

@@ -27,12 +27,14 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie
 
+from . import timers
 from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
 from .redis_client import UNAVAILABLE
-from .store import ConversationStore, Opened, decode_state
+from .store import ConversationStore, Opened, Timing, decode_state
+from .timers import Timer
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -83,8 +85,10 @@ class ConversationSession(Conversation):
     """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
     def __init__(self, interface: ConversationSessionInterface, cookie: str | None):
-        super().__init__(sid=cookie)
+        super().__init__(sid=cookie, ttl=interface.ttl)
         self.interface = interface
+        self.loaded_timers: dict[str, Timer] = {}  # as OPEN found them
+        self.reply_cancelled = 0  # cancel_on_reply timers this message cancelled
         self.binding: Binding | None = None
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
@@ -127,15 +131,21 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            timers=self.timing(),
         )
         self.saved = True
         counters = self.interface.metrics
+        count_timers(counters, self.loaded_timers, self.pending, self.reply_cancelled, ended)
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
         if self.is_new and self.end_reason != "opt-out":
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+
+    def timing(self) -> Timing:
+        """The timers and own TTL to save: the timers only when they changed."""
+        return timing_of(self, self.loaded_timers)
 
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next
@@ -154,6 +164,22 @@ class ConversationSession(Conversation):
         return self.binding
 
     def _load(self, opened: Opened) -> None:
+        self.now_ms = opened.now
+        self._load_state(opened)
+        if not opened.sid:  # nothing stored: no timers, no own TTL
+            return
+        self.own_ttl = int(opened.ttl) // 1000 if opened.ttl.isdigit() else None
+        self.loaded_timers = timers.decode(opened.timers) if opened.timers else {}
+        if self.messages == 1:  # unreadable, started afresh: its timers go with the rest
+            self.own_ttl = None
+            return
+        # A message cancels the timers set to wait for one, before its handler runs.
+        self.pending = {
+            name: timer for name, timer in self.loaded_timers.items() if not timer.cancel_on_reply
+        }
+        self.reply_cancelled = len(self.loaded_timers) - len(self.pending)
+
+    def _load_state(self, opened: Opened) -> None:
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
@@ -240,6 +266,33 @@ class ConversationSessionInterface(SessionInterface):
             domain=self.get_cookie_domain(app),
             path=self.get_cookie_path(app),
         )
+
+
+def timing_of(conversation: Conversation, loaded: dict[str, Timer]) -> Timing:
+    """What a script stores of ``conversation``'s timers (``loaded``: as they were found):
+    their JSON only when they changed, their earliest due, its own TTL in ms."""
+    own = conversation.own_ttl * 1000 if conversation.own_ttl is not None else ""
+    if conversation.pending == loaded:
+        return ("", "", own)
+    return (timers.encode(conversation.pending), timers.earliest(conversation.pending), own)
+
+
+def count_timers(
+    metrics: Metrics, loaded: dict[str, Timer], pending: dict[str, Timer], by_reply: int, ended: bool
+) -> None:
+    """Counts the timers a save set and dropped (``by_reply`` of them by the message itself)."""
+    if loaded is pending or (not loaded and not pending):
+        return
+    kept = {timer.id for timer in loaded.values()}
+    now = {timer.id for timer in pending.values()}
+    if added := len(now - kept):
+        metrics.timers_set.inc(added)
+    if dropped := len(kept - now) - by_reply:
+        metrics.timers_cancelled.labels("handler").inc(dropped)
+    if by_reply:
+        metrics.timers_cancelled.labels("reply").inc(by_reply)
+    if ended and pending:
+        metrics.timers_cancelled.labels("ended").inc(len(pending))
 
 
 def _moment(epoch_ms: int) -> datetime:

@@ -34,14 +34,16 @@ def slow_notebook(message, conversation):
     if message.body == "slow":
         time.sleep(0.3)
     conversation.setdefault("bodies", []).append(message.body)
+    if message.body == "hi":
+        conversation.remind(0.5, "nudge")  # the tag's due index
     if message.body == "bye":
         conversation.end()
     return "noted"
 
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
-    """Messages, two at once on one conversation (its line and hand-over), a redelivery, an
-    end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
+    """Messages, two at once on one conversation (its line and hand-over), a redelivery, a
+    timer, an end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
     written, however briefly (keyspace notifications), and every key left (SCAN) is one the
     schema lists, and every key it lists was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
@@ -83,4 +85,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 13
+    assert len(patterns) == 14

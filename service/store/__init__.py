@@ -3,23 +3,27 @@ Python that runs them (``store``)."""
 
 from .scripts import Script
 from .store import (
+    NO_CHANGE,
     ConversationBusy,
     ConversationStore,
     LockLost,
     NotReplicated,
     Opened,
+    Timing,
     Waiting,
     decode_state,
     decode_turn,
 )
 
 __all__ = [
+    "NO_CHANGE",
     "ConversationBusy",
     "ConversationStore",
     "LockLost",
     "NotReplicated",
     "Opened",
     "Script",
+    "Timing",
     "Waiting",
     "decode_state",
     "decode_turn",

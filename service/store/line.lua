@@ -51,7 +51,7 @@ local function handover()
       redis.call('ZREM', queue, head)
       redis.call('HDEL', waiters, head)
       local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq',
-                               'first_seen')
+                               'first_seen', 'last_seen', 'timers', 'ttl')
       if found[1] then
         wake_up(head, cjson.encode(reply_answered(found[1], found[2])))
         head = head_of(nil, now)

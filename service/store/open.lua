@@ -4,19 +4,19 @@
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
 -- uses: common.lua tally.lua ending.lua reply.lua line.lua
--- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
 -- Returns a flat list of names and values (reply.lua): status 'answered', answer, sid for a
--- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0) once
--- the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).
+-- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0),
+-- timers, ttl once the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
 -- but polls are rare: an uncontended message saves a call).
 local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
-                         'last_seen')
+                         'last_seen', 'timers', 'ttl')
 if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
   if redis.call('ZREM', queue, token) == 1 then  -- a waiter's heartbeat goes with its ticket
     redis.call('HDEL', waiters, token)
@@ -35,7 +35,7 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
     redis.call('HDEL', waiters, token)
   end
   if found[2] then  -- only a stored conversation can have run out of time
-    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
+    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + (tonumber(found[8]) or ttl_ms)
     if expiry <= now then
       return reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
     end

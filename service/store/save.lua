@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua
--- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua timers.lua
+-- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -15,6 +15,8 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
+-- ARGV[18] = its pending timers' JSON ('{}': none; '': unchanged) and ARGV[19] their earliest
+--            due (ms), timers.lua's keep_timers; ARGV[20] = its own TTL in ms, or ''
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
@@ -25,6 +27,8 @@
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
+local own = ARGV[20] or ''
+local life_ms, keep_ms = own_ttl(own)  -- this conversation's TTL and its hash's life
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -71,24 +75,26 @@ if stores then
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
+  if own ~= '' then answered[#answered + 1], answered[#answered + 2] = 'ttl', own end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  added = redis.call('ZADD', index, now + ttl_ms, member)
+  keep_timers(member, ARGV[18] or '', ARGV[19])
+  added = redis.call('ZADD', index, now + life_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end
 -- The index outlives its entries by a day's grace: its expiry moves with a new entry and with
 -- the first save of each minute in its tag, so at most a minute behind its latest entry's end,
--- not on every save.
+-- not on every save. Never shortened: a conversation with a longer TTL of its own may be in it.
 if added == 1 or first_of_minute then
-  redis.call('PEXPIRE', index, live_keep_ms)
+  redis.call('PEXPIRE', index, math.max(live_keep_ms, keep_ms, redis.call('PTTL', index)))
 end
 local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or keep_ms)
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits

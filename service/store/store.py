@@ -34,6 +34,12 @@ from .scripts import Script
 log = logging.getLogger(__name__)
 
 
+# A conversation's timers as a script stores them (timers.lua): their JSON ('{}': none; '':
+# unchanged), their earliest due in ms ('' for none), and its own TTL in ms ('' for none).
+Timing = tuple[str, int | str, int | str]
+NO_CHANGE: Timing = ("", "", "")
+
+
 class ConversationBusy(Exception):
     """The message waited its turn for longer than ``LOCK_WAIT``."""
 
@@ -63,6 +69,8 @@ class Opened:
     seq: str = ""
     first_seen: str = ""
     ended_overdue: bool = False  # it found the conversation's time run out and ended it
+    timers: str = ""  # its pending timers' JSON (service/timers.py), '' for none
+    ttl: str = ""  # its own time to live in ms, '' for CONVERSATION_TTL
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
             reply["seq"],
             reply["first_seen"],
             reply["ended_overdue"] == 1,
+            reply.get("timers") or "",  # a version before timers hands over without them
+            reply.get("ttl") or "",
         )
     if status == "answered":
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
@@ -162,6 +172,7 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._fire = Script(client, "fire.lua")
 
     @classmethod
     def from_config(
@@ -190,7 +201,7 @@ class ConversationStore:
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._open, self._save, self._release, self._end, self._expire)
+        return (self._open, self._save, self._release, self._end, self._expire, self._fire)
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -263,9 +274,11 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        timers: Timing = NO_CHANGE,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
-        longer ours: nothing was written."""
+        longer ours: nothing was written. ``timers``: the conversation's pending timers and own
+        TTL as the handler left them (service/timers.py)."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -277,6 +290,7 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                timers=timers,
             ),
         )
         if result == "lost":
@@ -298,6 +312,7 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        timers: Timing = NO_CHANGE,
     ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
         return keys.in_order(), [
@@ -309,6 +324,51 @@ class ConversationStore:
             state,
             answer,
             "1" if is_new else "0",
+            end_reason or "",
+            opened.now,
+            *timers,
+        ]
+
+    def fire(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        timer: str = "",
+        timer_id: str = "",
+        state: str = "",
+        timers: Timing,
+        end_reason: str | None = None,
+    ) -> str:
+        """A timer's effect under the lock ``opened`` holds (``fire.lua``), or with no
+        ``timer`` only its ``timers`` stored and the lock given back: ``'fired'``, ``'ended'``,
+        ``'kept'`` or ``'lost'`` (nothing written)."""
+        return self._run(
+            self._fire, *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason)
+        )
+
+    def fire_call(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        timer: str,
+        timer_id: str,
+        state: str,
+        timers: Timing,
+        end_reason: str | None,
+    ) -> tuple[list, list]:
+        """FIRE's keys and arguments."""
+        stored, earliest, own_ttl = timers
+        return keys.in_order(), [
+            *self.settings,
+            opened.token,
+            keys.member,
+            timer,
+            timer_id,
+            state,
+            stored or "{}",
+            earliest,
+            own_ttl,
             end_reason or "",
             opened.now,
         ]

@@ -1,0 +1,293 @@
+"""Timers (service/timers.py, service/firing.py): set and cancelled with the conversation's save,
+fired by the sweeper under the conversation's lock, once, in due order, never early."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from service import create_app
+from service.keys import Keys
+from service.lifecycle import Sweeper
+from service.wiring import current
+from tests.support.app import TOKEN, post_signed, webhook_params
+
+REY, OURS = "+15551230001", "+15550001111"
+KEYS = Keys()
+
+
+def reminder(message, conversation):
+    """'remind <seconds> <name> [keep]' sets a timer; 'cancel <name>'; 'bye' ends; a timer's
+    call is logged in the state and answered."""
+    log = conversation.setdefault("log", [])
+    if message.kind == "timer":
+        log.append(f"timer:{message.timer}:{message.data}")
+        if message.data == "end":
+            conversation.end()
+        if message.data == "again":
+            conversation.remind(0, "second", data="after-again")
+        return f"nudge {message.timer}"
+    log.append(f"message:{message.body}")
+    words = message.body.split()
+    if words[0] == "remind":
+        conversation.remind(
+            float(words[1]),
+            words[2],
+            data=words[3] if len(words) > 3 else None,
+            cancel_on_reply=len(words) < 5,
+        )
+    elif words[0] == "cancel":
+        conversation.cancel(words[1])
+    elif words[0] == "bye":
+        conversation.end()
+    return "pending: " + ",".join(sorted(conversation.timers))
+
+
+def make(redis_url, handler=reminder, **settings):
+    return create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, **settings}, handler=handler)
+
+
+def say(app, body, sender=REY):
+    response = post_signed(app.test_client(), webhook_params(sender=sender, body=body))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response.get_data(as_text=True)
+
+
+def state(redis_client, sender=REY):
+    raw = redis_client.hget(KEYS.conversation(sender, OURS).conversation, "state")
+    return json.loads(raw) if raw else None
+
+
+class Outbox(list):
+    """Collects what timers send, as the sweeper hands it over."""
+
+    def __call__(self, keys, answer):
+        self.append((keys.sender, answer))
+
+
+def test_a_timer_is_stored_with_the_conversation_and_fires_once_when_due(redis_url, redis_client):
+    app = make(redis_url)
+    assert "pending: nudge" in say(app, "remind 0.3 nudge hello")
+    keys = KEYS.conversation(REY, OURS)
+    stored = json.loads(redis_client.hget(keys.conversation, "timers"))
+    assert set(stored) == {"nudge"}
+    assert redis_client.zscore(keys.timers, keys.member) == stored["nudge"]["due"]
+    sent = Outbox()
+    sweeper = Sweeper(app, send=sent)
+    sweeper.sweep()
+    assert sent == []  # never before it is due
+    time.sleep(0.35)
+    sweeper.sweep()
+    assert sweeper.fired == 1
+    assert [sender for sender, _ in sent] == [REY]
+    assert "nudge nudge" in sent[0][1]
+    assert state(redis_client)["log"] == ["message:remind 0.3 nudge hello", "timer:nudge:hello"]
+    assert redis_client.hget(keys.conversation, "timers") is None
+    assert redis_client.zscore(keys.timers, keys.member) is None
+    sweeper.sweep()
+    assert len(sent) == 1  # once
+
+
+def test_same_name_replaces_and_cancel_drops(redis_url, redis_client):
+    app = make(redis_url)
+    say(app, "remind 100 a x - keep")
+    first = json.loads(redis_client.hget(KEYS.conversation(REY, OURS).conversation, "timers"))["a"]
+    say(app, "remind 200 a y - keep")
+    second = json.loads(redis_client.hget(KEYS.conversation(REY, OURS).conversation, "timers"))["a"]
+    assert second["id"] != first["id"]
+    assert second["due"] > first["due"]
+    assert second["data"] == "y"
+    assert "pending: a" in say(app, "cancel b")
+    assert "pending: <" in say(app, "cancel a").replace("pending: </", "pending: <")
+    assert redis_client.zcard(KEYS.conversation(REY, OURS).timers) == 0
+
+
+def test_a_reply_cancels_cancel_on_reply_timers_only(redis_url, redis_client):
+    app = make(redis_url)
+    say(app, "remind 100 waits")
+    say(app, "remind 100 stays x - keep")
+    assert "pending: stays" in say(app, "hello")  # 'waits' went with the reply, before the handler
+
+
+def test_timers_fire_in_due_order_after_a_pause(redis_url, redis_client):
+    """Missed while no sweeper ran: they fire when one starts again, earliest first."""
+    app = make(redis_url)
+    say(app, "remind 0.2 c - - keep")
+    say(app, "remind 0.1 b - - keep")
+    say(app, "remind 0.3 a - - keep")
+    time.sleep(0.5)
+    sent = Outbox()
+    Sweeper(app, send=sent).sweep()
+    assert [line for line in state(redis_client)["log"] if line.startswith("timer")] == [
+        "timer:b:-",
+        "timer:c:-",
+        "timer:a:-",
+    ]
+    assert len(sent) == 3
+
+
+def test_a_firing_may_set_timers_and_end_the_conversation(redis_url, redis_client):
+    ended = []
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url},
+        handler=reminder,
+        on_end=lambda conversation, reason: ended.append((reason, sorted(conversation.timers))),
+    )
+    say(app, "remind 0 first again keep")
+    say(app, "remind 50 later x - keep")
+    sweeper = Sweeper(app, send=Outbox())
+    sweeper.sweep()  # 'first' fires and sets 'second', due at once: it fires in the same pass
+    assert state(redis_client)["log"][-2:] == ["timer:first:again", "timer:second:after-again"]
+    say(app, "remind 0 last end - keep")
+    sweeper.sweep()
+    keys = KEYS.conversation(REY, OURS)
+    assert redis_client.hget(keys.conversation, "state") is None  # ended by the timer's handler
+    assert redis_client.zscore(keys.timers, keys.member) is None
+    sweeper.sweep()  # the end hook
+    assert ended == [("handler", ["later"])]  # what was pending when it ended
+
+
+def test_an_ending_drops_the_timers_and_the_hook_sees_them(redis_url, redis_client):
+    seen = []
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url},
+        handler=reminder,
+        on_end=lambda conversation, reason: seen.append((reason, sorted(conversation.timers))),
+    )
+    say(app, "remind 100 a x - keep")
+    say(app, "remind 0 b x - keep", sender="+15551230002")
+    say(app, "STOP", sender="+15551230002")
+    current(app).live.end(REY, OURS)
+    assert redis_client.zcard(KEYS.timers("01")) == 0
+    assert redis_client.zcard(KEYS.timers("02")) == 0
+    sent = Outbox()
+    Sweeper(app, send=sent).sweep()
+    assert sent == []
+    assert sorted(seen) == [("operator", ["a"]), ("opt-out", ["b"])]
+
+
+def test_a_timer_due_after_the_conversation_ends_is_refused_unless_it_lives_longer(redis_url):
+    def handler(message, conversation):
+        if message.body == "long":
+            conversation.expire_after(timedelta(days=2))
+        conversation.remind(timedelta(days=1), "tomorrow")
+        return "ok"
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handler)
+    assert post_signed(app.test_client(), webhook_params(body="short")).status_code == 500
+    assert post_signed(app.test_client(), webhook_params(body="long")).status_code == 200
+
+
+def test_expire_after_is_the_conversations_own_ttl(redis_url, redis_client):
+    def handler(message, conversation):
+        if message.body == "own":
+            conversation.expire_after(60)
+        return None
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handler)
+    post_signed(app.test_client(), webhook_params(body="own"))
+    keys = KEYS.conversation(REY, OURS)
+    first = redis_client.zscore(keys.index_shard, keys.member) - int(
+        redis_client.hget(keys.conversation, "last_seen")
+    )
+    assert first == 60_000
+    post_signed(app.test_client(), webhook_params(body="later"))  # kept by later messages
+    later = redis_client.zscore(keys.index_shard, keys.member) - int(
+        redis_client.hget(keys.conversation, "last_seen")
+    )
+    assert later == 60_000
+    shown = current(app).live.get(REY, OURS)
+    assert shown.ttl == 60
+    assert shown.to_json(with_state=True)["ttl"] == 60
+
+
+def test_remind_refuses_what_cannot_be_stored():
+    from service.handler import Conversation
+
+    conversation = Conversation({}, now_ms=1_000_000)
+    with pytest.raises(ValueError):
+        conversation.remind(-1, "past")
+    with pytest.raises(ValueError):
+        conversation.remind(datetime(2030, 1, 1), "naive")  # noqa: DTZ001 (the point)
+    with pytest.raises(ValueError):
+        conversation.remind(1, "")
+    with pytest.raises(ValueError):
+        conversation.remind(1, "x", data={1, 2})
+    assert conversation.remind(datetime.fromtimestamp(1_060, UTC), "absolute").due_ms == 1_060_000
+    assert conversation.remind(timedelta(minutes=1), "delta").due_ms == 1_060_000
+
+
+def test_a_reply_and_a_due_timer_in_the_same_instant_never_both(redis_url, redis_client):
+    """200 races: a message arrives as its cancel_on_reply timer falls due and the sweeper runs.
+    Either the timer fired first (then the reply came after it), or the reply cancelled it; a
+    timer firing after the reply was handled would be both."""
+    app = make(redis_url)
+    sweeper = Sweeper(app, send=Outbox())
+    senders = [f"+1555124{n:04d}" for n in range(200)]
+    for sender in senders:
+        say(app, "remind 0.05 follow", sender=sender)
+    time.sleep(0.05)
+    replies = [threading.Thread(target=say, args=(app, "answer", sender)) for sender in senders]
+    for thread in replies:
+        thread.start()
+    sweeper.sweep()
+    for thread in replies:
+        thread.join()
+    sweeper.sweep()
+    fired = 0
+    for sender in senders:
+        log = state(redis_client, sender)["log"]
+        assert log.count("message:answer") == 1
+        if "timer:follow:None" in log:
+            fired += 1
+            assert log.index("timer:follow:None") < log.index("message:answer")
+        assert (
+            redis_client.zscore(
+                KEYS.conversation(sender, OURS).timers, KEYS.conversation(sender, OURS).member
+            )
+            is None
+        )
+    print(f"{fired} of 200 timers fired before the reply")
+
+
+def test_two_sweepers_fire_each_timer_once(redis_url, redis_client):
+    app = make(redis_url)
+    senders = [f"+1555125{n:04d}" for n in range(200)]
+    for sender in senders:
+        say(app, "remind 0 once - keep", sender=sender)
+    sweepers = [Sweeper(app, send=Outbox()) for _ in range(2)]
+    threads = [threading.Thread(target=sweeper.firing.fire_due) for sweeper in sweepers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for sweeper in sweepers:
+        sweeper.firing.fire_due()
+    assert sum(len(sweeper.firing.send) for sweeper in sweepers) == 200
+    for sender in senders:
+        assert state(redis_client, sender)["log"].count("timer:once:-") == 1
+
+
+def test_operators_see_pending_timers(redis_url, redis_client):
+    app = make(redis_url, OPS_TOKEN="ops-token-0123456789")
+    say(app, "remind 100 later x - keep")
+    say(app, "remind 50 sooner", sender="+15551230002")
+    headers = {"Authorization": "Bearer ops-token-0123456789"}
+    shown = app.test_client().get(f"/ops/conversations/{REY}/{OURS}", headers=headers).get_json()
+    assert [timer["name"] for timer in shown["timers"]] == ["later"]
+    assert shown["timers"][0]["data"] == "x"
+    assert shown["timers"][0]["cancel_on_reply"] is False
+    listed = app.test_client().get("/ops/timers", headers=headers).get_json()["timers"]
+    assert [(timer["from"], timer["name"]) for timer in listed] == [
+        ("+15551230002", "sooner"),
+        (REY, "later"),
+    ]
+    runner = app.test_cli_runner()
+    text = runner.invoke(args=["timers"]).output.splitlines()
+    assert "sooner" in text[0]
+    assert "later" in text[1]
+    assert "timer: later" in runner.invoke(args=["conversations", "show", REY, OURS]).output
