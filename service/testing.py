@@ -59,7 +59,7 @@ class Clock:
             raise ValueError("a clock moves forward only")
         before = len(self.sent)
         for _ in range(MOST_STEPS):
-            step = min(left, max(0, self._next_due() - self._now()))
+            step = int(min(left, max(0, self._next_due() - self._now())))
             self._shift(step)
             left -= step
             self.sweeper.sweep()
