@@ -71,9 +71,8 @@ class TimerFiring:
 
     def fire_due(self) -> int:
         """One pass; returns how many timers fired."""
-        seconds, micros = self.wired.redis.time()  # Redis' clock: the one the timers' dues are on
         fired = 0
-        for _, member in self.due(seconds * 1000 + micros // 1000):
+        for _, member in self.due(redis_now_ms(self.wired.redis)):
             fired += self.fire(self.wired.keys.from_member(member))
         return fired
 
@@ -194,6 +193,15 @@ class DeliverySend:
             )
             if not isinstance(outcome, Accepted):
                 log.warning("timer reply to %s not sent: %s", mask(keys.sender), outcome)
+
+
+def redis_now_ms(client) -> int:
+    """Redis' clock (the one the timers' dues are on) in epoch ms; a Cluster asks every
+    primary and this takes the latest (a master whose clock is behind then finds nothing due yet
+    on a conversation, and its OPEN's own clock decides)."""
+    reply = client.time()
+    readings = reply.values() if isinstance(reply, dict) else [reply]
+    return max(int(seconds) * 1000 + int(micros) // 1000 for seconds, micros in readings)
 
 
 def _moment(epoch_ms: int) -> datetime:

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from .firing import redis_now_ms
 from .keys import ConversationKeys
 from .lifecycle import Sweeper
 from .simulator import TwilioSimulator, replies
@@ -72,8 +73,7 @@ class Clock:
             self.sent.append(Sent(keys.sender, keys.recipient, reply.text, reply.media))
 
     def _now(self) -> int:
-        seconds, micros = self.wired.redis.time()
-        return seconds * 1000 + micros // 1000
+        return redis_now_ms(self.wired.redis)
 
     def _next_due(self) -> float:
         """The earliest timer's due or conversation's end (ms), or infinity."""

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from redis.cluster import RedisCluster
 
+from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
@@ -82,6 +83,32 @@ def test_lifecycle_events_reach_the_stream_from_every_master(redis_cluster):
     assert set(ended) == set(started)
     assert sorted(ended.values()) == ["expired"] * 39 + ["operator"]
     assert all(client.xlen(KEYS.outbox(shard)) == 0 for shard in KEYS.shards())
+    client.close()
+
+
+def test_timers_on_every_master_fire(redis_cluster):
+    """Each tag's due index lives on the master of its slot: one sweep fires them all."""
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port, decode_responses=True)
+    client.flushall()
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            conversation["fired"] = conversation.get("fired", 0) + 1
+            return None
+        conversation.remind(0, "now", cancel_on_reply=False)
+        return "set"
+
+    app = create_app({"REDIS_URL": redis_cluster.url, "TWILIO_AUTH_TOKEN": TOKEN}, handler=handler)
+    twilio = TwilioSimulator.for_app(app)
+    for sender in SENDERS:
+        assert twilio.send(sender, OURS, "hi").status == 200
+    owners = {client.get_node_from_key(KEYS.timers(shard)).port for shard in KEYS.shards()}
+    assert owners == {node.port for node in redis_cluster.nodes}
+    Sweeper(app, send=lambda keys, answer: None).sweep()
+    for sender in SENDERS:
+        keys = KEYS.conversation(sender, OURS)
+        assert json.loads(client.hget(keys.conversation, "state"))["fired"] == 1
+    assert sum(client.zcard(KEYS.timers(shard)) for shard in KEYS.shards()) == 0
     client.close()
 
 

@@ -4,6 +4,9 @@ fired by the sweeper under the conversation's lock, once, in due order, never ea
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,7 +17,10 @@ from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.wiring import current
+from tests.support import ROOT
 from tests.support.app import TOKEN, post_signed, webhook_params
+from tests.support.app_servers import bin_path, hermetic_environment
+from tests.support.waiting import wait_until
 
 REY, OURS = "+15551230001", "+15550001111"
 KEYS = Keys()
@@ -291,3 +297,119 @@ def test_operators_see_pending_timers(redis_url, redis_client):
     assert "sooner" in text[0]
     assert "later" in text[1]
     assert "timer: later" in runner.invoke(args=["conversations", "show", REY, OURS]).output
+
+
+def set_timers(app, senders, count):
+    for sender in senders:
+        say(app, f"set {count}", sender=sender)
+
+
+def fired_counts(redis_client, senders):
+    """Per conversation, how often each of its timers' effects was committed."""
+    return [state(redis_client, sender).get("fired", {}) for sender in senders]
+
+
+@pytest.mark.slow
+def test_a_sweeper_killed_mid_fire_loses_none_and_applies_none_twice(redis_url, redis_client, monkeypatch):
+    """kill -9 of the sweeping process while a timer's handler runs: the timer fires again once
+    the lock lapses (its handler runs twice), and its effect is committed once."""
+    monkeypatch.setenv("REDIS_URL", redis_url)  # where the handler notes its attempts
+    settings = {"SMS_HANDLER": "tests.support.timer_handler:handle", "LOCK_TTL": 1}
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, **settings})
+    senders = [f"+1555126{n:04d}" for n in range(20)]
+    set_timers(app, senders, 3)
+    env = {
+        **hermetic_environment(),
+        "REDIS_URL": redis_url,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "SMS_HANDLER": "tests.support.timer_handler:handle",
+        "TIMER_SLEEP": "0.05",
+        "SWEEP_INTERVAL": "0.1",
+        "LOCK_TTL": "1",
+    }
+    sweeper = subprocess.Popen(
+        [bin_path("sms-sessions"), "sweep"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: redis_client.llen("timer-attempts") >= 10, seconds=30, what="timers firing")
+    finally:
+        os.kill(sweeper.pid, signal.SIGKILL)
+        sweeper.wait(timeout=10)
+    attempts_before = redis_client.llen("timer-attempts")
+    assert attempts_before < 60  # killed mid-pass
+    redis_client.delete(KEYS.sweeper)  # its lease would lapse by itself
+    time.sleep(1.1)  # the killed firing's lock lapses (LOCK_TTL)
+    finisher = Sweeper(app, send=Outbox())
+    for _ in range(10):
+        finisher.sweep()
+    assert fired_counts(redis_client, senders) == [{"t0": 1, "t1": 1, "t2": 1}] * len(senders)
+    attempts = redis_client.lrange("timer-attempts", 0, -1)
+    assert len(attempts) >= 60
+    assert sum(redis_client.zcard(KEYS.timers(shard)) for shard in KEYS.shards()) == 0
+
+
+@pytest.mark.slow
+def test_a_redis_crash_mid_fire_with_aof_loses_none_and_applies_none_twice(redis_processes, monkeypatch):
+    server = redis_processes("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+    monkeypatch.setenv("REDIS_URL", server.url)
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": server.url, "LOCK_TTL": 1, "REDIS_TIMEOUT": 1},
+        handler=__import__("tests.support.timer_handler", fromlist=["handle"]).handle,
+    )
+    senders = [f"+1555127{n:04d}" for n in range(30)]
+    set_timers(app, senders, 2)
+    monkeypatch.setenv("TIMER_SLEEP", "0.01")
+    sweeper = Sweeper(app, send=Outbox())
+    failed = []
+
+    def sweep():
+        try:
+            sweeper.firing.fire_due()
+        except Exception as error:  # the crash, as the sweeper's loop meets it
+            failed.append(type(error).__name__)
+
+    firing = threading.Thread(target=sweep)
+    firing.start()
+    client = server.client()
+    wait_until(lambda: client.llen("timer-attempts") >= 10, seconds=30, what="timers firing")
+    server.kill()
+    firing.join()
+    assert failed  # killed mid-pass
+    server.start()  # same port, same directory: the AOF is replayed
+    time.sleep(1.1)  # a lock taken before the crash lapses
+    for _ in range(10):
+        sweeper.sweep()
+    kept = server.client()
+    assert fired_counts(kept, senders) == [{"t0": 1, "t1": 1}] * len(senders)
+
+
+def test_the_deployed_sweeper_loop_fires_due_timers_never_early(redis_url, redis_client):
+    """The sweeper as it runs in a serving process (its loop under the lease): timers set at
+    different times fire once each, none before its due time (Redis' clock); how late they are
+    is a figure of `make bench` (BENCHMARKS.md), within SWEEP_INTERVAL there."""
+    lateness = []
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            lateness.append(conversation.now_ms - conversation["due"])
+            return None
+        conversation["due"] = conversation.remind(float(message.body), "t", cancel_on_reply=False).due_ms
+        return None
+
+    app = make(redis_url, handler=handler, SWEEP_INTERVAL=0.1)
+    sweeper = Sweeper(app, send=Outbox())
+    thread = sweeper.start()
+    try:
+        senders = [f"+1555128{n:04d}" for n in range(30)]
+        for n, sender in enumerate(senders):
+            say(app, str(0.02 * n), sender=sender)
+        wait_until(lambda: len(lateness) == len(senders), seconds=30, what="every timer fired")
+    finally:
+        sweeper.stopping.set()
+        thread.join()
+    assert min(lateness) >= 0
+    print(f"late by {min(lateness)} to {max(lateness)} ms with SWEEP_INTERVAL 100 ms")
