@@ -54,6 +54,19 @@ GOALS = (
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
+    Goal(
+        "timers_late_vs_interval",
+        "timers: 10,000 due within a second among 1,000,000 pending, latest firing after its due "
+        "(x SWEEP_INTERVAL)",
+        2,
+        True,
+    ),
+    Goal(
+        "timer_sweep_vs_pending",
+        "timers: a sweep firing 1,000, at 1,000,000 pending vs 10,000 pending (x)",
+        1.5,
+        True,
+    ),
 )
 BY_KEY = {goal.key: goal for goal in GOALS}
 OPS = tuple(goal for goal in GOALS if goal.key in ("count_ms", "first_page_50_ms", "expire_one_ms"))

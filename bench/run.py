@@ -75,6 +75,9 @@ class Profile:
     memory_conversations: int
     ops_conversations: int  # live conversations for the operators' queries (bench/ops_at_scale.py)
     ops_runs: int
+    timer_conversations: int = 100_000  # x10 pending timers (bench/timers_at_scale.py)
+    timers_due: int = 10_000  # of them due within one second
+    timer_scales: str = "1000,10000,100000"  # conversations (x10 timers) for a sweep's cost
     burst_first: float = 0.2  # share of pairs whose first 3 messages arrive at the same moment
     burst: float = 0.1  # share of later messages that arrive as a pair of simultaneous ones
     redeliver: float = 0.05  # share of messages Twilio delivers a second time
@@ -110,6 +113,9 @@ QUICK = Profile(
     instructions_pairs=0,
     redis_cpu_conversations=500,
     redis_cpu_repeats=1,
+    timer_conversations=1_000,
+    timers_due=1_000,
+    timer_scales="100,1000",
 )
 
 
@@ -592,6 +598,46 @@ def ops_at_scale(profile: Profile) -> dict:
     return {"status": "measured", "figures": figures, "details": result}
 
 
+def timers_at_scale(profile: Profile) -> dict:
+    """``bench/timers_at_scale.py``: ``timers_due`` timers due within one second among
+    ``timer_conversations`` x 10 pending, fired by the sweeper's loop (how late, against
+    ``SWEEP_INTERVAL``), and a sweep firing 1,000 (100 quick) at each of ``timer_scales``."""
+    with tempfile.TemporaryDirectory() as directory:
+        output = Path(directory) / "timers.json"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.timers_at_scale",
+                "--output",
+                str(output),
+                "--conversations",
+                str(profile.timer_conversations),
+                "--due",
+                str(profile.timers_due),
+                "--scales",
+                profile.timer_scales,
+                "--cost-due",
+                str(min(1000, profile.timers_due // 10)),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=hermetic_environment(),
+        )
+        try:
+            result = json.loads(output.read_text())
+        except (OSError, ValueError):
+            return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    burst = result["burst"]
+    figures = {
+        "timers_late_vs_interval": burst["late_s"]["max"] / burst["sweep_interval_s"],
+        "timer_sweep_vs_pending": result["sweep_cost_ratio"],
+    }
+    return {"status": "measured", "figures": figures, "details": result}
+
+
 def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     """``bench/profile.py`` for every contender: CPU µs per component, and instructions per
     component under callgrind when valgrind is installed (not in the quick run: minutes)."""
@@ -635,6 +681,7 @@ def judged(report: dict) -> dict[str, float]:
     ratios = shipped["ratios"]
     ours = [report["correctness"][model]["service"] for model in report["correctness"]]
     ops = report["ops_at_scale"].get("figures", {})
+    timer_figures = report.get("timers_at_scale", {}).get("figures", {})
     return {
         "throughput_vs_validated": ratios["service/validated"]["throughput"],
         "p99_vs_validated": ratios["service/validated"]["p99"],
@@ -647,6 +694,7 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_first_message": report["memory"]["first_message"]["bytes_per_conversation"],
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
+        **timer_figures,
     }
 
 
@@ -710,6 +758,7 @@ def benchmark(profile: Profile) -> dict:
         )
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
+        report["timers_at_scale"] = timers_at_scale(profile)
     measured = judged(report)
     report["goals"] = bench_goals.check(measured)
     report["references"] = bench_goals.references(measured)
@@ -793,6 +842,21 @@ def render(report: dict) -> str:
         f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
         f"{ops.get('figures', ops.get('reason'))}"
     )
+    timers = report["timers_at_scale"]
+    if timers["status"] == "measured":
+        burst = timers["details"]["burst"]
+        costs = ", ".join(
+            f"{row['pending']:,} pending {row['sweep_ms']:.0f} ms ({row['redis_commands']} commands)"
+            for row in timers["details"]["sweep_cost"]
+        )
+        out.append(
+            f"timers: {burst['fired']:,} of {burst['due_within_1s']:,} due within 1 s among "
+            f"{burst['pending']:,} pending fired, late p50 {burst['late_s']['p50']} s, max "
+            f"{burst['late_s']['max']} s (SWEEP_INTERVAL {burst['sweep_interval_s']} s); a sweep "
+            f"firing {timers['details']['sweep_cost'][0]['due']}: {costs}"
+        )
+    else:
+        out.append(f"timers: {timers['status']}: {timers.get('reason')}")
     for goal in report["goals"]:
         measured = goal["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)

@@ -29,6 +29,7 @@ SECTIONS = {
     "memory",
     "redis_cpu",
     "ops_at_scale",
+    "timers_at_scale",
     "goals",
     "references",
 }
@@ -78,6 +79,9 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
     )
+    assert report["timers_at_scale"]["status"] == "measured", report["timers_at_scale"]
+    burst = report["timers_at_scale"]["details"]["burst"]
+    assert burst["fired"] == burst["due_within_1s"]  # every due timer fired, once
     assert all(isinstance(goal["met"], bool) for goal in report["goals"])
     assert {row["key"] for row in report["references"]} == set(REFERENCES)
     assert all(isinstance(row["measured"], float) and "met" not in row for row in report["references"])

@@ -200,6 +200,16 @@ class ConversationStore:
         )
 
     @property
+    def open_script(self) -> Script:
+        """OPEN, for pipelines (the sweeper's timers: ``open_call``'s keys and arguments)."""
+        return self._open
+
+    @property
+    def fire_script(self) -> Script:
+        """FIRE, for pipelines (``fire_call``'s keys and arguments)."""
+        return self._fire
+
+    @property
     def scripts(self) -> tuple[Script, ...]:
         return (self._open, self._save, self._release, self._end, self._expire, self._fire)
 
@@ -333,10 +343,9 @@ class ConversationStore:
         self,
         keys: ConversationKeys,
         opened: Opened,
-        *,
-        timer: str = "",
-        timer_id: str = "",
-        state: str = "",
+        timer: str,
+        timer_id: str,
+        state: str,
         timers: Timing,
         end_reason: str | None = None,
     ) -> str:
