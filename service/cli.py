@@ -21,12 +21,12 @@ from flask.cli import ScriptInfo, run_command
 from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
-from .ops import conversations_cli
+from .ops import conversations_cli, timers_command
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 from .wiring import current
 
-OPERATORS = (conversations_cli.name, events_command.name)
+OPERATORS = (conversations_cli.name, events_command.name, timers_command.name)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")
@@ -112,7 +112,7 @@ cli.add_command(
 )
 
 
-for command in (conversations_cli, events_command, sweep_command):
+for command in (conversations_cli, events_command, sweep_command, timers_command):
     cli.add_command(command)
 
 
