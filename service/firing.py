@@ -72,6 +72,14 @@ class TimerFiring:
             pipe.zrangebyscore(keys.timers(shard), "-inf", now_ms, start=0, num=per_shard, withscores=True)
         return sorted((score, member) for found in pipe.execute() for member, score in found)
 
+    def next_due(self) -> float | None:
+        """The earliest pending timer's due (ms) across tags, or None: each tag's first."""
+        keys = self.wired.keys
+        pipe = self.wired.redis.pipeline(transaction=False)
+        for shard in keys.shards():
+            pipe.zrange(keys.timers(shard), 0, 0, withscores=True)
+        return min((score for found in pipe.execute() for _, score in found), default=None)
+
     def fire_due(self) -> int:
         """One pass; returns how many timers fired."""
         due = [self.wired.keys.from_member(member) for _, member in self.due(redis_now_ms(self.wired.redis))]
@@ -193,7 +201,7 @@ class TimerFiring:
         count_timers(metrics, firing.before, firing.after, 0, result == "ended")
         if result == "ended":
             metrics.conversations_ended.labels("handler").inc()
-        if firing.answer is not None and replies(firing.answer):
+        if firing.answer is not None:
             self.send(firing.keys, firing.answer)
 
 

@@ -26,7 +26,7 @@ from flask.cli import ScriptInfo, with_appcontext
 
 from . import timers
 from .clock import now_ms
-from .firing import Send, TimerFiring
+from .firing import Send, TimerFiring, redis_now_ms
 from .handler import Conversation, EndHook
 from .history import Ending, Event
 from .redis_client import UNAVAILABLE
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DUE_PER_SHARD = 200  # conversations one sweep ends per index shard (the rest, next sweep)
 RELAY_PER_SHARD = 500
+EARLIEST = 0.1  # seconds a sweep waits at least before the next (a timer due meanwhile waits)
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 
 
@@ -159,15 +160,27 @@ class Sweeper:
         return False
 
     def run(self) -> None:
-        """Sweeps every ``SWEEP_INTERVAL`` while this process holds the lease, until stopped;
+        """Sweeps every ``SWEEP_INTERVAL`` while this process holds the lease, until stopped,
+        and sooner when a timer falls due before then (at most every ``EARLIEST`` seconds);
         a Redis outage only delays the next sweep."""
         while not self.stopping.is_set():
+            wait = self.interval
             try:
                 if self._holds_lease():
                     self.sweep()
+                    wait = self._until_next_timer()
             except UNAVAILABLE as error:
                 log.warning("sweep skipped: Redis %s", type(error).__name__)
-            self.stopping.wait(self.interval)
+            self.stopping.wait(wait)
+
+    def _until_next_timer(self) -> float:
+        """Seconds until the next sweep: ``SWEEP_INTERVAL``, or less when a timer is due
+        sooner (one pipelined read of each tag's earliest)."""
+        next_due = self.firing.next_due()
+        if next_due is None:
+            return self.interval
+        seconds = (next_due - redis_now_ms(self.client)) / 1000
+        return min(self.interval, max(seconds, min(self.interval, EARLIEST)))
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="sms-sweeper", daemon=True)
