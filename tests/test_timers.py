@@ -413,3 +413,39 @@ def test_the_deployed_sweeper_loop_fires_due_timers_never_early(redis_url, redis
         thread.join()
     assert min(lateness) >= 0
     print(f"late by {min(lateness)} to {max(lateness)} ms with SWEEP_INTERVAL 100 ms")
+
+
+def test_the_console_shows_a_conversations_timers_and_own_ttl(redis_url):
+    from tests.test_console import sign_in
+
+    def handler(message, conversation):
+        conversation.expire_after(7200)
+        conversation.remind(600, "nudge")
+        return None
+
+    token = "console-timers-token-0123456789"
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "OPS_TOKEN": token}, handler=handler
+    )
+    post_signed(app.test_client(), webhook_params())
+    client = app.test_client()
+    assert sign_in(client, token)
+    page = client.get("/console/conversation", query_string={"from": REY, "to": OURS}).get_data(as_text=True)
+    assert "<strong>nudge</strong>" in page
+    assert "unless a message comes first" in page
+    assert "its own time to live: 2h 00m 00s" in page
+
+
+def test_timer_metrics_count_set_fired_cancelled_and_late(redis_url):
+    app = make(redis_url)
+    metrics = current(app).metrics
+    say(app, "remind 0 a x - keep")
+    say(app, "remind 100 b")
+    say(app, "remind 100 c x - keep")  # cancels b (a reply)
+    say(app, "cancel c")
+    assert metrics.timers_set._value.get() == 3
+    assert metrics.timers_cancelled.labels("reply")._value.get() == 1
+    assert metrics.timers_cancelled.labels("handler")._value.get() == 1
+    Sweeper(app, send=Outbox()).sweep()
+    assert metrics.timers_fired._value.get() == 1
+    assert metrics.timer_late._sum.get() >= 0
