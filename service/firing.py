@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FIRE_PER_SHARD = 1000  # due conversations one pass reads per tag (the rest: the next pass)
 BATCH = 200  # conversations fired together (one pipeline of OPENs, one of FIREs)
+THREADS = 4  # batches fired at once
 MOST_IN_A_ROW = 100  # timers one conversation fires in a pass
 TURN = "timer"  # the MessageSid part of a firing's token: no answer is ever stored under it
 
@@ -83,7 +85,17 @@ class TimerFiring:
     def fire_due(self) -> int:
         """One pass; returns how many timers fired."""
         due = [self.wired.keys.from_member(member) for _, member in self.due(redis_now_ms(self.wired.redis))]
-        return sum(self.fire(due[start : start + BATCH]) for start in range(0, len(due), BATCH))
+        batches = [due[start : start + BATCH] for start in range(0, len(due), BATCH)]
+        if len(batches) <= 1:
+            return sum(self.fire(batch) for batch in batches)
+        # Batches of different conversations, a few at once: one's handlers run while Redis
+        # runs another's scripts.
+        with ThreadPoolExecutor(min(THREADS, len(batches)), thread_name_prefix="sms-timers") as pool:
+            return sum(pool.map(self._fire_in_app, batches))
+
+    def _fire_in_app(self, batch: list[ConversationKeys]) -> int:
+        with self.app.app_context():
+            return self.fire(batch)
 
     def fire(self, conversations: list[ConversationKeys]) -> int:
         """Fires the due timers of ``conversations``, each one's earliest first; how many fired.
