@@ -18,6 +18,7 @@ import random
 import secrets
 import statistics
 import time
+from contextlib import ExitStack
 
 from bench.ops_at_scale import throwaway_redis
 from service import create_app, logs, timers
@@ -141,42 +142,56 @@ def burst(url: str, conversations: int, due: int) -> dict:
     }
 
 
-def sweep_cost(url: str, conversations: int, due: int, runs: int) -> dict:
-    """One pass of the sweeper (``Sweeper.sweep``) with ``due`` timers due among
-    ``conversations`` x 10 pending: its time (median of ``runs``) and its Redis commands."""
-    lateness: list[int] = []
-    app = make_app(url, lateness)
-    client = current(app).redis
-    client.flushall()
-    fill(app, conversations)
-    sweeper = Sweeper(app, send=lambda keys, answer: None)
-    sweeper.sweep()  # the sample of the minute, once
-    idle, busy, commands = [], [], []
+def sweep_costs(urls: list[str], scales: list[int], due: int, runs: int) -> list[dict]:
+    """One pass of the sweeper (``Sweeper.sweep``) firing ``due`` timers among ``scale`` x 10
+    pending, each scale on a redis-server of its own, measured in turn run after run so that the
+    machine's drift falls on every scale alike: its time (median of ``runs``) and its Redis
+    commands."""
+    setups = []
+    for url, conversations in zip(urls, scales):
+        lateness: list[int] = []
+        app = make_app(url, lateness)
+        client = current(app).redis
+        client.flushall()
+        fill(app, conversations)
+        sweeper = Sweeper(app, send=lambda keys, answer: None)
+        sweeper.sweep()  # the sample of the minute, once
+        setups.append(
+            (app, client, sweeper, conversations, lateness, {"idle": [], "busy": [], "commands": []})
+        )
     for run in range(runs):
-        started = time.perf_counter()
-        sweeper.sweep()
-        idle.append((time.perf_counter() - started) * 1000)
-        arm(app, conversations, due, redis_now_ms(client) - 1000, 1000, seed=run)
-        client.config_resetstat()
-        started = time.perf_counter()
-        sweeper.sweep()
-        busy.append((time.perf_counter() - started) * 1000)
-        calls = client.info("commandstats")
-        commands.append(sum(row["calls"] for name, row in calls.items() if name != "cmdstat_config"))
-    return {
-        "pending": conversations * PER_CONVERSATION,
-        "due": due,
-        "fired": len(lateness),
-        "sweep_nothing_due_ms": round(statistics.median(idle), 1),
-        "sweep_ms": round(statistics.median(busy), 1),
-        "redis_commands": int(statistics.median(commands)),
-    }
+        for app, client, sweeper, conversations, _, samples in setups:
+            started = time.perf_counter()
+            sweeper.sweep()
+            samples["idle"].append((time.perf_counter() - started) * 1000)
+            arm(app, conversations, due, redis_now_ms(client) - 1000, 1000, seed=run)
+            client.config_resetstat()
+            started = time.perf_counter()
+            sweeper.sweep()
+            samples["busy"].append((time.perf_counter() - started) * 1000)
+            calls = client.info("commandstats")
+            samples["commands"].append(
+                sum(row["calls"] for name, row in calls.items() if name != "cmdstat_config")
+            )
+    return [
+        {
+            "pending": conversations * PER_CONVERSATION,
+            "due": due,
+            "fired": len(lateness),
+            "sweep_nothing_due_ms": round(statistics.median(samples["idle"]), 1),
+            "sweep_ms": round(statistics.median(samples["busy"]), 1),
+            "redis_commands": int(statistics.median(samples["commands"])),
+        }
+        for _, _, _, conversations, lateness, samples in setups
+    ]
 
 
 def run(conversations: int, due: int, scales: list[int], cost_due: int, runs: int) -> dict:
-    with throwaway_redis() as url, logs.quiet():  # stdout is the JSON report alone
+    with ExitStack() as servers, logs.quiet():  # stdout is the JSON report alone
+        url = servers.enter_context(throwaway_redis())
         report = {"burst": burst(url, conversations, due)}
-        report["sweep_cost"] = [sweep_cost(url, count, cost_due, runs) for count in scales]
+        current_urls = [url] + [servers.enter_context(throwaway_redis()) for _ in scales[1:]]
+        report["sweep_cost"] = sweep_costs(current_urls, scales, cost_due, runs)
     costs = report["sweep_cost"]
     report["sweep_cost_ratio"] = round(costs[-1]["sweep_ms"] / costs[0]["sweep_ms"], 2)
     return report
