@@ -6,6 +6,7 @@ from flask import Flask
 
 from . import (
     console,
+    delivery,
     health,
     lifecycle,
     limits,
@@ -14,8 +15,10 @@ from . import (
     ops,
     redis_client,
     responses,
+    sender,
     settings,
     signature,
+    status,
     webhook,
     wiring,
 )
@@ -23,8 +26,10 @@ from . import handler as handlers
 from .accounts import Accounts
 from .callers import Callers
 from .handler import Conversation, EndHook, Handler, Message
+from .outbox import Refused
+from .sending import Sent, send
 
-__all__ = ["Conversation", "Message", "check_environment", "create_app"]
+__all__ = ["Conversation", "Message", "Refused", "Sent", "check_environment", "create_app", "send"]
 
 
 def create_app(
@@ -43,14 +48,17 @@ def create_app(
     redis = redis_client.init_app(app)
     callers = Callers.from_file(app.config["CALLERS_FILE"])
     handle, end_hook = handlers.choose(app.config, handler, on_end)
+    on_status = handlers.status_hook(handle)
     webhook.init_app(app)  # before signature's ProxyFix, so that its layer sees the client's address
     known = Accounts.from_config(app.config)
     signature.init_app(app, known)
-    wired = wiring.init_app(app, redis, callers, handle, end_hook, known)
+    wired = wiring.init_app(app, redis, callers, handle, end_hook, known, on_status)
     metrics.init_app(app, wired.metrics)
     lifecycle.init_app(app)
     responses.init_app(app)
     health.init_app(app)
+    status.init_app(app)
+    sender.init_app(app)
     ops.init_app(app)
     console.init_app(app)
     return app
@@ -66,4 +74,6 @@ def check_environment() -> dict:
         redis_client.check_credentials(config)
     Callers.from_file(config["CALLERS_FILE"])
     handlers.load(config["SMS_HANDLER"])
+    if config["TWILIO_ACCOUNT_SID"]:  # the workers' senders would each fail on it
+        delivery.client(config)
     return config

@@ -22,11 +22,13 @@ from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
 from .ops import conversations_cli, timers_command
+from .sender import sender_command, start_sender
+from .sending import send_command
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 from .wiring import current
 
-OPERATORS = (conversations_cli.name, events_command.name, timers_command.name)
+OPERATORS = (conversations_cli.name, events_command.name, send_command.name, timers_command.name)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")
@@ -54,6 +56,7 @@ def _serve(**options):
             ) from None
     click.echo(banner(app, options["host"], options["port"]))
     start_sweeper(app)
+    start_sender(app)
     context.invoke(run_command, **options)
 
 
@@ -107,12 +110,19 @@ cli.add_command(
         "run",
         params=run_command.params,
         callback=_serve,
-        help="Serve the webhook with Flask's development server (and sweep).",
+        help="Serve the webhook with Flask's development server (and sweep, and send).",
     )
 )
 
 
-for command in (conversations_cli, events_command, sweep_command, timers_command):
+for command in (
+    conversations_cli,
+    events_command,
+    sweep_command,
+    sender_command,
+    send_command,
+    timers_command,
+):
     cli.add_command(command)
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import sysconfig
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -25,12 +25,15 @@ from flask_session.base import ServerSideSession
 from twilio.twiml.messaging_response import MessagingResponse
 
 from . import timers as timing
+from .outbox import Outgoing
+from .outbox import message as outgoing_message
 from .settings import ConfigError
 from .timers import Timer
 
 Reply: TypeAlias = str | MessagingResponse | None
 Handler = Callable[["Message", "Conversation"], Reply]
 EndHook = Callable[["Conversation", str], None]
+StatusHook = Callable[[Any], None]  # on_status(update): service/status.py's StatusUpdate
 END_REASONS = ("expired", "operator", "opt-out", "handler")  # what on_end's ``reason`` can be
 
 # Twilio's default keywords (its Advanced Opt-Out sends OptOutType instead, when configured).
@@ -106,7 +109,8 @@ class Conversation(ServerSideSession):
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
     ``sid`` (the conversation's id, as in its events), ``ended_at`` and ``timers`` (those
-    pending when it ended, dropped with it).
+    pending when it ended, dropped with it). ``send()`` queues an outbound message with the
+    state.
 
     Timers (docs/timers.md): ``remind`` sets one, ``cancel`` drops one, ``timers`` lists the
     pending ones; ``expire_after`` gives this conversation its own time to live. Like the
@@ -136,15 +140,12 @@ class Conversation(ServerSideSession):
         self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
         self.ended_at: datetime | None = None  # set for the end hook
+        self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
         self.default_ttl = ttl  # CONVERSATION_TTL
         self.own_ttl = own_ttl  # expire_after's, in seconds
         self.now_ms = now_ms if now_ms is not None else int(self.started_at.timestamp() * 1000)
         self.pending: dict[str, Timer] = dict(timers or {})
         self.timer_fired = False  # this call is a timer's, not a message's
-
-    @property
-    def is_new(self) -> bool:
-        return self.messages == 1 and not self.timer_fired
 
     @property
     def timers(self) -> Mapping[str, Timer]:
@@ -197,6 +198,40 @@ class Conversation(ServerSideSession):
         if late:
             raise ValueError(f"expire_after: timers {late} would be due after the conversation ends")
         self.own_ttl = int(value)
+
+    def send(
+        self,
+        text: str | None = None,
+        media: Iterable[str] = (),
+        *,
+        content_sid: str | None = None,
+        content_variables: dict | str | None = None,
+    ) -> str:
+        """Queues a message to the other party, from our number: it is committed with the
+        conversation's state (if the state is not saved, nothing is sent; if it is, the message
+        goes out, also after a crash), then delivered through Twilio's REST API in the order
+        sent. ``content_sid`` and ``content_variables``: a template instead of free text (what
+        WhatsApp takes outside its 24-hour window). Returns the message's id; ``ValueError``
+        for a message Twilio would refuse (empty, over 1,600 characters, over 10 media)."""
+        queued = outgoing_message(
+            self.sender,
+            self.recipient,
+            text,
+            media,
+            content_sid=content_sid,
+            content_variables=content_variables,
+        )
+        self.outbound.append(queued)
+        return queued.id
+
+    @property
+    def is_new(self) -> bool:
+        """True on the conversation's first message (not on the reply to an outbound message
+        that started it: that conversation began with the message sent; never for a timer's
+        call)."""
+        return self.messages == 1 and not self.started_by_us and not self.timer_fired
+
+    started_by_us = False  # the conversation began with an outbound message (service.send)
 
     def end(self) -> None:
         self.end_reason = "handler"
@@ -300,6 +335,18 @@ def failure(error: BaseException) -> tuple[str, str]:
         last = (own or frames)[-1]
         where += f" at {os.path.basename(last.filename)}:{last.lineno} in {last.name}"
     return where, "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + where
+
+
+def status_hook(handler: Handler) -> StatusHook | None:
+    """The handler's module's ``on_status``, if it has one (``contained``); ``ConfigError`` if
+    that is not a function of one argument (the ``StatusUpdate``)."""
+    module_name = getattr(handler, "__module__", "") or ""
+    found = getattr(sys.modules.get(module_name), "on_status", None)
+    if found is None:
+        return None
+    if not callable(found) or not _takes(found, 1):
+        raise ConfigError(f"{module_name}.on_status must be a function of (update)")
+    return contained(found)
 
 
 def choose(

@@ -21,6 +21,17 @@ Key (example)                                        Type and what it holds
                                                      release's, '1' (ask again)
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
+<prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
+                                                     not yet handed to Twilio, in commit order
+<prefix>sent:{07}:+15551230007|+15550001111          hash: outbound message id -> its record, JSON
+                                                     (service/outbound.py: Record), kept with
+                                                     the conversation's hash and a day
+<prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
+                                                     first queued outbound message is due (ms;
+                                                     while a sender holds it, its lease's end)
+<prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
+                                                     'w:<from>|<to>' -> its last inbound message
+                                                     (ms), WhatsApp senders only
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
 <prefix>timers:{07}                                  zset: the due index, member '<from>|<to>',
@@ -83,7 +94,9 @@ class Keys:
     cluster: bool = False
     # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes):
     # every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str, str]] = field(init=False, repr=False, compare=False)
+    _shard_keys: dict[str, tuple[str, str, str, str, str, str, str]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -92,6 +105,8 @@ class Keys:
                 self.outbox(shard) if self.cluster else self.events,
                 self.ending(shard),
                 self.minutes(shard),
+                self.due(shard),
+                self.contacts(shard),
                 self.timers(shard),
             )
             for shard in self.shards()
@@ -119,6 +134,15 @@ class Keys:
     def minutes(self, shard: str) -> str:
         return f"{self.prefix}minutes:{{{shard}}}"
 
+    def due(self, shard: str) -> str:
+        return f"{self.prefix}due:{{{shard}}}"
+
+    def contacts(self, shard: str) -> str:
+        return f"{self.prefix}contacts:{{{shard}}}"
+
+    def dues(self) -> list[str]:
+        return [self.due(shard) for shard in self.shards()]
+
     def timers(self, shard: str) -> str:
         return f"{self.prefix}timers:{{{shard}}}"
 
@@ -139,7 +163,10 @@ class Keys:
             prefix + "queue:" + tagged,
             prefix + "waiters:" + tagged,
             prefix + "wake:" + tagged + ":",
-            *self._shard_keys[shard],
+            *self._shard_keys[shard][:4],
+            prefix + "out:" + tagged,
+            prefix + "sent:" + tagged,
+            *self._shard_keys[shard][4:],
         )
 
     @property
@@ -173,6 +200,10 @@ class ConversationKeys(NamedTuple):
     events: str  # where its scripts append lifecycle events
     ending: str
     minutes: str
+    outbound: str  # its outbound messages not yet handed to Twilio (list of ids, commit order)
+    sent: str  # its outbound messages' records (hash: id -> JSON)
+    due: str  # the tag's due index (<prefix>due:{NN}); member is its entry
+    contacts: str  # the tag's opt-outs and WhatsApp windows
     timers: str  # its tag's due index of timers (<prefix>timers:{NN}, Keys.timers)
 
     def in_order(self) -> list[str]:
@@ -187,5 +218,9 @@ class ConversationKeys(NamedTuple):
             self.events,
             self.ending,
             self.minutes,
+            self.outbound,
+            self.sent,
+            self.due,
+            self.contacts,
             self.timers,
         ]

@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # 500: the handler failed (or a bug)
 
 
+OUTBOUND_STATUSES = ("pending", "queued", "sent", "delivered", "failed", "undelivered", "retried")
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -156,6 +157,17 @@ class Metrics:
             buckets=LATE_BUCKETS,
             registry=registry,
         )
+        self.outbound = Counter(
+            "sms_outbound_messages",
+            "Outbound messages reaching a status: pending (queued with a save), Twilio's statuses "
+            "as its answers and status callbacks report them (accepted, queued, sent, delivered, "
+            "read, undelivered, failed), failed also for a refusal (an error code), and retried "
+            "(an attempt to try again later).",
+            ["status"],
+            registry=registry,
+        )
+        for status in OUTBOUND_STATUSES:
+            self.outbound.labels(status)
         self.redis_errors = Counter(
             "sms_redis_errors",
             "Failed Redis calls, by the part that made them.",

@@ -21,8 +21,10 @@ import click
 from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup, with_appcontext
 
+from . import sending
 from .clock import duration, now_ms
 from .live import BadCursor, LiveConversation, iso
+from .outbox import Refused
 from .redis_client import UNAVAILABLE
 from .timers import Timer
 from .wiring import current
@@ -111,6 +113,45 @@ def finite(data):
     if isinstance(data, list):
         return [finite(value) for value in data]
     return data
+
+
+MESSAGE_FIELDS = {"to", "from", "text", "media", "state", "content_sid", "content_variables"}
+
+
+@bp.post("/messages")
+def send_message():
+    """Queues an outbound message (service/sending.py): 201 with its id, 422 when a rule
+    refuses it (opt-out, WhatsApp window: the error and Twilio's code), 400 for bad input."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return error(400, "Expected a JSON object.")
+    unknown = set(body) - MESSAGE_FIELDS
+    if unknown:
+        return error(400, f"Unknown field {sorted(unknown)[0]!r}.")
+    to, sender, text = body.get("to"), body.get("from"), body.get("text")
+    media = body.get("media") or []
+    if not isinstance(to, str) or not to:
+        return error(400, "to: the number to text.")
+    if sender is not None and not isinstance(sender, str):
+        return error(400, "from: one of our numbers.")
+    if not isinstance(media, list):
+        return error(400, "media: a list of URLs.")
+    try:
+        sent = sending.send(
+            to,
+            text,
+            sender=sender,
+            media=media,
+            state=body.get("state"),
+            content_sid=body.get("content_sid"),
+            content_variables=body.get("content_variables"),
+        )
+    except Refused as refused:
+        return jsonify({"error": str(refused), "code": refused.code}), 422
+    except (ValueError, TypeError) as bad:
+        return error(400, str(bad))
+    log.info("outbound message %s queued by an operator", sent.id)
+    return sent.to_json(), 201
 
 
 @bp.delete("/conversations/<sender>/<recipient>")

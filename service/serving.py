@@ -69,8 +69,11 @@ class BodyFirst:
 def serve(worker: Any, max_body: int) -> None:
     """gunicorn's ``post_worker_init``: each worker runs the lifecycle sweeper in a thread (a
     lease in Redis lets one sweep at a time), so conversations end on time without any request
-    arriving; and serves the app behind ``BodyFirst``."""
+    arriving, and the outbound sender (claims in Redis let any number deliver at once); and
+    serves the app behind ``BodyFirst``."""
     from .lifecycle import start_sweeper
+    from .sender import start_sender
 
     start_sweeper(worker.wsgi)
+    start_sender(worker.wsgi)
     worker.wsgi = BodyFirst(worker.wsgi, max_body)

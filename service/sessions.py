@@ -32,6 +32,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
+from .outbox import encode
 from .redis_client import UNAVAILABLE
 from .store import ConversationStore, Opened, Timing, decode_state
 from .timers import Timer
@@ -100,6 +101,7 @@ class ConversationSession(Conversation):
         else None with the conversation held until ``save`` or ``release``.
         """
         keys = self.interface.keys.conversation(message.sender, message.recipient)
+        self.sender, self.recipient = message.sender, message.recipient
         opened = self.interface.store.open(keys, message.sid)
         self.binding = Binding(message, keys, opened)
         if opened.answered is not None:
@@ -131,6 +133,8 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            outbound=encode(self.outbound) if self.outbound else "",
+            keyword=bound.message.opt_out,
             timers=self.timing(),
         )
         self.saved = True
@@ -142,6 +146,8 @@ class ConversationSession(Conversation):
             counters.conversations_started.inc()
         if ended:
             counters.conversations_ended.labels(self.end_reason).inc()
+        if self.outbound:
+            counters.outbound.labels("pending").inc(len(self.outbound))
 
     def timing(self) -> Timing:
         """The timers and own TTL to save: the timers only when they changed."""
@@ -183,9 +189,10 @@ class ConversationSession(Conversation):
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
-        messages = opened.seq.isdigit() and int(opened.seq)
+        # seq is 0 for a conversation an outbound message started (service.send): no message yet.
+        messages = int(opened.seq) if opened.seq.isdigit() else None
         first_seen = opened.first_seen.isdigit() and int(opened.first_seen)
-        if state is None or not messages or not first_seen:
+        if state is None or messages is None or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
             self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
@@ -197,6 +204,7 @@ class ConversationSession(Conversation):
         self.sid = opened.sid
         self.update(state)
         self.messages = messages + 1
+        self.started_by_us = messages == 0
         self.started_at = _moment(first_seen)
         self.modified = False
 

@@ -292,6 +292,28 @@ SETTINGS = [
         "`DELIVERY_RETRY_BASE`.",
     ),
     Setting(
+        "SENDER_INTERVAL",
+        0.2,
+        _between(float, 0.01, 60, "a number of seconds"),
+        "Seconds the outbound sender waits before looking for due messages again when it found "
+        "none, 0.01 to 60.",
+    ),
+    Setting(
+        "SENDER_LEASE",
+        60.0,
+        _between(float, 1, 3600, "a number of seconds"),
+        "Seconds a sender holds a conversation's next outbound message while it delivers it, 1 "
+        "to 3600 (three times `TWILIO_API_TIMEOUT` when that is longer: a create and a lookup "
+        "must fit); a sender that dies holding one is replaced after this long.",
+    ),
+    Setting(
+        "SENDER_THREADS",
+        4,
+        _between(int, 1, 64, "a number of threads"),
+        "Conversations each sender delivers to at once, 1 to 64 (one conversation's messages "
+        "always go one after the other).",
+    ),
+    Setting(
         "PUBLIC_BASE_URL",
         None,
         _base_url,

@@ -14,7 +14,7 @@ from flask import Flask, current_app
 
 from .accounts import Accounts
 from .callers import Callers
-from .handler import EndHook, Handler
+from .handler import EndHook, Handler, StatusHook
 from .history import History
 from .keys import Keys
 from .live import LiveConversations
@@ -44,6 +44,7 @@ class Wiring:
     accounts: Accounts  # each Twilio account's tokens and signing keys
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
+    on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -58,6 +59,7 @@ def init_app(
     handler: Handler,
     on_end: EndHook | None,
     accounts: Accounts,
+    on_status: StatusHook | None = None,
 ) -> Wiring:
     """Builds the app's parts from its config and Redis client, and Flask's session interface
     on the store (the conversation is ``flask.session`` during a webhook)."""
@@ -86,6 +88,7 @@ def init_app(
         accounts,
         signature,
         Throttle(metrics.sign_in_failures),
+        on_status,
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)

@@ -13,7 +13,7 @@ from service.lifecycle import Sweeper
 from tests.support.app import TOKEN, post_signed, webhook_params
 from tests.support.waiting import wait_until
 
-REY, FINN, OURS = "+15551230001", "+15551230002", "+15550001111"
+REY, FINN, POE, OURS = "+15551230001", "+15551230002", "+15551230003", "+15550001111"
 CLUSTER_ONLY = {"<prefix>outbox:{07}"}  # written only where the stream is in another slot
 
 
@@ -36,16 +36,19 @@ def slow_notebook(message, conversation):
     conversation.setdefault("bodies", []).append(message.body)
     if message.body == "hi":
         conversation.remind(0.5, "nudge")  # the tag's due index
+    if message.body == "after":
+        conversation.send("queued with the save")
     if message.body == "bye":
         conversation.end()
     return "noted"
 
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
-    """Messages, two at once on one conversation (its line and hand-over), a redelivery, a
-    timer, an end, the sweeper (an expiry, the end hook, a sample) and a readiness probe: every key
-    written, however briefly (keyspace notifications), and every key left (SCAN) is one the
-    schema lists, and every key it lists was written (but the Cluster's outboxes)."""
+    """Messages, two at once on one conversation (its line and hand-over), one queueing an
+    outbound message, one setting a timer, a redelivery, an end, an opt-out, the sweeper (an
+    expiry, the end hook, a sample) and a readiness probe: every key written, however briefly
+    (keyspace notifications), and every key left (SCAN) is one the schema lists, and every key
+    it lists was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
@@ -70,6 +73,7 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert post_signed(app.test_client(), first).status_code == 200  # a redelivery
     for body in ("hi", "bye"):
         assert post_signed(app.test_client(), webhook_params(sender=FINN, body=body)).status_code == 200
+    assert post_signed(app.test_client(), webhook_params(sender=POE, body="STOP")).status_code == 200
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # REY's conversation, with its end hook
     assert app.test_client().get("/readyz").status_code == 200
@@ -85,4 +89,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 14
+    assert len(patterns) == 18

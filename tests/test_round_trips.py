@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.connection import AbstractConnection
 
-from tests.support.app import post_signed, webhook_params
+from service import create_app
+from tests.support.app import TOKEN, post_signed, webhook_params
 
 
 @pytest.fixture
@@ -63,8 +64,6 @@ def test_refusals_and_health_cost_none(client, round_trips):
 def test_a_message_that_sets_and_cancels_timers_costs_two(redis_url, round_trips):
     """Timers are stored by the save itself: setting, replacing, a reply cancelling them and an
     own TTL add no round trip."""
-    from service import create_app
-    from tests.support.app import TOKEN
 
     def handler(message, conversation):
         conversation.remind(60, "nudge")
@@ -75,3 +74,17 @@ def test_a_message_that_sets_and_cancels_timers_costs_two(redis_url, round_trips
     client = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handler).test_client()
     counts = [trips(round_trips, lambda: post_signed(client, webhook_params()))[1] for _ in range(3)]
     assert counts == [2, 2, 2]
+
+
+def test_a_handler_that_sends_still_costs_two(redis_url, round_trips):
+    """The outbound messages go with the state in SAVE: no round trip of their own."""
+
+    def sending(message, conversation):
+        conversation.send("queued with the state")
+        conversation.send("and another")
+        return "ok"
+
+    client = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=sending).test_client()
+    response, count = trips(round_trips, lambda: post_signed(client, webhook_params()))
+    assert response.status_code == 200
+    assert count == 2

@@ -11,7 +11,11 @@
 -- KEYS[7] = sms:events (a Cluster's: sms:outbox:{NN})  stream: lifecycle events
 -- KEYS[8] = sms:ending:{NN}               hash: conversation id -> the end hook's payload
 -- KEYS[9] = sms:minutes:{NN}              hash: '<minute><code>' -> that minute's tally
--- KEYS[10] = sms:timers:{NN}              zset: the due index, '<from>|<to>' -> earliest due (ms)
+-- KEYS[10] = sms:out:{NN}:<from>|<to>     list: outbound message ids not yet handed to Twilio
+-- KEYS[11] = sms:sent:{NN}:<from>|<to>    hash: outbound message id -> its record (outbound.lua)
+-- KEYS[12] = sms:due:{NN}                 zset: '<from>|<to>' -> when its next outbound is due
+-- KEYS[13] = sms:contacts:{NN}            hash: opt-outs and WhatsApp windows (outbound.lua)
+-- KEYS[14] = sms:timers:{NN}              zset: the due index, '<from>|<to>' -> earliest due (ms)
 -- ARGV[1] = LOCK_TTL in ms                ARGV[5] = REPLIES_KEPT
 -- ARGV[2] = a waiter's patience in ms     ARGV[6] = how long a live conversation's hash is
 -- ARGV[3] = CONVERSATION_TTL in ms                  kept: the TTL and a day's grace, in ms
@@ -19,7 +23,8 @@
 --                                         ARGV[8] = '1' to keep ended conversations for the end
 --                                                   hook, else '0'
 -- ARGV[9…] = the script's own.
-local conversation, lock, queue, waiters, wake, index, events, ending, minutes, due_timers = unpack(KEYS)
+local conversation, lock, queue, waiters, wake, index, events, ending, minutes = unpack(KEYS, 1, 9)
+local outbound, sent, due, contacts, due_timers = unpack(KEYS, 10, 14)
 -- The settings stay the strings Redis passes: a command takes them as they are, arithmetic
 -- converts a numeral by itself, and only a comparison needs tonumber (each conversion costs,
 -- so none is made on a path that does not need it).

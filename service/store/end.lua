@@ -3,7 +3,7 @@
 -- answers 503 instead of bringing the conversation back.
 --
 -- uses: common.lua tally.lua ending.lua
--- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
 -- Returns 1 if it was live (and is now ended by the operator), else 0.
 local member = ARGV[9]

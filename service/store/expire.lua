@@ -2,7 +2,7 @@
 -- a message extended it meanwhile or is being handled now (it will extend or end it itself).
 --
 -- uses: common.lua tally.lua ending.lua
--- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
 -- Returns 1 if it ended the conversation, else 0.
 local member = ARGV[9]

@@ -7,7 +7,7 @@
 -- conversation's count, last message and answers stay; its time to live starts again.
 --
 -- uses: common.lua tally.lua ending.lua reply.lua line.lua timers.lua
--- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the sweeper's token (its OPEN's ARGV[9])
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
 -- ARGV[11] = the fired timer's name, or '' when nothing is due after all (then only ARGV[14]

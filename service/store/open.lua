@@ -4,7 +4,7 @@
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
 -- uses: common.lua tally.lua ending.lua reply.lua line.lua
--- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'

@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua timers.lua
--- KEYS[1..10], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua timers.lua
+-- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -15,19 +15,22 @@
 -- ARGV[15] = '1' if this message starts the conversation (it found none, or none readable)
 -- ARGV[16] = why the conversation ends with this message ('handler', 'opt-out'), or ''
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
--- ARGV[18] = its pending timers' JSON ('{}': none; '': unchanged) and ARGV[19] their earliest
---            due (ms), timers.lua's keep_timers; ARGV[20] = its own TTL in ms, or ''
+-- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
+-- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
+-- ARGV[20] = its pending timers' JSON ('{}': none; '': unchanged) and ARGV[21] their earliest
+--            due (ms), timers.lua's keep_timers; ARGV[22] = its own TTL in ms, or ''
 -- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
--- expiry; the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
+-- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
 -- message's and its answer is not stored: nothing written).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
-local own = ARGV[20] or ''
+local sends, inbound_keyword = ARGV[18], ARGV[19]
+local own = ARGV[22] or ''
 local life_ms, keep_ms = own_ttl(own)  -- this conversation's TTL and its hash's life
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
@@ -79,7 +82,7 @@ if stores then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  keep_timers(member, ARGV[18] or '', ARGV[19])
+  keep_timers(member, ARGV[20] or '', ARGV[21])
   added = redis.call('ZADD', index, now + life_ms, member)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
@@ -95,6 +98,8 @@ if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or keep_ms)
+if sends ~= '' then queue_outbound(member, sends, now) end
+note_inbound(member, inbound_keyword, now)
 if holder == token then
   redis.call('DEL', lock)
 else  -- marked: someone waits

@@ -173,6 +173,10 @@ class ConversationStore:
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
         self._fire = Script(client, "fire.lua")
+        self._claim = Script(client, "claim.lua")
+        self._finish = Script(client, "finish.lua")
+        self._status = Script(client, "status.lua")
+        self._push = Script(client, "push.lua")
 
     @classmethod
     def from_config(
@@ -211,7 +215,18 @@ class ConversationStore:
 
     @property
     def scripts(self) -> tuple[Script, ...]:
-        return (self._open, self._save, self._release, self._end, self._expire, self._fire)
+        return (
+            self._open,
+            self._save,
+            self._release,
+            self._end,
+            self._expire,
+            self._claim,
+            self._finish,
+            self._status,
+            self._push,
+            self._fire,
+        )
 
     def preload(self) -> None:
         """Loads the scripts so that even the first message costs two round trips.
@@ -284,11 +299,15 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
         timers: Timing = NO_CHANGE,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
-        longer ours: nothing was written. ``timers``: the conversation's pending timers and own
-        TTL as the handler left them (service/timers.py)."""
+        longer ours: nothing was written. ``outbound``: messages queued in the same step
+        (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
+        for the outbound rules; ``timers``: the conversation's pending timers and own TTL as the
+        handler left them (service/timers.py)."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -300,6 +319,8 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                outbound=outbound,
+                keyword=keyword,
                 timers=timers,
             ),
         )
@@ -322,6 +343,8 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        outbound: str = "",
+        keyword: str | None = None,
         timers: Timing = NO_CHANGE,
     ) -> tuple[list, list]:
         """SAVE's keys and arguments."""
@@ -336,6 +359,8 @@ class ConversationStore:
             "1" if is_new else "0",
             end_reason or "",
             opened.now,
+            outbound,
+            keyword if keyword in ("STOP", "START") else "",
             *timers,
         ]
 
@@ -410,6 +435,63 @@ class ConversationStore:
             self.client.connection_pool.disconnect(inuse_connections=False)
             raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
         return result
+
+    def claim(self, keys: ConversationKeys, token: str, lease_ms: int) -> dict | None:
+        """CLAIM: the conversation's next outbound message if it is due, held for ``lease_ms``
+        (``claim.lua``'s names and values as a dict), else None."""
+        found = self._run(self._claim, keys.in_order(), [*self.settings, keys.member, token, lease_ms])
+        return dict(zip(found[0::2], found[1::2])) if found else None
+
+    def finish(
+        self, keys: ConversationKeys, message_id: str, token: str, outcome: str, *details: str | int
+    ) -> tuple[str, str]:
+        """FINISH: an attempt's ``outcome`` ('accepted', 'retry', 'failed') and its details, as
+        ``finish.lua`` reads them; the message's status before and after it (('lost', '') when
+        the claim was no longer the caller's: nothing written)."""
+        before, after = self._run(
+            self._finish,
+            keys.in_order(),
+            [*self.settings, keys.member, message_id, token, outcome, *details],
+        )
+        return before, after
+
+    def status(
+        self, keys: ConversationKeys, message_id: str, message_sid: str, status: str, error_code: str
+    ) -> tuple[str, str]:
+        """STATUS: a status callback applied if it moves the message up; (before, after)."""
+        before, after = self._run(
+            self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
+        )
+        return before, after
+
+    def push(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        *,
+        start: str | None,
+        state: str,
+        outbound: str,
+        template: bool,
+    ) -> tuple[str, int | None]:
+        """PUSH, under the lock ``opened`` holds: queues ``outbound`` (``service.outbox.encode``)
+        and, with ``start`` (a new conversation's id), starts the conversation with ``state``;
+        releases the lock. ('queued', None), ('refused', Twilio's code) or ('lost', None)."""
+        reply = self._run(
+            self._push,
+            keys.in_order(),
+            [
+                *self.settings,
+                opened.token,
+                keys.member,
+                "1" if start else "0",
+                start or "",
+                state,
+                outbound,
+                "1" if template else "0",
+            ],
+        )
+        return reply[0], (int(reply[1]) if len(reply) > 1 else None)
 
     def release(self, keys: ConversationKeys, token: str) -> None:
         """Gives the lock back without saving, or leaves the line."""

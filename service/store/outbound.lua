@@ -1,0 +1,52 @@
+-- Outbound messages of a conversation (service/outbound.py): its outbox KEYS[10] (ids in commit
+-- order, the first one the next to hand to Twilio), their records in KEYS[11], the tag's due
+-- index KEYS[12], and the tag's contacts KEYS[13] (opt-outs, WhatsApp windows).
+--
+-- A record is two fields of KEYS[11]: '<id>' = the message as queued (JSON written by Python,
+-- never rewritten here), and '<id>:s' = its state, a JSON object of scalars only (cjson would
+-- write an empty list back as {}): status, stage, attempts, sid, error_code, error_message,
+-- first_attempt_at, next_at, claim, maybe_accepted, updated_at. KEYS[13]: '<number>' = ms it
+-- opted out (STOP; START removes it), 'w:<from>|<to>' = its last inbound message's ms
+-- (WhatsApp senders only: the 24-hour window). KEYS[13] never expires: an opt-out holds until
+-- its START.
+
+-- Twilio's statuses ranked: a callback or an answer only moves a message up. Terminal ones
+-- (10 and up) win over anything but a later terminal of a higher rank ('read' after
+-- 'delivered', WhatsApp's).
+local STATUS_RANK = {pending = 0, accepted = 1, scheduled = 1, queued = 2, sending = 3, sent = 4,
+                     partially_delivered = 5, delivered = 10, undelivered = 10, failed = 10,
+                     canceled = 10, read = 11}
+
+-- Whether `status` may replace `current` on a record (an unknown status never does).
+local function moves_up(current, status)
+  local to = STATUS_RANK[status]
+  return to ~= nil and to > (STATUS_RANK[current or 'pending'] or 0)
+end
+
+-- Queues the messages of `payload` (a JSON list: id, message JSON, id, message JSON, …) behind
+-- the conversation `member`'s earlier ones; `now`: Redis' clock (ms). The conversation becomes
+-- due now unless it is already due (or claimed, or waiting for a retry: its order holds).
+local function queue_outbound(member, payload, now)
+  local items = cjson.decode(payload)
+  local state = cjson.encode({status = 'pending', stage = 'queued', attempts = 0, updated_at = now})
+  for i = 1, #items, 2 do
+    redis.call('HSET', sent, items[i], items[i + 1], items[i] .. ':s', state)
+    redis.call('RPUSH', outbound, items[i])
+  end
+  redis.call('ZADD', due, 'NX', now, member)
+  redis.call('PEXPIRE', sent, live_keep_ms)
+  return #items / 2
+end
+
+-- What an inbound message tells the outbound rules: `kind` 'STOP' opts its sender out, 'START'
+-- back in; a WhatsApp sender's message opens its 24-hour window.
+local function note_inbound(member, kind, now)
+  if kind == '' and string.sub(member, 1, 9) ~= 'whatsapp:' then return end
+  local sender = pair(member)
+  if kind == 'STOP' then
+    redis.call('HSET', contacts, sender, now)
+  elseif kind == 'START' then
+    redis.call('HDEL', contacts, sender)
+  end
+  if string.sub(member, 1, 9) == 'whatsapp:' then redis.call('HSET', contacts, 'w:' .. member, now) end
+end

@@ -1,0 +1,243 @@
+"""Outbound messages from a handler: queued in the same SAVE as the state, delivered by the
+sender through twilio-python's client to the Twilio stand-in (a real socket), on a real
+redis-server; retries, permanent errors and per-conversation order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flask import request
+
+from service import create_app
+from service.keys import Keys
+from service.sender import Sender
+from tests.support import status_handler
+from tests.support.app import sign, webhook_params
+from tests.support.app_servers import LiveServer
+from tests.support.numbers import FINN, OURS, REY
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.waiting import wait_until
+
+
+@pytest.fixture
+def standin():
+    with StandinServer() as server:
+        yield server
+
+
+def make(standin, redis_url, handler, **overrides):
+    config = {**standin.config(), "REDIS_URL": redis_url, "DELIVERY_RETRY_BASE": 0.1, **overrides}
+    return create_app(config, handler=handler)
+
+
+def text(client, body, sender=REY, recipient=OURS, **extra):
+    """A signed inbound message (signed with the stand-in account's token, the app's)."""
+    params = webhook_params(sender=sender, recipient=recipient, body=body, **extra)
+    base = client.application.config["PUBLIC_BASE_URL"] or "http://localhost"
+    headers = {"X-Twilio-Signature": sign(base + "/sms", params, AUTH_TOKEN)}
+    return client.post("/sms", data=params, headers=headers)
+
+
+def records(redis_client, sender=REY, recipient=OURS) -> list[dict]:
+    """The conversation's outbound records (message and state), in queue order by id order of
+    the queue's commit: sorted by the state's first time."""
+    keys = Keys().conversation(sender, recipient)
+    raw = redis_client.hgetall(keys.sent)
+    found = []
+    for name, value in raw.items():
+        if not name.endswith(":s"):
+            found.append({**json.loads(value), **json.loads(raw[name + ":s"])})
+    return found
+
+
+def drain(sender: Sender, passes: int = 50) -> None:
+    """Passes until one finds nothing due (bounded)."""
+    for _ in range(passes):
+        if not sender.send_due():
+            return
+    raise AssertionError(f"still sending after {passes} passes")
+
+
+def held(standin, to=REY) -> list[dict]:
+    """Every message the stand-in holds for ``to`` (whatever its status), oldest first."""
+    return [message for message in standin.inbox() if message["to"] == to]
+
+
+def bodies(standin, to=REY) -> list[str]:
+    return [message["body"] for message in held(standin, to)]
+
+
+def test_a_handler_that_sends_and_raises_sends_nothing(standin, redis_url, redis_client):
+    def handler(message, conversation):
+        conversation.send("You are booked for 3 pm")
+        raise RuntimeError("after sending")
+
+    app = make(standin, redis_url, handler)
+    assert text(app.test_client(), "book").status_code == 500
+    drain(Sender(app))
+    assert standin.inbox() == []
+    assert records(redis_client) == []
+
+
+def test_a_handler_that_sends_and_saves_sends_exactly_once(standin, redis_url, redis_client):
+    def handler(message, conversation):
+        conversation["n"] = conversation.get("n", 0) + 1
+        conversation.send(f"Reminder {conversation['n']}", media=["https://example.com/a.png"])
+        return "ok"
+
+    app = make(standin, redis_url, handler)
+    client = app.test_client()
+    params = webhook_params(sender=REY, recipient=OURS, body="hi")
+    headers = {"X-Twilio-Signature": sign("http://localhost/sms", params, AUTH_TOKEN)}
+    assert client.post("/sms", data=params, headers=headers).status_code == 200
+    assert client.post("/sms", data=params, headers=headers).status_code == 200  # a redelivery
+    sender = Sender(app)
+    drain(sender)
+    drain(sender)
+    [delivered] = held(standin, REY)
+    assert delivered["body"] == "Reminder 1"
+    assert delivered["from"] == OURS
+    assert delivered["media_urls"] == ["https://example.com/a.png"]
+    [record] = records(redis_client)
+    assert record["sid"] == delivered["sid"]
+    assert record["stage"] == "handed"
+    assert record["attempts"] == 1
+
+
+def test_per_conversation_order_is_commit_order(standin, redis_url):
+    def handler(message, conversation):
+        for n in range(3):
+            conversation.send(f"{message.body}-{n}")
+        return None
+
+    app = make(standin, redis_url, handler)
+    client = app.test_client()
+    for body in ("a", "b", "c"):
+        assert text(client, body).status_code == 200
+        assert text(client, body, sender=FINN).status_code == 200
+    drain(Sender(app))
+    expected = [f"{body}-{n}" for body in "abc" for n in range(3)]
+    assert bodies(standin, REY) == expected
+    assert bodies(standin, FINN) == expected
+
+
+def test_429_then_success(standin, redis_url, redis_client):
+    app = make(standin, redis_url, lambda message, conversation: conversation.send("after a 429"))
+    standin.fault(to=REY, count=1, answer=429)
+    assert text(app.test_client(), "hi").status_code == 200
+    sender = Sender(app)
+    sender.send_due()
+    [waiting] = records(redis_client)
+    assert waiting["stage"] == "retrying"
+    assert held(standin, REY) == []
+    for _ in range(100):
+        if bodies(standin, REY):
+            break
+        sender.stopping.wait(0.05)
+        sender.send_due()
+    assert bodies(standin, REY) == ["after a 429"]
+    [record] = records(redis_client)
+    assert record["attempts"] == 2
+    assert record["stage"] == "handed"
+
+
+def test_a_permanent_error_is_recorded_with_twilios_code(standin, redis_url, redis_client):
+    def handler(message, conversation):
+        conversation.send("to nowhere")
+        conversation.send("next one still goes")
+
+    app = make(standin, redis_url, handler)
+    standin.fault(to=REY, count=1, error=21211)
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(Sender(app))
+    first, second = sorted(records(redis_client), key=lambda record: record["body"] != "to nowhere")
+    assert (first["status"], first["error_code"]) == ("failed", "21211")
+    assert first["stage"] == "failed"
+    assert second["stage"] == "handed"
+    assert bodies(standin, REY) == ["next one still goes"]
+
+
+def test_nothing_is_queued_without_a_send_and_the_save_stays_one_round_trip(standin, redis_url, redis_client):
+    app = make(standin, redis_url, lambda message, conversation: "no send")
+    assert text(app.test_client(), "hi").status_code == 200
+    keys = Keys().conversation(REY, OURS)
+    assert redis_client.exists(keys.outbound, keys.sent) == 0
+    assert redis_client.zcard(keys.due) == 0
+
+
+@pytest.fixture
+def served(standin, redis_url):
+    """The app on a real socket, built with PUBLIC_BASE_URL pointing at that socket: the
+    stand-in posts its signed status callbacks there. ``updates``: what the handler module's
+    ``on_status`` heard; ``app.callbacks``: each callback's answer."""
+    routed = {}
+    with LiveServer(lambda environ, start_response: routed["app"](environ, start_response)) as server:
+        public = server.url.removesuffix("/sms")
+        app = make(standin, redis_url, status_handler.handle, PUBLIC_BASE_URL=public)
+        app.callbacks = []
+
+        @app.after_request
+        def count(response):
+            if request.path == "/sms/status":
+                app.callbacks.append(response.status_code)
+            return response
+
+        routed["app"] = app
+        status_handler.UPDATES.clear()
+        yield app, Sender(app), status_handler.UPDATES
+
+
+def test_status_callbacks_reach_the_record_and_on_status(served, standin, redis_client):
+    app, sender, updates = served
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: records(redis_client)[0]["status"] == "delivered", what="delivered")
+    [record] = records(redis_client)
+    assert [update.status for update in updates] == ["queued", "sent", "delivered"]
+    assert {update.sid for update in updates} == {record["sid"]}
+    assert updates[0].to == REY
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'sms_outbound_messages_total{status="delivered"} 1.0' in metrics
+
+
+def test_callbacks_out_of_order_end_on_the_terminal_status(served, standin, redis_client):
+    app, sender, updates = served
+    standin.fault(to=REY, callbacks="reversed")
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: len(standin.state.messages) == 1, what="the message stored")
+    sid = records(redis_client)[0]["sid"]
+    wait_until(lambda: len(app.callbacks) == 3, what="the three callbacks")
+    assert app.callbacks == [204, 204, 204]
+    assert records(redis_client)[0]["status"] == "delivered"
+    assert records(redis_client)[0]["sid"] == sid
+    # 'delivered' came first; the later 'sent' and 'queued' were ignored (the create's own
+    # answer, 'queued', may have been recorded before it).
+    assert [update.status for update in updates][-1] == "delivered"
+    assert "sent" not in [update.status for update in updates]
+
+
+def test_a_failure_callback_records_twilios_error_code(served, standin, redis_client):
+    app, sender, updates = served
+    standin.fault(to=REY, fail=30003)
+    assert text(app.test_client(), "hi").status_code == 200
+    drain(sender)
+    wait_until(lambda: records(redis_client)[0]["status"] == "undelivered", what="undelivered")
+    assert records(redis_client)[0]["error_code"] == "30003"
+    assert updates[-1].error_code == "30003"
+
+
+def test_an_unsigned_or_forged_status_callback_is_403(served, redis_client):
+    app, _, updates = served
+    client = app.test_client()
+    form = {"MessageSid": "SM" + "0" * 32, "MessageStatus": "delivered", "AccountSid": ACCOUNT_SID}
+    url = f"/sms/status?m=x|{REY}|{OURS}"
+    assert client.post(url, data=form).status_code == 403
+    forged = client.post(url, data=form, headers={"X-Twilio-Signature": "forged"})
+    assert forged.status_code == 403
+    signed = sign(app.config["PUBLIC_BASE_URL"] + url, form, AUTH_TOKEN)
+    assert client.post(url, data=form, headers={"X-Twilio-Signature": signed}).status_code == 404
+    unmarked = sign(app.config["PUBLIC_BASE_URL"] + "/sms/status", form, AUTH_TOKEN)
+    assert client.post("/sms/status", data=form, headers={"X-Twilio-Signature": unmarked}).status_code == 400
+    assert updates == []
