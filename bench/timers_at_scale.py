@@ -116,7 +116,7 @@ def burst(url: str, conversations: int, due: int) -> dict:
     fill(app, conversations)
     fill_seconds = time.perf_counter() - started
     interval = app.config["SWEEP_INTERVAL"]
-    sweeper = Sweeper(app, send=lambda keys, answer: None)
+    sweeper = Sweeper(app)
     thread = sweeper.start()  # its first pass finds nothing due
     at_ms = redis_now_ms(client) + LEAD_MS  # set well ahead, as timers are, however slow the load
     arm(app, conversations, due, at_ms, 1000)
@@ -154,7 +154,7 @@ def sweep_costs(urls: list[str], scales: list[int], due: int, runs: int) -> list
         client = current(app).redis
         client.flushall()
         fill(app, conversations)
-        sweeper = Sweeper(app, send=lambda keys, answer: None)
+        sweeper = Sweeper(app)
         sweeper.sweep()  # the sample of the minute, once
         setups.append(
             (app, client, sweeper, conversations, lateness, {"idle": [], "busy": [], "commands": []})

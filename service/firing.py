@@ -9,10 +9,12 @@ the timers due, never with those pending. For each due conversation, earliest fi
    there, so no timer fires before it is due, whatever the hosts' clocks say.
 2. The handler runs with ``message.kind == "timer"``; the fired timer is gone from
    ``conversation.timers`` (it may set it again).
-3. FIRE (``fire.lua``) writes the effect and drops the fired timer in one atomic step, then
-   releases or hands over the lock. A crash before it: the lock lapses and the timer fires
-   again (at least once); after it the timer is gone (its effect commits once).
-4. The reply goes to ``send`` (``send_reply`` by default).
+3. FIRE (``fire.lua``) writes the effect, queues the messages the handler sent and its reply
+   for the outbound sender (service/outbox.py), and drops the fired timer, in one atomic step,
+   then releases or hands over the lock. A crash before it: the lock lapses and the timer
+   fires again (at least once); after it the timer is gone (its effect, messages included,
+   commits once).
+4. ``on_queued``, if given, hears what was queued (the tests' clock, service/testing.py).
 
 A conversation with several timers due fires them one after another, in due order, in the same
 pass. Two sweepers at once (the lease lapsing mid-pass) fire each timer once: the second finds
@@ -30,13 +32,12 @@ from datetime import UTC, datetime
 from flask import Flask
 
 from . import handler, timers
-from .delivery import Accepted, Delivery
 from .handler import Conversation, Message, Reply
 from .keys import ConversationKeys
-from .masking import mask
+from .outbox import Outgoing, encode
+from .outbox import message as outgoing_message
 from .responses import render
 from .sessions import JsonSerializer, count_timers
-from .settings import ConfigError
 from .simulator import replies
 from .store import Opened, Timing, Waiting, decode_state, decode_turn
 from .store.store import new_token
@@ -51,17 +52,17 @@ THREADS = 4  # batches fired at once
 MOST_IN_A_ROW = 100  # timers one conversation fires in a pass
 TURN = "timer"  # the MessageSid part of a firing's token: no answer is ever stored under it
 
-# Where a timer's reply goes: (the conversation's keys, the reply's TwiML).
-Send = Callable[[ConversationKeys, str], None]
+# Hears, once a firing committed, what it queued for the conversation's sender.
+Queued = Callable[[ConversationKeys, list[Outgoing]], None]
 
 
 class TimerFiring:
-    """Fires the due timers of every tag; ``send`` takes each reply."""
+    """Fires the due timers of every tag; ``on_queued`` hears what each firing queued."""
 
-    def __init__(self, app: Flask, send: Send | None = None):
+    def __init__(self, app: Flask, on_queued: Queued | None = None):
         self.app = app
         self.wired: Wiring = current(app)
-        self.send = send if send is not None else DeliverySend(app)
+        self.on_queued = on_queued
         self.serializer = JsonSerializer()
         self.ttl = app.config["CONVERSATION_TTL"]
 
@@ -188,7 +189,7 @@ class TimerFiring:
         )
         try:
             reply: Reply = self.wired.handler(message, conversation)
-            answer = render(reply) if reply is not None else None
+            outgoing = [*conversation.outbound, *self._messages(keys, reply)]
             encoded = self.serializer.encode(conversation)
         except Exception as error:  # the developer's code: the timer is spent, nothing else changes
             where, frames = handler.failure(error)
@@ -196,16 +197,25 @@ class TimerFiring:
             spent: Timing = (timers.encode(left), timers.earliest(left), opened.ttl)
             unchanged: tuple = (keys, opened, timer.name, timer.id, opened.state, spent, None)
             more = timers.next_due(left, opened.now) is not None
-            return Firing(keys, unchanged, timer, opened.now, left, left, None, more)
+            return Firing(keys, unchanged, timer, opened.now, left, left, [], more)
         pending = conversation.pending
         own_ms = conversation.own_ttl * 1000 if conversation.own_ttl is not None else ""
         timing = (timers.encode(pending), timers.earliest(pending), own_ms)
-        call = (keys, opened, timer.name, timer.id, encoded, timing, conversation.end_reason)
+        call = (
+            keys,
+            opened,
+            timer.name,
+            timer.id,
+            encoded,
+            timing,
+            conversation.end_reason,
+            encode(outgoing),
+        )
         more = timers.next_due(pending, opened.now) is not None
-        return Firing(keys, call, timer, opened.now, left, dict(pending), answer, more)
+        return Firing(keys, call, timer, opened.now, left, dict(pending), outgoing, more)
 
     def _committed(self, firing: Firing, result: str) -> None:
-        """Once FIRE wrote a firing's effect: its metrics, and its reply handed to ``send``."""
+        """Once FIRE wrote a firing's effect: its metrics, and what it queued told."""
         metrics = self.wired.metrics
         assert firing.timer is not None
         metrics.timers_fired.inc()
@@ -213,8 +223,23 @@ class TimerFiring:
         count_timers(metrics, firing.before, firing.after, 0, result == "ended")
         if result == "ended":
             metrics.conversations_ended.labels("handler").inc()
-        if firing.answer is not None:
-            self.send(firing.keys, firing.answer)
+        if firing.outgoing:
+            metrics.outbound.labels("pending").inc(len(firing.outgoing))
+            if self.on_queued is not None:
+                self.on_queued(firing.keys, firing.outgoing)
+
+    @staticmethod
+    def _messages(keys: ConversationKeys, reply: Reply) -> list[Outgoing]:
+        """The handler's reply as outbound messages to the conversation's sender: text, or each
+        ``<Message>`` of a ``MessagingResponse`` (its text and media)."""
+        if reply is None:
+            return []
+        if isinstance(reply, str):
+            return [outgoing_message(keys.sender, keys.recipient, reply)]
+        return [
+            outgoing_message(keys.sender, keys.recipient, found.text or None, found.media)
+            for found in replies(render(reply))
+        ]
 
 
 @dataclass
@@ -228,33 +253,8 @@ class Firing:
     now: int = 0
     before: dict[str, Timer] = field(default_factory=dict)  # pending besides the fired one
     after: dict[str, Timer] = field(default_factory=dict)  # pending once the handler returned
-    answer: str | None = None  # the reply's TwiML
+    outgoing: list[Outgoing] = field(default_factory=list)  # queued with it: sends, then the reply
     more: bool = False  # another timer of the conversation is due already
-
-
-class DeliverySend:
-    """The outbound sender's stand-in until it lands: each message of a timer's reply goes
-    through Twilio's REST API (service/delivery.py) from the conversation's number to its
-    sender, once, after the firing committed. Without an account to send from, the reply is
-    logged as not sent."""
-
-    def __init__(self, app: Flask):
-        self.config = app.config
-        self.delivery: Delivery | None = None
-
-    def __call__(self, keys: ConversationKeys, answer: str) -> None:
-        if self.delivery is None:
-            try:
-                self.delivery = Delivery.from_config(self.config)
-            except ConfigError as error:
-                log.warning("timer reply to %s not sent: %s", mask(keys.sender), error)
-                return
-        for message in replies(answer):
-            outcome = self.delivery.send(
-                keys.sender, message.text or None, from_=keys.recipient, media_urls=message.media
-            )
-            if not isinstance(outcome, Accepted):
-                log.warning("timer reply to %s not sent: %s", mask(keys.sender), outcome)
 
 
 def redis_now_ms(client) -> int:

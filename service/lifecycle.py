@@ -26,7 +26,7 @@ from flask.cli import ScriptInfo, with_appcontext
 
 from . import timers
 from .clock import now_ms
-from .firing import Send, TimerFiring, redis_now_ms
+from .firing import Queued, TimerFiring, redis_now_ms
 from .handler import Conversation, EndHook
 from .history import Ending, Event
 from .redis_client import UNAVAILABLE
@@ -45,9 +45,10 @@ class Sweeper:
     """Ends conversations whose time ran out, fires due timers (service/firing.py), relays a
     Cluster's outboxes, runs the end hook, trims the events stream and samples the live count.
     One process sweeps at a time (a lease in Redis); any may, and two at once still end each
-    conversation once and fire each timer once. ``send`` takes the timers' replies."""
+    conversation once and fire each timer once. ``on_queued`` hears what each firing queued for
+    the outbound sender."""
 
-    def __init__(self, app: Flask, send: Send | None = None):
+    def __init__(self, app: Flask, on_queued: Queued | None = None):
         self.app = app
         self.wired = wired = current(app)
         self.client, self.keys, self.store, self.on_end = wired.redis, wired.keys, wired.store, wired.on_end
@@ -56,7 +57,7 @@ class Sweeper:
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
         self.unreadable: set[str] = set()  # end hook entries reported as unreadable
-        self.firing = TimerFiring(app, send)
+        self.firing = TimerFiring(app, on_queued)
         self.fired = 0  # timers fired by the last sweep
 
     def sweep(self) -> int:

@@ -6,7 +6,8 @@ what is stored: every timer's due time, every conversation's end (and Twilio's c
 simulator) come thirty minutes closer, step by step, and at each step the sweeper runs as
 deployed (``service.lifecycle.Sweeper``), so that timers fire in due order, a timer set by a
 firing fires within the same advance if it falls due in it, and conversations whose time runs
-out end (their ``on_end`` runs). It returns what the timers sent.
+out end (their ``on_end`` runs). It returns what the timers sent: their handlers' replies and
+``send()`` calls, as queued for the outbound sender (which delivers them where one runs).
 
 Redis' clock cannot be moved, so the stored times are moved instead: the conversations' index
 and due-index scores, their timers' dues and their first and last message times. Real time
@@ -23,7 +24,8 @@ from datetime import timedelta
 from .firing import redis_now_ms
 from .keys import ConversationKeys
 from .lifecycle import Sweeper
-from .simulator import TwilioSimulator, replies
+from .outbox import Outgoing
+from .simulator import TwilioSimulator
 from .wiring import current
 
 MOST_STEPS = 10_000  # sweeps one advance runs (a bot that keeps setting timers due at once)
@@ -50,7 +52,7 @@ class Clock:
         self.app = twilio.app
         self.wired = current(self.app)
         self.sent: list[Sent] = []
-        self.sweeper = Sweeper(self.app, send=self._capture)
+        self.sweeper = Sweeper(self.app, on_queued=self._capture)
 
     def advance(self, delta: timedelta | None = None, **parts: float) -> list[Sent]:
         """Lets ``delta`` (or ``timedelta(**parts)``: ``minutes=30``) pass; returns what the
@@ -68,9 +70,9 @@ class Clock:
                 break
         return self.sent[before:]
 
-    def _capture(self, keys: ConversationKeys, answer: str) -> None:
-        for reply in replies(answer):
-            self.sent.append(Sent(keys.sender, keys.recipient, reply.text, reply.media))
+    def _capture(self, keys: ConversationKeys, queued: list[Outgoing]) -> None:
+        for message in queued:
+            self.sent.append(Sent(message.to, message.sender, message.body or "", list(message.media)))
 
     def _now(self) -> int:
         return redis_now_ms(self.wired.redis)

@@ -104,7 +104,7 @@ def test_timers_on_every_master_fire(redis_cluster):
         assert twilio.send(sender, OURS, "hi").status == 200
     owners = {client.get_node_from_key(KEYS.timers(shard)).port for shard in KEYS.shards()}
     assert owners == {node.port for node in redis_cluster.nodes}
-    Sweeper(app, send=lambda keys, answer: None).sweep()
+    Sweeper(app).sweep()
     for sender in SENDERS:
         keys = KEYS.conversation(sender, OURS)
         assert json.loads(client.hget(keys.conversation, "state"))["fired"] == 1

@@ -69,10 +69,10 @@ def state(redis_client, sender=REY):
 
 
 class Outbox(list):
-    """Collects what timers send, as the sweeper hands it over."""
+    """Collects what firings queued for the outbound sender: (to, body) each."""
 
-    def __call__(self, keys, answer):
-        self.append((keys.sender, answer))
+    def __call__(self, keys, queued):
+        self.extend((message.to, message.body) for message in queued)
 
 
 def test_a_timer_is_stored_with_the_conversation_and_fires_once_when_due(redis_url, redis_client):
@@ -83,14 +83,17 @@ def test_a_timer_is_stored_with_the_conversation_and_fires_once_when_due(redis_u
     assert set(stored) == {"nudge"}
     assert redis_client.zscore(keys.timers, keys.member) == stored["nudge"]["due"]
     sent = Outbox()
-    sweeper = Sweeper(app, send=sent)
+    sweeper = Sweeper(app, on_queued=sent)
     sweeper.sweep()
     assert sent == []  # never before it is due
     time.sleep(0.35)
     sweeper.sweep()
     assert sweeper.fired == 1
-    assert [sender for sender, _ in sent] == [REY]
-    assert "nudge nudge" in sent[0][1]
+    assert sent == [(REY, "nudge nudge")]
+    queued = redis_client.lrange(keys.outbound, 0, -1)  # in the outbox, for the outbound sender
+    assert len(queued) == 1
+    record = json.loads(redis_client.hget(keys.sent, queued[0]))
+    assert (record["to"], record["from"], record["body"]) == (REY, OURS, "nudge nudge")
     assert state(redis_client)["log"] == ["message:remind 0.3 nudge hello", "timer:nudge:hello"]
     assert redis_client.hget(keys.conversation, "timers") is None
     assert redis_client.zscore(keys.timers, keys.member) is None
@@ -127,7 +130,7 @@ def test_timers_fire_in_due_order_after_a_pause(redis_url, redis_client):
     say(app, "remind 0.3 a - - keep")
     time.sleep(0.5)
     sent = Outbox()
-    Sweeper(app, send=sent).sweep()
+    Sweeper(app, on_queued=sent).sweep()
     assert [line for line in state(redis_client)["log"] if line.startswith("timer")] == [
         "timer:b:-",
         "timer:c:-",
@@ -145,7 +148,7 @@ def test_a_firing_may_set_timers_and_end_the_conversation(redis_url, redis_clien
     )
     say(app, "remind 0 first again keep")
     say(app, "remind 50 later x - keep")
-    sweeper = Sweeper(app, send=Outbox())
+    sweeper = Sweeper(app, on_queued=Outbox())
     sweeper.sweep()  # 'first' fires and sets 'second', due at once: it fires in the same pass
     assert state(redis_client)["log"][-2:] == ["timer:first:again", "timer:second:after-again"]
     say(app, "remind 0 last end - keep")
@@ -171,7 +174,7 @@ def test_an_ending_drops_the_timers_and_the_hook_sees_them(redis_url, redis_clie
     assert redis_client.zcard(KEYS.timers("01")) == 0
     assert redis_client.zcard(KEYS.timers("02")) == 0
     sent = Outbox()
-    Sweeper(app, send=sent).sweep()
+    Sweeper(app, on_queued=sent).sweep()
     assert sent == []
     assert sorted(seen) == [("operator", ["a"]), ("opt-out", ["b"])]
 
@@ -232,7 +235,7 @@ def test_a_reply_and_a_due_timer_in_the_same_instant_never_both(redis_url, redis
     Either the timer fired first (then the reply came after it), or the reply cancelled it; a
     timer firing after the reply was handled would be both."""
     app = make(redis_url)
-    sweeper = Sweeper(app, send=Outbox())
+    sweeper = Sweeper(app, on_queued=Outbox())
     senders = [f"+1555124{n:04d}" for n in range(200)]
     for sender in senders:
         say(app, "remind 0.05 follow", sender=sender)
@@ -265,7 +268,7 @@ def test_two_sweepers_fire_each_timer_once(redis_url, redis_client):
     senders = [f"+1555125{n:04d}" for n in range(200)]
     for sender in senders:
         say(app, "remind 0 once - keep", sender=sender)
-    sweepers = [Sweeper(app, send=Outbox()) for _ in range(2)]
+    sweepers = [Sweeper(app, on_queued=Outbox()) for _ in range(2)]
     threads = [threading.Thread(target=sweeper.firing.fire_due) for sweeper in sweepers]
     for thread in threads:
         thread.start()
@@ -273,7 +276,7 @@ def test_two_sweepers_fire_each_timer_once(redis_url, redis_client):
         thread.join()
     for sweeper in sweepers:
         sweeper.firing.fire_due()
-    assert sum(len(sweeper.firing.send) for sweeper in sweepers) == 200
+    assert sum(len(sweeper.firing.on_queued) for sweeper in sweepers) == 200
     for sender in senders:
         assert state(redis_client, sender)["log"].count("timer:once:-") == 1
 
@@ -343,7 +346,7 @@ def test_a_sweeper_killed_mid_fire_loses_none_and_applies_none_twice(redis_url, 
     assert attempts_before < 60  # killed mid-pass
     redis_client.delete(KEYS.sweeper)  # its lease would lapse by itself
     time.sleep(1.1)  # the killed firing's lock lapses (LOCK_TTL)
-    finisher = Sweeper(app, send=Outbox())
+    finisher = Sweeper(app, on_queued=Outbox())
     for _ in range(10):
         finisher.sweep()
     assert fired_counts(redis_client, senders) == [{"t0": 1, "t1": 1, "t2": 1}] * len(senders)
@@ -363,7 +366,7 @@ def test_a_redis_crash_mid_fire_with_aof_loses_none_and_applies_none_twice(redis
     senders = [f"+1555127{n:04d}" for n in range(30)]
     set_timers(app, senders, 2)
     monkeypatch.setenv("TIMER_SLEEP", "0.01")
-    sweeper = Sweeper(app, send=Outbox())
+    sweeper = Sweeper(app, on_queued=Outbox())
     failed = []
 
     def sweep():
@@ -401,7 +404,7 @@ def test_the_deployed_sweeper_loop_fires_due_timers_never_early(redis_url, redis
         return None
 
     app = make(redis_url, handler=handler, SWEEP_INTERVAL=0.1)
-    sweeper = Sweeper(app, send=Outbox())
+    sweeper = Sweeper(app, on_queued=Outbox())
     thread = sweeper.start()
     try:
         senders = [f"+1555128{n:04d}" for n in range(30)]
@@ -446,6 +449,39 @@ def test_timer_metrics_count_set_fired_cancelled_and_late(redis_url):
     assert metrics.timers_set._value.get() == 3
     assert metrics.timers_cancelled.labels("reply")._value.get() == 1
     assert metrics.timers_cancelled.labels("handler")._value.get() == 1
-    Sweeper(app, send=Outbox()).sweep()
+    Sweeper(app, on_queued=Outbox()).sweep()
     assert metrics.timers_fired._value.get() == 1
     assert metrics.timer_late._sum.get() >= 0
+
+
+def test_a_firings_messages_are_queued_with_its_effect_in_order(redis_url, redis_client):
+    """send() calls and the reply leave through the outbox, committed by FIRE with the state:
+    the sends first, in order, then the reply's messages; a handler that raises queues none."""
+    from twilio.twiml.messaging_response import MessagingResponse
+
+    def handler(message, conversation):
+        if message.kind == "timer" and message.timer == "fail":
+            conversation.send("never")
+            raise RuntimeError("the timer's handler failed")
+        if message.kind == "timer":
+            conversation.send("one")
+            conversation.send("two", media=["https://example.com/a.png"])
+            reply = MessagingResponse()
+            reply.message("three")
+            reply.message("four")
+            return reply
+        conversation.remind(0, "go", cancel_on_reply=False)
+        conversation.remind(0, "fail", cancel_on_reply=False)
+        return None
+
+    app = make(redis_url, handler=handler)
+    say(app, "hi")
+    Sweeper(app).sweep()
+    keys = KEYS.conversation(REY, OURS)
+    records = [
+        json.loads(redis_client.hget(keys.sent, mid)) for mid in redis_client.lrange(keys.outbound, 0, -1)
+    ]
+    assert [record["body"] for record in records] == ["one", "two", "three", "four"]
+    assert records[1]["media"] == ["https://example.com/a.png"]
+    assert redis_client.zscore(keys.due, keys.member) is not None  # due for the outbound sender
+    assert redis_client.hget(keys.conversation, "timers") is None  # both spent, the failed one too

@@ -1,12 +1,13 @@
 -- FIRE: a due timer's effect, once the sweeper holds the conversation's lock (its OPEN, with a
 -- 'timer;<16 hex digits>' token): the handler's state, the conversation's timers without the
--- fired one (and with those the handler set), its end if the handler ended it; then the lock
+-- fired one (and with those the handler set), its end if the handler ended it, the messages it
+-- sent and its reply queued for the outbound sender (outbound.lua); then the lock
 -- released or handed over, as a message's SAVE does. The fired timer leaves in the same atomic
 -- step as its effect is written, so a timer whose firing crashed before this fires again, and
 -- one fired here never does: its id is the fence. A timer firing is no message: the
 -- conversation's count, last message and answers stay; its time to live starts again.
 --
--- uses: common.lua tally.lua ending.lua reply.lua line.lua timers.lua
+-- uses: common.lua tally.lua ending.lua reply.lua line.lua outbound.lua timers.lua
 -- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the sweeper's token (its OPEN's ARGV[9])
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
@@ -19,11 +20,13 @@
 -- ARGV[16] = its own TTL in ms, or ''
 -- ARGV[17] = 'handler' if the handler ended the conversation, else ''
 -- ARGV[18] = the firing's time: OPEN's `now`, handed back
+-- ARGV[19] = outbound messages to queue with it (outbound.lua's `queue_outbound`), or ''
 -- Returns 'fired', 'ended' (the handler ended it), 'kept' (nothing fired) or 'lost' (the lock is
 -- not the sweeper's, or the timer is no longer there: nothing written).
 local token, member, name, id = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local state, value, earliest, own, end_reason, now = ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17],
   tonumber(ARGV[18])
+local sends = ARGV[19] or ''
 
 local holder = redis.call('GET', lock)
 if holder ~= token and holder ~= token .. '+' then return 'lost' end
@@ -63,5 +66,6 @@ if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or keep_ms)
+if sends ~= '' then queue_outbound(member, sends, now) end
 let_go()
 return ended == 1 and 'ended' or 'fired'

@@ -373,12 +373,14 @@ class ConversationStore:
         state: str,
         timers: Timing,
         end_reason: str | None = None,
+        outbound: str = "",
     ) -> str:
         """A timer's effect under the lock ``opened`` holds (``fire.lua``), or with no
         ``timer`` only its ``timers`` stored and the lock given back: ``'fired'``, ``'ended'``,
-        ``'kept'`` or ``'lost'`` (nothing written)."""
+        ``'kept'`` or ``'lost'`` (nothing written). ``outbound``: the messages to queue with
+        it (``service.outbox.encode``)."""
         return self._run(
-            self._fire, *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason)
+            self._fire, *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason, outbound)
         )
 
     def fire_call(
@@ -390,6 +392,7 @@ class ConversationStore:
         state: str,
         timers: Timing,
         end_reason: str | None,
+        outbound: str = "",
     ) -> tuple[list, list]:
         """FIRE's keys and arguments."""
         stored, earliest, own_ttl = timers
@@ -405,6 +408,7 @@ class ConversationStore:
             own_ttl,
             end_reason or "",
             opened.now,
+            outbound,
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):
