@@ -22,7 +22,7 @@ from contextlib import ExitStack
 
 from bench.ops_at_scale import throwaway_redis
 from service import create_app, logs, timers
-from service.firing import redis_now_ms
+from service.clock import redis_now_ms
 from service.lifecycle import Sweeper
 from service.sessions import SESSION_ID_BYTES
 from service.timers import Timer

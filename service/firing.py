@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from flask import Flask
 
 from . import handler, timers
+from .clock import redis_now_ms
 from .handler import Conversation, Message, Reply
 from .keys import ConversationKeys
 from .outbox import Outgoing, encode
@@ -255,15 +256,6 @@ class Firing:
     after: dict[str, Timer] = field(default_factory=dict)  # pending once the handler returned
     outgoing: list[Outgoing] = field(default_factory=list)  # queued with it: sends, then the reply
     more: bool = False  # another timer of the conversation is due already
-
-
-def redis_now_ms(client) -> int:
-    """Redis' clock (the one the timers' dues are on) in epoch ms; a Cluster asks every
-    primary and this takes the latest (a master whose clock is behind then finds nothing due yet
-    on a conversation, and its OPEN's own clock decides)."""
-    reply = client.time()
-    readings = reply.values() if isinstance(reply, dict) else [reply]
-    return max(int(seconds) * 1000 + int(micros) // 1000 for seconds, micros in readings)
 
 
 def _moment(epoch_ms: int) -> datetime:

@@ -25,7 +25,7 @@ from . import sending
 from .clock import duration, now_ms
 from .live import BadCursor, LiveConversation, iso
 from .outbox import Refused
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .timers import Timer
 from .wiring import current
 
@@ -177,7 +177,9 @@ def run(command):
         )
     try:
         return command()
-    except UNAVAILABLE as failure:
+    except Exception as failure:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(failure):
+            raise
         detail = str(failure).strip().splitlines()
         click.echo(
             f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""), err=True

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from .firing import redis_now_ms
+from .clock import redis_now_ms
 from .keys import ConversationKeys
 from .lifecycle import Sweeper
 from .outbox import Outgoing

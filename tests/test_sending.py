@@ -163,3 +163,30 @@ def test_whatsapp_free_text_needs_the_24_hour_window_templates_do_not(app, stand
     drain(app)
     assert len(held(standin, WHATSAPP_USER)) == 3  # the template, the handler's echo, the free text
     assert held(standin, WHATSAPP_USER)[1:] == ["echo hi", "now free text goes"]
+
+
+def test_a_conversation_started_by_sending_is_live_for_operators(app):
+    sent = send(REY, "Reply OK to confirm.", state={"appointment": "3 pm"}, app=app)
+    shown = app.test_client().get(
+        f"/ops/conversations/{REY}/{OURS}", headers={"Authorization": f"Bearer {OPS}"}
+    )
+    assert shown.status_code == 200
+    assert shown.json["messages"] == 0
+    assert shown.json["state"] == {"appointment": "3 pm"}
+    assert shown.json["last_seen"] == shown.json["first_seen"]
+    assert sent.started
+
+
+def test_twilios_own_opt_out_refusal_is_kept_as_an_opt_out(app, standin):
+    """An opt-out this service never saw (say, made before it ran): Twilio refuses with 21610,
+    and from then on sending is refused here, before any call, until START."""
+    send(REY, "hello", app=app)
+    standin.fault(to=REY, count=1, error=21610)
+    drain(app)
+    with pytest.raises(Refused) as refused:
+        send(REY, "again", app=app)
+    assert refused.value.code == 21610
+    assert text(app, "START").status_code == 200
+    send(REY, "welcome back", app=app)
+    drain(app)
+    assert held(standin) == ["echo START", "welcome back"]
