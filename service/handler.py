@@ -142,10 +142,26 @@ class Conversation(ServerSideSession):
         self.ended_at: datetime | None = None  # set for the end hook
         self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
         self.default_ttl = ttl  # CONVERSATION_TTL
-        self.own_ttl = own_ttl  # expire_after's, in seconds
-        self.now_ms = now_ms if now_ms is not None else int(self.started_at.timestamp() * 1000)
-        self.pending: dict[str, Timer] = dict(timers or {})
-        self.timer_fired = False  # this call is a timer's, not a message's
+        if own_ttl is not None:
+            self.own_ttl = own_ttl
+        self._now_ms = now_ms
+        self.pending: dict[str, Timer] = dict(timers) if timers else {}
+
+    # Defaults kept on the class: a message pays for no attribute it does not set.
+    own_ttl: int | None = None  # expire_after's, in seconds
+    timer_fired = False  # this call is a timer's, not a message's
+
+    @property
+    def now_ms(self) -> int:
+        """This message's (or timer firing's) time, epoch ms on Redis' clock: what ``remind``
+        counts from."""
+        if self._now_ms is None:
+            self._now_ms = int(self.started_at.timestamp() * 1000)
+        return self._now_ms
+
+    @now_ms.setter
+    def now_ms(self, value: int) -> None:
+        self._now_ms = value
 
     @property
     def timers(self) -> Mapping[str, Timer]:

@@ -34,7 +34,7 @@ from .logs import annotate, report
 from .metrics import Metrics
 from .outbox import encode
 from .redis_client import is_outage
-from .store import ConversationStore, Opened, Timing, decode_state
+from .store import NO_CHANGE, ConversationStore, Opened, Timing, decode_state
 from .timers import Timer
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,12 @@ class Binding:
 class ConversationSession(Conversation):
     """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
+    loaded_timers: dict[str, Timer] = {}  # as OPEN found them (replaced, never changed in place)
+    reply_cancelled = 0  # cancel_on_reply timers this message cancelled
+
     def __init__(self, interface: ConversationSessionInterface, cookie: str | None):
         super().__init__(sid=cookie, ttl=interface.ttl)
         self.interface = interface
-        self.loaded_timers: dict[str, Timer] = {}  # as OPEN found them
-        self.reply_cancelled = 0  # cancel_on_reply timers this message cancelled
         self.binding: Binding | None = None
         self.settled = False  # saved, or given up: nothing left to release
         self.saved = False
@@ -142,7 +143,8 @@ class ConversationSession(Conversation):
         )
         self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
         counters = self.interface.metrics
-        count_timers(counters, self.loaded_timers, self.pending, self.reply_cancelled, ended)
+        if self.loaded_timers or self.pending:
+            count_timers(counters, self.loaded_timers, self.pending, self.reply_cancelled, ended)
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
         if bound.replaces and self.end_reason != "opt-out":  # else ``ended`` counts it
@@ -156,6 +158,8 @@ class ConversationSession(Conversation):
 
     def timing(self) -> Timing:
         """The timers and own TTL to save: the timers only when they changed."""
+        if not self.pending and not self.loaded_timers and self.own_ttl is None:
+            return NO_CHANGE
         return timing_of(self, self.loaded_timers)
 
     def release(self) -> None:
@@ -177,8 +181,12 @@ class ConversationSession(Conversation):
         return self.binding
 
     def _load(self, opened: Opened) -> None:
-        self.now_ms = opened.now
+        self._now_ms = opened.now
         self._load_state(opened)
+        if opened.timers or opened.ttl:  # most conversations have neither
+            self._load_timers(opened)
+
+    def _load_timers(self, opened: Opened) -> None:
         if not opened.sid:  # nothing stored: no timers, no own TTL
             return
         self.own_ttl = int(opened.ttl) // 1000 if opened.ttl.isdigit() else None

@@ -374,7 +374,7 @@ class ConversationStore:
             opened.now,
             outbound,
             keyword if keyword in ("STOP", "START") else "",
-            *timers,
+            *(timers if timers is not NO_CHANGE else ()),  # none sent: save.lua reads nil as ''
         ]
 
     def fire(
