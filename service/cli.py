@@ -21,14 +21,25 @@ from flask.cli import ScriptInfo, run_command
 from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
-from .ops import conversations_cli, timers_command
+from .ops import conversations_cli, forget_command, handoff_cli, timers_command, transcript_command
 from .sender import sender_command, start_sender
 from .sending import send_command
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 from .wiring import current
 
-OPERATORS = (conversations_cli.name, events_command.name, send_command.name, timers_command.name)
+OPERATORS = tuple(
+    command.name
+    for command in (
+        conversations_cli,
+        events_command,
+        send_command,
+        transcript_command,
+        forget_command,
+        handoff_cli,
+        timers_command,
+    )
+)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")
@@ -121,6 +132,9 @@ for command in (
     sweep_command,
     sender_command,
     send_command,
+    transcript_command,
+    forget_command,
+    handoff_cli,
     timers_command,
 ):
     cli.add_command(command)

@@ -154,6 +154,12 @@ class TimerFiring:
         """Under the lock ``opened`` holds: runs the handler for the next due timer, and returns
         what FIRE is to write (with no timer: the due index set right, as nothing is due)."""
         loaded = timers.decode(opened.timers) if opened.sid else {}
+        held = int(opened.paused) if opened.paused.isdigit() else 0
+        if held > opened.now and loaded:
+            # An operator holds it (service/handoff.py): the bot's timers wait for the hold's
+            # end, their due index entry moved there.
+            later = max(timers.earliest(loaded) or held, held)
+            return Firing(keys, (keys, opened, "", "", "", (timers.encode(loaded), later, ""), None))
         timer = timers.next_due(loaded, opened.now)
         state = decode_state(opened.state) if opened.state else None
         if timer is None or state is None:

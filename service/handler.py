@@ -108,9 +108,10 @@ class Conversation(ServerSideSession):
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
-    ``sid`` (the conversation's id, as in its events), ``ended_at`` and ``timers`` (those
-    pending when it ended, dropped with it). ``send()`` queues an outbound message with the
-    state.
+    ``sid`` (the conversation's id, as in its events), ``ended_at``, ``timers`` (those pending
+    when it ended, dropped with it) and, with ``TRANSCRIPTS=1``, ``transcript`` (what was said,
+    ``transcripts.Entry`` each). ``send()`` queues an outbound message with the state;
+    ``handoff(reason)`` asks for a person.
 
     Timers (docs/timers.md): ``remind`` sets one, ``cancel`` drops one, ``timers`` lists the
     pending ones; ``expire_after`` gives this conversation its own time to live. Like the
@@ -139,7 +140,11 @@ class Conversation(ServerSideSession):
         self.messages = messages
         self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
+        # The end hook's: the conversation's transcript entries (service/transcripts.py), oldest
+        # first, when TRANSCRIPTS=1.
+        self.transcript: list[Any] = []
         self.ended_at: datetime | None = None  # set for the end hook
+        self.handoff_reason: str | None = None  # handoff(): the handler asks for a person
         self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
         self.default_ttl = ttl  # CONVERSATION_TTL
         if own_ttl is not None:
@@ -254,6 +259,12 @@ class Conversation(ServerSideSession):
 
     def end(self) -> None:
         self.end_reason = "handler"
+
+    def handoff(self, reason: str = "asked for a person") -> None:
+        """Asks for a person: once this message is saved the conversation is flagged on the
+        console's overview until an operator takes it over (or it ends). The bot goes on
+        answering until then."""
+        self.handoff_reason = (reason or "asked for a person")[:200]
 
     def clear(self) -> None:
         """All state goes (Flask-Session's ``clear`` would keep a ``_permanent`` key)."""

@@ -146,6 +146,10 @@ class EndHooks:
                 )
                 final.ended_at = _moment(ended.ended_at)
                 final.pending = timers.decode(ended.timers)  # those pending when it ended
+                if self.app.config["TRANSCRIPTS"]:
+                    final.transcript = current(self.app).transcripts.read(
+                        ended.sender, ended.recipient, conversation_id
+                    )
                 self.hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             self.metrics.end_hook_failures.inc()

@@ -42,6 +42,8 @@ def test_help_lists_only_its_commands():
     assert commands == [
         "conversations",
         "events",
+        "forget",
+        "handoff",
         "run",
         "send",
         "sender",
@@ -49,6 +51,7 @@ def test_help_lists_only_its_commands():
         "simulate",
         "sweep",
         "timers",
+        "transcript",
     ]
     assert "--app" not in result.stdout
     assert "--env-file" not in result.stdout

@@ -7,7 +7,7 @@
 -- one fired here never does: its id is the fence. A timer firing is no message: the
 -- conversation's count, last message and answers stay; its time to live starts again.
 --
--- uses: common.lua tally.lua ending.lua reply.lua line.lua outbound.lua timers.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua reply.lua line.lua outbound.lua timers.lua
 -- KEYS[1..14], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the sweeper's token (its OPEN's ARGV[9])
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
@@ -21,6 +21,7 @@
 -- ARGV[17] = 'handler' if the handler ended the conversation, else ''
 -- ARGV[18] = the firing's time: OPEN's `now`, handed back
 -- ARGV[19] = outbound messages to queue with it (outbound.lua's `queue_outbound`), or ''
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 'fired', 'ended' (the handler ended it), 'kept' (nothing fired) or 'lost' (the lock is
 -- not the sweeper's, or the timer is no longer there: nothing written).
 local token, member, name, id = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
