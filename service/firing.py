@@ -200,7 +200,7 @@ class TimerFiring:
             encoded = self.serializer.encode(conversation)
         except Exception as error:  # the developer's code: the timer is spent, nothing else changes
             where, frames = handler.failure(error)
-            log.error("timer %r: the handler failed: %s\n%s", timer.name, where, frames)
+            log.error("timer %r: the handler failed: %s", timer.name, where, extra={"error": frames})
             spent: Timing = (timers.encode(left), timers.earliest(left), opened.ttl)
             unchanged: tuple = (keys, opened, timer.name, timer.id, opened.state, spent, None)
             more = timers.next_due(left, opened.now) is not None

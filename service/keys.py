@@ -40,7 +40,8 @@ Key (example)                                        Type and what it holds
                                                      while a sender holds it, its lease's end)
 <prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
                                                      'w:<from>|<to>' -> its last inbound message
-                                                     (ms), WhatsApp senders only
+                                                     (ms), WhatsApp senders only, pruned once
+                                                     24 h old; 'w:' -> the pruning's cursor
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
 <prefix>timers:{07}                                  zset: the due index, member '<from>|<to>',

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
-from werkzeug.http import dump_cookie
+from werkzeug.http import dump_cookie, parse_cookie
 
 from . import timers
 from .handler import Conversation, Message, Unkeepable
@@ -280,7 +280,7 @@ class ConversationSessionInterface(SessionInterface):
         return COOKIE_NAME
 
     def open_session(self, app: Flask, request: Request) -> ConversationSession:
-        return ConversationSession(self, request.cookies.get(COOKIE_NAME))
+        return ConversationSession(self, _cookie(request))
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, ConversationSession)  # this interface opens no other kind
@@ -345,6 +345,18 @@ def count_timers(
         metrics.timers_cancelled.labels("reply").inc(by_reply)
     if ended and pending:
         metrics.timers_cancelled.labels("ended").inc(len(pending))
+
+
+def _cookie(request: Request) -> str | None:
+    """The conversation's cookie, as ``request.cookies`` reads it. werkzeug finds the header by
+    walking the whole environ (``headers.getlist``), where a WSGI server gives it as the one
+    ``HTTP_COOKIE`` (PEP 3333); an ASCII one (Twilio echoes ours, ``token_urlsafe``) is parsed
+    from there by werkzeug's ``parse_cookie``, which reads ASCII as ``request.cookies`` does.
+    Any other goes to ``request.cookies`` itself."""
+    header = request.environ.get("HTTP_COOKIE")
+    if header is not None and not header.isascii():
+        return request.cookies.get(COOKIE_NAME)
+    return parse_cookie(header).get(COOKIE_NAME)
 
 
 def _moment(epoch_ms: int) -> datetime:
