@@ -43,6 +43,8 @@ from .simulator import replies
 from .store import Opened, Timing, Waiting, decode_state, decode_turn
 from .store.store import new_token
 from .timers import Timer
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import fired
 from .wiring import Wiring, current
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class TimerFiring:
         self.wired: Wiring = current(app)
         self.on_queued = on_queued
         self.serializer = JsonSerializer()
+        self.transcripts = TranscriptSettings.from_config(app.config)
         self.ttl = app.config["CONVERSATION_TTL"]
 
     def due(self, now_ms: int, per_shard: int = FIRE_PER_SHARD) -> list[tuple[float, str]]:
@@ -217,6 +220,7 @@ class TimerFiring:
             timing,
             conversation.end_reason,
             encode(outgoing),
+            fired(self.transcripts, outgoing, opened.now, opened.sid),
         )
         more = timers.next_due(pending, opened.now) is not None
         return Firing(keys, call, timer, opened.now, left, dict(pending), outgoing, more)

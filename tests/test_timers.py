@@ -485,3 +485,35 @@ def test_a_firings_messages_are_queued_with_its_effect_in_order(redis_url, redis
     assert records[1]["media"] == ["https://example.com/a.png"]
     assert redis_client.zscore(keys.due, keys.member) is not None  # due for the outbound sender
     assert redis_client.hget(keys.conversation, "timers") is None  # both spent, the failed one too
+
+
+def test_a_firings_messages_are_written_to_the_transcript(redis_url, redis_client):
+    """With TRANSCRIPTS=1 a firing's send() calls and its reply are transcript entries, as a
+    message's are with SAVE: at the firing's time, in the conversation, after the message that
+    set the timer; a timer that sends nothing writes none."""
+    from service.wiring import current
+
+    def handler(message, conversation):
+        if message.kind == "timer" and message.timer == "quiet":
+            return None
+        if message.kind == "timer":
+            conversation.send("one")
+            return "two"
+        conversation.remind(0, "go", cancel_on_reply=False)
+        conversation.remind(0, "quiet", cancel_on_reply=False)
+        return "set"
+
+    app = make(redis_url, handler=handler, TRANSCRIPTS=True)
+    say(app, "hi")
+    Sweeper(app).sweep()
+    assert redis_client.hget(KEYS.conversation(REY, OURS).conversation, "timers") is None  # both fired
+    with app.app_context():
+        entries = [entry.to_json() for entry in current(app).transcripts.read(REY, OURS)]
+    assert [(entry["direction"], entry["body"]) for entry in entries] == [
+        ("in", "hi"),
+        ("out", "set"),
+        ("out", "one"),
+        ("out", "two"),
+    ]
+    assert len({entry["conversation"] for entry in entries}) == 1
+    assert entries[2]["at"] >= entries[0]["at"]

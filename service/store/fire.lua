@@ -21,6 +21,7 @@
 -- ARGV[17] = 'handler' if the handler ended the conversation, else ''
 -- ARGV[18] = the firing's time: OPEN's `now`, handed back
 -- ARGV[19] = outbound messages to queue with it (outbound.lua's `queue_outbound`), or ''
+-- ARGV[#ARGV - 1] = their transcript entries, or '' (transcript.lua; only with ARGV[19])
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 'fired', 'ended' (the handler ended it), 'kept' (nothing fired) or 'lost' (the lock is
 -- not the sweeper's, or the timer is no longer there: nothing written).
@@ -62,6 +63,7 @@ end
 keep_timers(member, value, earliest)
 redis.call('ZADD', index, now + life_ms, member)
 redis.call('PEXPIRE', index, math.max(keep_ms, redis.call('PTTL', index)))  -- never shortened
+transcribe(ARGV[#ARGV - 1] or '', now, false, 0)  -- before an end, which moves its expiry
 local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)

@@ -425,13 +425,15 @@ class ConversationStore:
         timers: Timing,
         end_reason: str | None = None,
         outbound: str = "",
+        transcript: str = "",
     ) -> str:
         """A timer's effect under the lock ``opened`` holds (``fire.lua``), or with no
         ``timer`` only its ``timers`` stored and the lock given back: ``'fired'``, ``'ended'``,
         ``'kept'`` or ``'lost'`` (nothing written). ``outbound``: the messages to queue with
-        it (``service.outbox.encode``)."""
+        it (``service.outbox.encode``); ``transcript``: their entries (``transcripts.fired``)."""
         return self._run(
-            self._fire, *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason, outbound)
+            self._fire,
+            *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason, outbound, transcript),
         )
 
     def fire_call(
@@ -444,6 +446,7 @@ class ConversationStore:
         timers: Timing,
         end_reason: str | None,
         outbound: str = "",
+        transcript: str = "",
     ) -> tuple[list, list]:
         """FIRE's keys and arguments."""
         stored, earliest, own_ttl = timers
@@ -460,6 +463,7 @@ class ConversationStore:
             end_reason or "",
             opened.now,
             outbound,
+            transcript,
             self.event_names(keys),
         ]
 
