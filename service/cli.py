@@ -21,14 +21,14 @@ from flask.cli import ScriptInfo, run_command
 from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
-from .ops import conversations_cli
+from .ops import conversations_cli, outbox_command
 from .sender import sender_command, start_sender
 from .sending import send_command
 from .settings import ConfigError
 from .simulator import TwilioSimulator
 from .wiring import current
 
-OPERATORS = (conversations_cli.name, events_command.name, send_command.name)
+OPERATORS = (conversations_cli.name, outbox_command.name, events_command.name, send_command.name)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")
@@ -115,7 +115,14 @@ cli.add_command(
 )
 
 
-for command in (conversations_cli, events_command, sweep_command, sender_command, send_command):
+for command in (
+    conversations_cli,
+    outbox_command,
+    events_command,
+    sweep_command,
+    sender_command,
+    send_command,
+):
     cli.add_command(command)
 
 

@@ -29,14 +29,18 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from . import sending
 from .clock import duration, now_ms
 from .live import BadCursor, BadSearch, iso
 from .ops import DEFAULT_LIMIT, finite
+from .outbound_view import OutboundView
+from .outbox import Refused
+from .store import ConversationBusy, LockLost
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -260,11 +264,58 @@ def conversation():
             title="Which conversation?",
             message="A conversation is named by its two numbers, from and to.",
         )
+    return show(sender, recipient)
+
+
+def show(sender: str, recipient: str, status: int = 200, **extra):
+    """The conversation's page (``extra``: the send box's error and text)."""
     found = current().live.get(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
     state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
-    return page("conversation.html", sender=sender, recipient=recipient, found=found, state=state)
+    wired = current()
+    outbound = OutboundView(wired.redis, wired.keys).conversation(sender, recipient)
+    return page(
+        "conversation.html",
+        status,
+        sender=sender,
+        recipient=recipient,
+        found=found,
+        state=state,
+        outbound=outbound,
+        **extra,
+    )
+
+
+@bp.post("/conversation/send")
+def send_message():
+    """The send box: the same ``service.send`` as ``POST /ops/messages`` and ``sms-sessions
+    send`` (under the conversation's lock), to the conversation's number from ours; back to the
+    page, where the message shows with its status."""
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    text = request.form.get("text", "").replace("\r\n", "\n")
+    if not (sender and recipient) or current().live.get(sender, recipient) is None:
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+    if not text.strip():
+        return show(sender, recipient, 400, send_error="Type a message first.", send_text=text)
+    try:
+        sent = sending.send(sender, text, sender=recipient)
+    except Refused as refused:
+        log.warning("console send refused: %s", refused.code)
+        return show(
+            sender, recipient, 422, send_error=f"Not sent: {refused} ({refused.code}).", send_text=text
+        )
+    except ValueError as bad:
+        log.warning("console send refused: %s", bad)
+        return show(sender, recipient, 400, send_error=f"Not sent: {bad}", send_text=text)
+    except (ConversationBusy, LockLost):
+        log.warning("console send refused: the conversation stayed busy")
+        return show(
+            sender, recipient, 503, send_error="The conversation stayed busy: try again.", send_text=text
+        )
+    log.info("console: an operator queued outbound message %s", sent.id)
+    query = urlencode({"from": sender, "to": recipient})
+    return redirect(url_for("console.conversation") + "?" + query, 303)
 
 
 @bp.post("/conversation/end")

@@ -9,7 +9,9 @@ import time
 from service import create_app
 from service import keys as key_schema
 from service.keys import Keys
+from service.delivery import Permanent
 from service.lifecycle import Sweeper
+from service.sender import Sender
 from tests.support.app import TOKEN, post_signed, webhook_params
 from tests.support.waiting import wait_until
 
@@ -30,6 +32,13 @@ def documented() -> dict[str, re.Pattern]:
     return patterns
 
 
+class Refusing:
+    """Twilio refusing every message for good (an invalid number)."""
+
+    def send(self, *args, **kwargs):
+        return Permanent(21211, "The 'To' number is not a valid phone number.")
+
+
 def slow_notebook(message, conversation):
     if message.body == "slow":
         time.sleep(0.3)
@@ -43,7 +52,7 @@ def slow_notebook(message, conversation):
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages, two at once on one conversation (its line and hand-over), one queueing an
-    outbound message, a redelivery, an end, an opt-out, the sweeper (an expiry, the end hook,
+    outbound message (refused for good when sent), a redelivery, an end, an opt-out, the sweeper (an expiry, the end hook,
     a sample) and a readiness probe: every key written, however briefly (keyspace
     notifications), and every key left (SCAN) is one the schema lists, and every key it lists
     was written (but the Cluster's outboxes)."""
@@ -72,6 +81,7 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     for body in ("hi", "bye"):
         assert post_signed(app.test_client(), webhook_params(sender=FINN, body=body)).status_code == 200
     assert post_signed(app.test_client(), webhook_params(sender=POE, body="STOP")).status_code == 200
+    assert Sender(app, delivery=Refusing()).send_due() == 1  # REY's, refused: a failure listed
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # REY's conversation, with its end hook
     assert app.test_client().get("/readyz").status_code == 200
@@ -87,4 +97,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 17
+    assert len(patterns) == 18
