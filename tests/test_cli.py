@@ -39,7 +39,17 @@ def test_help_lists_only_its_commands():
     assert result.returncode == 0
     assert result.stderr == ""
     commands = [line.split()[0] for line in result.stdout.split("Commands:\n", 1)[1].splitlines()]
-    assert commands == ["conversations", "events", "outbox", "run", "send", "sender", "serve", "simulate", "sweep"]
+    assert commands == [
+        "conversations",
+        "events",
+        "outbox",
+        "run",
+        "send",
+        "sender",
+        "serve",
+        "simulate",
+        "sweep",
+    ]
     assert "--app" not in result.stdout
     assert "--env-file" not in result.stdout
     for foreign in (["routes"], ["shell"], ["-A", "x", "run"], ["--env-file", "x", "run"]):

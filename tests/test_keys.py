@@ -8,8 +8,8 @@ import time
 
 from service import create_app
 from service import keys as key_schema
-from service.keys import Keys
 from service.delivery import Permanent
+from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.sender import Sender
 from tests.support.app import TOKEN, post_signed, webhook_params
@@ -52,8 +52,8 @@ def slow_notebook(message, conversation):
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages, two at once on one conversation (its line and hand-over), one queueing an
-    outbound message (refused for good when sent), a redelivery, an end, an opt-out, the sweeper (an expiry, the end hook,
-    a sample) and a readiness probe: every key written, however briefly (keyspace
+    outbound message (refused for good when sent), a redelivery, an end, an opt-out, the
+    sweeper (an expiry, the end hook, a sample) and a readiness probe: every key written, however briefly (keyspace
     notifications), and every key left (SCAN) is one the schema lists, and every key it lists
     was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")

@@ -114,8 +114,10 @@ def test_a_conversation_that_sent_nothing_shows_none(standin, redis_url):
     app = make(standin, redis_url)
     text(app, "")
     assert shown(app)["outbound"] == []
-    assert app.test_cli_runner().invoke(args=["conversations", "show", REY, OURS]).output.endswith(
-        "outbound: none\n"
+    assert (
+        app.test_cli_runner()
+        .invoke(args=["conversations", "show", REY, OURS])
+        .output.endswith("outbound: none\n")
     )
 
 
