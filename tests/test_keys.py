@@ -53,9 +53,9 @@ def slow_notebook(message, conversation):
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages, two at once on one conversation (its line and hand-over), one queueing an
     outbound message (refused for good when sent), a redelivery, an end, an opt-out, the
-    sweeper (an expiry, the end hook, a sample) and a readiness probe: every key written, however briefly (keyspace
-    notifications), and every key left (SCAN) is one the schema lists, and every key it lists
-    was written (but the Cluster's outboxes)."""
+    sweeper (an expiry, the end hook, a sample) and a readiness probe: every key written,
+    however briefly (keyspace notifications), and every key left (SCAN) is one the schema
+    lists, and every key it lists was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
