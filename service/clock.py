@@ -1,5 +1,7 @@
-"""The app host's clock, in epoch ms, for what Redis' clock (the scripts' ``TIME``) does not
-decide: the sweeper's and the operators' view of "now"; and durations written for people."""
+"""The clocks: the app host's, in epoch ms, for what Redis' clock does not decide (the
+operators' view of "now"); Redis' own (``TIME``, as the scripts read it) for what must agree
+with the scripts whatever the host's clock says (the sweeper's); and durations written for
+people."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ UNITS = (("d", 86400), ("h", 3600), ("m", 60))
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def redis_now_ms(client) -> int:
+    """Redis' clock in epoch ms, as ``common.lua``'s ``now_ms`` reads it (one round trip)."""
+    seconds, microseconds = client.time()
+    return int(seconds) * 1000 + int(microseconds) // 1000
 
 
 def duration(seconds: float) -> str:

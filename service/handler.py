@@ -138,7 +138,10 @@ class Conversation(ServerSideSession):
         goes out, also after a crash), then delivered through Twilio's REST API in the order
         sent. ``content_sid`` and ``content_variables``: a template instead of free text (what
         WhatsApp takes outside its 24-hour window). Returns the message's id; ``ValueError``
-        for a message Twilio would refuse (empty, over 1,600 characters, over 10 media)."""
+        for a message Twilio would refuse (empty, over 1,600 characters, over 10 media);
+        ``RuntimeError`` in the end hook, whose conversation has ended and saves nothing."""
+        if self.ended_at is not None:
+            raise RuntimeError("an ended conversation saves nothing, so sends nothing: use service.send(...)")
         queued = outgoing_message(
             self.sender,
             self.recipient,

@@ -35,11 +35,19 @@ def readyz():
     wired = current()
     key, store = wired.keys.readiness, wired.store
     try:
-        client = wired.redis
-        client.set(key, "1", px=1000)  # SET is refused under OOM (DEL alone would not be)
-        client.delete(key)
-        # With REDIS_WAIT_REPLICAS, a save needs that many replicas to confirm it (else 503).
-        confirmed = client.wait(store.wait_replicas, store.wait_ms) if store.wait_replicas else 0
+        # SET is refused under OOM (DEL alone would not be). With REDIS_WAIT_REPLICAS, a save
+        # needs that many replicas to confirm it (else 503): WAIT on the connection that wrote
+        # (on a Cluster, that of the master owning the key).
+        confirmed = 0
+        if store.wait_replicas:
+            pipe = store.confirming(key)
+            pipe.set(key, "1", px=1000)
+            pipe.delete(key)
+            pipe.wait(store.wait_replicas, store.wait_ms)
+            confirmed = pipe.execute()[-1]
+        else:
+            wired.redis.set(key, "1", px=1000)
+            wired.redis.delete(key)
     except UNAVAILABLE as error:
         wired.metrics.count_redis_error()
         report(log, f"not ready: Redis {refusal(error)}")

@@ -23,9 +23,11 @@ Key (example)                                        Type and what it holds
                                                      score its end (last message + TTL, ms)
 <prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
                                                      not yet handed to Twilio, in commit order
-<prefix>sent:{07}:+15551230007|+15550001111          hash: outbound message id -> its record, JSON
-                                                     (service/outbound.py: Record), kept with
-                                                     the conversation's hash and a day
+<prefix>sent:{07}:+15551230007|+15550001111          hash: '<id>' -> an outbound message as queued,
+                                                     '<id>:s' -> its state (JSON; both in
+                                                     service/store/outbound.lua): the queued ones
+                                                     and the latest 100 sent, kept a day past
+                                                     the conversation's last activity
 <prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
                                                      first queued outbound message is due (ms;
                                                      while a sender holds it, its lease's end)
@@ -40,7 +42,14 @@ Key (example)                                        Type and what it holds
                                                      (service/store/tally.lua)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
                                                      payload (service/store/ending.lua), until
-                                                     the hook ran
+                                                     the hook ran; expires a day after its
+                                                     latest entry's conversation's end
+<prefix>hook:{07}:<id>                               string, PX END_HOOK_TIMEOUT + 10 s: the
+                                                     claim of the process running the end hook
+                                                     of conversation <id> (service/hooks.py)
+<prefix>hooks                                        string, PX a day: the end hook's name, set
+                                                     by every process that runs it: ended
+                                                     conversations are kept for it meanwhile
 <prefix>events                                       stream: lifecycle events (started, ended)
 <prefix>outbox:{07}                                  stream: a Cluster's events on their way to
                                                      <prefix>events
@@ -120,6 +129,13 @@ class Keys:
     @property
     def sweeper(self) -> str:
         return f"{self.prefix}sweeper"
+
+    @property
+    def hooks(self) -> str:
+        return f"{self.prefix}hooks"
+
+    def hook_claim(self, shard: str, conversation_id: str) -> str:
+        return f"{self.prefix}hook:{{{shard}}}:{conversation_id}"
 
     def outbox(self, shard: str) -> str:
         return f"{self.prefix}outbox:{{{shard}}}"

@@ -7,8 +7,7 @@ restart or two sweepers at once. The sweeper finds due conversations through the
 score is each conversation's end: a sweep costs O(due), never a scan of the keys.
 On a Cluster a script cannot reach the stream's slot, so it appends to its tag's outbox and the
 sweeper relays that to the stream: at-least-once there, with the conversation id to
-deduplicate on. The end hook runs in the sweeper, after the end was committed; a crash while
-it runs makes it run again for that conversation (at-least-once).
+deduplicate on. The end hook runs beside the sweep, never inside it (``service/hooks.py``).
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ import logging
 import re
 import secrets
 import threading
-from datetime import UTC, datetime
 
 import click
 from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
-from .clock import now_ms
-from .handler import Conversation, EndHook
-from .history import Ending, Event
-from .redis_client import UNAVAILABLE
-from .store import decode_state
+from .clock import now_ms, redis_now_ms
+from .history import Event
+from .hooks import EndHooks
+from .redis_client import UNAVAILABLE, is_outage
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -39,36 +36,49 @@ SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 
 
 class Sweeper:
-    """Ends conversations whose time ran out, relays a Cluster's outboxes, runs the end hook,
-    trims the events stream and samples the live count. One process sweeps at a time (a lease
-    in Redis); any may, and two at once still end each conversation once."""
+    """Ends conversations whose time ran out, relays a Cluster's outboxes, trims the events
+    stream and samples the live count. One process sweeps at a time (a lease in Redis); any
+    may, and two at once still end each conversation once. The end hook is ``hooks``' to run
+    (``EndHooks``), in a thread of its own when this sweeper runs in the background."""
 
     def __init__(self, app: Flask):
         self.app = app
         self.wired = wired = current(app)
-        self.client, self.keys, self.store, self.on_end = wired.redis, wired.keys, wired.store, wired.on_end
+        self.client, self.keys, self.store = wired.redis, wired.keys, wired.store
+        self.hooks = EndHooks(app, wired.on_end) if wired.on_end is not None else None
         self.interval = app.config["SWEEP_INTERVAL"]
         self.retention_ms = app.config["EVENTS_RETENTION"] * 1000
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
-        self.unreadable: set[str] = set()  # end hook entries reported as unreadable
 
     def sweep(self) -> int:
-        """One pass; returns how many conversations it ended."""
-        with self.app.app_context():
-            ended = self._expire_due()
-            if self.keys.cluster:
-                self._relay()
-            if self.on_end is not None:
-                self._run_hooks(self.on_end)
-            self.client.xtrim(self.keys.events, minid=str(now_ms() - self.retention_ms), approximate=False)
-            self._sample()
+        """One pass, then the end hook for every conversation waiting for it (what a test
+        calls: ``run`` leaves the hooks to their own thread); returns how many it ended."""
+        ended = self.sweep_pass()
+        if self.hooks is not None:
+            self.hooks.run_once()
         return ended
 
-    def _expire_due(self) -> int:
+    def follow_hooks(self) -> None:
+        """Keeps ended conversations for the end hook if this process or another runs it."""
+        self.store.follow_hooks(self.keys.hooks)
+
+    def sweep_pass(self) -> int:
+        """Ends what is due, relays, trims and samples; returns how many it ended."""
+        self.follow_hooks()
+        with self.app.app_context():
+            now = redis_now_ms(self.client)  # what is due is the scripts' to say: by Redis' clock
+            ended = self._expire_due(now)
+            if self.keys.cluster:
+                self._relay()
+            self.client.xtrim(self.keys.events, minid=str(now - self.retention_ms), approximate=False)
+            self._sample(now)
+        return ended
+
+    def _expire_due(self, now: int) -> int:
         pipe = self.client.pipeline(transaction=False)
         for index in self.keys.indexes():
-            pipe.zrangebyscore(index, "-inf", now_ms(), start=0, num=DUE_PER_SHARD)
+            pipe.zrangebyscore(index, "-inf", now, start=0, num=DUE_PER_SHARD)
         due = [self.keys.from_member(member) for members in pipe.execute() for member in members]
         ended = self.store.expire(due, cluster=self.keys.cluster) if due else 0
         if ended:
@@ -87,51 +97,9 @@ class Sweeper:
                 self.client.xadd(self.keys.events, fields, maxlen=self.store.events_max, approximate=True)
             self.client.xdel(self.keys.outbox(shard), *[entry_id for entry_id, _ in entries])
 
-    def _run_hooks(self, hook: EndHook) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for shard in self.keys.shards():
-            pipe.hgetall(self.keys.ending(shard))
-        for shard, ending in zip(self.keys.shards(), pipe.execute()):
-            if ending and not self._holds_lease():
-                return  # another sweeper took over; it runs what is left
-            for conversation_id, raw in ending.items():
-                ended = Ending.decode(raw)
-                if ended is None:
-                    self._report_unreadable(conversation_id)
-                    continue
-                self._call_hook(hook, conversation_id, ended)
-                self.client.hdel(self.keys.ending(shard), conversation_id)
-
-    def _report_unreadable(self, conversation_id: str) -> None:
-        """An entry this version cannot read is left for one that can (a rolling deploy's
-        other version) or for an operator, and reported once per process: it is neither the
-        developer's hook failing nor lost."""
-        if conversation_id not in self.unreadable:
-            self.unreadable.add(conversation_id)
-            log.error(
-                "end hook not run: the payload of conversation %s is unreadable; left in place",
-                conversation_id,
-            )
-
-    def _call_hook(self, hook: EndHook, conversation_id: str, ended: Ending) -> None:
-        try:
-            final = Conversation(
-                decode_state(ended.state) or {},
-                sid=conversation_id,
-                sender=ended.sender,
-                recipient=ended.recipient,
-                messages=ended.messages,
-                started_at=_moment(ended.started_at),
-            )
-            final.ended_at = _moment(ended.ended_at)
-            hook(final, ended.reason)
-        except Exception as error:  # the developer's code: logged and counted, never blocking
-            self.wired.metrics.end_hook_failures.inc()
-            log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)
-
-    def _sample(self) -> None:
-        """Once a minute: live conversations now, and messages saved in the past minute."""
-        now = now_ms()
+    def _sample(self, now: int) -> None:
+        """Once a minute (``now``: Redis' clock, as the tallies' minutes): live conversations
+        now, and messages saved in the past minute."""
         last = self.client.xrevrange(self.keys.samples, "+", "-", count=1)
         if last and int(last[0][0].split("-")[0]) // 60000 == now // 60000:
             return
@@ -157,24 +125,33 @@ class Sweeper:
         while not self.stopping.is_set():
             try:
                 if self._holds_lease():
-                    self.sweep()
-            except UNAVAILABLE as error:
-                log.warning("sweep skipped: Redis %s", type(error).__name__)
+                    self.sweep_pass()
+                else:
+                    self.follow_hooks()  # what this process's messages end is kept as the sweeper's
+            except Exception as error:  # the thread goes on: a bug is logged, an outage waits
+                if not is_outage(error):
+                    log.exception("sweep failed")
+                else:
+                    log.warning("sweep skipped: Redis %s", type(error).__name__)
             self.stopping.wait(self.interval)
 
     def start(self) -> threading.Thread:
+        """The sweep in a thread, and the end hook (if this process has it) in another."""
+        if self.hooks is not None:
+            self.hooks.start()
         thread = threading.Thread(target=self.run, name="sms-sweeper", daemon=True)
         thread.start()
         return thread
 
-
-def _moment(epoch_ms: int) -> datetime:
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.hooks is not None:
+            self.hooks.stopping.set()
 
 
 def start_sweeper(app: Flask) -> Sweeper:
-    """The background sweeper of a serving process (gunicorn's ``post_worker_init``,
-    ``sms-sessions run``)."""
+    """The background sweeper (and end hook) of a serving process (gunicorn's
+    ``post_worker_init``, ``sms-sessions run``)."""
     sweeper = Sweeper(app)
     sweeper.start()
     return sweeper
@@ -228,8 +205,12 @@ def events_command(since, follow, as_json):
 
 @click.command("sweep")
 def sweep_command():
-    """Run the sweeper in the foreground (for servers other than the bundled gunicorn config)."""
-    Sweeper(click.get_current_context().ensure_object(ScriptInfo).load_app()).run()
+    """Run the sweeper in the foreground (for servers other than the bundled gunicorn config),
+    and the end hook of SMS_HANDLER's module, if it has one, beside it."""
+    sweeper = Sweeper(click.get_current_context().ensure_object(ScriptInfo).load_app())
+    if sweeper.hooks is not None:
+        sweeper.hooks.start()
+    sweeper.run()
 
 
 def init_app(app: Flask) -> None:

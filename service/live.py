@@ -209,7 +209,9 @@ class LiveConversations:
         return self._conversation(keys, values, math.ceil((expiry - now) / 1000))
 
     def end(self, sender: str, recipient: str) -> bool:
-        """Ends the conversation now (state, lock, index entry); False if it was not live."""
+        """Ends the conversation now (state, lock, index entry); False if it was not live. Its
+        final state is kept for the deployment's end hook, whether or not this process has it."""
+        self.store.follow_hooks(self.keys.hooks)
         ended = self.store.end(self.keys.conversation(sender, recipient))
         if ended:
             self.on_end()
@@ -328,7 +330,8 @@ class LiveConversations:
             name=self.callers.name(keys.sender),
             messages=_number(seq),
             first_seen=_number(first_seen),
-            last_seen=_number(last_seen),
+            # An outbound message started it (service.send) and no message came yet: its start.
+            last_seen=_number(last_seen) or _number(first_seen),
             expires_in=max(expires_in, 0),
             state=decode_state(raw_state or "{}") or {},
         )

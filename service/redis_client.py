@@ -16,6 +16,7 @@ scripts are safe to run twice).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
@@ -41,8 +42,29 @@ Client: TypeAlias = Any
 log = logging.getLogger(__name__)
 
 # What a Redis outage can raise: RedisCluster's own exceptions (no node reachable, slot not
-# covered) do not derive from RedisError. Every one of them answers 503.
+# covered) do not derive from RedisError. Every one of them answers 503 (and so does whatever
+# else redis-py raises from its own code: ``is_outage``).
 UNAVAILABLE = (redis.RedisError, RedisClusterException)
+REDIS_PY = os.path.dirname(os.path.abspath(redis.__file__)) + os.sep
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` is Redis failing, not a bug of the caller's: one of ``UNAVAILABLE``, or
+    any other exception raised inside redis-py's own code. A failover closes connections under
+    other threads (RedisCluster resets its nodes' pools, in-use connections included), and
+    redis-py then fails in ways of its own: hiredis' reader gone in the middle of a read is
+    ``AttributeError: 'NoneType' object has no attribute 'feed'`` (redis-py issue 2967). The
+    one place such errors are told from a bug: a request answers 503 for them (``responses``),
+    the sweeper and the end hooks skip a round."""
+    if isinstance(error, UNAVAILABLE):
+        return True
+    if not isinstance(error, Exception):
+        return False
+    trace = error.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    return trace is not None and os.path.abspath(trace.tb_frame.f_code.co_filename).startswith(REDIS_PY)
+
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEME = "redis+sentinel"
@@ -240,11 +262,8 @@ def check(config) -> None:
             f"REDIS_URL: unknown scheme {scheme!r}; use one of "
             + ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME))
         )
-    if config["REDIS_WAIT_REPLICAS"] and scheme in ("", CLUSTER_SCHEME):
-        raise ConfigError(
-            "REDIS_WAIT_REPLICAS: needs a redis://, rediss://, unix:// or "
-            "redis+sentinel:// REDIS_URL (not a Cluster, not the embedded store)"
-        )
+    if config["REDIS_WAIT_REPLICAS"] and not scheme:
+        raise ConfigError("REDIS_WAIT_REPLICAS: needs a REDIS_URL (the embedded store has no replicas)")
 
 
 def check_credentials(config, client: Client | None = None) -> None:

@@ -10,7 +10,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from werkzeug.exceptions import HTTPException
 
 from .logs import report
-from .redis_client import UNAVAILABLE
+from .redis_client import UNAVAILABLE, is_outage
 from .store import ConversationBusy, LockLost
 from .wiring import current
 
@@ -109,6 +109,14 @@ def init_app(app: Flask) -> None:
 
     for error_class in UNAVAILABLE:
         app.register_error_handler(error_class, redis_failed)
+
+    @app.errorhandler(Exception)
+    def anything_else(error):
+        """redis-py failing in a way of its own (a failover) is Redis failing: 503. Anything
+        else is a bug: raised again, for Flask's 500 and its traceback in the log."""
+        if is_outage(error):
+            return redis_failed(error)
+        raise error
 
     @app.errorhandler(ConversationBusy)
     def conversation_busy(error):

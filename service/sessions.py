@@ -32,7 +32,7 @@ from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
 from .outbox import encode
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .store import ConversationStore, Opened, decode_state
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class Binding:
     message: Message
     keys: ConversationKeys
     opened: Opened
+    sid: str = ""  # the conversation's id, whatever the handler does to ``session.sid``
+    replaces: bool = False  # a stored conversation it could not read, which its save ends
 
 
 class ConversationSession(Conversation):
@@ -112,18 +114,19 @@ class ConversationSession(Conversation):
 
     def encoded(self) -> str:
         """The state as it is stored; ``ValueError`` (``Unkeepable`` for what JSON takes but
-        Redis cannot) when it cannot be."""
+        Redis cannot, or an ``end_reason`` set by hand that is not one) when it cannot be."""
+        if self.end_reason not in (None, "handler", "opt-out"):
+            raise Unkeepable("its end_reason is not one a message can end with: call conversation.end()")
         return self.interface.serializer.encode(self)
 
     def save(self, answer: str, state: str) -> None:
         """Round trip 2: ``state`` (``encoded()``; or the conversation's end) and ``answer``,
         kept for a redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
         bound = self._bound()
-        self.settled = True
         ended = self.interface.store.save(
             bound.keys,
             bound.opened,
-            sid=self.sid or "",
+            sid=bound.sid,
             state=state,
             is_new=self.is_new,
             message_sid=bound.message.sid,
@@ -132,10 +135,12 @@ class ConversationSession(Conversation):
             outbound=encode(self.outbound) if self.outbound else "",
             keyword=bound.message.opt_out,
         )
-        self.saved = True
+        self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
         counters = self.interface.metrics
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
+        if bound.replaces and self.end_reason != "opt-out":  # else ``ended`` counts it
+            counters.conversations_ended.labels("operator").inc()
         if self.is_new and self.end_reason != "opt-out":
             counters.conversations_started.inc()
         if ended:
@@ -149,7 +154,9 @@ class ConversationSession(Conversation):
         bound = self._bound()
         try:
             self.interface.store.release(bound.keys, bound.opened.token)
-        except UNAVAILABLE as error:
+        except Exception as error:
+            if not is_outage(error):
+                raise
             self.interface.metrics.count_redis_error()
             report(log, f"could not release the lock (it lapses by itself): {type(error).__name__}")
         self.settled = True
@@ -169,13 +176,14 @@ class ConversationSession(Conversation):
         if state is None or messages is None or not first_seen:
             if opened.sid or opened.state or opened.seq:
                 report(log, "stored conversation is unreadable; started afresh")
-            self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
+            self._bound().replaces = bool(opened.sid)
+            self.sid = self._bound().sid = secrets.token_urlsafe(SESSION_ID_BYTES)
             self.messages = 1
             self.started_at = _moment(opened.now)
             return
         if self.sid and self.sid != opened.sid:
             annotate(cookie="not this conversation's; ignored")
-        self.sid = opened.sid
+        self.sid = self._bound().sid = opened.sid
         self.update(state)
         self.messages = messages + 1
         self.started_by_us = messages == 0
@@ -217,8 +225,9 @@ class ConversationSessionInterface(SessionInterface):
         assert isinstance(session, ConversationSession)  # this interface opens no other kind
         if session.binding is not None and session.answered is None and not session.settled:
             session.release()  # the view failed before it could save
-        if session.sid and (session.saved or session.answered is not None):
-            response.headers.add("Set-Cookie", self.cookie(app, session.sid))
+        sid = session.binding.sid if session.saved and session.binding else session.sid
+        if sid and (session.saved or session.answered is not None):
+            response.headers.add("Set-Cookie", self.cookie(app, sid))
 
     def cookie(self, app: Flask, sid: str) -> str:
         """The ``Set-Cookie`` value for ``sid``, as werkzeug's ``dump_cookie`` writes it.

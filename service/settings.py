@@ -195,7 +195,8 @@ SETTINGS = [
         _non_negative_int,
         "Replicas that must confirm each script's writes (`WAIT`, pipelined with the script: "
         "no extra round trip) before the answer; fewer answers 503. Set it to "
-        "`min-replicas-to-write` behind Sentinel. Not with a Cluster or the embedded store.",
+        "`min-replicas-to-write` behind Sentinel, the replicas of each master on a Cluster. Not "
+        "with the embedded store.",
     ),
     Setting("REDIS_KEY_PREFIX", "sms:", _text, "Prefix of every key the service writes."),
     Setting(
@@ -384,6 +385,14 @@ SETTINGS = [
         _between(float, 0.05, 3600, "a number of seconds"),
         "Seconds between two sweeps of conversations whose time ran out (their `ended` "
         "event, their end hook), 0.05 to 3600; one process sweeps at a time.",
+    ),
+    Setting(
+        "END_HOOK_TIMEOUT",
+        30.0,
+        _between(float, 0.1, 3600, "a number of seconds"),
+        "Seconds an end hook (`on_end`) call may take, 0.1 to 3600: one still running then is "
+        "counted as failed, its conversation's entry dropped and its thread left to finish, "
+        "so that a hanging hook holds up neither the sweep nor the other hooks.",
     ),
     Setting(
         "EVENTS_RETENTION",

@@ -271,6 +271,36 @@ def test_outbound_delivery_keeps_working_through_a_failover(cluster_app, redis_c
     assert sum(len(bodies) for bodies in queued.values()) >= 60
 
 
+class ReaderGone:
+    """What a hiredis parser's reader is to a read that another thread's disconnect overtook:
+    no data yet, and no ``feed`` (redis-py issue 2967, seen under a Cluster failover)."""
+
+    def gets(self, *args):
+        from redis._parsers.hiredis import NOT_ENOUGH_DATA
+
+        return NOT_ENOUGH_DATA
+
+
+def test_redis_py_failing_in_its_own_way_is_a_503_never_a_500(cluster_app):
+    """A failover resets connections under other threads, and redis-py then raises what is no
+    RedisError (``AttributeError … 'feed'`` from its hiredis parser): a 503, like any outage,
+    and the next message, on a fresh connection, is served."""
+    app, _ = cluster_app
+    twilio = TwilioSimulator.for_app(app)
+    sender = SENDERS[7]
+    assert twilio.send(sender, OURS, "before").status == 200
+    node = current(app).redis.get_node_from_key(KEYS.conversation(sender, OURS).conversation)
+    pooled = node.redis_connection.connection_pool._available_connections
+    assert pooled
+    for connection in pooled:
+        connection._parser._reader = ReaderGone()
+    failed = twilio.send(sender, OURS, "during")
+    assert failed.status == 503
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'sms_redis_errors_total{source="webhook"} 1.0' in metrics
+    assert twilio.send(sender, OURS, "after").reply == count_reply("Friend", 2)
+
+
 def test_a_master_going_down_answers_503_never_500(cluster_app, redis_cluster):
     """Last in this module: it stops one master for good."""
     app, _ = cluster_app

@@ -524,3 +524,136 @@ def test_an_ended_conversation_keeps_only_its_answers_for_the_redelivery_window(
     assert 0 < redis_client.pttl(keys.conversation) <= window * 1000
     assert redis_client.zscore(keys.index_shard, keys.member) is None
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters)
+
+
+@pytest.mark.parametrize("edit", ["state", "seq"])
+def test_a_conversation_that_starts_afresh_gets_its_ended_event_and_hook_call(redis_url, redis_client, edit):
+    """Stored state a hand edit left unreadable: the next message starts a new conversation,
+    and the old one ends first (reason ``operator``, whose edit it was) with its event, its
+    hook call and its metric; nothing of it outlives REDELIVERY_WINDOW."""
+    calls = []
+    app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "REDELIVERY_WINDOW": 30},
+        handler=notebook,
+        on_end=lambda conversation, reason: calls.append((conversation.sid, reason, conversation.messages)),
+    )
+    twilio = TwilioSimulator.for_app(app)
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "a")
+    twilio.send(REY, OURS, "b")
+    old = redis_client.hget(keys.conversation, "sid")
+    redis_client.hset(keys.conversation, edit, "{not json" if edit == "state" else "many")
+    assert twilio.send(REY, OURS, "c").reply == "1 noted"  # afresh
+    [first, second] = events(redis_client, "started")
+    [ended] = events(redis_client, "ended")
+    assert first["conversation"] == old
+    assert (ended["conversation"], ended["reason"]) == (old, "operator")
+    assert second["conversation"] == redis_client.hget(keys.conversation, "sid") != old
+    assert first["id"] < ended["id"] < second["id"]
+    Sweeper(app).sweep()
+    assert calls == [(old, "operator", 0 if edit == "seq" else 2)]
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'sms_conversations_ended_total{reason="operator"} 1.0' in metrics
+    assert "sms_conversations_started_total 2.0" in metrics
+
+
+def test_an_opt_out_of_an_unreadable_conversation_ends_it_as_opt_out(redis_url, redis_client):
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=notebook)
+    twilio = TwilioSimulator.for_app(app)
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "a")
+    redis_client.hset(keys.conversation, "state", "[]")
+    twilio.send(REY, OURS, "STOP")
+    assert [e["reason"] for e in events(redis_client, "ended")] == ["opt-out"]
+    assert len(events(redis_client, "started")) == 1  # an opt-out starts nothing
+    fields = redis_client.hgetall(keys.conversation)
+    assert all(name.startswith("m:") for name in fields)
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'sms_conversations_ended_total{reason="opt-out"} 1.0' in metrics
+
+
+def test_a_handler_clearing_the_conversations_id_changes_nothing_stored(redis_url, redis_client):
+    """``conversation.sid`` is the service's: a handler that clears or changes it neither
+    makes the next message start afresh nor loses the conversation's ``ended`` event."""
+
+    def forgetful(message, conversation):
+        conversation.sid = None if message.body == "forget" else "mine"
+        return notebook(message, conversation)
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=forgetful)
+    twilio = TwilioSimulator.for_app(app)
+    twilio.send(REY, OURS, "a")
+    sid = twilio.cookie_for(REY, OURS)
+    assert twilio.send(REY, OURS, "forget").reply == "2 noted"
+    assert twilio.cookie_for(REY, OURS) == sid
+    assert twilio.send(REY, OURS, "b").reply == "3 noted"
+    twilio.send(REY, OURS, "bye")
+    [started] = events(redis_client, "started")
+    [ended] = events(redis_client, "ended")
+    assert started["conversation"] == ended["conversation"] == sid
+    assert ended["messages"] == "4"
+
+
+def test_an_unknown_end_reason_is_a_handler_failure_with_nothing_saved(redis_url, redis_client):
+    """A handler that sets ``end_reason`` by hand to what no end is: 500, nothing saved (no
+    event, no count), the lock given back at once (the next message answers 200)."""
+
+    def leaver(message, conversation):
+        conversation["seen"] = message.body
+        if message.body == "leave":
+            conversation.end_reason = "left"
+        return "ok"
+
+    app = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "LOCK_TTL": 30}, handler=leaver)
+    twilio = TwilioSimulator.for_app(app)
+    keys = KEYS.conversation(REY, OURS)
+    twilio.send(REY, OURS, "a")
+    before = redis_client.hgetall(keys.conversation)
+    assert twilio.send(REY, OURS, "leave").status == 500
+    assert redis_client.hgetall(keys.conversation) == before
+    assert not redis_client.exists(keys.lock)
+    assert events(redis_client, "ended") == []
+    assert twilio.send(REY, OURS, "b").status == 200
+    assert redis_client.hget(keys.conversation, "seq") == "2"
+
+
+def test_save_refuses_an_unknown_end_reason_before_writing_anything(app, redis_client):
+    """The script's own check, for a caller that skipped the session's."""
+    from redis.exceptions import ResponseError
+
+    store = current(app).store
+    keys = KEYS.conversation(REY, OURS)
+    TwilioSimulator.for_app(app).send(REY, OURS, "a")
+    before = redis_client.hgetall(keys.conversation), redis_client.xlen(KEYS.events)
+    opened = store.open(keys, "SMsecond")
+    with pytest.raises(ResponseError, match="unknown end reason"):
+        store.save(
+            keys,
+            opened,
+            sid=opened.sid,
+            state="{}",
+            is_new=False,
+            message_sid="SMsecond",
+            answer="",
+            end_reason="left",
+        )
+    assert (redis_client.hgetall(keys.conversation), redis_client.xlen(KEYS.events)) == before
+    store.release(keys, opened.token)
+    assert not redis_client.exists(keys.lock)
+
+
+@pytest.mark.parametrize("skew_ms", [-3_600_000, 8 * 86_400_000])
+def test_the_sweeper_goes_by_redis_clock_not_the_hosts(app, redis_client, monkeypatch, skew_ms):
+    """A host whose clock is an hour behind still ends what is due; one 8 days ahead neither
+    trims a week's events (EVENTS_RETENTION) nor ends live conversations."""
+    import service.clock
+    import service.lifecycle
+
+    host = lambda: service.clock.now_ms() + skew_ms  # noqa: E731
+    monkeypatch.setattr(service.lifecycle, "now_ms", host)
+    post_signed(app.test_client(), webhook_params(sender=FINN))  # live, with its started event
+    due = plant_due(redis_client, 3)
+    assert Sweeper(app).sweep() == 3
+    assert sorted(e["conversation"] for e in events(redis_client, "ended")) == sorted(due)
+    assert len(events(redis_client, "started")) == 1
+    assert current(app).live.get(FINN, OURS) is not None

@@ -5,11 +5,13 @@ redis-server; retries, permanent errors and per-conversation order."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 from flask import request
 
 from service import create_app
+from service.handler import Conversation
 from service.keys import Keys
 from service.sender import Sender
 from tests.support import status_handler
@@ -241,3 +243,30 @@ def test_an_unsigned_or_forged_status_callback_is_403(served, redis_client):
     unmarked = sign(app.config["PUBLIC_BASE_URL"] + "/sms/status", form, AUTH_TOKEN)
     assert client.post("/sms/status", data=form, headers={"X-Twilio-Signature": unmarked}).status_code == 400
     assert updates == []
+
+
+def test_a_conversation_keeps_the_records_of_its_latest_messages(standin, redis_url, redis_client):
+    """Records of messages handed over go once a conversation holds 200, down to its latest
+    100; a conversation that sends on and on does not grow without bound."""
+
+    def chatty(message, conversation):
+        for n in range(70):
+            conversation.send(f"{message.body}-{n}")
+
+    app = make(standin, redis_url, chatty)
+    for body in ("a", "b", "c"):
+        assert text(app.test_client(), body).status_code == 200
+    drain(Sender(app), passes=100)
+    assert len(held(standin)) == 210
+    kept = records(redis_client)
+    assert 100 <= len(kept) < 200
+    assert {record["body"] for record in kept} >= {f"c-{n}" for n in range(70)}
+
+
+def test_the_end_hook_cannot_queue_into_the_ended_conversation():
+    """Its conversation is never saved again: a send there would be silently lost."""
+    ended = Conversation({}, sid="x", sender=REY, recipient=OURS)
+    ended.ended_at = datetime.now(UTC)
+    with pytest.raises(RuntimeError, match="service.send"):
+        ended.send("too late")
+    assert ended.outbound == []

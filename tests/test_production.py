@@ -27,7 +27,6 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("LOCK_WAIT", {"LOCK_WAIT": "soon"}),
     ("CALLERS_FILE", {"CALLERS_FILE": "/nonexistent/callers.json"}),
     ("REDIS_URL", {"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}),  # no service name
-    ("REDIS_WAIT_REPLICAS", {"REDIS_WAIT_REPLICAS": "1", "REDIS_URL": "redis+cluster://127.0.0.1:1"}),
     # Out of range (tests/test_settings_ranges.py has the rest of them):
     ("CONVERSATION_TTL", {"CONVERSATION_TTL": "1000000000000"}),
     ("LOCK_TTL", {"LOCK_TTL": "0.0001"}),

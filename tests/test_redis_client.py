@@ -154,7 +154,7 @@ def test_cluster_and_connection_errors_answer_503_not_500(fake_app, monkeypatch,
     assert response.headers["Retry-After"] == "1"
 
 
-def test_waiting_for_replicas_needs_a_single_server_or_sentinel():
+def test_waiting_for_replicas_needs_redis():
     with pytest.raises(ConfigError, match="^REDIS_WAIT_REPLICAS"):
         make_app(REDIS_WAIT_REPLICAS=1)  # the embedded store has no replicas
 

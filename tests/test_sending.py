@@ -163,3 +163,15 @@ def test_whatsapp_free_text_needs_the_24_hour_window_templates_do_not(app, stand
     drain(app)
     assert len(held(standin, WHATSAPP_USER)) == 3  # the template, the handler's echo, the free text
     assert held(standin, WHATSAPP_USER)[1:] == ["echo hi", "now free text goes"]
+
+
+def test_a_conversation_started_by_sending_is_live_for_operators(app):
+    sent = send(REY, "Reply OK to confirm.", state={"appointment": "3 pm"}, app=app)
+    shown = app.test_client().get(
+        f"/ops/conversations/{REY}/{OURS}", headers={"Authorization": f"Bearer {OPS}"}
+    )
+    assert shown.status_code == 200
+    assert shown.json["messages"] == 0
+    assert shown.json["state"] == {"appointment": "3 pm"}
+    assert shown.json["last_seen"] == shown.json["first_seen"]
+    assert sent.started

@@ -49,6 +49,9 @@ local function ends()
       redis.call('HSET', ending, found[1], cjson.encode({
         from = sender, to = recipient, reason = reason, messages = messages, started_at = started_at,
         ended_at = tostring(ended_at), state = found[4] or '{}'}))
+      -- Kept as long as the conversation would have been: gone a day after the last end if no
+      -- process runs the hook any more (a deployment that dropped it).
+      redis.call('PEXPIRE', ending, live_keep_ms)
     end
     clear_fields()
     return 1

@@ -12,6 +12,8 @@
 -- ARGV[14] = accepted: Twilio's status; retry: '1' if Twilio may hold it (a lost answer), else
 --            '0'; failed: the error's message
 -- ARGV[15] = retry: ms to wait before the next attempt
+-- A conversation keeps the records of its latest 100 messages that left the outbox
+-- (outbound.lua's `forget_records`).
 -- Returns the message's status before this outcome and after it ('lost' and '' when the claim
 -- is no longer the sender's: nothing written).
 local member, id, claim, outcome, first, second, delay =
@@ -36,6 +38,8 @@ else
   end
   state.maybe_accepted, state.next_at, state.reason = nil, nil, nil
   redis.call('LPOP', outbound)
+  -- Two fields a record; the queued ones' records are not counted.
+  if redis.call('HLEN', sent) - 2 * redis.call('LLEN', outbound) > 4 * RECORDS_KEPT then forget_records() end
   if redis.call('LLEN', outbound) > 0 then
     redis.call('ZADD', due, now, member)
   else

@@ -23,6 +23,33 @@ local function moves_up(current, status)
   return to ~= nil and to > (STATUS_RANK[current or 'pending'] or 0)
 end
 
+-- A conversation keeps the records of this many of its messages that left the outbox (handed
+-- to Twilio or failed), its latest; the older ones go once twice as many are kept, so that the
+-- cost of forgetting is spread over many messages.
+local RECORDS_KEPT = 100
+
+-- Forgets the records of the conversation's oldest messages that left its outbox (by their
+-- state's updated_at), but its latest RECORDS_KEPT; queued ones stay.
+local function forget_records()
+  local queued = {}
+  for _, id in ipairs(redis.call('LRANGE', outbound, 0, -1)) do queued[id] = true end
+  local fields, left = redis.call('HGETALL', sent), {}
+  for i = 1, #fields, 2 do
+    local id = string.match(fields[i], '^(.*):s$')
+    if id and not queued[id] then
+      local read, state = pcall(cjson.decode, fields[i + 1])
+      left[#left + 1] = {read and tonumber(state.updated_at) or 0, id}
+    end
+  end
+  table.sort(left, function(a, b) return a[1] > b[1] end)
+  local doomed = {}
+  for i = RECORDS_KEPT + 1, #left do
+    doomed[#doomed + 1] = left[i][2]
+    doomed[#doomed + 1] = left[i][2] .. ':s'
+  end
+  delete(sent, doomed)
+end
+
 -- Queues the messages of `payload` (a JSON list: id, message JSON, id, message JSON, …) behind
 -- the conversation `member`'s earlier ones; `now`: Redis' clock (ms). The conversation becomes
 -- due now unless it is already due (or claimed, or waiting for a retry: its order holds).

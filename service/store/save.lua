@@ -17,13 +17,15 @@
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
 -- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
 -- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
--- Writes, in this order: the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
+-- Writes, in this order: a stored conversation the caller could not read ended
+-- (`ends().finish`); the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
 -- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
--- Returns 'saved', 'ended' (it ended the conversation), or 'lost' (the lock is not the
--- message's and its answer is not stored: nothing written).
+-- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), or 'lost' (the
+-- lock is not the message's and its answer is not stored: nothing written); an error, with
+-- nothing written, for an ARGV[16] other than '', 'handler' and 'opt-out'.
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
@@ -40,8 +42,20 @@ end
 -- no TIME here, and its text is written as it came, never formatted from a number. Messages
 -- still get increasing times: the next one's OPEN takes the lock after this save released it.
 local now = tonumber(opened_at)
+-- Only a message ends a conversation here, and only as one of these: anything else is refused
+-- before the first write (the lock stays the message's, for its caller to release).
+if end_reason ~= '' and end_reason ~= 'handler' and end_reason ~= 'opt-out' then
+  return redis.error_reply('SAVE: unknown end reason')
+end
 
 local stores = not (is_new and end_reason == 'opt-out')  -- an opt-out with no conversation starts none
+-- A first message that found a conversation stored (one the caller could not read: a hand
+-- edit) ends it first, with its 'ended' event and end hook: as 'operator', whose edit it was,
+-- or as this opt-out.
+local replaced = 0
+if is_new and redis.call('HEXISTS', conversation, 'sid') == 1 then
+  replaced = ends().finish(member, stores and 'operator' or 'opt-out', now, now)
+end
 local minute = math.floor(now / 60000)
 local first_of_minute = count(minute, 'm', 1)
 if is_new and stores and count(minute, 's', 1) then first_of_minute = true end
@@ -91,6 +105,7 @@ local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
+if not stores then ended = math.max(ended, replaced) end  -- the opt-out ended the stored one
 redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
 if sends ~= '' then queue_outbound(member, sends, now) end
 note_inbound(member, inbound_keyword, now)

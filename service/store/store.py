@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from redis import RedisError
-from redis.exceptions import NoScriptError, ResponseError
+from redis import ConnectionError, RedisError
+from redis.exceptions import AskError, ClusterError, NoScriptError, ResponseError, TryAgainError
 
 from ..keys import ConversationKeys
-from ..redis_client import UNAVAILABLE, Client
+from ..redis_client import UNAVAILABLE, Client, is_cluster
 from .scripts import Script
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,11 @@ class ConversationStore:
         wait_replicas: int = 0,
         wait_ms: int = 0,
         read_timeout: float = 0.5,
+        cluster: bool = False,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
     ):
-        """``hooks``: keep each ended conversation's final state for the end hook.
+        """``hooks``: this process has the end hook, so every ended conversation's final state is
+        kept for it (else only while ``keep_endings`` says another process runs it).
         ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
         self.client = client
         self.on_lock_wait = on_lock_wait
@@ -145,6 +147,8 @@ class ConversationStore:
         self.blocking = read_timeout > self.POLL_MAX + 0.15
         self.events_max = events_max  # the sweeper's relay trims as the scripts do
         self.wait_replicas = wait_replicas
+        self.cluster = cluster
+        self.hooks = hooks
         self.wait_ms = wait_ms
         # ARGV[1..8] of every conversation script, in common.lua's order.
         self.settings: list[int | str] = [
@@ -190,7 +194,16 @@ class ConversationStore:
             wait_replicas=config["REDIS_WAIT_REPLICAS"],
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
             read_timeout=config["REDIS_TIMEOUT"],
+            cluster=is_cluster(config["REDIS_URL"]),
         )
+
+    def follow_hooks(self, announcement: str) -> None:
+        """Whether the scripts keep ended conversations for the end hook (ARGV[8]): always
+        when this process has the hook, else when a process that runs it has announced itself
+        in the key ``announcement`` (``service/hooks.py``; one read): the choice is the
+        deployment's, not this process's."""
+        announced = not self.hooks and bool(self.client.exists(announcement))
+        self.settings[7] = "1" if self.hooks or announced else "0"
 
     @property
     def scripts(self) -> tuple[Script, ...]:
@@ -344,13 +357,14 @@ class ConversationStore:
         so a failover cannot lose a counted message. Even a script that wrote nothing (a
         redelivery answered from memory) must be confirmed: on a master whose replica was just
         promoted WAIT returns 0, and that memory may be about to vanish. Idle connections are
-        then dropped, so that the next one asks Sentinel where the master is.
+        then dropped, so that the next one asks Sentinel where the master is; on a Cluster the
+        client's view of the slots is refreshed instead (``confirming``).
         """
         for attempt in (1, 2):  # redis-py's Script.__call__, less its per-call import
             try:
                 if not self.wait_replicas:
                     return self.client.evalsha(script.sha, len(keys), *keys, *args)
-                pipe = self.client.pipeline(transaction=False)
+                pipe = self.confirming(keys[0])
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
                 pipe.wait(self.wait_replicas, self.wait_ms)
                 result, acknowledged = pipe.execute()
@@ -359,12 +373,43 @@ class ConversationStore:
                 if attempt == 2:
                     raise
                 script.redis.sha = self.client.script_load(script.source.text)
+            except (AskError, TryAgainError, ClusterError) as error:  # MOVED included: the slot moved
+                self._refresh_slots()
+                raise error
             except ResponseError as error:
                 raise script.source.explain(error) from error
+            except UNAVAILABLE:
+                if self.cluster:  # a master gone: where is its slot now?
+                    self._refresh_slots()
+                raise
         if acknowledged < self.wait_replicas:
-            self.client.connection_pool.disconnect(inuse_connections=False)
+            if self.cluster:
+                self._refresh_slots()
+            else:
+                self.client.connection_pool.disconnect(inuse_connections=False)
             raise NotReplicated(f"{acknowledged} of {self.wait_replicas} replicas confirmed")
         return result
+
+    def confirming(self, key: str) -> Any:
+        """A pipeline whose ``WAIT`` confirms the writes of the connection its other commands
+        run on: the client's, or on a Cluster the connection of the master that owns ``key``'s
+        slot (a Cluster pipeline sends a keyless ``WAIT`` to a node of its own choosing). Such
+        a pipeline does not follow ``MOVED``: ``_run`` refreshes the slots and answers 503."""
+        if self.cluster:
+            node = self.client.get_node_from_key(key)
+            connection = node.redis_connection if node is not None else None
+            if connection is None:  # another thread is refreshing the nodes: an outage meanwhile
+                raise ConnectionError("the Cluster's nodes are being refreshed")
+            return connection.pipeline(transaction=False)
+        return self.client.pipeline(transaction=False)
+
+    def _refresh_slots(self) -> None:
+        """A Cluster's slots and masters asked again (best effort: during a failover no node
+        may know yet)."""
+        try:
+            self.client.nodes_manager.initialize()
+        except UNAVAILABLE as error:
+            log.info("could not refresh the Cluster's slots: %s", type(error).__name__)
 
     def claim(self, keys: ConversationKeys, token: str, lease_ms: int) -> dict | None:
         """CLAIM: the conversation's next outbound message if it is due, held for ``lease_ms``

@@ -144,11 +144,12 @@ class Topology:
 
 
 @contextmanager
-def redis_cluster(directory: Path):
-    """Three masters, no replicas, all 16384 slots covered; REDIS_URL ``redis+cluster://``."""
+def redis_cluster(directory: Path, replicas: int = 0):
+    """Three masters, each with ``replicas`` replicas in sync, all 16384 slots covered;
+    REDIS_URL ``redis+cluster://`` (every node)."""
     cluster = Topology(directory)
     try:
-        for _ in range(3):
+        for _ in range(3 * (1 + replicas)):
             cluster.start(
                 "--cluster-enabled",
                 "yes",
@@ -165,7 +166,7 @@ def redis_cluster(directory: Path):
                 "create",
                 *addresses,
                 "--cluster-replicas",
-                "0",
+                str(replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -177,10 +178,21 @@ def redis_cluster(directory: Path):
                 lambda: node.client().execute_command("CLUSTER INFO")["cluster_state"] == "ok",
                 what="cluster_state:ok",
             )
+        for node in cluster.nodes:
+            wait_until(lambda: replicas_in_sync(node) in (0, replicas), what="replicas in sync")
         cluster.url = "redis+cluster://" + ",".join(addresses)
         yield cluster
     finally:
         cluster.stop()
+
+
+def replicas_in_sync(node: RedisProcess) -> int | None:
+    """A master's replicas that are online; 0 for a replica whose link is up; else None."""
+    info = node.client().info("replication")
+    if info["role"] == "master":
+        links = [value for name, value in info.items() if name.startswith("slave")]
+        return sum(1 for link in links if link["state"] == "online")
+    return 0 if info.get("master_link_status") == "up" else None
 
 
 def replicated_write(client: redis.Redis) -> bool:
