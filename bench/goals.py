@@ -51,6 +51,12 @@ GOALS = (
         600,
         True,
     ),
+    Goal(
+        "webhook_while_sending",
+        "webhook throughput while its workers' senders deliver vs with nothing to send (x)",
+        0.95,
+        False,
+    ),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
@@ -63,6 +69,8 @@ REFERENCES = {
     "throughput_vs_plain": "throughput vs bare Flask-Session, no signature check (x)",
     "throughput_vs_cookie": "throughput vs the cookie-only tutorial app, no server state (x)",
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
+    "webhook_beside_sender_process": "webhook throughput beside a sender process (workers "
+    "without an account) vs with nothing to send (x)",
 }
 
 

@@ -16,8 +16,9 @@ round trips per message of each contender (counted by Redis's ``MONITOR``), a ho
 conversation, Redis memory per conversation, Redis CPU per script and message
 (``bench/redis_cpu.py``), the operators' queries at 1M conversations
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
-(``bench/profile.py``), the goals of ``bench/goals.py`` and its reference figures. Report: stdout
-and a JSON file.
+(``bench/profile.py``), outbound messages (``bench/outbound.py``: the sender's rate against
+the Twilio stand-in, the webhook's throughput while it sends), the goals of
+``bench/goals.py`` and its reference figures. Report: stdout and a JSON file.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 import redis
 
 from bench import goals as bench_goals
+from bench import outbound as bench_outbound
 from bench import profile as bench_profile
 from bench import redis_cpu
 from bench.profile import COMPONENTS, CONTENDERS
@@ -185,14 +187,21 @@ class Contender(Gunicorn):
     """One app under gunicorn with ``WORKERS`` workers of ``model``; the service with its own
     configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines)."""
 
-    def __init__(self, name: str, model: WorkerModel, redis_url: str):
+    def __init__(
+        self, name: str, model: WorkerModel, redis_url: str, extra_env: dict[str, str] | None = None
+    ):
+        """``extra_env``: more of the service's settings (the outbound part's account)."""
         app, cookie = {
             "service": ("service:create_app()", "sms_session"),
             "validated": ("bench.validated_app:app", "session"),
             "plain": ("bench.plain_session_app:app", "session"),
             "cookie": ("bench.cookie_app:app", "session"),
         }[name]
-        env = {"TWILIO_AUTH_TOKEN": TOKEN, **({"REDIS_URL": redis_url} if name != "cookie" else {})}
+        env = {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            **({"REDIS_URL": redis_url} if name != "cookie" else {}),
+            **(extra_env or {}),
+        }
         super().__init__(
             env,
             workers=WORKERS,
@@ -629,6 +638,38 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     return report
 
 
+def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) -> dict:
+    """The sender's rate against the Twilio stand-in, and the webhook's throughput while the
+    workers' senders deliver against without (``bench/outbound.py``)."""
+    load = {
+        "messages": profile.messages,
+        "burst_first": profile.burst_first,
+        "burst": profile.burst,
+        "redeliver": profile.redeliver,
+        "concurrency": profile.concurrency,
+    }
+
+    def start_service(env: dict[str, str]) -> Contender:
+        server = Contender("service", shipped, redis_server.url, extra_env=env)
+        server.wait_ready()
+        drive(server, redis_server, {**load, "run": 59, "messages": 2, "senders": senders(59, 20)})  # warm-up
+        return server
+
+    def drive_once(server, run: int) -> dict:
+        return drive(
+            server,
+            redis_server,
+            {**load, "run": run, "senders": senders(run, profile.conversations), "seed": run},
+        )
+
+    print(
+        "outbound: sender processes against the Twilio stand-in, then the webhook with and without sending",
+        flush=True,
+    )
+    chosen = bench_outbound.QUICK if profile.name == "quick" else bench_outbound.FULL
+    return bench_outbound.measure(chosen, TOKEN, redis_server, start_service, drive_once)
+
+
 def judged(report: dict) -> dict[str, float]:
     """The figures ``bench/goals.py`` names, from this report (the worker model the service ships)."""
     shipped = report["throughput"][report["worker_models"]["shipped"]]
@@ -647,6 +688,8 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_first_message": report["memory"]["first_message"]["bytes_per_conversation"],
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
+        "webhook_while_sending": report["outbound"]["webhook"]["ratio"],
+        "webhook_beside_sender_process": report["outbound"]["webhook"]["ratio_sender_process"],
     }
 
 
@@ -710,6 +753,7 @@ def benchmark(profile: Profile) -> dict:
         )
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
+        report["outbound"] = outbound(profile, shipped, redis_server)
     measured = judged(report)
     report["goals"] = bench_goals.check(measured)
     report["references"] = bench_goals.references(measured)
@@ -792,6 +836,15 @@ def render(report: dict) -> str:
     out.append(
         f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
         f"{ops.get('figures', ops.get('reason'))}"
+    )
+    sent = report["outbound"]
+    out.append(
+        "outbound: the sender hands to the stand-in "
+        + ", ".join(
+            f"{r['messages_per_s']:.0f} messages/s with {r['processes']} process(es)" for r in sent["sender"]
+        )
+        + f"; the webhook while its workers send: {sent['webhook']['ratio']:.2f}x its throughput "
+        f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x"
     )
     for goal in report["goals"]:
         measured = goal["measured"]

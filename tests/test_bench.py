@@ -29,6 +29,7 @@ SECTIONS = {
     "memory",
     "redis_cpu",
     "ops_at_scale",
+    "outbound",
     "goals",
     "references",
 }
@@ -74,6 +75,11 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
     assert all(isinstance(v, float) for v in report["redis_cpu"]["cpu_us_per_message"].values())
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
+    assert [row["processes"] for row in report["outbound"]["sender"]] == [1, 2]
+    for row in report["outbound"]["sender"]:
+        assert row["handed"] == row["messages"]  # every queued message went out
+        assert row["messages_per_s"] > 0
+    assert report["outbound"]["webhook"]["ratio"] > 0
     assert all(
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
