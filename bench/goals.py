@@ -71,6 +71,8 @@ REFERENCES = {
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
     "webhook_beside_sender_process": "webhook throughput beside a sender process (workers "
     "without an account) vs with nothing to send (x)",
+    "webhook_sending_paced": "webhook throughput while its workers send messages queued at a "
+    "tenth of its rate vs with nothing to send (x)",
 }
 
 

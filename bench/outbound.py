@@ -14,7 +14,9 @@ account, so each worker runs its sender; ``bench/loadgen.py`` drives it, in turn
 outbox and with a backlog large enough to outlast the load (the report says how many
 conversations were still queued at the end: more than none means the senders ran throughout);
 and, as a reference, the same workers without an account beside one ``sms-sessions sender``
-process delivering such a backlog. Medians over rounds. Everything shares the machine's
+process delivering such a backlog; and the workers' senders delivering messages queued during
+the run at a tenth of the webhook's rate (what an app that sends some of its answers later
+queues), not a backlog drained flat out. Medians over rounds. Everything shares the machine's
 cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook too.
 """
 
@@ -24,6 +26,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from tests.support.waiting import wait_for_http
 ROOT = Path(__file__).resolve().parent.parent
 OUR_NUMBER = "+15550001111"
 KEYS = Keys()
+PACED_SHARE = 0.1  # the paced run queues this share of the webhook's idle rate
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,18 @@ def queue(settings: dict[str, str], messages: int, conversations: int, series: i
     for n in range(messages):
         send(numbers[n % conversations], f"Reminder {n}: your appointment is at 3 pm.", app=app)
     return numbers
+
+
+def pace(settings: dict[str, str], rate: float, series: int, stop: threading.Event) -> None:
+    """Queues messages at ``rate`` a second (to 50 conversations) until ``stop``."""
+    app = create_app(dict(settings))
+    numbers, n, started = phones(50, series), 0, time.monotonic()
+    while not stop.is_set():
+        due = started + n / rate
+        if stop.wait(max(0.0, due - time.monotonic())):
+            return
+        send(numbers[n % len(numbers)], f"Your table is ready ({n}).", app=app)
+        n += 1
 
 
 def outbox_left(client: redis.Redis) -> int:
@@ -191,7 +207,7 @@ def measure(
         plain = start_service({name: v for name, v in settings.items() if name != "TWILIO_ACCOUNT_SID"})
         fastest = max(rate["messages_per_s"] for rate in rates) or 100
         try:
-            idle, workers, beside, left = [], [], [], []
+            idle, workers, beside, paced, left = [], [], [], [], []
             for number in range(profile.rounds):
                 quiet = drive(serving, 60 + 3 * number)
                 idle.append(quiet["throughput_rps"])
@@ -216,10 +232,23 @@ def measure(
                     process.wait(timeout=30)
                 left.append(outbox_left(client))
                 client.delete(*KEYS.dues())
+                # Paced: messages queued during the run at a tenth of the webhook's rate, as an
+                # app that answers some messages later, or sends reminders, queues them.
+                stop = threading.Event()
+                pacer = threading.Thread(
+                    target=pace, args=(settings, idle[-1] * PACED_SHARE, 40 + number, stop), daemon=True
+                )
+                pacer.start()
+                try:
+                    paced.append(drive(serving, 63 + 3 * number)["throughput_rps"])
+                finally:
+                    stop.set()
+                    pacer.join()
                 print(
                     f"  outbound: webhook {idle[-1]:.0f} req/s with nothing to send, {workers[-1]:.0f} "
                     f"while its workers send, {beside[-1]:.0f} beside a sender process ({backlog} "
-                    f"queued each time; conversations still queued after: {left[-2]}, {left[-1]})",
+                    f"queued each time; conversations still queued after: {left[-2]}, {left[-1]}), "
+                    f"{paced[-1]:.0f} while its workers send {PACED_SHARE:.0%} of that rate as queued",
                     flush=True,
                 )
         finally:
@@ -237,5 +266,33 @@ def measure(
             "conversations_still_queued_after": left,
             "ratio": statistics.median(workers) / base,
             "ratio_sender_process": statistics.median(beside) / base,
+            "paced_rps": paced,
+            "paced_share": PACED_SHARE,
+            "ratio_paced": statistics.median(paced) / base,
         },
     }
+
+
+def main() -> None:
+    """This part alone: ``python -m bench.outbound [--quick]`` (its own redis-server)."""
+    import argparse
+    import tempfile
+
+    from bench import run
+
+    parser = argparse.ArgumentParser(
+        description="outbound messages: the sender's rate, the webhook while it sends"
+    )
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    profile = run.QUICK if quick else run.FULL
+    with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
+        redis_server = run.RedisServer(Path(workdir))
+        try:
+            print(json.dumps(run.outbound(profile, run.shipped_model(), redis_server), indent=2))
+        finally:
+            redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -690,6 +690,7 @@ def judged(report: dict) -> dict[str, float]:
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
         "webhook_while_sending": report["outbound"]["webhook"]["ratio"],
         "webhook_beside_sender_process": report["outbound"]["webhook"]["ratio_sender_process"],
+        "webhook_sending_paced": report["outbound"]["webhook"]["ratio_paced"],
     }
 
 
@@ -844,7 +845,8 @@ def render(report: dict) -> str:
             f"{r['messages_per_s']:.0f} messages/s with {r['processes']} process(es)" for r in sent["sender"]
         )
         + f"; the webhook while its workers send: {sent['webhook']['ratio']:.2f}x its throughput "
-        f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x"
+        f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x, "
+        f"sending a tenth of its rate as queued {sent['webhook']['ratio_paced']:.2f}x"
     )
     for goal in report["goals"]:
         measured = goal["measured"]
