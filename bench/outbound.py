@@ -23,6 +23,7 @@ cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook to
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -141,12 +142,25 @@ def handed_times(client: redis.Redis, numbers: list[str]) -> list[int]:
     return sorted(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user and system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
 def sender_rate(
-    settings: dict[str, str], client: redis.Redis, profile: OutboundProfile, processes: int
+    settings: dict[str, str], client: redis.Redis, profile: OutboundProfile, processes: int, standin: Standin
 ) -> dict:
-    """Messages a second ``processes`` sender processes hand to the stand-in."""
+    """Messages a second ``processes`` sender processes hand to the stand-in, and the CPU a
+    message took in each part (the senders, the stand-in, Redis)."""
     numbers = queue(settings, profile.messages, profile.conversations, series=10 + processes)
     env = {**hermetic_environment(), **settings}
+    standin_before, redis_before = cpu_seconds(standin.process.pid), redis_cpu_seconds(client)
     started = [
         subprocess.Popen(
             [bin_path("sms-sessions"), "sender"],
@@ -161,6 +175,7 @@ def sender_rate(
         deadline = time.monotonic() + 300
         while outbox_left(client) and time.monotonic() < deadline:
             time.sleep(0.2)
+        senders_cpu = sum(cpu_seconds(process.pid) for process in started)
     finally:
         for process in started:
             process.terminate()
@@ -173,6 +188,11 @@ def sender_rate(
         "messages": profile.messages,
         "handed": len(times),
         "messages_per_s": (len(times) - 1) / span if span else 0.0,
+        "cpu_us_per_message": {
+            "senders": senders_cpu * 1e6 / max(len(times), 1),
+            "standin": (cpu_seconds(standin.process.pid) - standin_before) * 1e6 / max(len(times), 1),
+            "redis": (redis_cpu_seconds(client) - redis_before) * 1e6 / max(len(times), 1),
+        },
     }
 
 
@@ -194,9 +214,10 @@ def measure(
         for processes in profile.processes:
             client.flushall()
             standin.reset()
-            rates.append(sender_rate(settings, client, profile, processes))
+            rates.append(sender_rate(settings, client, profile, processes, standin))
             print(
-                f"  outbound: {processes} sender process(es): {rates[-1]['messages_per_s']:.0f} messages/s",
+                f"  outbound: {processes} sender process(es): {rates[-1]['messages_per_s']:.0f} messages/s; "
+                f"CPU us a message: {rates[-1]['cpu_us_per_message']}",
                 flush=True,
             )
         client.flushall()
