@@ -18,7 +18,7 @@ import redis
 from flask import Blueprint, Flask
 
 from .logs import report
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,9 @@ def readyz():
         else:
             wired.redis.set(key, "1", px=1000)
             wired.redis.delete(key)
-    except UNAVAILABLE as error:
+    except Exception as error:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(error):
+            raise
         wired.metrics.count_redis_error()
         report(log, f"not ready: Redis {refusal(error)}")
         return {"status": "unavailable", "redis": refusal(error)}, 503

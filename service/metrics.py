@@ -21,7 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .handler import END_REASONS
 from .logs import report
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class StoreGauges:
     def collect(self):
         try:
             count, last_hour = self.count(), self.last_hour()
-        except UNAVAILABLE as error:
+        except Exception as error:  # redis_client.is_outage: redis-py's own failures too
+            if not is_outage(error):
+                raise
             self.on_error()
             report(log, f"conversations not counted: Redis {type(error).__name__}")
             return

@@ -26,7 +26,7 @@ from .clock import duration
 from .live import BadCursor, LiveConversation
 from .outbound_view import PREVIEW, OutboundView
 from .outbox import Refused
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,9 @@ def run(command):
         )
     try:
         return command()
-    except UNAVAILABLE as failure:
+    except Exception as failure:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(failure):
+            raise
         detail = str(failure).strip().splitlines()
         click.echo(
             f"Redis unavailable: {type(failure).__name__}" + (f": {detail[0]}" if detail else ""), err=True

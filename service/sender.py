@@ -36,7 +36,7 @@ from .delivery import Accepted, Delivery, Outcome, Permanent, RetryLater, callba
 from .keys import ConversationKeys
 from .outbound_view import OutboundView
 from .outbox import Outgoing, Refused, refusal
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .settings import ConfigError
 from .wiring import Wiring, current
 
@@ -137,10 +137,11 @@ class Sender:
                 attempts += 1
                 if self.attempt(keys, token, claimed) == "retry":
                     break
-        except UNAVAILABLE as error:
-            log.warning("outbound delivery paused: Redis %s", type(error).__name__)
-        except Exception:  # a bug must not stop the loop; the claim's lease lets it be retried
-            log.exception("outbound delivery failed unexpectedly")
+        except Exception as error:  # the claim's lease lets another pass retry the message
+            if is_outage(error):
+                log.warning("outbound delivery paused: Redis %s", type(error).__name__)
+            else:
+                log.exception("outbound delivery failed")
         return attempts
 
     def attempt(self, keys: ConversationKeys, token: str, claimed: dict) -> str:
@@ -238,8 +239,11 @@ class Sender:
             try:
                 with self.app.app_context():
                     sent = self.send_due()
-            except UNAVAILABLE as error:
-                log.warning("outbound pass skipped: Redis %s", type(error).__name__)
+            except Exception as error:  # the thread goes on: a bug is logged, an outage waits
+                if is_outage(error):
+                    log.warning("outbound pass skipped: Redis %s", type(error).__name__)
+                else:
+                    log.exception("outbound pass failed")
             if not sent:
                 self.stopping.wait(self.interval)
 

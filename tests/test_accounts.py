@@ -122,6 +122,24 @@ def test_the_request_s_account_chooses_the_tokens_tried(redis_url, redis_client,
     }
 
 
+def test_status_callbacks_are_checked_with_the_same_accounts_tokens(redis_url):
+    """Twilio signs a message's status callbacks as it signs its webhooks, with the sending
+    account's token: /sms/status accepts what /sms accepts, per account, and nothing else. (A
+    callback for a message the service does not hold is a 404, past the signature check.)"""
+    app = accounts_app(redis_url)
+    url = f"http://localhost/sms/status?m=x|{REY}|{OURS}"
+
+    def status(account, token):
+        form = {"MessageSid": "SM" + "0" * 32, "MessageStatus": "delivered", "AccountSid": account}
+        return post(app, form, token, url=url).status_code
+
+    assert status(ALICE, "alice-new") == 404
+    assert status(ALICE, "alice-old") == 404  # a rotation's older token, as for messages
+    assert status(BOB, "bob-token") == 404
+    assert status(ALICE, "bob-token") == 403
+    assert status(CAROL, "alice-new") == 403
+
+
 def test_an_unknown_account_is_refused_and_named_in_the_line(summaries):
     app = accounts_app()
     summaries()

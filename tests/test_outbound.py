@@ -194,8 +194,10 @@ def test_status_callbacks_reach_the_record_and_on_status(served, standin, redis_
     app, sender, updates = served
     assert text(app.test_client(), "hi").status_code == 200
     drain(sender)
-    wait_until(lambda: records(redis_client)[0]["status"] == "delivered", what="delivered")
+    # The three callbacks answered: on_status runs after the record is written.
+    wait_until(lambda: len(app.callbacks) == 3, what="the three callbacks")
     [record] = records(redis_client)
+    assert record["status"] == "delivered"
     assert [update.status for update in updates] == ["queued", "sent", "delivered"]
     assert {update.sid for update in updates} == {record["sid"]}
     assert updates[0].to == REY
@@ -225,7 +227,8 @@ def test_a_failure_callback_records_twilios_error_code(served, standin, redis_cl
     standin.fault(to=REY, fail=30003)
     assert text(app.test_client(), "hi").status_code == 200
     drain(sender)
-    wait_until(lambda: records(redis_client)[0]["status"] == "undelivered", what="undelivered")
+    wait_until(lambda: updates and updates[-1].status == "undelivered", what="undelivered told")
+    assert records(redis_client)[0]["status"] == "undelivered"
     assert records(redis_client)[0]["error_code"] == "30003"
     assert updates[-1].error_code == "30003"
 

@@ -187,3 +187,16 @@ def test_200_messages_to_20_conversations_keep_commit_order_while_inbound_arrive
         assert state == {"n": INBOUND}
         assert all(state["stage"] == "handed" for state in states(redis_client, number))
     assert sum(redis_client.llen(Keys().conversation(number, OURS).outbound) for number in numbers) == 0
+
+
+def test_a_lost_answer_is_looked_up_not_resent(standin, redis_url, redis_client):
+    """Twilio stored the create and the connection closed without its answer: the retry finds
+    the message (find_sent) and records it; it is not sent twice."""
+    app = create_app({**standin.config(**FAST), "REDIS_URL": redis_url})
+    standin.fault(to=REY, count=1, lose_answer=True)
+    send(REY, "Only once, please", app=app)
+    recover(app, lambda: states(redis_client)[0]["stage"] == "handed", "the message recorded")
+    [stored] = held(standin)
+    [state] = states(redis_client)
+    assert state["sid"] == stored["sid"]
+    assert state["attempts"] == 2

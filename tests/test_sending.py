@@ -175,3 +175,18 @@ def test_a_conversation_started_by_sending_is_live_for_operators(app):
     assert shown.json["state"] == {"appointment": "3 pm"}
     assert shown.json["last_seen"] == shown.json["first_seen"]
     assert sent.started
+
+
+def test_twilios_own_opt_out_refusal_is_kept_as_an_opt_out(app, standin):
+    """An opt-out this service never saw (say, made before it ran): Twilio refuses with 21610,
+    and from then on sending is refused here, before any call, until START."""
+    send(REY, "hello", app=app)
+    standin.fault(to=REY, count=1, error=21610)
+    drain(app)
+    with pytest.raises(Refused) as refused:
+        send(REY, "again", app=app)
+    assert refused.value.code == 21610
+    assert text(app, "START").status_code == 200
+    send(REY, "welcome back", app=app)
+    drain(app)
+    assert held(standin) == ["echo START", "welcome back"]

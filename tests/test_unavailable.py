@@ -63,3 +63,23 @@ def test_redis_paused_answers_503_and_the_conversation_goes_on(own_redis, twilio
     later = twilio.send(REY, OURS, "after pause")
     assert later.status == 200
     assert later.reply == count_reply("Rey", 2)
+
+
+def test_redis_py_failing_in_its_own_way_is_an_outage_for_every_reader(redis_url):
+    """What redis-py raises from its own code when a connection is reset under another thread
+    (``AttributeError … 'feed'``, redis-py issue 2967; ``tests/test_cluster.py`` has the
+    webhook's case): /readyz answers 503 and /metrics leaves the gauge out, as for any outage,
+    rather than a 500."""
+    from service.wiring import current
+    from tests.test_cluster import ReaderGone
+
+    app = make_app(REDIS_URL=redis_url)
+    client = app.test_client()
+    for path, status, absent in (("/readyz", 503, None), ("/metrics", 200, "sms_active_conversations ")):
+        assert client.get("/readyz").status_code == 200  # a pooled connection, connected
+        for connection in current(app).redis.connection_pool._available_connections:
+            connection._parser._reader = ReaderGone()
+        response = client.get(path)
+        assert response.status_code == status, path
+        if absent:
+            assert absent not in response.get_data(as_text=True)

@@ -1,6 +1,7 @@
 -- FINISH (the sender): records an attempt's outcome on the message its claim took, if the claim
 -- is still the sender's. Handed to Twilio or refused for good, the message leaves the outbox and
 -- the conversation's next one is due now; to retry, it stays first and is due after the delay.
+-- Twilio's 21610 (the number opted out) is noted as an opt-out (KEYS[13]), as an inbound STOP is.
 --
 -- uses: common.lua outbound.lua
 -- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
@@ -35,6 +36,10 @@ else
     if moves_up(state.status, second) then state.status = second end
   else
     state.stage, state.status, state.error_code, state.error_message = 'failed', 'failed', first, second
+    if first == '21610' then  -- Twilio knows of an opt-out this service missed: kept as its own
+      local number = pair(member)
+      if redis.call('HEXISTS', contacts, number) == 0 then redis.call('HSET', contacts, number, now) end
+    end
   end
   state.maybe_accepted, state.next_at, state.reason = nil, nil, nil
   redis.call('LPOP', outbound)
