@@ -232,8 +232,9 @@ def measure(
             for number in range(profile.rounds):
                 quiet = drive(serving, 60 + 3 * number)
                 idle.append(quiet["throughput_rps"])
-                # A backlog that outlasts the next run at the fastest measured rate, twice over.
-                backlog = int(fastest * quiet["wall_s"] * 2) + 100
+                # A backlog that outlasts the next run at the fastest measured rate, four times over
+                # (a run while sending takes longer than one without).
+                backlog = int(fastest * quiet["wall_s"] * 4) + 100
                 queue(settings, backlog, profile.conversations, series=30 + 2 * number)
                 workers.append(drive(serving, 61 + 3 * number)["throughput_rps"])
                 left.append(outbox_left(client))
