@@ -2,7 +2,10 @@
 ``bench/ops_at_scale.py`` against the operators' rows.
 
 Ratios are the service's figure over the other contender's, in one ``make bench`` run with the
-same workers and load, under the worker model ``config/gunicorn.conf.py`` ships. The peer every
+same workers and load, under the worker model ``config/gunicorn.conf.py`` ships (and, for
+``throughput_vs_sync``, the service's own figure under gunicorn's sync worker: what the
+protection against stalled clients and slow handlers costs). ``stall_p99_ms`` and
+``slow_handlers_answered`` are ``bench/stalls.py``'s. The peer every
 ratio goal is judged against is "validated": plain Flask-Session behind Twilio's documented
 signature decorator (``bench/validated_app.py``), what a careful user deploys instead of this
 service. Bare Flask-Session (no signature check) and the cookie app (no server state) do less
@@ -37,6 +40,24 @@ GOALS = (
     Goal("throughput_vs_validated", "throughput vs Flask-Session + Twilio's validator (x)", 1.0, False),
     Goal("p99_vs_validated", "p99 vs Flask-Session + Twilio's validator (x)", 1.0, True),
     Goal("app_cpu_vs_validated", "app CPU per message vs Flask-Session + Twilio's validator (x)", 1.0, True),
+    Goal(
+        "throughput_vs_sync",
+        "throughput under the shipped worker class vs the same code under gunicorn's sync worker (x)",
+        0.95,
+        False,
+    ),
+    Goal(
+        "stall_p99_ms",
+        "a good client's p99 while hostile clients hold connections, worst of bench/stalls.py's runs (ms)",
+        100,
+        True,
+    ),
+    Goal(
+        "slow_handlers_answered",
+        "share of 1,000 conversations messaging a 2 s handler at once answered and saved once",
+        1.0,
+        False,
+    ),
     Goal("round_trips", "Redis round trips per message, worst case", 2, True),
     Goal("lost_or_double_counted", "messages lost or double-counted by the service", 0, True),
     Goal(
@@ -57,6 +78,7 @@ GOALS = (
         0.95,
         False,
     ),
+    Goal("transcripts_throughput_vs_off", "throughput with TRANSCRIPTS=1 vs off (x)", 0.9, False),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
@@ -73,6 +95,8 @@ REFERENCES = {
     "without an account) vs with nothing to send (x)",
     "webhook_sending_paced": "webhook throughput while its workers send messages queued at a "
     "tenth of its rate vs with nothing to send (x)",
+    "bytes_per_transcript_entry": "Redis bytes per transcript entry (a message in or a reply)",
+    "app_cpu_vs_sync": "app CPU per message under the shipped worker class vs under sync (x)",
 }
 
 

@@ -10,15 +10,19 @@ starts on a free port (never 6379):
 - ``cookie``: Twilio's tutorial, the counter in Flask's signed-cookie session (``bench/cookie_app.py``).
 
 Each is driven by ``bench/loadgen.py`` in a separate process with the same Twilio-faithful load,
-alternating contenders (and gunicorn worker models: the one ``config/gunicorn.conf.py`` ships
-and sync) over several rounds so that machine drift cancels; the report gives medians. Then
+alternating contenders over several rounds so that machine drift cancels; the report gives
+medians. Every contender runs under the worker model ``config/gunicorn.conf.py`` ships, and
+the service and the validated peer also under gunicorn's other worker classes (sync, gthread),
+side by side. Then
 round trips per message of each contender (counted by Redis's ``MONITOR``), a hot
 conversation, Redis memory per conversation, Redis CPU per script and message
 (``bench/redis_cpu.py``), the operators' queries at 1M conversations
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
-(``bench/profile.py``), outbound messages (``bench/outbound.py``: the sender's rate against
-the Twilio stand-in, the webhook's throughput while it sends), the goals of
-``bench/goals.py`` and its reference figures. Report: stdout and a JSON file.
+(``bench/profile.py``), transcripts' cost (throughput on against off, memory per entry:
+``bench/transcripts.py``), a good client's latency while hostile clients hold connections
+(``bench/stalls.py``), outbound messages (``bench/outbound.py``: the sender's rate against the
+Twilio stand-in, the webhook's throughput while it sends), the goals of ``bench/goals.py`` and
+its reference figures. Report: stdout and a JSON file.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from bench import goals as bench_goals
 from bench import outbound as bench_outbound
 from bench import profile as bench_profile
 from bench import redis_cpu
+from bench import stalls as bench_stalls
+from bench import transcripts as bench_transcripts
 from bench.profile import COMPONENTS, CONTENDERS
 from service import settings
 from service.clock import now_ms
@@ -55,7 +61,7 @@ from service.keys import Keys
 from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
 from service.store import ConversationStore, Opened
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.app_servers import GUNICORN_CONF, Gunicorn, gunicorn_settings, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.replies import count_reply, thanks
 
@@ -86,6 +92,7 @@ class Profile:
     profile_pairs: int = 200  # bench/profile.py: pairs of 10 messages per pass
     profile_passes: int = 3
     instructions_pairs: int = 50  # the same under callgrind (0: not measured)
+    slow_conversations: int = 1000  # bench/stalls.py: conversations at once to a 2 s handler
 
 
 FULL = Profile(
@@ -112,6 +119,7 @@ QUICK = Profile(
     instructions_pairs=0,
     redis_cpu_conversations=500,
     redis_cpu_repeats=1,
+    slow_conversations=50,
 )
 
 
@@ -158,39 +166,24 @@ class WorkerModel:
 SYNC = WorkerModel("sync")
 
 
+GTHREAD = WorkerModel("gthread", 12)  # what config/gunicorn.conf.py gives gthread with 2 workers
+# Beside the shipped model: the fast path of the service and the validated peer under the others.
+SIDE_CONTENDERS = ("service", "validated")
+
+
 def shipped_model() -> WorkerModel:
     """The worker model ``config/gunicorn.conf.py`` ships, as gunicorn reads it."""
-    with tempfile.TemporaryDirectory() as metrics:
-        env = {
-            **hermetic_environment(),
-            "WEB_CONCURRENCY": str(WORKERS),
-            "TWILIO_AUTH_TOKEN": TOKEN,
-            "PROMETHEUS_MULTIPROC_DIR": metrics,
-        }
-        printed = subprocess.run(
-            [bin_path("gunicorn"), "--print-config", "-c", GUNICORN_CONF, "service:create_app()"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    config = {
-        name.strip(): value.strip()
-        for name, _, value in (line.partition("=") for line in printed.splitlines())
-    }
+    config = gunicorn_settings({"WEB_CONCURRENCY": str(WORKERS)})
     return WorkerModel(config["worker_class"], int(config["threads"]))
 
 
 class Contender(Gunicorn):
     """One app under gunicorn with ``WORKERS`` workers of ``model``; the service with its own
-    configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines)."""
+    configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines),
+    the model chosen by its ``WORKER_CLASS``, the others by gunicorn's flags."""
 
-    def __init__(
-        self, name: str, model: WorkerModel, redis_url: str, extra_env: dict[str, str] | None = None
-    ):
-        """``extra_env``: more of the service's settings (the outbound part's account)."""
+    def __init__(self, name: str, model: WorkerModel, redis_url: str, settings: dict | None = None):
+        """``settings``: the service's, over its defaults (``TRANSCRIPTS=1``)."""
         app, cookie = {
             "service": ("service:create_app()", "sms_session"),
             "validated": ("bench.validated_app:app", "session"),
@@ -200,14 +193,16 @@ class Contender(Gunicorn):
         env = {
             "TWILIO_AUTH_TOKEN": TOKEN,
             **({"REDIS_URL": redis_url} if name != "cookie" else {}),
-            **(extra_env or {}),
+            **(settings or {}),
         }
+        if name == "service":  # its configuration picks the class (and whether gevent patches)
+            env["WORKER_CLASS"] = model.worker_class
         super().__init__(
             env,
             workers=WORKERS,
             app=app,
             config=GUNICORN_CONF if name == "service" else None,
-            extra_args=(*model.args(), "--log-level", "warning"),
+            extra_args=(*(() if name == "service" else model.args()), "--log-level", "warning"),
         )
         self.name, self.model, self.cookie = name, model, cookie
 
@@ -247,8 +242,11 @@ def drive(contender: Contender, redis_server: RedisServer, plan: dict) -> dict:
         capture_output=True,
         text=True,
         timeout=plan["deadline_s"] + 60,
-        check=True,
     )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"bench.loadgen against {contender.name} exited {done.returncode}: {done.stderr[-2000:]}"
+        )
     result = json.loads(done.stdout)
     result["server_cpu_s"] = contender.cpu_seconds() - server_cpu
     result["redis_cpu_s"] = redis_server.cpu_seconds() - redis_cpu
@@ -650,7 +648,7 @@ def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) 
     }
 
     def start_service(env: dict[str, str]) -> Contender:
-        server = Contender("service", shipped, redis_server.url, extra_env=env)
+        server = Contender("service", shipped, redis_server.url, env)
         server.wait_ready()
         drive(server, redis_server, {**load, "run": 59, "messages": 2, "senders": senders(59, 20)})  # warm-up
         return server
@@ -670,13 +668,74 @@ def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) 
     return bench_outbound.measure(chosen, TOKEN, redis_server, start_service, drive_once)
 
 
+def transcripts_throughput(profile: Profile, model: WorkerModel, redis_server: RedisServer) -> dict:
+    """The service with transcripts off and on (``TRANSCRIPTS=1``), the same load in turn in
+    every round (as ``throughput_rounds``): medians, and on over off."""
+    with ExitStack() as servers:
+        pair = []
+        for extra in ({}, {"TRANSCRIPTS": "1"}):
+            pair.append(Contender("service", model, redis_server.url, extra))
+            servers.callback(pair[-1].stop)
+        for contender in pair:
+            contender.wait_ready()
+        load = {
+            "messages": profile.messages,
+            "burst_first": profile.burst_first,
+            "burst": profile.burst,
+            "redeliver": profile.redeliver,
+            "concurrency": profile.concurrency,
+        }
+        for number, contender in enumerate(pair):  # warm-up
+            drive(
+                contender,
+                redis_server,
+                {**load, "run": 80 + number, "messages": 2, "senders": senders(80 + number, 8)},
+            )
+        results: dict[str, list[dict]] = {"off": [], "on": []}
+        for round_number in range(profile.rounds):
+            for label, contender in zip(("off", "on"), pair):
+                run = 60 + round_number * 2 + (label == "on")
+                result = drive(
+                    contender,
+                    redis_server,
+                    {
+                        **load,
+                        "run": run,
+                        "senders": senders(run, profile.conversations),
+                        "seed": round_number,
+                    },
+                )
+                results[label].append(result)
+                print(
+                    f"  round {round_number + 1} transcripts {label:3s} "
+                    f"{result['throughput_rps']:7.0f} req/s p99 {result['latency_ms']['p99']:6.2f} ms",
+                    flush=True,
+                )
+    medians = {label: statistics.median(r["throughput_rps"] for r in rows) for label, rows in results.items()}
+    p99 = {label: statistics.median(r["latency_ms"]["p99"] for r in rows) for label, rows in results.items()}
+    return {
+        "throughput_rps": medians,
+        "p99_ms": p99,
+        "rounds": {label: [round(r["throughput_rps"], 1) for r in rows] for label, rows in results.items()},
+        "on_vs_off": medians["on"] / medians["off"],
+    }
+
+
 def judged(report: dict) -> dict[str, float]:
     """The figures ``bench/goals.py`` names, from this report (the worker model the service ships)."""
     shipped = report["throughput"][report["worker_models"]["shipped"]]
     ratios = shipped["ratios"]
     ours = [report["correctness"][model]["service"] for model in report["correctness"]]
     ops = report["ops_at_scale"].get("figures", {})
+    by_model = report["throughput"]
+    ours_under = {model: section["contenders"]["service"] for model, section in by_model.items()}
     return {
+        "throughput_vs_sync": ours_under[report["worker_models"]["shipped"]]["throughput_rps"]
+        / ours_under[SYNC.name]["throughput_rps"],
+        "app_cpu_vs_sync": ours_under[report["worker_models"]["shipped"]]["cpu_us_per_request"]["server"]
+        / ours_under[SYNC.name]["cpu_us_per_request"]["server"],
+        "stall_p99_ms": report["stalls"]["worst_p99_ms"],
+        "slow_handlers_answered": answered_share(report["slow_handlers"][report["worker_models"]["shipped"]]),
         "throughput_vs_validated": ratios["service/validated"]["throughput"],
         "p99_vs_validated": ratios["service/validated"]["p99"],
         "app_cpu_vs_validated": ratios["service/validated"]["app_cpu"],
@@ -691,7 +750,14 @@ def judged(report: dict) -> dict[str, float]:
         "webhook_while_sending": report["outbound"]["webhook"]["ratio"],
         "webhook_beside_sender_process": report["outbound"]["webhook"]["ratio_sender_process"],
         "webhook_sending_paced": report["outbound"]["webhook"]["ratio_paced"],
+        "transcripts_throughput_vs_off": report["transcripts"]["throughput"]["on_vs_off"],
+        "bytes_per_transcript_entry": report["transcripts"]["memory"]["bytes_per_entry"],
     }
+
+
+def answered_share(run: dict) -> float:
+    """The share of a slow-handler run's conversations answered 200 and saved once."""
+    return min(run["statuses"].get("200", 0), run["saved_once"]) / run["conversations"]
 
 
 def machine(redis_server: RedisServer) -> dict:
@@ -707,7 +773,7 @@ def machine(redis_server: RedisServer) -> dict:
 def benchmark(profile: Profile) -> dict:
     started = time.monotonic()
     shipped = shipped_model()
-    models = [shipped] + ([SYNC] if shipped != SYNC else [])
+    models = [shipped] + [model for model in (SYNC, GTHREAD) if model != shipped]
     with tempfile.TemporaryDirectory(prefix="sms-bench-") as tmp, ExitStack() as cleanup:
         workdir = Path(tmp)
         redis_server = RedisServer(workdir)
@@ -718,8 +784,9 @@ def benchmark(profile: Profile) -> dict:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "worker_models": {"shipped": shipped.name, "measured": [m.name for m in models]},
             "settings": {
-                "gunicorn": f"{WORKERS} workers per contender, each worker model",
-                "service": "config/gunicorn.conf.py (its worker model overridden by flags for the others)",
+                "gunicorn": f"{WORKERS} workers per contender; the shipped worker model for all, "
+                "the others for the service and the validated peer",
+                "service": "config/gunicorn.conf.py, its WORKER_CLASS set for each model",
                 "redis": "one redis-server for all: config/redis.conf without persistence",
                 "load": "bench/loadgen.py, separate process",
             },
@@ -727,11 +794,11 @@ def benchmark(profile: Profile) -> dict:
         with ExitStack() as servers:
             contenders = []
             for model in models:
-                for name in CONTENDERS:
+                for name in CONTENDERS if model == shipped else SIDE_CONTENDERS:
                     contenders.append(Contender(name, model, redis_server.url))
                     servers.callback(contenders[-1].stop)
             for contender in contenders:
-                contender.wait_ready()
+                contender.wait_ready(120)  # eight gunicorns starting at once on a busy machine
             print(
                 f"throughput: {profile.rounds} rounds x {profile.conversations} conversations x "
                 f"{profile.messages} messages, {profile.concurrency} generator threads; worker models "
@@ -747,6 +814,14 @@ def benchmark(profile: Profile) -> dict:
                 name: hot_conversation(as_shipped[name], redis_server, profile.hot) for name in CONTENDERS
             }
         redis_server.client.flushall()
+        print("transcripts: the service with TRANSCRIPTS off and on, in turn", flush=True)
+        report["transcripts"] = {
+            "throughput": transcripts_throughput(profile, shipped, redis_server),
+            "memory": bench_transcripts.memory(
+                redis_server.client, profile.memory_conversations // 10, BURST_MESSAGES
+            ),
+        }
+        redis_server.client.flushall()
         report["cpu_profile"] = cpu_profile(profile, redis_server)
         report["memory"] = memory(redis_server, profile.memory_conversations)
         report["redis_cpu"] = redis_cpu.measure(
@@ -755,6 +830,19 @@ def benchmark(profile: Profile) -> dict:
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
         report["outbound"] = outbound(profile, shipped, redis_server)
+        print("stalls: the good client while hostile clients hold connections", flush=True)
+        report["stalls"] = bench_stalls.measure(
+            shipped.worker_class, quick=profile.name == "quick", workdir=workdir
+        )
+        print(
+            f"slow handlers: {profile.slow_conversations} conversations at once to a 2 s handler", flush=True
+        )
+        report["slow_handlers"] = {
+            worker_class: bench_stalls.slow_handlers(
+                worker_class, profile.slow_conversations, workdir=workdir
+            )
+            for worker_class in dict.fromkeys((shipped.worker_class, GTHREAD.worker_class))
+        }
     measured = judged(report)
     report["goals"] = bench_goals.check(measured)
     report["references"] = bench_goals.references(measured)
@@ -832,6 +920,14 @@ def render(report: dict) -> str:
             f"(hash {row['hash_encoding']}, {row['hash_memory_usage']} B; index "
             f"{row['index_encoding']}; started event {row['events_bytes_per_conversation']:.0f} B)"
         )
+    kept = report["transcripts"]
+    out.append(
+        f"transcripts: throughput on {kept['throughput']['throughput_rps']['on']:.0f} vs off "
+        f"{kept['throughput']['throughput_rps']['off']:.0f} req/s ({kept['throughput']['on_vs_off']:.2f}x); "
+        f"{kept['memory']['bytes_per_entry']:.0f} B per entry ({kept['memory']['body_chars']}-character "
+        f"bodies), {kept['memory']['bytes_per_conversation']:.0f} B per conversation of "
+        f"{kept['memory']['messages']} messages"
+    )
     out.append(redis_cpu.render(report["redis_cpu"]))
     ops = report["ops_at_scale"]
     out.append(
@@ -848,6 +944,22 @@ def render(report: dict) -> str:
         f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x, "
         f"sending a tenth of its rate as queued {sent['webhook']['ratio_paced']:.2f}x"
     )
+    stalls = report["stalls"]
+    for row in stalls["runs"]:
+        out.append(
+            f"stalls {stalls['worker_class']} {row['run']}: good client p50 {row['p50_ms']:.2f} ms, p99 "
+            f"{row['p99_ms']:.2f} ms, max {row['max_ms']:.2f} ms ({row['messages']} messages, "
+            f"{row['not_200']} not 200)"
+        )
+    out.append(
+        f"stalls: workers replaced {stalls['workers_replaced']}, worker timeouts {stalls['worker_timeouts']}"
+    )
+    for worker_class, row in report["slow_handlers"].items():
+        out.append(
+            f"slow handlers {worker_class}: {row['conversations']} at once to a {row['handler_seconds']:g} s "
+            f"handler: {row['statuses']}, unanswered {row['unanswered']}, saved once {row['saved_once']}, "
+            f"p50 {row['p50_ms'] or 0:.0f} ms, p99 {row['p99_ms'] or 0:.0f} ms, all in {row['wall_s']:.1f} s"
+        )
     for goal in report["goals"]:
         measured = goal["measured"]
         shown = f"{measured:.2f}" if isinstance(measured, float) else str(measured)

@@ -1,17 +1,30 @@
 """gunicorn settings for sms-sessions: ``gunicorn -c config/gunicorn.conf.py 'service:create_app()'``.
 
-Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``PORT`` / ``BIND``
-(address), ``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics), ``LOG_FORMAT``.
-``GUNICORN_CMD_ARGS`` still overrides anything here (gunicorn's own rule).
+Environment (``service/settings.py``): ``WEB_CONCURRENCY`` (workers), ``WORKER_CLASS``
+(gevent, gthread or sync), ``CLIENT_TIMEOUT``, ``PORT`` / ``BIND`` (address),
+``PROMETHEUS_MULTIPROC_DIR`` (where workers share metrics), ``LOG_FORMAT``.
+``GUNICORN_CMD_ARGS`` still overrides anything here (gunicorn's own rule); choose the worker
+class with ``WORKER_CLASS``, which also decides whether gevent patches the standard library.
 """
 
-import fcntl
-import multiprocessing
 import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
+
+# gevent's worker needs the standard library patched before anything imports socket, ssl or
+# threading: this file imports the service (and with it redis, requests, prometheus-client)
+# into the master, whose workers inherit it all, so the patch comes first, here (gunicorn's
+# worker patches again at boot, which changes nothing then). An unknown WORKER_CLASS is
+# refused below, unpatched.
+if (os.environ.get("WORKER_CLASS") or "gevent") == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import fcntl  # noqa: E402
+import multiprocessing  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # Metrics across workers: prometheus-client's multiprocess mode needs a directory shared by
 # the workers, set before anything imports prometheus_client (so before `service`). Made here
@@ -60,11 +73,15 @@ except ConfigError as error:
     sys.exit(1)
 
 
-# Threads read requests (a stalled client holds one); a few at a time run the app
-# (service/serving.py says why).
+# service/serving.py says what each worker class does with stalled clients and slow handlers.
 workers = _settings["WEB_CONCURRENCY"] or multiprocessing.cpu_count() * 2 + 1
-worker_class = "gthread"
-threads = serving.threads(workers)
+worker_class = _settings["WORKER_CLASS"]
+threads = serving.threads(worker_class, workers)
+worker_connections = serving.WORKER_CONNECTIONS
+
+# A request's line and headers (under gevent) and its body (every class) arrive within
+# CLIENT_TIMEOUT, and a keep-alive connection idle that long is closed.
+keepalive = _settings["CLIENT_TIMEOUT"]
 
 
 # All interfaces inside a container; BIND (e.g. 127.0.0.1:8000) overrides the whole address.
@@ -102,7 +119,7 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    serving.serve(worker, _settings["MAX_BODY_BYTES"])
+    serving.serve(worker, _settings)
 
 
 def child_exit(server, worker):

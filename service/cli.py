@@ -23,7 +23,7 @@ from flask.cli import ScriptInfo, run_command
 from . import create_app, logs, redis_client, settings
 from .handler import load
 from .lifecycle import events_command, start_sweeper, sweep_command
-from .ops import conversations_cli, outbox_command
+from .ops import conversations_cli, forget_command, handoff_cli, outbox_command, transcript_command
 from .sender import sender_command, start_sender
 from .sending import send_command
 from .settings import ConfigError
@@ -31,7 +31,18 @@ from .simulator import Phone, Reply, TwilioSimulator
 from .twilio_standin import DEV_ACCOUNT_SID, serve_in_background
 from .wiring import current
 
-OPERATORS = (conversations_cli.name, outbox_command.name, events_command.name, send_command.name)
+OPERATORS = tuple(
+    command.name
+    for command in (
+        conversations_cli,
+        outbox_command,
+        events_command,
+        send_command,
+        transcript_command,
+        forget_command,
+        handoff_cli,
+    )
+)
 
 
 @click.group(help="SMS conversations: serve, simulate and operate.")
@@ -165,6 +176,9 @@ for command in (
     sweep_command,
     sender_command,
     send_command,
+    transcript_command,
+    forget_command,
+    handoff_cli,
 ):
     cli.add_command(command)
 

@@ -36,8 +36,10 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 
 from . import sending
 from .clock import duration, now_ms
+from .handoff import Busy, NotLive
 from .live import BadCursor, BadSearch, iso
-from .ops import DEFAULT_LIMIT, finite
+from .masking import mask
+from .ops import DEFAULT_LIMIT, MAX_REPLY, finite, operator_reply
 from .outbound_view import OutboundView
 from .outbox import Refused
 from .store import ConversationBusy, LockLost
@@ -270,8 +272,9 @@ def conversation():
 def show(sender: str, recipient: str, status: int = 200, **extra):
     """The conversation's page (``extra``: the send box's error and text)."""
     found = current().live.get(sender, recipient)
+    thread = current().transcripts.read(sender, recipient)
     if found is None:
-        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=thread)
     state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
     wired = current()
     outbound = OutboundView(wired.redis, wired.keys).conversation(sender, recipient)
@@ -282,6 +285,9 @@ def show(sender: str, recipient: str, status: int = 200, **extra):
         recipient=recipient,
         found=found,
         state=state,
+        thread=thread,
+        paused_until=current().handoffs.paused_until(sender, recipient),
+        notice=request.args.get("notice", ""),
         outbound=outbound,
         **extra,
     )
@@ -318,12 +324,71 @@ def send_message():
     return redirect(url_for("console.conversation") + "?" + query, 303)
 
 
+NOTICES = {
+    "taken": "You hold this conversation: the bot is paused. Reply below; hand it back when done.",
+    "back": "Handed back: the bot answers the next message.",
+    "sent": "Reply sent.",
+    "not-sent": "The reply was not sent: this number opted out, or its WhatsApp window is closed.",
+    "busy": "Messages kept the conversation busy: try again.",
+    "bad-state": "The values to set must be a JSON object.",
+    "empty": "Type a reply first.",
+}
+
+
+def _back_to(sender: str, recipient: str, notice: str):
+    query = urlencode({"from": sender, "to": recipient, "notice": notice})
+    return redirect(url_for("console.conversation") + "?" + query, 303)
+
+
+@bp.post("/conversation/take")
+def take_over():
+    """Take over (the same as ``sms-sessions handoff take``): the bot is paused."""
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    try:
+        current().handoffs.take_over(sender, recipient)
+    except NotLive:
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=[])
+    log.info("console: an operator took over the conversation of %s", mask(sender))
+    return _back_to(sender, recipient, "taken")
+
+
+@bp.post("/conversation/reply")
+def reply():
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    body = request.form.get("body", "").strip()
+    if not body:
+        return _back_to(sender, recipient, "empty")
+    queued, _ = operator_reply(sender, recipient, body[:MAX_REPLY])
+    return _back_to(sender, recipient, "sent" if queued else "not-sent")
+
+
+@bp.post("/conversation/back")
+def hand_back():
+    """Hand back, with the values the operator typed (a JSON object) merged into the state."""
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    raw = request.form.get("state", "").strip()
+    try:
+        values = json.loads(raw) if raw else None
+    except ValueError:
+        values = []
+    if values is not None and not isinstance(values, dict):
+        return _back_to(sender, recipient, "bad-state")
+    try:
+        current().handoffs.hand_back(sender, recipient, values)
+    except NotLive:
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=[])
+    except Busy:
+        return _back_to(sender, recipient, "busy")
+    log.info("console: an operator handed the conversation of %s back to the bot", mask(sender))
+    return _back_to(sender, recipient, "back")
+
+
 @bp.post("/conversation/end")
 def end():
     """The same end as ``conversations expire`` and ``DELETE /ops/conversations/…``."""
     sender, recipient = request.form.get("from", ""), request.form.get("to", "")
     if not (sender and recipient and current().live.end(sender, recipient)):
-        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=[])
     return redirect(url_for("console.index", ended=1), 303)
 
 
@@ -341,6 +406,7 @@ def overview() -> dict:
             chart("messages", "Messages per minute", [(s.at, s.messages) for s in samples], now),
         ],
         "recent": history.recent(RECENT_ENDED),
+        "waiting": current().handoffs.waiting(),
     }
 
 
@@ -394,6 +460,7 @@ def helpers():
         "chart_box": CHART_BOX,
         "plot": PLOT,
         "chart_hours": CHART_HOURS,
+        "notices": NOTICES,
     }
 
 

@@ -100,8 +100,9 @@ class Conversation(ServerSideSession):
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
-    ``sid`` (the conversation's id, as in its events) and ``ended_at``. ``send()`` queues an
-    outbound message with the state.
+    ``sid`` (the conversation's id, as in its events), ``ended_at`` and, with ``TRANSCRIPTS=1``,
+    ``transcript`` (what was said, ``transcripts.Entry`` each). ``send()`` queues an outbound
+    message with the state; ``handoff(reason)`` asks for a person.
     """
 
     sid: str | None
@@ -122,7 +123,11 @@ class Conversation(ServerSideSession):
         self.messages = messages
         self.started_at = started_at or datetime.now(UTC)
         self.end_reason: str | None = None
+        # The end hook's: the conversation's transcript entries (service/transcripts.py), oldest
+        # first, when TRANSCRIPTS=1.
+        self.transcript: list[Any] = []
         self.ended_at: datetime | None = None  # set for the end hook
+        self.handoff_reason: str | None = None  # handoff(): the handler asks for a person
         self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
 
     def send(
@@ -163,6 +168,12 @@ class Conversation(ServerSideSession):
 
     def end(self) -> None:
         self.end_reason = "handler"
+
+    def handoff(self, reason: str = "asked for a person") -> None:
+        """Asks for a person: once this message is saved the conversation is flagged on the
+        console's overview until an operator takes it over (or it ends). The bot goes on
+        answering until then."""
+        self.handoff_reason = (reason or "asked for a person")[:200]
 
     def clear(self) -> None:
         """All state goes (Flask-Session's ``clear`` would keep a ``_permanent`` key)."""

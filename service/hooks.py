@@ -144,6 +144,10 @@ class EndHooks:
                     started_at=_moment(ended.started_at),
                 )
                 final.ended_at = _moment(ended.ended_at)
+                if self.app.config["TRANSCRIPTS"]:
+                    final.transcript = current(self.app).transcripts.read(
+                        ended.sender, ended.recipient, conversation_id
+                    )
                 self.hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             self.metrics.end_hook_failures.inc()

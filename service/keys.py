@@ -19,6 +19,13 @@ Key (example)                                        Type and what it holds
 <prefix>wake:{07}:+15551230007|+15550001111:<token>  list, PX: a waiting message's turn, popped at
                                                      once: a save's, OPEN's reply as JSON; a
                                                      release's, '1' (ask again)
+<prefix>transcript:{07}:+15551230007|+15550001111    list, with TRANSCRIPTS=1: the pair's messages
+                                                     in and out, in commit order (below)
+<prefix>waiting:{07}                                 zset: member '<from>|<to>', score when its
+                                                     handler asked for a person (ms), until one
+                                                     takes over or it ends
+<prefix>forgetting:{07}:+15551230007                 string, PX: set while `forget` removes the
+                                                     sender's data: SAVE refuses its messages
 <prefix>active:{07}                                  zset: the index shard, member '<from>|<to>',
                                                      score its end (last message + TTL, ms)
 <prefix>out:{07}:+15551230007|+15550001111           list: the conversation's outbound message ids
@@ -65,6 +72,12 @@ clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
 ``<oldest one's ms> <how many>`` while more than one is kept (with one, it is the last
 message's, at ``last_seen``). It expires a day after the conversation's end while live; once
 ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
+
+A transcript entry is a JSON object: ``at`` (the message's ms), ``conv`` (the conversation's
+id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media``
+(URLs, when any), ``sid`` (an inbound MessageSid, or an operator's reply's SID) and, for an
+operator's reply, ``by`` (``operator``) and ``status``. Its expiry follows the conversation's
+end plus ``TRANSCRIPT_RETENTION``; ``LTRIM`` caps it at ``TRANSCRIPT_MAX``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the
@@ -182,11 +195,20 @@ class Keys:
             prefix + "out:" + tagged,
             prefix + "sent:" + tagged,
             *self._shard_keys[shard][4:],
+            prefix + "waiting:{" + shard + "}",
+            prefix + "forgetting:{" + shard + "}:" + sender,
+            prefix + "transcript:" + tagged,
         )
 
     @property
     def readiness(self) -> str:
         return f"{self.prefix}ready"
+
+    def waiting(self, shard: str) -> str:
+        return f"{self.prefix}waiting:{{{shard}}}"
+
+    def forgetting(self, sender: str) -> str:
+        return f"{self.prefix}forgetting:{{{shard_of(sender)}}}:{sender}"
 
     def index(self, shard: str) -> str:
         return f"{self.prefix}active:{{{shard}}}"
@@ -219,6 +241,9 @@ class ConversationKeys(NamedTuple):
     sent: str  # its outbound messages' records (hash: id -> JSON)
     due: str  # the tag's due index (<prefix>due:{NN}); member is its entry
     contacts: str  # the tag's opt-outs and WhatsApp windows
+    waiting: str  # the tag's conversations waiting for a person (service/handoff.py)
+    forgetting: str  # the sender's fence while `forget` runs (service/forget.py)
+    transcript: str  # its transcript (a list); these three last: store/tail.lua
 
     def in_order(self) -> list[str]:
         """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
@@ -236,4 +261,7 @@ class ConversationKeys(NamedTuple):
             self.sent,
             self.due,
             self.contacts,
+            self.waiting,
+            self.forgetting,
+            self.transcript,
         ]

@@ -40,6 +40,7 @@ class Outcome(StrEnum):
 OUTBOUND_STATUSES = ("pending", "queued", "sent", "delivered", "failed", "undelivered", "retried")
 SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
+HANDOFF_WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -48,15 +49,24 @@ class StoreGauges:
     conversations (the operators' count) and the last hour's ended conversations (from the
     events stream)."""
 
-    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict], on_error: Callable[[], None]):
-        """``on_error`` hears of each Redis error a scrape met."""
+    def __init__(
+        self,
+        count: Callable[[], int],
+        last_hour: Callable[[], dict],
+        on_error: Callable[[], None],
+        waiting: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ):
+        """``on_error`` hears of each Redis error a scrape met; ``waiting``: conversations
+        waiting for a person, and the longest wait in seconds (service/handoff.py)."""
         self.count = count
         self.last_hour = last_hour
         self.on_error = on_error
+        self.waiting = waiting
 
     def collect(self):
         try:
             count, last_hour = self.count(), self.last_hour()
+            waiting, longest = self.waiting()
         except Exception as error:  # redis_client.is_outage: redis-py's own failures too
             if not is_outage(error):
                 raise
@@ -67,6 +77,16 @@ class StoreGauges:
             "sms_active_conversations",
             "Conversations whose time has not run out (counted from the index).",
             value=count,
+        )
+        yield GaugeMetricFamily(
+            "sms_conversations_waiting_for_person",
+            "Conversations whose handler asked for a person that no operator has taken over yet.",
+            value=waiting,
+        )
+        yield GaugeMetricFamily(
+            "sms_conversations_waiting_for_person_longest_seconds",
+            "How long the conversation waiting longest for a person has waited (0: none waits).",
+            value=longest,
         )
         for name, key, meaning in (
             ("duration_seconds", "average_duration_s", "Average duration"),
@@ -83,12 +103,18 @@ class StoreGauges:
 class Metrics:
     """The service's metrics; in multiprocess mode they live in files, not in a registry."""
 
-    def __init__(self, count: Callable[[], int], last_hour: Callable[[], dict], multiprocess: bool):
-        """``count`` and ``last_hour``: the gauges' readings (the operators' count, the last
-        hour's stats), read when scraped."""
+    def __init__(
+        self,
+        count: Callable[[], int],
+        last_hour: Callable[[], dict],
+        multiprocess: bool,
+        waiting: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ):
+        """``count``, ``last_hour`` and ``waiting``: the gauges' readings (the operators' count,
+        the last hour's stats, who waits for a person), read when scraped."""
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
-        self.active = StoreGauges(count, last_hour, self.count_redis_error)
+        self.active = StoreGauges(count, last_hour, self.count_redis_error, waiting)
         if registry is not None:  # first, so that a scrape reports its own Redis error
             registry.register(self.active)
         self.messages = Counter(
@@ -127,6 +153,12 @@ class Metrics:
             "sms_webhook_latency_seconds",
             "Webhook requests, from the app receiving them to their final response.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.handoff_wait = Histogram(
+            "sms_handoff_wait_seconds",
+            "How long a conversation whose handler asked for a person waited for an operator to take over.",
+            buckets=HANDOFF_WAIT_BUCKETS,
             registry=registry,
         )
         self.signature_keys = Counter(

@@ -23,7 +23,9 @@ from flask.cli import AppGroup, with_appcontext
 
 from . import sending
 from .clock import duration
+from .handoff import Busy, NotLive
 from .live import BadCursor, LiveConversation
+from .masking import mask
 from .outbound_view import PREVIEW, OutboundView
 from .outbox import Refused
 from .redis_client import is_outage
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ops", __name__, url_prefix="/ops")
 
 DEFAULT_LIMIT = 50
+MAX_REPLY = 1600  # Twilio's longest message body, in characters
 MAX_LIMIT = 1000
 
 
@@ -118,6 +121,83 @@ def finite(data):
     if isinstance(data, list):
         return [finite(value) for value in data]
     return data
+
+
+@bp.get("/transcripts/<sender>/<recipient>")
+def transcript(sender, recipient):
+    """The pair's transcript, oldest first (empty when none is kept)."""
+    entries = current().transcripts.read(sender, recipient)
+    return {"from": sender, "to": recipient, "entries": [entry.to_json() for entry in entries]}
+
+
+@bp.get("/handoffs")
+def handoffs():
+    """Conversations waiting for a person, longest first."""
+    return {"waiting": [w.to_json() for w in current().handoffs.waiting()]}
+
+
+@bp.post("/conversations/<sender>/<recipient>/handoff")
+def take_over(sender, recipient):
+    """Take over: the bot is paused for the conversation (``HANDOFF_TIMEOUT`` at most)."""
+    try:
+        current().handoffs.take_over(sender, recipient)
+    except NotLive:
+        return error(404, "No live conversation for this pair.")
+    return {
+        "from": sender,
+        "to": recipient,
+        "paused_until": current().handoffs.paused_until(sender, recipient),
+    }
+
+
+@bp.delete("/conversations/<sender>/<recipient>/handoff")
+def hand_back(sender, recipient):
+    """Hand back: the bot resumes; a JSON body's ``state`` (an object) is merged into the state."""
+    body = request.get_json(silent=True) if request.data else {}
+    values = body.get("state") if isinstance(body, dict) else None
+    if values is not None and not isinstance(values, dict) or not isinstance(body, dict):
+        return error(400, "The body, if any, is a JSON object whose state is an object.")
+    try:
+        current().handoffs.hand_back(sender, recipient, values)
+    except NotLive:
+        return error(404, "No live conversation for this pair.")
+    except Busy:
+        return error(409, "Messages kept the conversation busy: try again.")
+    return {"from": sender, "to": recipient, "resumed": True}
+
+
+@bp.post("/conversations/<sender>/<recipient>/reply")
+def reply(sender, recipient):
+    """An operator's reply (JSON ``{"body": "…"}``), queued for the sender, in the transcript."""
+    body = request.get_json(silent=True)
+    text = body.get("body") if isinstance(body, dict) else None
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_REPLY:
+        return error(
+            400, f"The body is a JSON object with a non-empty body of at most {MAX_REPLY} characters."
+        )
+    queued, detail = operator_reply(sender, recipient, text)
+    if not queued:
+        return error(409, f"Not sent: {detail}.")
+    return {"queued": True, "id": detail}
+
+
+def operator_reply(sender: str, recipient: str, body: str) -> tuple[bool, str]:
+    """An operator's reply to ``sender`` from ``recipient``: an outbound message marked
+    ``operator`` (the sender delivers it; its transcript entry is written as it is queued).
+    (True, its id), or (False, why it was refused: an opt-out, a closed WhatsApp window)."""
+    try:
+        return True, sending.send(sender, body, sender=recipient, by="operator").id
+    except Refused as refused:
+        return False, str(refused)
+
+
+@bp.delete("/numbers/<number>")
+def forget_number(number):
+    """Removes everything the service holds of ``number`` (service/forget.py); what went.
+    ``?opt_out=1``: its opt-out record too."""
+    done = current().forgetting.forget(number, opt_out=request.args.get("opt_out") == "1")
+    log.info("forgot a number on request: %s", done.line().replace(number, mask(number)))
+    return done.to_json()
 
 
 MESSAGE_FIELDS = {"to", "from", "text", "media", "state", "content_sid", "content_variables"}
@@ -310,6 +390,101 @@ def expire_command(sender, recipient, as_json):
     )
 
 
+@click.command("transcript")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@json_option
+@with_appcontext
+def transcript_command(sender, recipient, as_json):
+    """What was said between FROM and TO, oldest first (TRANSCRIPTS=1)."""
+    if not current_app.config["TRANSCRIPTS"]:
+        click.echo(
+            "note: TRANSCRIPTS is off here; showing what was kept while it was on, if anything", err=True
+        )
+    entries = run(lambda: current().transcripts.read(sender, recipient))
+    text = "\n".join(entry.line() for entry in entries) or f"no transcript from {sender} to {recipient}"
+    emit([entry.to_json() for entry in entries], text, as_json)
+
+
+@click.command("forget")
+@click.argument("number")
+@click.option(
+    "--opt-out", "opt_out", is_flag=True, help="Its opt-out record (STOP) too: it may be sent to again."
+)
+@json_option
+@with_appcontext
+def forget_command(number, opt_out, as_json):
+    """Remove everything held of NUMBER (a sender): its conversations live and ended, their
+    transcripts, outbound messages and pending end hooks, its events. Safe while its messages
+    arrive."""
+    done = run(lambda: current().forgetting.forget(number, opt_out))
+    emit(done.to_json(), done.line(), as_json)
+
+
+handoff_cli = AppGroup("handoff", help="Take conversations over from the bot, reply, hand them back.")
+
+
+@handoff_cli.command("take")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+def handoff_take(sender, recipient):
+    """Pause the bot for a conversation (HANDOFF_TIMEOUT at most)."""
+    try:
+        run(lambda: current().handoffs.take_over(sender, recipient))
+    except NotLive:
+        unknown(sender, recipient)
+    click.echo(f"took over the conversation from {sender} to {recipient}: the bot is paused")
+
+
+@handoff_cli.command("reply")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@click.argument("body")
+def handoff_reply(sender, recipient, body):
+    """Send BODY to FROM from TO, as the operator (through the outbound sender; in the transcript)."""
+    queued, detail = run(lambda: operator_reply(sender, recipient, body))
+    if not queued:
+        click.echo(f"not sent: {detail}", err=True)
+        sys.exit(1)
+    click.echo(f"queued {detail}: the sender delivers it")
+
+
+@handoff_cli.command("back")
+@click.argument("sender", metavar="FROM")
+@click.argument("recipient", metavar="TO")
+@click.option(
+    "--set", "assignments", multiple=True, metavar="NAME=JSON", help="A state value to resume with."
+)
+def handoff_back(sender, recipient, assignments):
+    """Resume the bot, with the state as it was plus each --set NAME=JSON."""
+    values = {}
+    for assignment in assignments:
+        name, equals, raw = assignment.partition("=")
+        try:
+            values[name] = json.loads(raw)
+        except ValueError:
+            values[name] = raw
+        if not (name and equals):
+            raise click.BadParameter("expected NAME=JSON", param_hint="--set")
+    try:
+        run(lambda: current().handoffs.hand_back(sender, recipient, values or None))
+    except NotLive:
+        unknown(sender, recipient)
+    except Busy:
+        click.echo("messages kept the conversation busy: try again", err=True)
+        sys.exit(1)
+    click.echo(f"handed the conversation from {sender} to {recipient} back to the bot")
+
+
+@handoff_cli.command("waiting")
+@json_option
+def handoff_waiting(as_json):
+    """Conversations whose handler asked for a person, longest first."""
+    waiting = run(current().handoffs.waiting)
+    text = "\n".join(f"{w.sender} -> {w.recipient}: {w.reason}" for w in waiting) or "nobody waits"
+    emit([w.to_json() for w in waiting], text, as_json)
+
+
 # How Twilio writes a number: E.164 with its +, maybe behind a channel (whatsapp:+1…); or a
 # short code. Anything else cannot match a conversation.
 NUMBER = re.compile(r"^(?:[a-z]+:)?\+[1-9]\d{6,14}$|^\d{3,8}$")
@@ -349,3 +524,6 @@ def init_app(app: Flask) -> None:
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
     app.cli.add_command(outbox_command)
+    app.cli.add_command(transcript_command)
+    app.cli.add_command(forget_command)
+    app.cli.add_command(handoff_cli)

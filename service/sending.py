@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import click
@@ -24,6 +24,8 @@ from .outbox import Refused, encode, message
 from .redis_client import UNAVAILABLE
 from .sessions import SESSION_ID_BYTES, JsonSerializer
 from .store import ConversationBusy, LockLost, decode_state
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import pushed
 from .wiring import current
 
 REFUSALS = {
@@ -56,13 +58,15 @@ def send(
     content_sid: str | None = None,
     content_variables: dict | str | None = None,
     app: Flask | None = None,
+    by: str | None = None,
 ) -> Sent:
     """Queues a message to ``to`` from our number ``sender`` (default ``TWILIO_FROM_NUMBER``)
     in the conversation (``to``, ``sender``), under its lock; the sender delivers it. With no
     live conversation for the pair it starts one, with ``state`` (a JSON object; ignored when
     one is live) and its ``started`` event, so that the reply continues it.
 
-    ``app``: the service's app (default: the current one). Raises ``Refused`` (with Twilio's
+    ``app``: the service's app (default: the current one); ``by``: who sends it, when not the
+    service (``operator``). Raises ``Refused`` (with Twilio's
     ``code``) for a number that opted out or a WhatsApp window that is closed, ``ValueError``
     for a message Twilio would refuse or state that is not JSON, ``ConversationBusy`` when the
     conversation stayed locked past ``LOCK_WAIT``, and Redis' errors.
@@ -77,6 +81,8 @@ def send(
     if state is not None and not isinstance(state, dict):
         raise ValueError("state is a JSON object (a dict)")
     outgoing = message(to, sender, text, media, content_sid=content_sid, content_variables=content_variables)
+    if by:  # who sent it, kept on its record and in the transcript (an operator: service/handoff.py)
+        outgoing = replace(outgoing, extra={"by": by})
     encoded_state = JsonSerializer().dumps(state or {})
     keys = wired.keys.conversation(to, sender)
     store = wired.store
@@ -91,6 +97,7 @@ def send(
             state=encoded_state,
             outbound=encode([outgoing]),
             template=bool(outgoing.content_sid),
+            transcript=pushed(TranscriptSettings.from_config(app.config), outgoing, start or opened.sid),
         )
     except BaseException:
         store.release(keys, opened.token)

@@ -34,6 +34,9 @@ from .metrics import Metrics
 from .outbox import encode
 from .redis_client import is_outage
 from .store import ConversationStore, Opened, decode_state
+from .transcripts import OFF as TRANSCRIPTS_OFF
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import payload as transcript_payload
 
 log = logging.getLogger(__name__)
 COOKIE_NAME = "sms_session"
@@ -112,6 +115,13 @@ class ConversationSession(Conversation):
     def answered(self) -> str | None:
         return self.binding.opened.answered if self.binding else None
 
+    @property
+    def paused(self) -> bool:
+        """An operator holds the conversation (human handoff): the bot does not answer."""
+        if not self.binding or not self.binding.opened.paused.isdigit():
+            return False
+        return int(self.binding.opened.paused) > self.binding.opened.now
+
     def encoded(self) -> str:
         """The state as it is stored; ``ValueError`` (``Unkeepable`` for what JSON takes but
         Redis cannot, or an ``end_reason`` set by hand that is not one) when it cannot be."""
@@ -132,6 +142,15 @@ class ConversationSession(Conversation):
             message_sid=bound.message.sid,
             answer=answer,
             end_reason=self.end_reason,
+            transcript=transcript_payload(
+                self.interface.transcripts,
+                bound.message,
+                answer,
+                bound.opened.now,
+                self.sid or "",
+                self.outbound,
+            ),
+            handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",
             keyword=bound.message.opt_out,
         )
@@ -208,8 +227,16 @@ class ConversationSessionInterface(SessionInterface):
 
     serializer = JsonSerializer()
 
-    def __init__(self, store: ConversationStore, keys: Keys, ttl: int, metrics: Metrics):
+    def __init__(
+        self,
+        store: ConversationStore,
+        keys: Keys,
+        ttl: int,
+        metrics: Metrics,
+        transcripts: TranscriptSettings = TRANSCRIPTS_OFF,
+    ):
         self.store = store
+        self.transcripts = transcripts
         self.keys = keys
         self.ttl = ttl
         self.metrics = metrics

@@ -27,6 +27,9 @@ MAX_WORKERS = 64
 # Shortest OPS_TOKEN production takes: a token is what guards every conversation's state.
 MIN_OPS_TOKEN = 32
 
+# Shortest EVENTS_HASH_KEY: a short key lets anyone who reads the events try every number.
+MIN_HASH_KEY = 16
+
 # gunicorn's ``timeout`` in config/gunicorn.conf.py (tests/test_settings_ranges.py keeps the
 # two equal): a worker silent this long is killed, so a message must be answered well before.
 WORKER_TIMEOUT = 10
@@ -407,6 +410,50 @@ SETTINGS = [
         "Most events the stream keeps, whatever their age (`XADD MAXLEN ~`), 10 to 100000000.",
     ),
     Setting(
+        "TRANSCRIPTS",
+        False,
+        _bool,
+        "`1` keeps each conversation's transcript: every message in and every reply, in "
+        "order, with its time and direction, written by the script that saves the message "
+        "(docs/operating.md: Transcripts).",
+    ),
+    Setting(
+        "TRANSCRIPT_RETENTION",
+        30 * 24 * 3600,
+        _between(int, 1, 366 * 24 * 3600, "a number of seconds"),
+        "Seconds a transcript is kept after its conversation ends (30 days), 1 to 31622400 "
+        "(a year); a pair's new conversation drops its entries older than this.",
+    ),
+    Setting(
+        "TRANSCRIPT_MAX",
+        1000,
+        _between(int, 1, 100_000, "a number of entries"),
+        "Most entries a pair's transcript keeps (the oldest go first), 1 to 100000.",
+    ),
+    Setting(
+        "HANDOFF_TIMEOUT",
+        1800,
+        _between(int, 1, 24 * 3600, "a number of seconds"),
+        'Seconds an operator\'s "Take over" holds a conversation (the bot paused, the '
+        "conversation kept alive) unless handed back sooner; then the bot answers again. 1 to "
+        "86400 (a day).",
+    ),
+    Setting(
+        "EVENTS_NUMBERS",
+        "plain",
+        _one_of("plain", "hashed"),
+        "`plain`: events carry the phone numbers; `hashed`: a keyed hash of each instead "
+        "(HMAC-SHA256 with `EVENTS_HASH_KEY`, 16 bytes in hex), the same for a number every "
+        "time, so that consumers can still join on it.",
+    ),
+    Setting(
+        "EVENTS_HASH_KEY",
+        None,
+        _text,
+        "The secret key of `EVENTS_NUMBERS=hashed`, at least 16 characters; required with it.",
+        secret=True,
+    ),
+    Setting(
         "MAX_BODY_BYTES",
         65536,
         _between(int, 32768, 16 * 1024 * 1024, "a number of bytes"),
@@ -443,9 +490,27 @@ SETTINGS = [
         "WEB_CONCURRENCY",
         None,
         _between(int, 1, MAX_WORKERS, "a number of processes"),
-        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each has "
-        "2 × workers + 8 threads and its own Redis connections.",
+        f"gunicorn worker processes (`config/gunicorn.conf.py`), 1 to {MAX_WORKERS}: each "
+        "serves up to 1,000 connections at once under `gevent` (2 × workers + 8 under "
+        "`gthread`, one under `sync`) and has its own Redis connections.",
         shown="2 × CPUs + 1",
+    ),
+    Setting(
+        "WORKER_CLASS",
+        "gevent",
+        _one_of("gevent", "gthread", "sync"),
+        "gunicorn's worker class: `gevent` (a greenlet per connection: stalled clients and "
+        "handlers waiting on I/O hold no place other conversations need), `gthread` (threads; "
+        "at most 4 requests a worker run the app at once) or `sync` (one request at a time; "
+        "only behind a proxy that buffers whole requests). docs/deploying.md compares them.",
+    ),
+    Setting(
+        "CLIENT_TIMEOUT",
+        5,
+        _between(int, 1, 9, "a whole number of seconds"),
+        "Seconds a client has to send a request's body (then 408 and the connection closed) "
+        "and, under `gevent`, its line and headers; also how long an idle keep-alive "
+        "connection stays open. 1 to 9 (under gunicorn's 10 s worker timeout).",
     ),
     Setting(
         "PORT", 5000, _between(int, 1, 65535, "a port number"), "Port gunicorn listens on (all interfaces)."
@@ -501,6 +566,7 @@ def check(config: dict[str, Any]) -> None:
             "TWILIO_AUTH_TOKEN and TWILIO_ACCOUNTS are both set: list every account in "
             "TWILIO_ACCOUNTS (that token's under its AccountSid) and unset TWILIO_AUTH_TOKEN"
         )
+    _hash_key(config)
     if config["APP_ENV"] != "production":
         return
     if not config["TWILIO_AUTH_TOKEN"] and not config["TWILIO_ACCOUNTS"]:
@@ -587,4 +653,12 @@ def _one_sender(config: dict[str, Any]) -> None:
         raise ConfigError(
             f"DELIVERY_RETRY_BASE={config['DELIVERY_RETRY_BASE']:g}: more than DELIVERY_RETRY_MAX "
             f"({config['DELIVERY_RETRY_MAX']:g})"
+        )
+
+
+def _hash_key(config: dict[str, Any]) -> None:
+    """``EVENTS_NUMBERS=hashed`` hashes with a key of its own, long enough not to be guessed."""
+    if config["EVENTS_NUMBERS"] == "hashed" and len(config["EVENTS_HASH_KEY"] or "") < MIN_HASH_KEY:
+        raise ConfigError(
+            f"EVENTS_HASH_KEY: EVENTS_NUMBERS=hashed needs a secret key of at least {MIN_HASH_KEY} characters"
         )

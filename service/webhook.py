@@ -233,9 +233,13 @@ def _sendable(reply: handler.Reply) -> str:
 
 def _reply(message: Message, conversation, handle: handler.Handler):
     """The handler's reply, except to an opt-out: that ends the conversation unanswered
-    (Twilio confirms the opt-out itself and would refuse any reply)."""
+    (Twilio confirms the opt-out itself and would refuse any reply); and none while an
+    operator holds the conversation (human handoff)."""
     if message.opt_out == "STOP":
         conversation.end_reason = "opt-out"
+        return None
+    if conversation.paused:  # an operator holds it: recorded, not answered by the bot
+        logs.annotate(handoff="held by an operator")
         return None
     return handle(message, conversation)
 

@@ -14,16 +14,21 @@ from flask import Flask, current_app
 
 from .accounts import Accounts
 from .callers import Callers
+from .forget import Forgetting
 from .handler import EndHook, Handler, StatusHook
+from .handoff import Handoffs
 from .history import History
 from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
+from .numbers_hash import NumberHash
 from .redis_client import Client, is_cluster
 from .sessions import ConversationSessionInterface
 from .signature import SignatureCheck
 from .store import ConversationStore
 from .throttle import Throttle
+from .transcripts import Settings as TranscriptSettings
+from .transcripts import Transcripts
 
 EXTENSION = "sms"
 
@@ -44,6 +49,10 @@ class Wiring:
     accounts: Accounts  # each Twilio account's tokens and signing keys
     signature: SignatureCheck
     throttle: Throttle  # wrong operators' tokens, slowed per client address
+    transcripts: Transcripts  # what was said, when TRANSCRIPTS=1
+    number_hash: NumberHash  # EVENTS_NUMBERS=hashed's hash of a number (None when plain)
+    forgetting: Forgetting  # forget a number on request
+    handoffs: Handoffs  # operators taking conversations over from the bot
     on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
 
 
@@ -66,14 +75,22 @@ def init_app(
     config = app.config
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     # The gauges read the operators' view and the history when scraped, once both are built.
-    metrics = Metrics(lambda: live.count(), lambda: history.stats(), multiprocess())
+    metrics = Metrics(
+        lambda: live.count(), lambda: history.stats(), multiprocess(), lambda: handoffs.waiting_gauge()
+    )
+    number_hash = NumberHash.from_config(config)
     store = ConversationStore.from_config(
-        redis, config, hooks=on_end is not None, on_lock_wait=metrics.lock_wait.observe
+        redis,
+        config,
+        hooks=on_end is not None,
+        on_lock_wait=metrics.lock_wait.observe,
+        number_hash=number_hash,
     )
     store.preload()
     operator_ended = metrics.conversations_ended.labels("operator")
     live = LiveConversations(redis, keys, store, callers, operator_ended.inc)
     history = History(redis, keys)
+    handoffs = Handoffs(redis, keys, store, metrics, config)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
     wiring = Wiring(
         redis,
@@ -88,8 +105,14 @@ def init_app(
         accounts,
         signature,
         Throttle(metrics.sign_in_failures),
+        Transcripts(redis, keys),
+        number_hash,
+        Forgetting(redis, keys, number_hash, config["SWEEP_INTERVAL"] * 2),
+        handoffs,
         on_status,
     )
     app.extensions[EXTENSION] = wiring
-    app.session_interface = ConversationSessionInterface(store, keys, config["CONVERSATION_TTL"], metrics)
+    app.session_interface = ConversationSessionInterface(
+        store, keys, config["CONVERSATION_TTL"], metrics, TranscriptSettings.from_config(config)
+    )
     return wiring

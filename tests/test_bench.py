@@ -25,11 +25,14 @@ SECTIONS = {
     "round_trips",
     "correctness",
     "hot_conversation",
+    "transcripts",
     "cpu_profile",
     "memory",
     "redis_cpu",
     "ops_at_scale",
     "outbound",
+    "stalls",
+    "slow_handlers",
     "goals",
     "references",
 }
@@ -54,16 +57,19 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     models = report["worker_models"]["measured"]
     assert report["worker_models"]["shipped"] == models[0]
     assert "sync" in models
+    assert report["worker_models"]["shipped"] == "gevent"
     assert set(report["throughput"]) == set(report["correctness"]) == set(models)
     for model in models:
-        for name in CONTENDERS:
+        named = CONTENDERS if model == models[0] else ("service", "validated")  # side by side
+        assert set(report["throughput"][model]["contenders"]) == set(named)
+        for name in named:
             row = report["throughput"][model]["contenders"][name]
             assert all(
                 isinstance(row[key], NUMBER) and row[key] > 0
                 for key in ("throughput_rps", "p50_ms", "p99_ms")
             )
             assert isinstance(report["correctness"][model][name]["lost"], int)
-        assert set(report["throughput"][model]["ratios"]) == {f"service/{n}" for n in CONTENDERS[1:]}
+        assert set(report["throughput"][model]["ratios"]) == {f"service/{n}" for n in named[1:]}
     for name in CONTENDERS:
         assert {"first", "later", "redelivery"} == set(report["round_trips"][name])
         assert all(isinstance(v["round_trips"], int) for v in report["round_trips"][name].values())
@@ -74,6 +80,8 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     for shape in ("first_message", "steady", "burst", "burst_cap"):
         assert isinstance(report["memory"][shape]["bytes_per_conversation"], float)
     assert all(isinstance(v, float) for v in report["redis_cpu"]["cpu_us_per_message"].values())
+    assert isinstance(report["transcripts"]["throughput"]["on_vs_off"], float)
+    assert report["transcripts"]["memory"]["bytes_per_entry"] > 0
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
     assert [row["processes"] for row in report["outbound"]["sender"]] == [1, 2]
     for row in report["outbound"]["sender"]:
@@ -84,6 +92,20 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
     )
+    stalls = report["stalls"]
+    assert {row["run"] for row in stalls["runs"]} >= {
+        "no attack",
+        "unfinished headers, 8x WEB_CONCURRENCY",
+        "unfinished bodies, 100 per worker",
+        "500 idle connections",
+        "20 MB request lines, 2 clients",
+    }
+    for row in stalls["runs"]:
+        assert row["messages"] > 0
+        assert isinstance(row["p99_ms"], float)
+    assert set(report["slow_handlers"]) == {"gevent", "gthread"}
+    for run in report["slow_handlers"].values():
+        assert run["conversations"] == sum(run["statuses"].values()) + run["unanswered"]
     assert all(isinstance(goal["met"], bool) for goal in report["goals"])
     assert {row["key"] for row in report["references"]} == set(REFERENCES)
     assert all(isinstance(row["measured"], float) and "met" not in row for row in report["references"])

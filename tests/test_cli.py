@@ -42,6 +42,8 @@ def test_help_lists_only_its_commands():
     assert commands == [
         "conversations",
         "events",
+        "forget",
+        "handoff",
         "outbox",
         "run",
         "send",
@@ -49,6 +51,7 @@ def test_help_lists_only_its_commands():
         "serve",
         "simulate",
         "sweep",
+        "transcript",
     ]
     assert "--app" not in result.stdout
     assert "--env-file" not in result.stdout

@@ -44,9 +44,10 @@ def messages(client, sender=REY) -> int:
 
 @pytest.mark.slow
 def test_stalled_clients_do_not_stop_the_service(redis_url, redis_client):
-    """2 × WEB_CONCURRENCY clients stall mid-body, longer than the worker timeout: signed
-    messages are still answered at once (a client gives up after 5 s here, Twilio after 15 s),
-    counts stay exact, and no worker is killed."""
+    """2 × WEB_CONCURRENCY clients stall mid-body (CLIENT_TIMEOUT cuts them off; many more:
+    tests/test_workers.py): signed messages are answered meanwhile (a client gives up after
+    5 s here, Twilio after 15 s) and past the worker timeout, counts stay exact, and no worker
+    is killed."""
     with Gunicorn({"REDIS_URL": redis_url}, workers=WORKERS, config=GUNICORN_CONF) as server:
         twilio = TwilioSimulator(server.url, TOKEN, timeout=5)
         stalled = [stall(server) for _ in range(2 * WORKERS)]

@@ -41,7 +41,7 @@ def test_health_readiness_and_metrics_never_bind_a_conversation(app, redis_clien
     for path, expected in (
         ("/healthz", Tally()),
         ("/readyz", Tally(set=1, **{"del": 1})),
-        ("/metrics", Tally(zcount=100, hgetall=100)),
+        ("/metrics", Tally(zcount=100, hgetall=100, zrange=100)),  # zrange: who waits for a person
     ):
         responses = []
         used = commands_during(

@@ -27,6 +27,7 @@ def documented() -> dict[str, re.Pattern]:
         pattern = re.escape(example)
         pattern = pattern.replace(re.escape("<prefix>"), "sms:").replace(re.escape("{07}"), r"\{\d\d\}")
         pattern = pattern.replace(re.escape("+15551230007|+15550001111"), r"[^|]+\|[^|:]+")
+        pattern = pattern.replace(re.escape("+15551230007"), r"[^|:]+")  # a sender alone
         pattern = pattern.replace(re.escape("<token>"), r".+").replace(re.escape("<id>"), r"[^:]+")
         patterns[example] = re.compile(pattern)
     return patterns
@@ -47,20 +48,29 @@ def slow_notebook(message, conversation):
         conversation.send("queued with the save")
     if message.body == "bye":
         conversation.end()
+    if message.body == "hi" and message.sender == FINN:
+        conversation.handoff("wants a person")
     return "noted"
 
 
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
-    """Messages, two at once on one conversation (its line and hand-over), one queueing an
-    outbound message (refused for good when sent), a redelivery, an end, an opt-out, the
-    sweeper (an expiry, the end hook, a sample) and a readiness probe: every key written,
-    however briefly (keyspace notifications), and every key left (SCAN) is one the schema
-    lists, and every key it lists was written (but the Cluster's outboxes)."""
+    """Messages (with transcripts), two at once on one conversation (its line and hand-over),
+    one queueing an outbound message (refused for good when sent), one asking for a person, a
+    redelivery, an end, an opt-out, the sweeper (an expiry, the end hook, a sample), a
+    readiness probe and a forget: every key written, however briefly (keyspace
+    notifications), and every key left (SCAN) is one the schema lists, and every key it lists
+    was written (but the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
     app = create_app(
-        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "CONVERSATION_TTL": 1, "REDIS_TIMEOUT": 1},
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": redis_url,
+            "CONVERSATION_TTL": 1,
+            "REDIS_TIMEOUT": 1,
+            "TRANSCRIPTS": True,
+        },
         handler=slow_notebook,
         on_end=lambda conversation, reason: None,
     )
@@ -89,6 +99,7 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     wait_until(lambda: redis_client.exists(Keys().sweeper), seconds=5, what="the sweeper's lease")
     background.stop()
     assert app.test_client().get("/readyz").status_code == 200
+    assert app.test_cli_runner().invoke(args=["forget", "+15559990000"]).exit_code == 0  # its fence
     assert statuses == [200, 200]
 
     written = set(redis_client.scan_iter("*"))
@@ -101,4 +112,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 20
+    assert len(patterns) == 23

@@ -33,6 +33,7 @@ REFUSED = [  # (variable named in the refusal, how it is set)
     ("LOCK_WAIT", {"LOCK_WAIT": "9.5"}),
     ("REDIS_URL", {"REDIS_URL": "redis://127.0.0.1:6379/abc"}),
     ("LOG_FORMAT", {"LOG_FORMAT": "yaml"}),
+    ("WORKER_CLASS", {"WORKER_CLASS": "eventlet"}),  # refused before gevent would patch anything
     # The operators' token: guessable when short, and one with spaces around it a trap:
     ("OPS_TOKEN", {"OPS_TOKEN": "a"}),
     ("OPS_TOKEN", {"OPS_TOKEN": "x" * 31}),

@@ -60,6 +60,11 @@ OUT_OF_RANGE = [  # (variable named first in the refusal, the environment that i
     ("WEB_CONCURRENCY", {"WEB_CONCURRENCY": "65"}),
     ("WEB_CONCURRENCY", {"WEB_CONCURRENCY": "0"}),
     ("OPS_TOKEN", {"OPS_TOKEN": "token-with-a-space "}),
+    ("WORKER_CLASS", {"WORKER_CLASS": "eventlet"}),
+    ("WORKER_CLASS", {"WORKER_CLASS": "Gevent"}),
+    ("CLIENT_TIMEOUT", {"CLIENT_TIMEOUT": "0"}),
+    ("CLIENT_TIMEOUT", {"CLIENT_TIMEOUT": "10"}),  # a stalled body would outlast a sync worker
+    ("CLIENT_TIMEOUT", {"CLIENT_TIMEOUT": "2.5"}),  # gunicorn's keepalive takes whole seconds
 ]
 CASES = pytest.mark.parametrize(
     "variable, environment",
@@ -144,6 +149,7 @@ def test_edges_of_the_ranges_are_accepted():
             "EVENTS_RETENTION": 1,
             "EVENTS_MAX": 10,
             "CONSOLE_SESSION_TTL": 60,
+            "CLIENT_TIMEOUT": 1,
         },
         {
             "REDELIVERY_WINDOW": 3600,
@@ -152,6 +158,7 @@ def test_edges_of_the_ranges_are_accepted():
             "EVENTS_RETENTION": 366 * 24 * 3600,
             "EVENTS_MAX": 100_000_000,
             "CONSOLE_SESSION_TTL": 604_800,
+            "CLIENT_TIMEOUT": 9,
         },
     ):
         config = load({name: str(value) for name, value in edges.items()})

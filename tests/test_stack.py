@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import secrets
 import socket
 import subprocess
@@ -31,7 +30,12 @@ from service.metrics import Outcome
 from service.simulator import TwilioSimulator
 from tests.support import ROOT
 from tests.support.app import sign
-from tests.support.app_servers import GUNICORN_CONF, Gunicorn, bin_path, hermetic_environment
+from tests.support.app_servers import (
+    Gunicorn,
+    bin_path,
+    gunicorn_settings,
+    hermetic_environment,
+)
 from tests.support.numbers import OURS, REY, UNNAMED
 from tests.support.ports import free_port
 from tests.support.programs import require_binary, require_redis_server
@@ -143,25 +147,25 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(check.group(1))
 
 
-def test_gunicorn_config_reads_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-
-    def load(**env):
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        return runpy.run_path(str(ROOT / GUNICORN_CONF))
+def test_gunicorn_config_reads_the_environment():
+    load = lambda **env: gunicorn_settings(env)  # noqa: E731
 
     default = load()
-    assert default["workers"] == 2 * os.cpu_count() + 1
-    assert default["bind"] == "0.0.0.0:5000"
-    assert default["timeout"] < 15  # Twilio's limit
+    assert int(default["workers"]) == 2 * os.cpu_count() + 1
+    assert default["bind"] == "['0.0.0.0:5000']"
+    assert int(default["timeout"]) < 15  # Twilio's limit
     assert default["accesslog"] == "-"
     assert default["logger_class"] == "service.logs.GunicornLogger"
-    assert default["worker_class"] == "gthread"
-    assert default["threads"] > 2 * default["workers"]  # every stalled client on one worker, and more
-    assert load(WEB_CONCURRENCY="3", PORT="8080")["workers"] == 3
-    assert load(PORT="8080")["bind"] == "0.0.0.0:8080"
-    assert load(BIND="127.0.0.1:9000")["bind"] == "127.0.0.1:9000"
+    assert default["worker_class"] == "gevent"
+    assert int(default["worker_connections"]) >= 1000  # stalled and idle clients of one worker, and more
+    assert default["keepalive"] == "5"  # CLIENT_TIMEOUT: headers, bodies and idle connections
+    threaded = load(WORKER_CLASS="gthread")
+    assert threaded["worker_class"] == "gthread"
+    assert int(threaded["threads"]) > 2 * int(threaded["workers"])  # every stalled client on one worker
+    assert load(WORKER_CLASS="sync", CLIENT_TIMEOUT="2")["keepalive"] == "2"
+    assert load(WEB_CONCURRENCY="3", PORT="8080")["workers"] == "3"
+    assert load(PORT="8080")["bind"] == "['0.0.0.0:8080']"
+    assert load(BIND="127.0.0.1:9000")["bind"] == "['127.0.0.1:9000']"
 
 
 # The same files, natively

@@ -171,6 +171,34 @@ def test_body_first_reads_the_body_before_the_app_and_bounds_it():
     assert closed == [True, True, True]
 
 
+def test_body_first_answers_408_to_a_body_that_does_not_arrive_in_time():
+    """A body still incomplete after CLIENT_TIMEOUT (its client silent) is answered 408 without
+    reaching the app, its socket's reading side shut (the rest is never read); the socket's own
+    timeout is put back. (Under gevent the bound is on the whole body: tests/test_gunicorn.py.)"""
+    import socket
+
+    from service.serving import BodyFirst
+
+    reached, statuses = [], []
+
+    def app(environ, start_response):
+        reached.append(True)
+        return [b"ok"]
+
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(b"From=%2B1555")  # of 100 bytes announced
+        environ = {"wsgi.input": ours.makefile("rb"), "gunicorn.socket": ours, "CONTENT_LENGTH": "100"}
+        body = BodyFirst(app, max_body=1000, client_timeout=1)(
+            environ, lambda status, headers: statuses.append(status)
+        )
+        assert statuses == ["408 Request Timeout"]
+        assert b"CLIENT_TIMEOUT" in b"".join(body)
+        assert ours.gettimeout() is None
+        assert ours.recv(100) == b""  # reading side shut
+    assert reached == []
+
+
 def test_the_request_line_limit_leaves_room_for_the_longest_query_string():
     from gunicorn.http import message
 

@@ -2,9 +2,10 @@
 -- as 'expired' at that time instead. The lock goes too, so that a message being handled
 -- answers 503 instead of bringing the conversation back.
 --
--- uses: common.lua tally.lua ending.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 1 if it was live (and is now ended by the operator), else 0.
 local member = ARGV[9]
 local now = now_ms()

@@ -31,15 +31,19 @@ local function ends()
   -- reason, messages, started_at, ended_at, state (service/lifecycle.py: Ending.decode).
   local function finish(member, reason, ended_at, now)
     local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
+    local scheduled = tonumber(redis.call('ZSCORE', index, member))
+    if scheduled and scheduled > ended_at then transcript_ends(scheduled, ended_at) end
     redis.call('ZREM', index, member)
+    redis.call('ZREM', waiting, member)
     if not found[1] then
       clear_fields()
       return 0
     end
     local sender, recipient = pair(member)
     local messages, started_at = found[2] or '0', found[3] or '0'
-    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', sender,
-               'to', recipient, 'reason', reason, 'messages', messages, 'started_at', started_at,
+    local shown_from, shown_to = event_pair(member)
+    redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'ended', 'from', shown_from,
+               'to', shown_to, 'reason', reason, 'messages', messages, 'started_at', started_at,
                'ended_at', ended_at, 'conversation', found[1])
     local minute, code = math.floor(now / 60000), REASONS[reason]
     local first = count(minute, code, 1)

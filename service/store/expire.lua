@@ -1,9 +1,10 @@
 -- EXPIRE: the sweeper ends a conversation whose time ran out ('expired', at that time), unless
 -- a message extended it meanwhile or is being handled now (it will extend or end it itself).
 --
--- uses: common.lua tally.lua ending.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 1 if it ended the conversation, else 0.
 local member = ARGV[9]
 local now = now_ms()

@@ -3,7 +3,7 @@
 -- the conversation's next one is due now; to retry, it stays first and is due after the delay.
 -- Twilio's 21610 (the number opted out) is noted as an opt-out (KEYS[13]), as an inbound STOP is.
 --
--- uses: common.lua outbound.lua
+-- uses: common.lua tail.lua transcript.lua outbound.lua
 -- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the conversation's index member, '<from>|<to>'
 -- ARGV[10] = the message's id
@@ -13,6 +13,7 @@
 -- ARGV[14] = accepted: Twilio's status; retry: '1' if Twilio may hold it (a lost answer), else
 --            '0'; failed: the error's message
 -- ARGV[15] = retry: ms to wait before the next attempt
+-- ARGV[#ARGV] = TRANSCRIPT_MAX, or '' when transcripts are off (transcript.lua), after the above
 -- A conversation keeps the records of its latest 100 messages that left the outbox
 -- (outbound.lua's `forget_records`).
 -- Returns the message's status before this outcome and after it ('lost' and '' when the claim
@@ -53,4 +54,5 @@ else
 end
 redis.call('HSET', sent, id .. ':s', cjson.encode(state))
 redis.call('PEXPIRE', sent, live_keep_ms)
+if (state.status or 'pending') ~= before then transcribe_status(id, state.status, now) end
 return {before, state.status or 'pending'}

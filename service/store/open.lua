@@ -3,20 +3,21 @@
 -- asking drops out) and, first in line with the lock free, takes it and gets the
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
--- uses: common.lua tally.lua ending.lua reply.lua line.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua reply.lua line.lua
 -- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns a flat list of names and values (reply.lua): status 'answered', answer, sid for a
--- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0) once
+-- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0), paused once
 -- the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
 -- but polls are rare: an uncontended message saves a call).
 local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
-                         'last_seen')
+                         'last_seen', 'paused')
 if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
   if redis.call('ZREM', queue, token) == 1 then  -- a waiter's heartbeat goes with its ticket
     redis.call('HDEL', waiters, token)
@@ -40,12 +41,12 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
       return reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
     end
   end
-  return reply_opened(now, found, 0)
+  return reply_opened(now, found, 0, 7)
 end
 
 local holder = redis.call('GET', lock)
 if holder == token or holder == token .. '+' then  -- handed over by a save while its BLPOP had given up
-  return reply_opened(now, found, 0)
+  return reply_opened(now, found, 0, 7)
 end
 if not redis.call('ZSCORE', queue, token) then
   local last = redis.call('ZRANGE', queue, -1, -1, 'WITHSCORES')

@@ -5,7 +5,7 @@
 -- it to the first in line (line.lua). The rules come first: a number that opted out, or free
 -- text to a WhatsApp number outside its 24-hour window, is refused and nothing is written.
 --
--- uses: common.lua tally.lua reply.lua line.lua outbound.lua
+-- uses: common.lua tail.lua names.lua transcript.lua tally.lua reply.lua line.lua outbound.lua
 -- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the lock's token (OPEN's ARGV[9])
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
@@ -14,6 +14,8 @@
 -- ARGV[13] = its state, JSON, with ARGV[11] = '1'
 -- ARGV[14] = the message to queue (outbound.lua's payload)
 -- ARGV[15] = '1' if it is a template (ContentSid), else '0'
+-- ARGV[#ARGV - 1] = the message's transcript entry, without its time, or '' (transcript.lua)
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns {'queued'}; {'refused', code} (21610 opted out, 63016 outside WhatsApp's window:
 -- the lock released, nothing written); {'lost'} when the lock is no longer the caller's.
 local token, member, starts, sid, state, payload, template =
@@ -28,6 +30,12 @@ local function let_go()
   else  -- marked: someone waits
     handover().hand_lock()
   end
+end
+
+-- While `forget` removes the number's data nothing of it is written (sending it is refused).
+if redis.call('EXISTS', forgetting) == 1 then
+  let_go()
+  return {'lost'}
 end
 
 local sender = pair(member)
@@ -52,9 +60,9 @@ if starts then
     if string.sub(name, 1, 2) ~= 'm:' then doomed[#doomed + 1] = name end
   end
   delete(conversation, doomed)
-  local recipient = select(2, pair(member))
-  redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
-             'to', recipient, 'messages', '0', 'started_at', now, 'conversation', sid)
+  local shown_from, shown_to = event_pair(member)
+  redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', shown_from,
+             'to', shown_to, 'messages', '0', 'started_at', now, 'conversation', sid)
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', '0', 'first_seen', now)
   redis.call('ZADD', index, now + ttl_ms, member)
   redis.call('PEXPIRE', index, live_keep_ms)
@@ -63,5 +71,6 @@ else
 end
 redis.call('PEXPIRE', conversation, live_keep_ms)
 queue_outbound(member, payload, now)
+transcribe(ARGV[#ARGV - 1], now, starts, 0, true)
 let_go()
 return {'queued'}

@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua
--- KEYS[1..9], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua
+-- KEYS[1..13], ARGV[1..8]: the conversation's keys and the store's settings (common.lua, tail.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -17,6 +17,9 @@
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
 -- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
 -- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
+-- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (person.lua)
+-- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
+-- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Writes, in this order: a stored conversation the caller could not read ended
 -- (`ends().finish`); the minute's tallies (KEYS[9]); old answers forgotten (KEYS[1]); the
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
@@ -24,8 +27,9 @@
 -- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), or 'lost' (the
--- lock is not the message's and its answer is not stored: nothing written); an error, with
--- nothing written, for an ARGV[16] other than '', 'handler' and 'opt-out'.
+-- lock is not the message's and its answer is not stored, or `forget` is removing the sender:
+-- nothing written); an error, with nothing written, for an ARGV[16] other than '', 'handler'
+-- and 'opt-out'.
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
@@ -37,6 +41,12 @@ local sends, inbound_keyword = ARGV[18], ARGV[19]
 local holder = redis.call('GET', lock)
 if holder ~= token and holder ~= token .. '+' then
   return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+end
+-- While `forget` removes the sender's data (`forgetting`, its fence: tail.lua) nothing of it is
+-- saved: the message is answered 503, and Twilio's retry starts afresh once forget is done.
+if redis.call('EXISTS', forgetting) == 1 then
+  if holder == token then redis.call('DEL', lock) end  -- one waiting behind it polls and takes it
+  return 'lost'
 end
 -- The message's time is OPEN's (Redis' clock when this message took the lock, handed back):
 -- no TIME here, and its text is written as it came, never formatted from a number. Messages
@@ -60,7 +70,7 @@ local minute = math.floor(now / 60000)
 local first_of_minute = count(minute, 'm', 1)
 if is_new and stores and count(minute, 's', 1) then first_of_minute = true end
 if first_of_minute then renew(minute) end
-local found = is_new and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen')
+local found = is_new and {} or redis.call('HMGET', conversation, 'seq', 'answers', 'last_seen', 'paused')
 -- The answers kept for redeliveries: 'answers' = "<oldest one's ms> <how many>", so that they
 -- are scanned only when one can be forgotten (out of the window, or over the cap). With one
 -- answer kept 'answers' is left out (26 bytes, a size class of the hash): that one is the last
@@ -80,10 +90,10 @@ local answered = {'m:' .. message_sid, opened_at .. ' ' .. answer}
 if held > 1 then
   answered[3], answered[4] = 'answers', oldest .. ' ' .. held
 end
-local added = 0
+local added, hold_left = 0, 0
 if stores then
   if is_new then
-    local sender, recipient = pair(member)
+    local sender, recipient = event_pair(member)
     redis.call('XADD', events, 'MAXLEN', '~', events_max, '*', 'type', 'started', 'from', sender,
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
@@ -91,7 +101,11 @@ if stores then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  added = redis.call('ZADD', index, now + ttl_ms, member)
+  -- Held by an operator (handoff.lua): its time runs from the hold's end.
+  hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
+  added = redis.call('ZADD', index, now + hold_left + ttl_ms, member)
+  transcribe(ARGV[#ARGV - 1], opened_at, is_new, hold_left)
+  asks_for_person(ARGV[#ARGV - 2], member, now)
 else
   redis.call('HSET', conversation, answered[1], answered[2])
 end
@@ -106,7 +120,7 @@ if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)
 end
 if not stores then ended = math.max(ended, replaced) end  -- the opt-out ended the stored one
-redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms)
+redis.call('PEXPIRE', conversation, end_reason ~= '' and window_ms or live_keep_ms + hold_left)
 if sends ~= '' then queue_outbound(member, sends, now) end
 note_inbound(member, inbound_keyword, now)
 if holder == token then

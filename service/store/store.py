@@ -63,6 +63,7 @@ class Opened:
     seq: str = ""
     first_seen: str = ""
     ended_overdue: bool = False  # it found the conversation's time run out and ended it
+    paused: str = ""  # until when (ms) an operator holds it, the bot paused (store/person.lua)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | None:
             reply["seq"],
             reply["first_seen"],
             reply["ended_overdue"] == 1,
+            reply.get("paused") or "",
         )
     if status == "answered":
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
@@ -137,11 +139,18 @@ class ConversationStore:
         read_timeout: float = 0.5,
         cluster: bool = False,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
+        number_hash: Callable[[str], str | None] = lambda number: None,
+        transcript_max: int = 0,
     ):
         """``hooks``: this process has the end hook, so every ended conversation's final state is
         kept for it (else only while ``keep_endings`` says another process runs it).
-        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics)."""
+        ``on_lock_wait`` hears how long each ``open`` waited for the lock (metrics).
+        ``number_hash``: what events carry instead of a number (None: the number itself).
+        ``transcript_max``: TRANSCRIPT_MAX with transcripts on (outbound statuses are written to
+        them), else 0."""
         self.client = client
+        self.number_hash = number_hash
+        self.transcript_max = str(transcript_max) if transcript_max else ""  # status entries
         self.on_lock_wait = on_lock_wait
         self.lock_wait = lock_wait
         self.blocking = read_timeout > self.POLL_MAX + 0.15
@@ -166,6 +175,7 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._handoff = Script(client, "handoff.lua")
         self._claim = Script(client, "claim.lua")
         self._finish = Script(client, "finish.lua")
         self._status = Script(client, "status.lua")
@@ -179,6 +189,7 @@ class ConversationStore:
         *,
         hooks: bool = False,
         on_lock_wait: Callable[[float], None] = lambda seconds: None,
+        number_hash: Callable[[str], str | None] = lambda number: None,
     ) -> ConversationStore:
         """The store the app's ``config`` (``settings.load``) describes."""
         return cls(
@@ -195,6 +206,8 @@ class ConversationStore:
             wait_ms=max(1, int(config["REDIS_TIMEOUT"] * 500)),  # answers before the read timeout
             read_timeout=config["REDIS_TIMEOUT"],
             cluster=is_cluster(config["REDIS_URL"]),
+            number_hash=number_hash,
+            transcript_max=config["TRANSCRIPT_MAX"] if config["TRANSCRIPTS"] else 0,
         )
 
     def follow_hooks(self, announcement: str) -> None:
@@ -217,6 +230,7 @@ class ConversationStore:
             self._finish,
             self._status,
             self._push,
+            self._handoff,
         )
 
     def preload(self) -> None:
@@ -290,13 +304,16 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        transcript: str = "",
+        handoff: str = "",
         outbound: str = "",
         keyword: str | None = None,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
         longer ours: nothing was written. ``outbound``: messages queued in the same step
         (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
-        for the outbound rules."""
+        for the outbound rules; ``transcript``: its entries (``transcripts.payload``);
+        ``handoff``: why the handler asks for a person."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -308,6 +325,8 @@ class ConversationStore:
                 message_sid=message_sid,
                 answer=answer,
                 end_reason=end_reason,
+                transcript=transcript,
+                handoff=handoff,
                 outbound=outbound,
                 keyword=keyword,
             ),
@@ -318,7 +337,15 @@ class ConversationStore:
 
     def open_call(self, keys: ConversationKeys, message_sid: str, token: str) -> tuple[list, list]:
         """OPEN's keys and arguments (also for pipelines that fill Redis: the bench)."""
-        return keys.in_order(), [*self.settings, token, message_sid, keys.member]
+        return keys.in_order(), [*self.settings, token, message_sid, keys.member, self.event_names(keys)]
+
+    def event_names(self, keys: ConversationKeys) -> str:
+        """The numbers the conversation's events carry, every event-writing script's last
+        argument (``names.lua``): '' for the numbers themselves, else their hashes."""
+        sender = self.number_hash(keys.sender)
+        if sender is None:
+            return ""
+        return f"{sender}|{self.number_hash(keys.recipient)}"
 
     def save_call(
         self,
@@ -331,10 +358,14 @@ class ConversationStore:
         message_sid: str,
         answer: str,
         end_reason: str | None = None,
+        transcript: str = "",
+        handoff: str = "",
         outbound: str = "",
         keyword: str | None = None,
     ) -> tuple[list, list]:
-        """SAVE's keys and arguments."""
+        """SAVE's keys and arguments; the last three, counted from the end by the script:
+        ``handoff`` (why the handler asks for a person, or ''), ``transcript``
+        (``transcripts.payload``, '' when off) and the events' numbers."""
         return keys.in_order(), [
             *self.settings,
             opened.token,
@@ -348,6 +379,9 @@ class ConversationStore:
             opened.now,
             outbound,
             keyword if keyword in ("STOP", "START") else "",
+            handoff,
+            transcript,
+            self.event_names(keys),
         ]
 
     def _run(self, script: Script, keys: list[str], args: list):
@@ -426,7 +460,7 @@ class ConversationStore:
         before, after = self._run(
             self._finish,
             keys.in_order(),
-            [*self.settings, keys.member, message_id, token, outcome, *details],
+            [*self.settings, keys.member, message_id, token, outcome, *details, self.transcript_max],
         )
         return before, after
 
@@ -435,7 +469,9 @@ class ConversationStore:
     ) -> tuple[str, str]:
         """STATUS: a status callback applied if it moves the message up; (before, after)."""
         before, after = self._run(
-            self._status, keys.in_order(), [*self.settings, message_id, message_sid, status, error_code]
+            self._status,
+            keys.in_order(),
+            [*self.settings, message_id, message_sid, status, error_code, self.transcript_max],
         )
         return before, after
 
@@ -448,6 +484,7 @@ class ConversationStore:
         state: str,
         outbound: str,
         template: bool,
+        transcript: str = "",
     ) -> tuple[str, int | None]:
         """PUSH, under the lock ``opened`` holds: queues ``outbound`` (``service.outbox.encode``)
         and, with ``start`` (a new conversation's id), starts the conversation with ``state``;
@@ -464,6 +501,8 @@ class ConversationStore:
                 state,
                 outbound,
                 "1" if template else "0",
+                transcript,
+                self.event_names(keys),
             ],
         )
         return reply[0], (int(reply[1]) if len(reply) > 1 else None)
@@ -475,13 +514,27 @@ class ConversationStore:
     def end(self, keys: ConversationKeys) -> bool:
         """An operator ends a conversation now (its event, its state for the hook, its lock and
         index entry). True if it was live."""
-        return bool(self._run(self._end, keys.in_order(), [*self.settings, keys.member]))
+        return bool(
+            self._run(self._end, keys.in_order(), [*self.settings, keys.member, self.event_names(keys)])
+        )
+
+    def take_over(self, keys: ConversationKeys, hold_ms: int) -> int | None:
+        """An operator holds the conversation for ``hold_ms``: the bot is paused. None if it is
+        not live, else how long (ms) it had waited for a person (-1: it had not asked)."""
+        reply = self._run(self._handoff, keys.in_order(), [*self.settings, keys.member, "take", hold_ms])
+        return int(reply[1]) if reply[0] == 1 else None
+
+    def hand_back(self, keys: ConversationKeys, seen: str = "", state: str = "") -> int:
+        """The bot resumes, with ``state`` (JSON) if the stored state is still ``seen``: 1 done,
+        0 not live, -1 a message holds the conversation now, -2 its state changed meanwhile."""
+        reply = self._run(self._handoff, keys.in_order(), [*self.settings, keys.member, "back", seen, state])
+        return int(reply[0])
 
     def expire(self, due: list[ConversationKeys], cluster: bool = False) -> int:
         """Ends those of ``due`` whose time has run out (and that no message holds now), each
         with its event; returns how many. One pipeline, except on a Cluster, where redis-py
         cannot pipeline scripts: one call each there."""
-        calls = [(keys.in_order(), [*self.settings, keys.member]) for keys in due]
+        calls = [(keys.in_order(), [*self.settings, keys.member, self.event_names(keys)]) for keys in due]
         if cluster:
             return sum(self._expire(keys, args) for keys, args in calls)
         pipe = self.client.pipeline(transaction=False)

@@ -51,6 +51,32 @@ def hermetic_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in {s.env for s in SETTINGS}}
 
 
+def gunicorn_settings(env: dict[str, str]) -> dict[str, str]:
+    """What gunicorn makes of config/gunicorn.conf.py under ``env`` (over this process's
+    environment without the service's settings), as ``gunicorn --print-config`` prints it: in a
+    process of its own, since the file may have gevent patch the standard library."""
+    with tempfile.TemporaryDirectory() as metrics:
+        printed = subprocess.run(
+            [bin_path("gunicorn"), "--print-config", "-c", GUNICORN_CONF, GUNICORN_APP],
+            cwd=ROOT,
+            env={
+                **hermetic_environment(),
+                "TWILIO_AUTH_TOKEN": TOKEN,
+                "PROMETHEUS_MULTIPROC_DIR": metrics,
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    return {
+        name.strip(): value.strip()
+        for name, equals, value in (line.partition("=") for line in printed.splitlines())
+        if equals
+    }
+
+
 class Gunicorn:
     """An app under gunicorn in a subprocess, the way it runs in production.
 

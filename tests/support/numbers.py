@@ -9,3 +9,9 @@ UNNAMED = ("+15559870042", "+15554440077", "+15556660042", "+15557770099")
 FRIEND = UNNAMED[0]
 # The service's own numbers, the ones Twilio's webhooks are sent To.
 OURS, OTHER = "+15550001111", "+15550002222"
+
+
+def crowd(count: int, start: int = 0) -> list[str]:
+    """``count`` callers in no callers file (+15553000000, +15553000001, …), for tests that
+    need many conversations at once."""
+    return [f"+1555300{n:04d}" for n in range(start, start + count)]
