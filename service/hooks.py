@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
-from .handler import Conversation, EndHook
+from .handler import Conversation, EndHook, failure
 from .history import Ending
 from .redis_client import is_outage
 from .store import decode_state
@@ -151,7 +151,8 @@ class EndHooks:
                 self.hook(final, ended.reason)
         except Exception as error:  # the developer's code: logged and counted, never blocking
             self.metrics.end_hook_failures.inc()
-            log.error("end hook failed: %s: %s", type(error).__name__, error, exc_info=True)
+            where, frames = failure(error)  # never the text, which may quote a body or the state
+            log.error("end hook failed: %s", where, extra={"error": frames})
 
     def run(self) -> None:
         """Every ``SWEEP_INTERVAL`` until stopped; a Redis outage only delays the next round."""

@@ -44,7 +44,8 @@ Key (example)                                        Type and what it holds
                                                      outbound_view.py: sms-sessions outbox)
 <prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
                                                      'w:<from>|<to>' -> its last inbound message
-                                                     (ms), WhatsApp senders only
+                                                     (ms), WhatsApp senders only, pruned once
+                                                     24 h old; 'w:' -> the pruning's cursor
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's

@@ -144,7 +144,9 @@ class LineFormatter(logging.Formatter):
         self.line = line
 
     def format(self, record: logging.LogRecord) -> str:
-        error = self.formatException(record.exc_info) if record.exc_info else None
+        # exc_info's traceback, or one a caller wrote without the exception's text (a log
+        # call's ``extra={"error": …}``: handler.failure's frames)
+        error = self.formatException(record.exc_info) if record.exc_info else getattr(record, "error", None)
         fields = getattr(record, "fields", {})
         return self.line(record.created, record.levelname, record.name, record.getMessage(), fields, error)
 

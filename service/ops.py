@@ -233,6 +233,8 @@ def send_message():
         )
     except Refused as refused:
         return jsonify({"error": str(refused), "code": refused.code}), 422
+    except sending.NoSender:
+        return error(400, str(sending.NoSender('"from"')))
     except (ValueError, TypeError) as bad:
         return error(400, str(bad))
     log.info("outbound message %s queued by an operator", sent.id)

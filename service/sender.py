@@ -33,6 +33,7 @@ from flask.cli import ScriptInfo
 
 from .clock import now_ms
 from .delivery import Accepted, Delivery, Outcome, Permanent, RetryLater, callback_url
+from .handler import failure
 from .keys import ConversationKeys
 from .outbound_view import OutboundView
 from .outbox import Outgoing, Refused, refusal
@@ -90,7 +91,8 @@ def notify(wired: Wiring, update: StatusUpdate) -> None:
     try:
         wired.on_status(update)
     except Exception as error:  # the developer's code: logged, never failing the caller
-        log.error("on_status failed: %s", type(error).__name__, exc_info=True)
+        where, frames = failure(error)  # never the text, which may quote a number or the state
+        log.error("on_status failed: %s", where, extra={"error": frames})
 
 
 class Sender:

@@ -21,7 +21,7 @@ from flask import Flask, current_app, has_app_context
 from flask.cli import with_appcontext
 
 from .outbox import Refused, encode, message
-from .redis_client import UNAVAILABLE
+from .redis_client import is_outage
 from .sessions import SESSION_ID_BYTES, JsonSerializer
 from .store import ConversationBusy, LockLost, decode_state
 from .transcripts import Settings as TranscriptSettings
@@ -33,6 +33,24 @@ REFUSALS = {
     63016: "outside WhatsApp's 24-hour window (no inbound message in the last 24 hours): only a "
     "template (content_sid) may be sent",
 }
+
+
+class NoSender(ValueError):
+    """No number of ours to send from: none given, and no ``TWILIO_FROM_NUMBER``.
+
+    A conversation is keyed by its two numbers, and the user's reply comes to the number the
+    message came from, so that number must be known when the message is queued. A Messaging
+    Service alone does not say it: Twilio picks the sender from its pool per message (sticky
+    sender, area code), after the message was queued, and the reply would come to a number
+    this conversation is not keyed by. With a number named, a Messaging Service still applies:
+    the create carries both, and Twilio sends from that number (docs/outbound.md)."""
+
+    def __init__(self, argument: str = "sender="):
+        super().__init__(
+            f"no number to send from: give {argument} (one of our numbers; the conversation and "
+            "the reply are keyed by it) or set TWILIO_FROM_NUMBER. A Messaging Service alone "
+            "(TWILIO_MESSAGING_SERVICE_SID) picks its sender only once the message is sent"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +85,9 @@ def send(
 
     ``app``: the service's app (default: the current one); ``by``: who sends it, when not the
     service (``operator``). Raises ``Refused`` (with Twilio's
-    ``code``) for a number that opted out or a WhatsApp window that is closed, ``ValueError``
-    for a message Twilio would refuse or state that is not JSON, ``ConversationBusy`` when the
+    ``code``) for a number that opted out or a WhatsApp window that is closed, ``NoSender`` (a
+    ``ValueError``) with no number to send from, ``ValueError`` for a message Twilio would
+    refuse or state that is not JSON, ``ConversationBusy`` when the
     conversation stayed locked past ``LOCK_WAIT``, and Redis' errors.
     """
     app = app or (current_app._get_current_object() if has_app_context() else None)  # type: ignore[attr-defined]
@@ -77,7 +96,7 @@ def send(
     wired = current(app)
     sender = sender or app.config["TWILIO_FROM_NUMBER"]
     if not sender:
-        raise ValueError("no number to send from: pass sender= or set TWILIO_FROM_NUMBER")
+        raise NoSender()
     if state is not None and not isinstance(state, dict):
         raise ValueError("state is a JSON object (a dict)")
     outgoing = message(to, sender, text, media, content_sid=content_sid, content_variables=content_variables)
@@ -136,11 +155,16 @@ def send_command(sender, to, media, state, as_json, text):
         sent = send(to, text, sender=sender, media=media, state=initial, app=current_app)
     except Refused as refused:
         _fail(f"refused ({refused.code}): {refused}", as_json, {"error": str(refused), "code": refused.code})
+    except NoSender:
+        missing = str(NoSender("--from"))
+        _fail(missing, as_json, {"error": missing})
     except ValueError as error:
         _fail(str(error), as_json, {"error": str(error)})
     except (ConversationBusy, LockLost):
         _fail("the conversation stayed busy; try again", as_json, {"error": "busy"})
-    except UNAVAILABLE as error:
+    except Exception as error:  # redis_client.is_outage: redis-py's own failures too
+        if not is_outage(error):
+            raise
         _fail(f"Redis unavailable: {type(error).__name__}", as_json, {"error": "redis unavailable"})
     if as_json:
         click.echo(json.dumps(sent.to_json()))

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
-from werkzeug.http import dump_cookie
+from werkzeug.http import dump_cookie, parse_cookie
 
 from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
@@ -246,7 +246,7 @@ class ConversationSessionInterface(SessionInterface):
         return COOKIE_NAME
 
     def open_session(self, app: Flask, request: Request) -> ConversationSession:
-        return ConversationSession(self, request.cookies.get(COOKIE_NAME))
+        return ConversationSession(self, _cookie(request))
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, ConversationSession)  # this interface opens no other kind
@@ -284,6 +284,18 @@ class ConversationSessionInterface(SessionInterface):
             domain=self.get_cookie_domain(app),
             path=self.get_cookie_path(app),
         )
+
+
+def _cookie(request: Request) -> str | None:
+    """The conversation's cookie, as ``request.cookies`` reads it. werkzeug finds the header by
+    walking the whole environ (``headers.getlist``), where a WSGI server gives it as the one
+    ``HTTP_COOKIE`` (PEP 3333); an ASCII one (Twilio echoes ours, ``token_urlsafe``) is parsed
+    from there by werkzeug's ``parse_cookie``, which reads ASCII as ``request.cookies`` does.
+    Any other goes to ``request.cookies`` itself."""
+    header = request.environ.get("HTTP_COOKIE")
+    if header is not None and not header.isascii():
+        return request.cookies.get(COOKIE_NAME)
+    return parse_cookie(header).get(COOKIE_NAME)
 
 
 def _moment(epoch_ms: int) -> datetime:

@@ -197,7 +197,7 @@ def test_forget_on_a_cluster(redis_cluster):
         try:
             forget_under_load(app, client, hashed=True, hooks_pending=0)
         finally:
-            sweeper.stopping.set()  # not left logging into later tests
+            sweeper.stop()  # it and its end hooks thread: not left logging into later tests
     finally:
         client.close()
 

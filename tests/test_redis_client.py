@@ -14,7 +14,7 @@ from service.redis_client import SentinelMasterConnection, connect
 from service.settings import ConfigError
 from service.wiring import current
 from tests.support.app import make_app, post_signed, webhook_params
-from tests.support.ports import free_cluster_port
+from tests.support.ports import BUS_OFFSET, ephemeral_range, free_cluster_port
 from tests.support.programs import require_redis_tools
 from tests.support.waiting import wait_until
 
@@ -109,6 +109,15 @@ def test_malformed_url_stops_start_up_naming_redis_url(url, says):
 
 
 @pytest.mark.slow
+def test_cluster_test_ports_and_their_bus_ports_are_below_the_ephemeral_range():
+    """The suite's Cluster nodes listen on a port and its bus port (+10000): both must stay out
+    of the range every outgoing connection takes its port from, or another suite's client can
+    hold one between the check and redis-server's bind."""
+    low, _ = ephemeral_range()
+    ports = [free_cluster_port() for _ in range(50)]
+    assert all(port + BUS_OFFSET < low for port in ports)
+
+
 def test_a_worker_started_while_no_cluster_node_answers_serves_503_then_recovers(redis_processes):
     """Failing the boot would stop gunicorn; instead the worker answers 503 until a node does."""
     require_redis_tools()

@@ -9,12 +9,15 @@ import json
 import pytest
 
 from service import Refused, create_app, send
+from service.delivery import Delivery
 from service.keys import Keys
 from service.sender import Sender
+from service.sending import send_command
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import sms_sessions
 from tests.support.numbers import FINN, OURS, REY
 from tests.support.standin import AUTH_TOKEN, StandinServer
+from tests.support.waiting import wait_until
 
 OPS = "o" * 40
 WHATSAPP_USER, WHATSAPP_OURS = "whatsapp:" + FINN, "whatsapp:" + OURS
@@ -190,3 +193,121 @@ def test_twilios_own_opt_out_refusal_is_kept_as_an_opt_out(app, standin):
     send(REY, "welcome back", app=app)
     drain(app)
     assert held(standin) == ["echo START", "welcome back"]
+
+
+def break_pooled_readers(app) -> None:
+    """Every pooled connection's hiredis reader as a failover leaves it under another thread
+    (``tests/test_cluster.py``'s ``ReaderGone``): redis-py then raises ``AttributeError``."""
+    from service.wiring import current
+    from tests.test_cluster import ReaderGone
+
+    client = current(app).redis
+    client.ping()  # a pooled connection, connected
+    pooled = client.connection_pool._available_connections
+    assert pooled
+    for connection in pooled:
+        connection._parser._reader = ReaderGone()
+
+
+def test_redis_py_failing_in_its_own_way_is_an_outage_for_every_way_of_sending(app, standin, caplog):
+    """What redis-py raises from its own code under a failover (``AttributeError … 'feed'``,
+    redis_client.is_outage): ``sms-sessions send`` prints one line and exits 1, the API answers
+    503, and the sender's thread skips the pass and goes on, delivering on the next."""
+    auth = {"Authorization": f"Bearer {OPS}"}
+    break_pooled_readers(app)
+    result = app.test_cli_runner().invoke(send_command, ["--to", REY, "hi"])
+    assert result.exit_code == 1, result.output
+    assert "Redis unavailable: AttributeError" in result.output
+    break_pooled_readers(app)
+    answer = app.test_client().post("/ops/messages", json={"to": REY, "text": "x"}, headers=auth)
+    assert answer.status_code == 503
+    send(REY, "after the failover", app=app)
+    break_pooled_readers(app)
+    sender = Sender(app)
+    thread = sender.start()
+    try:
+        wait_until(lambda: held(standin), what="the message delivered on a later pass")
+        assert thread.is_alive()
+    finally:
+        sender.stop()
+    assert held(standin) == ["after the failover"]
+    assert "outbound pass skipped: Redis AttributeError" in caplog.text
+
+
+def test_a_failing_on_status_is_logged_by_its_type_and_line_never_its_text(app, capsys):
+    """Like the handler's and the end hook's failures: what ``on_status`` raised may quote what
+    it read (here Twilio's error message), so its line names the type and where, not the text."""
+    from types import SimpleNamespace
+
+    from service.sender import StatusUpdate, notify
+    from service.wiring import current
+
+    def on_status(update):
+        int(update.error_message)
+
+    wired = SimpleNamespace(metrics=current(app).metrics, on_status=on_status)
+    capsys.readouterr()
+    notify(wired, StatusUpdate("m1", "SM1", "failed", "sent", REY, OURS, "30007", "five secret words"))
+    output = capsys.readouterr().out
+    assert "secret" not in output
+    line = on_status.__code__.co_firstlineno + 1
+    assert f"on_status failed: ValueError at test_sending.py:{line} in on_status" in output
+
+
+def test_closed_whatsapp_windows_are_forgotten_opt_outs_are_kept(app, standin, redis_client):
+    """A window's field in the tag's contacts goes once its 24 hours have passed, a step at a
+    time as the tag's WhatsApp messages come in (600 closed ones: more than one step holds);
+    an open window stays, and an opt-out, however old, is kept until its START."""
+    from service.clock import now_ms
+
+    contacts = Keys().conversation(WHATSAPP_USER, WHATSAPP_OURS).contacts
+    day = 24 * 3600 * 1000
+    now = now_ms()
+    closed = {f"w:whatsapp:+1666{n:07d}|{WHATSAPP_OURS}": now - day - 60_000 - n for n in range(600)}
+    opted_out = "+1777000" + FINN[-4:]  # FINN's tag, so its opt-out is in these contacts
+    kept = {f"w:whatsapp:+17770000001|{WHATSAPP_OURS}": now - day + 3_600_000, opted_out: now - 400 * day}
+    redis_client.hset(contacts, mapping={**closed, **kept})
+    for turn in range(200):
+        assert text(app, f"hi {turn}", sender=WHATSAPP_USER, recipient=WHATSAPP_OURS).status_code == 200
+        if not set(closed) & set(redis_client.hkeys(contacts)):
+            break
+    assert turn > 0  # it took steps, not one pass over the whole hash per message
+    left = redis_client.hgetall(contacts)
+    assert not set(closed) & set(left)
+    assert {name: int(left[name]) for name in kept} == kept
+    assert f"w:{WHATSAPP_USER}|{WHATSAPP_OURS}" in left  # this pair's window, just opened
+    send(WHATSAPP_USER, "free text in the open window", sender=WHATSAPP_OURS, app=app)
+    with pytest.raises(Refused):
+        send(opted_out, "opted out long ago", sender=OURS, app=app)
+
+
+MESSAGING_SERVICE = "MG" + "5" * 32
+
+
+def test_with_a_messaging_service_alone_a_send_names_its_number(standin, redis_url):
+    """The conversation, and the reply, are keyed by our number, which a Messaging Service
+    alone picks only once the message is sent: with no TWILIO_FROM_NUMBER each way of sending
+    refuses a message naming none, and names the argument to give; one naming our number goes
+    through the service from that number, and the reply continues its conversation."""
+    config = {
+        **standin.config(TWILIO_FROM_NUMBER=None, TWILIO_MESSAGING_SERVICE_SID=MESSAGING_SERVICE),
+        "REDIS_URL": redis_url,
+        "OPS_TOKEN": OPS,
+    }
+    app = create_app(config, handler=reminder_bot)
+    with pytest.raises(ValueError, match=r"give sender= .*TWILIO_FROM_NUMBER.*Messaging Service"):
+        send(REY, "no number", app=app)
+    result = app.test_cli_runner().invoke(send_command, ["--to", REY, "no number"])
+    assert result.exit_code == 1
+    assert "give --from (one of our numbers" in result.output
+    auth = {"Authorization": f"Bearer {OPS}"}
+    answer = app.test_client().post("/ops/messages", json={"to": REY, "text": "x"}, headers=auth)
+    assert answer.status_code == 400
+    assert 'give "from" (one of our numbers' in answer.json["error"]
+    sent = send(REY, "Reply OK to confirm", sender=OURS, state={"appointment": "3 pm"}, app=app)
+    drain(app)
+    [created] = standin.inbox(REY)
+    fetched = Delivery.from_config(config).twilio.messages(created["sid"]).fetch()
+    assert (fetched.from_, fetched.messaging_service_sid) == (OURS, MESSAGING_SERVICE)
+    assert b"Confirmed: 3 pm. (new: False)" in text(app, "ok", recipient=OURS).data
+    assert sent.started

@@ -207,3 +207,33 @@ def test_the_request_line_limit_leaves_room_for_the_longest_query_string():
     limit = request_line_limit(65536)
     assert limit > 65536
     assert limit <= message.MAX_REQUEST_LINE  # gunicorn keeps it, not 8,190
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "sms_session=abc-DEF_123",
+        "a=1; sms_session=abc; b=2",
+        "sms_session=first; sms_session=second",
+        'sms_session="quoted\\"value"',
+        "other=1",
+        "sms_session=",
+        "sms_session=caf\u00c3\u00a9",  # UTF-8 bytes as a WSGI server passes them (latin-1)
+        "sms_session=\u00ff",  # a byte that is not UTF-8
+        "a=1; b=\u00c3\u0028; sms_session=x",
+    ],
+)
+def test_the_session_reads_the_cookie_as_werkzeug_s_request_cookies(header):
+    """The session's cookie, read from the one ``HTTP_COOKIE`` of the environ, is what
+    werkzeug's ``request.cookies`` holds for it, whatever the header."""
+    from flask import Request
+    from werkzeug.test import EnvironBuilder
+
+    from service.sessions import COOKIE_NAME, _cookie
+
+    environ = EnvironBuilder(path="/sms").get_environ()
+    if header is not None:
+        environ["HTTP_COOKIE"] = header
+    assert _cookie(Request(environ)) == Request(environ).cookies.get(COOKIE_NAME)

@@ -7,8 +7,10 @@
 -- write an empty list back as {}): status, stage, attempts, sid, error_code, error_message,
 -- first_attempt_at, next_at, claim, maybe_accepted, updated_at, queued_at, n. KEYS[13]:
 -- '<number>' = ms it opted out (STOP; START removes it), 'w:<from>|<to>' = its last inbound
--- message's ms (WhatsApp senders only: the 24-hour window). KEYS[13] never expires: an opt-out
--- holds until its START.
+-- message's ms (WhatsApp senders only: the 24-hour window), and 'w:' = where `prune_windows`
+-- left off. KEYS[13] never expires: an opt-out holds until its START. A window's field goes
+-- once its 24 hours have passed (`prune_windows`, as the tag's WhatsApp messages come in and go
+-- out): it says when a number last wrote, which is kept no longer than the rule needs it.
 
 -- Twilio's statuses ranked: a callback or an answer only moves a message up. Terminal ones
 -- (10 and up) win over anything but a later terminal of a higher rank ('read' after
@@ -67,6 +69,33 @@ local function queue_outbound(member, payload, now)
   return #items / 2
 end
 
+-- WhatsApp's customer service window: free text may go this long after the number's last
+-- inbound message.
+local WHATSAPP_WINDOW_MS = 86400000
+-- Contacts' fields one `prune_windows` examines (HSCAN's COUNT): each WhatsApp message costs a
+-- small step, and the steps go round the whole hash faster than new numbers are added to it.
+local PRUNE_STEP = 20
+
+-- Forgets the WhatsApp windows of the tag that closed more than 24 hours ago (Redis 6.2 and
+-- 7.0 have no per-field expiry): one HSCAN step over the contacts' 'w:*' fields from where the
+-- previous step left off (its cursor in the field 'w:'); opt-outs are never touched.
+local function prune_windows(now)
+  local step = redis.call('HSCAN', contacts, redis.call('HGET', contacts, 'w:') or '0',
+                          'MATCH', 'w:*', 'COUNT', PRUNE_STEP)
+  local found, closed = step[2], {}
+  for i = 1, #found, 2 do
+    if found[i] ~= 'w:' and now - (tonumber(found[i + 1]) or 0) > WHATSAPP_WINDOW_MS then
+      closed[#closed + 1] = found[i]
+    end
+  end
+  delete(contacts, closed)
+  if step[1] == '0' then
+    redis.call('HDEL', contacts, 'w:')
+  else
+    redis.call('HSET', contacts, 'w:', step[1])
+  end
+end
+
 -- What an inbound message tells the outbound rules: `kind` 'STOP' opts its sender out, 'START'
 -- back in; a WhatsApp sender's message opens its 24-hour window.
 local function note_inbound(member, kind, now)
@@ -77,5 +106,8 @@ local function note_inbound(member, kind, now)
   elseif kind == 'START' then
     redis.call('HDEL', contacts, sender)
   end
-  if string.sub(member, 1, 9) == 'whatsapp:' then redis.call('HSET', contacts, 'w:' .. member, now) end
+  if string.sub(member, 1, 9) == 'whatsapp:' then
+    redis.call('HSET', contacts, 'w:' .. member, now)
+    prune_windows(now)
+  end
 end

@@ -44,7 +44,7 @@ if redis.call('HEXISTS', contacts, sender) == 1 then
   refused = 21610
 elseif not template and string.sub(member, 1, 9) == 'whatsapp:' then
   local last = tonumber(redis.call('HGET', contacts, 'w:' .. member))
-  if not last or now - last > 86400000 then refused = 63016 end
+  if not last or now - last > WHATSAPP_WINDOW_MS then refused = 63016 end
 end
 if refused then
   let_go()
@@ -71,6 +71,7 @@ else
 end
 redis.call('PEXPIRE', conversation, live_keep_ms)
 queue_outbound(member, payload, now)
+if string.sub(member, 1, 9) == 'whatsapp:' then prune_windows(now) end
 transcribe(ARGV[#ARGV - 1], now, starts, 0, true)
 let_go()
 return {'queued'}

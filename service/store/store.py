@@ -159,16 +159,20 @@ class ConversationStore:
         self.cluster = cluster
         self.hooks = hooks
         self.wait_ms = wait_ms
-        # ARGV[1..8] of every conversation script, in common.lua's order.
-        self.settings: list[int | str] = [
-            int(lock_ttl * 1000),
-            int(self.PATIENCE * 1000),
-            ttl * 1000,
-            int(redelivery_window * 1000),
-            replies_kept,
-            (ttl + self.GRACE) * 1000,
-            events_max,
-            "1" if hooks else "0",
+        # ARGV[1..8] of every conversation script, in common.lua's order; as the strings Redis
+        # receives, so that no call converts them again.
+        self.settings: list[str] = [
+            str(setting)
+            for setting in (
+                int(lock_ttl * 1000),
+                int(self.PATIENCE * 1000),
+                ttl * 1000,
+                int(redelivery_window * 1000),
+                replies_kept,
+                (ttl + self.GRACE) * 1000,
+                events_max,
+                "1" if hooks else "0",
+            )
         ]
         self._open = Script(client, "open.lua")
         self._save = Script(client, "save.lua")
