@@ -72,6 +72,12 @@ GOALS = (
         600,
         True,
     ),
+    Goal(
+        "webhook_while_sending",
+        "webhook throughput while its workers' senders deliver vs with nothing to send (x)",
+        0.95,
+        False,
+    ),
     Goal("transcripts_throughput_vs_off", "throughput with TRANSCRIPTS=1 vs off (x)", 0.9, False),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
@@ -98,6 +104,10 @@ REFERENCES = {
     "throughput_vs_plain": "throughput vs bare Flask-Session, no signature check (x)",
     "throughput_vs_cookie": "throughput vs the cookie-only tutorial app, no server state (x)",
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
+    "webhook_beside_sender_process": "webhook throughput beside a sender process (workers "
+    "without an account) vs with nothing to send (x)",
+    "webhook_sending_paced": "webhook throughput while its workers send messages queued at a "
+    "tenth of its rate vs with nothing to send (x)",
     "bytes_per_transcript_entry": "Redis bytes per transcript entry (a message in or a reply)",
     "app_cpu_vs_sync": "app CPU per message under the shipped worker class vs under sync (x)",
 }

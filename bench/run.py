@@ -20,8 +20,9 @@ conversation, Redis memory per conversation, Redis CPU per script and message
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
 (``bench/profile.py``), transcripts' cost (throughput on against off, memory per entry:
 ``bench/transcripts.py``), a good client's latency while hostile clients hold connections
-(``bench/stalls.py``), the goals of ``bench/goals.py`` and its reference figures. Report: stdout
-and a JSON file.
+(``bench/stalls.py``), outbound messages (``bench/outbound.py``: the sender's rate against the
+Twilio stand-in, the webhook's throughput while it sends), the goals of ``bench/goals.py`` and
+its reference figures. Report: stdout and a JSON file.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pathlib import Path
 import redis
 
 from bench import goals as bench_goals
+from bench import outbound as bench_outbound
 from bench import profile as bench_profile
 from bench import redis_cpu
 from bench import stalls as bench_stalls
@@ -680,6 +682,38 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     return report
 
 
+def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) -> dict:
+    """The sender's rate against the Twilio stand-in, and the webhook's throughput while the
+    workers' senders deliver against without (``bench/outbound.py``)."""
+    load = {
+        "messages": profile.messages,
+        "burst_first": profile.burst_first,
+        "burst": profile.burst,
+        "redeliver": profile.redeliver,
+        "concurrency": profile.concurrency,
+    }
+
+    def start_service(env: dict[str, str]) -> Contender:
+        server = Contender("service", shipped, redis_server.url, env)
+        server.wait_ready()
+        drive(server, redis_server, {**load, "run": 59, "messages": 2, "senders": senders(59, 20)})  # warm-up
+        return server
+
+    def drive_once(server, run: int) -> dict:
+        return drive(
+            server,
+            redis_server,
+            {**load, "run": run, "senders": senders(run, profile.conversations), "seed": run},
+        )
+
+    print(
+        "outbound: sender processes against the Twilio stand-in, then the webhook with and without sending",
+        flush=True,
+    )
+    chosen = bench_outbound.QUICK if profile.name == "quick" else bench_outbound.FULL
+    return bench_outbound.measure(chosen, TOKEN, redis_server, start_service, drive_once)
+
+
 def transcripts_throughput(profile: Profile, model: WorkerModel, redis_server: RedisServer) -> dict:
     """The service with transcripts off and on (``TRANSCRIPTS=1``), the same load in turn in
     every round (as ``throughput_rounds``): medians, and on over off."""
@@ -761,6 +795,9 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
         **timer_figures,
+        "webhook_while_sending": report["outbound"]["webhook"]["ratio"],
+        "webhook_beside_sender_process": report["outbound"]["webhook"]["ratio_sender_process"],
+        "webhook_sending_paced": report["outbound"]["webhook"]["ratio_paced"],
         "transcripts_throughput_vs_off": report["transcripts"]["throughput"]["on_vs_off"],
         "bytes_per_transcript_entry": report["transcripts"]["memory"]["bytes_per_entry"],
     }
@@ -841,6 +878,7 @@ def benchmark(profile: Profile) -> dict:
         redis_server.client.flushall()
         report["ops_at_scale"] = ops_at_scale(profile)
         report["timers_at_scale"] = timers_at_scale(profile)
+        report["outbound"] = outbound(profile, shipped, redis_server)
         print("stalls: the good client while hostile clients hold connections", flush=True)
         report["stalls"] = bench_stalls.measure(
             shipped.worker_class, quick=profile.name == "quick", workdir=workdir
@@ -960,6 +998,16 @@ def render(report: dict) -> str:
         )
     else:
         out.append(f"timers: {timers['status']}: {timers.get('reason')}")
+    sent = report["outbound"]
+    out.append(
+        "outbound: the sender hands to the stand-in "
+        + ", ".join(
+            f"{r['messages_per_s']:.0f} messages/s with {r['processes']} process(es)" for r in sent["sender"]
+        )
+        + f"; the webhook while its workers send: {sent['webhook']['ratio']:.2f}x its throughput "
+        f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x, "
+        f"sending a tenth of its rate as queued {sent['webhook']['ratio_paced']:.2f}x"
+    )
     stalls = report["stalls"]
     for row in stalls["runs"]:
         out.append(

@@ -38,6 +38,10 @@ Key (example)                                        Type and what it holds
 <prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
                                                      first queued outbound message is due (ms;
                                                      while a sender holds it, its lease's end)
+<prefix>failed:{07}                                  zset: '<id>|<from>|<to>' -> when that outbound
+                                                     message failed (ms): the tag's latest 100
+                                                     failures of the last day (service/
+                                                     outbound_view.py: sms-sessions outbox)
 <prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
                                                      'w:<from>|<to>' -> its last inbound message
                                                      (ms), WhatsApp senders only, pruned once
@@ -167,6 +171,9 @@ class Keys:
     def due(self, shard: str) -> str:
         return f"{self.prefix}due:{{{shard}}}"
 
+    def failed(self, shard: str) -> str:
+        return f"{self.prefix}failed:{{{shard}}}"
+
     def contacts(self, shard: str) -> str:
         return f"{self.prefix}contacts:{{{shard}}}"
 
@@ -175,6 +182,9 @@ class Keys:
 
     def timers(self, shard: str) -> str:
         return f"{self.prefix}timers:{{{shard}}}"
+
+    def failures(self) -> list[str]:
+        return [self.failed(shard) for shard in self.shards()]
 
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]

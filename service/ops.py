@@ -26,6 +26,7 @@ from .clock import duration, now_ms
 from .handoff import Busy, NotLive
 from .live import BadCursor, LiveConversation, iso
 from .masking import mask
+from .outbound_view import PREVIEW, OutboundView
 from .outbox import Refused
 from .redis_client import is_outage
 from .timers import Timer
@@ -87,7 +88,28 @@ def conversation(sender, recipient):
     found = current().live.get(sender, recipient)
     if found is None:
         return error(404, "No live conversation for this pair.")
-    return finite(found.to_json(with_state=True))
+    return conversation_json(found)
+
+
+def conversation_json(found: LiveConversation) -> dict:
+    """A conversation as operators read it: its state and its outbound messages with their
+    statuses (``outbound``, oldest first)."""
+    wired = current()
+    outbound = OutboundView(wired.redis, wired.keys).conversation(found.sender, found.recipient)
+    return finite({**found.to_json(with_state=True), "outbound": outbound})
+
+
+@bp.get("/outbox")
+def outbox():
+    """What waits to be sent (queued, claimed, retrying) and what failed, across tags."""
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    wired = current()
+    return OutboundView(wired.redis, wired.keys).outbox(limit).to_json()
 
 
 @bp.get("/timers")
@@ -312,11 +334,11 @@ def show_command(sender, recipient, as_json):
     found: LiveConversation | None = run(lambda: current().live.get(sender, recipient))
     if found is None:
         unknown(sender, recipient)
-    data = finite(found.to_json(with_state=True))
+    data = run(lambda: conversation_json(found))
     text = "\n".join(
         f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
         for key, value in data.items()
-        if key not in ("timers", "ttl")
+        if key not in ("timers", "ttl", "outbound")
     )
     text += f"\nttl: {found.ttl if found.ttl is not None else 'CONVERSATION_TTL'}"
     text += "".join(
@@ -324,7 +346,58 @@ def show_command(sender, recipient, as_json):
         f"{'  cancelled by a reply' if timer['cancel_on_reply'] else ''}"
         for timer in data["timers"]
     )
+    lines = [outbound_line(message) for message in data["outbound"]]
+    text += "\noutbound:" + ("".join("\n  " + line for line in lines) if lines else " none")
     emit(data, text, as_json)
+
+
+def outbound_line(message: dict) -> str:
+    """An outbound message on one line: when queued, stage and status, attempts, Twilio's SID
+    and error, and what it says (a preview)."""
+    said = message["body"] or (f"template {message['content_sid']}" if message.get("content_sid") else "")
+    if message["media"]:
+        said = (said + " " if said else "") + f"[{len(message['media'])} media]"
+    if len(said) > PREVIEW:
+        said = said[: PREVIEW - 1] + "…"
+    parts = [message["queued_at"] or "-", f"{message['stage']}/{message['status']}"]
+    if message["attempts"] > 1:
+        parts.append(f"attempts={message['attempts']}")
+    if message.get("next_at"):
+        parts.append(f"next={message['next_at']}")
+    if message.get("sid"):
+        parts.append(message["sid"])
+    if message.get("error_code") or message.get("error_message"):
+        parts.append(
+            f"error={message.get('error_code') or '-'} {message.get('error_message') or ''}".rstrip()
+        )
+    return "  ".join(parts) + f"  {json.dumps(said, ensure_ascii=False)}"
+
+
+@click.command("outbox")
+@click.option(
+    "--limit",
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    type=click.IntRange(1, MAX_LIMIT),
+    help="Most messages listed in each part (waiting, failed).",
+)
+@json_option
+@with_appcontext
+def outbox_command(limit, as_json):
+    """Outbound messages waiting to be sent (queued, being sent, retrying), in the order the
+    sender takes them, and the latest failures (the last day's), across every conversation."""
+    wired = current()
+    found = run(lambda: OutboundView(wired.redis, wired.keys).outbox(limit))
+    if found.more:
+        click.echo(f"more than {limit} in a part: --limit shows more (up to {MAX_LIMIT})", err=True)
+    if as_json:
+        emit(found.to_json(), "", True)
+        return
+    lines = [f"waiting: {len(found.pending) or 'none'}"]
+    lines += [f"  {m['from']} -> {m['to']}  {outbound_line(m)}" for m in found.pending]
+    lines.append(f"failed (the last day's): {len(found.failed) or 'none'}")
+    lines += [f"  {m['from']} -> {m['to']}  {outbound_line(m)}" for m in found.failed]
+    click.echo("\n".join(lines))
 
 
 @conversations_cli.command("expire")
@@ -502,6 +575,7 @@ def init_app(app: Flask) -> None:
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
     app.cli.add_command(timers_command)
+    app.cli.add_command(outbox_command)
     app.cli.add_command(transcript_command)
     app.cli.add_command(forget_command)
     app.cli.add_command(handoff_cli)

@@ -31,6 +31,7 @@ SECTIONS = {
     "redis_cpu",
     "ops_at_scale",
     "timers_at_scale",
+    "outbound",
     "stalls",
     "slow_handlers",
     "goals",
@@ -83,6 +84,11 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     assert isinstance(report["transcripts"]["throughput"]["on_vs_off"], float)
     assert report["transcripts"]["memory"]["bytes_per_entry"] > 0
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
+    assert [row["processes"] for row in report["outbound"]["sender"]] == [1, 2]
+    for row in report["outbound"]["sender"]:
+        assert row["handed"] == row["messages"]  # every queued message went out
+        assert row["messages_per_s"] > 0
+    assert report["outbound"]["webhook"]["ratio"] > 0
     assert all(
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")

@@ -44,6 +44,7 @@ def test_help_lists_only_its_commands():
         "events",
         "forget",
         "handoff",
+        "outbox",
         "run",
         "send",
         "sender",
