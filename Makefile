@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 DEV_TOKEN ?= dev-auth-token
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# make run's Twilio stand-in (service/twilio_standin.py), when TWILIO_ACCOUNT_SID is not set.
+STANDIN_PORT ?= 8765
 # Docker Compose v2 (`docker compose`) when present, else the v1 `docker-compose`.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 # The locks: requirements.txt is what the image installs, requirements-dev.txt adds the dev
@@ -49,10 +51,12 @@ lock: install
 run: install
 	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' $(HOST) $(PORT) 2>/dev/null || { \
 	  echo "make run: port $(PORT) on $(HOST) is in use; choose another: make run PORT=5001" >&2; exit 1; }
-	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT)
+	LOG_FORMAT=$${LOG_FORMAT:-text} TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions run --host $(HOST) --port $(PORT) \
+	  $$([ -n "$$TWILIO_ACCOUNT_SID" ] || echo --twilio-standin $(STANDIN_PORT))
 
 simulate: install
-	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111} --url http://$(HOST):$(PORT)/sms
+	TWILIO_AUTH_TOKEN=$${TWILIO_AUTH_TOKEN:-$(DEV_TOKEN)} $(BIN)/sms-sessions simulate --from $${FROM:-+15551230001} --to $${TO:-+15550001111} --url http://$(HOST):$(PORT)/sms \
+	  $$([ -n "$$TWILIO_ACCOUNT_SID" ] || echo --standin http://127.0.0.1:$(STANDIN_PORT))
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -80,10 +80,29 @@ GOALS = (
     ),
     Goal("capacity_answer_p99_ms", "slow handlers: webhook answer p99 (ms)", 50, True),
     Goal("capacity_lost_or_doubled", "slow handlers: messages lost or doubled", 0, True),
+    Goal(
+        "webhook_while_sending",
+        "webhook throughput while its workers' senders deliver vs with nothing to send (x)",
+        0.95,
+        False,
+    ),
     Goal("transcripts_throughput_vs_off", "throughput with TRANSCRIPTS=1 vs off (x)", 0.9, False),
     Goal("count_ms", "ops: count live conversations (ms)", 5, True),
     Goal("first_page_50_ms", "ops: first page of 50 (ms)", 20, True),
     Goal("expire_one_ms", "ops: expire one conversation (ms)", 5, True),
+    Goal(
+        "timers_late_vs_interval",
+        "timers: 10,000 due within a second among 1,000,000 pending, latest firing after its due "
+        "(x SWEEP_INTERVAL)",
+        2,
+        True,
+    ),
+    Goal(
+        "timer_sweep_vs_pending",
+        "timers: a sweep firing 1,000, at 1,000,000 pending vs 10,000 pending (x)",
+        1.5,
+        True,
+    ),
 )
 BY_KEY = {goal.key: goal for goal in GOALS}
 OPS = tuple(goal for goal in GOALS if goal.key in ("count_ms", "first_page_50_ms", "expire_one_ms"))
@@ -94,6 +113,10 @@ REFERENCES = {
     "throughput_vs_cookie": "throughput vs the cookie-only tutorial app, no server state (x)",
     "app_cpu_vs_plain": "app CPU per message vs bare Flask-Session (x)",
     "capacity_replies_vs_validated": "slow handlers: replies in Twilio's 15 s vs the validated peer (x)",
+    "webhook_beside_sender_process": "webhook throughput beside a sender process (workers "
+    "without an account) vs with nothing to send (x)",
+    "webhook_sending_paced": "webhook throughput while its workers send messages queued at a "
+    "tenth of its rate vs with nothing to send (x)",
     "bytes_per_transcript_entry": "Redis bytes per transcript entry (a message in or a reply)",
     "app_cpu_vs_sync": "app CPU per message under the shipped worker class vs under sync (x)",
 }

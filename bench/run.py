@@ -20,8 +20,9 @@ conversation, Redis memory per conversation, Redis CPU per script and message
 (``bench/ops_at_scale.py``; 1,000 with ``--quick``), CPU per component of one request
 (``bench/profile.py``), transcripts' cost (throughput on against off, memory per entry:
 ``bench/transcripts.py``), a good client's latency while hostile clients hold connections
-(``bench/stalls.py``), the goals of ``bench/goals.py`` and its reference figures. Report: stdout
-and a JSON file.
+(``bench/stalls.py``), outbound messages (``bench/outbound.py``: the sender's rate against the
+Twilio stand-in, the webhook's throughput while it sends), the goals of ``bench/goals.py`` and
+its reference figures. Report: stdout and a JSON file.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import redis
 
 from bench import capacity, redis_cpu
 from bench import goals as bench_goals
+from bench import outbound as bench_outbound
 from bench import profile as bench_profile
 from bench import stalls as bench_stalls
 from bench import transcripts as bench_transcripts
@@ -81,6 +83,9 @@ class Profile:
     memory_conversations: int
     ops_conversations: int  # live conversations for the operators' queries (bench/ops_at_scale.py)
     ops_runs: int
+    timer_conversations: int = 100_000  # x10 pending timers (bench/timers_at_scale.py)
+    timers_due: int = 10_000  # of them due within one second
+    timer_scales: str = "1000,10000,100000"  # conversations (x10 timers) for a sweep's cost
     burst_first: float = 0.2  # share of pairs whose first 3 messages arrive at the same moment
     burst: float = 0.1  # share of later messages that arrive as a pair of simultaneous ones
     redeliver: float = 0.05  # share of messages Twilio delivers a second time
@@ -121,6 +126,9 @@ QUICK = Profile(
     redis_cpu_repeats=1,
     capacity_conversations=20,
     capacity_seconds=0.2,
+    timer_conversations=1_000,
+    timers_due=1_000,
+    timer_scales="100,1000",
     slow_conversations=50,
 )
 
@@ -601,6 +609,46 @@ def ops_at_scale(profile: Profile) -> dict:
     return {"status": "measured", "figures": figures, "details": result}
 
 
+def timers_at_scale(profile: Profile) -> dict:
+    """``bench/timers_at_scale.py``: ``timers_due`` timers due within one second among
+    ``timer_conversations`` x 10 pending, fired by the sweeper's loop (how late, against
+    ``SWEEP_INTERVAL``), and a sweep firing 1,000 (100 quick) at each of ``timer_scales``."""
+    with tempfile.TemporaryDirectory() as directory:
+        output = Path(directory) / "timers.json"
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.timers_at_scale",
+                "--output",
+                str(output),
+                "--conversations",
+                str(profile.timer_conversations),
+                "--due",
+                str(profile.timers_due),
+                "--scales",
+                profile.timer_scales,
+                "--cost-due",
+                str(min(1000, profile.timers_due // 10)),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=hermetic_environment(),
+        )
+        try:
+            result = json.loads(output.read_text())
+        except (OSError, ValueError):
+            return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    burst = result["burst"]
+    figures = {
+        "timers_late_vs_interval": burst["late_s"]["max"] / burst["sweep_interval_s"],
+        "timer_sweep_vs_pending": result["sweep_cost_ratio"],
+    }
+    return {"status": "measured", "figures": figures, "details": result}
+
+
 def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     """``bench/profile.py`` for every contender: CPU µs per component, and instructions per
     component under callgrind when valgrind is installed (not in the quick run: minutes)."""
@@ -636,6 +684,38 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
         )
         report["instructions"] = dict(zip(CONTENDERS, counted))
     return report
+
+
+def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) -> dict:
+    """The sender's rate against the Twilio stand-in, and the webhook's throughput while the
+    workers' senders deliver against without (``bench/outbound.py``)."""
+    load = {
+        "messages": profile.messages,
+        "burst_first": profile.burst_first,
+        "burst": profile.burst,
+        "redeliver": profile.redeliver,
+        "concurrency": profile.concurrency,
+    }
+
+    def start_service(env: dict[str, str]) -> Contender:
+        server = Contender("service", shipped, redis_server.url, env)
+        server.wait_ready()
+        drive(server, redis_server, {**load, "run": 59, "messages": 2, "senders": senders(59, 20)})  # warm-up
+        return server
+
+    def drive_once(server, run: int) -> dict:
+        return drive(
+            server,
+            redis_server,
+            {**load, "run": run, "senders": senders(run, profile.conversations), "seed": run},
+        )
+
+    print(
+        "outbound: sender processes against the Twilio stand-in, then the webhook with and without sending",
+        flush=True,
+    )
+    chosen = bench_outbound.QUICK if profile.name == "quick" else bench_outbound.FULL
+    return bench_outbound.measure(chosen, TOKEN, redis_server, start_service, drive_once)
 
 
 def transcripts_throughput(profile: Profile, model: WorkerModel, redis_server: RedisServer) -> dict:
@@ -697,6 +777,7 @@ def judged(report: dict) -> dict[str, float]:
     ratios = shipped["ratios"]
     ours = [report["correctness"][model]["service"] for model in report["correctness"]]
     ops = report["ops_at_scale"].get("figures", {})
+    timer_figures = report.get("timers_at_scale", {}).get("figures", {})
     by_model = report["throughput"]
     ours_under = {model: section["contenders"]["service"] for model, section in by_model.items()}
     return {
@@ -718,6 +799,10 @@ def judged(report: dict) -> dict[str, float]:
         "bytes_steady": report["memory"]["steady"]["bytes_per_conversation"],
         **{key: value for key, value in ops.items() if isinstance(value, (int, float))},
         **capacity.judged(report["capacity"]),
+        **timer_figures,
+        "webhook_while_sending": report["outbound"]["webhook"]["ratio"],
+        "webhook_beside_sender_process": report["outbound"]["webhook"]["ratio_sender_process"],
+        "webhook_sending_paced": report["outbound"]["webhook"]["ratio_paced"],
         "transcripts_throughput_vs_off": report["transcripts"]["throughput"]["on_vs_off"],
         "bytes_per_transcript_entry": report["transcripts"]["memory"]["bytes_per_entry"],
     }
@@ -806,6 +891,8 @@ def benchmark(profile: Profile) -> dict:
             WORKERS,
             shipped.args(),
         )
+        report["timers_at_scale"] = timers_at_scale(profile)
+        report["outbound"] = outbound(profile, shipped, redis_server)
         print("stalls: the good client while hostile clients hold connections", flush=True)
         report["stalls"] = bench_stalls.measure(
             shipped.worker_class, quick=profile.name == "quick", workdir=workdir
@@ -909,6 +996,31 @@ def render(report: dict) -> str:
     out.append(
         f"ops at {report['profile']['ops_conversations']:,} conversations: {ops['status']}: "
         f"{ops.get('figures', ops.get('reason'))}"
+    )
+    timers = report["timers_at_scale"]
+    if timers["status"] == "measured":
+        burst = timers["details"]["burst"]
+        costs = ", ".join(
+            f"{row['pending']:,} pending {row['sweep_ms']:.0f} ms ({row['redis_commands']} commands)"
+            for row in timers["details"]["sweep_cost"]
+        )
+        out.append(
+            f"timers: {burst['fired']:,} of {burst['due_within_1s']:,} due within 1 s among "
+            f"{burst['pending']:,} pending fired, late p50 {burst['late_s']['p50']} s, max "
+            f"{burst['late_s']['max']} s (SWEEP_INTERVAL {burst['sweep_interval_s']} s); a sweep "
+            f"firing {timers['details']['sweep_cost'][0]['due']}: {costs}"
+        )
+    else:
+        out.append(f"timers: {timers['status']}: {timers.get('reason')}")
+    sent = report["outbound"]
+    out.append(
+        "outbound: the sender hands to the stand-in "
+        + ", ".join(
+            f"{r['messages_per_s']:.0f} messages/s with {r['processes']} process(es)" for r in sent["sender"]
+        )
+        + f"; the webhook while its workers send: {sent['webhook']['ratio']:.2f}x its throughput "
+        f"with nothing to send, beside a sender process {sent['webhook']['ratio_sender_process']:.2f}x, "
+        f"sending a tenth of its rate as queued {sent['webhook']['ratio_paced']:.2f}x"
     )
     out.append(capacity.render(report["capacity"]))
     stalls = report["stalls"]

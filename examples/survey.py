@@ -5,10 +5,13 @@
 
 The answers live in the conversation's state until the last one is in; then the bot thanks
 the sender with a summary and ends the conversation, so the next text starts a new survey.
-``on_end`` hears of every survey that ended, finished or abandoned.
+A sender who goes quiet is nudged once after ten minutes, and the survey closes after thirty
+(two timers, which each answer cancels and sets again). ``on_end`` hears of every survey that
+ended, finished or abandoned.
 """
 
 import logging
+from datetime import timedelta
 
 from twilio.twiml.messaging_response import MessagingResponse
 
@@ -23,7 +26,17 @@ QUESTIONS = [
 ]
 
 
+NUDGE_AFTER = timedelta(minutes=10)
+CLOSE_AFTER = timedelta(minutes=30)
+CLOSED = "No answer for 30 minutes, so we closed the survey. Text us to start again."
+
+
 def handle(message: Message, conversation: Conversation):
+    if message.kind == "timer":
+        return on_silence(message, conversation)
+    # Any message cancelled both timers (they are cancel_on_reply): the wait starts again.
+    conversation.remind(NUDGE_AFTER, "nudge")
+    conversation.remind(CLOSE_AFTER, "close")
     if message.opt_out == "HELP":
         return "A three-question survey. Reply with your answer, or STOP to leave."
     answers = conversation.setdefault("answers", {})
@@ -40,6 +53,15 @@ def handle(message: Message, conversation: Conversation):
     reply.message(f"Thank you, {answers['name']}!")
     reply.message(f"You said: {answers['colour']}, rated {answers['rating']}/5.")
     return reply
+
+
+def on_silence(message: Message, conversation: Conversation):
+    """Ten minutes without an answer: the question again, once; thirty: the survey closes."""
+    if message.timer == "nudge":
+        answers = conversation.get("answers", {})
+        return "Still there? " + QUESTIONS[len(answers)][1].format(**answers)
+    conversation.end()
+    return CLOSED
 
 
 def on_end(conversation: Conversation, reason: str) -> None:

@@ -6,6 +6,7 @@ from examples import survey
 from service import create_app
 from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator
+from service.testing import Clock
 
 REY, OURS = "+15551230001", "+15550001111"
 
@@ -53,3 +54,35 @@ def test_the_end_hook_hears_of_every_ended_survey(app, twilio, caplog):
     Sweeper(app).sweep()
     assert "survey ended (handler) with 3 of 3 answers" in caplog.text
     assert "survey ended (opt-out) with 0 of 3 answers" in caplog.text
+
+
+def test_silence_is_nudged_once_after_10_minutes_and_closed_after_30(twilio):
+    clock = Clock(twilio)
+    twilio.send(REY, OURS, "hi")
+    assert clock.advance(minutes=9) == []
+    nudged = clock.advance(minutes=1)
+    assert [(sent.to, sent.text) for sent in nudged] == [(REY, "Still there? " + survey.QUESTIONS[0][1])]
+    assert clock.advance(minutes=19) == []  # nudged once only
+    closed = clock.advance(minutes=1)
+    assert [sent.text for sent in closed] == [survey.CLOSED]
+    assert twilio.send(REY, OURS, "Rey").reply == survey.QUESTIONS[0][1]  # a new survey
+
+
+def test_an_answer_starts_the_wait_again(twilio):
+    clock = Clock(twilio)
+    twilio.send(REY, OURS, "hi")
+    clock.advance(minutes=8)
+    assert twilio.send(REY, OURS, "Rey").reply == "Thanks, Rey. What is your favourite colour?"
+    assert clock.advance(minutes=8) == []  # 16 minutes since the first, 8 since the answer
+    assert [sent.text for sent in clock.advance(minutes=2)] == [
+        "Still there? Thanks, Rey. What is your favourite colour?"
+    ]
+    assert clock.advance(minutes=20) == [clock.sent[-1]]
+    assert clock.sent[-1].text == survey.CLOSED
+
+
+def test_a_finished_survey_leaves_no_timer(twilio):
+    clock = Clock(twilio)
+    for text in ("hi", "Rey", "green", "5"):
+        twilio.send(REY, OURS, text)
+    assert clock.advance(hours=1) == []

@@ -17,9 +17,11 @@ def now_ms() -> int:
 
 
 def redis_now_ms(client) -> int:
-    """Redis' clock in epoch ms, as ``common.lua``'s ``now_ms`` reads it (one round trip)."""
-    seconds, microseconds = client.time()
-    return int(seconds) * 1000 + int(microseconds) // 1000
+    """Redis' clock in epoch ms, as ``common.lua``'s ``now_ms`` reads it (one round trip). A
+    Cluster client that asks every primary gets the latest of their clocks."""
+    reply = client.time()
+    readings = reply.values() if isinstance(reply, dict) else [reply]
+    return max(int(seconds) * 1000 + int(microseconds) // 1000 for seconds, microseconds in readings)
 
 
 def duration(seconds: float) -> str:

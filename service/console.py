@@ -34,11 +34,15 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from flask import Blueprint, Flask, current_app, g, redirect, render_template, request, url_for
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from . import sending
 from .clock import duration, now_ms
 from .handoff import Busy, NotLive
 from .live import BadCursor, BadSearch, iso
 from .masking import mask
 from .ops import DEFAULT_LIMIT, MAX_REPLY, finite, operator_reply
+from .outbound_view import OutboundView
+from .outbox import Refused
+from .store import ConversationBusy, LockLost
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -262,13 +266,21 @@ def conversation():
             title="Which conversation?",
             message="A conversation is named by its two numbers, from and to.",
         )
+    return show(sender, recipient)
+
+
+def show(sender: str, recipient: str, status: int = 200, **extra):
+    """The conversation's page (``extra``: the send box's error and text)."""
     found = current().live.get(sender, recipient)
     thread = current().transcripts.read(sender, recipient)
     if found is None:
         return page("conversation.html", 404, sender=sender, recipient=recipient, found=None, thread=thread)
     state = json.dumps(finite(found.state), indent=2, sort_keys=True, ensure_ascii=False)
+    wired = current()
+    outbound = OutboundView(wired.redis, wired.keys).conversation(sender, recipient)
     return page(
         "conversation.html",
+        status,
         sender=sender,
         recipient=recipient,
         found=found,
@@ -276,7 +288,40 @@ def conversation():
         thread=thread,
         paused_until=current().handoffs.paused_until(sender, recipient),
         notice=request.args.get("notice", ""),
+        outbound=outbound,
+        **extra,
     )
+
+
+@bp.post("/conversation/send")
+def send_message():
+    """The send box: the same ``service.send`` as ``POST /ops/messages`` and ``sms-sessions
+    send`` (under the conversation's lock), to the conversation's number from ours; back to the
+    page, where the message shows with its status."""
+    sender, recipient = request.form.get("from", ""), request.form.get("to", "")
+    text = request.form.get("text", "").replace("\r\n", "\n")
+    if not (sender and recipient) or current().live.get(sender, recipient) is None:
+        return page("conversation.html", 404, sender=sender, recipient=recipient, found=None)
+    if not text.strip():
+        return show(sender, recipient, 400, send_error="Type a message first.", send_text=text)
+    try:
+        sent = sending.send(sender, text, sender=recipient)
+    except Refused as refused:
+        log.warning("console send refused: %s", refused.code)
+        return show(
+            sender, recipient, 422, send_error=f"Not sent: {refused} ({refused.code}).", send_text=text
+        )
+    except ValueError as bad:
+        log.warning("console send refused: %s", bad)
+        return show(sender, recipient, 400, send_error=f"Not sent: {bad}", send_text=text)
+    except (ConversationBusy, LockLost):
+        log.warning("console send refused: the conversation stayed busy")
+        return show(
+            sender, recipient, 503, send_error="The conversation stayed busy: try again.", send_text=text
+        )
+    log.info("console: an operator queued outbound message %s", sent.id)
+    query = urlencode({"from": sender, "to": recipient})
+    return redirect(url_for("console.conversation") + "?" + query, 303)
 
 
 NOTICES = {

@@ -20,16 +20,18 @@ import sysconfig
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
 from flask_session.base import ServerSideSession
 from twilio.twiml.messaging_response import MessagingResponse
 
+from . import timers as timing
 from .outbox import Outgoing
 from .outbox import message as outgoing_message
 from .settings import ConfigError
+from .timers import Timer
 
 Reply: TypeAlias = str | MessagingResponse | None
 Handler = Callable[["Message", "Conversation"], Any]  # the Reply, or an awaitable of it
@@ -62,6 +64,12 @@ class Message:
     params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     opt_out: str | None = None
     """``"STOP"``, ``"START"`` or ``"HELP"`` when Twilio treats the message as that keyword."""
+    kind: str = "message"
+    """``"message"`` for an inbound message, ``"timer"`` when a timer fired (``body`` is empty)."""
+    timer: str | None = None
+    """The fired timer's name (``kind == "timer"``)."""
+    data: Any = None
+    """The fired timer's data, as ``remind`` was given it."""
 
     @classmethod
     def from_params(cls, params: Mapping[str, str], caller_name: str) -> Message:
@@ -103,9 +111,14 @@ class Conversation(ServerSideSession):
     true on its first; ``started_at`` is when that first message was saved. ``end()`` makes the
     current message the last: the state goes once the reply is saved, and the next message
     starts a new conversation. The end hook gets the final one, with ``sender``, ``recipient``,
-    ``sid`` (the conversation's id, as in its events), ``ended_at`` and, with ``TRANSCRIPTS=1``,
-    ``transcript`` (what was said, ``transcripts.Entry`` each). ``send()`` queues an outbound
-    message with the state; ``handoff(reason)`` asks for a person.
+    ``sid`` (the conversation's id, as in its events), ``ended_at``, ``timers`` (those pending
+    when it ended, dropped with it) and, with ``TRANSCRIPTS=1``, ``transcript`` (what was said,
+    ``transcripts.Entry`` each). ``send()`` queues an outbound message with the state;
+    ``handoff(reason)`` asks for a person.
+
+    Timers (docs/timers.md): ``remind`` sets one, ``cancel`` drops one, ``timers`` lists the
+    pending ones; ``expire_after`` gives this conversation its own time to live. Like the
+    state, they change with the save of the handler's answer, or not at all.
     """
 
     sid: str | None
@@ -119,6 +132,10 @@ class Conversation(ServerSideSession):
         recipient: str = "",
         messages: int = 1,
         started_at: datetime | None = None,
+        ttl: int = 14400,
+        now_ms: int | None = None,
+        timers: dict[str, Timer] | None = None,
+        own_ttl: int | None = None,
     ):
         super().__init__(initial, sid=sid)
         self.sender = sender
@@ -132,6 +149,79 @@ class Conversation(ServerSideSession):
         self.ended_at: datetime | None = None  # set for the end hook
         self.handoff_reason: str | None = None  # handoff(): the handler asks for a person
         self.outbound: list[Outgoing] = []  # queued by send(), committed with the state
+        self.default_ttl = ttl  # CONVERSATION_TTL
+        if own_ttl is not None:
+            self.own_ttl = own_ttl
+        self._now_ms = now_ms
+        self.pending: dict[str, Timer] = dict(timers) if timers else {}
+
+    # Defaults kept on the class: a message pays for no attribute it does not set.
+    own_ttl: int | None = None  # expire_after's, in seconds
+    timer_fired = False  # this call is a timer's, not a message's
+
+    @property
+    def now_ms(self) -> int:
+        """This message's (or timer firing's) time, epoch ms on Redis' clock: what ``remind``
+        counts from."""
+        if self._now_ms is None:
+            self._now_ms = int(self.started_at.timestamp() * 1000)
+        return self._now_ms
+
+    @now_ms.setter
+    def now_ms(self, value: int) -> None:
+        self._now_ms = value
+
+    @property
+    def timers(self) -> Mapping[str, Timer]:
+        """The pending timers by name, as they will be saved (read-only)."""
+        return MappingProxyType(dict(self.pending))
+
+    @property
+    def ttl(self) -> int:
+        """Seconds this conversation lives after this message (its own, else CONVERSATION_TTL)."""
+        return self.own_ttl if self.own_ttl is not None else self.default_ttl
+
+    def remind(
+        self,
+        after: timedelta | float | datetime,
+        name: str,
+        data: Any = None,
+        cancel_on_reply: bool = True,
+    ) -> Timer:
+        """Calls the handler again with ``message.kind == "timer"``, ``message.timer == name``
+        and ``message.data == data`` once ``after`` (a ``timedelta`` or seconds from now, or an
+        aware ``datetime``) has come, unless the conversation ends first, ``cancel(name)`` is
+        called, or (``cancel_on_reply``) a message arrives first. A timer of the same name is
+        replaced. ``ValueError`` if it would be due after the conversation's end (call
+        ``expire_after`` first), or its name or data cannot be stored."""
+        due_ms = timing.due_at(after, self.now_ms)
+        timing.checked(name, data, len(self.pending) - (name in self.pending))
+        end_ms = self.now_ms + self.ttl * 1000
+        if due_ms > end_ms:
+            raise ValueError(
+                f"remind: {name!r} would be due after the conversation ends ({self.ttl} s after "
+                "this message); conversation.expire_after(seconds) lets it live longer"
+            )
+        timer = Timer(name, due_ms, data, bool(cancel_on_reply), timing.new_id())
+        self.pending[name] = timer
+        return timer
+
+    def cancel(self, name: str) -> bool:
+        """Drops the pending timer ``name``; False if there was none."""
+        return self.pending.pop(name, None) is not None
+
+    def expire_after(self, seconds: float | timedelta) -> None:
+        """This conversation lives ``seconds`` (1 s to 30 days) after this message instead of
+        ``CONVERSATION_TTL``, and after each later message and timer firing. ``ValueError`` out of
+        range, or if a pending timer would then be due after its end."""
+        value = seconds.total_seconds() if isinstance(seconds, timedelta) else seconds
+        if not 1 <= value <= timing.MAX_TTL:
+            raise ValueError(f"expire_after: 1 to {timing.MAX_TTL} seconds, not {seconds!r}")
+        end_ms = self.now_ms + int(value) * 1000
+        late = [timer.name for timer in self.pending.values() if timer.due_ms > end_ms]
+        if late:
+            raise ValueError(f"expire_after: timers {late} would be due after the conversation ends")
+        self.own_ttl = int(value)
 
     def send(
         self,
@@ -164,8 +254,9 @@ class Conversation(ServerSideSession):
     @property
     def is_new(self) -> bool:
         """True on the conversation's first message (not on the reply to an outbound message
-        that started it: that conversation began with the message sent)."""
-        return self.messages == 1 and not self.started_by_us
+        that started it: that conversation began with the message sent; never for a timer's
+        call)."""
+        return self.messages == 1 and not self.started_by_us and not self.timer_fired
 
     started_by_us = False  # the conversation began with an outbound message (service.send)
 

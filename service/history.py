@@ -97,6 +97,7 @@ class Ending:
     started_at: int  # epoch ms
     ended_at: int
     state: str  # JSON, as stored
+    timers: str = ""  # the timers pending when it ended, as stored (service/timers.py)
 
     @classmethod
     def decode(cls, raw: str) -> Ending | None:
@@ -117,6 +118,7 @@ class Ending:
                 started_at=_int(str(payload["started_at"])),
                 ended_at=_int(str(payload["ended_at"])),
                 state=payload["state"],
+                timers=payload.get("timers") or "",
             )
         except (ValueError, TypeError, KeyError, RecursionError):
             return None

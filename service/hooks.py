@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
+from . import timers
 from .handler import Conversation, EndHook, failure
 from .history import Ending
 from .redis_client import is_outage
@@ -144,6 +145,7 @@ class EndHooks:
                     started_at=_moment(ended.started_at),
                 )
                 final.ended_at = _moment(ended.ended_at)
+                final.pending = timers.decode(ended.timers)  # those pending when it ended
                 if self.app.config["TRANSCRIPTS"]:
                     final.transcript = current(self.app).transcripts.read(
                         ended.sender, ended.recipient, conversation_id

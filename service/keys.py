@@ -42,6 +42,10 @@ Key (example)                                        Type and what it holds
 <prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
                                                      first queued outbound message is due (ms;
                                                      while a sender holds it, its lease's end)
+<prefix>failed:{07}                                  zset: '<id>|<from>|<to>' -> when that outbound
+                                                     message failed (ms): the tag's latest 100
+                                                     failures of the last day (service/
+                                                     outbound_view.py: sms-sessions outbox)
 <prefix>contacts:{07}                                hash: '<number>' -> ms it opted out (STOP);
                                                      'w:<from>|<to>' -> its last inbound message
                                                      (ms), WhatsApp senders only, pruned once
@@ -52,6 +56,8 @@ Key (example)                                        Type and what it holds
                                                      sweeper claims them)
 <prefix>minutes:{07}                                 hash: '<minute><code>' -> that minute's tally
                                                      (service/store/tally.lua)
+<prefix>timers:{07}                                  zset: the due index, member '<from>|<to>',
+                                                     score its earliest pending timer's due (ms)
 <prefix>ending:{07}                                  hash: conversation id -> the end hook's
                                                      payload (service/store/ending.lua), until
                                                      the hook ran; expires a day after its
@@ -75,8 +81,11 @@ A token is ``<MessageSid>;<16 hex digits>``. The conversation's hash holds ``sid
 clock), ``m:<MessageSid>`` = ``<ms> <answer>`` per message answered within
 ``REDELIVERY_WINDOW`` (the answer as service/responses.py stores it), and ``answers`` =
 ``<oldest one's ms> <how many>`` while more than one is kept (with one, it is the last
-message's, at ``last_seen``). It expires a day after the conversation's end while live; once
-ended only its ``m:`` fields stay, expiring within ``REDELIVERY_WINDOW``.
+message's, at ``last_seen``); while it has pending timers, ``timers`` (JSON: name ->
+``{"id", "due" (epoch ms, Redis' clock), "data", "reply" (cancelled by a reply)}``,
+service/timers.py), and with a time to live of its own, ``ttl`` (ms). It expires a day after
+the conversation's end while live; once ended only its ``m:`` fields stay, expiring within
+``REDELIVERY_WINDOW``.
 
 A transcript entry is a JSON object: ``at`` (the message's ms), ``conv`` (the conversation's
 id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media``
@@ -119,8 +128,8 @@ class Keys:
     prefix: str = "sms:"
     cluster: bool = False
     # Per shard, the keys a conversation's scripts touch (index, events, ending, minutes, due,
-    # contacts, pending): every message needs them, so they are built once.
-    _shard_keys: dict[str, tuple[str, str, str, str, str, str, str]] = field(
+    # contacts, timers, pending): every message needs them, so they are built once.
+    _shard_keys: dict[str, tuple[str, str, str, str, str, str, str, str]] = field(
         init=False, repr=False, compare=False
     )
 
@@ -133,6 +142,7 @@ class Keys:
                 self.minutes(shard),
                 self.due(shard),
                 self.contacts(shard),
+                self.timers(shard),
                 self.pending(shard),
             )
             for shard in self.shards()
@@ -173,11 +183,20 @@ class Keys:
     def due(self, shard: str) -> str:
         return f"{self.prefix}due:{{{shard}}}"
 
+    def failed(self, shard: str) -> str:
+        return f"{self.prefix}failed:{{{shard}}}"
+
     def contacts(self, shard: str) -> str:
         return f"{self.prefix}contacts:{{{shard}}}"
 
     def dues(self) -> list[str]:
         return [self.due(shard) for shard in self.shards()]
+
+    def timers(self, shard: str) -> str:
+        return f"{self.prefix}timers:{{{shard}}}"
+
+    def failures(self) -> list[str]:
+        return [self.failed(shard) for shard in self.shards()]
 
     def shards(self) -> list[str]:
         return [f"{n:02d}" for n in range(SHARDS)]
@@ -187,7 +206,7 @@ class Keys:
         member = sender + SEPARATOR + recipient
         tagged = "{" + shard + "}:" + member
         prefix = self.prefix
-        index, events, ending, minutes, due, contacts, pending = self._shard_keys[shard]
+        index, events, ending, minutes, due, contacts, timers, pending = self._shard_keys[shard]
         return ConversationKeys(
             sender,
             recipient,
@@ -205,6 +224,7 @@ class Keys:
             prefix + "sent:" + tagged,
             due,
             contacts,
+            timers,
             pending,
             prefix + "inbound:" + tagged,
             prefix + "waiting:{" + shard + "}",
@@ -253,6 +273,7 @@ class ConversationKeys(NamedTuple):
     sent: str  # its outbound messages' records (hash: id -> JSON)
     due: str  # the tag's due index (<prefix>due:{NN}); member is its entry
     contacts: str  # the tag's opt-outs and WhatsApp windows
+    timers: str  # its tag's due index of timers (<prefix>timers:{NN}, Keys.timers)
     pending: str  # the tag's conversations with inbound messages waiting (Keys.pending)
     inbound: str  # its messages acknowledged, not yet handled
     waiting: str  # the tag's conversations waiting for a person (service/handoff.py)
@@ -275,6 +296,7 @@ class ConversationKeys(NamedTuple):
             self.sent,
             self.due,
             self.contacts,
+            self.timers,
             self.pending,
             self.inbound,
             self.waiting,

@@ -23,6 +23,7 @@ from flask import Flask, current_app
 from flask.cli import ScriptInfo, with_appcontext
 
 from .clock import now_ms, redis_now_ms
+from .firing import Queued, TimerFiring
 from .history import Event
 from .hooks import EndHooks
 from .redis_client import UNAVAILABLE, is_outage
@@ -32,16 +33,19 @@ log = logging.getLogger(__name__)
 
 DUE_PER_SHARD = 200  # conversations one sweep ends per index shard (the rest, next sweep)
 RELAY_PER_SHARD = 500
+EARLIEST = 0.1  # seconds a sweep waits at least before the next (a timer due meanwhile waits)
 SAMPLES_KEPT = 7 * 24 * 60  # a week of minutes
 
 
 class Sweeper:
-    """Ends conversations whose time ran out, relays a Cluster's outboxes, trims the events
-    stream and samples the live count. One process sweeps at a time (a lease in Redis); any
-    may, and two at once still end each conversation once. The end hook is ``hooks``' to run
-    (``EndHooks``), in a thread of its own when this sweeper runs in the background."""
+    """Ends conversations whose time ran out, fires due timers (service/firing.py), relays a
+    Cluster's outboxes, trims the events stream and samples the live count. One process sweeps
+    at a time (a lease in Redis); any may, and two at once still end each conversation once and
+    fire each timer once. The end hook is ``hooks``' to run (``EndHooks``), in a thread of its
+    own when this sweeper runs in the background. ``on_queued`` hears what each timer's firing
+    queued for the outbound sender."""
 
-    def __init__(self, app: Flask):
+    def __init__(self, app: Flask, on_queued: Queued | None = None):
         self.app = app
         self.wired = wired = current(app)
         self.client, self.keys, self.store = wired.redis, wired.keys, wired.store
@@ -50,6 +54,8 @@ class Sweeper:
         self.retention_ms = app.config["EVENTS_RETENTION"] * 1000
         self.token = secrets.token_hex(8)
         self.stopping = threading.Event()
+        self.firing = TimerFiring(app, on_queued)
+        self.fired = 0  # timers fired by the last pass
 
     def sweep(self) -> int:
         """One pass, then the end hook for every conversation waiting for it (what a test
@@ -64,12 +70,14 @@ class Sweeper:
         self.store.follow_hooks(self.keys.hooks)
 
     def sweep_pass(self) -> int:
-        """Ends what is due, relays, trims and samples; returns how many it ended."""
+        """Ends what is due, fires the due timers, relays, trims and samples; returns how many
+        conversations it ended."""
         self.follow_hooks()
         with self.app.app_context():
             now = redis_now_ms(self.client)  # what is due is the scripts' to say: by Redis' clock
             self.wired.runs.recover(now)  # handlers whose process died run again, here
             ended = self._expire_due(now)
+            self.fired = self.firing.fire_due()
             if self.keys.cluster:
                 self._relay()
             self.client.xtrim(self.keys.events, minid=str(now - self.retention_ms), approximate=False)
@@ -121,12 +129,15 @@ class Sweeper:
         return False
 
     def run(self) -> None:
-        """Sweeps every ``SWEEP_INTERVAL`` while this process holds the lease, until stopped;
+        """Sweeps every ``SWEEP_INTERVAL`` while this process holds the lease, until stopped,
+        and sooner when a timer falls due before then (at most every ``EARLIEST`` seconds);
         a Redis outage only delays the next sweep."""
         while not self.stopping.is_set():
+            wait = self.interval
             try:
                 if self._holds_lease():
                     self.sweep_pass()
+                    wait = self._until_next_timer()
                 else:
                     self.follow_hooks()  # what this process's messages end is kept as the sweeper's
             except Exception as error:  # the thread goes on: a bug is logged, an outage waits
@@ -134,7 +145,16 @@ class Sweeper:
                     log.exception("sweep failed")
                 else:
                     log.warning("sweep skipped: Redis %s", type(error).__name__)
-            self.stopping.wait(self.interval)
+            self.stopping.wait(wait)
+
+    def _until_next_timer(self) -> float:
+        """Seconds until the next sweep: ``SWEEP_INTERVAL``, or less when a timer is due
+        sooner (one pipelined read of each tag's earliest)."""
+        next_due = self.firing.next_due()
+        if next_due is None:
+            return self.interval
+        seconds = (next_due - redis_now_ms(self.client)) / 1000
+        return min(self.interval, max(seconds, min(self.interval, EARLIEST)))
 
     def start(self) -> threading.Thread:
         """The sweep in a thread, and the end hook (if this process has it) in another."""

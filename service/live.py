@@ -33,11 +33,13 @@ from .keys import SEPARATOR, SHARDS, ConversationKeys, Keys, shard_of
 from .masking import mask
 from .redis_client import UNAVAILABLE, Client
 from .store import ConversationStore, Script, decode_state
+from .timers import Timer
+from .timers import decode as decode_timers
 
 log = logging.getLogger(__name__)
 SEARCHABLE = re.compile(r"\+?[0-9]+")
 SCAN_COUNT = 1000  # index entries a search's ZSCAN step reads
-FIELDS = ("state", "seq", "first_seen", "last_seen")
+FIELDS = ("state", "seq", "first_seen", "last_seen", "ttl", "timers")
 MAX_FILL_ROUNDS = 4  # a page refetches this often when entries vanished under it
 
 
@@ -106,9 +108,13 @@ class LiveConversation:
     last_seen: int
     expires_in: int
     state: dict = field(default_factory=dict)
+    ttl: int | None = None  # its own time to live (expire_after), seconds; None: CONVERSATION_TTL
+    timers: list[Timer] = field(default_factory=list)  # pending, earliest first
 
     def to_json(self, with_state: bool = False) -> dict:
-        """Times as ISO-8601 UTC with milliseconds; ``expires_in`` in whole seconds."""
+        """Times as ISO-8601 UTC with milliseconds; ``expires_in`` in whole seconds. With the
+        state come its own TTL (``ttl``, null for ``CONVERSATION_TTL``) and its pending timers
+        (``due`` as ISO-8601 too)."""
         data = {
             "from": self.sender,
             "to": self.recipient,
@@ -120,6 +126,8 @@ class LiveConversation:
         }
         if with_state:
             data["state"] = self.state
+            data["ttl"] = self.ttl
+            data["timers"] = [{**timer.to_json(), "due": iso(timer.due_ms)} for timer in self.timers]
         return data
 
 
@@ -207,6 +215,25 @@ class LiveConversations:
         if values[0] is None or expiry is None or expiry <= now:
             return None
         return self._conversation(keys, values, math.ceil((expiry - now) / 1000))
+
+    def next_timers(self, limit: int) -> list[tuple[str, str, Timer]]:
+        """The ``limit`` next due timers across conversations, earliest first, as (from, to,
+        timer), overdue ones included: each tag's due index read from its start (the ``limit``
+        earliest conversations of each, in one pipeline), then their timers."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shards():
+            pipe.zrange(self.keys.timers(shard), 0, limit - 1, withscores=True)
+        first = heapq.nsmallest(
+            limit, ((score, member) for found in pipe.execute() for member, score in found)
+        )
+        pipe = self.client.pipeline(transaction=False)
+        for _, member in first:
+            pipe.hget(self.keys.from_member(member).conversation, "timers")
+        pending = []
+        for (_, member), raw in zip(first, pipe.execute()):
+            keys = self.keys.from_member(member)
+            pending += [(keys.sender, keys.recipient, timer) for timer in decode_timers(raw or "").values()]
+        return heapq.nsmallest(limit, pending, key=lambda found: (found[2].due_ms, found[0], found[2].name))
 
     def end(self, sender: str, recipient: str) -> bool:
         """Ends the conversation now (state, lock, index entry); False if it was not live. Its
@@ -323,7 +350,10 @@ class LiveConversations:
         return found
 
     def _conversation(self, keys: ConversationKeys, values: list, expires_in: int) -> LiveConversation:
-        raw_state, seq, first_seen, last_seen = values
+        raw_state, seq, first_seen, last_seen, own_ttl, raw_timers = values
+        pending = sorted(
+            decode_timers(raw_timers or "").values(), key=lambda timer: (timer.due_ms, timer.name)
+        )
         return LiveConversation(
             sender=keys.sender,
             recipient=keys.recipient,
@@ -334,6 +364,8 @@ class LiveConversations:
             last_seen=_number(last_seen) or _number(first_seen),
             expires_in=max(expires_in, 0),
             state=decode_state(raw_state or "{}") or {},
+            ttl=int(own_ttl) // 1000 if own_ttl and own_ttl.isdigit() else None,
+            timers=pending,
         )
 
 

@@ -44,6 +44,8 @@ SOURCES = ("webhook", "health", "metrics")  # blueprints that talk to Redis
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15)
 HANDOFF_WAIT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)
 LOCK_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+TIMER_CANCELLED = ("reply", "handler", "ended")  # why a timer went unfired
 
 
 class StoreGauges:
@@ -172,6 +174,27 @@ class Metrics:
         )
         self.handler_timeouts = Counter(
             "sms_handler_timeouts", "Handler calls stopped past HANDLER_TIMEOUT.", registry=registry
+        )
+        self.timers_set = Counter(
+            "sms_timers_set", "Timers set (or set again) by handlers.", registry=registry
+        )
+        self.timers_fired = Counter(
+            "sms_timers_fired", "Timers fired (the handler's effect committed).", registry=registry
+        )
+        self.timers_cancelled = Counter(
+            "sms_timers_cancelled",
+            "Timers dropped unfired, by why: a reply (cancel_on_reply), the handler (cancel, or "
+            "set again under its name), the conversation's end.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in TIMER_CANCELLED:
+            self.timers_cancelled.labels(reason)
+        self.timer_late = Histogram(
+            "sms_timer_late_seconds",
+            "How long after its due time a timer fired (Redis' clock).",
+            buckets=LATE_BUCKETS,
+            registry=registry,
         )
         self.outbound = Counter(
             "sms_outbound_messages",

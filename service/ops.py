@@ -22,12 +22,14 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.cli import AppGroup, with_appcontext
 
 from . import sending
-from .clock import duration
+from .clock import duration, now_ms
 from .handoff import Busy, NotLive
-from .live import BadCursor, LiveConversation
+from .live import BadCursor, LiveConversation, iso
 from .masking import mask
+from .outbound_view import PREVIEW, OutboundView
 from .outbox import Refused
 from .redis_client import is_outage
+from .timers import Timer
 from .wiring import current
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,44 @@ def conversation(sender, recipient):
     found = current().live.get(sender, recipient)
     if found is None:
         return error(404, "No live conversation for this pair.")
-    return finite(found.to_json(with_state=True))
+    return conversation_json(found)
+
+
+def conversation_json(found: LiveConversation) -> dict:
+    """A conversation as operators read it: its state and its outbound messages with their
+    statuses (``outbound``, oldest first)."""
+    wired = current()
+    outbound = OutboundView(wired.redis, wired.keys).conversation(found.sender, found.recipient)
+    return finite({**found.to_json(with_state=True), "outbound": outbound})
+
+
+@bp.get("/outbox")
+def outbox():
+    """What waits to be sent (queued, claimed, retrying) and what failed, across tags."""
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    wired = current()
+    return OutboundView(wired.redis, wired.keys).outbox(limit).to_json()
+
+
+@bp.get("/timers")
+def timers():
+    """The next due timers across conversations, earliest first (``limit``, default 50)."""
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
+    return {"timers": [timer_json(*found) for found in current().live.next_timers(limit)]}
+
+
+def timer_json(sender: str, recipient: str, timer: Timer) -> dict:
+    return finite({"from": sender, "to": recipient, **timer.to_json(), "due": iso(timer.due_ms)})
 
 
 def finite(data):
@@ -295,12 +334,70 @@ def show_command(sender, recipient, as_json):
     found: LiveConversation | None = run(lambda: current().live.get(sender, recipient))
     if found is None:
         unknown(sender, recipient)
-    data = finite(found.to_json(with_state=True))
+    data = run(lambda: conversation_json(found))
     text = "\n".join(
         f"{key}: {json.dumps(value, ensure_ascii=False) if key == 'state' else value}"
         for key, value in data.items()
+        if key not in ("timers", "ttl", "outbound")
     )
+    text += f"\nttl: {found.ttl if found.ttl is not None else 'CONVERSATION_TTL'}"
+    text += "".join(
+        f"\ntimer: {timer['name']}  due {timer['due']}  data={json.dumps(timer['data'], ensure_ascii=False)}"
+        f"{'  cancelled by a reply' if timer['cancel_on_reply'] else ''}"
+        for timer in data["timers"]
+    )
+    lines = [outbound_line(message) for message in data["outbound"]]
+    text += "\noutbound:" + ("".join("\n  " + line for line in lines) if lines else " none")
     emit(data, text, as_json)
+
+
+def outbound_line(message: dict) -> str:
+    """An outbound message on one line: when queued, stage and status, attempts, Twilio's SID
+    and error, and what it says (a preview)."""
+    said = message["body"] or (f"template {message['content_sid']}" if message.get("content_sid") else "")
+    if message["media"]:
+        said = (said + " " if said else "") + f"[{len(message['media'])} media]"
+    if len(said) > PREVIEW:
+        said = said[: PREVIEW - 1] + "…"
+    parts = [message["queued_at"] or "-", f"{message['stage']}/{message['status']}"]
+    if message["attempts"] > 1:
+        parts.append(f"attempts={message['attempts']}")
+    if message.get("next_at"):
+        parts.append(f"next={message['next_at']}")
+    if message.get("sid"):
+        parts.append(message["sid"])
+    if message.get("error_code") or message.get("error_message"):
+        parts.append(
+            f"error={message.get('error_code') or '-'} {message.get('error_message') or ''}".rstrip()
+        )
+    return "  ".join(parts) + f"  {json.dumps(said, ensure_ascii=False)}"
+
+
+@click.command("outbox")
+@click.option(
+    "--limit",
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    type=click.IntRange(1, MAX_LIMIT),
+    help="Most messages listed in each part (waiting, failed).",
+)
+@json_option
+@with_appcontext
+def outbox_command(limit, as_json):
+    """Outbound messages waiting to be sent (queued, being sent, retrying), in the order the
+    sender takes them, and the latest failures (the last day's), across every conversation."""
+    wired = current()
+    found = run(lambda: OutboundView(wired.redis, wired.keys).outbox(limit))
+    if found.more:
+        click.echo(f"more than {limit} in a part: --limit shows more (up to {MAX_LIMIT})", err=True)
+    if as_json:
+        emit(found.to_json(), "", True)
+        return
+    lines = [f"waiting: {len(found.pending) or 'none'}"]
+    lines += [f"  {m['from']} -> {m['to']}  {outbound_line(m)}" for m in found.pending]
+    lines.append(f"failed (the last day's): {len(found.failed) or 'none'}")
+    lines += [f"  {m['from']} -> {m['to']}  {outbound_line(m)}" for m in found.failed]
+    click.echo("\n".join(lines))
 
 
 @conversations_cli.command("expire")
@@ -428,6 +525,32 @@ def unknown(sender: str, recipient: str) -> NoReturn:
     sys.exit(1)
 
 
+@click.command("timers")
+@with_appcontext
+@click.option(
+    "--limit",
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    type=click.IntRange(1, MAX_LIMIT),
+    help="How many timers.",
+)
+@json_option
+def timers_command(limit, as_json):
+    """The next due timers across conversations, earliest first (overdue ones too)."""
+    found = run(lambda: current().live.next_timers(limit))
+    rows = [timer_json(*entry) for entry in found]
+    now = now_ms()
+    lines = [
+        f"{row['due']}  {_when(entry[2].due_ms - now)}  {row['from']} → {row['to']}  {row['name']}"
+        for row, entry in zip(rows, found)
+    ]
+    emit(rows, "\n".join(lines) or "no pending timers", as_json)
+
+
+def _when(ms: int) -> str:
+    return f"in {duration(ms / 1000)}" if ms >= 0 else f"{duration(-ms / 1000)} late"
+
+
 COLUMNS = ("from", "to", "name", "messages", "first_seen", "last_seen", "expires_in")
 
 
@@ -451,6 +574,8 @@ def init_app(app: Flask) -> None:
     if app.config["OPS_TOKEN"]:  # off: no route at all, so every method on /ops is a 404
         app.register_blueprint(bp)
     app.cli.add_command(conversations_cli)
+    app.cli.add_command(timers_command)
+    app.cli.add_command(outbox_command)
     app.cli.add_command(transcript_command)
     app.cli.add_command(forget_command)
     app.cli.add_command(handoff_cli)

@@ -35,6 +35,7 @@ from .clock import now_ms
 from .delivery import Accepted, Delivery, Outcome, Permanent, RetryLater, callback_url
 from .handler import failure
 from .keys import ConversationKeys
+from .outbound_view import OutboundView
 from .outbox import Outgoing, Refused, refusal
 from .redis_client import is_outage
 from .settings import ConfigError
@@ -222,6 +223,7 @@ class Sender:
         if before == "lost":
             return "lost"
         log.warning("outbound message %s failed: %s %s", message_id, code, outcome.message)
+        OutboundView(self.wired.redis, self.wired.keys).note_failure(keys, message_id)
         sid = state.get("sid") or ""
         notify(
             self.wired,

@@ -27,13 +27,15 @@ from flask.sessions import SessionInterface, SessionMixin
 from flask_session.base import Serializer, ServerSideSession
 from werkzeug.http import dump_cookie, parse_cookie
 
+from . import timers
 from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
 from .outbox import encode
 from .redis_client import is_outage
-from .store import ConversationStore, Inbound, Opened, Queued, decode_state
+from .store import NO_CHANGE, ConversationStore, Inbound, Opened, Queued, Timing, decode_state
+from .timers import Timer
 from .transcripts import OFF as TRANSCRIPTS_OFF
 from .transcripts import Settings as TranscriptSettings
 from .transcripts import payload as transcript_payload
@@ -88,8 +90,11 @@ class Binding:
 class ConversationSession(Conversation):
     """The session of one webhook request: unbound until ``bind``, then the conversation."""
 
+    loaded_timers: dict[str, Timer] = {}  # as OPEN found them (replaced, never changed in place)
+    reply_cancelled = 0  # cancel_on_reply timers this message cancelled
+
     def __init__(self, interface: ConversationSessionInterface, cookie: str | None):
-        super().__init__(sid=cookie)
+        super().__init__(sid=cookie, ttl=interface.ttl)
         self.interface = interface
         self.binding: Binding | None = None
         self.settled = False  # saved, or given up: nothing left to release
@@ -157,12 +162,15 @@ class ConversationSession(Conversation):
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",
             keyword=bound.message.opt_out,
+            timers=self.timing(),
         )
         self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
         self._count(bound, ended)
 
     def _count(self, bound: Binding, ended: bool) -> None:
         counters = self.interface.metrics
+        if self.loaded_timers or self.pending:
+            count_timers(counters, self.loaded_timers, self.pending, self.reply_cancelled, ended)
         if bound.opened.ended_overdue:
             counters.conversations_ended.labels("expired").inc()
         if bound.replaces and self.end_reason != "opt-out":  # else ``ended`` counts it
@@ -209,6 +217,7 @@ class ConversationSession(Conversation):
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",
             keyword=bound.message.opt_out,
+            timers=NO_CHANGE if keeps else self.timing(),
             keeps=keeps,
         )
         self.saved = True
@@ -229,6 +238,12 @@ class ConversationSession(Conversation):
         session._load(opened)
         return session
 
+    def timing(self) -> Timing:
+        """The timers and own TTL to save: the timers only when they changed."""
+        if not self.pending and not self.loaded_timers and self.own_ttl is None:
+            return NO_CHANGE
+        return timing_of(self, self.loaded_timers)
+
     def release(self) -> None:
         """Gives the conversation back unsaved; Redis failing here only delays the next
         message until the lock lapses."""
@@ -248,6 +263,26 @@ class ConversationSession(Conversation):
         return self.binding
 
     def _load(self, opened: Opened) -> None:
+        self._now_ms = opened.now
+        self._load_state(opened)
+        if opened.timers or opened.ttl:  # most conversations have neither
+            self._load_timers(opened)
+
+    def _load_timers(self, opened: Opened) -> None:
+        if not opened.sid:  # nothing stored: no timers, no own TTL
+            return
+        self.own_ttl = int(opened.ttl) // 1000 if opened.ttl.isdigit() else None
+        self.loaded_timers = timers.decode(opened.timers) if opened.timers else {}
+        if self.messages == 1:  # unreadable, started afresh: its timers go with the rest
+            self.own_ttl = None
+            return
+        # A message cancels the timers set to wait for one, before its handler runs.
+        self.pending = {
+            name: timer for name, timer in self.loaded_timers.items() if not timer.cancel_on_reply
+        }
+        self.reply_cancelled = len(self.loaded_timers) - len(self.pending)
+
+    def _load_state(self, opened: Opened) -> None:
         state = decode_state(opened.state) if opened.sid and opened.state else None
         if state is not None and not self._keepable(opened.state, state):
             state = None
@@ -346,6 +381,33 @@ class ConversationSessionInterface(SessionInterface):
             domain=self.get_cookie_domain(app),
             path=self.get_cookie_path(app),
         )
+
+
+def timing_of(conversation: Conversation, loaded: dict[str, Timer]) -> Timing:
+    """What a script stores of ``conversation``'s timers (``loaded``: as they were found):
+    their JSON only when they changed, their earliest due, its own TTL in ms."""
+    own = conversation.own_ttl * 1000 if conversation.own_ttl is not None else ""
+    if conversation.pending == loaded:
+        return ("", "", own)
+    return (timers.encode(conversation.pending), timers.earliest(conversation.pending), own)
+
+
+def count_timers(
+    metrics: Metrics, loaded: dict[str, Timer], pending: dict[str, Timer], by_reply: int, ended: bool
+) -> None:
+    """Counts the timers a save set and dropped (``by_reply`` of them by the message itself)."""
+    if loaded is pending or (not loaded and not pending):
+        return
+    kept = {timer.id for timer in loaded.values()}
+    now = {timer.id for timer in pending.values()}
+    if added := len(now - kept):
+        metrics.timers_set.inc(added)
+    if dropped := len(kept - now) - by_reply:
+        metrics.timers_cancelled.labels("handler").inc(dropped)
+    if by_reply:
+        metrics.timers_cancelled.labels("reply").inc(by_reply)
+    if ended and pending:
+        metrics.timers_cancelled.labels("ended").inc(len(pending))
 
 
 def _cookie(request: Request) -> str | None:

@@ -410,7 +410,8 @@ SETTINGS = [
         5.0,
         _between(float, 0.05, 3600, "a number of seconds"),
         "Seconds between two sweeps of conversations whose time ran out (their `ended` "
-        "event, their end hook), 0.05 to 3600; one process sweeps at a time.",
+        "event, their end hook) and of due timers (sooner when a timer falls due first), 0.05 "
+        "to 3600; one process sweeps at a time.",
     ),
     Setting(
         "END_HOOK_TIMEOUT",

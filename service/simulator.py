@@ -204,3 +204,26 @@ class TwilioSimulator:
             None,
         )
         return answer.status_code, answer.get_data(as_text=True), cookie
+
+
+class Phone:
+    """The simulated phone's inbox at the Twilio stand-in (``GET /_standin/messages``): the
+    messages the service sent ``number`` from ``ours`` through Twilio's REST API, each once,
+    as the stand-in delivers them. Those delivered before it was made are not news."""
+
+    def __init__(self, standin: str, number: str, ours: str, session: requests.Session | None = None):
+        self.url = standin.rstrip("/") + "/_standin/messages"
+        self.number, self.ours = number, ours
+        self.session = session or requests.Session()
+        self.seen: set[str] = {message["sid"] for message in self._delivered()}
+
+    def _delivered(self) -> list[dict[str, Any]]:
+        response = self.session.get(self.url, params={"to": self.number}, timeout=5)
+        response.raise_for_status()
+        return [message for message in response.json() if message["from"] == self.ours]
+
+    def news(self) -> list[Reply]:
+        """Messages delivered since the last call, oldest first."""
+        fresh = [message for message in self._delivered() if message["sid"] not in self.seen]
+        self.seen.update(message["sid"] for message in fresh)
+        return [Reply(message["body"] or "", list(message["media_urls"])) for message in fresh]

@@ -16,6 +16,7 @@ import logging
 
 from flask import Blueprint, Flask, request
 
+from .outbound_view import FAILED_STATUSES, OutboundView
 from .responses import problem
 from .sender import STATUS_PATH, StatusUpdate, notify, read_marker
 from .wiring import current
@@ -66,6 +67,8 @@ def status_callback():
         log.info("status callback for an outbound message no longer kept (%s)", status)
         return problem(404, "No such outbound message.")
     if after != before:
+        if after in FAILED_STATUSES:
+            OutboundView(wired.redis, wired.keys).note_failure(keys, message_id)
         notify(wired, StatusUpdate(message_id, message_sid, after, before, sender, recipient, error_code))
     return "", 204
 

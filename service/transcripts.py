@@ -76,6 +76,17 @@ def pushed(settings: Settings, queued: Outgoing, conversation: str) -> str:
     return f"{settings.max_entries} {settings.retention_ms}\n{entry}"
 
 
+def fired(settings: Settings, outgoing: Sequence[Outgoing], at: int, conversation: str) -> str:
+    """FIRE's argument (a timer's firing): '' when off or when it sent nothing, else the
+    messages it queued (its ``send`` calls, then its reply's), written at ``at`` (ms, the
+    firing's time) in ``conversation``, as ``payload`` writes SAVE's."""
+    if not settings.enabled or not outgoing:
+        return ""
+    lines = [f"{settings.max_entries} {settings.retention_ms}"]
+    lines += [_encode({"at": at, "conv": conversation, **sent_entry(queued)}) for queued in outgoing]
+    return "\n".join(lines)
+
+
 def sent_entry(queued: Outgoing) -> dict[str, Any]:
     """An outbound message's entry: its id (its statuses name it), body (or template) and media."""
     body = queued.body if queued.body is not None else f"[template {queued.content_sid}]"

@@ -584,6 +584,14 @@ def create_standin(
     return app
 
 
+def serve_in_background(host: str, port: int, auth_token: str, account_sid: str = DEV_ACCOUNT_SID) -> str:
+    """The stand-in on ``host``:``port`` (0: a free one) in a daemon thread of this process
+    (``sms-sessions run --twilio-standin``); its base URL. ``OSError`` when the port is taken."""
+    server = make_server(host, port, create_standin(account_sid, auth_token), threaded=True)
+    threading.Thread(target=server.serve_forever, name="twilio-standin", daemon=True).start()
+    return f"http://{host}:{server.server_port}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m service.twilio_standin", description="A local stand-in for Twilio's Messages API."

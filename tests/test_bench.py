@@ -31,6 +31,8 @@ SECTIONS = {
     "redis_cpu",
     "ops_at_scale",
     "capacity",
+    "timers_at_scale",
+    "outbound",
     "stalls",
     "slow_handlers",
     "goals",
@@ -83,10 +85,18 @@ def test_bench_quick_writes_a_well_formed_report(tmp_path):
     assert isinstance(report["transcripts"]["throughput"]["on_vs_off"], float)
     assert report["transcripts"]["memory"]["bytes_per_entry"] > 0
     assert report["ops_at_scale"]["status"] == "measured", report["ops_at_scale"]
+    assert [row["processes"] for row in report["outbound"]["sender"]] == [1, 2]
+    for row in report["outbound"]["sender"]:
+        assert row["handed"] == row["messages"]  # every queued message went out
+        assert row["messages_per_s"] > 0
+    assert report["outbound"]["webhook"]["ratio"] > 0
     assert all(
         isinstance(report["ops_at_scale"]["figures"][key], NUMBER)
         for key in ("count_ms", "first_page_50_ms", "expire_one_ms")
     )
+    assert report["timers_at_scale"]["status"] == "measured", report["timers_at_scale"]
+    burst = report["timers_at_scale"]["details"]["burst"]
+    assert burst["fired"] == burst["due_within_1s"]  # every due timer fired, once
     stalls = report["stalls"]
     assert {row["run"] for row in stalls["runs"]} >= {
         "no attack",

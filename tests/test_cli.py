@@ -44,12 +44,14 @@ def test_help_lists_only_its_commands():
         "events",
         "forget",
         "handoff",
+        "outbox",
         "run",
         "send",
         "sender",
         "serve",
         "simulate",
         "sweep",
+        "timers",
         "transcript",
     ]
     assert "--app" not in result.stdout

@@ -16,12 +16,17 @@ from redis.cluster import RedisCluster
 from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
-from service.simulator import TwilioSimulator
+from service.sender import Sender
+from service.simulator import TwilioSimulator, new_message_sid
 from service.wiring import current
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import OURS
+from tests.support.ports import free_cluster_port
+from tests.support.redis_servers import NOT_DURABLE
 from tests.support.replies import count_reply, thanks
+from tests.support.standin import AUTH_TOKEN as STANDIN_TOKEN
+from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
 from tests.test_webhook import count_in
 
@@ -90,6 +95,32 @@ def test_lifecycle_events_reach_the_stream_from_every_master(redis_cluster):
     assert set(ended) == set(started)
     assert sorted(ended.values()) == ["expired"] * 39 + ["operator"]
     assert all(client.xlen(KEYS.outbox(shard)) == 0 for shard in KEYS.shards())
+    client.close()
+
+
+def test_timers_on_every_master_fire(redis_cluster):
+    """Each tag's due index lives on the master of its slot: one sweep fires them all."""
+    client = RedisCluster(host="127.0.0.1", port=redis_cluster.nodes[0].port, decode_responses=True)
+    client.flushall()
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            conversation["fired"] = conversation.get("fired", 0) + 1
+            return None
+        conversation.remind(0, "now", cancel_on_reply=False)
+        return "set"
+
+    app = create_app({"REDIS_URL": redis_cluster.url, "TWILIO_AUTH_TOKEN": TOKEN}, handler=handler)
+    twilio = TwilioSimulator.for_app(app)
+    for sender in SENDERS:
+        assert twilio.send(sender, OURS, "hi").status == 200
+    owners = {client.get_node_from_key(KEYS.timers(shard)).port for shard in KEYS.shards()}
+    assert owners == {node.port for node in redis_cluster.nodes}
+    Sweeper(app).sweep()
+    for sender in SENDERS:
+        keys = KEYS.conversation(sender, OURS)
+        assert json.loads(client.hget(keys.conversation, "state"))["fired"] == 1
+    assert sum(client.zcard(KEYS.timers(shard)) for shard in KEYS.shards()) == 0
     client.close()
 
 
@@ -212,6 +243,95 @@ def test_slow_handlers_on_every_master_commit_once_in_order(cluster_app, redis_c
     assert {s: saved(s) for s in senders} == {s: ["slow", "after"] for s in senders}
     owners = {client.get_node_from_key(KEYS.conversation(s, OURS).inbound).port for s in senders}
     assert len(owners) == 3
+
+
+def add_replica(redis_cluster, master):
+    """A new node, made a replica of ``master`` and in sync with it."""
+    replica = redis_cluster.start(
+        "--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *NOT_DURABLE, port=free_cluster_port()
+    )
+    replica.client().execute_command("CLUSTER MEET", "127.0.0.1", master.port)
+    master_id = master.client().execute_command("CLUSTER MYID")
+    wait_until(
+        lambda: master_id in str(replica.client().execute_command("CLUSTER NODES")),
+        what="the replica knows the master",
+    )
+    replica.client().execute_command("CLUSTER REPLICATE", master_id)
+    wait_until(
+        lambda: replica.client().info("replication").get("master_link_status") == "up",
+        what="the replica in sync",
+    )
+    return replica
+
+
+def test_outbound_delivery_keeps_working_through_a_failover(cluster_app, redis_cluster):
+    """One master gets a replica, then hands over to it (CLUSTER FAILOVER) while handlers queue
+    outbound messages in its conversations and a sender delivers them to the Twilio stand-in:
+    every message reaches its phone once, each conversation's in commit order. A message
+    refused during the switch (503) is redelivered with its MessageSid, as Twilio does, and so
+    queued once."""
+    _, client = cluster_app
+    master = redis_cluster.nodes[1]  # not nodes[0]: the last test stops that one
+    senders = [
+        s
+        for s in SENDERS
+        if client.get_node_from_key(KEYS.conversation(s, OURS).conversation).port == master.port
+    ][:4]
+    replica = add_replica(redis_cluster, master)
+    with StandinServer() as standin:
+        config = {
+            **standin.config(),
+            "REDIS_URL": redis_cluster.url,
+            "SENDER_LEASE": 2,
+            "TWILIO_API_TIMEOUT": 0.5,
+            "DELIVERY_RETRY_BASE": 0.1,
+            "DELIVERY_RETRY_MAX": 1,
+        }
+        app = create_app(
+            config, handler=lambda message, conversation: conversation.send(f"out {message.body}")
+        )
+        sender = Sender(app)
+        sender.start()
+        queued: dict[str, list[str]] = {s: [] for s in senders}
+        try:
+            with LiveServer(app) as server:
+                twilio = TwilioSimulator(server.url, STANDIN_TOKEN)
+
+                def queue_one() -> int:
+                    """Queues the next message, round robin over the conversations; how many
+                    are queued."""
+                    n = sum(len(bodies) for bodies in queued.values())
+                    phone, body, message_sid = senders[n % len(senders)], f"m{n}", new_message_sid()
+                    for _ in range(120):
+                        if twilio.send(phone, OURS, body, message_sid=message_sid).status == 200:
+                            queued[phone].append(f"out {body}")
+                            return n + 1
+                        time.sleep(0.25)
+                    raise AssertionError("still refused after every redelivery")
+
+                for _ in range(20):
+                    queue_one()
+                replica.client().execute_command("CLUSTER FAILOVER")
+                during = 0
+                while replica.client().info("replication")["role"] != "master" or during < 20:
+                    during += 1
+                    assert queue_one() < 500, "the replica never took over"
+                for _ in range(20):
+                    queue_one()
+            wait_until(
+                lambda: (
+                    all(len(standin.inbox(s)) >= len(queued[s]) for s in senders)
+                    and sum(client.llen(KEYS.conversation(s, OURS).outbound) for s in senders) == 0
+                ),
+                seconds=60,
+                what="every queued message delivered",
+            )
+            delivered = {s: [message["body"] for message in standin.inbox(s)] for s in senders}
+        finally:
+            sender.stop()
+    assert master.client().info("replication")["role"] == "slave"  # the switch happened
+    assert delivered == queued
+    assert sum(len(bodies) for bodies in queued.values()) >= 60
 
 
 class ReaderGone:

@@ -8,8 +8,10 @@ import time
 
 from service import create_app
 from service import keys as key_schema
+from service.delivery import Permanent
 from service.keys import Keys
 from service.lifecycle import Sweeper
+from service.sender import Sender
 from tests.support.app import TOKEN, post_signed, webhook_params
 from tests.support.waiting import wait_until
 
@@ -31,10 +33,19 @@ def documented() -> dict[str, re.Pattern]:
     return patterns
 
 
+class Refusing:
+    """Twilio refusing every message for good (an invalid number)."""
+
+    def send(self, *args, **kwargs):
+        return Permanent(21211, "The 'To' number is not a valid phone number.")
+
+
 def slow_notebook(message, conversation):
     if message.body == "slow":
         time.sleep(0.3)
     conversation.setdefault("bodies", []).append(message.body)
+    if message.body == "hi":
+        conversation.remind(0.5, "nudge")  # the tag's due index
     if message.body == "after":
         conversation.send("queued with the save")
     if message.body == "bye":
@@ -47,10 +58,11 @@ def slow_notebook(message, conversation):
 def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_client):
     """Messages (with transcripts), two at once on one conversation (its line, then the first
     one's handler past its budget: the second joins the inbound messages), one queueing an
-    outbound message, one asking for a person, a redelivery, an end, an opt-out, the sweeper (an
-    expiry, the end hook, a sample), a readiness probe and a forget: every key written, however
-    briefly (keyspace notifications), and every key left (SCAN) is one the schema lists, and
-    every key it lists was written (but the Cluster's outboxes)."""
+    outbound message (refused for good when sent), one setting a timer, one asking for a person,
+    a redelivery, an end, an opt-out, the sweeper (an expiry, the end hook, a sample), a
+    readiness probe and a forget: every key written, however briefly (keyspace notifications),
+    and every key left (SCAN) is one the schema lists, and every key it lists was written (but
+    the Cluster's outboxes)."""
     redis_client.config_set("notify-keyspace-events", "KA")
     listener = redis_client.pubsub()
     listener.psubscribe("__keyspace@0__:*")
@@ -84,6 +96,8 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     for body in ("hi", "bye"):
         assert post_signed(app.test_client(), webhook_params(sender=FINN, body=body)).status_code == 200
     assert post_signed(app.test_client(), webhook_params(sender=POE, body="STOP")).status_code == 200
+    # REY's: both late replies (sent as outbound messages) and the one queued, refused: failures
+    assert Sender(app, delivery=Refusing()).send_due() == 3
     time.sleep(1.1)
     assert Sweeper(app).sweep() == 1  # REY's conversation, with its end hook
     background = Sweeper(app)
@@ -104,4 +118,4 @@ def test_a_realistic_run_writes_exactly_the_documented_keys(redis_url, redis_cli
     assert unlisted == set()
     seen = {name for name, pattern in patterns.items() if any(pattern.fullmatch(key) for key in written)}
     assert seen == set(patterns) - CLUSTER_ONLY
-    assert len(patterns) == 24
+    assert len(patterns) == 26

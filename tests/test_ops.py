@@ -98,7 +98,8 @@ def test_cli_count_list_show_expire(ops_app):
     shown = json.loads(cli(ops_app, "show", REY, OURS, "--json").stdout)
     assert shown["state"] == {}
     assert shown["messages"] == 3
-    assert set(shown) == FIELDS | {"state"}
+    assert set(shown) == FIELDS | {"state", "ttl", "timers", "outbound"}
+    assert shown["outbound"] == []  # it sent nothing
     assert "messages: 3\n" in cli(ops_app, "show", REY, OURS).stdout
 
     ended = cli(ops_app, "expire", REY, OURS)

@@ -61,6 +61,21 @@ def test_refusals_and_health_cost_none(client, round_trips):
         assert (response.status_code, count) == (expected, 0)
 
 
+def test_a_message_that_sets_and_cancels_timers_costs_two(redis_url, round_trips):
+    """Timers are stored by the save itself: setting, replacing, a reply cancelling them and an
+    own TTL add no round trip."""
+
+    def handler(message, conversation):
+        conversation.remind(60, "nudge")
+        conversation.remind(120, "kept", cancel_on_reply=False)
+        conversation.expire_after(3600)
+        return "ok"
+
+    client = create_app({"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url}, handler=handler).test_client()
+    counts = [trips(round_trips, lambda: post_signed(client, webhook_params()))[1] for _ in range(3)]
+    assert counts == [2, 2, 2]
+
+
 def test_a_handler_that_sends_still_costs_two(redis_url, round_trips):
     """The outbound messages go with the state in SAVE: no round trip of their own."""
 

@@ -19,12 +19,15 @@ import pytest
 from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
+from service.sender import Sender
 from service.simulator import TwilioSimulator, new_message_sid
 from service.wiring import current
 from tests.support.app import TOKEN, make_app
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import OURS, REY
 from tests.support.replies import thanks
+from tests.support.standin import AUTH_TOKEN as STANDIN_TOKEN
+from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
 from tests.test_webhook import count_in
 
@@ -154,3 +157,64 @@ def test_a_slow_handler_across_a_failover_commits_once_and_the_next_message_foll
     assert json.loads(new_master.client().hget(keys.conversation, "state"))["bodies"] == ["slow", "after"]
     assert new_master.client().hget(keys.conversation, "seq") == "2"
     assert calls[-1] == "after"
+
+
+def test_outbound_delivery_keeps_working_through_a_failover(redis_sentinel):
+    """Messages queued (by a handler, each with its inbound message) before, during and after
+    SENTINEL FAILOVER, a sender delivering all along to the Twilio stand-in: every one reaches
+    the phone once, in commit order. A redelivered MessageSid is answered from memory, so a
+    message retried through the switch queues its outbound message once."""
+    with StandinServer() as standin:
+        config = {
+            **standin.config(),
+            "REDIS_URL": redis_sentinel.url,
+            "REDIS_WAIT_REPLICAS": 1,
+            "SENDER_LEASE": 2,
+            "TWILIO_API_TIMEOUT": 0.5,
+            "DELIVERY_RETRY_BASE": 0.1,
+            "DELIVERY_RETRY_MAX": 1,
+        }
+        app = create_app(
+            config, handler=lambda message, conversation: conversation.send(f"out {message.body}")
+        )
+        old_master = master_port(redis_sentinel)
+        sender = Sender(app)
+        sender.start()
+        queued: list[str] = []
+        try:
+            with LiveServer(app) as server:
+                twilio = TwilioSimulator(server.url, STANDIN_TOKEN)
+
+                def queue_one() -> None:
+                    body = f"m{len(queued)}"
+                    message_sid = new_message_sid()
+                    for _ in range(RETRIES):
+                        if twilio.send(REY, OURS, body, message_sid=message_sid).status == 200:
+                            queued.append(f"out {body}")
+                            return
+                        time.sleep(0.25)
+                    raise AssertionError("still refused after every redelivery")
+
+                for _ in range(10):
+                    queue_one()
+                wait_until(
+                    lambda: redis_sentinel.sentinel.client().execute_command("SENTINEL FAILOVER sms"),
+                    what="SENTINEL FAILOVER accepted",
+                )
+                while master_port(redis_sentinel) == old_master or len(queued) < 20:
+                    queue_one()
+                    assert len(queued) < 500, "Sentinel never switched"
+                for _ in range(10):
+                    queue_one()
+            keys = Keys().conversation(REY, OURS)
+            redis = current(app).redis
+            wait_until(
+                lambda: len(standin.inbox(REY)) >= len(queued) and redis.llen(keys.outbound) == 0,
+                seconds=60,
+                what="every queued message delivered",
+            )
+            delivered = [message["body"] for message in standin.inbox(REY)]
+        finally:
+            sender.stop()
+    assert delivered == queued
+    assert len(queued) >= 30

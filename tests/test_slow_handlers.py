@@ -235,3 +235,41 @@ def test_a_reply_past_the_webhook_becomes_the_outbound_messages_that_carry_it():
     assert outbound(None) == []
     with pytest.raises(TypeError, match="returned a int"):
         outbound(3)  # type: ignore[arg-type]
+
+
+def test_a_due_timer_waits_for_a_slow_run_and_the_run_keeps_the_timers_it_sets(redis_url, redis_client):
+    """A timer falls due while a slow handler's run holds the conversation: the sweeper's pass
+    fires nothing and leaves no ticket in the line (the run's save is not held up); the run's
+    save stores the timer it set; the next pass fires both, after the slow message."""
+    go = threading.Event()
+
+    def handle(message, conversation):
+        log = conversation.setdefault("log", [])
+        if message.kind == "timer":
+            log.append(f"timer:{message.timer}")
+            return None
+        log.append(message.body)
+        if message.body == "early":
+            conversation.remind(0.1, "early", cancel_on_reply=False)
+        if message.body == "slow":
+            go.wait(5)
+            conversation.remind(0, "late")
+        return "ok"
+
+    app = slow_app(redis_url, handle)
+    client = app.test_client()
+    assert "<Message>ok</Message>" in post_signed(client, webhook_params(body="early")).get_data(as_text=True)
+    assert post_signed(client, webhook_params(body="slow")).get_data(as_text=True) == NO_REPLY
+    time.sleep(0.15)  # "early" is due
+    sweeper = Sweeper(app)
+    sweeper.sweep()
+    assert sweeper.fired == 0
+    assert redis_client.get(KEYS.lock).startswith(redis_client.lindex(KEYS.inbound, 0).split(" ")[0])
+    assert redis_client.zcard(KEYS.queue) == 0  # the pass's ticket given back
+    go.set()
+    wait_until(lambda: settled(redis_client), seconds=5, what="the slow run's save")
+    assert set(json.loads(redis_client.hget(KEYS.conversation, "timers"))) == {"early", "late"}
+    sweeper.sweep()
+    log = state(redis_client)["log"]
+    assert log[:2] == ["early", "slow"] and sorted(log[2:]) == ["timer:early", "timer:late"]
+    assert redis_client.hget(KEYS.conversation, "timers") is None

@@ -3,6 +3,7 @@ Python that runs them (``store``)."""
 
 from .scripts import Script
 from .store import (
+    NO_CHANGE,
     ConversationBusy,
     ConversationStore,
     Inbound,
@@ -10,12 +11,14 @@ from .store import (
     NotReplicated,
     Opened,
     Queued,
+    Timing,
     Waiting,
     decode_state,
     decode_turn,
 )
 
 __all__ = [
+    "NO_CHANGE",
     "ConversationBusy",
     "ConversationStore",
     "Inbound",
@@ -24,6 +27,7 @@ __all__ = [
     "Opened",
     "Queued",
     "Script",
+    "Timing",
     "Waiting",
     "decode_state",
     "decode_turn",

@@ -3,7 +3,7 @@
 -- sender takes it meanwhile (a sender that dies holding it is replaced once the lease ends).
 --
 -- uses: common.lua outbound.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the conversation's index member, '<from>|<to>'
 -- ARGV[10] = the claim's token (FINISH names it)
 -- ARGV[11] = the claim's lease in ms

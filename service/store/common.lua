@@ -15,9 +15,10 @@
 -- KEYS[11] = sms:sent:{NN}:<from>|<to>    hash: outbound message id -> its record (outbound.lua)
 -- KEYS[12] = sms:due:{NN}                 zset: '<from>|<to>' -> when its next outbound is due
 -- KEYS[13] = sms:contacts:{NN}            hash: opt-outs and WhatsApp windows (outbound.lua)
--- KEYS[14] = sms:pending:{NN}             zset: conversations with inbound messages -> the ms
+-- KEYS[14] = sms:timers:{NN}              zset: the due index, '<from>|<to>' -> earliest due (ms)
+-- KEYS[15] = sms:pending:{NN}             zset: conversations with inbound messages -> the ms
 --                                          by which their lock must be renewed
--- KEYS[15] = sms:inbound:{NN}:<from>|<to> list: messages acknowledged, not yet handled, each
+-- KEYS[16] = sms:inbound:{NN}:<from>|<to> list: messages acknowledged, not yet handled, each
 --                                          '<MessageSid> <fields as JSON>' (the first runs)
 -- ARGV[1] = LOCK_TTL in ms                ARGV[5] = REPLIES_KEPT
 -- ARGV[2] = a waiter's patience in ms     ARGV[6] = how long a live conversation's hash is
@@ -27,7 +28,7 @@
 --                                                   hook, else '0'
 -- ARGV[9…] = the script's own.
 local conversation, lock, queue, waiters, wake, index, events, ending, minutes = unpack(KEYS, 1, 9)
-local outbound, sent, due, contacts, pending, inbound = unpack(KEYS, 10, 15)
+local outbound, sent, due, contacts, due_timers, pending, inbound = unpack(KEYS, 10, 16)
 -- The settings stay the strings Redis passes: a command takes them as they are, arithmetic
 -- converts a numeral by itself, and only a comparison needs tonumber (each conversion costs,
 -- so none is made on a path that does not need it).

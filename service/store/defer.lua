@@ -5,7 +5,7 @@
 -- lapses; a waiter in line is woken to join the inbound messages.
 --
 -- uses: common.lua reply.lua line.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'

@@ -3,7 +3,7 @@
 -- answers 503 instead of bringing the conversation back.
 --
 -- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 1 if it was live (and is now ended by the operator), else 0.

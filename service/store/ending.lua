@@ -28,13 +28,15 @@ local function ends()
   --
   -- The 'ended' event's fields: type, from, to, reason, messages, started_at, ended_at,
   -- conversation (service/lifecycle.py: Event). The end hook's payload, a JSON map: from, to,
-  -- reason, messages, started_at, ended_at, state (service/lifecycle.py: Ending.decode).
+  -- reason, messages, started_at, ended_at, state, timers (the ones pending, as stored)
+  -- (service/history.py: Ending.decode).
   local function finish(member, reason, ended_at, now)
-    local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state')
+    local found = redis.call('HMGET', conversation, 'sid', 'seq', 'first_seen', 'state', 'timers')
     local scheduled = tonumber(redis.call('ZSCORE', index, member))
     if scheduled and scheduled > ended_at then transcript_ends(scheduled, ended_at) end
     redis.call('ZREM', index, member)
     redis.call('ZREM', waiting, member)
+    redis.call('ZREM', due_timers, member)  -- its timers go with it (the 'timers' field: below)
     if not found[1] then
       clear_fields()
       return 0
@@ -52,7 +54,7 @@ local function ends()
     if hooks == '1' then
       redis.call('HSET', ending, found[1], cjson.encode({
         from = sender, to = recipient, reason = reason, messages = messages, started_at = started_at,
-        ended_at = tostring(ended_at), state = found[4] or '{}'}))
+        ended_at = tostring(ended_at), state = found[4] or '{}', timers = found[5] or '{}'}))
       -- Kept as long as the conversation would have been: gone a day after the last end if no
       -- process runs the hook any more (a deployment that dropped it).
       redis.call('PEXPIRE', ending, live_keep_ms)

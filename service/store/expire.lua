@@ -2,7 +2,7 @@
 -- a message extended it meanwhile or is being handled now (it will extend or end it itself).
 --
 -- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the conversation's index member, '<from>|<to>'
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns 1 if it ended the conversation, else 0.

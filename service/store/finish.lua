@@ -4,7 +4,7 @@
 -- Twilio's 21610 (the number opted out) is noted as an opt-out (KEYS[13]), as an inbound STOP is.
 --
 -- uses: common.lua tail.lua transcript.lua outbound.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the conversation's index member, '<from>|<to>'
 -- ARGV[10] = the message's id
 -- ARGV[11] = the claim's token (CLAIM's ARGV[10])

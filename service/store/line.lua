@@ -51,14 +51,14 @@ local function handover()
       redis.call('ZREM', queue, head)
       redis.call('HDEL', waiters, head)
       local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq',
-                               'first_seen', 'paused')
+                               'first_seen', 'last_seen', 'paused', 'timers', 'ttl')
       if found[1] then
         wake_up(head, cjson.encode(reply_answered(found[1], found[2])))
         head = head_of(nil, now)
       else
         local behind = redis.call('ZCARD', queue) > 0
         redis.call('SET', lock, behind and head .. '+' or head, 'PX', lock_ms)
-        return wake_up(head, cjson.encode(reply_opened(now, found, 0, 6)))
+        return wake_up(head, cjson.encode(reply_opened(now, found, 0, 7)))
       end
     end
     redis.call('DEL', lock)

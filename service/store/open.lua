@@ -4,26 +4,26 @@
 -- conversation, which is ended first if its time ran out (its index score: last message + TTL).
 --
 -- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua reply.lua line.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's token, '<MessageSid>;<16 hex digits>'
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
 -- ARGV[12] = the message's fields as JSON, or '': sent only when asked for ('deferred')
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
 -- Returns a flat list of names and values (reply.lua): status 'answered', answer, sid for a
--- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0), paused once
--- the lock is the message's; status 'waiting', ahead while others are ahead of it (ask again).
--- While the conversation has inbound messages (a handler runs past the webhook, KEYS[15]), the
--- first in line joins them instead: status 'queued' once it is among them (acknowledged: the
--- handler's run takes it in turn), 'deferred' when it was asked without its fields (ask again
--- with them; its place in line is kept).
+-- redelivery; status 'opened', now, sid, state, seq, first_seen, ended_overdue (1 or 0), paused,
+-- timers, ttl once the lock is the message's; status 'waiting', ahead while others are ahead of
+-- it (ask again). While the conversation has inbound messages (a handler runs past the webhook,
+-- KEYS[16]), the first in line joins them instead: status 'queued' once it is among them
+-- (acknowledged: the handler's run takes it in turn), 'deferred' when it was asked without its
+-- fields (ask again with them; its place in line is kept).
 local token, message_sid, member, entry = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 if entry == '' then entry = nil end
 
 -- One read for the redelivery check and the conversation (a waiter's poll reads it for nothing,
 -- but polls are rare: an uncontended message saves a call).
 local found = redis.call('HMGET', conversation, 'm:' .. message_sid, 'sid', 'state', 'seq', 'first_seen',
-                         'last_seen', 'paused')
+                         'last_seen', 'paused', 'timers', 'ttl')
 if found[1] then  -- answered while this delivery waited, maybe: it leaves the line at once
   if redis.call('ZREM', queue, token) == 1 then  -- a waiter's heartbeat goes with its ticket
     redis.call('HDEL', waiters, token)
@@ -75,7 +75,7 @@ if (not head or head == token) and redis.call('SET', lock, mine, 'NX', 'PX', loc
     redis.call('HDEL', waiters, token)
   end
   if found[2] then  -- only a stored conversation can have run out of time
-    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms
+    local expiry = tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + (tonumber(found[9]) or ttl_ms)
     if expiry <= now then
       return reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
     end

@@ -5,12 +5,12 @@
 -- A record is two fields of KEYS[11]: '<id>' = the message as queued (JSON written by Python,
 -- never rewritten here), and '<id>:s' = its state, a JSON object of scalars only (cjson would
 -- write an empty list back as {}): status, stage, attempts, sid, error_code, error_message,
--- first_attempt_at, next_at, claim, maybe_accepted, updated_at. KEYS[13]: '<number>' = ms it
--- opted out (STOP; START removes it), 'w:<from>|<to>' = its last inbound message's ms
--- (WhatsApp senders only: the 24-hour window), and 'w:' = where `prune_windows` left off.
--- KEYS[13] never expires: an opt-out holds until its START. A window's field goes once its 24
--- hours have passed (`prune_windows`, as the tag's WhatsApp messages come in and go out): it
--- says when a number last wrote, which is kept no longer than the rule needs it.
+-- first_attempt_at, next_at, claim, maybe_accepted, updated_at, queued_at, n. KEYS[13]:
+-- '<number>' = ms it opted out (STOP; START removes it), 'w:<from>|<to>' = its last inbound
+-- message's ms (WhatsApp senders only: the 24-hour window), and 'w:' = where `prune_windows`
+-- left off. KEYS[13] never expires: an opt-out holds until its START. A window's field goes
+-- once its 24 hours have passed (`prune_windows`, as the tag's WhatsApp messages come in and go
+-- out): it says when a number last wrote, which is kept no longer than the rule needs it.
 
 -- Twilio's statuses ranked: a callback or an answer only moves a message up. Terminal ones
 -- (10 and up) win over anything but a later terminal of a higher rank ('read' after
@@ -57,8 +57,10 @@ end
 -- due now unless it is already due (or claimed, or waiting for a retry: its order holds).
 local function queue_outbound(member, payload, now)
   local items = cjson.decode(payload)
-  local state = cjson.encode({status = 'pending', stage = 'queued', attempts = 0, updated_at = now})
   for i = 1, #items, 2 do
+    -- queued_at and n (its place in this save) order the conversation's records for operators.
+    local state = cjson.encode({status = 'pending', stage = 'queued', attempts = 0, updated_at = now,
+                                queued_at = now, n = (i + 1) / 2})
     redis.call('HSET', sent, items[i], items[i + 1], items[i] .. ':s', state)
     redis.call('RPUSH', outbound, items[i])
   end

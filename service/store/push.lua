@@ -6,7 +6,7 @@
 -- text to a WhatsApp number outside its 24-hour window, is refused and nothing is written.
 --
 -- uses: common.lua tail.lua names.lua transcript.lua tally.lua reply.lua line.lua outbound.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the lock's token (OPEN's ARGV[9])
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
 -- ARGV[11] = '1' to start a conversation (OPEN found none live), else '0'

@@ -4,7 +4,7 @@
 -- ran out, as OPEN does.
 --
 -- uses: common.lua tail.lua names.lua transcript.lua tally.lua ending.lua reply.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = 16 hex digits: the run's token is the message's MessageSid, ';' and these
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
@@ -26,9 +26,10 @@ end
 local token = string.match(first, '^(%S+) ') .. ';' .. hex
 redis.call('SET', lock, redis.call('ZCARD', queue) > 0 and token .. '+' or token, 'PX', lock_ms)
 redis.call('ZADD', pending, now + lock_ms, member)
-local found = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'last_seen', 'paused')
+local found = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'last_seen', 'paused',
+                         'timers', 'ttl')
 local turn
-local expiry = found[2] and (tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + ttl_ms)
+local expiry = found[2] and (tonumber(redis.call('ZSCORE', index, member)) or (tonumber(found[6]) or now) + (tonumber(found[9]) or ttl_ms))
 if expiry and expiry <= now then
   turn = reply_opened(now, {}, ends().finish(member, 'expired', expiry, now))
 else

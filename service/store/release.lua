@@ -2,7 +2,7 @@
 -- line, and gives the lock back if it holds it (the first in line is woken to ask again).
 --
 -- uses: common.lua reply.lua line.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9] = the message's token (OPEN's ARGV[9])
 -- Returns nothing.
 local token = ARGV[9]

@@ -2,7 +2,7 @@
 -- (and the conversation's score in the pending set) is extended by LOCK_TTL.
 --
 -- uses: common.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the run's token
 -- ARGV[10] = the conversation's index member, '<from>|<to>'
 -- Returns 1 if the lock is still the token's (renewed), else 0 (it lapsed: the run's save

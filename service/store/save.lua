@@ -4,8 +4,8 @@
 -- the conversation to the first in line. Nothing here can fail half-way: every value is
 -- checked or bounded before the first write.
 --
--- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua, tail.lua)
+-- uses: common.lua tail.lua names.lua transcript.lua person.lua tally.lua ending.lua answers.lua reply.lua line.lua outbound.lua timers.lua
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua, tail.lua)
 -- ARGV[9]  = the message's token (OPEN's ARGV[9])
 -- ARGV[10] = its MessageSid
 -- ARGV[11] = the conversation's index member, '<from>|<to>'
@@ -17,10 +17,12 @@
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
 -- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
 -- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
--- ARGV[20] = '' for a message answered inline; for one among the inbound messages (its
+-- ARGV[20] = its pending timers' JSON ('{}': none; '': unchanged) and ARGV[21] their earliest
+--            due (ms), timers.lua's keep_timers; ARGV[22] = its own TTL in ms, or ''
+-- ARGV[23] = '' for a message answered inline; for one among the inbound messages (its
 --            handler ran past the webhook), 16 hex digits: the next inbound message's token is
 --            its MessageSid, ';' and these
--- ARGV[21] = '1' to keep the conversation as it is (the handler failed or ran out of time):
+-- ARGV[24] = '1' to keep the conversation as it is (the handler failed or ran out of time):
 --            only the answer is remembered, so that a redelivery does not run it again; else '0'
 -- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (person.lua)
 -- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
@@ -30,7 +32,7 @@
 -- 'started' event (KEYS[7]); the conversation's fields and this answer (KEYS[1]); the index
 -- entry and its expiry (KEYS[6]); then, ending it, `ends().finish` (ending.lua); the hash's
 -- expiry; the outbound messages (KEYS[10..12]) and the rules' contacts (KEYS[13]); for an
--- inbound message, it taken off KEYS[15] and the lock passed to the next (KEYS[2], KEYS[14]);
+-- inbound message, it taken off KEYS[16] and the lock passed to the next (KEYS[2], KEYS[15]);
 -- else the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
 -- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), or 'lost' (the
@@ -43,7 +45,9 @@ local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
 local sends, inbound_keyword = ARGV[18], ARGV[19]
-local next_hex, keeps = ARGV[20], ARGV[21] == '1'
+local own = ARGV[22]
+local life_ms, keep_ms = own_ttl(own)  -- this conversation's TTL and its hash's life
+local next_hex, keeps = ARGV[23], ARGV[24] == '1'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -109,12 +113,14 @@ if stores then
                'to', recipient, 'messages', '1', 'started_at', opened_at, 'conversation', sid)
     answered[#answered + 1], answered[#answered + 2] = 'first_seen', opened_at  -- in the one HSET
   end
+  if own ~= '' then answered[#answered + 1], answered[#answered + 2] = 'ttl', own end
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
+  keep_timers(member, ARGV[20] or '', ARGV[21])
   -- Held by an operator (handoff.lua): its time runs from the hold's end.
   hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
-  added = redis.call('ZADD', index, now + hold_left + ttl_ms, member)
+  added = redis.call('ZADD', index, now + hold_left + life_ms, member)
   transcribe(ARGV[#ARGV - 1], opened_at, is_new, hold_left)
   asks_for_person(ARGV[#ARGV - 2], member, now)
 elseif keeps and not is_new then  -- the answers' bookkeeping goes with the answer
@@ -124,9 +130,9 @@ else
 end
 -- The index outlives its entries by a day's grace: its expiry moves with a new entry and with
 -- the first save of each minute in its tag, so at most a minute behind its latest entry's end,
--- not on every save.
+-- not on every save. Never shortened: a conversation with a longer TTL of its own may be in it.
 if added == 1 or first_of_minute then
-  redis.call('PEXPIRE', index, live_keep_ms)
+  redis.call('PEXPIRE', index, math.max(live_keep_ms, keep_ms, redis.call('PTTL', index)))
 end
 local ended = 0
 if end_reason ~= '' then
@@ -134,7 +140,7 @@ if end_reason ~= '' then
 end
 if not stores then ended = math.max(ended, replaced) end  -- the opt-out ended the stored one
 redis.call('PEXPIRE', conversation,
-           (end_reason ~= '' or keeps and is_new) and window_ms or live_keep_ms + hold_left)
+           (end_reason ~= '' or keeps and is_new) and window_ms or keep_ms + hold_left)
 if sends ~= '' then queue_outbound(member, sends, now) end
 note_inbound(member, inbound_keyword, now)
 if next_hex ~= '' then
@@ -148,7 +154,8 @@ if next_hex ~= '' then
     local at = now_ms()
     redis.call('SET', lock, holder == token and next_token or next_token .. '+', 'PX', lock_ms)
     redis.call('ZADD', pending, at + lock_ms, member)
-    local found_next = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'paused')
+    local found_next = redis.call('HMGET', conversation, 'm:', 'sid', 'state', 'seq', 'first_seen', 'paused',
+                                 'timers', 'ttl')
     local turn = reply_opened(at, found_next, 0, 6)
     for _, value in ipairs({'token', next_token, 'entry', following, 'result', ended == 1 and 'ended' or 'saved'}) do
       turn[#turn + 1] = value

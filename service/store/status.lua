@@ -3,7 +3,7 @@
 -- 'sent' never overwrites 'delivered'.
 --
 -- uses: common.lua tail.lua transcript.lua outbound.lua
--- KEYS[1..15], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
+-- KEYS[1..16], ARGV[1..8]: the conversation's keys and the store's settings (common.lua)
 -- ARGV[9]  = the message's id (the callback URL's marker)
 -- ARGV[10] = Twilio's MessageSid
 -- ARGV[11] = its MessageStatus

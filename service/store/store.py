@@ -34,6 +34,12 @@ from .scripts import Script
 log = logging.getLogger(__name__)
 
 
+# A conversation's timers as a script stores them (timers.lua): their JSON ('{}': none; '':
+# unchanged), their earliest due in ms ('' for none), and its own TTL in ms ('' for none).
+Timing = tuple[str, int | str, int | str]
+NO_CHANGE: Timing = ("", "", "")
+
+
 class ConversationBusy(Exception):
     """The message waited its turn for longer than ``LOCK_WAIT``."""
 
@@ -64,6 +70,8 @@ class Opened:
     first_seen: str = ""
     ended_overdue: bool = False  # it found the conversation's time run out and ended it
     paused: str = ""  # until when (ms) an operator holds it, the bot paused (store/person.lua)
+    timers: str = ""  # its pending timers' JSON (service/timers.py), '' for none
+    ttl: str = ""  # its own time to live in ms, '' for CONVERSATION_TTL
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | Queued | str | None:
             reply["first_seen"],
             reply["ended_overdue"] == 1,
             reply.get("paused") or "",
+            reply.get("timers") or "",  # a version before timers hands over without them
+            reply.get("ttl") or "",
         )
     if status == "answered":
         return Opened(token, answered=reply["answer"], sid=reply["sid"])
@@ -225,6 +235,7 @@ class ConversationStore:
         self._release = Script(client, "release.lua")
         self._end = Script(client, "end.lua")
         self._expire = Script(client, "expire.lua")
+        self._fire = Script(client, "fire.lua")
         self._handoff = Script(client, "handoff.lua")
         self._claim = Script(client, "claim.lua")
         self._finish = Script(client, "finish.lua")
@@ -272,6 +283,16 @@ class ConversationStore:
         self.settings[7] = "1" if self.hooks or announced else "0"
 
     @property
+    def open_script(self) -> Script:
+        """OPEN, for pipelines (the sweeper's timers: ``open_call``'s keys and arguments)."""
+        return self._open
+
+    @property
+    def fire_script(self) -> Script:
+        """FIRE, for pipelines (``fire_call``'s keys and arguments)."""
+        return self._fire
+
+    @property
     def scripts(self) -> tuple[Script, ...]:
         return (
             self._open,
@@ -287,6 +308,7 @@ class ConversationStore:
             self._renew,
             self._recover,
             self._handoff,
+            self._fire,
         )
 
     def preload(self) -> None:
@@ -382,12 +404,14 @@ class ConversationStore:
         handoff: str = "",
         outbound: str = "",
         keyword: str | None = None,
+        timers: Timing = NO_CHANGE,
     ) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
         longer ours: nothing was written. ``outbound``: messages queued in the same step
         (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
         for the outbound rules; ``transcript``: its entries (``transcripts.payload``);
-        ``handoff``: why the handler asks for a person."""
+        ``handoff``: why the handler asks for a person; ``timers``: the conversation's pending
+        timers and own TTL as the handler left them (service/timers.py)."""
         result = self._run(
             self._save,
             *self.save_call(
@@ -403,6 +427,7 @@ class ConversationStore:
                 handoff=handoff,
                 outbound=outbound,
                 keyword=keyword,
+                timers=timers,
             ),
         )
         if result == "lost":
@@ -424,13 +449,14 @@ class ConversationStore:
         handoff: str = "",
         outbound: str = "",
         keyword: str | None = None,
+        timers: Timing = NO_CHANGE,
         keeps: bool = False,
     ) -> tuple[bool, Inbound | None]:
         """SAVE of an inbound message (its handler ran past the webhook): whether it ended the
         conversation, and the next inbound message, now holding the lock, if one waits.
         ``keeps``: the conversation stays as it was (the handler failed or ran out of time),
-        only the answer is remembered. Raises LockLost when the lock is no longer ours (a late
-        save: the token fences it off): nothing was written."""
+        only the answer is remembered; ``timers``: as ``save``'s. Raises LockLost when the lock
+        is no longer ours (a late save: the token fences it off): nothing was written."""
         script_keys, args = self.save_call(
             keys,
             opened,
@@ -444,6 +470,7 @@ class ConversationStore:
             handoff=handoff,
             outbound=outbound,
             keyword=keyword,
+            timers=timers,
             next_hex=new_hex(),
             keeps=keeps,
         )
@@ -526,11 +553,13 @@ class ConversationStore:
         handoff: str = "",
         outbound: str = "",
         keyword: str | None = None,
+        timers: Timing = NO_CHANGE,
         next_hex: str = "",
         keeps: bool = False,
     ) -> tuple[list, list]:
-        """SAVE's keys and arguments: ``next_hex`` (an inbound message's save: the next one's
-        token's digits) and ``keeps`` (the conversation kept as it was) before the last three,
+        """SAVE's keys and arguments: ``timers`` (timers.lua's three), ``next_hex`` (an inbound
+        message's save: the next one's token's digits) and ``keeps`` (the conversation kept as it
+        was) before the last three,
         counted from the end by the script: ``handoff`` (why the handler asks for a person, or
         ''), ``transcript`` (``transcripts.payload``, '' when off) and the events' numbers."""
         return keys.in_order(), [
@@ -546,9 +575,62 @@ class ConversationStore:
             opened.now,
             outbound,
             keyword if keyword in ("STOP", "START") else "",
+            *timers,
             next_hex,
             "1" if keeps else "0",
             handoff,
+            transcript,
+            self.event_names(keys),
+        ]
+
+    def fire(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        timer: str,
+        timer_id: str,
+        state: str,
+        timers: Timing,
+        end_reason: str | None = None,
+        outbound: str = "",
+        transcript: str = "",
+    ) -> str:
+        """A timer's effect under the lock ``opened`` holds (``fire.lua``), or with no
+        ``timer`` only its ``timers`` stored and the lock given back: ``'fired'``, ``'ended'``,
+        ``'kept'`` or ``'lost'`` (nothing written). ``outbound``: the messages to queue with
+        it (``service.outbox.encode``); ``transcript``: their entries (``transcripts.fired``)."""
+        return self._run(
+            self._fire,
+            *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason, outbound, transcript),
+        )
+
+    def fire_call(
+        self,
+        keys: ConversationKeys,
+        opened: Opened,
+        timer: str,
+        timer_id: str,
+        state: str,
+        timers: Timing,
+        end_reason: str | None,
+        outbound: str = "",
+        transcript: str = "",
+    ) -> tuple[list, list]:
+        """FIRE's keys and arguments."""
+        stored, earliest, own_ttl = timers
+        return keys.in_order(), [
+            *self.settings,
+            opened.token,
+            keys.member,
+            timer,
+            timer_id,
+            state,
+            stored or "{}",
+            earliest,
+            own_ttl,
+            end_reason or "",
+            opened.now,
+            outbound,
             transcript,
             self.event_names(keys),
         ]

@@ -1,0 +1,320 @@
+"""Outbound messages in ``make bench``: how many a second the sender hands to Twilio (the local
+stand-in, ``service/twilio_standin.py``, in its own process), with one ``sms-sessions sender``
+process and with several; and the webhook's throughput while the serving workers' own senders
+deliver a backlog, against the same load with nothing to send (goal: at least 0.95x).
+
+Sender rate: a backlog queued with ``service.send`` (each message under its conversation's
+lock, as operators and jobs queue), then the sender processes started; the rate is read from
+the records themselves, messages over the time between the first and the last one handed
+(Redis' clock), so process start-up is not counted. The stand-in shares the machine: its own
+CPU bounds the figure, as Twilio's API latency bounds it in production.
+
+Webhook while sending: the service under gunicorn with ``config/gunicorn.conf.py`` and an
+account, so each worker runs its sender; ``bench/loadgen.py`` drives it, in turn with an empty
+outbox and with a backlog large enough to outlast the load (the report says how many
+conversations were still queued at the end: more than none means the senders ran throughout);
+and, as a reference, the same workers without an account beside one ``sms-sessions sender``
+process delivering such a backlog; and the workers' senders delivering messages queued during
+the run at a tenth of the webhook's rate (what an app that sends some of its answers later
+queues), not a backlog drained flat out. Medians over rounds. Everything shares the machine's
+cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import requests
+
+from service import create_app, send
+from service.keys import Keys
+from service.twilio_standin import DEV_ACCOUNT_SID
+from tests.support.app_servers import bin_path, hermetic_environment
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for_http
+
+ROOT = Path(__file__).resolve().parent.parent
+OUR_NUMBER = "+15550001111"
+KEYS = Keys()
+PACED_SHARE = 0.1  # the paced run queues this share of the webhook's idle rate
+
+
+@dataclass(frozen=True)
+class OutboundProfile:
+    messages: int  # queued for each sender-rate measurement
+    conversations: int  # they are spread over
+    processes: tuple[int, ...]  # sender processes, one measurement each
+    rounds: int  # webhook rounds, each with and without sending
+
+
+FULL = OutboundProfile(messages=3000, conversations=300, processes=(1, 2, 4), rounds=5)
+QUICK = OutboundProfile(messages=100, conversations=20, processes=(1, 2), rounds=1)
+
+
+class Standin:
+    """``python -m service.twilio_standin`` on a free port, the bench's token as its account's."""
+
+    def __init__(self, token: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.twilio_standin", "--port", str(self.port), "--auth-token", token],
+            cwd=ROOT,
+            env=hermetic_environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_http(self.base + "/_standin/faults", self.process)
+
+    def reset(self) -> None:
+        requests.post(self.base + "/_standin/reset", timeout=10)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=15)
+
+
+def account(standin: Standin, token: str, redis_url: str) -> dict[str, str]:
+    """The service's settings for sending through the stand-in."""
+    return {
+        "REDIS_URL": redis_url,
+        "TWILIO_ACCOUNT_SID": DEV_ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": token,
+        "TWILIO_FROM_NUMBER": OUR_NUMBER,
+        "TWILIO_API_BASE_URL": standin.base,
+    }
+
+
+def phones(count: int, series: int) -> list[str]:
+    return [f"+1666{series:02d}{n:05d}" for n in range(count)]
+
+
+def queue(settings: dict[str, str], messages: int, conversations: int, series: int) -> list[str]:
+    """Queues ``messages`` round robin over ``conversations`` new ones; their numbers."""
+    app = create_app({name: value for name, value in settings.items() if name != "TWILIO_ACCOUNT_SID"})
+    numbers = phones(conversations, series)
+    for n in range(messages):
+        send(numbers[n % conversations], f"Reminder {n}: your appointment is at 3 pm.", app=app)
+    return numbers
+
+
+def pace(settings: dict[str, str], rate: float, series: int, stop: threading.Event) -> None:
+    """Queues messages at ``rate`` a second (to 50 conversations) until ``stop``."""
+    app = create_app(dict(settings))
+    numbers, n, started = phones(50, series), 0, time.monotonic()
+    while not stop.is_set():
+        due = started + n / rate
+        if stop.wait(max(0.0, due - time.monotonic())):
+            return
+        send(numbers[n % len(numbers)], f"Your table is ready ({n}).", app=app)
+        n += 1
+
+
+def outbox_left(client: redis.Redis) -> int:
+    """Conversations with a message still queued (every tag's due index)."""
+    pipe = client.pipeline(transaction=False)
+    for due in KEYS.dues():
+        pipe.zcard(due)
+    return sum(pipe.execute())
+
+
+def handed_times(client: redis.Redis, numbers: list[str]) -> list[int]:
+    """When each of these conversations' messages was handed to Twilio (ms, Redis' clock)."""
+    pipe = client.pipeline(transaction=False)
+    for number in numbers:
+        pipe.hgetall(KEYS.conversation(number, OUR_NUMBER).sent)
+    times = []
+    for fields in pipe.execute():
+        for name, raw in fields.items():
+            state = json.loads(raw) if name.endswith(":s") else {}
+            if state.get("stage") == "handed":
+                times.append(int(state["updated_at"]))
+    return sorted(times)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user and system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def sender_rate(
+    settings: dict[str, str], client: redis.Redis, profile: OutboundProfile, processes: int, standin: Standin
+) -> dict:
+    """Messages a second ``processes`` sender processes hand to the stand-in, and the CPU a
+    message took in each part (the senders, the stand-in, Redis)."""
+    numbers = queue(settings, profile.messages, profile.conversations, series=10 + processes)
+    env = {**hermetic_environment(), **settings}
+    standin_before, redis_before = cpu_seconds(standin.process.pid), redis_cpu_seconds(client)
+    started = [
+        subprocess.Popen(
+            [bin_path("sms-sessions"), "sender"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        while outbox_left(client) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        senders_cpu = sum(cpu_seconds(process.pid) for process in started)
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.wait(timeout=30)
+    times = handed_times(client, numbers)
+    span = (times[-1] - times[0]) / 1000 if len(times) > 1 else 0.0
+    return {
+        "processes": processes,
+        "messages": profile.messages,
+        "handed": len(times),
+        "messages_per_s": (len(times) - 1) / span if span else 0.0,
+        "cpu_us_per_message": {
+            "senders": senders_cpu * 1e6 / max(len(times), 1),
+            "standin": (cpu_seconds(standin.process.pid) - standin_before) * 1e6 / max(len(times), 1),
+            "redis": (redis_cpu_seconds(client) - redis_before) * 1e6 / max(len(times), 1),
+        },
+    }
+
+
+def measure(
+    profile: OutboundProfile,
+    token: str,
+    redis_server,
+    start_service: Callable[[dict[str, str]], object],
+    drive: Callable[[object, int], dict],
+) -> dict:
+    """The outbound section of the report. ``start_service(env)``: the service under gunicorn
+    with extra settings, ready; ``drive(server, run)``: one load run against it (loadgen's
+    result)."""
+    client = redis_server.client
+    standin = Standin(token)
+    try:
+        settings = account(standin, token, redis_server.url)
+        rates = []
+        for processes in profile.processes:
+            client.flushall()
+            standin.reset()
+            rates.append(sender_rate(settings, client, profile, processes, standin))
+            print(
+                f"  outbound: {processes} sender process(es): {rates[-1]['messages_per_s']:.0f} messages/s; "
+                f"CPU us a message: {rates[-1]['cpu_us_per_message']}",
+                flush=True,
+            )
+        client.flushall()
+        standin.reset()
+        # The workers' own senders (the default), and the same workers without an account
+        # beside one `sms-sessions sender` process (docs/deploying.md's other way).
+        serving = start_service(settings)
+        plain = start_service({name: v for name, v in settings.items() if name != "TWILIO_ACCOUNT_SID"})
+        fastest = max(rate["messages_per_s"] for rate in rates) or 100
+        try:
+            idle, workers, beside, paced, left = [], [], [], [], []
+            for number in range(profile.rounds):
+                quiet = drive(serving, 60 + 3 * number)
+                idle.append(quiet["throughput_rps"])
+                # A backlog that outlasts the next run at the fastest measured rate, four times over
+                # (a run while sending takes longer than one without).
+                backlog = int(fastest * quiet["wall_s"] * 4) + 100
+                queue(settings, backlog, profile.conversations, series=30 + 2 * number)
+                workers.append(drive(serving, 61 + 3 * number)["throughput_rps"])
+                left.append(outbox_left(client))
+                client.delete(*KEYS.dues())  # the rest is not sent: the next run starts empty
+                queue(settings, backlog, profile.conversations, series=31 + 2 * number)
+                process = subprocess.Popen(
+                    [bin_path("sms-sessions"), "sender"],
+                    cwd=ROOT,
+                    env={**hermetic_environment(), **settings},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    beside.append(drive(plain, 62 + 3 * number)["throughput_rps"])
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+                left.append(outbox_left(client))
+                client.delete(*KEYS.dues())
+                # Paced: messages queued during the run at a tenth of the webhook's rate, as an
+                # app that answers some messages later, or sends reminders, queues them.
+                stop = threading.Event()
+                pacer = threading.Thread(
+                    target=pace, args=(settings, idle[-1] * PACED_SHARE, 40 + number, stop), daemon=True
+                )
+                pacer.start()
+                try:
+                    paced.append(drive(serving, 63 + 3 * number)["throughput_rps"])
+                finally:
+                    stop.set()
+                    pacer.join()
+                print(
+                    f"  outbound: webhook {idle[-1]:.0f} req/s with nothing to send, {workers[-1]:.0f} "
+                    f"while its workers send, {beside[-1]:.0f} beside a sender process ({backlog} "
+                    f"queued each time; conversations still queued after: {left[-2]}, {left[-1]}), "
+                    f"{paced[-1]:.0f} while its workers send {PACED_SHARE:.0%} of that rate as queued",
+                    flush=True,
+                )
+        finally:
+            serving.stop()
+            plain.stop()
+    finally:
+        standin.stop()
+    base = statistics.median(idle)
+    return {
+        "sender": rates,
+        "webhook": {
+            "idle_rps": idle,
+            "workers_sending_rps": workers,
+            "sender_process_rps": beside,
+            "conversations_still_queued_after": left,
+            "ratio": statistics.median(workers) / base,
+            "ratio_sender_process": statistics.median(beside) / base,
+            "paced_rps": paced,
+            "paced_share": PACED_SHARE,
+            "ratio_paced": statistics.median(paced) / base,
+        },
+    }
+
+
+def main() -> None:
+    """This part alone: ``python -m bench.outbound [--quick]`` (its own redis-server)."""
+    import argparse
+    import tempfile
+
+    from bench import run
+
+    parser = argparse.ArgumentParser(
+        description="outbound messages: the sender's rate, the webhook while it sends"
+    )
+    parser.add_argument("--quick", action="store_true")
+    quick = parser.parse_args().quick
+    profile = run.QUICK if quick else run.FULL
+    with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
+        redis_server = run.RedisServer(Path(workdir))
+        try:
+            print(json.dumps(run.outbound(profile, run.shipped_model(), redis_server), indent=2))
+        finally:
+            redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()
