@@ -8,7 +8,8 @@
 -- ARGV[11] = take: how long the hold lasts (ms); back: the state the operator saw, or '' to
 --            leave the state as it is
 -- ARGV[12] = back: the state to resume with (JSON)
--- Returns take: {1, ms it waited for a person (-1 if it had not asked)}; back: {1}; either:
+-- Returns take: {1, how long the handler's ask for a person had waited, in ms, or -1 without
+-- one}; back: {1}; either:
 -- {0} when it is not live, back: {-1} while a message holds its lock (ask again), {-2} when
 -- its state changed since the operator read it.
 local member, action = ARGV[9], ARGV[10]
