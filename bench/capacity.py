@@ -21,11 +21,16 @@ never delivered. Doubled: a reply delivered twice, or a state that counted its m
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import redis
@@ -165,6 +170,12 @@ def run(
             "REDIS_URL": redis_url,
             **(sending if contender.service else {"TWILIO_AUTH_TOKEN": token}),
             **contender.env,
+            # the configuration patches the standard library for gevent unless told the class
+            **(
+                {"WORKER_CLASS": worker_args[worker_args.index("--worker-class") + 1]}
+                if contender.service
+                else {}
+            ),
         },
         workers=workers,
         app=contender.app,
@@ -177,6 +188,7 @@ def run(
         time.sleep(float(contender.env["BENCH_HANDLER_SECONDS"]) + 1)
         planned = messages(server.url, token, conversations, recipient)
         keys = [Keys().conversation(params["From"], recipient) for params, _ in planned]
+        cpu_before = _cpu(server.process.pid), _own_cpu(), _redis_cpu(client)
         answered: list = []
         delivered: list[float | None] = []
         doubled = 0
@@ -196,6 +208,7 @@ def run(
         else:
             started, answered = asyncio.run(_fire(server.url, planned))
         states = [client.hget(key.conversation, "state") for key in keys] if contender.service else []
+        cpu_after = _cpu(server.process.pid), _own_cpu(), _redis_cpu(client)
     latencies = [at - started for status, at, _ in answered if status == 200]
     refused = sum(1 for status, _, _ in answered if status != 200)
     if contender.service:
@@ -215,7 +228,39 @@ def run(
         "reply_max_s": round(max(ready, default=0), 2),
         "lost": conversations - len(ready),  # the peer: unanswered in 15 s; the service: never delivered
         "doubled": doubled,
+        # CPU per message over the burst (until every reply was delivered or WATCHED passed):
+        # gunicorn's processes, this one (the load, and the service's stand-in), Redis.
+        "cpu_ms_per_message": {
+            part: round((after - before) * 1000 / conversations, 2)
+            for part, before, after in zip(("gunicorn", "load_and_standin", "redis"), cpu_before, cpu_after)
+        },
     }
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children alive now (gunicorn's master, workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if pid in (int(entry.name), int(fields[1])):
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def measure(
@@ -226,18 +271,21 @@ def measure(
     seconds: float,
     workers: int,
     worker_args: tuple[str, ...],
+    only: tuple[str, ...] = (),
 ) -> dict:
-    """Every contender in turn; the figures per contender and the gain (service-async's replies
-    ready within TWILIO_WAITS over the peer's)."""
+    """Every contender in turn (those named in ``only``, when given); the figures per
+    contender and the gain (service-async's replies ready within TWILIO_WAITS over the peer's)."""
     results = {}
     for contender in contenders(seconds):
+        if only and contender.name not in only:
+            continue
         print(
             f"capacity: {contender.name}, {conversations} messages at once, {seconds:g} s handler", flush=True
         )
         results[contender.name] = run(
             contender, redis_url, token, recipient, conversations, workers, worker_args
         )
-    peer = results["validated-sync"]["replies_ready"]
+    peer = results["validated-sync"]["replies_ready"] if "validated-sync" in results else 0
     return {
         "handler_seconds": seconds,
         "inline_budget_s": float(BUDGET),
@@ -272,3 +320,55 @@ def render(section: dict) -> str:
             f"doubled {row['doubled']}"
         )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """This part alone: ``python -m bench.capacity`` (its own redis-server), JSON on stdout."""
+    import tempfile
+
+    from bench import run as bench_run
+
+    parser = argparse.ArgumentParser(
+        description="conversations messaging a slow handler all at once: answers, and replies delivered"
+    )
+    parser.add_argument("--conversations", type=int, default=1000, help="messages at once (1000)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="the handler's time (2)")
+    parser.add_argument(
+        "--contender",
+        action="append",
+        default=[],
+        choices=[contender.name for contender in contenders(0)],
+        help="only this one (repeatable; default: all three)",
+    )
+    parser.add_argument(
+        "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
+    )
+    args = parser.parse_args(argv)
+    model = bench_run.shipped_model()
+    if args.worker_class:
+        model = (
+            bench_run.GTHREAD if args.worker_class == "gthread" else bench_run.WorkerModel(args.worker_class)
+        )
+    with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
+        redis_server = bench_run.RedisServer(Path(workdir))
+        try:
+            section = measure(
+                redis_server.url,
+                bench_run.TOKEN,
+                bench_run.RECIPIENT,
+                args.conversations,
+                args.seconds,
+                bench_run.WORKERS,
+                model.args(),
+                tuple(args.contender),
+            )
+        finally:
+            redis_server.stop()
+    section["worker_model"] = model.name
+    section["load_average"] = os.getloadavg()
+    print(render(section), file=sys.stderr)
+    print(json.dumps(section, indent=2))
+
+
+if __name__ == "__main__":
+    main()
