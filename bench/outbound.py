@@ -22,6 +22,7 @@ cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -226,7 +227,7 @@ def measure(
         # beside one `sms-sessions sender` process (docs/deploying.md's other way).
         serving = start_service(settings)
         plain = start_service({name: v for name, v in settings.items() if name != "TWILIO_ACCOUNT_SID"})
-        fastest = max(rate["messages_per_s"] for rate in rates) or 100
+        fastest = max((rate["messages_per_s"] for rate in rates), default=0) or 300
         try:
             idle, workers, beside, paced, left = [], [], [], [], []
             for number in range(profile.rounds):
@@ -306,12 +307,24 @@ def main() -> None:
         description="outbound messages: the sender's rate, the webhook while it sends"
     )
     parser.add_argument("--quick", action="store_true")
-    quick = parser.parse_args().quick
-    profile = run.QUICK if quick else run.FULL
+    parser.add_argument("--rounds", type=int, help="webhook rounds (default: 5, 1 with --quick)")
+    parser.add_argument(
+        "--processes", type=int, nargs="*", help="sender processes to measure the rate with (default: 1 2 4)"
+    )
+    args = parser.parse_args()
+    profile = run.QUICK if args.quick else run.FULL
+    chosen = QUICK if args.quick else FULL
+    chosen = dataclasses.replace(
+        chosen,
+        rounds=args.rounds or chosen.rounds,
+        processes=tuple(args.processes) if args.processes is not None else chosen.processes,
+    )
     with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
         redis_server = run.RedisServer(Path(workdir))
         try:
-            print(json.dumps(run.outbound(profile, run.shipped_model(), redis_server), indent=2))
+            report = run.outbound(profile, run.shipped_model(), redis_server, chosen)
+            report["load_average"] = os.getloadavg()
+            print(json.dumps(report, indent=2))
         finally:
             redis_server.stop()
 

@@ -686,7 +686,12 @@ def cpu_profile(profile: Profile, redis_server: RedisServer) -> dict:
     return report
 
 
-def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) -> dict:
+def outbound(
+    profile: Profile,
+    shipped: WorkerModel,
+    redis_server: RedisServer,
+    chosen: bench_outbound.OutboundProfile | None = None,
+) -> dict:
     """The sender's rate against the Twilio stand-in, and the webhook's throughput while the
     workers' senders deliver against without (``bench/outbound.py``)."""
     load = {
@@ -714,7 +719,7 @@ def outbound(profile: Profile, shipped: WorkerModel, redis_server: RedisServer) 
         "outbound: sender processes against the Twilio stand-in, then the webhook with and without sending",
         flush=True,
     )
-    chosen = bench_outbound.QUICK if profile.name == "quick" else bench_outbound.FULL
+    chosen = chosen or (bench_outbound.QUICK if profile.name == "quick" else bench_outbound.FULL)
     return bench_outbound.measure(chosen, TOKEN, redis_server, start_service, drive_once)
 
 
