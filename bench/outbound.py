@@ -14,7 +14,8 @@ account, so each worker runs its sender; ``bench/loadgen.py`` drives it, in turn
 outbox and with a backlog large enough to outlast the load (the report says how many
 conversations were still queued at the end: more than none means the senders ran throughout);
 and, as a reference, the same workers without an account beside one ``sms-sessions sender``
-process delivering such a backlog; and the workers' senders delivering messages queued during
+process delivering such a backlog, at the normal priority and at ``nice -n 10`` (where it gets
+the CPU the webhook leaves); and the workers' senders delivering messages queued during
 the run at a tenth of the webhook's rate (what an app that sends some of its answers later
 queues), not a backlog drained flat out. Medians over rounds. Everything shares the machine's
 cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook too.
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUR_NUMBER = "+15550001111"
 KEYS = Keys()
 PACED_SHARE = 0.1  # the paced run queues this share of the webhook's idle rate
+NICE = 10  # the niced sender process' niceness
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,23 @@ def measure(
         plain = start_service({name: v for name, v in settings.items() if name != "TWILIO_ACCOUNT_SID"})
         fastest = max((rate["messages_per_s"] for rate in rates), default=0) or 300
         try:
-            idle, workers, beside, paced, left = [], [], [], [], []
+            idle, workers, beside, niced, paced, left = [], [], [], [], [], []
+
+            def drive_beside(server, run: int, env: dict[str, str], nice: int = 0) -> float:
+                """One run against ``server`` beside an ``sms-sessions sender`` process."""
+                process = subprocess.Popen(
+                    [*(["nice", "-n", str(nice)] if nice else []), bin_path("sms-sessions"), "sender"],
+                    cwd=ROOT,
+                    env={**hermetic_environment(), **env},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    return drive(server, run)["throughput_rps"]
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+
             for number in range(profile.rounds):
                 quiet = drive(serving, 60 + 3 * number)
                 idle.append(quiet["throughput_rps"])
@@ -241,18 +259,13 @@ def measure(
                 left.append(outbox_left(client))
                 client.delete(*KEYS.dues())  # the rest is not sent: the next run starts empty
                 queue(settings, backlog, profile.conversations, series=31 + 2 * number)
-                process = subprocess.Popen(
-                    [bin_path("sms-sessions"), "sender"],
-                    cwd=ROOT,
-                    env={**hermetic_environment(), **settings},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    beside.append(drive(plain, 62 + 3 * number)["throughput_rps"])
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
+                beside.append(drive_beside(plain, 62 + 3 * number, settings))
+                left.append(outbox_left(client))
+                client.delete(*KEYS.dues())
+                # The same at a lower priority (``nice -n 10 sms-sessions sender``): it gets what
+                # CPU the webhook leaves.
+                queue(settings, backlog, profile.conversations, series=20 + number)
+                niced.append(drive_beside(plain, 80 + number, settings, nice=NICE))
                 left.append(outbox_left(client))
                 client.delete(*KEYS.dues())
                 # Paced: messages queued during the run at a tenth of the webhook's rate, as an
@@ -269,8 +282,9 @@ def measure(
                     pacer.join()
                 print(
                     f"  outbound: webhook {idle[-1]:.0f} req/s with nothing to send, {workers[-1]:.0f} "
-                    f"while its workers send, {beside[-1]:.0f} beside a sender process ({backlog} "
-                    f"queued each time; conversations still queued after: {left[-2]}, {left[-1]}), "
+                    f"while its workers send, {beside[-1]:.0f} beside a sender process, {niced[-1]:.0f} "
+                    f"beside one at nice {NICE} ({backlog} queued each time; conversations still "
+                    f"queued after: {left[-3:]}), "
                     f"{paced[-1]:.0f} while its workers send {PACED_SHARE:.0%} of that rate as queued",
                     flush=True,
                 )
@@ -289,6 +303,9 @@ def measure(
             "conversations_still_queued_after": left,
             "ratio": statistics.median(workers) / base,
             "ratio_sender_process": statistics.median(beside) / base,
+            "sender_process_niced_rps": niced,
+            "sender_process_nice": NICE,
+            "ratio_sender_process_niced": statistics.median(niced) / base,
             "paced_rps": paced,
             "paced_share": PACED_SHARE,
             "ratio_paced": statistics.median(paced) / base,
