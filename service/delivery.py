@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from twilio.base import values
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
@@ -168,7 +169,20 @@ def client(config: Mapping[str, Any]) -> Client:
         if base_url
         else TwilioHttpClient(timeout=timeout, logger=HTTP_LOG)
     )
+    keep_connections(http, config["SENDER_THREADS"])
     return Client(username, password, account_sid=account_sid, http_client=http)
+
+
+def keep_connections(http: TwilioHttpClient, connections: int) -> None:
+    """Keeps ``connections`` connections alive to each host (requests' ``HTTPAdapter``, mounted
+    for both schemes on the client's one session): one for each of the sender's threads.
+    twilio's default pool keeps ``os.cpu_count() + 4`` for HTTPS, requests' 10 for HTTP; a
+    sender with more threads than that would open, and close, a connection (a TLS handshake
+    with Twilio) for every message past them."""
+    if http.session is None:
+        return
+    for scheme in ("https://", "http://"):
+        http.session.mount(scheme, HTTPAdapter(pool_maxsize=max(connections, 1)))
 
 
 def _network_outcome(error: requests.RequestException) -> RetryLater:

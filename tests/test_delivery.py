@@ -5,7 +5,10 @@ and the settings that build it."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -368,3 +371,26 @@ def test_the_edges_of_the_outbound_ranges_are_accepted():
     )
     assert config["TWILIO_API_BASE_URL"] == "https://standin.example:8443/twilio"
     assert load({"TWILIO_API_TIMEOUT": "60", "DELIVERY_RETRY_BASE": "60", "DELIVERY_RETRY_MAX": "60"})
+
+
+def test_each_sender_thread_keeps_its_connection(standin, caplog):
+    """As many connections stay open as the sender has threads (``SENDER_THREADS``): with
+    every thread's create in flight at once, none is opened only to be closed after its
+    answer (urllib3 says so when its pool is full), which against Twilio would be a TLS
+    handshake per message."""
+    threads = 14  # over twilio's HTTPS pool (cpu_count + 4) and requests' HTTP pool (10) here
+    delivery = Delivery.from_config(standin.config(SENDER_THREADS=str(threads)))
+    standin.fault(delay=0.3)
+    start = threading.Barrier(threads)
+
+    def send(n: int):
+        start.wait()
+        return delivery.send(PHONE, f"at once {n}")
+
+    with (
+        caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"),
+        ThreadPoolExecutor(threads) as pool,
+    ):
+        outcomes = list(pool.map(send, range(threads)))
+    assert all(isinstance(outcome, Accepted) for outcome in outcomes)
+    assert "Connection pool is full" not in caplog.text
