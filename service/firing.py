@@ -238,6 +238,7 @@ class TimerFiring:
             metrics.conversations_ended.labels("handler").inc()
         if firing.outgoing:
             metrics.outbound.labels("pending").inc(len(firing.outgoing))
+            self.wired.doorbell.ring()
             if self.on_queued is not None:
                 self.on_queued(firing.keys, firing.outgoing)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -69,6 +70,24 @@ class Outgoing:
             content_variables=data.get("content_variables"),
             extra=data.get("extra") or {},
         )
+
+
+class Doorbell:
+    """Wakes a process' sender: every save of the process that queued outbound messages rings
+    it, so that the sender starts a pass at once rather than after ``SENDER_INTERVAL`` (which
+    messages other processes queue still wait at most)."""
+
+    def __init__(self) -> None:
+        self._rung = threading.Event()
+
+    def ring(self) -> None:
+        self._rung.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Whether it rang within ``seconds`` (or had rung since the last wait)."""
+        rung = self._rung.wait(seconds)
+        self._rung.clear()
+        return rung
 
 
 def new_id() -> str:

@@ -110,23 +110,31 @@ class Sender:
         self.pool = ThreadPoolExecutor(config["SENDER_THREADS"], thread_name_prefix="sms-sender")
         self.stopping = threading.Event()
 
-    def due(self) -> list[ConversationKeys]:
+    def due(self) -> tuple[list[ConversationKeys], bool]:
         """The conversations whose next outbound message is due now (by this host's clock;
-        the claim checks Redis')."""
+        the claim checks Redis'), and whether a tag had more than one pass takes."""
         keys = self.wired.keys
         pipe = self.wired.redis.pipeline(transaction=False)
         now = now_ms()
         for index in keys.dues():
             pipe.zrangebyscore(index, "-inf", now, start=0, num=DUE_PER_TAG)
-        return [keys.from_member(member) for members in pipe.execute() for member in members]
+        tags = pipe.execute()
+        due = [keys.from_member(member) for members in tags for member in members]
+        return due, any(len(members) == DUE_PER_TAG for members in tags)
 
     def send_due(self) -> int:
         """One pass: every due conversation's queued messages, in order; how many attempts
         it made."""
-        due = self.due()
+        return self.one_pass()[0]
+
+    def one_pass(self) -> tuple[int, bool]:
+        """``send_due``'s attempts, and whether the pass left due messages behind (a tag's or
+        a conversation's share taken): the next pass then starts at once."""
+        due, more = self.due()
         if not due:
-            return 0
-        return sum(self.pool.map(self.send_conversation, due))
+            return 0, False
+        attempts = list(self.pool.map(self.send_conversation, due))
+        return sum(attempts), more or PER_CONVERSATION in attempts
 
     def send_conversation(self, keys: ConversationKeys) -> int:
         attempts = 0
@@ -234,20 +242,21 @@ class Sender:
         return "failed"
 
     def run(self) -> None:
-        """Passes until stopped: at once again after a pass that sent, else after
+        """Passes until stopped: the next one at once after a pass that left due messages
+        behind, else when this process queues a message (its doorbell) or after
         ``SENDER_INTERVAL``; a Redis outage only delays the next pass."""
         while not self.stopping.is_set():
-            sent = 0
+            more = False
             try:
                 with self.app.app_context():
-                    sent = self.send_due()
+                    _, more = self.one_pass()
             except Exception as error:  # the thread goes on: a bug is logged, an outage waits
                 if is_outage(error):
                     log.warning("outbound pass skipped: Redis %s", type(error).__name__)
                 else:
                     log.exception("outbound pass failed")
-            if not sent:
-                self.stopping.wait(self.interval)
+            if not more:
+                self.wired.doorbell.wait(self.interval)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="sms-sender", daemon=True)
@@ -256,6 +265,7 @@ class Sender:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wired.doorbell.ring()
         self.pool.shutdown(wait=True)
 
 

@@ -130,6 +130,7 @@ def send(
     if start:
         wired.metrics.conversations_started.inc()
     wired.metrics.outbound.labels("pending").inc()
+    wired.doorbell.ring()
     return Sent(outgoing.id, start or opened.sid, start is not None)
 
 

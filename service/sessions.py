@@ -32,7 +32,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
-from .outbox import encode
+from .outbox import Doorbell, encode
 from .redis_client import is_outage
 from .store import NO_CHANGE, ConversationStore, Inbound, Opened, Queued, Timing, decode_state
 from .timers import Timer
@@ -181,6 +181,7 @@ class ConversationSession(Conversation):
             counters.conversations_ended.labels(self.end_reason).inc()
         if self.outbound:
             counters.outbound.labels("pending").inc(len(self.outbound))
+            self.interface.doorbell.ring()
 
     def defer(self) -> None:
         """The handler runs past the webhook: the message becomes the conversation's first
@@ -225,6 +226,7 @@ class ConversationSession(Conversation):
             self._count(bound, ended)
         elif self.outbound:
             self.interface.metrics.outbound.labels("pending").inc(len(self.outbound))
+            self.interface.doorbell.ring()
         return following
 
     @classmethod
@@ -331,8 +333,10 @@ class ConversationSessionInterface(SessionInterface):
         ttl: int,
         metrics: Metrics,
         transcripts: TranscriptSettings = TRANSCRIPTS_OFF,
+        doorbell: Doorbell | None = None,
     ):
         self.store = store
+        self.doorbell = doorbell or Doorbell()  # the process' sender's (service/outbox.py)
         self.transcripts = transcripts
         self.keys = keys
         self.ttl = ttl

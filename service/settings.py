@@ -323,7 +323,7 @@ SETTINGS = [
         0.2,
         _between(float, 0.01, 60, "a number of seconds"),
         "Seconds the outbound sender waits before looking for due messages again when it found "
-        "none, 0.01 to 60.",
+        "none and its own process queued none meanwhile, 0.01 to 60.",
     ),
     Setting(
         "SENDER_LEASE",

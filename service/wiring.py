@@ -8,7 +8,7 @@ handler, Redis client, accounts, signature check) know nothing of this module; w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
@@ -22,6 +22,7 @@ from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
 from .numbers_hash import NumberHash
+from .outbox import Doorbell
 from .redis_client import Client, is_cluster
 from .runs import Runs
 from .sessions import ConversationSessionInterface
@@ -56,6 +57,7 @@ class Wiring:
     forgetting: Forgetting  # forget a number on request
     handoffs: Handoffs  # operators taking conversations over from the bot
     on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
+    doorbell: Doorbell = field(default_factory=Doorbell)  # rung when this process queues outbound
 
 
 def current(app: Flask | None = None) -> Wiring:
@@ -94,8 +96,9 @@ def init_app(
     history = History(redis, keys)
     handoffs = Handoffs(redis, keys, store, metrics, config)
     signature = SignatureCheck(config, accounts, metrics.signature_keys)
+    doorbell = Doorbell()
     sessions = ConversationSessionInterface(
-        store, keys, config["CONVERSATION_TTL"], metrics, TranscriptSettings.from_config(config)
+        store, keys, config["CONVERSATION_TTL"], metrics, TranscriptSettings.from_config(config), doorbell
     )
     wiring = Wiring(
         redis,
@@ -116,6 +119,7 @@ def init_app(
         Forgetting(redis, keys, number_hash, config["SWEEP_INTERVAL"] * 2),
         handoffs,
         on_status,
+        doorbell,
     )
     app.extensions[EXTENSION] = wiring
     app.session_interface = sessions

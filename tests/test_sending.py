@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -311,3 +312,21 @@ def test_with_a_messaging_service_alone_a_send_names_its_number(standin, redis_u
     assert (fetched.from_, fetched.messaging_service_sid) == (OURS, MESSAGING_SERVICE)
     assert b"Confirmed: 3 pm. (new: False)" in text(app, "ok", recipient=OURS).data
     assert sent.started
+
+
+def test_what_this_process_queues_wakes_its_sender_at_once(standin, redis_url):
+    """The sender waits ``SENDER_INTERVAL`` (here a minute) between passes that find nothing,
+    but a message this process queues (``service.send``, a handler's reply) rings its doorbell:
+    the next pass starts at once."""
+    config = {**standin.config(), "REDIS_URL": redis_url, "SENDER_INTERVAL": 60}
+    app = create_app(config, handler=reminder_bot)
+    sender = Sender(app)
+    sender.start()
+    try:
+        time.sleep(0.3)  # its first pass found nothing: it waits its minute now
+        send(REY, "Reply YES to confirm", app=app)
+        wait_until(lambda: held(standin) == ["Reply YES to confirm"], seconds=10, what="the send delivered")
+        assert text(app, "hello").status_code == 200
+        wait_until(lambda: "echo hello" in held(standin), seconds=10, what="the handler's message delivered")
+    finally:
+        sender.stop()
