@@ -55,8 +55,11 @@ from .store import ConversationStore, Inbound, LockLost
 log = logging.getLogger(__name__)
 
 # Threads a process runs plain-function handlers in: a slow one holds its thread, so these
-# bound how many slow plain handlers one process runs at once (async ones need none).
+# bound how many slow plain handlers one process runs at once (async ones need none). Under
+# gevent they are greenlets, as cheap as the connections a worker holds, and as many
+# (serving.WORKER_CONNECTIONS).
 HANDLER_THREADS = 64
+HANDLER_GREENLETS = 1000
 FINISHING_THREADS = 4  # saves of runs that finished past the webhook
 PENDING_PER_SHARD = 100  # conversations one sweep claims per tag
 
@@ -187,7 +190,7 @@ class Runs:
             if self._pid == os.getpid():
                 return
             self.running = set()
-            self._pool = HandlerThreads(HANDLER_THREADS)
+            self._pool = HandlerThreads(HANDLER_THREADS if _gevent_hub() is None else HANDLER_GREENLETS)
             self._finishers = ThreadPoolExecutor(FINISHING_THREADS, thread_name_prefix="sms-finish")
             self._loop = None
             self._supervising = False

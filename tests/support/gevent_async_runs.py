@@ -1,7 +1,8 @@
 """Run as a script under gevent's patching (``python -m tests.support.gevent_async_runs URL``),
 as a gevent worker is: two apps in one process, each with an async handler, one answering
-inline and one past the webhook, and a plain ``asyncio.run`` in a greenlet meanwhile. Prints one
-JSON line of what each got."""
+inline and one past the webhook, and a plain ``asyncio.run`` in a greenlet meanwhile; then
+``SLOW_PLAIN`` messages at once to a plain handler that sleeps. Prints one JSON line of what
+each got."""
 
 from gevent import monkey
 
@@ -20,6 +21,16 @@ from service.keys import Keys  # noqa: E402
 from tests.support.app import TOKEN, post_signed, webhook_params  # noqa: E402
 
 OURS = "+15550001111"
+SLOW_PLAIN = 100  # more than a process' handler threads outside gevent (runs.HANDLER_THREADS)
+running = {"now": 0, "most": 0}
+
+
+def sleepy(message, conversation):
+    running["now"] += 1
+    running["most"] = max(running["most"], running["now"])
+    time.sleep(0.5)  # patched: yields
+    running["now"] -= 1
+    return "slept"
 
 
 async def handle(message, conversation):
@@ -49,9 +60,19 @@ def main(url: str) -> None:
     deadline = time.monotonic() + 10
     while client.exists(keys.inbound) and time.monotonic() < deadline:
         time.sleep(0.05)
+    plain_app = create_app(
+        {"TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": url, "HANDLER_INLINE_BUDGET": 0.05}, handler=sleepy
+    )
+    gevent.joinall(
+        [gevent.spawn(send, plain_app, f"+155512{n:05d}", "zzz") for n in range(SLOW_PLAIN)], timeout=20
+    )
+    deadline = time.monotonic() + 20
+    while running["now"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     print(
         json.dumps(
             {
+                "plain_at_once": running["most"],
                 "inline": first.value,
                 "later": second.value,
                 "plain": plain.value,
