@@ -263,11 +263,13 @@ def _finished_within(run: Run, budget: float, environ: dict) -> bool:
     """Whether the handler finished within ``budget``. Past ``HOLD_SLOT`` the request gives up
     its place among the worker's app slots (``serving.BodyFirst``) until it is done waiting,
     so that requests waiting for slow handlers do not keep others from running."""
+    slots = environ.get(SLOTS_KEY)
+    if slots is None:  # no slots to give up (gevent, sync): one wait
+        return run.wait(budget)
     if run.wait(min(budget, HOLD_SLOT)):
         return True
-    slots = environ.get(SLOTS_KEY)
-    if slots is None or budget <= HOLD_SLOT:
-        return run.wait(max(0.0, budget - HOLD_SLOT))
+    if budget <= HOLD_SLOT:
+        return False
     slots.release()
     try:
         return run.wait(budget - HOLD_SLOT)
