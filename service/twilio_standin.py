@@ -462,8 +462,9 @@ class Standin:
                 if error_code is not None:
                     resource["error_code"] = error_code
                     resource["error_message"] = DELIVERY_FAILURES[error_code][1]
-                posts.append(self._callback_form(resource, status, error_code))
-            if not message.reversed_callbacks:
+                if message.status_callback:
+                    posts.append(self._callback_form(resource, status, error_code))
+            if posts and not message.reversed_callbacks:
                 self._post(message, posts.pop())
         for form in reversed(posts):
             self._post(message, form)
