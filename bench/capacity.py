@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import resource
 import sys
@@ -156,6 +157,8 @@ def run(
     """One contender under gunicorn: every message at once, then the figures."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushall()
+    # werkzeug's line per request to the stand-in would be this process' work, not the service's
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     standin = StandinServer()
     sending = {
         "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
