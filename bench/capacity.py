@@ -30,6 +30,7 @@ import resource
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,6 +226,7 @@ def run(
         "answered_p50_ms": round(1000 * (_percentile(latencies, 0.5) or 0), 1),
         "answered_p99_ms": round(1000 * (_percentile(latencies, 0.99) or 0), 1),
         "not_answered_200": refused,
+        "statuses_not_200": dict(Counter(str(status) for status, _, _ in answered if status != 200)),
         "replies_ready": len(ready),
         "reply_p50_s": round(_percentile(ready, 0.5) or 0, 2),
         "reply_p99_s": round(_percentile(ready, 0.99) or 0, 2),
