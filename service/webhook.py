@@ -210,11 +210,10 @@ def sms():
         run = wired.runs.start(message, conversation)
         if not _finished_within(run, wired.runs.budget, req.environ):  # its reply goes out later
             try:
-                conversation.defer()  # durable before Twilio hears anything
+                run.defer()  # durable, with what the handler sent so far, before Twilio hears anything
             except BaseException:
                 wired.runs.done(run)  # abandoned: nothing of it is saved
                 raise
-            run.deferred()
             logs.annotate(outcome=Outcome.DEFERRED)
             return twiml(NO_REPLY)
         wired.runs.done(run)
