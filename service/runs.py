@@ -143,12 +143,15 @@ class Run:
         elif drives:
             self.runs.drive_later(self)
 
-    def defer(self) -> None:
+    def defer(self) -> bool:
         """The webhook's budget ran out: the message becomes durable among the inbound messages,
         with what the handler sent so far (``ConversationSession.defer``); from then on its
-        sends leave at once, and the run finishes here. Raises as ``defer`` does (the run is
+        sends leave at once, and the run finishes here. False, nothing done, if the outcome
+        came meanwhile (the webhook answers it inline). Raises as ``defer`` does (the run is
         then abandoned)."""
         with self._lock:
+            if self.outcome is not None:
+                return False
             self.live = True
             early, self.conversation.outbound = self.conversation.outbound, []
         self.conversation.defer(early)
@@ -157,6 +160,7 @@ class Run:
             drives = self._drives()
         if drives:
             self.runs.drive_later(self)
+        return True
 
     def _drives(self) -> bool:
         """Whether the caller starts the finishing thread's work on this run (under the lock):
