@@ -6,6 +6,7 @@ nothing more."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -48,7 +49,7 @@ def test_a_slow_handlers_sends_leave_at_once_and_its_reply_after_the_acknowledge
         conversation.setdefault("asked", []).append(message.body)
         return f"Here is your answer to: {message.body}"
 
-    app = slow(standin, redis_url, handle)
+    app = slow(standin, redis_url, handle, TRANSCRIPTS=True)
     client = app.test_client()
     answer = text(client, "plan my trip")
     assert answer.get_data(as_text=True) == NO_REPLY
@@ -77,6 +78,14 @@ def test_a_slow_handlers_sends_leave_at_once_and_its_reply_after_the_acknowledge
     ]
     assert state(redis_client) == {"asked": ["plan my trip", "and hotels", "and a car"]}
     assert redis_client.hget(KEYS.conversation, "seq") == "3"
+    transcript = [json.loads(raw)["body"] for raw in redis_client.lrange(KEYS.transcript, 0, 4)]
+    assert transcript == [  # the interim messages with their message, in the order they left
+        "plan my trip",
+        "One moment…",
+        "Almost there…",
+        "Here is your answer to: plan my trip",
+        "and hotels",
+    ]
 
 
 def test_past_handler_timeout_a_send_is_dropped_and_the_timeout_reply_goes_out(
