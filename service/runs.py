@@ -170,6 +170,16 @@ class Run:
         self.driving = True
         return True
 
+    def kept(self, sending: list[Outgoing]) -> bool:
+        """Puts back ``sending``, which Redis did not take, ahead of later sends, to be tried
+        with the next send or before the save; False, not kept, once the outcome is settled."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.sending[:0] = sending
+            self.driving = False
+            return True
+
     def next_sends(self) -> list[Outgoing] | None:
         """The sends to queue next, in order; None once there are none and the outcome is
         settled (the save is next); [] when there are none yet (the work stops here, until the
@@ -362,21 +372,28 @@ class Runs:
         while (sending := run.next_sends()) is not None:
             if not sending:
                 return  # the next send or the outcome drives it again
-            self._send_now(run, sending)
+            unavailable = self._send_now(run, sending)
+            if unavailable and run.kept(sending):
+                return  # they go with the next send, or before the save
+            if unavailable:
+                self._dropped(run, sending, f"Redis unavailable: {unavailable}; not sent")
         self._finish(run)
 
-    def _send_now(self, run: Run, sending: list[Outgoing]) -> None:
-        fields: dict[str, Any] = {"message_sid": run.message.sid, "messages": len(sending)}
+    def _send_now(self, run: Run, sending: list[Outgoing]) -> str:
+        """Queues ``sending``; the Redis error's name if Redis was unavailable (nothing queued),
+        else ''."""
         try:
             run.conversation.send_now(sending)
-            return
         except LockLost:
-            fields["reason"] = "the lock lapsed (another run took the message): nothing sent"
+            self._dropped(run, sending, "the lock lapsed (another run took the message): nothing sent")
         except Exception as error:
-            if not is_outage(error):
-                log.exception("a running handler's sends failed")
-                return
-            fields["reason"] = f"Redis unavailable: {type(error).__name__}; not sent"
+            if is_outage(error):
+                return type(error).__name__
+            log.exception("a running handler's sends failed")
+        return ""
+
+    def _dropped(self, run: Run, sending: list[Outgoing], reason: str) -> None:
+        fields = {"message_sid": run.message.sid, "messages": len(sending), "reason": reason}
         write(log, logging.WARNING, "handler send dropped", fields)
 
     def _finish(self, run: Run) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
+import redis
 
 from service.lifecycle import Sweeper
 from service.responses import NO_REPLY
 from service.sender import Sender
+from service.store import ConversationStore
 from tests.support.numbers import REY
 from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
@@ -149,3 +152,37 @@ def test_a_run_that_lost_its_lock_sends_nothing_more(standin, redis_url, redis_c
     assert any(record.getMessage().startswith("handler send dropped") for record in caplog.records)
     drain(Sender(app))
     assert bodies(standin, REY) == ["one moment", "one moment", "answer of the second run"]
+
+
+def test_an_interim_send_redis_did_not_take_goes_with_the_next_one_in_order(
+    standin, redis_url, redis_client, monkeypatch
+):
+    """Redis unavailable for a send's INTERIM: the message is kept, ahead of the next send, and
+    both leave in order when Redis takes that one."""
+    first_sent, second = threading.Event(), threading.Event()
+    failed = []
+    interim = ConversationStore.interim
+
+    def once_unavailable(self, *args, **kwargs):
+        if not failed:
+            failed.append(True)
+            first_sent.set()
+            raise redis.ConnectionError("Redis went away")
+        return interim(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConversationStore, "interim", once_unavailable)
+
+    def handle(message, conversation):
+        time.sleep(0.3)  # past the budget: its sends leave through INTERIM
+        conversation.send("first")
+        second.wait(5)
+        conversation.send("second")
+        return "answer"
+
+    app = slow(standin, redis_url, handle)
+    assert text(app.test_client(), "hello").get_data(as_text=True) == NO_REPLY
+    assert first_sent.wait(5)
+    second.set()
+    wait_until(lambda: settled(redis_client), seconds=5, what="the save")
+    drain(Sender(app))
+    assert bodies(standin, REY) == ["first", "second", "answer"]
