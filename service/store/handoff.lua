@@ -36,5 +36,6 @@ if ARGV[11] ~= '' then
 end
 redis.call('HDEL', conversation, 'paused')
 redis.call('ZADD', index, now + ttl_ms, member)
+transcript_ends(expiry, now + ttl_ms)
 redis.call('PEXPIRE', conversation, live_keep_ms)
 return {1}

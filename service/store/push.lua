@@ -72,6 +72,8 @@ end
 redis.call('PEXPIRE', conversation, live_keep_ms)
 queue_outbound(member, payload, now)
 if string.sub(member, 1, 9) == 'whatsapp:' then prune_windows(now) end
-transcribe(ARGV[#ARGV - 1], now, starts, 0, true)
+if ARGV[#ARGV - 1] ~= '' then  -- to the index's score, which a live conversation's may keep later
+  transcribe(ARGV[#ARGV - 1], now, starts, tonumber(redis.call('ZSCORE', index, member)), true)
+end
 let_go()
 return {'queued'}
