@@ -111,6 +111,7 @@ def test_twenty_messages_slow_sends_timers_kill_9_and_redelivery_each_once_in_co
         "LOCK_TTL": "1",
         "SWEEP_INTERVAL": "0.2",
         "SENDER_INTERVAL": "0.05",
+        "REDELIVERY_WINDOW": "600",  # the redeliveries come at the end, however long it took
     }
     with Served(env, workers=2, config=GUNICORN_CONF) as gunicorn:
         twilio = TwilioSimulator(gunicorn.url, AUTH_TOKEN)
@@ -140,6 +141,7 @@ def test_twenty_messages_slow_sends_timers_kill_9_and_redelivery_each_once_in_co
         os.kill(running["pid"], signal.SIGKILL)  # the handler mid-message; m11, m12 wait behind it
         # The sweeper claims m10 once its lease lapses (LOCK_TTL), or once the sweeper's own lease
         # does, if the killed worker held it.
+        twilio = TwilioSimulator(gunicorn.url, AUTH_TOKEN)  # none of its connections to the dead one
         assert twilio.send(REY, OURS, "m12", message_sid=held.message_sid).body == NO_REPLY
         wait_until(
             lambda: settled(redis_client, gunicorn, 12, timers=1),
