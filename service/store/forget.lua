@@ -2,8 +2,9 @@
 -- its conversations (live and ended: hash, lock, line, wake-ups, transcript) found by the
 -- caller, their index, waiting, due, timers' and pending entries, their failed outbound
 -- messages' entries and WhatsApp windows, its opt-out if asked, their end hooks' payloads and,
--- on a Cluster, their events still in the tag's outbox. The caller has set the sender's fence (KEYS[1]) first, so that no message
--- of the number saves meanwhile (save.lua), and reads the events stream itself, in batches.
+-- on a Cluster, their events still in the tag's outbox. The caller has set the sender's fence
+-- (KEYS[1]) first, so that no message of the number saves meanwhile (save.lua), and reads the
+-- events stream itself, in batches.
 --
 -- KEYS[1] = <prefix>forgetting:{NN}:<number>  the fence (only checked to be there)
 -- KEYS[2] = <prefix>active:{NN}               the index shard
