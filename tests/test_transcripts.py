@@ -367,14 +367,17 @@ def test_the_cap_holds_whichever_script_writes(standin_for_outbound, redis_url, 
     app = make(standin_for_outbound, redis_url, handler, TRANSCRIPTS=True, TRANSCRIPT_MAX=2)
 
     def kept():
-        return [(entry["dir"], entry.get("body") or entry["status"]) for entry in entries(redis_client)]
+        return [
+            (entry["dir"], entry.get("body") or entry.get("timer") or entry["status"])
+            for entry in entries(redis_client)
+        ]
 
     assert text(app.test_client(), "hi").status_code == 200
     assert kept() == [("out", "got hi"), ("out", "sent for hi")]  # of 3 entries
     send(REY, "pushed", sender=OURS, app=app)
     assert kept() == [("out", "sent for hi"), ("out", "pushed")]
     assert Sweeper(app).sweep() == 0  # the timer fires, nothing ends
-    assert kept() == [("out", "pushed"), ("out", "fired")]
+    assert kept() == [("timer", "soon"), ("out", "fired")]
     drain(Sender(app))
     assert [direction for direction, _ in kept()] == ["status", "status"]
 
@@ -421,3 +424,36 @@ def test_retention_counts_from_the_end_the_conversation_has(standin_for_outbound
     assert abs(past_the_end() - 10_000) <= 2
     assert client.delete(base + "/handoff", headers=auth).status_code == 200
     assert abs(past_the_end() - 10_000) <= 2
+
+
+def test_a_timers_firing_is_shown_by_the_cli_the_api_and_the_console(redis_url):
+    """A firing's entry names its timer wherever the transcript is read, between the message
+    that set it and what it sent."""
+    from tests.test_console import sign_in
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            return f"{message.timer} is up"
+        conversation.remind(0, "tea", cancel_on_reply=False)
+        return "set"
+
+    app = app_with(redis_url, handler=handler)
+    client = app.test_client()
+    assert post_signed(client, webhook_params(body="brew")).status_code == 200
+    Sweeper(app).sweep()
+
+    lines = app.test_cli_runner().invoke(args=["transcript", REY, OURS]).output.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "<- brew",
+        "-> set",
+        "-- timer tea fired",
+        "-> tea is up (pending)",  # queued for the sender, which does not run here
+    ]
+    answer = client.get(f"/ops/transcripts/{REY}/{OURS}", headers={"Authorization": f"Bearer {OPS}"})
+    fired = answer.get_json()["entries"][2]
+    assert (fired["direction"], fired["timer"], fired["body"]) == ("timer", "tea", "")
+    sign_in(client, OPS)
+    page = client.get("/console/conversation", query_string={"from": REY, "to": OURS}).get_data(as_text=True)
+    thread = page[page.index('<ol class="thread">') :]
+    assert re.findall(r'data-direction="(\w+)"', thread) == ["in", "out", "timer", "out"]
+    assert thread.index("set") < thread.index("Timer tea fired") < thread.index("tea is up")

@@ -55,13 +55,13 @@ def calls(redis_client) -> list[dict]:
 
 
 def commits(entries: list[dict]) -> list[tuple[tuple[str, str], list[tuple[str, str]]]]:
-    """The transcript cut where each commit starts (a message in, or a timer's firing): its
-    first entry, then the rest as a sorted list (a reply past the webhook leaves after the
+    """The transcript cut where each commit starts (a message in, or a timer's firing, its
+    name): its first entry, then the rest as a sorted list (a reply past the webhook leaves after the
     handler's own sends, one answered inline before them)."""
     cut: list[tuple[tuple[str, str], list[tuple[str, str]]]] = []
     for entry in entries:
-        said = (entry["direction"], entry["body"])
-        if entry["direction"] == "in" or entry["body"].startswith("fired "):
+        said = (entry["direction"], entry.get("timer") or entry["body"])
+        if entry["direction"] in ("in", "timer"):
             cut.append((said, []))
         else:
             assert cut, f"{said} before any message"
@@ -75,7 +75,7 @@ def expected(log: list[str]) -> list[tuple[tuple[str, str], list[tuple[str, str]
     for noted in log:
         kind, _, said = noted.partition(" ")
         if kind == "timer":
-            wanted.append((("out", f"fired {said}"), []))
+            wanted.append((("timer", said), [("out", f"fired {said}")]))
         else:
             rest = [("out", f"re {said}")] + ([("out", f"sent for {said}")] if "send" in said.split() else [])
             wanted.append((("in", said), sorted(rest)))
