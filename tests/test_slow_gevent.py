@@ -1,7 +1,8 @@
 """Handlers under gevent's patching (the shipped worker class): asyncio keeps one running loop
 per OS thread, which all greenlets share, so the process' handler loop runs on a real thread.
-Two apps in one process (each its own loop) and a plain ``asyncio.run`` in a greenlet all work;
-plain handlers run in greenlets, a hundred slow ones at once."""
+Two apps in one process (each its own loop) and a plain ``asyncio.run`` in a greenlet all work,
+and so do an async handler's sends (made on the loop's thread, queued from the hub's); plain
+handlers run in greenlets, a hundred slow ones at once."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def test_async_and_plain_handlers_under_gevent(redis_url):
     assert "async: one" in body
     assert got["later"] == [200, NO_REPLY]  # past the webhook: its reply is an outbound message
     assert json.loads(got["later_state"])["bodies"] == ["two"]
-    assert got["later_outbound"] == 1
+    # Inline, its sends go with the save; past the webhook, each as it is sent, then the reply.
+    assert got["inline_outbound"] == ["before one", "after one"]
+    assert got["later_outbound"] == ["before two", "after two", "async: two"]
     assert got["plain"] == "ran"
     assert got["plain_at_once"] == 100  # greenlets: not bounded by the 64 handler threads

@@ -1,8 +1,8 @@
 """Run as a script under gevent's patching (``python -m tests.support.gevent_async_runs URL``),
 as a gevent worker is: two apps in one process, each with an async handler, one answering
-inline and one past the webhook, and a plain ``asyncio.run`` in a greenlet meanwhile; then
-``SLOW_PLAIN`` messages at once to a plain handler that sleeps. Prints one JSON line of what
-each got."""
+inline and one past the webhook, each sending a message before and after it awaits, and a plain
+``asyncio.run`` in a greenlet meanwhile; then ``SLOW_PLAIN`` messages at once to a plain handler
+that sleeps. Prints one JSON line of what each got."""
 
 from gevent import monkey
 
@@ -34,9 +34,16 @@ def sleepy(message, conversation):
 
 
 async def handle(message, conversation):
+    conversation.send("before " + message.body)
     await asyncio.sleep(0.3)
+    conversation.send("after " + message.body)  # past the webhook's budget, for "two"
     conversation.setdefault("bodies", []).append(message.body)
     return "async: " + message.body
+
+
+def outbox(client: redis.Redis, keys) -> list[str]:
+    """The conversation's queued outbound messages' bodies, in queue order."""
+    return [json.loads(client.hget(keys.sent, name))["body"] for name in client.lrange(keys.outbound, 0, -1)]
 
 
 def main(url: str) -> None:
@@ -77,7 +84,8 @@ def main(url: str) -> None:
                 "later": second.value,
                 "plain": plain.value,
                 "later_state": client.hget(keys.conversation, "state"),
-                "later_outbound": client.llen(keys.outbound),
+                "later_outbound": outbox(client, keys),
+                "inline_outbound": outbox(client, Keys().conversation("+15551230001", OURS)),
             }
         )
     )
