@@ -49,6 +49,7 @@ HTTP_LOG.setLevel(logging.WARNING)
 CLOCK_SKEW = timedelta(seconds=60)
 # Most messages ``find_sent`` reads before it gives up (Twilio lists the newest first).
 LOOKUP_LIMIT = 200
+TWILIO_API = "https://api.twilio.com"  # the host twilio's client calls for messages
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def client(config: Mapping[str, Any]) -> Client:
         else TwilioHttpClient(timeout=timeout, logger=HTTP_LOG)
     )
     keep_connections(http, config["SENDER_THREADS"])
+    read_environment_once(http, base_url or TWILIO_API)
     return Client(username, password, account_sid=account_sid, http_client=http)
 
 
@@ -183,6 +185,19 @@ def keep_connections(http: TwilioHttpClient, connections: int) -> None:
         return
     for scheme in ("https://", "http://"):
         http.session.mount(scheme, HTTPAdapter(pool_maxsize=max(connections, 1)))
+
+
+def read_environment_once(http: TwilioHttpClient, url: str) -> None:
+    """Takes the environment's settings for ``url`` (``HTTPS_PROXY``, ``NO_PROXY``,
+    ``REQUESTS_CA_BUNDLE``, …) onto the client's session once, where requests would read them
+    again for every request, scanning the whole environment twice each time."""
+    session = http.session
+    if session is None:
+        return
+    found = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(found["proxies"])
+    session.verify = found["verify"]
+    session.trust_env = False
 
 
 def _network_outcome(error: requests.RequestException) -> RetryLater:

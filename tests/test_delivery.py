@@ -394,3 +394,17 @@ def test_each_sender_thread_keeps_its_connection(standin, caplog):
         outcomes = list(pool.map(send, range(threads)))
     assert all(isinstance(outcome, Accepted) for outcome in outcomes)
     assert "Connection pool is full" not in caplog.text
+
+
+def test_the_environments_proxy_is_read_once_and_used(monkeypatch):
+    """requests reads HTTPS_PROXY and the like on every request (two scans of the whole
+    environment each); the client takes them once, at start, and sends through them."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    config = load({"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN})
+    session = client(config).http_client.session
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert not session.trust_env
+    used = session.merge_environment_settings("https://api.twilio.com/2010-04-01", {}, None, None, None)
+    assert used["proxies"]["https"] == "http://proxy.example:3128"
