@@ -118,6 +118,9 @@ def shard_of(sender: str) -> str:
     refused: the tag only spreads conversations over shards, any fixed choice is correct, and
     this one rule serves the webhook, the operators' paths and the cursors alike.
     """
+    tail = sender[-2:]
+    if len(tail) == 2 and tail.isascii() and tail.isdigit():  # most numbers: what the pattern keeps
+        return tail
     return NOT_ASCII_DIGITS.sub("", sender)[-2:].rjust(2, "0")
 
 
@@ -281,25 +284,6 @@ class ConversationKeys(NamedTuple):
     transcript: str  # its transcript (a list); these three last: store/tail.lua
 
     def in_order(self) -> list[str]:
-        """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
-        return [
-            self.conversation,
-            self.lock,
-            self.queue,
-            self.waiters,
-            self.wake,
-            self.index_shard,
-            self.events,
-            self.ending,
-            self.minutes,
-            self.outbound,
-            self.sent,
-            self.due,
-            self.contacts,
-            self.timers,
-            self.pending,
-            self.inbound,
-            self.waiting,
-            self.forgetting,
-            self.transcript,
-        ]
+        """The keys every conversation script is sent, in ``service/store/common.lua``'s order:
+        the fields from ``conversation`` on, as declared."""
+        return list(self[3:])
