@@ -101,10 +101,15 @@ stream directly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 SHARDS = 100
+# Conversations whose keys a process keeps built: a conversation's messages come in runs, and
+# each message's scripts need all its keys (about 2 kB a conversation).
+RECENT_CONVERSATIONS = 1024
 SEPARATOR = "|"
 NOT_ASCII_DIGITS = re.compile(r"[^0-9]+")  # [0-9], not \d: \d matches ٤, ² and the like
 
@@ -135,6 +140,7 @@ class Keys:
     _shard_keys: dict[str, tuple[str, str, str, str, str, str, str, str]] = field(
         init=False, repr=False, compare=False
     )
+    _recent: Callable[[str, str], ConversationKeys] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -151,6 +157,7 @@ class Keys:
             for shard in self.shards()
         }
         object.__setattr__(self, "_shard_keys", by_shard)  # frozen: set once, here
+        object.__setattr__(self, "_recent", lru_cache(RECENT_CONVERSATIONS)(self._build))
 
     @property
     def events(self) -> str:
@@ -205,6 +212,9 @@ class Keys:
         return [f"{n:02d}" for n in range(SHARDS)]
 
     def conversation(self, sender: str, recipient: str) -> ConversationKeys:
+        return self._recent(sender, recipient)
+
+    def _build(self, sender: str, recipient: str) -> ConversationKeys:
         shard = shard_of(sender)
         member = sender + SEPARATOR + recipient
         tagged = "{" + shard + "}:" + member
