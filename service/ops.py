@@ -61,6 +61,16 @@ def error(status: int, reason: str, headers: dict | None = None):
     return jsonify({"error": reason}), status, headers or {}
 
 
+def limit_arg() -> int | None:
+    """The request's ``limit`` (``DEFAULT_LIMIT`` when absent), or None when it is not a whole
+    number from 1 to ``MAX_LIMIT``."""
+    try:
+        limit = int(request.args.get("limit", DEFAULT_LIMIT))
+    except ValueError:
+        return None
+    return limit if 1 <= limit <= MAX_LIMIT else None
+
+
 @bp.get("/stats")
 def stats():
     """Live and indexed conversations, and the last hour's lifecycle (started, ended by
@@ -70,11 +80,8 @@ def stats():
 
 @bp.get("/conversations")
 def conversations():
-    try:
-        limit = int(request.args.get("limit", DEFAULT_LIMIT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
+    limit = limit_arg()
+    if limit is None:
         return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     try:
         page = current().live.page(limit, request.args.get("cursor") or None)
@@ -102,11 +109,8 @@ def conversation_json(found: LiveConversation) -> dict:
 @bp.get("/outbox")
 def outbox():
     """What waits to be sent (queued, claimed, retrying) and what failed, across tags."""
-    try:
-        limit = int(request.args.get("limit", DEFAULT_LIMIT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
+    limit = limit_arg()
+    if limit is None:
         return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     wired = current()
     return OutboundView(wired.redis, wired.keys).outbox(limit).to_json()
@@ -115,11 +119,8 @@ def outbox():
 @bp.get("/timers")
 def timers():
     """The next due timers across conversations, earliest first (``limit``, default 50)."""
-    try:
-        limit = int(request.args.get("limit", DEFAULT_LIMIT))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
+    limit = limit_arg()
+    if limit is None:
         return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     return {"timers": [timer_json(*found) for found in current().live.next_timers(limit)]}
 

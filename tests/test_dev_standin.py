@@ -117,3 +117,34 @@ def test_make_run_leaves_a_developers_own_twilio_account_alone():
     assert "sending: Twilio's REST API, account AC5555…" in served.output
     assert "--standin" not in served.output
     assert "TWILIO_API_BASE_URL" not in served.output
+
+
+def test_make_run_with_the_assistant_acknowledges_at_once_and_simulate_prints_the_later_reply():
+    """examples/assistant.py's walk: its slow API (examples/slow_api.py) answers after 2 s, past
+    the inline budget, so the webhook answers Twilio with no reply and the answer reaches the
+    simulated phone through the stand-in afterwards."""
+    api_port = free_port()
+    api = subprocess.Popen(
+        [bin_path("python"), "-m", "examples.slow_api", "--port", str(api_port), "--delay", "2"],
+        cwd=ROOT,
+        env=hermetic_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{api_port}/healthz", api, seconds=60)
+        with MakeRun(
+            SMS_HANDLER="examples.assistant:handle",
+            ASSISTANT_URL=f"http://127.0.0.1:{api_port}/v1/complete",
+            SENDER_INTERVAL="0.2",
+        ) as served:
+            asked = ("--message", "why is the sky blue", "--linger", "6")
+            result = simulate("--url", served.base + "/sms", "--standin", served.standin, *asked)
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "(no reply)",  # Twilio's answer: the handler is still waiting for the API
+        "[outbound] You asked about “why is the sky blue”. Here is a considered answer, 5 words long.",
+    ]

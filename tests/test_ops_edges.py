@@ -88,3 +88,15 @@ def test_with_ops_token_a_405_says_what_is_allowed(redis_url, method, path, allo
         response = client.open(path, method=method, headers=headers)
         assert response.status_code == 405
         assert set(response.headers["Allow"].split(", ")) == allowed
+
+
+@pytest.mark.parametrize("page", ["conversations", "outbox", "timers"])
+def test_every_paged_view_takes_a_limit_from_1_to_1000_and_refuses_others(redis_url, page):
+    client = make_app(REDIS_URL=redis_url, OPS_TOKEN=OPS).test_client()
+    for good in ("1", "1000"):
+        assert client.get(f"/ops/{page}?limit={good}", headers=AUTH).status_code == 200
+    assert client.get(f"/ops/{page}", headers=AUTH).status_code == 200  # the default
+    for bad in ("0", "1001", "ten", "2.5"):
+        answer = client.get(f"/ops/{page}?limit={bad}", headers=AUTH)
+        assert answer.status_code == 400
+        assert answer.get_json() == {"error": "limit must be a whole number from 1 to 1000."}

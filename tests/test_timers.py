@@ -13,13 +13,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from service import create_app
+from service import create_app, send
 from service.keys import Keys
 from service.lifecycle import Sweeper
 from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, post_signed, webhook_params
 from tests.support.app_servers import bin_path, hermetic_environment
+from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
 
 REY, OURS = "+15551230001", "+15550001111"
@@ -517,3 +518,34 @@ def test_a_firings_messages_are_written_to_the_transcript(redis_url, redis_clien
     ]
     assert len({entry["conversation"] for entry in entries}) == 1
     assert entries[2]["at"] >= entries[0]["at"]
+
+
+@pytest.mark.parametrize("own", [60, 2 * 86_400])
+def test_sending_and_an_operators_hold_keep_a_conversations_own_ttl(redis_url, redis_client, own):
+    """A send from outside the webhook and an operator's take over and hand back give the
+    conversation its own TTL (shorter or longer than CONVERSATION_TTL), and never bring its hash's
+    life or its transcript's before the conversation's end."""
+
+    def handler(message, conversation):
+        conversation.expire_after(own)
+        return None
+
+    keys = KEYS.conversation(REY, OURS)
+    retention_ms = 86_400_000
+
+    def kept_as_its_own_ttl(since_ms: int) -> None:
+        ends = redis_client.zscore(keys.index_shard, keys.member)
+        assert ends - since_ms == pytest.approx(own * 1000, abs=2000)  # not CONVERSATION_TTL's
+        assert redis_client.pttl(keys.conversation) >= ends - since_ms  # the hash outlives its end
+        assert redis_client.pttl(keys.transcript) >= ends - since_ms + retention_ms - 2000
+
+    with StandinServer() as standin:
+        config = {**standin.config(), "TWILIO_AUTH_TOKEN": TOKEN, "REDIS_URL": redis_url, "TRANSCRIPTS": True}
+        app = create_app({**config, "TRANSCRIPT_RETENTION": retention_ms // 1000}, handler=handler)
+        assert post_signed(app.test_client(), webhook_params(body="hi")).status_code == 200
+        send(REY, "from a job", app=app, sender=OURS)
+        kept_as_its_own_ttl(int(redis_client.hget(keys.conversation, "last_seen")))
+        current(app).handoffs.take_over(REY, OURS)
+        current(app).handoffs.hand_back(REY, OURS)
+        now_ms = int(redis_client.time()[0]) * 1000
+        kept_as_its_own_ttl(now_ms)

@@ -35,6 +35,14 @@ local outbound, sent, due, contacts, due_timers, pending, inbound = unpack(KEYS,
 local lock_ms, patience_ms, ttl_ms, window_ms, replies_kept, live_keep_ms, events_max, hooks =
   unpack(ARGV, 1, 8)
 
+-- The conversation's own time to live (`own`, ms, the hash's 'ttl'; '' or
+-- false for CONVERSATION_TTL): the TTL and the
+-- hash's physical life (the TTL and a day's grace) that its save uses.
+local function own_ttl(own)
+  if not own or own == '' then return ttl_ms, live_keep_ms end
+  return own, own + (live_keep_ms - ttl_ms)
+end
+
 -- Redis' clock in epoch ms: expiries and windows never depend on the app hosts' clocks.
 local function now_ms()
   local clock = redis.call('TIME')

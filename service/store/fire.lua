@@ -63,7 +63,7 @@ end
 keep_timers(member, value, earliest)
 redis.call('ZADD', index, now + life_ms, member)
 redis.call('PEXPIRE', index, math.max(keep_ms, redis.call('PTTL', index)))  -- never shortened
-transcribe(ARGV[#ARGV - 1] or '', now, false, 0)  -- before an end, which moves its expiry
+transcribe(ARGV[#ARGV - 1] or '', now, false, life_ms)  -- before an end, which moves its expiry
 local ended = 0
 if end_reason ~= '' then
   ended = ends().finish(member, end_reason, now, now)

@@ -16,6 +16,8 @@ local member, action = ARGV[9], ARGV[10]
 local now = now_ms()
 local expiry = tonumber(redis.call('ZSCORE', index, member))
 if not expiry or expiry <= now or redis.call('EXISTS', conversation) == 0 then return {0} end
+-- Its time to live: its own, if a handler set one (common.lua).
+local life_ms, keep_ms = own_ttl(redis.call('HGET', conversation, 'ttl'))
 if action == 'take' then
   local hold_ends = now + tonumber(ARGV[11])
   local wants = redis.call('HGET', conversation, 'wants')
@@ -23,9 +25,10 @@ if action == 'take' then
   redis.call('HDEL', conversation, 'wants')
   redis.call('ZREM', waiting, member)
   -- Its time runs from the hold's end (the hash is kept a day's grace after, as a save keeps it).
-  redis.call('ZADD', index, math.max(expiry, hold_ends + ttl_ms), member)
-  transcript_ends(expiry, math.max(expiry, hold_ends + ttl_ms))
-  redis.call('PEXPIRE', conversation, math.max(expiry, hold_ends + ttl_ms) - now - ttl_ms + live_keep_ms)
+  local ends = math.max(expiry, hold_ends + life_ms)
+  redis.call('ZADD', index, ends, member)
+  transcript_ends(expiry, ends)
+  redis.call('PEXPIRE', conversation, ends - now - life_ms + keep_ms)
   local asked = wants and tonumber(string.match(wants, '^(%d+)'))
   return {1, asked and now - asked or -1}
 end
@@ -35,6 +38,6 @@ if ARGV[11] ~= '' then
   redis.call('HSET', conversation, 'state', ARGV[12])
 end
 redis.call('HDEL', conversation, 'paused')
-redis.call('ZADD', index, now + ttl_ms, member)
-redis.call('PEXPIRE', conversation, live_keep_ms)
+redis.call('ZADD', index, now + life_ms, member)
+redis.call('PEXPIRE', conversation, keep_ms)
 return {1}

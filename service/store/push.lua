@@ -66,12 +66,16 @@ if starts then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', '0', 'first_seen', now)
   redis.call('ZADD', index, now + ttl_ms, member)
   redis.call('PEXPIRE', index, live_keep_ms)
+  redis.call('PEXPIRE', conversation, live_keep_ms)
 else
-  redis.call('ZADD', index, 'GT', now + ttl_ms, member)  -- the reply it asks for has the TTL
+  -- The reply it asks for has the conversation's TTL (its own, if a handler set one); neither
+  -- its end nor its hash's life is brought forward (an operator's hold may run past them).
+  local life_ms, keep_ms = own_ttl(redis.call('HGET', conversation, 'ttl'))
+  redis.call('ZADD', index, 'GT', now + life_ms, member)
+  redis.call('PEXPIRE', conversation, math.max(keep_ms, redis.call('PTTL', conversation)))
 end
-redis.call('PEXPIRE', conversation, live_keep_ms)
 queue_outbound(member, payload, now)
 if string.sub(member, 1, 9) == 'whatsapp:' then prune_windows(now) end
-transcribe(ARGV[#ARGV - 1], now, starts, 0, true)
+transcribe(ARGV[#ARGV - 1], now, starts, tonumber(redis.call('ZSCORE', index, member)) - now, true)
 let_go()
 return {'queued'}

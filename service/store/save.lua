@@ -124,7 +124,7 @@ if stores then
   -- Held by an operator (handoff.lua): its time runs from the hold's end.
   hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
   added = redis.call('ZADD', index, now + hold_left + life_ms, member)
-  transcribe(ARGV[#ARGV - 1], opened_at, is_new, hold_left)
+  transcribe(ARGV[#ARGV - 1], opened_at, is_new, hold_left + life_ms)
   asks_for_person(ARGV[#ARGV - 2], member, now)
 elseif keeps and not is_new then  -- the answers' bookkeeping goes with the answer
   redis.call('HSET', conversation, unpack(answered))

@@ -17,10 +17,3 @@ local function keep_timers(member, value, earliest)
   redis.call('HSET', conversation, 'timers', value)
   redis.call('ZADD', due_timers, earliest, member)
 end
-
--- The conversation's own time to live (`own`, ms; '' for CONVERSATION_TTL): the TTL and the
--- hash's physical life (the TTL and a day's grace) that its save uses.
-local function own_ttl(own)
-  if own == nil or own == '' then return ttl_ms, live_keep_ms end
-  return own, own + (live_keep_ms - ttl_ms)
-end

@@ -10,11 +10,11 @@
 
 -- Appends the payload's entries. The expiry is the conversation's scheduled end plus the
 -- retention; an end moves it (ending.lua). `at`: the message's ms. `starts`: the pair's new
--- conversation drops the entries older than the retention. `hold_left`: ms until an operator's
--- hold ends, from which the conversation's time runs.
+-- conversation drops the entries older than the retention. `lasts`: ms from `at` to the
+-- conversation's scheduled end (its own TTL, after an operator's hold if one runs).
 -- `stamp`: the entries come without their time (push.lua's: Python does not know Redis' clock),
 -- which is put first in each.
-local function transcribe(payload, at, starts, hold_left, stamp)
+local function transcribe(payload, at, starts, lasts, stamp)
   if payload == '' then return end
   local lines = {}
   for line in string.gmatch(payload, '[^\n]+') do
@@ -32,7 +32,7 @@ local function transcribe(payload, at, starts, hold_left, stamp)
   end
   redis.call('RPUSH', transcript, unpack(lines, 2))
   redis.call('LTRIM', transcript, -max, -1)
-  redis.call('PEXPIREAT', transcript, tonumber(at) + hold_left + ttl_ms + retention)  -- as the index's score
+  redis.call('PEXPIREAT', transcript, tonumber(at) + lasts + retention)  -- as the index's score
 end
 
 -- The conversation's scheduled end moved from `expiry` to `moved_to` (ms): an end (to its time),
