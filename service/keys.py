@@ -268,7 +268,8 @@ class Keys:
 
 class ConversationKeys(NamedTuple):
     """The keys of one conversation; ``member`` is its entry in the index shard (a named
-    tuple: every message builds one, and a frozen dataclass costs a setattr per field)."""
+    tuple: every message builds one, and a frozen dataclass costs a setattr per field). From
+    ``conversation`` on, the fields are declared in the scripts' KEYS order (``in_order``)."""
 
     sender: str
     recipient: str
