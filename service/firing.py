@@ -222,7 +222,7 @@ class TimerFiring:
             timing,
             conversation.end_reason,
             encode(outgoing),
-            fired(self.transcripts, outgoing, opened.now, opened.sid),
+            fired(self.transcripts, timer.name, outgoing, opened.now, opened.sid),
         )
         more = timers.next_due(pending, opened.now) is not None
         return Firing(keys, call, timer, opened.now, left, dict(pending), outgoing, more)

@@ -1,10 +1,10 @@
 """Forgetting a number on request: ``sms-sessions forget <number>`` and ``DELETE /ops/numbers/<number>``.
 
 Removes what the service holds of a sender's number: its conversations, live and ended (their
-hashes, locks, lines and transcripts), their outbound messages (queued and sent records, due
-entries, WhatsApp windows), their end hooks' pending payloads, its entries in the events stream
-and a Cluster's outboxes, plain or hashed (``EVENTS_NUMBERS=hashed``), and, when asked, its
-opt-out record.
+hashes, locks, lines, transcripts, pending timers and inbound messages), their outbound messages
+(queued and sent records, due and failed entries, WhatsApp windows), their end hooks' pending
+payloads, its entries in the events stream and a Cluster's outboxes, plain or hashed
+(``EVENTS_NUMBERS=hashed``), and, when asked, its opt-out record.
 
 Safe while the number's messages arrive: a fence (``<prefix>forgetting:{NN}:<number>``) is set
 first, and while it stands SAVE refuses the number's messages (answered 503, nothing written),
@@ -91,10 +91,13 @@ class Forgetting:
         found = sorted(set(self.client.scan_iter(match=pattern, count=SCAN_COUNT)))
         index = self.keys.index(shard)
         waiting, due, contacts = self.keys.waiting(shard), self.keys.due(shard), self.keys.contacts(shard)
+        timers, pending = self.keys.timers(shard), self.keys.pending(shard)
         members = sorted(
-            {member for member, _ in self.client.zscan_iter(index, match=literal + "|*")}
-            | {member for member, _ in self.client.zscan_iter(waiting, match=literal + "|*")}
-            | {member for member, _ in self.client.zscan_iter(due, match=literal + "|*")}
+            {
+                member
+                for indexed in (index, waiting, due, timers, pending)
+                for member, _ in self.client.zscan_iter(indexed, match=literal + "|*")
+            }
             | {name[2:] for name, _ in self.client.hscan_iter(contacts, match="w:" + literal + "|*")}
         )
         prefix_of_transcript = f"{self.keys.prefix}transcript:"
@@ -107,6 +110,9 @@ class Forgetting:
                 waiting,
                 due,
                 contacts,
+                timers,
+                pending,
+                self.keys.failed(shard),
                 *found,
             ],
             [number, self.number_hash(number) or "", "1" if opt_out else "0", *members],

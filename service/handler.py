@@ -242,10 +242,13 @@ class Conversation(ServerSideSession):
         """Queues a message to the other party, from our number: it is committed with the
         conversation's state (if the state is not saved, nothing is sent; if it is, the message
         goes out, also after a crash), then delivered through Twilio's REST API in the order
-        sent. ``content_sid`` and ``content_variables``: a template instead of free text (what
-        WhatsApp takes outside its 24-hour window). Returns the message's id; ``ValueError``
-        for a message Twilio would refuse (empty, over 1,600 characters, over 10 media);
-        ``RuntimeError`` in the end hook, whose conversation has ended and saves nothing."""
+        sent. In a handler past ``HANDLER_INLINE_BUDGET`` it leaves at once instead ("one
+        moment…"), those sent so far with Twilio's empty answer, while the handler's run holds
+        the conversation (docs/outbound.md). ``content_sid`` and ``content_variables``: a
+        template instead of free text (what WhatsApp takes outside its 24-hour window). Returns
+        the message's id; ``ValueError`` for a message Twilio would refuse (empty, over 1,600
+        characters, over 10 media); ``RuntimeError`` in the end hook, whose conversation has
+        ended and saves nothing."""
         if self.ended_at is not None:
             raise RuntimeError("an ended conversation saves nothing, so sends nothing: use service.send(...)")
         queued = outgoing_message(
@@ -256,8 +259,12 @@ class Conversation(ServerSideSession):
             content_sid=content_sid,
             content_variables=content_variables,
         )
-        self.outbound.append(queued)
+        self._queue(queued)
         return queued.id
+
+    def _queue(self, queued: Outgoing) -> None:
+        """Where a sent message goes: with the state, at its save."""
+        self.outbound.append(queued)
 
     @property
     def is_new(self) -> bool:

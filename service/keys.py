@@ -88,10 +88,12 @@ the conversation's end while live; once ended only its ``m:`` fields stay, expir
 ``REDELIVERY_WINDOW``.
 
 A transcript entry is a JSON object: ``at`` (the message's ms), ``conv`` (the conversation's
-id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it), ``body``, ``media``
-(URLs, when any), ``sid`` (an inbound MessageSid, or an operator's reply's SID) and, for an
-operator's reply, ``by`` (``operator``) and ``status``. Its expiry follows the conversation's
-end plus ``TRANSCRIPT_RETENTION``; ``LTRIM`` caps it at ``TRANSCRIPT_MAX``.
+id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it or an outbound
+message; ``status``: an outbound message's new status; ``timer``: a timer fired, its name in
+``timer``), ``body``, ``media`` (URLs, when any),
+``sid`` (an inbound MessageSid), for an outbound message ``id`` (its outbox id) and
+``status``, and for an operator's one ``by`` (``operator``). Its expiry follows the
+conversation's end plus ``TRANSCRIPT_RETENTION``; ``LTRIM`` caps it at ``TRANSCRIPT_MAX``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to
 their tag's outbox and the sweeper relays them to the one stream; elsewhere they write to the

@@ -7,7 +7,10 @@ webhook waits ``HANDLER_INLINE_BUDGET`` for it: done, it answers inline (TwiML) 
 not done, the message is first made durable among the conversation's inbound messages
 (``ConversationSession.defer``), Twilio gets an empty answer, and the run finishes here: its
 save commits the state with the reply, queued as outbound messages, takes the message off
-the inbound messages and passes the lock to the next one, whose run starts at once.
+the inbound messages and passes the lock to the next one, whose run starts at once. What the
+handler sends (``conversation.send``) waits for the save while the webhook waits; once it is
+deferred, what it sent so far goes with ``DEFER`` and each later send leaves at once
+(``INTERIM``), in order, under the run's token.
 
 While a run holds its conversation its lock is renewed (every third of ``LOCK_TTL``); every
 save carries the run's token, the lock's, so a save from a run whose lock lapsed is refused.
@@ -48,6 +51,8 @@ from .handler import Handler, Message, Reply
 from .keys import ConversationKeys, Keys
 from .logs import write
 from .masking import mask
+from .outbox import Outgoing
+from .outbox import message as outgoing_message
 from .redis_client import is_outage
 from .sessions import ConversationSession, ConversationSessionInterface
 from .store import ConversationStore, Inbound, LockLost
@@ -63,7 +68,12 @@ PENDING_PER_SHARD = 100  # conversations one sweep claims per tag
 
 class Run:
     """One handler call on one message. Its outcome is settled once: ``("reply", reply)``,
-    ``("error", exception)`` or ``("timeout", None)``; whatever comes after is ignored."""
+    ``("error", exception)`` or ``("timeout", None)``; whatever comes after is ignored.
+
+    The handler's sends (``conversation.send``) come here: until the webhook's budget runs out
+    they wait for the save, as the state does; from ``defer`` on they leave at once, in order,
+    each under the run's token, so that a run whose lock lapsed sends nothing; once the outcome
+    is settled, none leaves (an abandoned handler's)."""
 
     def __init__(self, runs: Runs, message: Message, conversation: ConversationSession, inbound: bool):
         self.runs = runs
@@ -74,6 +84,9 @@ class Run:
         self.keys: ConversationKeys = binding.keys
         self.token: str = binding.opened.token  # the fencing token: the lock's while it is ours
         self.inbound = inbound  # among the inbound messages: no webhook waits for it
+        self.live = inbound  # its sends leave at once
+        self.sending: list[Outgoing] = []  # sent, not yet queued in Redis
+        self.driving = False  # a finishing thread queues its sends or saves it
         self.started = time.monotonic()
         self.deadline = self.started + runs.timeout
         self.renew_at = self.started + runs.renew_every
@@ -83,16 +96,17 @@ class Run:
         # Held until the outcome comes: plain locks, the cheapest way to wait across threads.
         self._settled = threading.Lock()
         self._settled.acquire()
+        conversation.sends_to = self.sent
 
     def settle(self, kind: str, value: Any = None) -> None:
         with self._lock:
             if self.outcome is not None:
                 return
             self.outcome = (kind, value)
-            finishing = self.inbound
+            drives = self._drives()
         self._settled.release()
-        if finishing:
-            self.runs.finish_later(self)
+        if drives:
+            self.runs.drive_later(self)
 
     def wait(self, seconds: float) -> bool:
         """Whether the outcome came within ``seconds`` (one waiter: the webhook)."""
@@ -103,13 +117,81 @@ class Run:
             self._settled.release()  # for a later wait
         return acquired
 
-    def deferred(self) -> None:
-        """The message is durable among the inbound messages: the run finishes here."""
+    def sent(self, queued: Outgoing) -> None:
+        """``conversation.send``'s message, from the handler."""
+        if self.runs.on_loop_off_hub():  # the lock is the hub's: taken there, sends in order
+            self.runs.to_hub(self.sent, queued)
+            return
+        with self._lock:
+            if not self.live:
+                self.conversation.outbound.append(queued)
+                return
+            over = self.outcome is not None
+            if not over:
+                self.sending.append(queued)
+            drives = self._drives()
+        if over:
+            write(
+                log,
+                logging.WARNING,
+                "handler send dropped",
+                {
+                    "message_sid": self.message.sid,
+                    "reason": "the handler sent after its run ended (past HANDLER_TIMEOUT, or failed)",
+                },
+            )
+        elif drives:
+            self.runs.drive_later(self)
+
+    def defer(self) -> bool:
+        """The webhook's budget ran out: the message becomes durable among the inbound messages,
+        with what the handler sent so far (``ConversationSession.defer``); from then on its
+        sends leave at once, and the run finishes here. False, nothing done, if the outcome
+        came meanwhile (the webhook answers it inline). Raises as ``defer`` does (the run is
+        then abandoned)."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.live = True
+            early, self.conversation.outbound = self.conversation.outbound, []
+        self.conversation.defer(early)
         with self._lock:
             self.inbound = True
-            finishing = self.outcome is not None
-        if finishing:
-            self.runs.finish_later(self)
+            drives = self._drives()
+        if drives:
+            self.runs.drive_later(self)
+        return True
+
+    def _drives(self) -> bool:
+        """Whether the caller starts the finishing thread's work on this run (under the lock):
+        past the webhook, with sends to queue or the outcome to save, and none started yet."""
+        if self.driving or not self.inbound or not (self.sending or self.outcome is not None):
+            return False
+        self.driving = True
+        return True
+
+    def kept(self, sending: list[Outgoing]) -> bool:
+        """Puts back ``sending``, which Redis did not take, ahead of later sends, to be tried
+        with the next send or before the save; False, not kept, once the outcome is settled."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.sending[:0] = sending
+            self.driving = False
+            return True
+
+    def next_sends(self) -> list[Outgoing] | None:
+        """The sends to queue next, in order; None once there are none and the outcome is
+        settled (the save is next); [] when there are none yet (the work stops here, until the
+        next send or the outcome starts it again)."""
+        with self._lock:
+            sending, self.sending = self.sending, []
+            if sending:
+                return sending
+            if self.outcome is None:
+                self.driving = False
+                return []
+            return None
 
 
 class HandlerThreads:
@@ -262,9 +344,17 @@ class Runs:
         if self._hub is None:
             run.settle(*outcome)
         else:  # the loop's thread is not the hub's: the run settles in a greenlet there
-            from gevent import spawn
+            self.to_hub(run.settle, *outcome)
 
-            self._hub.loop.run_callback_threadsafe(spawn, run.settle, *outcome)
+    def on_loop_off_hub(self) -> bool:
+        """Whether the caller is on the event loop's thread under gevent (not the hub's)."""
+        return self._hub is not None and _running_loop() is self._loop
+
+    def to_hub(self, function: Callable, *args: Any) -> None:
+        """Calls ``function`` in a greenlet of the hub's thread, after those asked for before."""
+        from gevent import spawn
+
+        self._hub.loop.run_callback_threadsafe(spawn, function, *args)
 
     def done(self, run: Run) -> None:
         """The run is over (answered inline, or saved past the webhook)."""
@@ -273,9 +363,38 @@ class Runs:
 
     # -- past the webhook ---------------------------------------------------------------------
 
-    def finish_later(self, run: Run) -> None:
+    def drive_later(self, run: Run) -> None:
+        """Has a finishing thread queue ``run``'s sends, then save it once it is settled."""
         assert self._finishers is not None
-        self._finishers.submit(self._finish, run)
+        self._finishers.submit(self._drive, run)
+
+    def _drive(self, run: Run) -> None:
+        while (sending := run.next_sends()) is not None:
+            if not sending:
+                return  # the next send or the outcome drives it again
+            unavailable = self._send_now(run, sending)
+            if unavailable and run.kept(sending):
+                return  # they go with the next send, or before the save
+            if unavailable:
+                self._dropped(run, sending, f"Redis unavailable: {unavailable}; not sent")
+        self._finish(run)
+
+    def _send_now(self, run: Run, sending: list[Outgoing]) -> str:
+        """Queues ``sending``; the Redis error's name if Redis was unavailable (nothing queued),
+        else ''."""
+        try:
+            run.conversation.send_now(sending)
+        except LockLost:
+            self._dropped(run, sending, "the lock lapsed (another run took the message): nothing sent")
+        except Exception as error:
+            if is_outage(error):
+                return type(error).__name__
+            log.exception("a running handler's sends failed")
+        return ""
+
+    def _dropped(self, run: Run, sending: list[Outgoing], reason: str) -> None:
+        fields = {"message_sid": run.message.sid, "messages": len(sending), "reason": reason}
+        write(log, logging.WARNING, "handler send dropped", fields)
 
     def _finish(self, run: Run) -> None:
         """Saves a run that finished past the webhook, then starts the next inbound message."""
@@ -308,7 +427,7 @@ class Runs:
         if kind == "reply":
             try:
                 for text, media in sends:
-                    conversation.send(text, media)
+                    conversation.outbound.append(_message(conversation, text, media))
             except ValueError as error:  # what Twilio would refuse (empty, too long)
                 kind, value = "error", error
         if kind != "reply":
@@ -317,7 +436,7 @@ class Runs:
                 self.on_timeout()
                 fields["reason"] = f"the handler ran past HANDLER_TIMEOUT ({self.timeout:g} s): nothing saved"
                 if self.timeout_reply:
-                    conversation.send(self.timeout_reply)
+                    conversation.outbound.append(_message(conversation, self.timeout_reply))
             else:
                 where, frames = handlers.failure(value) if value is not None else ("unknown", "")
                 fields["reason"] = f"the handler failed: {where}"
@@ -409,6 +528,20 @@ def _gevent_hub() -> Any:
     from gevent import get_hub, monkey
 
     return get_hub() if monkey.is_module_patched("threading") else None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in the calling OS thread, if any."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _message(conversation: ConversationSession, text: str, media: tuple[str, ...] = ()) -> Outgoing:
+    """An outbound message of a run's save (its reply, ``HANDLER_TIMEOUT_REPLY``), committed with
+    it whatever the handler's sends do."""
+    return outgoing_message(conversation.sender, conversation.recipient, text, media)
 
 
 def _held(message: Message, conversation: ConversationSession) -> Reply:

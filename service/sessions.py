@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -32,7 +33,7 @@ from .handler import Conversation, Message, Unkeepable
 from .keys import ConversationKeys, Keys
 from .logs import annotate, report
 from .metrics import Metrics
-from .outbox import encode
+from .outbox import Outgoing, encode
 from .redis_client import is_outage
 from .store import NO_CHANGE, ConversationStore, Inbound, Opened, Queued, Timing, decode_state
 from .timers import Timer
@@ -92,6 +93,11 @@ class ConversationSession(Conversation):
 
     loaded_timers: dict[str, Timer] = {}  # as OPEN found them (replaced, never changed in place)
     reply_cancelled = 0  # cancel_on_reply timers this message cancelled
+    # Where the handler's sends go while its run lasts (``runs.Run.sent``), else with the state.
+    sends_to: Callable[[Outgoing], None] | None = None
+    # What its run queued past the webhook (DEFER, INTERIM): gone already, in the transcript at
+    # the save.
+    left: tuple[Outgoing, ...] = ()
 
     def __init__(self, interface: ConversationSessionInterface, cookie: str | None):
         super().__init__(sid=cookie, ttl=interface.ttl)
@@ -182,13 +188,35 @@ class ConversationSession(Conversation):
         if self.outbound:
             counters.outbound.labels("pending").inc(len(self.outbound))
 
-    def defer(self) -> None:
+    def _queue(self, queued: Outgoing) -> None:
+        if self.sends_to is None:
+            self.outbound.append(queued)
+        else:
+            self.sends_to(queued)
+
+    def defer(self, early: Sequence[Outgoing] = ()) -> None:
         """The handler runs past the webhook: the message becomes the conversation's first
-        inbound message (durable before Twilio is answered) and the lock a renewed lease.
-        Raises ``LockLost`` or a Redis error (the view answers 503)."""
+        inbound message (durable before Twilio is answered) and the lock a renewed lease;
+        ``early``, what the handler sent so far, is queued with it. Raises ``LockLost`` or a
+        Redis error (the view answers 503)."""
         bound = self._bound()
-        self.interface.store.defer(bound.keys, bound.opened.token, bound.message.sid, entry(bound.message))
+        self.interface.store.defer(
+            bound.keys, bound.opened.token, bound.message.sid, entry(bound.message), encode(early)
+        )
         self.settled = True
+        self._gone(early)
+
+    def send_now(self, messages: Sequence[Outgoing]) -> None:
+        """Queues ``messages`` at once, under the lock its run holds past the webhook. Raises
+        ``LockLost`` (the lock is no longer the run's: nothing queued) or a Redis error."""
+        bound = self._bound()
+        self.interface.store.interim(bound.keys, bound.opened.token, encode(messages))
+        self._gone(messages)
+
+    def _gone(self, messages: Sequence[Outgoing]) -> None:
+        if messages:
+            self.left = (*self.left, *messages)
+            self.interface.metrics.outbound.labels("pending").inc(len(messages))
 
     def save_inbound(self, state: str, keeps: bool = False) -> Inbound | None:
         """The save of an inbound message (its handler ran past the webhook): ``state`` and the
@@ -212,7 +240,7 @@ class ConversationSession(Conversation):
                 "n",
                 bound.opened.now,
                 self.sid or "",
-                self.outbound,
+                [*self.left, *self.outbound],
             ),
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",

@@ -175,11 +175,12 @@ SETTINGS = [
     ),
     Setting(
         "HANDLER_INLINE_BUDGET",
-        1.0,
+        0.8,
         _between(float, 0.01, 5, "a number of seconds"),
         "Seconds a webhook waits for the handler to answer inline (TwiML); past them Twilio gets "
-        "an empty answer at once and the reply goes out through the outbound sender when the "
-        "handler returns (0.01 to 5, and under `HANDLER_TIMEOUT`).",
+        "an empty answer at once (within a second of its request, with the default) and the "
+        "reply goes out through the outbound sender when the handler returns (0.01 to 5, and "
+        "under `HANDLER_TIMEOUT`).",
     ),
     Setting(
         "HANDLER_TIMEOUT",

@@ -76,13 +76,14 @@ def pushed(settings: Settings, queued: Outgoing, conversation: str) -> str:
     return f"{settings.max_entries} {settings.retention_ms}\n{entry}"
 
 
-def fired(settings: Settings, outgoing: Sequence[Outgoing], at: int, conversation: str) -> str:
-    """FIRE's argument (a timer's firing): '' when off or when it sent nothing, else the
-    messages it queued (its ``send`` calls, then its reply's), written at ``at`` (ms, the
+def fired(settings: Settings, timer: str, outgoing: Sequence[Outgoing], at: int, conversation: str) -> str:
+    """FIRE's argument (a timer's firing): '' when off, else the firing (the timer's name) and
+    the messages it queued (its ``send`` calls, then its reply's), written at ``at`` (ms, the
     firing's time) in ``conversation``, as ``payload`` writes SAVE's."""
-    if not settings.enabled or not outgoing:
+    if not settings.enabled:
         return ""
     lines = [f"{settings.max_entries} {settings.retention_ms}"]
+    lines.append(_encode({"at": at, "conv": conversation, "dir": "timer", "timer": timer}))
     lines += [_encode({"at": at, "conv": conversation, **sent_entry(queued)}) for queued in outgoing]
     return "\n".join(lines)
 
@@ -129,13 +130,14 @@ class Entry:
 
     at: int  # epoch ms
     conversation: str
-    direction: str  # in | out
+    direction: str  # in | out | timer (a timer fired: its name is ``timer``)
     body: str
     media: tuple[str, ...] = ()
     sid: str = ""  # an inbound message's MessageSid, an operator's reply's Twilio SID
     by: str = ""  # 'operator' for an operator's reply (service/handoff.py)
     id: str = ""  # an outbound message's id (service/outbox.py)
     status: str = ""  # an operator's reply: Twilio's status, or why it was not sent
+    timer: str = ""  # the timer that fired (direction ``timer``)
 
     @classmethod
     def parse(cls, raw: str) -> Entry | None:
@@ -152,6 +154,7 @@ class Entry:
                 by=str(fields.get("by", "")),
                 id=str(fields.get("id", "")),
                 status=str(fields.get("status", "")),
+                timer=str(fields.get("timer", "")),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -164,12 +167,14 @@ class Entry:
             "media": list(self.media),
             "conversation": self.conversation,
         }
-        for name in ("sid", "by", "status", "id"):
+        for name in ("sid", "by", "status", "id", "timer"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
         return data
 
     def line(self) -> str:
+        if self.direction == "timer":
+            return f"{iso(self.at)} -- timer {self.timer} fired"
         arrow = "<-" if self.direction == "in" else "->"
         media = "".join(f" [media] {url}" for url in self.media)
         by = f" ({self.by}: {self.status})" if self.by else (f" ({self.status})" if self.status else "")

@@ -210,13 +210,13 @@ def sms():
         run = wired.runs.start(message, conversation)
         if not _finished_within(run, wired.runs.budget, req.environ):  # its reply goes out later
             try:
-                conversation.defer()  # durable before Twilio hears anything
+                deferred = run.defer()  # durable, with what it sent so far, before Twilio hears anything
             except BaseException:
                 wired.runs.done(run)  # abandoned: nothing of it is saved
                 raise
-            run.deferred()
-            logs.annotate(outcome=Outcome.DEFERRED)
-            return twiml(NO_REPLY)
+            if deferred:
+                logs.annotate(outcome=Outcome.DEFERRED)
+                return twiml(NO_REPLY)
         wired.runs.done(run)
     try:
         reply = _reply(message, conversation, run)

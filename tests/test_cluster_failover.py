@@ -1,5 +1,6 @@
 """REDIS_WAIT_REPLICAS on a Redis Cluster whose masters each have a replica: a master killed
-(``kill -9``) fails over to its replica without losing a message answered 200.
+(``kill -9``) fails over to its replica without losing a message answered 200, nor one whose
+handler runs past the webhook across the failover.
 
 Each script is pipelined with ``WAIT`` on the connection of the master that ran it, so a 200
 is only sent once the replica holds the write; the promoted replica then has every message
@@ -9,13 +10,16 @@ answers 503 meanwhile (as Sentinel with ``min-replicas-to-write``): Twilio redel
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 from redis.cluster import RedisCluster
 
+from service import create_app
 from service.keys import Keys
+from service.lifecycle import Sweeper
 from service.simulator import TwilioSimulator, new_message_sid
 from tests.support import redis_servers
 from tests.support.app import TOKEN, make_app
@@ -112,3 +116,62 @@ def test_readiness_waits_for_the_replicas_of_a_cluster_master(replicated_cluster
     for wanted, status in ((1, 200), (2, 503)):
         app = make_app(REDIS_URL=replicated_cluster.url, REDIS_WAIT_REPLICAS=wanted)
         assert app.test_client().get("/readyz").status_code == status, wanted
+
+
+def test_a_slow_handler_across_a_failover_commits_once_and_the_next_message_follows(replicated_cluster):
+    """A handler past its budget while the master of its conversation's slot is killed and its
+    replica promoted: its message and the one queued behind it were confirmed by the replica
+    before Twilio was answered, so the new master has them; the run's save either lands or,
+    refused (its lease lapsed) or failed, the sweeper runs the message again. Either way each
+    commits once, in order."""
+    cluster = replicated_cluster
+    go = threading.Event()
+    calls: list[str] = []
+
+    def handle(message, conversation):
+        calls.append(message.body)
+        if message.body == "slow":
+            go.wait(60)
+        conversation.setdefault("bodies", []).append(message.body)
+        return "ok"
+
+    sender = "+15559870042"
+    keys = KEYS.conversation(sender, OURS)
+    client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port, decode_responses=True)
+    victim_port = owner(client, sender)
+    victim = next(node for node in cluster.nodes if node.port == victim_port)
+    app = create_app(
+        {
+            "TWILIO_AUTH_TOKEN": TOKEN,
+            "REDIS_URL": cluster.url,
+            "REDIS_WAIT_REPLICAS": 1,
+            "HANDLER_INLINE_BUDGET": 0.1,
+            "LOCK_TTL": 2.0,
+        },
+        handler=handle,
+    )
+    twilio = TwilioSimulator.for_app(app)
+    assert twilio.send(sender, OURS, "slow").body.endswith("<Response />")
+    assert twilio.send(sender, OURS, "after").body.endswith("<Response />")
+    victim.kill()  # kill -9: its replica is promoted after cluster-node-timeout
+    promoted = lambda: owner(client, sender) not in (None, victim_port)  # noqa: E731
+    wait_until(promoted, seconds=60, what="the replica promoted")
+    victim.start()  # back, as the new master's replica: writes are confirmed again
+    wait_until(lambda: redis_servers.replicas_in_sync(victim) == 0, seconds=60, what="the old master synced")
+    go.set()
+
+    def both_saved() -> bool:
+        try:
+            Sweeper(app).sweep()  # claims the message if its save was lost to the failover
+            client.nodes_manager.initialize()
+            stored = client.hget(keys.conversation, "state")
+        except Exception:  # noqa: BLE001 (mid-failover: ask again)
+            return False
+        return stored is not None and len(json.loads(stored)["bodies"]) == 2
+
+    wait_until(both_saved, seconds=60, what="both messages saved on the new master")
+    assert json.loads(client.hget(keys.conversation, "state"))["bodies"] == ["slow", "after"]
+    assert client.hget(keys.conversation, "seq") == "2"
+    assert not client.exists(keys.inbound)
+    assert calls[-1] == "after"
+    client.close()

@@ -12,7 +12,7 @@ import pytest
 from redis.cluster import RedisCluster
 
 from service import create_app
-from service.keys import Keys
+from service.keys import Keys, shard_of
 from service.simulator import TwilioSimulator
 from service.wiring import current
 from tests.support.app import TOKEN
@@ -102,11 +102,12 @@ def forget_under_load(app, client, hashed: bool, hooks_pending: int = 1):
                 statuses.append(status)
                 if status == 200 and sender != FORGOTTEN:
                     answered[sender] += 1
-                time.sleep(0.02)
+                time.sleep(0.01)  # seven senders: about 200 messages a second in all
 
         threads = [threading.Thread(target=send, args=(FORGOTTEN, OURS))]
         threads += [threading.Thread(target=send, args=(FORGOTTEN, OTHER))]
         threads += [threading.Thread(target=send, args=(number, OURS)) for number in OTHERS]
+        load_started = time.monotonic()
         for thread in threads:
             thread.start()
         time.sleep(1.0)
@@ -135,6 +136,8 @@ def forget_under_load(app, client, hashed: bool, hooks_pending: int = 1):
         stop_all.set()
         for thread in threads:
             thread.join(30)
+        rate = len(statuses) / (time.monotonic() - load_started)
+        print(f"forget took {forgetting_took:.2f} s; {rate:.0f} messages a second arrived around it")
         wired.forgetting._tag = real_tag
 
     assert answer.status_code == 200
@@ -225,3 +228,36 @@ def test_outbound_messages_go_and_the_opt_out_only_when_asked(redis_url, redis_c
         assert holders(redis_client, {FORGOTTEN}) == [keys.contacts]  # its opt-out, kept
         assert app.test_cli_runner().invoke(args=["forget", FORGOTTEN, "--opt-out"]).exit_code == 0
         assert holders(redis_client, {FORGOTTEN}) == []
+
+
+def test_its_pending_timers_and_failed_messages_go(redis_url, redis_client):
+    """A pending timer (the tag's timers index names the pair) and an outbound message Twilio
+    refused for good (the tag's failures list names it): both entries go; another number's stay."""
+    from service.sender import Sender
+    from tests.support.standin import StandinServer
+    from tests.test_outbound import drain, text
+    from tests.test_outbound import make as outbound_app
+
+    def reminds(message, conversation):
+        conversation.remind(3600, "nudge")
+        conversation.send("a follow-up")
+        return "ok"
+
+    kept = OTHERS[0]
+    with StandinServer() as standin:
+        standin.fault(to=FORGOTTEN, error=21211)  # its message fails for good
+        standin.fault(to=kept, error=21211)
+        app = outbound_app(standin, redis_url, reminds, TRANSCRIPTS=True)
+        client = app.test_client()
+        for number in (FORGOTTEN, kept):
+            assert text(client, "hi", sender=number).status_code == 200
+        drain(Sender(app))
+        keys = KEYS.conversation(FORGOTTEN, OURS)
+        failed = KEYS.failed(shard_of(FORGOTTEN))
+        assert redis_client.zscore(keys.timers, keys.member) is not None
+        assert any(FORGOTTEN in member for member in redis_client.zrange(failed, 0, -1))
+        assert app.test_cli_runner().invoke(args=["forget", FORGOTTEN]).exit_code == 0
+    assert holders(redis_client, {FORGOTTEN}) == []
+    other = KEYS.conversation(kept, OURS)
+    assert redis_client.zscore(other.timers, other.member) is not None
+    assert any(kept in member for member in redis_client.zrange(KEYS.failed(shard_of(kept)), 0, -1))

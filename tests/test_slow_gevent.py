@@ -1,7 +1,7 @@
 """Async handlers under gevent's patching (the shipped worker class): asyncio keeps one running
 loop per OS thread, which all greenlets share, so the process' handler loop runs on a real
 thread. Two apps in one process (each its own loop) and a plain ``asyncio.run`` in a greenlet
-all work."""
+all work, and so do an async handler's sends (made on the loop's thread, queued from the hub's)."""
 
 from __future__ import annotations
 
@@ -30,5 +30,7 @@ def test_async_handlers_of_two_apps_and_asyncio_run_in_a_greenlet_under_gevent(r
     assert "async: one" in body
     assert got["later"] == [200, NO_REPLY]  # past the webhook: its reply is an outbound message
     assert json.loads(got["later_state"])["bodies"] == ["two"]
-    assert got["later_outbound"] == 1
+    # Inline, its sends go with the save; past the webhook, each as it is sent, then the reply.
+    assert got["inline_outbound"] == ["before one", "after one"]
+    assert got["later_outbound"] == ["before two", "after two", "async: two"]
     assert got["plain"] == "ran"

@@ -1,20 +1,26 @@
 """A slow handler's replies leave through the outbound sender (tests/test_outbound.py's stand-in
-of Twilio's API): Twilio's webhook request gets an empty answer at once, the reply arrives later
-through the REST API, in order with the replies of the messages queued behind it; past
-HANDLER_TIMEOUT only HANDLER_TIMEOUT_REPLY goes out."""
+of Twilio's API): Twilio's webhook request gets an empty answer at once, the handler's sends
+leave while it runs, the reply arrives later through the REST API, in order with the replies of
+the messages queued behind it; past HANDLER_TIMEOUT, or once its lock lapsed, a run sends
+nothing more."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import pytest
+import redis
 
+from service.lifecycle import Sweeper
 from service.responses import NO_REPLY
 from service.sender import Sender
+from service.store import ConversationStore
 from tests.support.numbers import REY
 from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
-from tests.test_outbound import bodies, drain, make, text
+from tests.test_outbound import bodies, drain, make, records, text
 from tests.test_slow_handlers import KEYS, settled, state
 
 
@@ -28,46 +34,76 @@ def slow(standin, redis_url, handler, **overrides):
     return make(standin, redis_url, handler, HANDLER_INLINE_BUDGET=0.1, LOCK_TTL=1.0, **overrides)
 
 
-def test_a_slow_reply_arrives_through_the_rest_api_after_the_acknowledgement(
+def test_a_slow_handlers_sends_leave_at_once_and_its_reply_after_the_acknowledgement(
     standin, redis_url, redis_client
 ):
-    go = threading.Event()
+    """'One moment…' (sent within the budget) leaves with the deferral, 'Almost there…' (sent
+    past it) at once, both while the handler is still blocked; the reply when it returns, then
+    the replies of the messages queued behind it, in order."""
+    go_on, finish, sent = threading.Event(), threading.Event(), threading.Event()
 
     def handle(message, conversation):
         if message.body == "plan my trip":
             conversation.send("One moment…")
-            go.wait(5)
+            go_on.wait(5)
+            conversation.send("Almost there…")
+            sent.set()
+            finish.wait(5)
         conversation.setdefault("asked", []).append(message.body)
         return f"Here is your answer to: {message.body}"
 
-    app = slow(standin, redis_url, handle)
+    app = slow(standin, redis_url, handle, TRANSCRIPTS=True)
     client = app.test_client()
     answer = text(client, "plan my trip")
     assert answer.get_data(as_text=True) == NO_REPLY
     for body in ("and hotels", "and a car"):
         assert text(client, body).get_data(as_text=True) == NO_REPLY
     drain(Sender(app))
-    assert bodies(standin) == []  # nothing leaves before the handler returned
-    go.set()
+    assert bodies(standin, REY) == ["One moment…"]  # while the handler is blocked
+    go_on.set()
+    sent.wait(5)
+
+    def almost_there() -> bool:
+        drain(Sender(app))
+        return bodies(standin, REY) == ["One moment…", "Almost there…"]
+
+    wait_until(almost_there, seconds=5, what="the interim message delivered")
+    assert not finish.is_set() and state(redis_client) == {}  # the handler still runs
+    finish.set()
     wait_until(lambda: settled(redis_client), seconds=10, what="the three saved")
     drain(Sender(app))
     assert bodies(standin, REY) == [
         "One moment…",
+        "Almost there…",
         "Here is your answer to: plan my trip",
         "Here is your answer to: and hotels",
         "Here is your answer to: and a car",
     ]
     assert state(redis_client) == {"asked": ["plan my trip", "and hotels", "and a car"]}
     assert redis_client.hget(KEYS.conversation, "seq") == "3"
+    transcript = [json.loads(raw)["body"] for raw in redis_client.lrange(KEYS.transcript, 0, 4)]
+    assert transcript == [  # the interim messages with their message, in the order they left
+        "plan my trip",
+        "One moment…",
+        "Almost there…",
+        "Here is your answer to: plan my trip",
+        "and hotels",
+    ]
 
 
-def test_past_handler_timeout_only_the_timeout_reply_goes_out(standin, redis_url, redis_client):
-    release = threading.Event()
+def test_past_handler_timeout_a_send_is_dropped_and_the_timeout_reply_goes_out(
+    standin, redis_url, redis_client
+):
+    """What it sent before the timeout went out (not recalled); what the abandoned handler
+    sends after it goes nowhere, and nothing of its state is saved."""
+    release, after = threading.Event(), threading.Event()
 
     def handle(message, conversation):
-        conversation.send("working on it")  # not committed: the run saves nothing
+        conversation.send("working on it")
         conversation["touched"] = True
         release.wait(5)
+        conversation.send("too late to say")
+        after.set()
         return "too late"
 
     app = slow(
@@ -76,6 +112,79 @@ def test_past_handler_timeout_only_the_timeout_reply_goes_out(standin, redis_url
     assert text(app.test_client(), "hello").get_data(as_text=True) == NO_REPLY
     wait_until(lambda: settled(redis_client), seconds=10, what="the timeout")
     release.set()
+    assert after.wait(5)
     drain(Sender(app))
-    assert bodies(standin, REY) == ["Sorry, that took too long."]
+    assert bodies(standin, REY) == ["working on it", "Sorry, that took too long."]
+    assert len(records(redis_client)) == 2
     assert state(redis_client) == {}
+
+
+def test_a_run_that_lost_its_lock_sends_nothing_more(standin, redis_url, redis_client, caplog):
+    """The first run's lease lapses (its process stalled) and the sweeper runs the message again:
+    the first run's later send is refused by its token; the interim message both runs sent
+    within the budget goes twice (at least once), the reply once."""
+    first_started, first_go = threading.Event(), threading.Event()
+    runs = []
+
+    def handle(message, conversation):
+        runs.append(message.body)
+        conversation.send("one moment")
+        if len(runs) == 1:
+            first_started.set()
+            first_go.wait(5)
+            conversation.send("from the stalled run")
+            return "answer of the stalled run"
+        return "answer of the second run"
+
+    app = slow(standin, redis_url, handle)
+    assert text(app.test_client(), "hello").get_data(as_text=True) == NO_REPLY
+    first_started.wait(5)
+    redis_client.delete(KEYS.lock)  # the lease lapses
+    redis_client.zadd(KEYS.pending, {KEYS.member: 0})
+    Sweeper(app).sweep()
+    wait_until(lambda: settled(redis_client), seconds=5, what="the second run's save")
+    first_go.set()
+    # Its save writes nothing: the message's answer is the second run's (SAVE takes it for its
+    # own, saved already).
+    wait_until(
+        lambda: [record.getMessage() for record in caplog.records].count("handler replied") == 2,
+        seconds=5,
+        what="the stalled run's save",
+    )
+    assert "handler send dropped" in [record.getMessage() for record in caplog.records]
+    drain(Sender(app))
+    assert bodies(standin, REY) == ["one moment", "one moment", "answer of the second run"]
+
+
+def test_an_interim_send_redis_did_not_take_goes_with_the_next_one_in_order(
+    standin, redis_url, redis_client, monkeypatch
+):
+    """Redis unavailable for a send's INTERIM: the message is kept, ahead of the next send, and
+    both leave in order when Redis takes that one."""
+    first_sent, second = threading.Event(), threading.Event()
+    failed = []
+    interim = ConversationStore.interim
+
+    def once_unavailable(self, *args, **kwargs):
+        if not failed:
+            failed.append(True)
+            first_sent.set()
+            raise redis.ConnectionError("Redis went away")
+        return interim(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConversationStore, "interim", once_unavailable)
+
+    def handle(message, conversation):
+        time.sleep(0.3)  # past the budget: its sends leave through INTERIM
+        conversation.send("first")
+        second.wait(5)
+        conversation.send("second")
+        return "answer"
+
+    app = slow(standin, redis_url, handle)
+    assert text(app.test_client(), "hello").get_data(as_text=True) == NO_REPLY
+    assert first_sent.wait(5)
+    second.set()
+    wait_until(lambda: settled(redis_client), seconds=5, what="the save")
+    drain(Sender(app))
+    assert bodies(standin, REY) == ["first", "second", "answer"]

@@ -489,9 +489,10 @@ def test_a_firings_messages_are_queued_with_its_effect_in_order(redis_url, redis
 
 
 def test_a_firings_messages_are_written_to_the_transcript(redis_url, redis_client):
-    """With TRANSCRIPTS=1 a firing's send() calls and its reply are transcript entries, as a
-    message's are with SAVE: at the firing's time, in the conversation, after the message that
-    set the timer; a timer that sends nothing writes none."""
+    """With TRANSCRIPTS=1 a firing is a transcript entry (the timer's name), followed by its
+    send() calls and its reply, as a message's are with SAVE: at the firing's time, in the
+    conversation, after the message that set the timer; a timer that sends nothing is its
+    firing's entry alone."""
     from service.wiring import current
 
     def handler(message, conversation):
@@ -510,11 +511,13 @@ def test_a_firings_messages_are_written_to_the_transcript(redis_url, redis_clien
     assert redis_client.hget(KEYS.conversation(REY, OURS).conversation, "timers") is None  # both fired
     with app.app_context():
         entries = [entry.to_json() for entry in current(app).transcripts.read(REY, OURS)]
-    assert [(entry["direction"], entry["body"]) for entry in entries] == [
+    assert [(entry["direction"], entry.get("timer") or entry["body"]) for entry in entries] == [
         ("in", "hi"),
         ("out", "set"),
+        ("timer", "go"),
         ("out", "one"),
         ("out", "two"),
+        ("timer", "quiet"),
     ]
     assert len({entry["conversation"] for entry in entries}) == 1
     assert entries[2]["at"] >= entries[0]["at"]

@@ -347,3 +347,113 @@ def test_a_message_sent_first_is_written_by_the_push(standin_for_outbound, redis
     assert kept[0]["id"] == sent.id
     assert kept[0]["at"] <= kept[1]["at"]
     assert {e["conv"] for e in kept} == {sent.conversation}
+
+
+def test_the_cap_holds_whichever_script_writes(standin_for_outbound, redis_url, redis_client):
+    """TRANSCRIPT_MAX caps the list on every path that writes to it, the newest kept: a
+    message's save, a message sent from outside a webhook, a timer's firing, the statuses the
+    outbound sender records."""
+    from service.sender import Sender
+    from service.sending import send
+    from tests.test_outbound import drain, make, text
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            return "fired"
+        conversation.send(f"sent for {message.body}")
+        conversation.remind(0, "soon", cancel_on_reply=False)
+        return f"got {message.body}"
+
+    app = make(standin_for_outbound, redis_url, handler, TRANSCRIPTS=True, TRANSCRIPT_MAX=2)
+
+    def kept():
+        return [
+            (entry["dir"], entry.get("body") or entry.get("timer") or entry["status"])
+            for entry in entries(redis_client)
+        ]
+
+    assert text(app.test_client(), "hi").status_code == 200
+    assert kept() == [("out", "got hi"), ("out", "sent for hi")]  # of 3 entries
+    send(REY, "pushed", sender=OURS, app=app)
+    assert kept() == [("out", "sent for hi"), ("out", "pushed")]
+    assert Sweeper(app).sweep() == 0  # the timer fires, nothing ends
+    assert kept() == [("timer", "soon"), ("out", "fired")]
+    drain(Sender(app))
+    assert [direction for direction, _ in kept()] == ["status", "status"]
+
+
+def test_retention_counts_from_the_end_the_conversation_has(standin_for_outbound, redis_url, redis_client):
+    """The transcript is kept the retention past the conversation's scheduled end as its index
+    has it, not CONVERSATION_TTL's: with a time to live of its own, longer or shorter; held by
+    an operator, who replies (a message sent from outside a webhook) and hands back."""
+    from tests.test_outbound import make, text
+
+    def handler(message, conversation):
+        if message.body.startswith("live "):
+            conversation.expire_after(int(message.body.split()[1]))
+        return "ok"
+
+    app = make(
+        standin_for_outbound,
+        redis_url,
+        handler,
+        TRANSCRIPTS=True,
+        TRANSCRIPT_RETENTION=10,
+        CONVERSATION_TTL=3600,
+        OPS_TOKEN=OPS,
+    )
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {OPS}"}
+    keys = KEYS.conversation(REY, OURS)
+
+    def past_the_end() -> int:
+        """How long (ms) the transcript outlives the conversation's scheduled end."""
+        with redis_client.pipeline(transaction=True) as pipe:
+            (seconds, micros), end, left = (
+                pipe.time().zscore(keys.index_shard, keys.member).pttl(keys.transcript).execute()
+            )
+        return left - (int(end) - (seconds * 1000 + micros // 1000))
+
+    for body in ("hello", "live 7200", "live 5", "again"):  # CONVERSATION_TTL, longer, shorter, its own kept
+        assert text(client, body).status_code == 200
+        assert abs(past_the_end() - 10_000) <= 2, body
+    base = f"/ops/conversations/{REY}/{OURS}"
+    assert client.post(base + "/handoff", headers=auth).status_code == 200  # its end moves past the hold
+    assert abs(past_the_end() - 10_000) <= 2
+    assert client.post(base + "/reply", headers=auth, json={"body": "Ana here"}).status_code == 200
+    assert abs(past_the_end() - 10_000) <= 2
+    assert client.delete(base + "/handoff", headers=auth).status_code == 200
+    assert abs(past_the_end() - 10_000) <= 2
+
+
+def test_a_timers_firing_is_shown_by_the_cli_the_api_and_the_console(redis_url):
+    """A firing's entry names its timer wherever the transcript is read, between the message
+    that set it and what it sent."""
+    from tests.test_console import sign_in
+
+    def handler(message, conversation):
+        if message.kind == "timer":
+            return f"{message.timer} is up"
+        conversation.remind(0, "tea", cancel_on_reply=False)
+        return "set"
+
+    app = app_with(redis_url, handler=handler)
+    client = app.test_client()
+    assert post_signed(client, webhook_params(body="brew")).status_code == 200
+    Sweeper(app).sweep()
+
+    lines = app.test_cli_runner().invoke(args=["transcript", REY, OURS]).output.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "<- brew",
+        "-> set",
+        "-- timer tea fired",
+        "-> tea is up (pending)",  # queued for the sender, which does not run here
+    ]
+    answer = client.get(f"/ops/transcripts/{REY}/{OURS}", headers={"Authorization": f"Bearer {OPS}"})
+    fired = answer.get_json()["entries"][2]
+    assert (fired["direction"], fired["timer"], fired["body"]) == ("timer", "tea", "")
+    sign_in(client, OPS)
+    page = client.get("/console/conversation", query_string={"from": REY, "to": OURS}).get_data(as_text=True)
+    thread = page[page.index('<ol class="thread">') :]
+    assert re.findall(r'data-direction="(\w+)"', thread) == ["in", "out", "timer", "out"]
+    assert thread.index("set") < thread.index("Timer tea fired") < thread.index("tea is up")

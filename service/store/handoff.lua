@@ -39,5 +39,6 @@ if ARGV[11] ~= '' then
 end
 redis.call('HDEL', conversation, 'paused')
 redis.call('ZADD', index, now + life_ms, member)
+transcript_ends(expiry, now + life_ms)
 redis.call('PEXPIRE', conversation, keep_ms)
 return {1}

@@ -242,6 +242,7 @@ class ConversationStore:
         self._status = Script(client, "status.lua")
         self._push = Script(client, "push.lua")
         self._defer = Script(client, "defer.lua")
+        self._interim = Script(client, "interim.lua")
         self._renew = Script(client, "renew.lua")
         self._recover = Script(client, "recover.lua")
 
@@ -305,6 +306,7 @@ class ConversationStore:
             self._status,
             self._push,
             self._defer,
+            self._interim,
             self._renew,
             self._recover,
             self._handoff,
@@ -482,13 +484,26 @@ class ConversationStore:
             return dict(zip(result[0::2], result[1::2])).get("result") == "ended", following
         return result == "ended", None
 
-    def defer(self, keys: ConversationKeys, token: str, message_sid: str, entry: str) -> None:
-        """The message becomes the first inbound message and its lock a lease (``defer.lua``);
+    def defer(
+        self, keys: ConversationKeys, token: str, message_sid: str, entry: str, outbound: str = ""
+    ) -> None:
+        """The message becomes the first inbound message and its lock a lease (``defer.lua``),
+        ``outbound`` (``service.outbox.encode``: what its handler sent so far) queued with it;
         raises LockLost when the lock is no longer its own."""
         result = self._run(
-            self._defer, keys.in_order(), [*self.settings, token, message_sid, keys.member, entry]
+            self._defer, keys.in_order(), [*self.settings, token, message_sid, keys.member, entry, outbound]
         )
         if result == "lost":
+            raise LockLost(keys.member)
+
+    def interim(self, keys: ConversationKeys, token: str, outbound: str) -> None:
+        """Queues ``outbound`` (``service.outbox.encode``) while the lock is ``token``'s
+        (``interim.lua``: a handler's sends past the webhook); raises LockLost, nothing queued,
+        when it is not."""
+        if (
+            self._run(self._interim, keys.in_order(), [*self.settings, token, keys.member, outbound])
+            == "lost"
+        ):
             raise LockLost(keys.member)
 
     def renew(self, calls: list[tuple[ConversationKeys, str]], cluster: bool = False) -> list[bool]:

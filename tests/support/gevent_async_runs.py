@@ -1,7 +1,7 @@
 """Run as a script under gevent's patching (``python -m tests.support.gevent_async_runs URL``),
 as a gevent worker is: two apps in one process, each with an async handler, one answering
-inline and one past the webhook, and a plain ``asyncio.run`` in a greenlet meanwhile. Prints one
-JSON line of what each got."""
+inline and one past the webhook, each sending a message before and after it awaits, and a plain
+``asyncio.run`` in a greenlet meanwhile. Prints one JSON line of what each got."""
 
 from gevent import monkey
 
@@ -23,9 +23,16 @@ OURS = "+15550001111"
 
 
 async def handle(message, conversation):
+    conversation.send("before " + message.body)
     await asyncio.sleep(0.3)
+    conversation.send("after " + message.body)  # past the webhook's budget, for "two"
     conversation.setdefault("bodies", []).append(message.body)
     return "async: " + message.body
+
+
+def outbox(client: redis.Redis, keys) -> list[str]:
+    """The conversation's queued outbound messages' bodies, in queue order."""
+    return [json.loads(client.hget(keys.sent, name))["body"] for name in client.lrange(keys.outbound, 0, -1)]
 
 
 def main(url: str) -> None:
@@ -56,7 +63,8 @@ def main(url: str) -> None:
                 "later": second.value,
                 "plain": plain.value,
                 "later_state": client.hget(keys.conversation, "state"),
-                "later_outbound": client.llen(keys.outbound),
+                "later_outbound": outbox(client, keys),
+                "inline_outbound": outbox(client, Keys().conversation("+15551230001", OURS)),
             }
         )
     )

@@ -1,7 +1,9 @@
 """A handler for processes the tests start (``SMS_HANDLER=tests.support.sleeping_handler:handle``):
 a body ``sleep N`` takes N seconds on its first call (a call again, after its process died,
-returns at once); every call is recorded in the Redis list ``handler-calls`` (of ``REDIS_URL``)
-as JSON: the process, the body, the MessageSid. ``handle_async`` is the same as an ``async def``."""
+returns at once); a body ``hold`` sends "one moment" and waits until the test pushes to the
+Redis list ``handler-release``; every call is recorded in the Redis list ``handler-calls`` (of
+``REDIS_URL``) as JSON: the process, the body, the MessageSid. ``handle_async`` is the same as
+an ``async def`` (without ``hold``)."""
 
 import asyncio
 import json
@@ -23,6 +25,9 @@ def handle(message, conversation):
     client.rpush("handler-calls", json.dumps({"pid": os.getpid(), "body": message.body, "sid": message.sid}))
     if message.body.startswith("sleep ") and first:
         time.sleep(float(message.body.split()[1]))
+    if message.body == "hold":
+        conversation.send("one moment")
+        client.blpop(["handler-release"], timeout=60)
     conversation.setdefault("bodies", []).append(message.body)
     return f"done: {message.body}"
 
