@@ -5,7 +5,8 @@ redis-server; retries, permanent errors and per-conversation order."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import request
@@ -264,6 +265,32 @@ def test_a_conversation_keeps_the_records_of_its_latest_messages(standin, redis_
     kept = records(redis_client)
     assert 100 <= len(kept) < 200
     assert {record["body"] for record in kept} >= {f"c-{n}" for n in range(70)}
+
+
+def test_a_conversation_with_a_longer_ttl_of_its_own_keeps_its_records_to_its_end(
+    standin, redis_url, redis_client
+):
+    """expire_after(2 days): the records of its outbound messages live at least as long as its
+    hash, past its end, when queued and when the sender records the outcome."""
+
+    def handler(message, conversation):
+        conversation.expire_after(timedelta(days=2))
+        conversation.send("see you in two days")
+
+    app = make(standin, redis_url, handler)
+    assert text(app.test_client(), "hi").status_code == 200
+    keys = Keys().conversation(REY, OURS)
+    two_days = 2 * 86400 * 1000
+
+    def kept_to_the_end() -> None:
+        records_left = redis_client.pttl(keys.sent)
+        end_left = redis_client.zscore(keys.index_shard, keys.member) - time.time() * 1000
+        assert records_left >= redis_client.pttl(keys.conversation) > end_left > two_days - 60_000
+
+    kept_to_the_end()  # queued with the save
+    drain(Sender(app))
+    assert bodies(standin) == ["see you in two days"]
+    kept_to_the_end()  # the sender's outcome
 
 
 def test_the_end_hook_cannot_queue_into_the_ended_conversation():
