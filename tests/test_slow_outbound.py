@@ -120,18 +120,20 @@ def test_past_handler_timeout_a_send_is_dropped_and_the_timeout_reply_goes_out(
 
 
 @pytest.mark.parametrize("fails", ["timeout", "error"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-message", "in-a-conversation"])
 def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
-    standin, redis_url, redis_client, fails
+    standin, redis_url, redis_client, fails, first
 ):
     """Past HANDLER_TIMEOUT, or raising past the webhook, a run saves no state, but its message,
     what it sent within the budget and past it, and the timeout's reply went out: each is in
     the transcript once, in order, the message marked with the outcome; the next message's
-    entries follow."""
+    entries follow. As a conversation's first message (none stored) or within one (kept to its
+    end plus the retention)."""
     release = threading.Event()
 
     def handle(message, conversation):
-        if message.body == "next":
-            return "the next one's reply"
+        if message.body in ("hi", "next"):
+            return f"reply to {message.body}"
         conversation.send("one moment")
         time.sleep(0.3)  # past the budget
         conversation.send("almost there")
@@ -149,11 +151,21 @@ def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
         HANDLER_TIMEOUT_REPLY="Sorry, that took too long.",
     )
     client, sid = app.test_client(), "SM" + "1" * 32
+    before = [] if first else [("in", "hi", None), ("out", "reply to hi", None)]
+    if not first:
+        assert "reply to hi" in text(client, "hi").get_data(as_text=True)
+        conversation_ends = redis_client.zscore(KEYS.index_shard, KEYS.member)
     assert text(client, "book it", message_sid=sid).get_data(as_text=True) == NO_REPLY
     wait_until(lambda: settled(redis_client), seconds=10, what="the failed run's save")
     release.set()
     assert text(client, "book it", message_sid=sid).get_data(as_text=True) == NO_REPLY  # a redelivery
-    assert "the next one's reply" in text(client, "next").get_data(as_text=True)  # inline
+    if not first:  # kept to the conversation's end plus the retention (30 days)
+        retention_ms = 30 * 86400 * 1000
+        assert (
+            redis_client.pttl(KEYS.transcript)
+            >= conversation_ends + retention_ms - time.time() * 1000 - 60_000
+        )
+    assert "reply to next" in text(client, "next").get_data(as_text=True)  # inline
     drain(Sender(app))
     went_out = ["one moment", "almost there"] + (["Sorry, that took too long."] if fails == "timeout" else [])
     assert bodies(standin, REY) == went_out
@@ -164,10 +176,11 @@ def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
         if entry["dir"] != "status"
     ]
     assert written == [
+        *before,
         ("in", "book it", fails),
         *[("out", body, None) for body in went_out],
         ("in", "next", None),
-        ("out", "the next one's reply", None),
+        ("out", "reply to next", None),
     ]
     assert redis_client.pttl(KEYS.transcript) > 0
 
