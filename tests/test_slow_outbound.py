@@ -17,10 +17,11 @@ from service.lifecycle import Sweeper
 from service.responses import NO_REPLY
 from service.sender import Sender
 from service.store import ConversationStore
-from tests.support.numbers import REY
+from tests.support.numbers import OURS, REY
 from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
 from tests.test_outbound import bodies, drain, make, records, text
+from tests.test_console import OPS, sign_in
 from tests.test_slow_handlers import KEYS, settled, state
 
 
@@ -147,6 +148,7 @@ def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
         redis_url,
         handle,
         TRANSCRIPTS=True,
+        OPS_TOKEN=OPS,
         HANDLER_TIMEOUT=1.0,
         HANDLER_TIMEOUT_REPLY="Sorry, that took too long.",
     )
@@ -183,6 +185,12 @@ def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
         ("out", "reply to next", None),
     ]
     assert redis_client.pttl(KEYS.transcript) > 0
+    shown = app.test_cli_runner().invoke(args=["transcript", REY, OURS])
+    assert f"<- book it (handler {fails}: nothing saved)" in shown.output
+    console = app.test_client()
+    sign_in(console, OPS)
+    page = console.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    assert f"handler {fails}: nothing saved" in page.get_data(as_text=True)
 
 
 def test_a_run_that_lost_its_lock_sends_nothing_more(standin, redis_url, redis_client, caplog):
