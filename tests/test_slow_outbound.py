@@ -20,8 +20,8 @@ from service.store import ConversationStore
 from tests.support.numbers import OURS, REY
 from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
-from tests.test_outbound import bodies, drain, make, records, text
 from tests.test_console import OPS, sign_in
+from tests.test_outbound import bodies, drain, make, records, text
 from tests.test_slow_handlers import KEYS, settled, state
 
 
