@@ -39,8 +39,8 @@
 -- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), 'answered' (the
 -- lock is not the message's and its answer is stored: saved already, nothing written), or
 -- 'lost' (the lock is not the message's and its answer is not stored, or `forget` is removing
--- the sender: nothing written); an error, with nothing written, for an ARGV[16] other than '', 'handler'
--- and 'opt-out'. An inbound message's save takes it off the inbound messages; when more wait,
+-- the sender: nothing written); an error, with nothing written, for an ARGV[16] other than '',
+-- 'handler' and 'opt-out'. An inbound message's save takes it off the inbound messages; when more wait,
 -- the lock passes to the next one and the reply is OPEN's 'opened' for it (reply.lua) followed
 -- by 'token', its token, 'entry', the inbound entry and 'result', 'saved' or 'ended'.
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
@@ -133,7 +133,7 @@ end
 -- A failed or timed-out run is written too, its message marked with the outcome: what it sent
 -- past the webhook and the timeout's reply went out. Kept to the conversation's end (none
 -- stored: from now) plus the retention.
-if keeps then
+if keeps and ARGV[#ARGV - 1] ~= '' then
   local ends_at = tonumber(redis.call('ZSCORE', index, member)) or now
   transcribe(ARGV[#ARGV - 1], opened_at, is_new, math.max(ends_at - now, 0))
 end
