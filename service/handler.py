@@ -73,7 +73,11 @@ class Message:
 
     @classmethod
     def from_params(cls, params: Mapping[str, str], caller_name: str) -> Message:
-        return cls(
+        """The message a webhook's fields describe. Its fields are set at once: a frozen
+        dataclass' ``__init__`` sets each through ``object.__setattr__``, a call per field, on
+        every message."""
+        message = object.__new__(cls)
+        message.__dict__.update(
             sender=params.get("From", ""),
             recipient=params.get("To", ""),
             body=params.get("Body", ""),
@@ -82,7 +86,11 @@ class Message:
             caller_name=caller_name,
             params=MappingProxyType(dict(params)),
             opt_out=keyword(params),
+            kind="message",
+            timer=None,
+            data=None,
         )
+        return message
 
 
 def keyword(params: Mapping[str, str]) -> str | None:

@@ -104,10 +104,15 @@ stream directly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 SHARDS = 100
+# Conversations whose keys a process keeps built: a conversation's messages come in runs, and
+# each message's scripts need all its keys (about 2 kB a conversation).
+RECENT_CONVERSATIONS = 1024
 SEPARATOR = "|"
 NOT_ASCII_DIGITS = re.compile(r"[^0-9]+")  # [0-9], not \d: \d matches ٤, ² and the like
 
@@ -121,6 +126,9 @@ def shard_of(sender: str) -> str:
     refused: the tag only spreads conversations over shards, any fixed choice is correct, and
     this one rule serves the webhook, the operators' paths and the cursors alike.
     """
+    tail = sender[-2:]
+    if len(tail) == 2 and tail.isascii() and tail.isdigit():  # most numbers: what the pattern keeps
+        return tail
     return NOT_ASCII_DIGITS.sub("", sender)[-2:].rjust(2, "0")
 
 
@@ -135,6 +143,7 @@ class Keys:
     _shard_keys: dict[str, tuple[str, str, str, str, str, str, str, str]] = field(
         init=False, repr=False, compare=False
     )
+    _recent: Callable[[str, str], ConversationKeys] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_shard = {
@@ -151,6 +160,7 @@ class Keys:
             for shard in self.shards()
         }
         object.__setattr__(self, "_shard_keys", by_shard)  # frozen: set once, here
+        object.__setattr__(self, "_recent", lru_cache(RECENT_CONVERSATIONS)(self._build))
 
     @property
     def events(self) -> str:
@@ -205,6 +215,9 @@ class Keys:
         return [f"{n:02d}" for n in range(SHARDS)]
 
     def conversation(self, sender: str, recipient: str) -> ConversationKeys:
+        return self._recent(sender, recipient)
+
+    def _build(self, sender: str, recipient: str) -> ConversationKeys:
         shard = shard_of(sender)
         member = sender + SEPARATOR + recipient
         tagged = "{" + shard + "}:" + member
@@ -258,7 +271,8 @@ class Keys:
 
 class ConversationKeys(NamedTuple):
     """The keys of one conversation; ``member`` is its entry in the index shard (a named
-    tuple: every message builds one, and a frozen dataclass costs a setattr per field)."""
+    tuple: every message builds one, and a frozen dataclass costs a setattr per field). From
+    ``conversation`` on, the fields are declared in the scripts' KEYS order (``in_order``)."""
 
     sender: str
     recipient: str
@@ -284,25 +298,6 @@ class ConversationKeys(NamedTuple):
     transcript: str  # its transcript (a list); these three last: store/tail.lua
 
     def in_order(self) -> list[str]:
-        """The keys every conversation script is sent, in ``service/store/common.lua``'s order."""
-        return [
-            self.conversation,
-            self.lock,
-            self.queue,
-            self.waiters,
-            self.wake,
-            self.index_shard,
-            self.events,
-            self.ending,
-            self.minutes,
-            self.outbound,
-            self.sent,
-            self.due,
-            self.contacts,
-            self.timers,
-            self.pending,
-            self.inbound,
-            self.waiting,
-            self.forgetting,
-            self.transcript,
-        ]
+        """The keys every conversation script is sent, in ``service/store/common.lua``'s order:
+        the fields from ``conversation`` on, as declared."""
+        return list(self[3:])

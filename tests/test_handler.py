@@ -4,6 +4,7 @@ what is saved, and the guarantees that hold for any handler."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import threading
@@ -669,6 +670,19 @@ def test_message_from_params_reads_keywords_and_media():
     assert message.media == ("u0",)
     assert Message.from_params({"NumMedia": "lots"}, "x").media == ()
     assert Message.from_params({"Body": "stop it"}, "x").opt_out is None
+
+
+def test_message_from_params_is_the_message_its_constructor_makes():
+    """from_params sets the fields itself (not through __init__): every one of them, each as
+    the constructor would, and the message stays frozen."""
+    params = {"From": REY, "To": OURS, "Body": "hi", "MessageSid": "SM1", "NumMedia": "1", "MediaUrl0": "u0"}
+    message = Message.from_params(params, "Rey")
+    made = Message(REY, OURS, "hi", "SM1", ("u0",), "Rey", MappingProxyType(dict(params)), None)
+    assert message == made
+    assert vars(message) == vars(made)  # no field missing, none extra
+    assert (message.kind, message.timer, message.data) == ("message", None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.body = "changed"
 
 
 def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_client):

@@ -34,6 +34,19 @@ def test_shard_tag_is_digits_only():
     assert shard_of("whatsapp:+447700900123") == "23"
     assert shard_of("+1") == "01"
     assert shard_of("") == "00"
+    assert shard_of("7") == "07"  # one digit: padded, as the pattern's path pads it
+    assert shard_of("+1555²7") == "57"  # ² is a digit to str.isdigit, not an ASCII one
+    assert shard_of("+15551230007 ") == "07"
+
+
+def test_conversation_keys_are_kept_built_and_follow_the_prefix():
+    keys = Keys()
+    first = keys.conversation("+15551230007", OURS)
+    assert keys.conversation("+15551230007", OURS) is first  # kept: the next message reuses them
+    assert keys.conversation("+15551230008", OURS).conversation == "sms:conv:{08}:+15551230008|" + OURS
+    assert Keys("other:").conversation("+15551230007", OURS).conversation.startswith("other:conv:{07}:")
+    assert first.in_order()[0] == first.conversation and first.in_order()[-1] == first.transcript
+    assert len(first.in_order()) == len(first) - 3  # every key; not the sender, recipient, member
 
 
 def test_settings_defaults_and_bad_values():

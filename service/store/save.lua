@@ -17,6 +17,8 @@
 -- ARGV[17] = the message's time: OPEN's `now`, handed back
 -- ARGV[18] = outbound messages to queue with this save (outbound.lua's `queue_outbound`), or ''
 -- ARGV[19] = the message's opt-out keyword for the outbound rules ('STOP', 'START'), or ''
+-- ARGV[20..24], sent only when one of them is not its default (most saves send none: then
+-- #ARGV is 22, and each is read as its default):
 -- ARGV[20] = its pending timers' JSON ('{}': none; '': unchanged) and ARGV[21] their earliest
 --            due (ms), timers.lua's keep_timers; ARGV[22] = its own TTL in ms, or ''
 -- ARGV[23] = '' for a message answered inline; for one among the inbound messages (its
@@ -47,9 +49,10 @@ local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
 local sid, state, answer, is_new, end_reason, opened_at = ARGV[12], ARGV[13], ARGV[14], ARGV[15] == '1',
   ARGV[16], ARGV[17]
 local sends, inbound_keyword = ARGV[18], ARGV[19]
-local own = ARGV[22]
+local rare = #ARGV > 22 and ARGV or {}  -- ARGV[20..24], or none sent: each its default
+local own = rare[22] or ''
 local life_ms, keep_ms = own_ttl(own)  -- this conversation's TTL and its hash's life
-local next_hex, keeps = ARGV[23], ARGV[24] == '1'
+local next_hex, keeps = rare[23] or '', rare[24] == '1'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
@@ -119,7 +122,7 @@ if stores then
   redis.call('HSET', conversation, 'sid', sid, 'state', state, 'seq', (tonumber(found[1]) or 0) + 1,
              'last_seen', opened_at, unpack(answered))
   if held == 1 and found[2] then redis.call('HDEL', conversation, 'answers') end
-  keep_timers(member, ARGV[20] or '', ARGV[21])
+  keep_timers(member, rare[20] or '', rare[21])
   -- Held by an operator (handoff.lua): its time runs from the hold's end.
   hold_left = math.max((tonumber(found[4]) or 0) - now, 0)
   added = redis.call('ZADD', index, now + hold_left + life_ms, member)

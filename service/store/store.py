@@ -133,7 +133,7 @@ def decode_turn(token: str, raw: Any) -> Opened | Waiting | Queued | str | None:
             reply["first_seen"],
             reply["ended_overdue"] == 1,
             reply.get("paused") or "",
-            reply.get("timers") or "",  # a version before timers hands over without them
+            reply.get("timers") or "",  # sent only when the conversation has them
             reply.get("ttl") or "",
         )
     if status == "answered":
@@ -353,7 +353,7 @@ class ConversationStore:
         deadline = started + self.lock_wait
         turn = self.ask(keys, message_sid, token)
         while True:
-            if turn == DEFERRED and entry is not None:
+            if turn is DEFERRED and entry is not None:
                 turn = self.ask(keys, message_sid, token, entry())
             if isinstance(turn, Opened):
                 if turn.answered is None:
@@ -583,9 +583,12 @@ class ConversationStore:
     ) -> tuple[list, list]:
         """SAVE's keys and arguments: ``timers`` (timers.lua's three), ``next_hex`` (an inbound
         message's save: the next one's token's digits) and ``keeps`` (the conversation kept as it
-        was) before the last three,
+        was), sent only when one of them is not its default, before the last three,
         counted from the end by the script: ``handoff`` (why the handler asks for a person, or
         ''), ``transcript`` (``transcripts.payload``, '' when off) and the events' numbers."""
+        rare: tuple = ()
+        if timers != NO_CHANGE or next_hex or keeps:
+            rare = (*timers, next_hex, "1" if keeps else "0")
         return keys.in_order(), [
             *self.settings,
             opened.token,
@@ -599,9 +602,7 @@ class ConversationStore:
             opened.now,
             outbound,
             keyword if keyword in ("STOP", "START") else "",
-            *timers,
-            next_hex,
-            "1" if keeps else "0",
+            *rare,
             handoff,
             transcript,
             self.event_names(keys),
