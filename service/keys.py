@@ -37,8 +37,8 @@ Key (example)                                        Type and what it holds
 <prefix>sent:{07}:+15551230007|+15550001111          hash: '<id>' -> an outbound message as queued,
                                                      '<id>:s' -> its state (JSON; both in
                                                      service/store/outbound.lua): the queued ones
-                                                     and the latest 100 sent, kept a day past
-                                                     the conversation's last activity
+                                                     and the latest 100 sent, kept at least
+                                                     as long as the conversation's hash
 <prefix>due:{07}                                     zset: member '<from>|<to>' -> when its
                                                      first queued outbound message is due (ms;
                                                      while a sender holds it, its lease's end)
@@ -91,8 +91,9 @@ A transcript entry is a JSON object: ``at`` (the message's ms), ``conv`` (the co
 id), ``dir`` (``in``: a message from the sender; ``out``: a reply to it or an outbound
 message; ``status``: an outbound message's new status; ``timer``: a timer fired, its name in
 ``timer``), ``body``, ``media`` (URLs, when any),
-``sid`` (an inbound MessageSid), for an outbound message ``id`` (its outbox id) and
-``status``, and for an operator's one ``by`` (``operator``). Its expiry follows the
+``sid`` (an inbound MessageSid; ``outcome``, ``timeout`` or ``error``, when its handler
+saved nothing), for an outbound message ``id`` (its outbox id) and ``status``, and for an
+operator's one ``by`` (``operator``). Its expiry follows the
 conversation's end plus ``TRANSCRIPT_RETENTION``; ``LTRIM`` caps it at ``TRANSCRIPT_MAX``.
 
 On a Cluster a script may only touch keys of one slot, so the scripts write their events to

@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor  # the finishing threads
+from enum import StrEnum
 from typing import Any
 from xml.etree import ElementTree
 
@@ -55,7 +56,7 @@ from .outbox import Outgoing
 from .outbox import message as outgoing_message
 from .redis_client import is_outage
 from .sessions import ConversationSession, ConversationSessionInterface
-from .store import ConversationStore, Inbound, LockLost
+from .store import ConversationStore, Inbound, LockLost, SavedAlready
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,22 @@ FINISHING_THREADS = 4  # saves of runs that finished past the webhook
 PENDING_PER_SHARD = 100  # conversations one sweep claims per tag
 
 
+class RunOutcome(StrEnum):
+    """How a run ended: its settled kind (the first three) and, past the webhook, its save's
+    ``handler <outcome>`` log line (and a failed run's transcript entry)."""
+
+    REPLIED = "replied"  # the handler returned: its state and reply saved
+    ERROR = "error"  # it raised: nothing of it saved
+    TIMEOUT = "timeout"  # past HANDLER_TIMEOUT: nothing of it saved
+    FENCED = "fenced"  # its save refused: its lock lapsed, another run took the message
+    SUPERSEDED = "superseded"  # its save found the message saved already (a rerun's): nothing written
+    UNSAVED = "unsaved"  # Redis unavailable: the message runs again
+
+
 class Run:
-    """One handler call on one message. Its outcome is settled once: ``("reply", reply)``,
-    ``("error", exception)`` or ``("timeout", None)``; whatever comes after is ignored.
+    """One handler call on one message. Its outcome is settled once: ``(REPLIED, reply)``,
+    ``(ERROR, exception)`` or ``(TIMEOUT, None)`` (``RunOutcome``); whatever comes after is
+    ignored.
 
     The handler's sends (``conversation.send``) come here: until the webhook's budget runs out
     they wait for the save, as the state does; from ``defer`` on they leave at once, in order,
@@ -93,7 +107,7 @@ class Run:
         self.started = time.monotonic()
         self.deadline = self.started + runs.timeout
         self.renew_at = self.started + runs.renew_every
-        self.outcome: tuple[str, Any] | None = None
+        self.outcome: tuple[RunOutcome, Any] | None = None
         self.is_async = False
         self._lock = threading.Lock()
         # Held until the outcome comes: plain locks, the cheapest way to wait across threads.
@@ -101,7 +115,7 @@ class Run:
         self._settled.acquire()
         conversation.sends_to = self.sent
 
-    def settle(self, kind: str, value: Any = None) -> None:
+    def settle(self, kind: RunOutcome, value: Any = None) -> None:
         with self._lock:
             if self.outcome is not None:
                 return
@@ -324,26 +338,26 @@ class Runs:
 
     def _call(self, run: Run, handle: Handler) -> None:
         try:
-            run.settle("reply", handle(run.message, run.conversation))
+            run.settle(RunOutcome.REPLIED, handle(run.message, run.conversation))
         except Exception as error:  # contained: every failure of the developer's is an Exception
-            run.settle("error", error)
+            run.settle(RunOutcome.ERROR, error)
 
-    async def _call_async(self, run: Run, handle: Handler) -> tuple[str, Any]:
+    async def _call_async(self, run: Run, handle: Handler) -> tuple[RunOutcome, Any]:
         scope = asyncio.timeout(max(0.0, run.deadline - time.monotonic()))
         try:
             async with scope:
                 reply = await handle(run.message, run.conversation)
         except TimeoutError as error:
-            return ("timeout", None) if scope.expired() else ("error", error)
+            return (RunOutcome.TIMEOUT, None) if scope.expired() else (RunOutcome.ERROR, error)
         except Exception as error:
-            return "error", error
-        return "reply", reply
+            return RunOutcome.ERROR, error
+        return RunOutcome.REPLIED, reply
 
     def _settle_async(self, run: Run, done: asyncio.Task) -> None:
         try:
             outcome = done.result()
         except BaseException as error:  # the loop's own failure: the run's too
-            outcome = ("error", handlers.HandlerFailed(type(error).__name__))
+            outcome = (RunOutcome.ERROR, handlers.HandlerFailed(type(error).__name__))
         if self._hub is None:
             run.settle(*outcome)
         else:  # the loop's thread is not the hub's: the run settles in a greenlet there
@@ -412,7 +426,7 @@ class Runs:
             self.resume(following)
 
     def _save(self, run: Run) -> Inbound | None:
-        kind, value = run.outcome or ("error", None)
+        kind, value = run.outcome or (RunOutcome.ERROR, None)
         conversation, message = run.conversation, run.message
         fields: dict[str, Any] = {
             "message_sid": message.sid,
@@ -421,21 +435,21 @@ class Runs:
             "lasted_ms": round((time.monotonic() - run.started) * 1000, 1),
         }
         state = ""
-        if kind == "reply":
+        if kind == RunOutcome.REPLIED:
             try:
                 state = conversation.encoded()
                 sends = outbound(value)
             except Exception as error:  # what Twilio or Redis cannot take: the handler's failure
-                kind, value = "error", error
-        if kind == "reply":
+                kind, value = RunOutcome.ERROR, error
+        if kind == RunOutcome.REPLIED:
             try:
                 for text, media in sends:
                     conversation.outbound.append(_message(conversation, text, media))
             except ValueError as error:  # what Twilio would refuse (empty, too long)
-                kind, value = "error", error
-        if kind != "reply":
+                kind, value = RunOutcome.ERROR, error
+        if kind != RunOutcome.REPLIED:
             conversation.outbound.clear()  # nothing of it is committed
-            if kind == "timeout":
+            if kind == RunOutcome.TIMEOUT:
                 self.on_timeout()
                 fields["reason"] = f"the handler ran past HANDLER_TIMEOUT ({self.timeout:g} s): nothing saved"
                 if self.timeout_reply:
@@ -445,19 +459,26 @@ class Runs:
                 fields["reason"] = f"the handler failed: {where}"
                 fields["error"] = frames
         try:
-            following = conversation.save_inbound(state, keeps=kind != "reply")
+            following = conversation.save_inbound(state, failed="" if kind == RunOutcome.REPLIED else kind)
+        except SavedAlready:
+            fields["reason"] = (
+                "its message was saved already (by a rerun after its lease lapsed, or by an earlier try of"
+                " this save whose reply was lost): nothing written"
+            )
+            kind = RunOutcome.SUPERSEDED
+            following = None
         except LockLost:
             fields["reason"] = "its save was refused: the lock lapsed (another run took the message)"
-            kind = "fenced"
+            kind = RunOutcome.FENCED
             following = None
         except Exception as error:
             if not is_outage(error):
                 raise
             fields["reason"] = f"Redis unavailable: {type(error).__name__}; the message runs again"
-            kind = "unsaved"
+            kind = RunOutcome.UNSAVED
             following = None
-        outcome = fields["outcome"] = "replied" if kind == "reply" else kind
-        write(log, logging.INFO if kind == "reply" else logging.WARNING, "handler " + outcome, fields)
+        fields["outcome"] = kind
+        write(log, logging.INFO if kind == RunOutcome.REPLIED else logging.WARNING, "handler " + kind, fields)
         return following
 
     def resume(self, inbound: Inbound) -> Run:
@@ -510,7 +531,7 @@ class Runs:
             # An async handler is cancelled at its deadline by its own scope; one that ignores
             # the cancellation, or a plain one, is abandoned a moment later.
             if now >= run.deadline + (0.5 if run.is_async else 0):
-                run.settle("timeout")
+                run.settle(RunOutcome.TIMEOUT)
         # Until its save, also while it waits for a finishing thread: a lease lapsing then would
         # have the sweeper run the message again for nothing.
         due = [run for run in running if run.renew_at <= now]

@@ -220,12 +220,14 @@ class ConversationSession(Conversation):
             self.interface.metrics.outbound.labels("pending").inc(len(messages))
             self.interface.doorbell.ring()
 
-    def save_inbound(self, state: str, keeps: bool = False) -> Inbound | None:
+    def save_inbound(self, state: str, failed: str = "") -> Inbound | None:
         """The save of an inbound message (its handler ran past the webhook): ``state`` and the
-        queued outbound messages, or with ``keeps`` nothing but the answer's memory; returns the
-        next inbound message, whose turn it now is, if one waits. Raises ``LockLost`` (a late
-        save: fenced off) or a Redis error."""
+        queued outbound messages, or, ``failed`` (the run's outcome: ``timeout``, ``error``),
+        nothing but the answer's memory, the outbound messages and the transcript's entries, the
+        message's marked with that outcome; returns the next inbound message, whose turn it now
+        is, if one waits. Raises ``LockLost`` (a late save: fenced off) or a Redis error."""
         bound = self._bound()
+        keeps = bool(failed)
         self.settled = True
         ended, following = self.interface.store.save_inbound(
             bound.keys,
@@ -243,6 +245,7 @@ class ConversationSession(Conversation):
                 bound.opened.now,
                 self.sid or "",
                 [*self.left, *self.outbound],
+                outcome=failed,
             ),
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",

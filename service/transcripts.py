@@ -51,16 +51,20 @@ def payload(
     at: int,
     conversation: str,
     outbound: Sequence[Outgoing] = (),
+    outcome: str = "",
 ) -> str:
     """SAVE's argument: '' when transcripts are off, else the message, its reply (``answer``
     as ``responses.memo`` keeps it) and the outbound messages the handler sent, written at
     ``at`` (ms) in ``conversation``, as ``transcript.lua`` reads them: a line of the cap and the
-    retention, then a JSON line per entry."""
+    retention, then a JSON line per entry. ``outcome``: a run that saved no state (``timeout``,
+    ``error``: service/runs.py), on the message's entry."""
     if not settings.enabled:
         return ""
     inbound = {"at": at, "conv": conversation, "dir": "in", "sid": message.sid, "body": message.body}
     if message.media:
         inbound["media"] = list(message.media)
+    if outcome:
+        inbound["outcome"] = outcome
     lines = [f"{settings.max_entries} {settings.retention_ms}", _encode(inbound)]
     lines += [_encode({"at": at, "conv": conversation, "dir": "out", **reply}) for reply in replies(answer)]
     lines += [_encode({"at": at, "conv": conversation, **sent_entry(queued)}) for queued in outbound]
@@ -138,6 +142,7 @@ class Entry:
     id: str = ""  # an outbound message's id (service/outbox.py)
     status: str = ""  # an operator's reply: Twilio's status, or why it was not sent
     timer: str = ""  # the timer that fired (direction ``timer``)
+    outcome: str = ""  # an inbound message whose handler saved nothing: ``timeout``, ``error``
 
     @classmethod
     def parse(cls, raw: str) -> Entry | None:
@@ -155,6 +160,7 @@ class Entry:
                 id=str(fields.get("id", "")),
                 status=str(fields.get("status", "")),
                 timer=str(fields.get("timer", "")),
+                outcome=str(fields.get("outcome", "")),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -167,7 +173,7 @@ class Entry:
             "media": list(self.media),
             "conversation": self.conversation,
         }
-        for name in ("sid", "by", "status", "id", "timer"):
+        for name in ("sid", "by", "status", "id", "timer", "outcome"):
             if getattr(self, name):
                 data[name] = getattr(self, name)
         return data
@@ -178,7 +184,8 @@ class Entry:
         arrow = "<-" if self.direction == "in" else "->"
         media = "".join(f" [media] {url}" for url in self.media)
         by = f" ({self.by}: {self.status})" if self.by else (f" ({self.status})" if self.status else "")
-        return f"{iso(self.at)} {arrow} {self.body}{media}{by}"
+        outcome = f" (handler {self.outcome}: nothing saved)" if self.outcome else ""
+        return f"{iso(self.at)} {arrow} {self.body}{media}{by}{outcome}"
 
 
 class Transcripts:

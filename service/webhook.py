@@ -26,7 +26,7 @@ from .handler import Message
 from .masking import mask
 from .metrics import Outcome
 from .responses import NO_REPLY, http_error, memo, problem, recall, render, twiml
-from .runs import Run
+from .runs import Run, RunOutcome
 from .serving import SLOTS_KEY
 from .sessions import ConversationSession
 from .wiring import current
@@ -287,8 +287,8 @@ def _reply(message: Message, conversation, run: Run | None):
     if run is None:  # an operator holds it: recorded, not answered by the bot
         logs.annotate(handoff="held by an operator")
         return None
-    kind, value = run.outcome or ("error", RuntimeError("the run has no outcome"))
-    if kind == "error":
+    kind, value = run.outcome or (RunOutcome.ERROR, RuntimeError("the run has no outcome"))
+    if kind == RunOutcome.ERROR:
         raise value
     return value
 

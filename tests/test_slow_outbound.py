@@ -17,9 +17,10 @@ from service.lifecycle import Sweeper
 from service.responses import NO_REPLY
 from service.sender import Sender
 from service.store import ConversationStore
-from tests.support.numbers import REY
+from tests.support.numbers import OURS, REY
 from tests.support.standin import StandinServer
 from tests.support.waiting import wait_until
+from tests.test_console import OPS, sign_in
 from tests.test_outbound import bodies, drain, make, records, text
 from tests.test_slow_handlers import KEYS, settled, state
 
@@ -119,6 +120,79 @@ def test_past_handler_timeout_a_send_is_dropped_and_the_timeout_reply_goes_out(
     assert state(redis_client) == {}
 
 
+@pytest.mark.parametrize("fails", ["timeout", "error"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-message", "in-a-conversation"])
+def test_a_failed_runs_message_and_what_went_out_are_in_the_transcript_once(
+    standin, redis_url, redis_client, fails, first
+):
+    """Past HANDLER_TIMEOUT, or raising past the webhook, a run saves no state, but its message,
+    what it sent within the budget and past it, and the timeout's reply went out: each is in
+    the transcript once, in order, the message marked with the outcome; the next message's
+    entries follow. As a conversation's first message (none stored) or within one (kept to its
+    end plus the retention)."""
+    release = threading.Event()
+
+    def handle(message, conversation):
+        if message.body in ("hi", "next"):
+            return f"reply to {message.body}"
+        conversation.send("one moment")
+        time.sleep(0.3)  # past the budget
+        conversation.send("almost there")
+        if fails == "error":
+            raise RuntimeError("the booking system is down")
+        release.wait(5)
+        return "too late"
+
+    app = slow(
+        standin,
+        redis_url,
+        handle,
+        TRANSCRIPTS=True,
+        OPS_TOKEN=OPS,
+        HANDLER_TIMEOUT=1.0,
+        HANDLER_TIMEOUT_REPLY="Sorry, that took too long.",
+    )
+    client, sid = app.test_client(), "SM" + "1" * 32
+    before = [] if first else [("in", "hi", None), ("out", "reply to hi", None)]
+    if not first:
+        assert "reply to hi" in text(client, "hi").get_data(as_text=True)
+        conversation_ends = redis_client.zscore(KEYS.index_shard, KEYS.member)
+    assert text(client, "book it", message_sid=sid).get_data(as_text=True) == NO_REPLY
+    wait_until(lambda: settled(redis_client), seconds=10, what="the failed run's save")
+    release.set()
+    assert text(client, "book it", message_sid=sid).get_data(as_text=True) == NO_REPLY  # a redelivery
+    if not first:  # kept to the conversation's end plus the retention (30 days)
+        retention_ms = 30 * 86400 * 1000
+        assert (
+            redis_client.pttl(KEYS.transcript)
+            >= conversation_ends + retention_ms - time.time() * 1000 - 60_000
+        )
+    assert "reply to next" in text(client, "next").get_data(as_text=True)  # inline
+    drain(Sender(app))
+    went_out = ["one moment", "almost there"] + (["Sorry, that took too long."] if fails == "timeout" else [])
+    assert bodies(standin, REY) == went_out
+    entries = [json.loads(raw) for raw in redis_client.lrange(KEYS.transcript, 0, -1)]
+    written = [
+        (entry["dir"], entry.get("body"), entry.get("outcome"))
+        for entry in entries
+        if entry["dir"] != "status"
+    ]
+    assert written == [
+        *before,
+        ("in", "book it", fails),
+        *[("out", body, None) for body in went_out],
+        ("in", "next", None),
+        ("out", "reply to next", None),
+    ]
+    assert redis_client.pttl(KEYS.transcript) > 0
+    shown = app.test_cli_runner().invoke(args=["transcript", REY, OURS])
+    assert f"<- book it (handler {fails}: nothing saved)" in shown.output
+    console = app.test_client()
+    sign_in(console, OPS)
+    page = console.get("/console/conversation", query_string={"from": REY, "to": OURS})
+    assert f"handler {fails}: nothing saved" in page.get_data(as_text=True)
+
+
 def test_a_run_that_lost_its_lock_sends_nothing_more(standin, redis_url, redis_client, caplog):
     """The first run's lease lapses (its process stalled) and the sweeper runs the message again:
     the first run's later send is refused by its token; the interim message both runs sent
@@ -144,14 +218,18 @@ def test_a_run_that_lost_its_lock_sends_nothing_more(standin, redis_url, redis_c
     Sweeper(app).sweep()
     wait_until(lambda: settled(redis_client), seconds=5, what="the second run's save")
     first_go.set()
-    # Its save writes nothing: the message's answer is the second run's (SAVE takes it for its
-    # own, saved already).
+    # Its save writes nothing, and says so: the message's answer is the second run's.
     wait_until(
-        lambda: [record.getMessage() for record in caplog.records].count("handler replied") == 2,
+        lambda: "handler superseded" in [record.getMessage() for record in caplog.records],
         seconds=5,
         what="the stalled run's save",
     )
-    assert "handler send dropped" in [record.getMessage() for record in caplog.records]
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines.count("handler replied") == 1  # the second run's
+    [late] = [record for record in caplog.records if record.getMessage() == "handler superseded"]
+    assert late.levelname == "WARNING"
+    assert late.fields["outcome"] == "superseded" and "saved already" in late.fields["reason"]
+    assert "handler send dropped" in lines
     drain(Sender(app))
     assert bodies(standin, REY) == ["one moment", "one moment", "answer of the second run"]
 

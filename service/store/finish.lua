@@ -53,6 +53,6 @@ else
   end
 end
 redis.call('HSET', sent, id .. ':s', cjson.encode(state))
-redis.call('PEXPIRE', sent, live_keep_ms)
+keep_sent()
 if (state.status or 'pending') ~= before then transcribe_status(id, state.status, now) end
 return {before, state.status or 'pending'}

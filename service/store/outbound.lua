@@ -52,6 +52,12 @@ local function forget_records()
   delete(sent, doomed)
 end
 
+-- The records' life: a day past the conversation's end, and at least as long as the
+-- conversation's hash (a longer TTL of its own: common.lua's own_ttl), never shortened.
+local function keep_sent()
+  redis.call('PEXPIRE', sent, math.max(live_keep_ms, redis.call('PTTL', conversation), redis.call('PTTL', sent)))
+end
+
 -- Queues the messages of `payload` (a JSON list: id, message JSON, id, message JSON, …) behind
 -- the conversation `member`'s earlier ones; `now`: Redis' clock (ms). The conversation becomes
 -- due now unless it is already due (or claimed, or waiting for a retry: its order holds).
@@ -65,7 +71,7 @@ local function queue_outbound(member, payload, now)
     redis.call('RPUSH', outbound, items[i])
   end
   redis.call('ZADD', due, 'NX', now, member)
-  redis.call('PEXPIRE', sent, live_keep_ms)
+  keep_sent()
   return #items / 2
 end
 

@@ -25,7 +25,8 @@
 --            handler ran past the webhook), 16 hex digits: the next inbound message's token is
 --            its MessageSid, ';' and these
 -- ARGV[24] = '1' to keep the conversation as it is (the handler failed or ran out of time):
---            only the answer is remembered, so that a redelivery does not run it again; else '0'
+--            only the answer is remembered, so that a redelivery does not run it again, and
+--            the transcript's entries written; else '0'
 -- ARGV[#ARGV - 2] = why the handler asks for a person, or '' (person.lua)
 -- ARGV[#ARGV - 1] = the transcript's entries, or '' (transcript.lua)
 -- ARGV[#ARGV] = the numbers its events carry (names.lua)
@@ -37,10 +38,11 @@
 -- inbound message, it taken off KEYS[16] and the lock passed to the next (KEYS[2], KEYS[15]);
 -- else the lock (KEYS[2]) released, or handed over (line.lua's `handover().hand_lock`:
 -- KEYS[3], KEYS[4], KEYS[5]). docs/design.md tells it step by step.
--- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), or 'lost' (the
--- lock is not the message's and its answer is not stored, or `forget` is removing the sender:
--- nothing written); an error, with nothing written, for an ARGV[16] other than '', 'handler'
--- and 'opt-out'. An inbound message's save takes it off the inbound messages; when more wait,
+-- Returns 'saved', 'ended' (it ended the conversation with ARGV[16]'s reason), 'answered' (the
+-- lock is not the message's and its answer is stored: saved already, nothing written), or
+-- 'lost' (the lock is not the message's and its answer is not stored, or `forget` is removing
+-- the sender: nothing written); an error, with nothing written, for an ARGV[16] other than '',
+-- 'handler' and 'opt-out'. An inbound message's save takes it off the inbound messages; when more wait,
 -- the lock passes to the next one and the reply is OPEN's 'opened' for it (reply.lua) followed
 -- by 'token', its token, 'entry', the inbound entry and 'result', 'saved' or 'ended'.
 local token, message_sid, member = ARGV[9], ARGV[10], ARGV[11]
@@ -54,10 +56,10 @@ local next_hex, keeps = rare[23] or '', rare[24] == '1'
 
 -- The lock first: while it is ours this message cannot have been saved (a save releases it), so
 -- only a lock not ours needs the answer looked up (an earlier try of this call whose reply was
--- lost saved it already).
+-- lost saved it already, or a rerun of its handler after this run's lease lapsed).
 local holder = redis.call('GET', lock)
 if holder ~= token and holder ~= token .. '+' then
-  return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'saved' or 'lost'
+  return redis.call('HEXISTS', conversation, 'm:' .. message_sid) == 1 and 'answered' or 'lost'
 end
 -- While `forget` removes the sender's data (`forgetting`, its fence: tail.lua) nothing of it is
 -- saved: the message is answered 503, and Twilio's retry starts afresh once forget is done.
@@ -130,6 +132,13 @@ elseif keeps and not is_new then  -- the answers' bookkeeping goes with the answ
   redis.call('HSET', conversation, unpack(answered))
 else
   redis.call('HSET', conversation, answered[1], answered[2])
+end
+-- A failed or timed-out run is written too, its message marked with the outcome: what it sent
+-- past the webhook and the timeout's reply went out. Kept to the conversation's end (none
+-- stored: from now) plus the retention.
+if keeps and ARGV[#ARGV - 1] ~= '' then
+  local ends_at = tonumber(redis.call('ZSCORE', index, member)) or now
+  transcribe(ARGV[#ARGV - 1], opened_at, is_new, math.max(ends_at - now, 0))
 end
 -- The index outlives its entries by a day's grace: its expiry moves with a new entry and with
 -- the first save of each minute in its tag, so at most a minute behind its latest entry's end,

@@ -20,6 +20,6 @@ state.status, state.updated_at = status, now_ms()
 if not state.sid or state.sid == '' then state.sid = message_sid end
 if error_code ~= '' then state.error_code = error_code end
 redis.call('HSET', sent, id .. ':s', cjson.encode(state))
-redis.call('PEXPIRE', sent, live_keep_ms)
+keep_sent()
 transcribe_status(id, status, state.updated_at)
 return {before, status}

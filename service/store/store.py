@@ -48,6 +48,12 @@ class LockLost(Exception):
     """The lock lapsed (or the conversation was ended) before the state could be saved."""
 
 
+class SavedAlready(LockLost):
+    """An inbound message's late save: the lock is not its run's, and the message's answer is
+    stored (a rerun of its handler saved it, or an earlier try of this save whose reply was
+    lost): nothing written."""
+
+
 class NotReplicated(RedisError):
     """Fewer replicas than ``REDIS_WAIT_REPLICAS`` confirmed a script's writes (answers 503).
 
@@ -458,7 +464,8 @@ class ConversationStore:
         conversation, and the next inbound message, now holding the lock, if one waits.
         ``keeps``: the conversation stays as it was (the handler failed or ran out of time),
         only the answer is remembered; ``timers``: as ``save``'s. Raises LockLost when the lock
-        is no longer ours (a late save: the token fences it off): nothing was written."""
+        is no longer ours (a late save: the token fences it off), ``SavedAlready`` when the
+        message's answer is stored already: nothing was written."""
         script_keys, args = self.save_call(
             keys,
             opened,
@@ -479,6 +486,8 @@ class ConversationStore:
         result = self._run(self._save, script_keys, args)
         if result == "lost":
             raise LockLost(keys.member)
+        if result == "answered":
+            raise SavedAlready(keys.member)
         if isinstance(result, list):
             following = decode_inbound(result)
             return dict(zip(result[0::2], result[1::2])).get("result") == "ended", following
