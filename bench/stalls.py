@@ -199,8 +199,9 @@ def slow_handlers(
     """``conversations`` conversations each send one message at the same moment to a handler
     that waits ``seconds`` (``bench/slow_handler.py``): how many are answered 200, how long
     each took from its request to its answer, and how many are saved once (their saves waited
-    for: a handler past ``HANDLER_INLINE_BUDGET`` saves after its empty answer). The lock outlives the wait (``LOCK_TTL`` 30 s):
-    what becomes of a handler slower than ``LOCK_TTL`` is not measured here."""
+    for: a handler past ``HANDLER_INLINE_BUDGET`` saves after its empty answer). The lock
+    outlives the wait (``LOCK_TTL`` 30 s): what becomes of a handler slower than ``LOCK_TTL`` is
+    not measured here."""
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sms-slow-")))
