@@ -192,7 +192,7 @@ def run(
         time.sleep(float(contender.env["BENCH_HANDLER_SECONDS"]) + 1)
         planned = messages(server.url, token, conversations, recipient)
         keys = [Keys().conversation(params["From"], recipient) for params, _ in planned]
-        cpu_before = _cpu(server.process.pid), _own_cpu(), _redis_cpu(client)
+        cpu_before = server.cpu_seconds(), _own_cpu(), _redis_cpu(client)
         answered: list = []
         delivered: list[float | None] = []
         doubled = 0
@@ -212,7 +212,7 @@ def run(
         else:
             started, answered = asyncio.run(_fire(server.url, planned))
         states = [client.hget(key.conversation, "state") for key in keys] if contender.service else []
-        cpu_after = _cpu(server.process.pid), _own_cpu(), _redis_cpu(client)
+        cpu_after = server.cpu_seconds(), _own_cpu(), _redis_cpu(client)
     latencies = [at - started for status, at, _ in answered if status == 200]
     refused = sum(1 for status, _, _ in answered if status != 200)
     if contender.service:
@@ -240,22 +240,6 @@ def run(
             for part, before, after in zip(("gunicorn", "load_and_standin", "redis"), cpu_before, cpu_after)
         },
     }
-
-
-def _cpu(pid: int) -> float:
-    """CPU seconds of process ``pid`` and its children alive now (gunicorn's master, workers)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if pid in (int(entry.name), int(fields[1])):
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
 
 
 def _own_cpu() -> float:

@@ -216,22 +216,6 @@ class Contender(Gunicorn):
         )
         self.name, self.model, self.cookie = name, model, cookie
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the gunicorn master and its workers, from /proc."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid, ppid = int(entry.name), int(fields[1])
-            if self.process.pid in (pid, ppid):
-                total += int(fields[11]) + int(fields[12])
-        return total / ticks
-
 
 def senders(run: int, count: int) -> list[str]:
     """Distinct E.164 senders per run (0–99); the last two digits (the hash tag) vary."""

@@ -124,6 +124,21 @@ class Gunicorn:
             text=True,
         )
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the gunicorn master and the workers alive now, from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if self.process.pid in (int(entry.name), int(fields[1])):
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
+
     def output(self) -> str:
         return Path(self.log.name).read_text()
 
