@@ -94,6 +94,13 @@ class Console:
     def rows(self, table="#live"):
         return [row.text for row in self.browser.find_elements(By.CSS_SELECTOR, f"{table} tbody tr")]
 
+    def thread(self) -> list[tuple[str, str]]:
+        """The conversation page's transcript as shown: (direction, body) per bubble."""
+        return [
+            (bubble.get_attribute("data-direction"), bubble.find_element(By.CSS_SELECTOR, ".body").text)
+            for bubble in self.browser.find_elements(By.CSS_SELECTOR, "#thread li")
+        ]
+
     def problems(self):
         """What the browser's console reported: a CSP violation, a failed script, fetch or
         icon (a /favicon.ico 404 when a page names none)."""

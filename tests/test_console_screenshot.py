@@ -56,13 +56,6 @@ def server(redis_server, standin):
         yield gunicorn
 
 
-def bubbles(console: Console) -> list[tuple[str, str]]:
-    return [
-        (bubble.get_attribute("data-direction"), bubble.find_element(By.CSS_SELECTOR, ".body").text)
-        for bubble in console.browser.find_elements(By.CSS_SELECTOR, "#thread li")
-    ]
-
-
 def test_the_conversation_page_with_its_thread_timers_hold_and_statuses(server, browser, redis_url, tmp_path):
     browser.delete_all_cookies()
     console = Console(browser, server.base, TwilioSimulator(server.url, AUTH_TOKEN))
@@ -80,7 +73,7 @@ def test_the_conversation_page_with_its_thread_timers_hold_and_statuses(server, 
     console.open(CONVERSATION)
     console.wait(lambda _: "delivered" in console.find("#thread li:last-child small.by").text)
     console.wait(lambda _: console.find("#outbound tbody td.status").text == "delivered")
-    assert bubbles(console) == [
+    assert console.thread() == [
         ("in", "Hi"),
         ("out", "Hi! Three quick questions. What should we call you?"),
         ("in", "Rey"),

@@ -43,14 +43,6 @@ def server(redis_server, standin):
         yield gunicorn
 
 
-def thread(console: Console) -> list[tuple[str, str]]:
-    """The thread as shown: (direction, body) per bubble."""
-    return [
-        (bubble.get_attribute("data-direction"), bubble.find_element(By.CSS_SELECTOR, ".body").text)
-        for bubble in console.browser.find_elements(By.CSS_SELECTOR, "#thread li")
-    ]
-
-
 def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
     browser.delete_all_cookies()
     console = Console(browser, server.base, TwilioSimulator(server.url, TOKEN))
@@ -58,7 +50,7 @@ def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
     console.sign_in()
     console.wait(seen.url_to_be(console.base + "/console/"))
     console.open(CONVERSATION)
-    console.wait(lambda _: thread(console) == [("in", "hi"), ("out", thanks("Rey"))])
+    console.wait(lambda _: console.thread() == [("in", "hi"), ("out", thanks("Rey"))])
 
     console.find("#take-over").click()
     console.wait(seen.presence_of_element_located((By.ID, "held")))
@@ -68,13 +60,13 @@ def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
     held = console.twilio.send(REY, OURS, "is anyone there?")
     assert held.status == 200
     assert held.replies == []  # the bot does not answer
-    console.wait(lambda _: thread(console)[-1] == ("in", "is anyone there?"))  # shown live
+    console.wait(lambda _: console.thread()[-1] == ("in", "is anyone there?"))  # shown live
     assert console.browser.execute_script("return window.notReloaded") is True
 
     console.find("#reply-body").send_keys("Ana here: you are booked for 7 pm.")
     console.find("#send-reply").click()
     console.wait(lambda _: console.find("#notice").text == "Reply sent.")
-    assert thread(console)[-1] == ("out", "Ana here: you are booked for 7 pm.")
+    assert console.thread()[-1] == ("out", "Ana here: you are booked for 7 pm.")
     console.wait(lambda _: [m for m in standin.inbox() if m["to"] == REY])  # the outbound sender's
     [sent] = [m for m in standin.inbox() if m["to"] == REY]
     assert (sent["from"], sent["body"]) == (OURS, "Ana here: you are booked for 7 pm.")
@@ -85,6 +77,6 @@ def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
 
     answered = console.twilio.send(REY, OURS, "thanks!")
     assert answered.reply == count_reply("Rey", 3)
-    console.wait(lambda _: thread(console)[-2:] == [("in", "thanks!"), ("out", count_reply("Rey", 3))])
+    console.wait(lambda _: console.thread()[-2:] == [("in", "thanks!"), ("out", count_reply("Rey", 3))])
     assert console.problems() == []
     assert REY[1:] not in server.output()
