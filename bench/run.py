@@ -557,6 +557,26 @@ def _memory_run(
     return figures
 
 
+def part(module: str, arguments: list[str], timeout: float) -> dict | str:
+    """Runs ``python -m module --output FILE *arguments`` (a part that starts its own servers and
+    writes one JSON object: its stdout may carry the service's log lines) and returns that
+    object, or why it wrote none (its exit status and the end of its stderr)."""
+    with tempfile.TemporaryDirectory() as directory:
+        output = Path(directory) / "part.json"
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--output", str(output), *arguments],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=hermetic_environment(),
+        )
+        try:
+            return json.loads(output.read_text())
+        except (OSError, ValueError):
+            return f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+
+
 def ops_at_scale(profile: Profile) -> dict:
     """Issue 3's ``bench/ops_at_scale.py``: count, first page of 50, expire one, at 1M
     conversations (1,000 in the quick profile, which checks that the harness works).
@@ -565,30 +585,13 @@ def ops_at_scale(profile: Profile) -> dict:
     stdout also carries the service's JSON log lines); the medians of its
     ``count_ms``, ``first_page_50_ms`` and ``expire_one_ms`` are checked against the goals.
     """
-    with tempfile.TemporaryDirectory() as directory:
-        output = Path(directory) / "ops.json"
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.ops_at_scale",
-                "--output",
-                str(output),
-                "--conversations",
-                str(profile.ops_conversations),
-                "--runs",
-                str(profile.ops_runs),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=420,
-            env=hermetic_environment(),
-        )
-        try:
-            result = json.loads(output.read_text())
-        except (OSError, ValueError):
-            return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    result = part(
+        "bench.ops_at_scale",
+        ["--conversations", str(profile.ops_conversations), "--runs", str(profile.ops_runs)],
+        timeout=420,
+    )
+    if isinstance(result, str):
+        return {"status": "failed", "reason": result}
     figures = {name: result[name]["median"] for name in ("count_ms", "first_page_50_ms", "expire_one_ms")}
     return {"status": "measured", "figures": figures, "details": result}
 
@@ -597,34 +600,22 @@ def timers_at_scale(profile: Profile) -> dict:
     """``bench/timers_at_scale.py``: ``timers_due`` timers due within one second among
     ``timer_conversations`` x 10 pending, fired by the sweeper's loop (how late, against
     ``SWEEP_INTERVAL``), and a sweep firing 1,000 (100 quick) at each of ``timer_scales``."""
-    with tempfile.TemporaryDirectory() as directory:
-        output = Path(directory) / "timers.json"
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.timers_at_scale",
-                "--output",
-                str(output),
-                "--conversations",
-                str(profile.timer_conversations),
-                "--due",
-                str(profile.timers_due),
-                "--scales",
-                profile.timer_scales,
-                "--cost-due",
-                str(min(1000, profile.timers_due // 10)),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=hermetic_environment(),
-        )
-        try:
-            result = json.loads(output.read_text())
-        except (OSError, ValueError):
-            return {"status": "failed", "reason": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    result = part(
+        "bench.timers_at_scale",
+        [
+            "--conversations",
+            str(profile.timer_conversations),
+            "--due",
+            str(profile.timers_due),
+            "--scales",
+            profile.timer_scales,
+            "--cost-due",
+            str(min(1000, profile.timers_due // 10)),
+        ],
+        timeout=900,
+    )
+    if isinstance(result, str):
+        return {"status": "failed", "reason": result}
     burst = result["burst"]
     figures = {
         "timers_late_vs_interval": burst["late_s"]["max"] / burst["sweep_interval_s"],
