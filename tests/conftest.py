@@ -18,6 +18,7 @@ from tests.support.app_servers import LiveServer
 from tests.support.browser import chromium
 from tests.support.programs import require_redis_server, require_redis_tools
 from tests.support.redis_servers import NOT_DURABLE, RedisProcess
+from tests.support.standin import StandinServer
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +100,20 @@ def redis_processes(tmp_path):
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def standin():
+    """The Twilio stand-in (service/twilio_standin.py) on a free port, for sending tests."""
+    with StandinServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared_standin():
+    """The stand-in for a module's tests, beside a module-scoped service that sends through it."""
+    with StandinServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tests.support import ROOT
 from tests.support.app_servers import GUNICORN_CONF
 from tests.support.browser import WINDOW, overflows_on_a_phone, screenshot
 from tests.support.numbers import OURS, REY
-from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN
 from tests.test_console_browser import OPS, Console
 from tests.test_outbound_browser import Served
 
@@ -34,13 +34,7 @@ REPLY = "Hi Rey, Ana from support here. Order #4521 ships today; a tracking link
 
 
 @pytest.fixture(scope="module")
-def standin():
-    with StandinServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def server(redis_server, standin):
+def server(redis_server, shared_standin):
     env = {
         "REDIS_URL": redis_server.url,
         "OPS_TOKEN": OPS,
@@ -49,7 +43,7 @@ def server(redis_server, standin):
         "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "TWILIO_FROM_NUMBER": OURS,
-        "TWILIO_API_BASE_URL": standin.base,
+        "TWILIO_API_BASE_URL": shared_standin.base,
         "SENDER_INTERVAL": "0.1",
     }
     with Served(env, workers=2, config=GUNICORN_CONF) as gunicorn:

@@ -40,15 +40,8 @@ from tests.support.standin import (
     OUR_NUMBER,
     PHONE,
     CallbackReceiver,
-    StandinServer,
 )
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from service import create_app
 from service.keys import Keys
 from service.lifecycle import Sweeper
@@ -17,7 +15,7 @@ from service.sender import Sender
 from service.simulator import TwilioSimulator
 from tests.support.app import TOKEN
 from tests.support.numbers import OURS, REY
-from tests.support.standin import ACCOUNT_SID, API_KEY, API_SECRET, StandinServer
+from tests.support.standin import ACCOUNT_SID, API_KEY, API_SECRET
 from tests.test_outbound import drain
 
 KEYS = Keys()
@@ -31,12 +29,6 @@ def bot(message, conversation):
     if message.body == "human":
         conversation.handoff("asked for a human")
     return f"bot {conversation['n']}" + (" booked" if conversation.get("booked") else "")
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 def make(redis_url, standin, **config):

@@ -14,7 +14,7 @@ from tests.support.app import TOKEN
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.numbers import OURS, REY
 from tests.support.replies import count_reply, thanks
-from tests.support.standin import ACCOUNT_SID, API_KEY, API_SECRET, StandinServer
+from tests.support.standin import ACCOUNT_SID, API_KEY, API_SECRET
 from tests.test_console_browser import OPS, Console
 
 pytestmark = pytest.mark.slow
@@ -23,13 +23,7 @@ CONVERSATION = f"/console/conversation?from=%2B{REY[1:]}&to=%2B{OURS[1:]}"
 
 
 @pytest.fixture(scope="module")
-def standin():
-    with StandinServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def server(redis_server, standin):
+def server(redis_server, shared_standin):
     env = {
         "REDIS_URL": redis_server.url,
         "OPS_TOKEN": OPS,
@@ -37,13 +31,13 @@ def server(redis_server, standin):
         "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
         "TWILIO_API_KEY": API_KEY,
         "TWILIO_API_SECRET": API_SECRET,
-        "TWILIO_API_BASE_URL": standin.base,
+        "TWILIO_API_BASE_URL": shared_standin.base,
     }
     with Gunicorn(env, workers=2, config=GUNICORN_CONF) as gunicorn:
         yield gunicorn
 
 
-def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
+def test_take_over_reply_and_hand_back(server, shared_standin, browser, redis_url):
     browser.delete_all_cookies()
     console = Console(browser, server.base, TwilioSimulator(server.url, TOKEN))
     assert console.twilio.send(REY, OURS, "hi").reply == thanks("Rey")
@@ -67,8 +61,8 @@ def test_take_over_reply_and_hand_back(server, standin, browser, redis_url):
     console.find("#send-reply").click()
     console.wait(lambda _: console.find("#notice").text == "Reply sent.")
     assert console.thread()[-1] == ("out", "Ana here: you are booked for 7 pm.")
-    console.wait(lambda _: [m for m in standin.inbox() if m["to"] == REY])  # the outbound sender's
-    [sent] = [m for m in standin.inbox() if m["to"] == REY]
+    console.wait(lambda _: [m for m in shared_standin.inbox() if m["to"] == REY])  # the outbound sender's
+    [sent] = [m for m in shared_standin.inbox() if m["to"] == REY]
     assert (sent["from"], sent["body"]) == (OURS, "Ana here: you are booked for 7 pm.")
 
     console.find("#hand-back").click()

@@ -19,14 +19,8 @@ from tests.support import status_handler
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import FINN, OURS, REY
-from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 def make(standin, redis_url, handler, **overrides):

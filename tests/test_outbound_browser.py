@@ -14,7 +14,7 @@ from service.simulator import TwilioSimulator
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
 from tests.support.browser import overflows_on_a_phone
 from tests.support.numbers import OURS, POE, REY
-from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN
 from tests.test_console_browser import Console
 
 pytestmark = pytest.mark.slow
@@ -31,20 +31,14 @@ class Served(Gunicorn):
 
 
 @pytest.fixture(scope="module")
-def standin():
-    with StandinServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def server(redis_server, standin):
+def server(redis_server, shared_standin):
     env = {
         "REDIS_URL": redis_server.url,
         "OPS_TOKEN": OPS,
         "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
         "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
         "TWILIO_FROM_NUMBER": OURS,
-        "TWILIO_API_BASE_URL": standin.base,
+        "TWILIO_API_BASE_URL": shared_standin.base,
         "SENDER_INTERVAL": "0.1",
     }
     with Served(env, workers=2, config=GUNICORN_CONF) as gunicorn:
@@ -72,7 +66,7 @@ def open_conversation(console, sender, sign_in=True):
     console.wait(seen.presence_of_element_located((By.CSS_SELECTOR, "pre.state")))
 
 
-def test_type_send_and_see_the_message_delivered(console, server, standin):
+def test_type_send_and_see_the_message_delivered(console, server, shared_standin):
     assert console.twilio.send(REY, OURS, "hello").status == 200
     open_conversation(console, REY)
     assert console.find("#no-outbound").text == "None yet."
@@ -86,7 +80,7 @@ def test_type_send_and_see_the_message_delivered(console, server, standin):
     # refresh shows it.
     console.wait(lambda _: row().find_element(By.CSS_SELECTOR, ".status").text == "delivered")
     assert console.browser.execute_script("return window.notReloaded") is True
-    [delivered] = standin.inbox(REY)
+    [delivered] = shared_standin.inbox(REY)
     assert delivered["body"] == "See you at 3 pm"
     assert row().find_element(By.CSS_SELECTOR, "td[data-label=Twilio]").text == delivered["sid"]
     assert console.find("#send-text").get_attribute("value") == ""
@@ -95,7 +89,7 @@ def test_type_send_and_see_the_message_delivered(console, server, standin):
     assert "console: an operator queued outbound message" in server.output()
 
 
-def test_an_empty_send_says_so_and_a_refused_one_names_the_rule(console, standin):
+def test_an_empty_send_says_so_and_a_refused_one_names_the_rule(console, shared_standin):
     assert console.twilio.send(POE, OURS, "hello").status == 200
     assert console.twilio.send(POE, OURS, "STOP").status == 200  # opted out, conversation ended
     assert console.twilio.send(POE, OURS, "hello again").status == 200  # a new one, still opted out
@@ -107,10 +101,10 @@ def test_an_empty_send_says_so_and_a_refused_one_names_the_rule(console, standin
     assert "21610" in console.find("#send-error").text
     assert console.find("#send-text").get_attribute("value") == "Anything"  # kept to edit
     assert outbound_rows(console) == []
-    assert standin.inbox(POE) == []
+    assert shared_standin.inbox(POE) == []
 
 
-def test_a_send_without_the_csrf_token_is_refused_and_sends_nothing(console, server, standin):
+def test_a_send_without_the_csrf_token_is_refused_and_sends_nothing(console, server, shared_standin):
     assert console.twilio.send(REY, OURS, "hi").status == 200
     open_conversation(console, REY)
     before = len(outbound_rows(console))
@@ -125,5 +119,5 @@ def test_a_send_without_the_csrf_token_is_refused_and_sends_nothing(console, ser
     console.wait(lambda _: "Refused" in console.find("h1").text)
     open_conversation(console, REY, sign_in=False)
     assert len(outbound_rows(console)) == before
-    assert all(message["body"] != "forged" for message in standin.inbox())
+    assert all(message["body"] != "forged" for message in shared_standin.inbox())
     assert "console /console/conversation/send refused: missing or wrong CSRF token" in server.output()

@@ -21,7 +21,7 @@ from tests.support import ROOT
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import LiveServer, bin_path, hermetic_environment
 from tests.support.numbers import OURS, REY
-from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
+from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN
 from tests.support.waiting import wait_until
 
 # A short lease: the API timeout bounds it from below (three times), so both are small here.
@@ -31,12 +31,6 @@ FAST = {
     "SENDER_INTERVAL": "0.05",
     "DELIVERY_RETRY_BASE": "0.1",
 }
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 def states(redis_client, sender=REY) -> list[dict]:

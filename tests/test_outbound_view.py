@@ -17,7 +17,7 @@ from service.sender import Sender
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import LiveServer
 from tests.support.numbers import FINN, OURS, POE, REY
-from tests.support.standin import AUTH_TOKEN, StandinServer
+from tests.support.standin import AUTH_TOKEN
 from tests.support.waiting import wait_until
 
 OPS = "outbound-view-ops-token"
@@ -29,12 +29,6 @@ def sends_what_it_is_told(message, conversation):
     for word in message.body.split():
         conversation.send(word)
     return None
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 def make(standin, redis_url, **overrides):

@@ -17,17 +17,11 @@ from service.sending import send_command
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import sms_sessions
 from tests.support.numbers import FINN, OURS, REY
-from tests.support.standin import AUTH_TOKEN, StandinServer
+from tests.support.standin import AUTH_TOKEN
 from tests.support.waiting import wait_until
 
 OPS = "o" * 40
 WHATSAPP_USER, WHATSAPP_OURS = "whatsapp:" + FINN, "whatsapp:" + OURS
-
-
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
 
 
 def reminder_bot(message, conversation):

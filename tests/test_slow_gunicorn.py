@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 KEYS = Keys().conversation(REY, OURS)
 
 
-@pytest.fixture
-def standin():
-    with StandinServer() as server:
-        yield server
-
-
 def serve(redis_url: str, standin: StandinServer, defaults: bool = False, **settings: str) -> Gunicorn:
     """The service under gunicorn; with ``defaults`` the handler settings, ``LOCK_TTL`` and the
     sweeper's interval are the shipped ones, else shortened."""

@@ -280,7 +280,7 @@ def test_the_console_shows_the_thread_like_a_phone(redis_url):
     assert "a picture" in ended.get_data(as_text=True)
 
 
-def test_outbound_messages_and_their_statuses(standin_for_outbound, redis_url, redis_client):
+def test_outbound_messages_and_their_statuses(standin, redis_url, redis_client):
     """A message the handler sends is in the transcript with the message and reply that queued
     it (the same SAVE), and each status the sender and Twilio's callbacks record follows it."""
     from service.sender import Sender
@@ -295,7 +295,7 @@ def test_outbound_messages_and_their_statuses(standin_for_outbound, redis_url, r
     routed = {}
     with LiveServer(lambda environ, start_response: routed["app"](environ, start_response)) as server:
         app = make(
-            standin_for_outbound,
+            standin,
             redis_url,
             sends,
             PUBLIC_BASE_URL=server.url.removesuffix("/sms"),
@@ -321,21 +321,13 @@ def test_outbound_messages_and_their_statuses(standin_for_outbound, redis_url, r
     assert {e["id"] for e in stored if e["dir"] == "status"} == {listed[2]["id"]}
 
 
-@pytest.fixture
-def standin_for_outbound():
-    from tests.support.standin import StandinServer
-
-    with StandinServer() as server:
-        yield server
-
-
-def test_a_message_sent_first_is_written_by_the_push(standin_for_outbound, redis_url, redis_client):
+def test_a_message_sent_first_is_written_by_the_push(standin, redis_url, redis_client):
     """service.send() from outside a webhook: its entry, timed by Redis, in the conversation it
     starts; the reply continues it."""
     from service.sending import send
     from tests.test_outbound import make, text
 
-    app = make(standin_for_outbound, redis_url, echo, TRANSCRIPTS=True)
+    app = make(standin, redis_url, echo, TRANSCRIPTS=True)
     sent = send(REY, "Your table is ready", sender=OURS, app=app)
     assert text(app.test_client(), "thanks").status_code == 200
     kept = entries(redis_client)
@@ -349,7 +341,7 @@ def test_a_message_sent_first_is_written_by_the_push(standin_for_outbound, redis
     assert {e["conv"] for e in kept} == {sent.conversation}
 
 
-def test_the_cap_holds_whichever_script_writes(standin_for_outbound, redis_url, redis_client):
+def test_the_cap_holds_whichever_script_writes(standin, redis_url, redis_client):
     """TRANSCRIPT_MAX caps the list on every path that writes to it, the newest kept: a
     message's save, a message sent from outside a webhook, a timer's firing, the statuses the
     outbound sender records."""
@@ -364,7 +356,7 @@ def test_the_cap_holds_whichever_script_writes(standin_for_outbound, redis_url, 
         conversation.remind(0, "soon", cancel_on_reply=False)
         return f"got {message.body}"
 
-    app = make(standin_for_outbound, redis_url, handler, TRANSCRIPTS=True, TRANSCRIPT_MAX=2)
+    app = make(standin, redis_url, handler, TRANSCRIPTS=True, TRANSCRIPT_MAX=2)
 
     def kept():
         return [
@@ -382,7 +374,7 @@ def test_the_cap_holds_whichever_script_writes(standin_for_outbound, redis_url, 
     assert [direction for direction, _ in kept()] == ["status", "status"]
 
 
-def test_retention_counts_from_the_end_the_conversation_has(standin_for_outbound, redis_url, redis_client):
+def test_retention_counts_from_the_end_the_conversation_has(standin, redis_url, redis_client):
     """The transcript is kept the retention past the conversation's scheduled end as its index
     has it, not CONVERSATION_TTL's: with a time to live of its own, longer or shorter; held by
     an operator, who replies (a message sent from outside a webhook) and hands back."""
@@ -394,7 +386,7 @@ def test_retention_counts_from_the_end_the_conversation_has(standin_for_outbound
         return "ok"
 
     app = make(
-        standin_for_outbound,
+        standin,
         redis_url,
         handler,
         TRANSCRIPTS=True,
