@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +40,7 @@ import requests
 from service import create_app, send
 from service.keys import Keys
 from service.twilio_standin import DEV_ACCOUNT_SID
-from tests.support.app_servers import bin_path, hermetic_environment
-from tests.support.ports import free_port
+from tests.support.app_servers import Gunicorn, bin_path, hermetic_environment
 from tests.support.waiting import wait_for_http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,27 +62,27 @@ FULL = OutboundProfile(messages=3000, conversations=300, processes=(1, 2, 4), ro
 QUICK = OutboundProfile(messages=100, conversations=20, processes=(1, 2), rounds=1)
 
 
-class Standin:
-    """``python -m service.twilio_standin`` on a free port, the bench's token as its account's."""
+class Standin(Gunicorn):
+    """The stand-in (``service.twilio_standin:create_standin``, the bench's token as its
+    account's) on a free port, under gunicorn's gthread worker, which keeps connections alive
+    as Twilio's API does: werkzeug's development server (``python -m service.twilio_standin``)
+    closes each one, so every message would pay a TCP connect on both sides, and under gevent
+    a host lookup in gevent's resolver threads, that production does not."""
 
     def __init__(self, token: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.twilio_standin", "--port", str(self.port), "--auth-token", token],
-            cwd=ROOT,
-            env=hermetic_environment(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        app = f"service.twilio_standin:create_standin({DEV_ACCOUNT_SID!r}, {token!r})"
+        super().__init__(
+            {},
+            workers=1,
+            extra_args=("--worker-class", "gthread", "--threads", "32", "--keep-alive", "60"),
+            app=app,
         )
-        wait_for_http(self.base + "/_standin/faults", self.process)
+
+    def wait_ready(self, seconds: float = 30) -> None:
+        wait_for_http(self.base + "/_standin/faults", self.process, seconds)
 
     def reset(self) -> None:
         requests.post(self.base + "/_standin/reset", timeout=10)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=15)
 
 
 def account(standin: Standin, token: str, redis_url: str) -> dict[str, str]:
@@ -163,7 +161,7 @@ def sender_rate(
     message took in each part (the senders, the stand-in, Redis)."""
     numbers = queue(settings, profile.messages, profile.conversations, series=10 + processes)
     env = {**hermetic_environment(), **settings}
-    standin_before, redis_before = cpu_seconds(standin.process.pid), redis_cpu_seconds(client)
+    standin_before, redis_before = standin.cpu_seconds(), redis_cpu_seconds(client)
     started = [
         subprocess.Popen(
             [bin_path("sms-sessions"), "sender"],
@@ -193,7 +191,7 @@ def sender_rate(
         "messages_per_s": (len(times) - 1) / span if span else 0.0,
         "cpu_us_per_message": {
             "senders": senders_cpu * 1e6 / max(len(times), 1),
-            "standin": (cpu_seconds(standin.process.pid) - standin_before) * 1e6 / max(len(times), 1),
+            "standin": (standin.cpu_seconds() - standin_before) * 1e6 / max(len(times), 1),
             "redis": (redis_cpu_seconds(client) - redis_before) * 1e6 / max(len(times), 1),
         },
     }
@@ -211,6 +209,7 @@ def measure(
     result)."""
     client = redis_server.client
     standin = Standin(token)
+    standin.wait_ready()
     try:
         settings = account(standin, token, redis_server.url)
         rates = []

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.outbound import OUR_NUMBER, Standin, cpu_seconds, queue, redis_cpu_seconds
+from bench.outbound import OUR_NUMBER, Standin, queue, redis_cpu_seconds
 from service import create_app
 from service.sender import Sender
 from service.twilio_standin import DEV_ACCOUNT_SID
@@ -33,6 +33,7 @@ def measure(messages: int, conversations: int, profile: bool, sort: str = "cumul
         redis_server = RedisProcess(Path(workdir) / "redis", *NOT_DURABLE, config=REDIS_CONF).start()
         standin = Standin(TOKEN)
         try:
+            standin.wait_ready()
             settings = {
                 "REDIS_URL": redis_server.url,
                 "TWILIO_ACCOUNT_SID": DEV_ACCOUNT_SID,
@@ -45,7 +46,7 @@ def measure(messages: int, conversations: int, profile: bool, sort: str = "cumul
             app = create_app(settings)
             sender = Sender(app)
             client = redis_server.client()
-            standin_before, redis_before = cpu_seconds(standin.process.pid), redis_cpu_seconds(client)
+            standin_before, redis_before = standin.cpu_seconds(), redis_cpu_seconds(client)
             profiler = cProfile.Profile() if profile else None
             started, cpu_started, sent = time.perf_counter(), time.thread_time(), 0
             with app.app_context():
@@ -68,9 +69,7 @@ def measure(messages: int, conversations: int, profile: bool, sort: str = "cumul
                 "messages_per_s": round(sent / wall, 1),
                 "cpu_us_per_message": {
                     "sender": round(cpu * 1e6 / max(sent, 1)),
-                    "standin": round(
-                        (cpu_seconds(standin.process.pid) - standin_before) * 1e6 / max(sent, 1)
-                    ),
+                    "standin": round((standin.cpu_seconds() - standin_before) * 1e6 / max(sent, 1)),
                     "redis": round((redis_cpu_seconds(client) - redis_before) * 1e6 / max(sent, 1)),
                 },
                 "load_average": os.getloadavg(),

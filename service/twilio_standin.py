@@ -10,7 +10,8 @@ numbers, rules posted to ``/_standin/faults``) are deterministic; ``/_standin/me
 the inbox of each simulated phone. docs/outbound.md describes all of it.
 
 The control endpoints have no authentication: the stand-in listens on 127.0.0.1 unless told
-otherwise. It serves on werkzeug's threaded server, whose socket a lost answer closes.
+otherwise. ``python -m service.twilio_standin`` serves on werkzeug's threaded server; gunicorn
+serves ``create_standin(...)`` too (``make bench`` does, for connections kept alive).
 """
 
 from __future__ import annotations
@@ -427,11 +428,12 @@ class Standin:
 
     @staticmethod
     def _drop_connection() -> None:
-        """Closes this request's socket: the client gets no answer (werkzeug then drops the
+        """Closes this request's socket: the client gets no answer (the server then drops the
         response it cannot write, as it does when a client hangs up)."""
-        sock = request.environ.get("werkzeug.socket")
+        environ = request.environ
+        sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
         if sock is None:
-            raise RuntimeError("lose_answer needs werkzeug's server (python -m service.twilio_standin)")
+            raise RuntimeError("lose_answer needs the request's socket (werkzeug's server or gunicorn)")
         sock.shutdown(socket.SHUT_RDWR)
 
     # -- statuses and their callbacks ----------------------------------------------------
