@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUR_NUMBER = "+15550001111"
 KEYS = Keys()
 PACED_SHARE = 0.1  # the paced run queues this share of the webhook's idle rate
-NICE = 10  # the niced sender process' niceness
+NICE = 19  # the niced sender process' niceness (docs/deploying.md's advice)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,6 +90,45 @@ class Doorbell:
         rung = self._rung.wait(seconds)
         self._rung.clear()
         return rung
+
+
+class WebhookLoad:
+    """The webhook requests a process is serving now (``webhook.Webhook`` counts them). Its
+    sender yields to them: it hands Twilio a message when there are none, and at most one every
+    ``SENDER_YIELD`` while there are. An inbound message Twilio cannot deliver within 15 s is
+    lost, an outbound one waits in its outbox, so on cores both share the webhook comes first;
+    the sender catches up in the webhook's pauses (docs/outbound.md, "The webhook first")."""
+
+    POLL = 0.005  # seconds between two looks at a busy webhook
+
+    def __init__(self) -> None:
+        self._requests: deque[None] = deque()  # one item a request: append and pop are atomic
+        self._turn = threading.Lock()  # one sender thread waits for a pause, the others behind it
+        self._anyway = 0.0  # when (monotonic) the next message may go however busy the webhook is
+
+    def enter(self) -> None:
+        self._requests.append(None)
+
+    def leave(self) -> None:
+        self._requests.pop()
+
+    @property
+    def serving(self) -> int:
+        return len(self._requests)
+
+    def turn(self, patience: float, stopping: threading.Event) -> None:
+        """Returns when no webhook request is in flight, or when ``patience`` seconds have
+        passed since the last message that went while they were (at once the first time);
+        ``patience`` 0 returns at once."""
+        if not self._requests or patience <= 0:
+            return
+        with self._turn:
+            while self._requests and not stopping.is_set():
+                now = time.monotonic()
+                if now >= self._anyway:
+                    self._anyway = now + patience
+                    return
+                stopping.wait(min(self.POLL, self._anyway - now))
 
 
 def new_id() -> str:

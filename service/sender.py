@@ -7,6 +7,8 @@ first queued message (``claim.lua``: the conversation is held for ``SENDER_LEASE
 senders deliver one conversation's messages at once, and its order holds), delivers it and
 records the outcome (``finish.lua``): handed to Twilio (its SID and status), to retry after
 ``backoff`` (429, 5xx, a timeout), or failed for good (Twilio's error code, or a rule's).
+Before each message it yields to the webhook requests its process is serving
+(``outbox.WebhookLoad``, ``SENDER_YIELD``).
 
 A message goes out at most once, except in the lost-answer window: a create Twilio stored
 whose answer never came back (a timeout, a dropped connection, a 5xx, or this process killed
@@ -107,6 +109,7 @@ class Sender:
         # A create and a lookup must fit in a claim, or a slow call would outlive it.
         self.lease_ms = int(max(config["SENDER_LEASE"], 3 * config["TWILIO_API_TIMEOUT"]) * 1000)
         self.callbacks = status_callback_base(config)
+        self.patience = config["SENDER_YIELD"]
         self.pool = ThreadPoolExecutor(config["SENDER_THREADS"], thread_name_prefix="sms-sender")
         self.stopping = threading.Event()
 
@@ -140,6 +143,7 @@ class Sender:
         attempts = 0
         try:
             while attempts < PER_CONVERSATION and not self.stopping.is_set():
+                self.wired.webhook_load.turn(self.patience, self.stopping)  # the webhook first
                 token = secrets.token_hex(8)
                 claimed = self.wired.store.claim(keys, token, self.lease_ms)
                 if claimed is None:

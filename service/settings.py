@@ -327,6 +327,15 @@ SETTINGS = [
         "none and its own process queued none meanwhile, 0.01 to 60.",
     ),
     Setting(
+        "SENDER_YIELD",
+        0.2,
+        _between(float, 0, 60, "a number of seconds"),
+        "Seconds between two outbound messages a serving process' sender hands Twilio while the "
+        "process is answering webhook requests, 0 to 60: it sends in the webhook's pauses, and "
+        "this often however busy the webhook is (inbound messages first: Twilio gives up on an "
+        "answer after 15 s, an outbound message waits); 0 sends without yielding.",
+    ),
+    Setting(
         "SENDER_LEASE",
         60.0,
         _between(float, 1, 3600, "a number of seconds"),

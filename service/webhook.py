@@ -152,6 +152,8 @@ class Webhook:
         fields = {"method": method, "remote": environ.get("REMOTE_ADDR")}  # ProxyFix ran outside
         token = logs.open_summary(fields)
         statuses: list[str] = []
+        load = current(self.app).webhook_load  # the process' sender yields while it counts any
+        load.enter()
 
         def start(status: str, headers, exc_info=None):
             statuses.append(status)
@@ -166,6 +168,7 @@ class Webhook:
                 return http_error(RequestURITooLarge())(environ, start)
             return self.wsgi_app(environ, start)
         finally:  # an exception Flask let through (testing, a bug of its own) is a 500
+            load.leave()
             logs.close_summary(token)
             _finished(self.app, int(statuses[-1][:3]) if statuses else 500, fields, started)
 

@@ -22,7 +22,7 @@ from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
 from .numbers_hash import NumberHash
-from .outbox import Doorbell
+from .outbox import Doorbell, WebhookLoad
 from .redis_client import Client, is_cluster
 from .runs import Runs
 from .sessions import ConversationSessionInterface
@@ -58,6 +58,7 @@ class Wiring:
     handoffs: Handoffs  # operators taking conversations over from the bot
     on_status: StatusHook | None = None  # the handler module's on_status (service/status.py)
     doorbell: Doorbell = field(default_factory=Doorbell)  # rung when this process queues outbound
+    webhook_load: WebhookLoad = field(default_factory=WebhookLoad)  # what the sender yields to
 
 
 def current(app: Flask | None = None) -> Wiring:

@@ -5,16 +5,18 @@ redis-server; retries, permanent errors and per-conversation order."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from flask import request
 
-from service import create_app
+from service import create_app, send
 from service.handler import Conversation
 from service.keys import Keys
 from service.sender import Sender
+from service.wiring import current
 from tests.support import status_handler
 from tests.support.app import sign, webhook_params
 from tests.support.app_servers import LiveServer
@@ -296,3 +298,57 @@ def test_the_end_hook_cannot_queue_into_the_ended_conversation():
     with pytest.raises(RuntimeError, match="service.send"):
         ended.send("too late")
     assert ended.outbound == []
+
+
+def _busy_webhook(app, released: threading.Event) -> threading.Thread:
+    """A webhook request held in flight (its handler waits for ``released``), from FINN."""
+    answered = []
+    thread = threading.Thread(target=lambda: answered.append(text(app.test_client(), "wait", sender=FINN)))
+    thread.answered = answered  # type: ignore[attr-defined]
+    thread.start()
+    wait_until(lambda: current(app).webhook_load.serving == 1, what="the webhook request in flight")
+    return thread
+
+
+def _waiting_handler(released: threading.Event):
+    def handler(message, conversation):
+        assert released.wait(30)
+        return "done"
+
+    return handler
+
+
+def test_the_sender_yields_to_the_webhook(standin, redis_url):
+    """While a webhook request is in flight the process' sender hands Twilio one message every
+    SENDER_YIELD (the first at once), and the rest once the webhook pauses."""
+    released = threading.Event()
+    app = make(standin, redis_url, _waiting_handler(released), SENDER_YIELD=30, HANDLER_INLINE_BUDGET=20)
+    for n in range(3):
+        send(REY, f"reminder {n}", app=app)
+    request_thread = _busy_webhook(app, released)
+    sending = threading.Thread(target=drain, args=(Sender(app),))
+    sending.start()
+    wait_until(lambda: len(held(standin)) == 1, what="the first message, at once")
+    time.sleep(0.5)  # SENDER_YIELD is 30 s: the next waits for the webhook
+    assert bodies(standin) == ["reminder 0"]
+    released.set()
+    request_thread.join(30)
+    sending.join(30)
+    assert request_thread.answered[0].status_code == 200  # type: ignore[attr-defined]
+    assert bodies(standin) == ["reminder 0", "reminder 1", "reminder 2"]
+
+
+def test_a_busy_webhook_never_stops_the_sender(standin, redis_url):
+    """However long the webhook stays busy, a message goes out every SENDER_YIELD."""
+    released = threading.Event()
+    app = make(standin, redis_url, _waiting_handler(released), SENDER_YIELD=0.05, HANDLER_INLINE_BUDGET=20)
+    for n in range(3):
+        send(REY, f"reminder {n}", app=app)
+    request_thread = _busy_webhook(app, released)
+    try:
+        drain(Sender(app))
+        assert bodies(standin) == ["reminder 0", "reminder 1", "reminder 2"]
+        assert current(app).webhook_load.serving == 1  # sent while the webhook was still busy
+    finally:
+        released.set()
+        request_thread.join(30)
