@@ -210,7 +210,7 @@ class Generator:
         self.deadline = time.monotonic() + self.plan["deadline_s"]
         cpu_before = cpu_seconds()
         barrier.wait()
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         for thread in threads:
             thread.join()
         wall = time.perf_counter() - started
@@ -221,6 +221,7 @@ class Generator:
             "errors": self.errors,
             "statuses": {str(code): n for code, n in sorted(self.statuses.items())},
             "wall_s": wall,
+            "started_at": started_at,  # epoch seconds, to compare with what Redis records meanwhile
             "throughput_rps": len(latencies) / wall if wall else 0.0,
             "latency_ms": {
                 name: percentile(latencies, q) * 1000

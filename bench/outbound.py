@@ -10,15 +10,16 @@ the records themselves, messages over the time between the first and the last on
 CPU bounds the figure, as Twilio's API latency bounds it in production.
 
 Webhook while sending: the service under gunicorn with ``config/gunicorn.conf.py`` and an
-account, so each worker runs its sender; ``bench/loadgen.py`` drives it, in turn with an empty
-outbox and with a backlog large enough to outlast the load (the report says how many
-conversations were still queued at the end: more than none means the senders ran throughout);
-and, as a reference, the same workers without an account beside one ``sms-sessions sender``
-process delivering such a backlog, at the normal priority and at ``nice -n 10`` (where it gets
-the CPU the webhook leaves); and the workers' senders delivering messages queued during
-the run at a tenth of the webhook's rate (what an app that sends some of its answers later
-queues), not a backlog drained flat out. Medians over rounds. Everything shares the machine's
-cores: the stand-in's CPU (Twilio's, in production) is taken from the webhook too.
+account, so each worker runs its sender, which yields to the webhook (``SENDER_YIELD``);
+``bench/loadgen.py`` drives it in pairs of runs, one with an empty outbox and one with a
+backlog that outlasts the load (the report says how many conversations were still queued at
+the end, and how many messages a second the senders handed to Twilio during the load). Then, as
+references against the same runs with nothing to send: the same workers without an account
+beside one ``sms-sessions sender`` process delivering such a backlog (it does not yield), at
+the normal priority and at ``nice -n 19``; and the workers' senders delivering messages queued
+during the run at a tenth of the webhook's rate (what an app that sends some of its answers
+later queues). Medians over rounds. Everything shares the machine's cores: the stand-in's CPU
+(Twilio's, in production) is taken from the webhook too.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUR_NUMBER = "+15550001111"
 KEYS = Keys()
 PACED_SHARE = 0.1  # the paced run queues this share of the webhook's idle rate
-NICE = 19  # the niced sender process' niceness (docs/deploying.md's advice)
+DRAIN_S = 1  # seconds the senders get to finish what they claimed before the next run
+NICE = 19  # the niced sender process' niceness: the lowest
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,25 @@ def handed_times(client: redis.Redis, numbers: list[str]) -> list[int]:
     return sorted(times)
 
 
+def handed_within(client: redis.Redis, numbers: list[str], run: dict) -> float:
+    """Messages a second these conversations' senders handed to Twilio during the load run
+    ``run`` (its window, not the load generator's start-up or exit)."""
+    start = run["started_at"] * 1000
+    end = start + run["wall_s"] * 1000
+    return sum(1 for at in handed_times(client, numbers) if start <= at <= end) / run["wall_s"]
+
+
+def discard(client: redis.Redis, numbers: list[str]) -> None:
+    """Takes these conversations' queued messages away, so the senders stop at once (a pass
+    goes on with the conversations it took, whatever the due indexes say)."""
+    pipe = client.pipeline(transaction=False)
+    for number in numbers:
+        pipe.delete(KEYS.conversation(number, OUR_NUMBER).outbound)
+    pipe.delete(*KEYS.dues())
+    pipe.execute()
+    time.sleep(DRAIN_S)  # the messages already claimed go out before the next run
+
+
 def cpu_seconds(pid: int) -> float:
     """A process's CPU time so far (user and system, from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -231,6 +252,7 @@ def measure(
         fastest = max((rate["messages_per_s"] for rate in rates), default=0) or 300
         try:
             idle, workers, beside, niced, paced, left = [], [], [], [], [], []
+            handed_workers, handed_paced = [], []  # messages a second handed to Twilio meanwhile
 
             def drive_beside(server, run: int, env: dict[str, str], nice: int = 0) -> float:
                 """One run against ``server`` beside an ``sms-sessions sender`` process."""
@@ -247,46 +269,51 @@ def measure(
                     process.terminate()
                     process.wait(timeout=30)
 
+            # The goal's pairs, each run with nothing to send next to one while the workers send
+            # a backlog that outlasts it (at the fastest measured rate, four times over).
             for number in range(profile.rounds):
                 quiet = drive(serving, 60 + 3 * number)
                 idle.append(quiet["throughput_rps"])
-                # A backlog that outlasts the next run at the fastest measured rate, four times over
-                # (a run while sending takes longer than one without).
                 backlog = int(fastest * quiet["wall_s"] * 4) + 100
-                queue(settings, backlog, profile.conversations, series=30 + 2 * number)
-                workers.append(drive(serving, 61 + 3 * number)["throughput_rps"])
+                numbers = queue(settings, backlog, profile.conversations, series=30 + 2 * number)
+                result = drive(serving, 61 + 3 * number)
+                workers.append(result["throughput_rps"])
+                handed_workers.append(handed_within(client, numbers, result))
                 left.append(outbox_left(client))
-                client.delete(*KEYS.dues())  # the rest is not sent: the next run starts empty
-                queue(settings, backlog, profile.conversations, series=31 + 2 * number)
+                discard(client, numbers)
+            # References, against the median of those with nothing to send.
+            for number in range(profile.rounds):
+                numbers = queue(settings, backlog, profile.conversations, series=31 + 2 * number)
                 beside.append(drive_beside(plain, 62 + 3 * number, settings))
                 left.append(outbox_left(client))
-                client.delete(*KEYS.dues())
-                # The same at a lower priority (``nice -n 10 sms-sessions sender``): it gets what
-                # CPU the webhook leaves.
-                queue(settings, backlog, profile.conversations, series=20 + number)
+                discard(client, numbers)
+                # The same at the lowest priority: it gets what CPU the webhook leaves.
+                numbers = queue(settings, backlog, profile.conversations, series=20 + number)
                 niced.append(drive_beside(plain, 80 + number, settings, nice=NICE))
                 left.append(outbox_left(client))
-                client.delete(*KEYS.dues())
+                discard(client, numbers)
                 # Paced: messages queued during the run at a tenth of the webhook's rate, as an
                 # app that answers some messages later, or sends reminders, queues them.
                 stop = threading.Event()
-                pacer = threading.Thread(
-                    target=pace, args=(settings, idle[-1] * PACED_SHARE, 40 + number, stop), daemon=True
-                )
+                rate = statistics.median(idle) * PACED_SHARE
+                pacer = threading.Thread(target=pace, args=(settings, rate, 40 + number, stop), daemon=True)
                 pacer.start()
                 try:
-                    paced.append(drive(serving, 63 + 3 * number)["throughput_rps"])
+                    result = drive(serving, 63 + 3 * number)
+                    paced.append(result["throughput_rps"])
+                    handed_paced.append(handed_within(client, phones(50, 40 + number), result))
                 finally:
                     stop.set()
                     pacer.join()
-                print(
-                    f"  outbound: webhook {idle[-1]:.0f} req/s with nothing to send, {workers[-1]:.0f} "
-                    f"while its workers send, {beside[-1]:.0f} beside a sender process, {niced[-1]:.0f} "
-                    f"beside one at nice {NICE} ({backlog} queued each time; conversations still "
-                    f"queued after: {left[-3:]}), "
-                    f"{paced[-1]:.0f} while its workers send {PACED_SHARE:.0%} of that rate as queued",
-                    flush=True,
-                )
+                discard(client, phones(50, 40 + number))
+            print(
+                f"  outbound: webhook {idle} req/s with nothing to send, {workers} while its workers send "
+                f"(handed {handed_workers} messages a second meanwhile), {beside} beside a sender "
+                f"process, {niced} beside one at nice {NICE}, {paced} while its workers send "
+                f"{PACED_SHARE:.0%} of that rate as queued (handed {handed_paced} a second); "
+                f"conversations still queued after each: {left}",
+                flush=True,
+            )
         finally:
             serving.stop()
             plain.stop()
@@ -301,6 +328,7 @@ def measure(
             "sender_process_rps": beside,
             "conversations_still_queued_after": left,
             "ratio": statistics.median(workers) / base,
+            "workers_handed_per_s": handed_workers,
             "ratio_sender_process": statistics.median(beside) / base,
             "sender_process_niced_rps": niced,
             "sender_process_nice": NICE,
@@ -308,6 +336,7 @@ def measure(
             "paced_rps": paced,
             "paced_share": PACED_SHARE,
             "ratio_paced": statistics.median(paced) / base,
+            "paced_handed_per_s": handed_paced,
         },
     }
 

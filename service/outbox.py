@@ -93,37 +93,46 @@ class Doorbell:
 
 
 class WebhookLoad:
-    """The webhook requests a process is serving now (``webhook.Webhook`` counts them). Its
-    sender yields to them: it hands Twilio a message when there are none, and at most one every
-    ``SENDER_YIELD`` while there are. An inbound message Twilio cannot deliver within 15 s is
-    lost, an outbound one waits in its outbox, so on cores both share the webhook comes first;
-    the sender catches up in the webhook's pauses (docs/outbound.md, "The webhook first")."""
+    """The webhook requests a process is serving (``webhook.Webhook`` counts them). Its sender
+    yields to them: it hands Twilio a message in the webhook's pauses (no request for
+    ``PAUSE``), and at most one every ``SENDER_YIELD`` while there are none. An inbound message
+    Twilio cannot deliver within 15 s is lost, an outbound one waits in its outbox, so on cores
+    both share the webhook comes first (docs/outbound.md, "The webhook first")."""
 
+    # No request for this long is a pause: a busy worker's requests come a few ms apart, and
+    # its sending (about 2 ms of CPU a message) would take their cores between them.
+    PAUSE = 0.01
     POLL = 0.005  # seconds between two looks at a busy webhook
 
     def __init__(self) -> None:
         self._requests: deque[None] = deque()  # one item a request: append and pop are atomic
+        self._last = 0.0  # when (monotonic) a request last came or went
         self._turn = threading.Lock()  # one sender thread waits for a pause, the others behind it
-        self._anyway = 0.0  # when (monotonic) the next message may go however busy the webhook is
+        self._anyway = 0.0  # when the next message may go however busy the webhook is
 
     def enter(self) -> None:
         self._requests.append(None)
+        self._last = time.monotonic()
 
     def leave(self) -> None:
         self._requests.pop()
+        self._last = time.monotonic()
 
     @property
     def serving(self) -> int:
         return len(self._requests)
 
+    def paused(self) -> bool:
+        return not self._requests and time.monotonic() - self._last >= self.PAUSE
+
     def turn(self, patience: float, stopping: threading.Event) -> None:
-        """Returns when no webhook request is in flight, or when ``patience`` seconds have
-        passed since the last message that went while they were (at once the first time);
-        ``patience`` 0 returns at once."""
-        if not self._requests or patience <= 0:
+        """Returns in a pause of the webhook, or when ``patience`` seconds have passed since
+        the last message that went while it was busy (at once the first time); ``patience`` 0
+        returns at once."""
+        if patience <= 0 or self.paused():
             return
         with self._turn:
-            while self._requests and not stopping.is_set():
+            while not self.paused() and not stopping.is_set():
                 now = time.monotonic()
                 if now >= self._anyway:
                     self._anyway = now + patience
