@@ -13,8 +13,9 @@ Contenders, each under gunicorn with the bench's workers and worker model:
 
 Per contender: the webhook's answers (latency from the moment all were sent, p50/p99, and how
 many were not 200 within 15 s), and when each reply was ready: for the service, when the
-workers' outbound senders delivered it to the Twilio stand-in (``service/twilio_standin.py``, in
-this process; ``SENDER_THREADS`` 16); for the peer, its answer. Lost: the peer's messages
+workers' outbound senders handed it to the Twilio stand-in (``bench.outbound.Standin``, a
+process of its own keeping connections alive, as Twilio does; ``SENDER_THREADS`` 16), read from
+the service's outbound records; for the peer, its answer. Lost: the peer's messages
 unanswered in 15 s (Twilio gives up on the webhook, and the reply is never sent); the service's
 never delivered. Doubled: a reply delivered twice, or a state that counted its message twice.
 """
@@ -24,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import resource
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,11 +35,13 @@ from pathlib import Path
 
 import aiohttp
 import redis
+import requests
 from twilio.request_validator import RequestValidator
 
+from bench.outbound import Standin, handed_per_conversation
 from service.keys import Keys
+from service.twilio_standin import DEV_ACCOUNT_SID
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn
-from tests.support.standin import ACCOUNT_SID, AUTH_TOKEN, StandinServer
 
 TWILIO_WAITS = 15.0
 WATCHED = 60.0  # how long the service's commits are watched for
@@ -118,25 +119,25 @@ async def _fire(url: str, planned: list[tuple[dict, str]]) -> tuple[float, list[
     return started, list(answers)
 
 
-def _delivered(standin: StandinServer, senders: list[str], started: float) -> list[float | None]:
-    """When each sender's reply reached the Twilio stand-in (seconds after ``started``), and
-    whether a second one did (doubled), watched until all arrived or ``WATCHED`` passed."""
-    found: dict[str, float] = {}
-    counts: dict[str, int] = {}
+def _delivered(
+    standin: Standin, client: redis.Redis, senders: list[str], recipient: str, fired_at: float
+) -> tuple[list[float | None], int]:
+    """When each sender's reply was handed to Twilio (seconds after ``fired_at``, epoch), once
+    the stand-in holds one for each or ``WATCHED`` passed; and how many got more than one."""
     wanted = set(senders)
-    deadline = started + WATCHED
-    while time.monotonic() < deadline:
-        now = time.monotonic() - started
-        counts = {}
-        for message in standin.state.inbox(None):
-            if message["to"] in wanted:
-                counts[message["to"]] = counts.get(message["to"], 0) + 1
-                found.setdefault(message["to"], now)
-        if len(found) == len(wanted):
-            break
-        time.sleep(0.05)
-    _delivered.doubled = sum(1 for count in counts.values() if count > 1)  # type: ignore[attr-defined]
-    return [found.get(sender) for sender in senders]
+    held: list[dict] = []
+    deadline = time.monotonic() + WATCHED
+    with requests.Session() as session:
+        while time.monotonic() < deadline:
+            held = session.get(standin.base + "/_standin/messages", timeout=10).json()
+            if len({message["to"] for message in held} & wanted) == len(wanted):
+                break
+            time.sleep(0.5)
+    counts = Counter(message["to"] for message in held if message["to"] in wanted)
+    handed = handed_per_conversation(client, senders, recipient)
+    return [times[0] / 1000 - fired_at if times else None for times in handed], sum(
+        1 for count in counts.values() if count > 1
+    )
 
 
 def _percentile(values: list[float], share: float) -> float | None:
@@ -158,17 +159,14 @@ def run(
     """One contender under gunicorn: every message at once, then the figures."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     client.flushall()
-    # werkzeug's line per request to the stand-in would be this process' work, not the service's
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    standin = StandinServer()
+    standin = Standin(token)
     sending = {
-        "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "TWILIO_ACCOUNT_SID": DEV_ACCOUNT_SID,
+        "TWILIO_AUTH_TOKEN": token,
         "TWILIO_FROM_NUMBER": recipient,
         "TWILIO_API_BASE_URL": standin.base,
         "SENDER_THREADS": SENDER_THREADS,
     }
-    token = AUTH_TOKEN
     server = Gunicorn(
         {
             "REDIS_URL": redis_url,
@@ -192,27 +190,17 @@ def run(
         time.sleep(float(contender.env["BENCH_HANDLER_SECONDS"]) + 1)
         planned = messages(server.url, token, conversations, recipient)
         keys = [Keys().conversation(params["From"], recipient) for params, _ in planned]
-        cpu_before = server.cpu_seconds(), _own_cpu(), _redis_cpu(client)
-        answered: list = []
+        cpu_before = server.cpu_seconds(), _own_cpu() + standin.cpu_seconds(), _redis_cpu(client)
         delivered: list[float | None] = []
         doubled = 0
+        started, answered = asyncio.run(_fire(server.url, planned))
         if contender.service:
-            holder: dict = {}
-            fired = threading.Thread(
-                target=lambda: holder.update(result=asyncio.run(_fire(server.url, planned)))
+            fired_at = time.time() - (time.monotonic() - started)
+            delivered, doubled = _delivered(
+                standin, client, [params["From"] for params, _ in planned], recipient, fired_at
             )
-            fired.start()
-            started_guess = time.monotonic()  # the load starts at once; deliveries are watched
-            delivered = _delivered(standin, [params["From"] for params, _ in planned], started_guess)
-            doubled = _delivered.doubled  # type: ignore[attr-defined]
-            fired.join()
-            started, answered = holder["result"]
-            offset = started_guess - started
-            delivered = [None if at is None else at + offset for at in delivered]
-        else:
-            started, answered = asyncio.run(_fire(server.url, planned))
         states = [client.hget(key.conversation, "state") for key in keys] if contender.service else []
-        cpu_after = server.cpu_seconds(), _own_cpu(), _redis_cpu(client)
+        cpu_after = server.cpu_seconds(), _own_cpu() + standin.cpu_seconds(), _redis_cpu(client)
     latencies = [at - started for status, at, _ in answered if status == 200]
     refused = sum(1 for status, _, _ in answered if status != 200)
     if contender.service:

@@ -131,18 +131,28 @@ def outbox_left(client: redis.Redis) -> int:
     return sum(pipe.execute())
 
 
-def handed_times(client: redis.Redis, numbers: list[str]) -> list[int]:
+def handed_times(client: redis.Redis, numbers: list[str], ours: str = OUR_NUMBER) -> list[int]:
     """When each of these conversations' messages was handed to Twilio (ms, Redis' clock)."""
+    return sorted(at for times in handed_per_conversation(client, numbers, ours) for at in times)
+
+
+def handed_per_conversation(
+    client: redis.Redis, numbers: list[str], ours: str = OUR_NUMBER
+) -> list[list[int]]:
+    """Per conversation (``numbers``' with ``ours``), when its messages were handed to Twilio
+    (ms, Redis' clock: the sender's FINISH, right after Twilio's answer)."""
     pipe = client.pipeline(transaction=False)
     for number in numbers:
-        pipe.hgetall(KEYS.conversation(number, OUR_NUMBER).sent)
-    times = []
+        pipe.hgetall(KEYS.conversation(number, ours).sent)
+    found = []
     for fields in pipe.execute():
+        times = []
         for name, raw in fields.items():
             state = json.loads(raw) if name.endswith(":s") else {}
             if state.get("stage") == "handed":
                 times.append(int(state["updated_at"]))
-    return sorted(times)
+        found.append(sorted(times))
+    return found
 
 
 def handed_within(client: redis.Redis, numbers: list[str], run: dict) -> float:
