@@ -57,6 +57,7 @@ def test_take_over_reply_and_hand_back(server, shared_standin, browser, redis_ur
     console.wait(lambda _: console.thread()[-1] == ("in", "is anyone there?"))  # shown live
     assert console.browser.execute_script("return window.notReloaded") is True
 
+    assert console.browser.find_elements(By.ID, "send-text") == []  # the reply box is the one box
     console.find("#reply-body").send_keys("Ana here: you are booked for 7 pm.")
     console.find("#send-reply").click()
     console.wait(lambda _: console.find("#notice").text == "Reply sent.")
@@ -68,6 +69,8 @@ def test_take_over_reply_and_hand_back(server, shared_standin, browser, redis_ur
     console.find("#hand-back").click()
     console.wait(lambda _: console.find("#notice").text == "Handed back: the bot answers the next message.")
     assert console.find("#take-over").is_displayed()
+    assert console.find("#send-text").is_displayed()  # the send box is back, the reply box gone
+    assert console.browser.find_elements(By.ID, "reply-body") == []
 
     answered = console.twilio.send(REY, OURS, "thanks!")
     assert answered.reply == count_reply("Rey", 3)
