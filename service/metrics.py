@@ -59,18 +59,23 @@ class StoreGauges:
         last_hour: Callable[[], dict],
         on_error: Callable[[], None],
         waiting: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        backlog: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
     ):
         """``on_error`` hears of each Redis error a scrape met; ``waiting``: conversations
-        waiting for a person, and the longest wait in seconds (service/handoff.py)."""
+        waiting for a person, and the longest wait in seconds (service/handoff.py);
+        ``backlog``: conversations with an outbound message due, and how late the latest is
+        (service/outbound_view.py)."""
         self.count = count
         self.last_hour = last_hour
         self.on_error = on_error
         self.waiting = waiting
+        self.backlog = backlog
 
     def collect(self):
         try:
             count, last_hour = self.count(), self.last_hour()
             waiting, longest = self.waiting()
+            due, late = self.backlog()
         except Exception as error:  # redis_client.is_outage: redis-py's own failures too
             if not is_outage(error):
                 raise
@@ -91,6 +96,16 @@ class StoreGauges:
             "sms_conversations_waiting_for_person_longest_seconds",
             "How long the conversation waiting longest for a person has waited (0: none waits).",
             value=longest,
+        )
+        yield GaugeMetricFamily(
+            "sms_outbound_due_conversations",
+            "Conversations whose next outbound message is due and not yet handed to Twilio.",
+            value=due,
+        )
+        yield GaugeMetricFamily(
+            "sms_outbound_due_late_seconds",
+            "How long the latest of those has been due (0: none): the senders' lag.",
+            value=late,
         )
         for name, key, meaning in (
             ("duration_seconds", "average_duration_s", "Average duration"),
@@ -113,12 +128,14 @@ class Metrics:
         last_hour: Callable[[], dict],
         multiprocess: bool,
         waiting: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        backlog: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
     ):
-        """``count``, ``last_hour`` and ``waiting``: the gauges' readings (the operators' count,
-        the last hour's stats, who waits for a person), read when scraped."""
+        """``count``, ``last_hour``, ``waiting`` and ``backlog``: the gauges' readings (the
+        operators' count, the last hour's stats, who waits for a person, the outbox's
+        backlog), read when scraped."""
         registry = None if multiprocess else CollectorRegistry()
         self.registry = registry
-        self.active = StoreGauges(count, last_hour, self.count_redis_error, waiting)
+        self.active = StoreGauges(count, last_hour, self.count_redis_error, waiting, backlog)
         if registry is not None:  # first, so that a scrape reports its own Redis error
             registry.register(self.active)
         self.messages = Counter(

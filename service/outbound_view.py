@@ -124,6 +124,20 @@ class OutboundView:
         pipe.pexpire(failed, FAILURES_KEEP_MS)
         pipe.execute()
 
+    def backlog(self) -> tuple[int, float]:
+        """Conversations whose next outbound message is due now (not being sent, not waiting to
+        retry), and how late the latest of them is in seconds (the metrics'): one ZCOUNT and
+        one ZRANGE per tag, in one pipeline."""
+        now = now_ms()
+        pipe = self.client.pipeline(transaction=False)
+        for due in self.keys.dues():
+            pipe.zcount(due, "-inf", now)
+            pipe.zrange(due, 0, 0, withscores=True)
+        replies = pipe.execute()
+        count = sum(replies[0::2])
+        oldest = min((int(first[0][1]) for first in replies[1::2] if first), default=now)
+        return count, max(0, now - oldest) / 1000
+
     def outbox(self, limit: int) -> Outbox:
         """Up to ``limit`` waiting messages and up to ``limit`` failures, across every tag, in
         at most four pipelined round trips (indexes, outboxes, and the two lists' records)."""

@@ -22,6 +22,7 @@ from .keys import Keys
 from .live import LiveConversations
 from .metrics import Metrics, multiprocess
 from .numbers_hash import NumberHash
+from .outbound_view import OutboundView
 from .outbox import Doorbell, WebhookLoad
 from .redis_client import Client, is_cluster
 from .runs import Runs
@@ -81,7 +82,11 @@ def init_app(
     keys = Keys(config["REDIS_KEY_PREFIX"], cluster=is_cluster(config["REDIS_URL"]))
     # The gauges read the operators' view and the history when scraped, once both are built.
     metrics = Metrics(
-        lambda: live.count(), lambda: history.stats(), multiprocess(), lambda: handoffs.waiting_gauge()
+        lambda: live.count(),
+        lambda: history.stats(),
+        multiprocess(),
+        lambda: handoffs.waiting_gauge(),
+        OutboundView(redis, keys).backlog,
     )
     number_hash = NumberHash.from_config(config)
     store = ConversationStore.from_config(

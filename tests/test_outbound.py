@@ -352,3 +352,27 @@ def test_a_busy_webhook_never_stops_the_sender(standin, redis_url):
     finally:
         released.set()
         request_thread.join(30)
+
+
+def test_the_outbox_backlog_is_a_metric(standin, redis_url):
+    """What the senders have yet to hand Twilio: conversations due, and how late the latest is."""
+
+    def gauges(app) -> dict[str, float]:
+        scraped = app.test_client().get("/metrics").get_data(as_text=True)
+        return {
+            name: float(value)
+            for name, _, value in (line.partition(" ") for line in scraped.splitlines())
+            if name.startswith("sms_outbound_due_")
+        }
+
+    app = make(standin, redis_url, lambda message, conversation: None)
+    assert gauges(app) == {"sms_outbound_due_conversations": 0.0, "sms_outbound_due_late_seconds": 0.0}
+    send(REY, "one", app=app)
+    send(FINN, "two", app=app)
+    send(FINN, "three", app=app)
+    time.sleep(0.05)
+    waiting = gauges(app)
+    assert waiting["sms_outbound_due_conversations"] == 2.0
+    assert waiting["sms_outbound_due_late_seconds"] >= 0.05
+    drain(Sender(app))
+    assert gauges(app) == {"sms_outbound_due_conversations": 0.0, "sms_outbound_due_late_seconds": 0.0}
