@@ -95,7 +95,7 @@ class Doorbell:
 class WebhookLoad:
     """The webhook requests a process is serving (``webhook.Webhook`` counts them). Its sender
     yields to them: it hands Twilio a message in the webhook's pauses (no request for
-    ``PAUSE``), and at most one every ``SENDER_YIELD`` while there are none. An inbound message
+    ``PAUSE``), and one every ``SENDER_YIELD`` however busy the webhook is. An inbound message
     Twilio cannot deliver within 15 s is lost, an outbound one waits in its outbox, so on cores
     both share the webhook comes first (docs/outbound.md, "The webhook first")."""
 
