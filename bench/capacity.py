@@ -222,7 +222,7 @@ def run(
         "lost": conversations - len(ready),  # the peer: unanswered in 15 s; the service: never delivered
         "doubled": doubled,
         # CPU per message over the burst (until every reply was delivered or WATCHED passed):
-        # gunicorn's processes, this one (the load, and the service's stand-in), Redis.
+        # gunicorn's processes, this one (the load) with the stand-in's, Redis.
         "cpu_ms_per_message": {
             part: round((after - before) * 1000 / conversations, 2)
             for part, before, after in zip(("gunicorn", "load_and_standin", "redis"), cpu_before, cpu_after)

@@ -297,7 +297,7 @@ def measure(
                 beside.append(drive_beside(plain, 62 + 3 * number, settings))
                 left.append(outbox_left(client))
                 discard(client, numbers)
-                # The same at the lowest priority: it gets what CPU the webhook leaves.
+                # The same at the lowest priority (``nice -n 19``).
                 numbers = queue(settings, backlog, profile.conversations, series=20 + number)
                 niced.append(drive_beside(plain, 80 + number, settings, nice=NICE))
                 left.append(outbox_left(client))

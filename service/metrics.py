@@ -63,7 +63,7 @@ class StoreGauges:
     ):
         """``on_error`` hears of each Redis error a scrape met; ``waiting``: conversations
         waiting for a person, and the longest wait in seconds (service/handoff.py);
-        ``backlog``: conversations with an outbound message due, and how late the latest is
+        ``backlog``: conversations with an outbound message due, and the longest wait
         (service/outbound_view.py)."""
         self.count = count
         self.last_hour = last_hour
@@ -104,7 +104,7 @@ class StoreGauges:
         )
         yield GaugeMetricFamily(
             "sms_outbound_due_late_seconds",
-            "How long the latest of those has been due (0: none): the senders' lag.",
+            "How long the one of those due longest has waited (0: none): the senders' lag.",
             value=late,
         )
         for name, key, meaning in (

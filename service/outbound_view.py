@@ -126,8 +126,8 @@ class OutboundView:
 
     def backlog(self) -> tuple[int, float]:
         """Conversations whose next outbound message is due now (not being sent, not waiting to
-        retry), and how late the latest of them is in seconds (the metrics'): one ZCOUNT and
-        one ZRANGE per tag, in one pipeline."""
+        retry), and how long the one due longest has waited, in seconds (the metrics'): one
+        ZCOUNT and one ZRANGE per tag, in one pipeline."""
         now = now_ms()
         pipe = self.client.pipeline(transaction=False)
         for due in self.keys.dues():

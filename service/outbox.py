@@ -99,8 +99,8 @@ class WebhookLoad:
     Twilio cannot deliver within 15 s is lost, an outbound one waits in its outbox, so on cores
     both share the webhook comes first (docs/outbound.md, "The webhook first")."""
 
-    # No request for this long is a pause: a busy worker's requests come a few ms apart, and
-    # its sending (about 2 ms of CPU a message) would take their cores between them.
+    # No request for this long is a pause: the gaps between a busy worker's requests are
+    # shorter, and a message sent in them would take the cores its next requests need.
     PAUSE = 0.01
     POLL = 0.005  # seconds between two looks at a busy webhook
 

@@ -24,7 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, RequestURITooLarge
 from . import handler, logs
 from .handler import Message
 from .masking import mask
-from .metrics import Outcome
+from .metrics import Metrics, Outcome
 from .responses import NO_REPLY, http_error, memo, problem, recall, render, twiml
 from .runs import Run, RunOutcome
 from .serving import SLOTS_KEY
@@ -152,8 +152,8 @@ class Webhook:
         fields = {"method": method, "remote": environ.get("REMOTE_ADDR")}  # ProxyFix ran outside
         token = logs.open_summary(fields)
         statuses: list[str] = []
-        load = current(self.app).webhook_load  # the process' sender yields while it counts any
-        load.enter()
+        wired = current(self.app)
+        wired.webhook_load.enter()  # the process' sender yields while it counts any
 
         def start(status: str, headers, exc_info=None):
             statuses.append(status)
@@ -168,9 +168,9 @@ class Webhook:
                 return http_error(RequestURITooLarge())(environ, start)
             return self.wsgi_app(environ, start)
         finally:  # an exception Flask let through (testing, a bug of its own) is a 500
-            load.leave()
+            wired.webhook_load.leave()
             logs.close_summary(token)
-            _finished(self.app, int(statuses[-1][:3]) if statuses else 500, fields, started)
+            _finished(wired.metrics, int(statuses[-1][:3]) if statuses else 500, fields, started)
 
 
 @bp.route(PATH, methods=METHODS)
@@ -309,11 +309,10 @@ def outcome(status: int, told: Outcome | None) -> Outcome:
     return Outcome.ERROR
 
 
-def _finished(app: Flask, status: int, fields: dict, started: float) -> None:
+def _finished(metrics: Metrics, status: int, fields: dict, started: float) -> None:
     """The request's metrics and its one log line, once the response is final."""
     seconds = time.perf_counter() - started
     result = outcome(status, fields.pop("outcome", None))
-    metrics = current(app).metrics
     metrics.by_outcome[result].inc()
     metrics.latency.observe(seconds)
     level = logging.ERROR if result is Outcome.ERROR else logging.INFO
