@@ -9,7 +9,10 @@ Contenders, each under gunicorn with the bench's workers and worker model:
   (``bench/slow_handlers.py``), ``HANDLER_INLINE_BUDGET`` 25 ms;
 - ``service-sync``: the same with a plain handler sleeping it in its thread;
 - ``validated-sync``: the peer (``bench/validated_slow_app.py``), Flask-Session behind Twilio's
-  validator, its view sleeping the time and answering inline, as it must.
+  validator, its view sleeping the time and answering inline, as it must;
+- ``tutorial-cookie``: the floor, Twilio's tutorial (``bench/cookie_app.py``: the counter in a
+  signed cookie, no Redis, no signature check) answering at once: how soon this machine can
+  answer that many messages at all.
 
 Per contender: the webhook's answers (latency from the moment all were sent, p50/p99, and how
 many were not 200 within 15 s), and when each reply was ready: for the service, when the
@@ -75,6 +78,7 @@ def contenders(seconds: float) -> list[Contender]:
             True,
         ),
         Contender("validated-sync", "bench.validated_slow_app:app", common, False),
+        Contender("tutorial-cookie", "bench.cookie_app:app", common, False),
     ]
 
 
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         choices=[contender.name for contender in contenders(0)],
-        help="only this one (repeatable; default: all three)",
+        help="only this one (repeatable; default: all four)",
     )
     parser.add_argument(
         "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
