@@ -39,7 +39,7 @@ import redis
 from service import settings
 from service.keys import ConversationKeys, Keys
 from service.sessions import SESSION_ID_BYTES
-from service.store import ConversationStore, Opened, decode_turn
+from service.store import Commit, ConversationStore, Opened, decode_turn
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.replies import count_reply, thanks
 from tests.support.waiting import wait_until
@@ -172,11 +172,13 @@ class Paths:
                     *store.save_call(
                         pair,
                         turn,
-                        sid=self.sids[pair.member],
-                        state="{}",
-                        is_new=message == 1,
-                        message_sid=_message_sid(message, pair),
-                        answer=_reply(message),
+                        Commit(
+                            sid=self.sids[pair.member],
+                            state="{}",
+                            is_new=message == 1,
+                            message_sid=_message_sid(message, pair),
+                            answer=_reply(message),
+                        ),
                     ),
                 )
                 for pair, turn in zip(self.pairs, opened)
@@ -208,11 +210,13 @@ def per_message(client: redis.Redis, store: ConversationStore, pairs: list[Conve
             store.save(
                 pair,
                 opened,
-                sid=sids[pair.member],
-                state="{}",
-                is_new=message == 1,
-                message_sid=_message_sid(message, pair),
-                answer=_reply(message),
+                Commit(
+                    sid=sids[pair.member],
+                    state="{}",
+                    is_new=message == 1,
+                    message_sid=_message_sid(message, pair),
+                    answer=_reply(message),
+                ),
             )
         figures[shape] = (_cpu_seconds(client) - before) * 1e6 / len(pairs)
     return figures

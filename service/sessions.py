@@ -35,7 +35,7 @@ from .logs import annotate, report
 from .metrics import Metrics
 from .outbox import Doorbell, Outgoing, encode
 from .redis_client import is_outage
-from .store import NO_CHANGE, ConversationStore, Inbound, Opened, Queued, Timing, decode_state
+from .store import NO_CHANGE, Commit, ConversationStore, Inbound, Opened, Queued, Timing, decode_state
 from .timers import Timer
 from .transcripts import OFF as TRANSCRIPTS_OFF
 from .transcripts import Settings as TranscriptSettings
@@ -148,30 +148,46 @@ class ConversationSession(Conversation):
         """Round trip 2: ``state`` (``encoded()``; or the conversation's end) and ``answer``,
         kept for a redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
         bound = self._bound()
-        ended = self.interface.store.save(
-            bound.keys,
-            bound.opened,
-            sid=bound.sid,
+        commit = self._commit(bound, bound.sid, state, answer, self.end_reason, self.timing(), self.outbound)
+        ended = self.interface.store.save(bound.keys, bound.opened, commit)
+        self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
+        self._count(bound, ended)
+
+    def _commit(
+        self,
+        bound: Binding,
+        sid: str,
+        state: str,
+        answer: str,
+        end_reason: str | None,
+        timers: Timing,
+        sent: Sequence[Outgoing],
+        outcome: str = "",
+    ) -> Commit:
+        """What the save of ``bound``'s message writes; ``sent``: the messages its transcript
+        entries show (queued now, or sent while the handler ran), ``outcome``: a failed run's."""
+        transcript = transcript_payload(
+            self.interface.transcripts,
+            bound.message,
+            answer,
+            bound.opened.now,
+            self.sid or "",
+            sent,
+            outcome=outcome,
+        )
+        return Commit(
+            sid=sid,
             state=state,
             is_new=self.is_new,
             message_sid=bound.message.sid,
             answer=answer,
-            end_reason=self.end_reason,
-            transcript=transcript_payload(
-                self.interface.transcripts,
-                bound.message,
-                answer,
-                bound.opened.now,
-                self.sid or "",
-                self.outbound,
-            ),
+            end_reason=end_reason,
+            transcript=transcript,
             handoff=self.handoff_reason or "",
             outbound=encode(self.outbound) if self.outbound else "",
             keyword=bound.message.opt_out,
-            timers=self.timing(),
+            timers=timers,
         )
-        self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
-        self._count(bound, ended)
 
     def _count(self, bound: Binding, ended: bool) -> None:
         counters = self.interface.metrics
@@ -229,30 +245,17 @@ class ConversationSession(Conversation):
         bound = self._bound()
         keeps = bool(failed)
         self.settled = True
-        ended, following = self.interface.store.save_inbound(
-            bound.keys,
-            bound.opened,
-            sid=self.sid or "",
-            state=state,
-            is_new=self.is_new,
-            message_sid=bound.message.sid,
-            answer="n",  # the reply goes out as outbound messages: a redelivery gets none
-            end_reason=None if keeps else self.end_reason,
-            transcript=transcript_payload(
-                self.interface.transcripts,
-                bound.message,
-                "n",
-                bound.opened.now,
-                self.sid or "",
-                [*self.left, *self.outbound],
-                outcome=failed,
-            ),
-            handoff=self.handoff_reason or "",
-            outbound=encode(self.outbound) if self.outbound else "",
-            keyword=bound.message.opt_out,
-            timers=NO_CHANGE if keeps else self.timing(),
-            keeps=keeps,
+        commit = self._commit(
+            bound,
+            self.sid or "",
+            state,
+            "n",  # the reply goes out as outbound messages: a redelivery gets none
+            None if keeps else self.end_reason,
+            NO_CHANGE if keeps else self.timing(),
+            [*self.left, *self.outbound],
+            failed,
         )
+        ended, following = self.interface.store.save_inbound(bound.keys, bound.opened, commit, keeps)
         self.saved = True
         if not keeps:
             self._count(bound, ended)

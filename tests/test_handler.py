@@ -21,7 +21,7 @@ from service.keys import Keys
 from service.redis_client import connect
 from service.settings import ConfigError
 from service.simulator import TwilioSimulator
-from service.store import ConversationStore, Opened, Waiting
+from service.store import Commit, ConversationStore, Opened, Waiting
 from service.wiring import current
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
 from tests.support.app_servers import LiveServer, sms_sessions
@@ -398,7 +398,9 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
     def next_in_line(number: int) -> None:
         opened = store.open(keys, f"SM{number}")
         taken.append(number)
-        store.save(keys, opened, sid="s", state="{}", is_new=False, message_sid=f"SM{number}", answer="a")
+        store.save(
+            keys, opened, Commit(sid="s", state="{}", is_new=False, message_sid=f"SM{number}", answer="a")
+        )
 
     waiters = [threading.Thread(target=next_in_line, args=(number,)) for number in (1, 2)]
     for number, waiter in enumerate(waiters, 1):
@@ -407,7 +409,7 @@ def test_the_turn_is_handed_to_the_next_in_line(redis_url, redis_client, gives_b
             lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"message {number} in line"
         )
     if gives_back == "save":
-        store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SM0", answer="a")
+        store.save(keys, holder, Commit(sid="s", state="{}", is_new=True, message_sid="SM0", answer="a"))
     else:
         store.release(keys, holder.token)
     handed_over_by = time.monotonic() + 4  # both, in all: a single ask would come at 6 s
@@ -431,7 +433,7 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     wait_until(lambda: redis_client.zcard(keys.queue) == 1, seconds=10, what="the waiter in line")
     opens_before = store.opens
     state = '{"n": 1, "name": "Zo\u00eb \\"\u2603\\" /"}'  # passed on exactly, as JSON inside JSON
-    store.save(keys, holder, sid="s0", state=state, is_new=True, message_sid="SM0", answer="a0")
+    store.save(keys, holder, Commit(sid="s0", state=state, is_new=True, message_sid="SM0", answer="a0"))
     waiter.join(timeout=4)  # its next ask would come 6 s later
     assert not waiter.is_alive()
     assert store.opens == opens_before
@@ -439,7 +441,7 @@ def test_a_save_hands_the_lock_over_with_the_conversation_as_it_left_it(redis_ur
     assert (opened.sid, opened.state, opened.seq, opened.answered) == ("s0", state, "1", None)
     assert opened.now >= holder.now
     assert redis_client.get(keys.lock) == opened.token  # nobody behind it: unmarked
-    store.save(keys, opened, sid="s0", state='{"n": 2}', is_new=False, message_sid="SM1", answer="a1")
+    store.save(keys, opened, Commit(sid="s0", state='{"n": 2}', is_new=False, message_sid="SM1", answer="a1"))
     assert redis_client.hget(keys.conversation, "seq") == "2"
     assert not redis_client.exists(keys.lock, keys.queue, keys.waiters, keys.wake + opened.token)
 
@@ -461,7 +463,9 @@ def test_a_redelivery_waiting_behind_its_original_gets_the_answer_from_the_hand_
         threads[-1].start()
         wait_until(lambda: redis_client.zcard(keys.queue) == number, seconds=10, what=f"{name} in line")
     opens_before = store.opens
-    store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SM1", answer="first answer")
+    store.save(
+        keys, holder, Commit(sid="s", state="{}", is_new=True, message_sid="SM1", answer="first answer")
+    )
     for thread in threads:
         thread.join(timeout=4)
     assert not any(thread.is_alive() for thread in threads)
@@ -476,7 +480,7 @@ def queued_behind_a_save(store: Counting, keys, token: str, state: str) -> None:
     saves ``state``."""
     holder = store.open(keys, "SM0")
     assert store.ask(keys, "SM1", token) == Waiting(ahead=0)
-    store.save(keys, holder, sid="s", state=state, is_new=True, message_sid="SM0", answer="a0")
+    store.save(keys, holder, Commit(sid="s", state=state, is_new=True, message_sid="SM0", answer="a0"))
 
 
 def test_a_turn_handed_over_while_its_waiter_was_not_listening_is_taken_at_its_next_ask(
@@ -694,7 +698,7 @@ def test_a_redelivery_answered_while_it_waited_leaves_the_line(app_with, redis_c
     holder = store.open(keys, "SMfirst")
     assert store.ask(keys, "SMfirst", "redelivery-token") == Waiting(ahead=0)  # it queues behind the holder
     assert redis_client.zrange(keys.queue, 0, -1) == ["redelivery-token"]
-    store.save(keys, holder, sid="s", state="{}", is_new=True, message_sid="SMfirst", answer="tok")
+    store.save(keys, holder, Commit(sid="s", state="{}", is_new=True, message_sid="SMfirst", answer="tok"))
     assert store.ask(keys, "SMfirst", "redelivery-token").answered == "tok"
     assert not redis_client.exists(keys.queue)
     assert not redis_client.exists(keys.waiters)

@@ -18,6 +18,7 @@ from service.clock import now_ms
 from service.keys import Keys
 from service.lifecycle import Sweeper, parse_duration
 from service.simulator import TwilioSimulator
+from service.store import Commit
 from service.wiring import current
 from tests.support import ROOT
 from tests.support.app import TOKEN, make_app, post_signed, webhook_params
@@ -656,12 +657,9 @@ def test_save_refuses_an_unknown_end_reason_before_writing_anything(app, redis_c
         store.save(
             keys,
             opened,
-            sid=opened.sid,
-            state="{}",
-            is_new=False,
-            message_sid="SMsecond",
-            answer="",
-            end_reason="left",
+            Commit(
+                sid=opened.sid, state="{}", is_new=False, message_sid="SMsecond", answer="", end_reason="left"
+            ),
         )
     assert (redis_client.hgetall(keys.conversation), redis_client.xlen(KEYS.events)) == before
     store.release(keys, opened.token)

@@ -13,7 +13,7 @@ import redis
 
 from service.keys import Keys
 from service.settings import load
-from service.store import ConversationStore, Opened, Script, Waiting, decode_turn
+from service.store import Commit, ConversationStore, Opened, Script, Waiting, decode_turn
 from service.store.scripts import USES, source
 from service.store.store import new_token
 
@@ -69,7 +69,7 @@ def test_an_error_in_a_helper_names_the_helper(redis_url):
     client.set(keys.minutes, "not a hash")  # SAVE's first write is a tally (tally.lua's count)
     opened = store.open(keys, "SM1")
     with pytest.raises(redis.ResponseError, match=r"service/store/tally\.lua:\d+"):
-        store.save(keys, opened, sid="s", state="{}", is_new=True, message_sid="SM1", answer="t")
+        store.save(keys, opened, Commit(sid="s", state="{}", is_new=True, message_sid="SM1", answer="t"))
 
 
 def test_the_index_scripts_explain_their_errors_too(redis_url):

@@ -11,7 +11,7 @@ from service.keys import Keys, shard_of
 from service.masking import mask
 from service.settings import ConfigError, load
 from service.simulator import COOKIE_LIFETIME, TwilioSimulator, reply_text
-from service.store import ConversationBusy, ConversationStore, LockLost
+from service.store import Commit, ConversationBusy, ConversationStore, LockLost
 from service.wiring import current
 from tests.support.app import post_signed, webhook_params
 from tests.support.numbers import OURS, REY
@@ -106,7 +106,7 @@ def test_save_after_the_lock_was_lost_writes_nothing(store):
     opened = store.open(keys, "SM1")
     store.client.delete(keys.lock)  # lapsed
     with pytest.raises(LockLost):
-        store.save(keys, opened, sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi")
+        store.save(keys, opened, Commit(sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi"))
     assert store.client.exists(keys.conversation) == 0
 
 
@@ -115,7 +115,7 @@ def test_ending_a_conversation_in_flight_wins(store):
     opened = store.open(keys, "SM1")
     assert store.end(keys) is False  # nothing saved yet, but the lock goes
     with pytest.raises(LockLost):
-        store.save(keys, opened, sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi")
+        store.save(keys, opened, Commit(sid="sid", state="{}", is_new=True, message_sid="SM1", answer="thi"))
 
 
 def test_simulator_forgets_the_cookie_after_four_hours():

@@ -4,6 +4,7 @@ Python that runs them (``store``)."""
 from .scripts import Script
 from .store import (
     NO_CHANGE,
+    Commit,
     ConversationBusy,
     ConversationStore,
     Inbound,
@@ -20,6 +21,7 @@ from .store import (
 
 __all__ = [
     "NO_CHANGE",
+    "Commit",
     "ConversationBusy",
     "ConversationStore",
     "Inbound",

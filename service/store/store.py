@@ -40,6 +40,23 @@ Timing = tuple[str, int | str, int | str]
 NO_CHANGE: Timing = ("", "", "")
 
 
+@dataclass(frozen=True)
+class Commit:
+    """What a message's save writes (``save.lua``) beside the lock it holds."""
+
+    sid: str  # the session's id
+    state: str  # the encoded state
+    is_new: bool
+    message_sid: str
+    answer: str  # kept for a redelivery
+    end_reason: str | None = None
+    transcript: str = ""  # its entries (``transcripts.payload``), '' when off
+    handoff: str = ""  # why the handler asks for a person, or ''
+    outbound: str = ""  # messages queued in the same step (``service.outbox.encode``)
+    keyword: str | None = None  # the message's opt-out keyword (STOP, START), for the outbound rules
+    timers: Timing = NO_CHANGE  # the pending timers and own TTL as the handler left them (timers.py)
+
+
 class ConversationBusy(Exception):
     """The message waited its turn for longer than ``LOCK_WAIT``."""
 
@@ -397,93 +414,24 @@ class ConversationStore:
             time.sleep(seconds)
         return None
 
-    def save(
-        self,
-        keys: ConversationKeys,
-        opened: Opened,
-        *,
-        sid: str,
-        state: str,
-        is_new: bool,
-        message_sid: str,
-        answer: str,
-        end_reason: str | None = None,
-        transcript: str = "",
-        handoff: str = "",
-        outbound: str = "",
-        keyword: str | None = None,
-        timers: Timing = NO_CHANGE,
-    ) -> bool:
+    def save(self, keys: ConversationKeys, opened: Opened, commit: Commit) -> bool:
         """Round trip 2; True if it ended a conversation. Raises LockLost when the lock is no
-        longer ours: nothing was written. ``outbound``: messages queued in the same step
-        (``service.outbound.encode``); ``keyword``: the message's opt-out keyword (STOP, START),
-        for the outbound rules; ``transcript``: its entries (``transcripts.payload``);
-        ``handoff``: why the handler asks for a person; ``timers``: the conversation's pending
-        timers and own TTL as the handler left them (service/timers.py)."""
-        result = self._run(
-            self._save,
-            *self.save_call(
-                keys,
-                opened,
-                sid=sid,
-                state=state,
-                is_new=is_new,
-                message_sid=message_sid,
-                answer=answer,
-                end_reason=end_reason,
-                transcript=transcript,
-                handoff=handoff,
-                outbound=outbound,
-                keyword=keyword,
-                timers=timers,
-            ),
-        )
+        longer ours: nothing was written."""
+        result = self._run(self._save, *self.save_call(keys, opened, commit))
         if result == "lost":
             raise LockLost(keys.member)
         return result == "ended"
 
     def save_inbound(
-        self,
-        keys: ConversationKeys,
-        opened: Opened,
-        *,
-        sid: str,
-        state: str,
-        is_new: bool,
-        message_sid: str,
-        answer: str,
-        end_reason: str | None = None,
-        transcript: str = "",
-        handoff: str = "",
-        outbound: str = "",
-        keyword: str | None = None,
-        timers: Timing = NO_CHANGE,
-        keeps: bool = False,
+        self, keys: ConversationKeys, opened: Opened, commit: Commit, keeps: bool = False
     ) -> tuple[bool, Inbound | None]:
         """SAVE of an inbound message (its handler ran past the webhook): whether it ended the
         conversation, and the next inbound message, now holding the lock, if one waits.
         ``keeps``: the conversation stays as it was (the handler failed or ran out of time),
-        only the answer is remembered; ``timers``: as ``save``'s. Raises LockLost when the lock
-        is no longer ours (a late save: the token fences it off), ``SavedAlready`` when the
-        message's answer is stored already: nothing was written."""
-        script_keys, args = self.save_call(
-            keys,
-            opened,
-            sid=sid,
-            state=state,
-            is_new=is_new,
-            message_sid=message_sid,
-            answer=answer,
-            end_reason=end_reason,
-            transcript=transcript,
-            handoff=handoff,
-            outbound=outbound,
-            keyword=keyword,
-            timers=timers,
-            next_hex=new_hex(),
-            keeps=keeps,
-        )
-        result = self._run(self._save, script_keys, args)
+        only the answer is remembered. Raises LockLost when the lock is no longer ours (a late
+        save: the token fences it off), ``SavedAlready`` when the message's answer is stored
+        already: nothing was written."""
+        result = self._run(self._save, *self.save_call(keys, opened, commit, next_hex=new_hex(), keeps=keeps))
         if result == "lost":
             raise LockLost(keys.member)
         if result == "answered":
@@ -563,71 +511,41 @@ class ConversationStore:
         return f"{sender}|{self.number_hash(keys.recipient)}"
 
     def save_call(
-        self,
-        keys: ConversationKeys,
-        opened: Opened,
-        *,
-        sid: str,
-        state: str,
-        is_new: bool,
-        message_sid: str,
-        answer: str,
-        end_reason: str | None = None,
-        transcript: str = "",
-        handoff: str = "",
-        outbound: str = "",
-        keyword: str | None = None,
-        timers: Timing = NO_CHANGE,
-        next_hex: str = "",
-        keeps: bool = False,
+        self, keys: ConversationKeys, opened: Opened, commit: Commit, next_hex: str = "", keeps: bool = False
     ) -> tuple[list, list]:
-        """SAVE's keys and arguments: ``timers`` (timers.lua's three), ``next_hex`` (an inbound
-        message's save: the next one's token's digits) and ``keeps`` (the conversation kept as it
-        was), sent only when one of them is not its default, before the last three,
-        counted from the end by the script: ``handoff`` (why the handler asks for a person, or
-        ''), ``transcript`` (``transcripts.payload``, '' when off) and the events' numbers."""
+        """SAVE's keys and arguments: ``commit.timers`` (timers.lua's three), ``next_hex`` (an
+        inbound message's save: the next one's token's digits) and ``keeps`` (the conversation
+        kept as it was), sent only when one of them is not its default, before the last three,
+        counted from the end by the script: the handoff's reason, the transcript's entries and
+        the events' numbers."""
+        timers = commit.timers
         rare: tuple = ()
         if timers != NO_CHANGE or next_hex or keeps:
             rare = (*timers, next_hex, "1" if keeps else "0")
         return keys.in_order(), [
             *self.settings,
             opened.token,
-            message_sid,
+            commit.message_sid,
             keys.member,
-            sid,
-            state,
-            answer,
-            "1" if is_new else "0",
-            end_reason or "",
+            commit.sid,
+            commit.state,
+            commit.answer,
+            "1" if commit.is_new else "0",
+            commit.end_reason or "",
             opened.now,
-            outbound,
-            keyword if keyword in ("STOP", "START") else "",
+            commit.outbound,
+            commit.keyword if commit.keyword in ("STOP", "START") else "",
             *rare,
-            handoff,
-            transcript,
+            commit.handoff,
+            commit.transcript,
             self.event_names(keys),
         ]
 
-    def fire(
-        self,
-        keys: ConversationKeys,
-        opened: Opened,
-        timer: str,
-        timer_id: str,
-        state: str,
-        timers: Timing,
-        end_reason: str | None = None,
-        outbound: str = "",
-        transcript: str = "",
-    ) -> str:
-        """A timer's effect under the lock ``opened`` holds (``fire.lua``), or with no
-        ``timer`` only its ``timers`` stored and the lock given back: ``'fired'``, ``'ended'``,
-        ``'kept'`` or ``'lost'`` (nothing written). ``outbound``: the messages to queue with
-        it (``service.outbox.encode``); ``transcript``: their entries (``transcripts.fired``)."""
-        return self._run(
-            self._fire,
-            *self.fire_call(keys, opened, timer, timer_id, state, timers, end_reason, outbound, transcript),
-        )
+    def fire(self, *call: Any) -> str:
+        """A timer's effect under the lock ``opened`` holds (``fire.lua``; ``fire_call``'s
+        arguments), or with no ``timer`` only its ``timers`` stored and the lock given back:
+        ``'fired'``, ``'ended'``, ``'kept'`` or ``'lost'`` (nothing written)."""
+        return self._run(self._fire, *self.fire_call(*call))
 
     def fire_call(
         self,
@@ -641,7 +559,8 @@ class ConversationStore:
         outbound: str = "",
         transcript: str = "",
     ) -> tuple[list, list]:
-        """FIRE's keys and arguments."""
+        """FIRE's keys and arguments: ``outbound``, the messages to queue with it
+        (``service.outbox.encode``); ``transcript``, their entries (``transcripts.fired``)."""
         stored, earliest, own_ttl = timers
         return keys.in_order(), [
             *self.settings,
