@@ -325,11 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
     )
     args = parser.parse_args(argv)
-    model = bench_run.shipped_model()
-    if args.worker_class:
-        model = (
-            bench_run.GTHREAD if args.worker_class == "gthread" else bench_run.WorkerModel(args.worker_class)
-        )
+    model = bench_run.model_named(args.worker_class)
     with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
         redis_server = bench_run.RedisServer(Path(workdir))
         try:

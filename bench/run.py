@@ -60,7 +60,7 @@ from service.clock import now_ms
 from service.keys import Keys
 from service.sessions import SESSION_ID_BYTES
 from service.simulator import TwilioSimulator
-from service.store import ConversationStore, Opened
+from service.store import Commit, ConversationStore, Opened
 from tests.support.app_servers import GUNICORN_CONF, Gunicorn, gunicorn_settings, hermetic_environment
 from tests.support.redis_servers import NOT_DURABLE, REDIS_CONF, RedisProcess
 from tests.support.replies import count_reply, thanks
@@ -187,13 +187,23 @@ def shipped_model() -> WorkerModel:
     return WorkerModel(config["worker_class"], int(config["threads"]))
 
 
+def model_named(worker_class: str | None) -> WorkerModel:
+    """A part's ``--worker-class``: the model the bench runs under that class, or the shipped one."""
+    if not worker_class:
+        return shipped_model()
+    return GTHREAD if worker_class == "gthread" else WorkerModel(worker_class)
+
+
 class Contender(Gunicorn):
     """One app under gunicorn with ``WORKERS`` workers of ``model``; the service with its own
     configuration (``config/gunicorn.conf.py``: metrics in multiprocess mode, its log lines),
     the model chosen by its ``WORKER_CLASS``, the others by gunicorn's flags."""
 
-    def __init__(self, name: str, model: WorkerModel, redis_url: str, settings: dict | None = None):
-        """``settings``: the service's, over its defaults (``TRANSCRIPTS=1``)."""
+    def __init__(
+        self, name: str, model: WorkerModel, redis_url: str, settings: dict | None = None, root: Path = ROOT
+    ):
+        """``settings``: the service's, over its defaults (``TRANSCRIPTS=1``); ``root``: the
+        source tree served, with its own configuration (``bench/trees.py``)."""
         app, cookie = {
             "service": ("service:create_app()", "sms_session"),
             "validated": ("bench.validated_app:app", "session"),
@@ -213,6 +223,7 @@ class Contender(Gunicorn):
             app=app,
             config=GUNICORN_CONF if name == "service" else None,
             extra_args=(*(() if name == "service" else model.args()), "--log-level", "warning"),
+            root=root,
         )
         self.name, self.model, self.cookie = name, model, cookie
 
@@ -524,15 +535,8 @@ def _memory_run(
                 opened = Opened(token, now=now_ms())
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
-                save_keys, save_args = store.save_call(
-                    pair,
-                    opened,
-                    sid=sids[pair.member],
-                    state="{}",
-                    is_new=message == 1,
-                    message_sid=message_sid,
-                    answer="t" + reply,
-                )
+                commit = Commit(sids[pair.member], "{}", message == 1, message_sid, "t" + reply)
+                save_keys, save_args = store.save_call(pair, opened, commit)
                 pipe.evalsha(store._save.sha, len(save_keys), *save_keys, *save_args)
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:

@@ -19,7 +19,7 @@ from service.clock import now_ms
 from service.handler import Message
 from service.keys import Keys
 from service.sessions import SESSION_ID_BYTES
-from service.store import ConversationStore, Opened
+from service.store import Commit, ConversationStore, Opened
 from service.transcripts import Settings, payload
 from tests.support.replies import count_reply, thanks
 
@@ -68,9 +68,7 @@ def _written(client: redis.Redis, conversations: int, messages: int, transcripts
                 message = Message(pair.sender, RECIPIENT, BODY, message_sid)
                 open_keys, open_args = store.open_call(pair, message_sid, token)
                 pipe.evalsha(store._open.sha, len(open_keys), *open_keys, *open_args)
-                save_keys, save_args = store.save_call(
-                    pair,
-                    opened,
+                commit = Commit(
                     sid=sids[pair.member],
                     state="{}",
                     is_new=number == 1,
@@ -78,6 +76,7 @@ def _written(client: redis.Redis, conversations: int, messages: int, transcripts
                     answer=answer,
                     transcript=payload(kept, message, answer, opened.now, sids[pair.member]),
                 )
+                save_keys, save_args = store.save_call(pair, opened, commit)
                 pipe.evalsha(store._save.sha, len(save_keys), *save_keys, *save_args)
             outcomes = pipe.execute()
             if outcomes[1::2].count("saved") != len(outcomes) // 2:

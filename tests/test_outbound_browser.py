@@ -25,9 +25,9 @@ OPS = "outbound-browser-ops-token"
 class Served(Gunicorn):
     """gunicorn whose ``PUBLIC_BASE_URL`` is its own address, so status callbacks reach it."""
 
-    def launch(self, args, prefix):
+    def launch(self, args, prefix, **where):
         self.env["PUBLIC_BASE_URL"] = self.base
-        super().launch(args, prefix)
+        super().launch(args, prefix, **where)
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,9 @@ class Gunicorn:
         config: str | None = None,
         extra_args: tuple[str, ...] = (),
         app: str = GUNICORN_APP,
+        root: Path = ROOT,
     ):
+        """``root``: the source tree it serves (another commit's worktree, for a comparison)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/sms"
         self.base = f"http://127.0.0.1:{self.port}"
@@ -107,16 +109,16 @@ class Gunicorn:
             self.env["BIND"] = address
         else:
             args += ["-w", str(workers), "-b", address]
-        self.launch([*args, *extra_args, app], prefix="gunicorn-")
+        self.launch([*args, *extra_args, app], prefix="gunicorn-", cwd=root)
 
-    def launch(self, args: list[str], prefix: str) -> None:
-        """Starts ``args`` in the project directory with ``self.env``; output to a file that
-        ``output()`` reads (it outlives this call: closed with the server)."""
+    def launch(self, args: list[str], prefix: str, cwd: Path = ROOT) -> None:
+        """Starts ``args`` in ``cwd`` (the project directory) with ``self.env``; output to a file
+        that ``output()`` reads (it outlives this call: closed with the server)."""
         self.args = args
         self.log = tempfile.NamedTemporaryFile("w+", prefix=prefix, suffix=".log")  # noqa: SIM115
         self.process = subprocess.Popen(
             args,
-            cwd=ROOT,
+            cwd=cwd,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self.log,
