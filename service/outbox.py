@@ -6,7 +6,8 @@ all. Any feature that saves a conversation queues through here:
 
 - a handler calls ``conversation.send(text, media=[...])`` (``handler.Conversation.send``);
 - code holding a ``Conversation`` does the same, and passes ``encode(conversation.outbound)``
-  as ``ConversationStore.save(..., outbound=...)`` (the webhook's session does exactly this);
+  as the ``outbound`` of ``ConversationStore.save``'s ``Commit`` (the webhook's session does
+  exactly this);
 - a Lua script of the store that saves a conversation puts ``outbound.lua`` in its ``uses:``
   line and calls ``queue_outbound(member, payload, now)`` with the same ``encode`` payload.
 
