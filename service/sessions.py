@@ -148,7 +148,15 @@ class ConversationSession(Conversation):
         """Round trip 2: ``state`` (``encoded()``; or the conversation's end) and ``answer``,
         kept for a redelivery. Raises ``LockLost`` or a Redis error (the view answers 503)."""
         bound = self._bound()
-        commit = self._commit(bound, bound.sid, state, answer, self.end_reason, self.timing(), self.outbound)
+        commit = self._commit(
+            bound,
+            bound.sid,
+            state,
+            answer,
+            end_reason=self.end_reason,
+            timers=self.timing(),
+            sent=self.outbound,
+        )
         ended = self.interface.store.save(bound.keys, bound.opened, commit)
         self.settled = self.saved = True  # else save_session releases the lock (a no-op if not ours)
         self._count(bound, ended)
@@ -159,6 +167,7 @@ class ConversationSession(Conversation):
         sid: str,
         state: str,
         answer: str,
+        *,
         end_reason: str | None,
         timers: Timing,
         sent: Sequence[Outgoing],
@@ -250,10 +259,10 @@ class ConversationSession(Conversation):
             self.sid or "",
             state,
             "n",  # the reply goes out as outbound messages: a redelivery gets none
-            None if keeps else self.end_reason,
-            NO_CHANGE if keeps else self.timing(),
-            [*self.left, *self.outbound],
-            failed,
+            end_reason=None if keeps else self.end_reason,
+            timers=NO_CHANGE if keeps else self.timing(),
+            sent=[*self.left, *self.outbound],
+            outcome=failed,
         )
         ended, following = self.interface.store.save_inbound(bound.keys, bound.opened, commit, keeps)
         self.saved = True
