@@ -18,7 +18,7 @@ import sys
 from typing import NoReturn
 
 import click
-from flask import Blueprint, Flask, current_app, jsonify, request
+from flask import Blueprint, Flask, abort, current_app, jsonify, make_response, request
 from flask.cli import AppGroup, with_appcontext
 
 from . import sending
@@ -61,14 +61,23 @@ def error(status: int, reason: str, headers: dict | None = None):
     return jsonify({"error": reason}), status, headers or {}
 
 
-def limit_arg() -> int | None:
-    """The request's ``limit`` (``DEFAULT_LIMIT`` when absent), or None when it is not a whole
-    number from 1 to ``MAX_LIMIT``."""
+def limit_arg() -> int:
+    """The request's ``limit`` (``DEFAULT_LIMIT`` when absent); a 400 answers a request whose
+    limit is not a whole number from 1 to ``MAX_LIMIT``."""
     try:
         limit = int(request.args.get("limit", DEFAULT_LIMIT))
     except ValueError:
-        return None
-    return limit if 1 <= limit <= MAX_LIMIT else None
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        abort(make_response(error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")))
+    return limit
+
+
+def limit_option(meaning: str):
+    """The CLI's ``--limit``, as the API's ``limit``: ``meaning`` is its help."""
+    return click.option(
+        "--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(1, MAX_LIMIT), help=meaning
+    )
 
 
 @bp.get("/stats")
@@ -81,8 +90,6 @@ def stats():
 @bp.get("/conversations")
 def conversations():
     limit = limit_arg()
-    if limit is None:
-        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     try:
         page = current().live.page(limit, request.args.get("cursor") or None)
     except BadCursor:
@@ -110,8 +117,6 @@ def conversation_json(found: LiveConversation) -> dict:
 def outbox():
     """What waits to be sent (queued, claimed, retrying) and what failed, across tags."""
     limit = limit_arg()
-    if limit is None:
-        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     wired = current()
     return OutboundView(wired.redis, wired.keys).outbox(limit).to_json()
 
@@ -120,8 +125,6 @@ def outbox():
 def timers():
     """The next due timers across conversations, earliest first (``limit``, default 50)."""
     limit = limit_arg()
-    if limit is None:
-        return error(400, f"limit must be a whole number from 1 to {MAX_LIMIT}.")
     return {"timers": [timer_json(*found) for found in current().live.next_timers(limit)]}
 
 
@@ -305,13 +308,7 @@ def count_command(as_json):
 
 
 @conversations_cli.command("list")
-@click.option(
-    "--limit",
-    default=DEFAULT_LIMIT,
-    show_default=True,
-    type=click.IntRange(1, MAX_LIMIT),
-    help="Conversations per page.",
-)
+@limit_option("Conversations per page.")
 @click.option("--cursor", help="Continue after the page that printed this cursor.")
 @json_option
 def list_command(limit, cursor, as_json):
@@ -375,13 +372,7 @@ def outbound_line(message: dict) -> str:
 
 
 @click.command("outbox")
-@click.option(
-    "--limit",
-    default=DEFAULT_LIMIT,
-    show_default=True,
-    type=click.IntRange(1, MAX_LIMIT),
-    help="Most messages listed in each part (waiting, failed).",
-)
+@limit_option("Most messages listed in each part (waiting, failed).")
 @json_option
 @with_appcontext
 def outbox_command(limit, as_json):
@@ -528,13 +519,7 @@ def unknown(sender: str, recipient: str) -> NoReturn:
 
 @click.command("timers")
 @with_appcontext
-@click.option(
-    "--limit",
-    default=DEFAULT_LIMIT,
-    show_default=True,
-    type=click.IntRange(1, MAX_LIMIT),
-    help="How many timers.",
-)
+@limit_option("How many timers.")
 @json_option
 def timers_command(limit, as_json):
     """The next due timers across conversations, earliest first (overdue ones too)."""
