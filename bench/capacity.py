@@ -321,9 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=[contender.name for contender in contenders(0)],
         help="only this one (repeatable; default: all four)",
     )
-    parser.add_argument(
-        "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
-    )
+    bench_run.add_worker_class(parser)
     args = parser.parse_args(argv)
     model = bench_run.model_named(args.worker_class)
     with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:

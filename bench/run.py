@@ -187,6 +187,13 @@ def shipped_model() -> WorkerModel:
     return WorkerModel(config["worker_class"], int(config["threads"]))
 
 
+def add_worker_class(parser: argparse.ArgumentParser) -> None:
+    """A part's ``--worker-class`` (``model_named`` reads it)."""
+    parser.add_argument(
+        "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
+    )
+
+
 def model_named(worker_class: str | None) -> WorkerModel:
     """A part's ``--worker-class``: the model the bench runs under that class, or the shipped one."""
     if not worker_class:

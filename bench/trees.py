@@ -11,6 +11,7 @@ round (the median over rounds and the spread) and its app and Redis CPU per mess
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -20,16 +21,7 @@ from bench import run as bench_run
 
 
 def compare(trees: dict[str, Path], model: bench_run.WorkerModel, rounds: int) -> dict:
-    profile = bench_run.Profile(
-        "trees",
-        conversations=400,
-        messages=10,
-        rounds=rounds,
-        concurrency=8,
-        memory_conversations=0,
-        ops_conversations=0,
-        ops_runs=0,
-    )
+    profile = dataclasses.replace(bench_run.FULL, name="trees", rounds=rounds)  # make bench's load
     with tempfile.TemporaryDirectory(prefix="sms-bench-") as workdir:
         redis_server = bench_run.RedisServer(Path(workdir))
         contenders = [
@@ -64,9 +56,7 @@ def compare(trees: dict[str, Path], model: bench_run.WorkerModel, rounds: int) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trees", nargs="+", metavar="NAME=PATH", help="a source tree to serve, named")
-    parser.add_argument(
-        "--worker-class", choices=("gevent", "gthread", "sync"), help="default: the shipped one"
-    )
+    bench_run.add_worker_class(parser)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     trees = {}
